@@ -1,0 +1,1 @@
+"""Flax Linen modules of LaBraM: encoder, fine-tuning and pretraining heads, VQ-NSP."""

@@ -1,0 +1,130 @@
+"""Frozen model configurations and the size presets of LABRAM.md section 3.5."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+PATCH_SIZE = 200  # samples per patch: 1 s at 200 Hz
+NUM_TIME_ROWS = 16  # time-embedding table rows: at most 16 windows per sample
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """One neural transformer (LaBraM encoder, tokenizer encoder or decoder).
+
+    Attributes:
+      embed_dim: token width D; ``25 * temporal_channels`` for the temporal encoder.
+      depth: number of transformer blocks.
+      num_heads: attention heads; head_dim = D / num_heads.
+      mlp_ratio: MLP hidden width / D.
+      temporal_channels: C_out of the temporal encoder (0 for the tokenizer decoder,
+        whose patches are code vectors projected by a 1x1 projection of ``in_dim``).
+      in_dim: input feature size per patch for the 1x1 projection (decoder only).
+      qk_norm: LayerNorm over head_dim on q and k (LaBraM yes, tokenizer no).
+      qkv_bias: learned bias on q and v (tokenizer); LaBraM has none.
+      layer_scale_init: initial value of gamma_1/gamma_2, or None for no layer scale.
+      drop_path_rate: stochastic-depth rate of the last block (linear from 0).
+      num_spatial_rows: rows of the spatial table (129: cls + 128 channels).
+      num_time_rows: rows of the time table (16).
+      dtype: computation dtype (parameters stay float32).
+    """
+
+    embed_dim: int = 200
+    depth: int = 12
+    num_heads: int = 10
+    mlp_ratio: float = 4.0
+    temporal_channels: int = 8
+    in_dim: int = 0
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    layer_scale_init: float | None = 0.1
+    drop_path_rate: float = 0.0
+    num_spatial_rows: int = 129
+    num_time_rows: int = NUM_TIME_ROWS
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.temporal_channels:
+            if self.temporal_channels % 4:
+                raise ValueError(f"temporal_channels {self.temporal_channels} must be a multiple "
+                                 "of 4 (GroupNorm has 4 groups)")
+            if self.embed_dim != 25 * self.temporal_channels:
+                raise ValueError(f"embed_dim {self.embed_dim} must equal 25 * temporal_channels "
+                                 f"({25 * self.temporal_channels})")
+        elif self.in_dim <= 0:
+            raise ValueError("a transformer without a temporal encoder needs in_dim > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def replace(self, **changes) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """VQ-NSP: encoder, quantizer and decoder (LABRAM.md section 4)."""
+
+    encoder: TransformerConfig
+    decoder: TransformerConfig
+    codebook_size: int = 8192
+    code_dim: int = 64
+    ema_decay: float = 0.99
+    commitment_weight: float = 1.0
+    kmeans_iters: int = 10
+
+    def replace(self, **changes) -> "TokenizerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _labram(embed_dim, depth, heads, layer_scale, drop_path) -> TransformerConfig:
+    return TransformerConfig(embed_dim=embed_dim, depth=depth, num_heads=heads,
+                             temporal_channels=embed_dim // 25, layer_scale_init=layer_scale,
+                             drop_path_rate=drop_path)
+
+
+# LaBraM sizes (LABRAM.md 3.5); layer scale per the paper, drop path for fine-tuning.
+LABRAM_PRESETS: dict[str, TransformerConfig] = {
+    "tiny": _labram(100, 2, 4, 0.1, 0.0),
+    "base": _labram(200, 12, 10, 0.1, 0.1),
+    "large": _labram(400, 24, 16, 1e-5, 0.1),
+    "huge": _labram(800, 48, 16, 1e-6, 0.2),
+}
+
+
+def labram(size: str, **overrides) -> TransformerConfig:
+    """The LaBraM encoder preset ``size`` (tiny, base, large, huge) with overrides."""
+    if size not in LABRAM_PRESETS:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(LABRAM_PRESETS)}")
+    return LABRAM_PRESETS[size].replace(**overrides)
+
+
+def tokenizer(size: str = "base", **overrides) -> TokenizerConfig:
+    """The VQ-NSP preset: Base-width encoder (12 blocks) and 3-block decoder.
+
+    ``tiny`` shrinks everything for tests. ``overrides`` apply to the TokenizerConfig.
+    """
+    if size == "tiny":
+        enc = TransformerConfig(embed_dim=100, depth=2, num_heads=5, temporal_channels=4,
+                                qk_norm=False, qkv_bias=True, layer_scale_init=None)
+        codes, code_dim = 256, 16
+    elif size == "base":
+        enc = TransformerConfig(embed_dim=200, depth=12, num_heads=10, temporal_channels=8,
+                                qk_norm=False, qkv_bias=True, layer_scale_init=None)
+        codes, code_dim = 8192, 64
+    else:
+        raise ValueError(f"unknown tokenizer size {size!r}; choose 'base' or 'tiny'")
+    code_dim = overrides.get("code_dim", code_dim)
+    dec = enc.replace(depth=3 if size == "base" else 1, temporal_channels=0, in_dim=code_dim)
+    return TokenizerConfig(encoder=enc, decoder=dec, codebook_size=codes,
+                           code_dim=code_dim).replace(**overrides)

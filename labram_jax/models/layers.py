@@ -1,0 +1,273 @@
+"""Building blocks of every LaBraM model (LABRAM.md section 3).
+
+Shapes: B batch, N channels, A windows (1-s patches), P = N * A patch tokens,
+L = 1 + P tokens (cls first, then channel-major patches), D width, H heads.
+Every parameter carries logical axis names; `labram_jax.sharding` maps them to
+mesh axes. Padding is described by a validity mask over patches and never changes
+a real token's output: it is excluded from GroupNorm statistics and attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from labram_jax.models import config as config_lib
+
+LN_EPS = 1e-6  # every LayerNorm of LaBraM (also q/k norms)
+GN_EPS = 1e-5  # GroupNorm of the temporal encoder
+GN_GROUPS = 4
+INIT_STD = 0.02
+
+
+def logical(init, axes: tuple[str | None, ...]):
+    """An initializer annotated with logical axis names."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def trunc_normal(std: float = INIT_STD):
+    return nn.initializers.truncated_normal(std)
+
+
+def layer_norm(axis_name: str = "norm", name: str | None = None, dtype=jnp.float32) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
+                        scale_init=logical(nn.initializers.ones, (axis_name,)),
+                        bias_init=logical(nn.initializers.zeros, (axis_name,)))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], name: str, *, std: float = INIT_STD,
+          dtype=jnp.float32, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                    kernel_init=logical(trunc_normal(std), axes),
+                    bias_init=logical(nn.initializers.zeros, (axes[1],)))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU: the tanh approximation fails parity."""
+    return nn.gelu(x, approximate=False)
+
+
+def masked_group_norm(x: jax.Array, valid: jax.Array, num_groups: int, eps: float = GN_EPS) -> jax.Array:
+    """GroupNorm whose statistics span all valid patches of a sample (no affine).
+
+    Args:
+      x: [B, P, T, C] conv features of every patch.
+      valid: [B, P] bool, True for real patches.
+      num_groups: groups over C.
+    Returns:
+      [B, P, T, C], normalised with mean and biased variance per (sample, group)
+      over the valid patches x T x C/groups, in float32.
+    """
+    b, p, t, c = x.shape
+    xg = x.astype(jnp.float32).reshape(b, p, t, num_groups, c // num_groups)
+    w = valid.astype(jnp.float32)[:, :, None, None, None]
+    count = jnp.maximum(valid.sum(axis=1).astype(jnp.float32) * t * (c // num_groups), 1.0)
+    count = count[:, None, None, None, None]
+    mean = (xg * w).sum(axis=(1, 2, 4), keepdims=True) / count
+    var = (jnp.square(xg - mean) * w).sum(axis=(1, 2, 4), keepdims=True) / count
+    return ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(b, p, t, c)
+
+
+def _uniform_fan_in(fan_in: int):
+    """PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class TemporalEncoder(nn.Module):
+    """Three 1-D convolutions over each 200-sample patch (LABRAM.md 3.1).
+
+    conv1 k15 s8 p7 -> GroupNorm(4) -> GELU, then twice conv k3 p1 -> GroupNorm -> GELU.
+    """
+
+    channels: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+        """x: [B, P, 200] float, units of 100 uV; valid: [B, P] bool -> [B, P, 25*C]."""
+        b, p, t = x.shape
+        h = x.reshape(b * p, t, 1)
+        c_in = 1
+        for i, (kernel, stride, pad) in enumerate(((15, 8, 7), (3, 1, 1), (3, 1, 1)), start=1):
+            fan_in = kernel * c_in
+            h = nn.Conv(self.channels, (kernel,), strides=(stride,), padding=[(pad, pad)],
+                        dtype=self.dtype, name=f"conv{i}",
+                        kernel_init=logical(_uniform_fan_in(fan_in), ("conv_width", "conv_in", "conv_out")),
+                        bias_init=logical(_uniform_fan_in(fan_in), ("conv_out",)))(h)
+            h = h.reshape(b, p, -1, self.channels)
+            h = masked_group_norm(h, valid, GN_GROUPS)
+            scale = self.param(f"norm{i}_scale", logical(nn.initializers.ones, ("conv_out",)), (self.channels,))
+            bias = self.param(f"norm{i}_bias", logical(nn.initializers.zeros, ("conv_out",)), (self.channels,))
+            h = gelu(h * scale + bias).astype(self.dtype)
+            h = h.reshape(b * p, -1, self.channels)
+            c_in = self.channels
+        # Flatten time-major: feature = t * C + c.
+        return h.reshape(b, p, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and optional q/k LayerNorm."""
+
+    cfg: config_lib.TransformerConfig
+    block_index: int  # 1-based, for the output-projection init scaling
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_valid: jax.Array) -> jax.Array:
+        """x: [B, L, D]; key_valid: [B, L] bool (padding keys are ignored) -> [B, L, D]."""
+        cfg = self.cfg
+        h, hd, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
+        w_qkv = self.param("qkv", logical(trunc_normal(), ("embed", "qkv", "heads", "kv")), (d, 3, h, hd))
+        qkv = jnp.einsum("bld,dthk->btlhk", x, w_qkv.astype(cfg.dtype))
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
+            q = q + self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd)).astype(cfg.dtype)
+            v = v + self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd)).astype(cfg.dtype)
+        if cfg.qk_norm:
+            q = layer_norm("kv", name="q_norm", dtype=cfg.dtype)(q)
+            k = layer_norm("kv", name="k_norm", dtype=cfg.dtype)(k)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
+        std = INIT_STD / math.sqrt(2.0 * self.block_index)
+        w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
+        b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
+        return jnp.einsum("blhk,hkd->bld", out, w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+
+
+class Mlp(nn.Module):
+    cfg: config_lib.TransformerConfig
+    block_index: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        x = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", dtype=cfg.dtype)(x)
+        x = nn.with_logical_constraint(gelu(x), ("batch", "length", "mlp"))
+        std = INIT_STD / math.sqrt(2.0 * self.block_index)
+        return dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype)(x)
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Stochastic depth: zero whole samples of a residual branch with probability `rate`."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with optional layer scale and stochastic depth."""
+
+    cfg: config_lib.TransformerConfig
+    block_index: int  # 1-based
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_valid: jax.Array, deterministic: bool = True) -> jax.Array:
+        cfg = self.cfg
+        branches = (
+            lambda y: Attention(cfg, self.block_index, name="attn")(layer_norm(name="norm1", dtype=cfg.dtype)(y), key_valid),
+            lambda y: Mlp(cfg, self.block_index, name="mlp")(layer_norm(name="norm2", dtype=cfg.dtype)(y)),
+        )
+        for i, branch in enumerate(branches, start=1):
+            y = branch(x)
+            if cfg.layer_scale_init is not None:
+                gamma = self.param(f"gamma_{i}", logical(nn.initializers.constant(cfg.layer_scale_init), ("norm",)),
+                                   (cfg.embed_dim,))
+                y = y * gamma.astype(y.dtype)
+            if not deterministic and self.drop_path_rate > 0.0:
+                y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
+            x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
+        return x
+
+
+class NeuralTransformer(nn.Module):
+    """Patch embedding + cls/spatial/time embeddings + transformer blocks.
+
+    Used as the LaBraM encoder (temporal encoder on raw patches) and as the tokenizer
+    decoder (``cfg.temporal_channels == 0``: a 1x1 projection of code vectors).
+    Returns all tokens before any final norm.
+    """
+
+    cfg: config_lib.TransformerConfig
+    use_mask_token: bool = False
+    # Pretraining quirk of the reference (LABRAM.md 3.2): the cls token gets the
+    # spatial row of the first input channel instead of row 0.
+    cls_uses_first_channel: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
+                 token_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """Encodes patches into tokens.
+
+        Args:
+          x: [B, N, A, 200] float32 signal in units of 100 uV, or [B, N, A, in_dim]
+            code vectors for the decoder.
+          channel_ids: [B, N] or [N] int spatial-table rows (1..128) of the channels.
+          patch_mask: [B, N, A] bool, True for real patches; None means all real.
+          token_mask: [B, N*A] bool, True where the patch is replaced by the mask
+            token (masked EEG modelling); requires ``use_mask_token``.
+          deterministic: False enables stochastic depth (needs a 'dropout' rng).
+        Returns:
+          [B, 1 + N*A, D]: cls token then channel-major patch tokens.
+        """
+        cfg = self.cfg
+        b, n, a = x.shape[:3]
+        if a > cfg.num_time_rows:
+            raise ValueError(f"input has {a} windows but the time-embedding table has "
+                             f"{cfg.num_time_rows} rows: split samples into at most "
+                             f"{cfg.num_time_rows} s")
+        channel_ids = jnp.broadcast_to(jnp.asarray(channel_ids, jnp.int32), (b, n))
+        if patch_mask is None:
+            patch_mask = jnp.ones((b, n, a), bool)
+        valid = patch_mask.reshape(b, n * a)
+
+        if cfg.temporal_channels:
+            h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, name="patch_embed")(
+                x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype), valid)
+        else:
+            h = dense(cfg.embed_dim, ("code", "embed"), "patch_embed", dtype=cfg.dtype)(
+                x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype))
+        self.sow("intermediates", "patch_embed_out", h)
+
+        if self.use_mask_token:
+            mask_token = self.param("mask_token", logical(trunc_normal(), ("embed",)), (cfg.embed_dim,))
+            if token_mask is not None:
+                w = token_mask.astype(h.dtype)[..., None]
+                h = h * (1 - w) + mask_token.astype(h.dtype) * w
+        elif token_mask is not None:
+            raise ValueError("token_mask given to a transformer built without use_mask_token")
+
+        cls_token = self.param("cls_token", logical(trunc_normal(), ("embed",)), (cfg.embed_dim,))
+        spatial = self.param("spatial_embed", logical(trunc_normal(), ("spatial", "embed")),
+                             (cfg.num_spatial_rows, cfg.embed_dim))
+        time = self.param("time_embed", logical(trunc_normal(), ("time", "embed")),
+                          (cfg.num_time_rows, cfg.embed_dim))
+        channel_emb = jnp.take(spatial, channel_ids, axis=0)  # [B, N, D]
+        cls_row = channel_emb[:, 0] if self.cls_uses_first_channel else jnp.broadcast_to(spatial[0], (b, cfg.embed_dim))
+        patches = h + channel_emb.repeat(a, axis=1).astype(h.dtype)
+        patches = patches + jnp.tile(time[:a], (n, 1)).astype(h.dtype)
+        tokens = jnp.concatenate([(cls_token + cls_row)[:, None].astype(h.dtype), patches], axis=1)
+        tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+        key_valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
+
+        for i in range(cfg.depth):
+            rate = cfg.drop_path_rate * i / max(cfg.depth - 1, 1)
+            if i == 0:
+                self.sow("intermediates", "block0_in", tokens)
+            tokens = Block(cfg, i + 1, rate, name=f"blocks_{i}")(tokens, key_valid, deterministic)
+            if i == 0:
+                self.sow("intermediates", "block0_out", tokens)
+        return tokens
+
+
+def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean over axis 1 of x [B, P, D] using only valid [B, P] entries -> [B, D]."""
+    w = valid.astype(jnp.float32)[..., None]
+    return (x.astype(jnp.float32) * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)

@@ -1,0 +1,277 @@
+"""VQ-NSP, the neural tokenizer (LABRAM.md section 4).
+
+The codebook lives in its own non-trainable variable collection ``codebook``:
+``embedding`` [K, d] unit vectors, ``cluster_size`` [K] (EMA of code usage) and
+``initted`` [] (1.0 once k-means has initialised it). Training updates it
+functionally: ``model.apply(variables, ..., update_codebook=True, mutable=["codebook"])``.
+The math lives in the pure functions below, which tests call directly.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from labram_jax.models import config as config_lib
+from labram_jax.models import layers
+
+CODEBOOK = "codebook"
+
+
+def l2norm(x: jax.Array, axis: int = -1) -> jax.Array:
+    """x / max(||x||, 1e-12) along ``axis`` (torch.nn.functional.normalize)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
+
+
+def masked_zscore(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """Z-scores x [B, ...] per sample over its valid entries with the unbiased std.
+
+    ``valid`` broadcasts against x (e.g. [B, N, A, 1]); no epsilon, as the reference.
+    """
+    w = jnp.broadcast_to(valid, x.shape).astype(jnp.float32)
+    axes = tuple(range(1, x.ndim))
+    n = w.sum(axis=axes, keepdims=True)
+    mean = (x * w).sum(axis=axes, keepdims=True) / jnp.maximum(n, 1.0)
+    var = (jnp.square(x - mean) * w).sum(axis=axes, keepdims=True) / jnp.maximum(n - 1.0, 1.0)
+    return (x - mean) / jnp.sqrt(var)
+
+
+def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Amplitude and phase targets of each patch's full 200-point DFT.
+
+    Args:
+      x: [B, N, A, T] float, units of 100 uV.
+      patch_mask: [B, N, A] bool of real patches (None: all).
+    Returns:
+      (amplitude, phase), each [B, N, A, T] float32, z-scored per sample over all
+      valid channels x windows x bins. Phase is ``atan2(imag + 0.0, real)`` in
+      (-pi, pi]: a purely real negative bin (DC, Nyquist) gets +pi, never -pi.
+    """
+    spectrum = jnp.fft.fft(x.astype(jnp.float32), axis=-1)
+    amplitude = jnp.abs(spectrum)
+    phase = jnp.arctan2(jnp.imag(spectrum) + 0.0, jnp.real(spectrum))
+    valid = jnp.ones(x.shape[:3], bool) if patch_mask is None else patch_mask
+    valid = valid[..., None]
+    return masked_zscore(amplitude, valid), masked_zscore(phase, valid)
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared error over valid rows: pred, target [B, P, F]; valid [B, P] -> []."""
+    w = valid.astype(jnp.float32)[..., None]
+    err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)) * w
+    return err.sum() / jnp.maximum(w.sum() * pred.shape[-1], 1.0)
+
+
+def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
+    """|z|^2 + |w|^2 - 2 z.w, as the reference computes it: z [M, d], codebook [K, d] -> [M, K]."""
+    return (jnp.sum(jnp.square(z), axis=1, keepdims=True) + jnp.sum(jnp.square(codebook), axis=1)
+            - 2.0 * jnp.einsum("md,kd->mk", z, codebook))
+
+
+def code_statistics(z: jax.Array, codes: jax.Array, valid: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
+    """Per-code counts [K] and sums of z [K, d] over valid rows (z [M, d], codes [M]).
+
+    Under data parallelism z and codes are global arrays, so these sums already
+    span every device: the update below equals the single-device update.
+    """
+    w = valid.astype(z.dtype)
+    counts = jax.ops.segment_sum(w, codes, num_segments=num_codes)
+    sums = jax.ops.segment_sum(z * w[:, None], codes, num_segments=num_codes)
+    return counts, sums
+
+
+def ema_update(codebook: jax.Array, cluster_size: jax.Array, counts: jax.Array, sums: jax.Array,
+               decay: float) -> tuple[jax.Array, jax.Array]:
+    """One EMA step of the normalised codebook (the reference's NormEMAVectorQuantizer).
+
+    Args:
+      codebook: [K, d] unit vectors; cluster_size: [K] EMA of counts.
+      counts: [K] assignments in this batch; sums: [K, d] sums of assigned z.
+    Returns:
+      (new codebook [K, d], new cluster_size [K]). A used code moves towards the
+      normalised mean of its vectors, ``l2norm(decay * w + (1 - decay) * mean)``;
+      an unused code keeps its weight (renormalised).
+    """
+    new_size = cluster_size * decay + counts * (1.0 - decay)
+    unused = counts == 0
+    mean = l2norm(sums / jnp.where(unused, 1.0, counts)[:, None])
+    mean = jnp.where(unused[:, None], codebook, mean)
+    return l2norm(codebook * decay + mean * (1.0 - decay)), new_size
+
+
+def _nearest_by_cosine(samples: jax.Array, means: jax.Array, chunk: int) -> jax.Array:
+    """argmax_k samples . means_k, in chunks of rows to bound memory -> [M] int32."""
+    m = samples.shape[0]
+    pad = (-m) % chunk
+    padded = jnp.pad(samples, ((0, pad), (0, 0))).reshape(-1, chunk, samples.shape[1])
+    best = jax.lax.map(lambda s: jnp.argmax(s @ means.T, axis=1).astype(jnp.int32), padded)
+    return best.reshape(-1)[:m]
+
+
+def kmeans(key: jax.Array, samples: jax.Array, valid: jax.Array, num_clusters: int, num_iters: int = 10,
+           chunk: int = 4096) -> tuple[jax.Array, jax.Array]:
+    """Cosine k-means with normalised means (the reference's codebook initialisation).
+
+    Initial means are distinct valid samples drawn at random (with replacement when
+    there are fewer valid samples than clusters); an empty cluster keeps its mean.
+
+    Args:
+      key: PRNG key; samples: [M, d] unit vectors; valid: [M] bool.
+    Returns:
+      (means [K, d], counts [K] float32 of the last assignment).
+    """
+    m = samples.shape[0]
+    key_order, key_fill = jax.random.split(key)
+    priority = jnp.where(valid, jax.random.uniform(key_order, (m,)), -1.0)
+    order = jnp.argsort(-priority)  # valid samples first, in random order
+    n_valid = jnp.maximum(valid.sum(), 1)
+    slots = jnp.arange(num_clusters)
+    fill = order[jax.random.randint(key_fill, (num_clusters,), 0, n_valid)]
+    chosen = jnp.where(slots < n_valid, order[slots % m], fill)
+    means = samples[chosen]
+
+    def step(_, carry):
+        means, _ = carry
+        codes = _nearest_by_cosine(samples, means, min(chunk, m))
+        counts, sums = code_statistics(samples, codes, valid, num_clusters)
+        new = l2norm(sums / jnp.maximum(counts, 1.0)[:, None])
+        return jnp.where((counts == 0)[:, None], means, new), counts
+
+    return jax.lax.fori_loop(0, num_iters, step, (means, jnp.zeros((num_clusters,), samples.dtype)))
+
+
+def _random_unit_codebook(key, shape, dtype=jnp.float32):
+    return l2norm(jax.random.normal(key, shape, dtype))
+
+
+class TaskHead(nn.Module):
+    """Linear(D, D) -> tanh -> Linear(D, out), in float32."""
+
+    hidden: int
+    out: int
+    out_axis: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = layers.dense(self.hidden, ("embed", "mlp"), "dense_0")(x.astype(jnp.float32))
+        return layers.dense(self.out, ("mlp", self.out_axis), "dense_1")(jnp.tanh(x))
+
+
+class Quantizer(nn.Module):
+    """L2-normalised nearest-code quantizer with an EMA codebook."""
+
+    codebook_size: int
+    code_dim: int
+    decay: float = 0.99
+
+    def setup(self):
+        self.embedding = self.variable(CODEBOOK, "embedding", layers.logical(_random_unit_codebook, ("vocab", "code")),
+                                       self.make_rng("params") if self.is_initializing() else None,
+                                       (self.codebook_size, self.code_dim))
+        self.cluster_size = self.variable(CODEBOOK, "cluster_size", layers.logical(jnp.zeros, ("vocab",)),
+                                          (self.codebook_size,))
+        self.initted = self.variable(CODEBOOK, "initted", lambda: jnp.zeros((), jnp.float32))
+
+    def __call__(self, z: jax.Array, valid: jax.Array, update: bool = False):
+        """Quantises unit vectors.
+
+        Args:
+          z: [B, P, d] L2-normalised float32; valid: [B, P] bool.
+          update: apply one EMA step to the codebook (needs mutable=['codebook']).
+        Returns:
+          (z_q [B, P, d] straight-through, codes [B, P] int32, commitment loss []).
+        """
+        codebook = self.embedding.value
+        b, p, d = z.shape
+        flat = z.reshape(b * p, d)
+        codes = jnp.argmin(squared_distances(flat, codebook), axis=1).astype(jnp.int32)
+        z_q = jnp.take(codebook, codes, axis=0).reshape(b, p, d)
+        if update and not self.is_initializing():
+            counts, sums = code_statistics(jax.lax.stop_gradient(flat), codes, valid.reshape(-1), self.codebook_size)
+            self.embedding.value, self.cluster_size.value = ema_update(
+                codebook, self.cluster_size.value, counts, sums, self.decay)
+        commitment = masked_mse(jax.lax.stop_gradient(z_q), z, valid)
+        z_q = z + jax.lax.stop_gradient(z_q - z)
+        return z_q, codes.reshape(b, p), commitment
+
+
+class VQNSP(nn.Module):
+    """Encoder -> task layer -> quantizer -> decoder -> amplitude and phase heads."""
+
+    cfg: config_lib.TokenizerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.encoder = layers.NeuralTransformer(cfg.encoder)
+        self.encoder_norm = layers.layer_norm(name="encoder_norm")
+        self.encode_task_layer = TaskHead(cfg.encoder.embed_dim, cfg.code_dim, "code")
+        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay)
+        self.decoder = layers.NeuralTransformer(cfg.decoder)
+        self.decoder_norm = layers.layer_norm(name="decoder_norm")
+        self.amplitude_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")
+        self.phase_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")
+
+    def encode(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
+               *, train: bool = False) -> jax.Array:
+        """x [B, N, A, 200] -> z [B, N*A, code_dim] float32, L2-normalised (pre-quantizer)."""
+        tokens = self.encoder(x, channel_ids, patch_mask, deterministic=not train)
+        patch_tokens = self.encoder_norm(tokens[:, 1:])
+        self.sow("intermediates", "encoder_patch_tokens", patch_tokens)
+        features = self.encode_task_layer(patch_tokens)
+        self.sow("intermediates", "to_quantizer", features)
+        return l2norm(features)
+
+    def tokenize(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
+        """Code indices [B, N*A] int32 (channel-major) of every patch; padding gets codes too."""
+        b, n, a = x.shape[:3]
+        valid = jnp.ones((b, n * a), bool) if patch_mask is None else patch_mask.reshape(b, n * a)
+        _, codes, _ = self.quantizer(self.encode(x, channel_ids, patch_mask), valid)
+        return codes
+
+    def decode(self, z_q: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None, shape,
+               *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """z_q [B, N*A, d] -> (amplitude, phase) predictions, each [B, N*A, 200]."""
+        b, n, a = shape
+        tokens = self.decoder(z_q.reshape(b, n, a, -1), channel_ids, patch_mask, deterministic=not train)
+        features = self.decoder_norm(tokens[:, 1:])
+        return self.amplitude_head(features), self.phase_head(features)
+
+    def kmeans_samples(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None):
+        """Encoder outputs to initialise the codebook from: ([M, d] unit vectors, [M] valid)."""
+        z = self.encode(x, channel_ids, patch_mask)
+        b, p, d = z.shape
+        valid = jnp.ones((b, p), bool) if patch_mask is None else patch_mask.reshape(b, p)
+        return z.reshape(b * p, d), valid.reshape(-1)
+
+    def __call__(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
+                 *, train: bool = False, update_codebook: bool = False) -> dict[str, jax.Array]:
+        """The full forward pass and loss.
+
+        Args:
+          x: [B, N, A, 200] float32, units of 100 uV; channel_ids [B, N] or [N];
+          patch_mask: [B, N, A] bool (None: all real).
+          update_codebook: one EMA step on the codebook (training).
+        Returns a dict: ``loss`` (amplitude + phase + commitment), ``amplitude_loss``,
+        ``phase_loss``, ``commitment_loss``, ``codes`` [B, N*A] int32, ``quantized``
+        [B, N*A, d], ``rec_amplitude`` and ``rec_phase`` [B, N*A, 200].
+        """
+        b, n, a = x.shape[:3]
+        valid = jnp.ones((b, n * a), bool) if patch_mask is None else patch_mask.reshape(b, n * a)
+        amp_target, phase_target = fourier_targets(x, patch_mask)
+        z = self.encode(x, channel_ids, patch_mask, train=train)
+        z_q, codes, commitment = self.quantizer(z, valid, update=update_codebook)
+        rec_amp, rec_phase = self.decode(z_q, channel_ids, patch_mask, (b, n, a), train=train)
+        amp_loss = masked_mse(rec_amp, amp_target.reshape(b, n * a, -1), valid)
+        phase_loss = masked_mse(rec_phase, phase_target.reshape(b, n * a, -1), valid)
+        return {
+            "loss": amp_loss + phase_loss + self.cfg.commitment_weight * commitment,
+            "amplitude_loss": amp_loss,
+            "phase_loss": phase_loss,
+            "commitment_loss": commitment,
+            "codes": codes,
+            "quantized": z_q,
+            "rec_amplitude": rec_amp,
+            "rec_phase": rec_phase,
+        }

@@ -1,0 +1,1 @@
+"""The three training stages: loss, metrics and step of each."""

@@ -1,0 +1,41 @@
+"""Configs: every size x stage loads, carries the recipe, and rejects unknown fields."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from configs import common
+from labram_jax.models import config as model_config
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def _load(size):
+    spec = importlib.util.spec_from_file_location(f"cfg_{size}", CONFIG_DIR / f"{size}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "large", "huge"])
+@pytest.mark.parametrize("stage", common.STAGES)
+def test_every_size_and_stage(size, stage):
+    cfg = _load(size).get_config(stage)
+    assert cfg.stage == stage and cfg.model.size == size
+    assert model_config.labram(cfg.model.size).depth == {"tiny": 2, "base": 12, "large": 24, "huge": 48}[size]
+    recipe = common.RECIPES[stage]
+    assert cfg.optim.b2 == recipe["b2"] and cfg.optim.weight_decay == recipe["weight_decay"]
+    with pytest.raises(AttributeError):
+        cfg.optim.learning_rate = 1.0  # misspelled field: rejected
+
+
+def test_finetune_recipe_by_size():
+    assert _load("base").get_config("finetune").optim.layer_decay == 0.65
+    huge = _load("huge").get_config("finetune")
+    assert (huge.optim.layer_decay, huge.model.drop_path, huge.optim.epochs) == (0.8, 0.2, 30)
+
+
+def test_unknown_stage_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown stage"):
+        _load("base").get_config("pretraining")

@@ -1,0 +1,101 @@
+"""The tokenizer's pure functions: Fourier targets, EMA codebook update, k-means."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from labram_jax.models import tokenizer as tk
+
+
+def test_fourier_targets_match_numpy():
+    rng = np.random.default_rng(0)
+    # Positive DC and Nyquist bins: a negative purely real bin's phase (+-pi) hangs on
+    # the sign of rounding noise, which no two FFTs share (LABRAM.md section 4).
+    x = (rng.normal(size=(2, 3, 4, 200)) + 1.0 + 0.5 * (-1.0) ** np.arange(200)).astype(np.float32)
+    amp, phase = tk.fourier_targets(x)
+    spec = np.fft.fft(x.astype(np.float64), axis=-1)
+    for ours, ref in ((amp, np.abs(spec)), (phase, np.angle(spec))):
+        ref = (ref - ref.mean(axis=(1, 2, 3), keepdims=True)) / ref.std(axis=(1, 2, 3), ddof=1, keepdims=True)
+        np.testing.assert_allclose(ours, ref, atol=2e-4)
+
+
+def test_negative_real_bin_has_phase_plus_pi():
+    x = -np.ones((1, 1, 1, 200), np.float32)  # DC bin = -200 + 0j
+    spectrum = jnp.fft.fft(x, axis=-1)
+    phase = jnp.arctan2(jnp.imag(spectrum) + 0.0, jnp.real(spectrum))
+    assert float(phase[0, 0, 0, 0]) == np.float32(np.pi)
+
+
+def _numpy_ema(codebook, z, codes, decay):
+    k = codebook.shape[0]
+    onehot = np.eye(k)[codes]
+    counts = onehot.sum(0)
+    sums = z.T @ onehot
+    mean = (sums / np.where(counts == 0, 1, counts)).T
+    mean = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    mean = np.where((counts == 0)[:, None], codebook, mean)
+    new = decay * codebook + (1 - decay) * mean
+    return new / np.linalg.norm(new, axis=1, keepdims=True)
+
+
+def _unit(rng, shape):
+    v = rng.normal(size=shape)
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_ema_update_matches_one_hot_formula():
+    rng = np.random.default_rng(1)
+    codebook, z = _unit(rng, (16, 8)), _unit(rng, (40, 8))
+    codes = np.argmax(z @ codebook.T, axis=1)
+    counts, sums = tk.code_statistics(jnp.asarray(z), jnp.asarray(codes), jnp.ones(40, bool), 16)
+    new, size = tk.ema_update(jnp.asarray(codebook), jnp.zeros(16), counts, sums, 0.99)
+    np.testing.assert_allclose(new, _numpy_ema(codebook, z, codes, 0.99), atol=1e-6)
+    np.testing.assert_allclose(size, 0.01 * np.bincount(codes, minlength=16), atol=1e-6)
+    unused = np.setdiff1d(np.arange(16), codes)
+    assert unused.size and np.allclose(new[unused], codebook[unused], atol=1e-6)
+
+
+def test_ema_update_under_data_parallelism_equals_single_device():
+    rng = np.random.default_rng(2)
+    codebook, z = _unit(rng, (64, 8)), _unit(rng, (8 * 30, 8))
+    valid = rng.random(8 * 30) < 0.8
+    codes = np.argmax(z @ codebook.T, axis=1)
+
+    def step(z, codes, valid):
+        counts, sums = tk.code_statistics(z, codes, valid, 64)
+        return tk.ema_update(jnp.asarray(codebook), jnp.zeros(64), counts, sums, 0.99)
+
+    single = jax.jit(step)(z, codes, valid)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = NamedSharding(mesh, P("data"))
+    args = [jax.device_put(a, shard) for a in (z, codes, valid)]
+    assert len(args[0].sharding.device_set) == 8
+    sharded = jax.jit(step)(*args)
+    for a, b in zip(single, sharded):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_kmeans_recovers_separated_clusters_and_ignores_padding():
+    rng = np.random.default_rng(3)
+    centres = _unit(rng, (4, 16))
+    samples = np.concatenate([_unit(rng, (50, 16)) * 0.05 + c for c in centres])
+    samples = samples / np.linalg.norm(samples, axis=1, keepdims=True)
+    garbage = _unit(rng, (30, 16))
+    all_samples = np.concatenate([samples, garbage]).astype(np.float32)
+    valid = np.arange(len(all_samples)) < len(samples)
+    means, counts = tk.kmeans(jax.random.key(0), jnp.asarray(all_samples), jnp.asarray(valid), 4, 10)
+    assert float(counts.sum()) == len(samples)  # padding never counted
+    similarity = np.asarray(means) @ centres.T
+    assert np.all(similarity.max(axis=0) > 0.99)  # every centre found
+    np.testing.assert_allclose(np.linalg.norm(means, axis=1), 1.0, atol=1e-5)
+
+
+def test_kmeans_with_fewer_samples_than_clusters():
+    rng = np.random.default_rng(4)
+    samples = jnp.asarray(_unit(rng, (5, 8)))
+    means, counts = tk.kmeans(jax.random.key(1), samples, jnp.ones(5, bool), 12, 3)
+    assert means.shape == (12, 8) and float(counts.sum()) == 5
+    # Every mean is (the normalised mean of) real samples, never padding or NaN.
+    assert np.all(np.isfinite(means))
+    assert np.all((np.asarray(means) @ np.asarray(samples).T).max(axis=1) > 0.5)
