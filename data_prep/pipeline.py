@@ -1,0 +1,265 @@
+"""Converting many recordings to ArrayRecord shards: parallel, resumable, atomic.
+
+Layout of the output directory::
+
+    manifest.json                      what went in, with which parameters, what came out
+    shards/<split>/<recording>.arrayrecord   one shard per recording (group_size:1)
+    .state/<key>.json                  per-file outcome, to skip finished files on a rerun
+
+A shard is written to ``*.tmp`` and renamed only when complete, so an interrupted
+run never leaves a partial shard that looks valid.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+import numpy as np
+import tqdm
+from array_record.python import array_record_module
+
+from data_prep import labels as labels_lib
+from data_prep import preprocess as prep_lib
+from data_prep import reading
+from labram_jax import records
+
+TOOL_VERSION = "data_prep 1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Everything one worker needs to convert one file (picklable across processes)."""
+
+    path: str
+    recording: str
+    subject: str
+    split: str
+    dataset: str
+    params: prep_lib.Params
+    labels: labels_lib.LabelSpec
+    label_ids: tuple[tuple[str, int], ...]
+    regression: bool
+    aliases: tuple[tuple[str, str], ...]
+    out_dir: str
+
+    @property
+    def key(self) -> str:
+        st = os.stat(self.path)
+        blob = json.dumps([records.SCHEMA_VERSION, TOOL_VERSION, self.path, st.st_size, st.st_mtime_ns,
+                           self.recording, self.subject, self.split, self.dataset,
+                           dataclasses.asdict(self.params), dataclasses.asdict(self.labels),
+                           self.label_ids, self.regression, self.aliases], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    @property
+    def shard(self) -> pathlib.Path:
+        return pathlib.Path(self.out_dir) / "shards" / self.split / (self.recording.replace("/", "__") + ".arrayrecord")
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_json(path: pathlib.Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(type(value))
+
+
+def process(job: Job) -> dict:
+    """Converts one recording; never raises: the outcome says what happened."""
+    t_start = time.perf_counter()
+    out = {"path": job.path, "recording": job.recording, "subject": job.subject, "split": job.split,
+           "status": "ok", "reason": "", "windows": 0, "rejected": {}, "unlabelled_windows": 0, "label_counts": {},
+           "channels_kept": [], "channels_dropped": [], "notes": [], "shard": None, "timings": {}}
+    tmp = job.shard.with_suffix(".arrayrecord.tmp")
+    try:
+        out["sha256"] = sha256_of(job.path)
+        t0 = time.perf_counter()
+        raw = reading.read_raw(pathlib.Path(job.path))
+        out["timings"]["read"] = time.perf_counter() - t0
+        out["sfreq_in"] = float(raw.info["sfreq"])
+        out["duration_s"] = raw.n_times / float(raw.info["sfreq"])
+        rec_labels = labels_lib.recording_labels(job.labels, pathlib.Path(job.path), raw.annotations,
+                                                 raw.first_time)
+        prepared = prep_lib.preprocess(raw, job.params, dict(job.aliases) or None)
+        del raw
+        out["timings"].update(prepared.timings)
+        out["channels_kept"] = list(prepared.names)
+        out["channels_dropped"] = [list(d) for d in prepared.dropped]
+        out["notes"] = prepared.notes
+        starts = prep_lib.window_starts(prepared.data.shape[1], job.params)
+        if starts.size == 0:
+            raise _Skip(f"shorter than one window ({out['duration_s']:.2f} s < {job.params.window_s} s)")
+        t0 = time.perf_counter()
+        written = _write_shard(job, prepared, starts, rec_labels, tmp, out)
+        out["timings"]["write"] = time.perf_counter() - t0
+        if written == 0:
+            raise _Skip(f"no window kept (rejected: {out['rejected']}, unlabelled: {out['unlabelled_windows']})")
+        os.replace(tmp, job.shard)
+        out["shard"] = str(job.shard.relative_to(job.out_dir))
+        out["windows"] = written
+    except _Skip as skip:
+        out.update(status="skipped", reason=str(skip))
+    except (reading.ReadError, labels_lib.LabelError) as err:
+        out.update(status="failed" if isinstance(err, reading.ReadError) else "skipped", reason=str(err))
+    except prep_lib.NoChannelsError as err:
+        out.update(status="skipped", reason=str(err), channels_dropped=[list(d) for d in err.dropped])
+    except Exception as err:  # noqa: BLE001 - one bad file must not stop the run
+        out.update(status="failed", reason=f"internal error {type(err).__name__}: {err}",
+                   traceback=traceback.format_exc(limit=5))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    out["timings"]["total"] = time.perf_counter() - t_start
+    if out["status"] != "ok":
+        out["windows"] = 0
+    return out
+
+
+class _Skip(Exception):
+    pass
+
+
+def _write_shard(job: Job, prepared: prep_lib.Prepared, starts: np.ndarray, rec_labels, tmp: pathlib.Path,
+                 out: dict) -> int:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    length = job.params.window_s * records.SAMPLE_RATE
+    label_ids = dict(job.label_ids)
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    written = 0
+    try:
+        for start in starts:
+            window = prepared.data[:, start:start + length]
+            reason = prep_lib.window_reject_reason(window, job.params)
+            if reason:
+                out["rejected"][reason] = out["rejected"].get(reason, 0) + 1
+                continue
+            start_s = start / records.SAMPLE_RATE
+            name = labels_lib.window_label(rec_labels, start_s, job.params.window_s, job.labels.straddle)
+            if name == "":
+                out["unlabelled_windows"] += 1
+                continue
+            label, value = -1, math.nan
+            if name is not None:
+                if job.regression:
+                    value = float(name)
+                else:
+                    label = label_ids[name]
+            record = records.Record(
+                signal=window.reshape(window.shape[0], job.params.window_s, records.PATCH),
+                channel_ids=prepared.rows, label=label, label_name=name or "", value=value,
+                dataset=job.dataset, recording=job.recording, subject=job.subject, start_s=start_s,
+                sfreq_in=prepared.sfreq_in)
+            writer.write(records.encode(record, job.params.signal_dtype))
+            written += 1
+            key = name if name else "(unlabelled)"
+            out["label_counts"][key] = out["label_counts"].get(key, 0) + 1
+    finally:
+        writer.close()
+    return written
+
+
+def _state_path(job: Job) -> pathlib.Path:
+    return pathlib.Path(job.out_dir) / ".state" / f"{job.key}.json"
+
+
+def run(jobs: list[Job], out_dir: pathlib.Path, workers: int, manifest_extra: dict, progress: bool = True) -> dict:
+    """Converts every job (skipping ones already done with the same parameters) and writes the manifest."""
+    (out_dir / ".state").mkdir(parents=True, exist_ok=True)
+    outcomes: dict[int, dict] = {}
+    todo = []
+    for i, job in enumerate(jobs):
+        state = _state_path(job)
+        if state.exists():
+            previous = json.loads(state.read_text())
+            if previous["status"] != "ok" or (out_dir / previous["shard"]).exists():
+                previous["resumed"] = True
+                outcomes[i] = previous
+                continue
+        todo.append(i)
+    bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="file", disable=not progress,
+                    desc="data_prep", file=sys.stderr)
+
+    def finish(i, outcome):
+        _atomic_json(_state_path(jobs[i]), outcome)
+        outcomes[i] = outcome
+        bar.update(1)
+        if outcome["status"] != "ok":
+            bar.write(f"{outcome['status']}: {outcome['path']}: {outcome['reason']}")
+
+    if workers <= 1:
+        for i in todo:
+            finish(i, process(jobs[i]))
+    else:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(process, jobs[i]): i for i in todo}
+            for future in concurrent.futures.as_completed(futures):
+                finish(futures[future], future.result())
+    bar.close()
+    manifest = build_manifest([outcomes[i] for i in range(len(jobs))], manifest_extra)
+    _atomic_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def build_manifest(outcomes: list[dict], extra: dict) -> dict:
+    splits: dict[str, dict] = {}
+    for o in outcomes:
+        if o["status"] != "ok":
+            continue
+        s = splits.setdefault(o["split"], {"shards": [], "windows": 0, "by_label": {}, "recordings": 0,
+                                           "subjects": set()})
+        s["shards"].append(o["shard"])
+        s["windows"] += o["windows"]
+        s["recordings"] += 1
+        s["subjects"].add(o["subject"])
+    by_label = _count_labels(outcomes)
+    for name, s in splits.items():
+        s["subjects"] = sorted(s["subjects"])
+        s["by_label"] = by_label.get(name, {})
+    status = [o["status"] for o in outcomes]
+    return {
+        "schema_version": records.SCHEMA_VERSION,
+        "tool": TOOL_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+        "splits": splits,
+        "totals": {"files": len(outcomes), "ok": status.count("ok"), "skipped": status.count("skipped"),
+                   "failed": status.count("failed"), "windows": sum(o["windows"] for o in outcomes),
+                   "hours_in": sum(o.get("duration_s", 0.0) for o in outcomes if o["status"] == "ok") / 3600},
+        "files": outcomes,
+    }
+
+
+def _count_labels(outcomes: list[dict]) -> dict[str, dict[str, int]]:
+    """Windows per split and label, read back from the written shards."""
+    counts: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        if o["status"] != "ok" or "label_counts" not in o:
+            continue
+        split = counts.setdefault(o["split"], {})
+        for name, n in o["label_counts"].items():
+            split[name] = split.get(name, 0) + n
+    return counts

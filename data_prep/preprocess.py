@@ -1,0 +1,155 @@
+"""LaBraM preprocessing of one recording: channels, filters, 200 Hz, units, windows."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+
+import mne
+import numpy as np
+
+from labram_jax import channels
+from labram_jax import records
+
+# MNE channel types that are never EEG.
+_NON_EEG_TYPES = {"eog", "ecg", "emg", "stim", "misc", "resp", "bio", "syst", "exci", "chpi",
+                  "ias", "gsr", "temperature", "dipole", "ref_meg", "mag", "grad", "seeg", "ecog", "dbs"}
+UV_PER_UNIT = 100.0  # model units: 100 uV
+
+
+class NoChannelsError(ValueError):
+    """No channel of the recording can be used; ``dropped`` lists every one with its reason."""
+
+    def __init__(self, message: str, dropped: list[tuple[str, str]]):
+        super().__init__(message)
+        self.dropped = dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Preprocessing parameters (all written to the manifest)."""
+
+    l_freq: float = 0.1
+    h_freq: float = 75.0
+    notch: float = 50.0  # mains frequency; 0 disables; harmonics below Nyquist are removed too
+    window_s: int = 10
+    stride_s: float = 10.0
+    clip_uv: float = 0.0  # clip |x| above this (uV); 0 disables
+    reject_flat_uv: float = 0.0  # drop windows with a channel whose peak-to-peak is below this; 0 off
+    reject_saturated_uv: float = 0.0  # drop windows with |x| above this (uV); 0 off
+    keep_ref_diff: bool = False  # keep reference-difference channels such as A2-A1 (mapped to A2)
+    signal_dtype: str = "float32"
+
+    def __post_init__(self):
+        if int(self.window_s) != self.window_s or not 1 <= self.window_s <= 16:
+            raise ValueError(f"--window must be a whole number of seconds in 1..16 (got {self.window_s}): "
+                             "a patch is 1 s and the time embedding has 16 rows")
+        if self.stride_s <= 0:
+            raise ValueError(f"--stride must be positive (got {self.stride_s})")
+        if self.l_freq < 0 or (self.h_freq and self.h_freq <= self.l_freq):
+            raise ValueError(f"band-pass {self.l_freq}-{self.h_freq} Hz is empty")
+        if self.signal_dtype not in records.SIGNAL_DTYPES:
+            raise ValueError(f"--signal-dtype must be one of {records.SIGNAL_DTYPES}")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A preprocessed recording: ``data [N, T]`` float32 at 200 Hz in units of 100 uV."""
+
+    data: np.ndarray
+    names: tuple[str, ...]
+    rows: np.ndarray
+    dropped: list[tuple[str, str]]
+    sfreq_in: float
+    notes: list[str]
+    timings: dict[str, float]
+
+
+def pick_eeg(raw: mne.io.BaseRaw, aliases: Mapping[str, str] | None, keep_ref_diff: bool):
+    """The EEG channels of ``raw`` that map onto the vocabulary, and all dropped ones with reasons."""
+    types = raw.get_channel_types()
+    dropped, candidates = [], []
+    for i, (name, kind) in enumerate(zip(raw.ch_names, types)):
+        if kind in _NON_EEG_TYPES:
+            dropped.append((name, f"channel type {kind}"))
+        else:
+            candidates.append(i)
+    names = [raw.ch_names[i] for i in candidates]
+    if keep_ref_diff:  # "EEG A2-A1" -> "EEG A2" on request
+        names = [n.split("-")[0] if channels.normalize(n).reason.startswith("reference-difference") else n
+                 for n in names]
+    mapping = channels.map_channels(names, aliases)
+    kept = [candidates[i] for i in mapping.indices]
+    return kept, mapping, dropped + list(mapping.dropped)
+
+
+def preprocess(raw: mne.io.BaseRaw, params: Params, aliases: Mapping[str, str] | None = None) -> Prepared:
+    """Keeps mapped EEG channels, band-pass + notch filters, resamples to 200 Hz, converts units.
+
+    Raises ValueError with the reason when no channel can be used.
+    """
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    sfreq = float(raw.info["sfreq"])
+    kept, mapping, dropped = pick_eeg(raw, aliases, params.keep_ref_diff)
+    if not kept:
+        first_name, first_reason = dropped[0] if dropped else ("", "")
+        raise NoChannelsError(f"no channel maps to the LaBraM vocabulary ({len(dropped)} dropped, e.g. "
+                              f"{first_name}: {first_reason}); pass --channel-map to map them", dropped)
+    raw = raw.copy().pick(kept)
+    t0 = time.perf_counter()
+    data = raw.get_data().astype(np.float64)  # volts, [N, T]
+    if not np.all(np.isfinite(data)):
+        notes.append("non-finite samples in the file: windows containing them are rejected")
+        data = np.where(np.isfinite(data), data, np.nan)
+    nyquist = sfreq / 2.0
+    h_freq = params.h_freq if params.h_freq and params.h_freq < nyquist else None
+    if params.h_freq and h_freq is None:
+        notes.append(f"low-pass at {params.h_freq} Hz skipped: at or above the Nyquist frequency {nyquist:g} Hz")
+    finite = np.isfinite(data)
+    work = np.where(finite, data, 0.0)
+    if params.l_freq > 0 or h_freq:
+        work = mne.filter.filter_data(work, sfreq, params.l_freq or None, h_freq, verbose="error")
+    if params.notch:
+        freqs = np.arange(params.notch, nyquist - 1.0, params.notch)
+        if freqs.size:
+            work = mne.filter.notch_filter(work, sfreq, freqs, verbose="error")
+    timings["filter"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if sfreq != records.SAMPLE_RATE:
+        work = mne.filter.resample(work, up=records.SAMPLE_RATE, down=sfreq, verbose="error")
+        if not finite.all():  # carry the non-finite marks over to the new time base
+            bad = np.flatnonzero(~finite.all(axis=0)) * records.SAMPLE_RATE / sfreq
+            mark = np.zeros(work.shape[1], bool)
+            mark[np.clip(bad.astype(int), 0, work.shape[1] - 1)] = True
+            work[:, mark] = np.nan
+    elif not finite.all():
+        work[~finite] = np.nan
+    timings["resample"] = time.perf_counter() - t0
+    out = (work * 1e6 / UV_PER_UNIT).astype(np.float32)
+    if params.clip_uv:
+        limit = params.clip_uv / UV_PER_UNIT
+        np.clip(out, -limit, limit, out=out)
+    return Prepared(out, mapping.names, mapping.rows, dropped, sfreq, notes, timings)
+
+
+def window_starts(num_samples: int, params: Params) -> np.ndarray:
+    """Start samples (at 200 Hz) of every full window."""
+    length = params.window_s * records.SAMPLE_RATE
+    stride = params.stride_s * records.SAMPLE_RATE
+    if num_samples < length:
+        return np.zeros((0,), np.int64)
+    count = int(np.floor((num_samples - length) / stride + 1e-9)) + 1
+    return np.round(np.arange(count) * stride).astype(np.int64)
+
+
+def window_reject_reason(window: np.ndarray, params: Params) -> str | None:
+    """None for a good window [N, T] (units of 100 uV), else nan / flat / saturated."""
+    if not np.all(np.isfinite(window)):
+        return "nan"
+    if params.reject_flat_uv and np.any(np.ptp(window, axis=1) * UV_PER_UNIT < params.reject_flat_uv):
+        return "flat"
+    if params.reject_saturated_uv and np.any(np.abs(window) * UV_PER_UNIT > params.reject_saturated_uv):
+        return "saturated"
+    return None
