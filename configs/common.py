@@ -49,6 +49,7 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.model.drop_path = 0.0
     c.model.num_outputs = 1  # 1: binary or regression; K: K classes
     c.model.vocab_size = 8192 if size != "tiny" else 256  # tokenizer codebook size
+    c.model.cls_quirk = False  # True: the reference's pretraining cls embedding (official weights)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # manifest.json or shard glob of the training records
@@ -62,6 +63,8 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     for key in ("lr", "min_lr", "epochs", "warmup_epochs", "b1", "b2", "weight_decay", "grad_clip"):
         setattr(c.optim, key, recipe[key])
     c.optim.layer_decay = 1.0
+    c.optim.total_steps = 0  # 0: epochs x steps per epoch
+    c.optim.warmup_steps = -1  # -1: warmup_epochs x steps per epoch
 
     if stage == "tokenizer":
         c.tokenizer = ml_collections.ConfigDict(dict(ema_decay=0.99, kmeans_iters=10, code_dim=64))
@@ -74,10 +77,18 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
         c.optim.warmup_epochs = by_size["warmup_epochs"]
         c.model.drop_path = by_size["drop_path"]
         c.finetune = ml_collections.ConfigDict(dict(
-            task="binary", label_smoothing=0.1, init_checkpoint="", init_kind="ours"))
+            task="binary",  # binary, multiclass or regression
+            label_smoothing=0.1,  # multi-class only
+            init_checkpoint="",  # pretrain workdir / model.npz, or an official .pth with init_kind=official
+            init_kind="ours",
+            mode="full",  # full, linear_probe or last_k
+            last_k=2,
+            best_metric="balanced_accuracy"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.log_every = 50
+    c.eval_every = 500
     c.checkpoint_every = 1000
+    c.checkpoint_keep = 3
     c.lock()
     return c

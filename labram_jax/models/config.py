@@ -115,7 +115,7 @@ def tokenizer(size: str = "base", **overrides) -> TokenizerConfig:
     ``tiny`` shrinks everything for tests. ``overrides`` apply to the TokenizerConfig.
     """
     if size == "tiny":
-        enc = TransformerConfig(embed_dim=100, depth=2, num_heads=5, temporal_channels=4,
+        enc = TransformerConfig(embed_dim=100, depth=2, num_heads=4, temporal_channels=4,
                                 qk_norm=False, qkv_bias=True, layer_scale_init=None)
         codes, code_dim = 256, 16
     elif size == "base":

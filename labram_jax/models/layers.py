@@ -133,7 +133,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = layer_norm("kv", name="q_norm", dtype=cfg.dtype)(q)
             k = layer_norm("kv", name="k_norm", dtype=cfg.dtype)(k)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
         std = INIT_STD / math.sqrt(2.0 * self.block_index)
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
@@ -149,7 +149,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         x = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", dtype=cfg.dtype)(x)
-        x = nn.with_logical_constraint(gelu(x), ("batch", "length", "mlp"))
+        x = nn.with_logical_constraint(gelu(x), ("act_batch", "act_length", "act_mlp"))
         std = INIT_STD / math.sqrt(2.0 * self.block_index)
         return dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype)(x)
 
@@ -183,7 +183,7 @@ class Block(nn.Module):
                 y = y * gamma.astype(y.dtype)
             if not deterministic and self.drop_path_rate > 0.0:
                 y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
-            x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
+            x = nn.with_logical_constraint(x + y, ("act_batch", "act_length", "act_embed"))
         return x
 
 
@@ -254,7 +254,7 @@ class NeuralTransformer(nn.Module):
         patches = h + channel_emb.repeat(a, axis=1).astype(h.dtype)
         patches = patches + jnp.tile(time[:a], (n, 1)).astype(h.dtype)
         tokens = jnp.concatenate([(cls_token + cls_row)[:, None].astype(h.dtype), patches], axis=1)
-        tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+        tokens = nn.with_logical_constraint(tokens, ("act_batch", "act_length", "act_embed"))
         key_valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
 
         for i in range(cfg.depth):

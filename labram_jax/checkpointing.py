@@ -1,0 +1,85 @@
+"""Orbax checkpoints: train state + data-iterator state + config; the only Orbax import.
+
+A checkpoint directory ``<workdir>/checkpoints/<step>/`` holds ``state`` (the sharded
+train state, every process writing its shards), ``data`` (the iterator state: the
+global step and sample position, enough to re-derive the data order on any process
+count) and ``config`` (JSON). Saves are asynchronous and committed atomically by
+Orbax; restore goes through an abstract tree carrying the *target* mesh's
+shardings, so a checkpoint restores onto a different mesh shape.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves every ``every`` steps, keeps the newest ``keep``, restores the latest."""
+
+    def __init__(self, directory: str, every: int, keep: int = 3, best_metric: str | None = None,
+                 best_mode: str = "max"):
+        self.directory = os.path.abspath(directory)
+        best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(int(every), 1), enable_async_checkpointing=True,
+            best_fn=best_fn, best_mode=best_mode, keep_checkpoints_without_metrics=best_metric is None,
+            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False,
+             metrics: dict | None = None) -> bool:
+        """Starts an asynchronous save; returns whether one was started."""
+        return self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                          config=ocp.args.JsonSave(config)),
+            force=force, metrics=metrics)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores ``(state, data_state)``; ``abstract_state`` carries the target shardings."""
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                          data=ocp.args.JsonRestore()))
+        return restored.state, restored.data
+
+    def read_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``tree`` placed with ``shardings`` (for restore)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(directory: str, abstract_state: Any, step: int | None = None) -> Any:
+    """The train state of another run's checkpoint (latest, or ``step``), e.g. a tokenizer
+    for pretraining or a pretrained encoder for fine-tuning."""
+    ckpt = Checkpointer(directory, every=1)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}: train that stage first, or fix the path")
+        state, _ = ckpt.restore(step, abstract_state)
+        return state
+    finally:
+        ckpt.close()

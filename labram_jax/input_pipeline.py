@@ -1,0 +1,251 @@
+"""Grain input pipelines over the ArrayRecord shards written by data_prep.
+
+Training order is a pure function of (seed, global sample position): position g of
+the infinite stream belongs to step g // global_batch, and process p of P takes
+positions [step * B + p * B/P, step * B + (p + 1) * B/P). Nothing about the order
+needs saving beyond the step, so a run resumes exactly, even with another process
+count. Several datasets mix with sampling weights in fixed-size blocks; each
+dataset is reshuffled every epoch.
+
+Every batch has one static shape, whatever montages and lengths it mixes:
+``x [b, C, W, 200]`` float32, ``channel_ids [b, C]`` int32 (0 = padding),
+``patch_mask [b, C, W]`` bool, ``label [b]`` int32, ``value [b]`` float32,
+``valid [b]`` bool (False for padding samples of the last eval batch) and
+``position [b]`` int64 (the sample's global position, for provenance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from labram_jax import records
+
+_BLOCK = 1024  # positions per mixing block
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One dataset: its shard files and sampling weight."""
+
+    shards: tuple[str, ...]
+    weight: float = 1.0
+    name: str = ""
+
+
+def resolve(spec: str, split: str = "train") -> list[Source]:
+    """Sources from a spec: ``manifest.json`` (its ``split``), a shard glob, or several
+    separated by ``+``, each optionally followed by ``@weight``.
+
+    Example: ``data/tuh/manifest.json@3+data/eegmat/manifest.json@1``.
+    """
+    sources = []
+    for part in [p for p in spec.split("+") if p]:
+        path, _, weight = part.partition("@")
+        if path.endswith(".json"):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"manifest {path} not found: run python -m data_prep first")
+            with open(path) as f:
+                manifest = json.load(f)
+            if manifest.get("schema_version") != records.SCHEMA_VERSION:
+                raise ValueError(f"{path} has record schema {manifest.get('schema_version')}, this labram_jax "
+                                 f"reads {records.SCHEMA_VERSION}: re-run data_prep")
+            if split not in manifest["splits"]:
+                raise ValueError(f"{path} has no split {split!r} (it has {sorted(manifest['splits'])})")
+            root = os.path.dirname(os.path.abspath(path))
+            shards = [os.path.join(root, s) for s in manifest["splits"][split]["shards"]]
+            name = manifest.get("dataset", path)
+        else:
+            shards = sorted(glob.glob(path, recursive=True))
+            name = path
+        if not shards:
+            raise FileNotFoundError(f"no shards for {part!r} (split {split!r})")
+        sources.append(Source(tuple(shards), float(weight or 1.0), name))
+    if not sources:
+        raise ValueError("empty data spec: set config.data.train / config.data.val")
+    return sources
+
+
+class GlobalOrder:
+    """Deterministic infinite order: position -> (dataset, record) with weighted mixing."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int, shuffle: bool = True):
+        if any(n <= 0 for n in sizes):
+            raise ValueError(f"empty dataset in the mixture (sizes {list(sizes)})")
+        w = np.asarray(weights, np.float64) / np.sum(weights)
+        counts = np.floor(w * _BLOCK).astype(np.int64)
+        counts[np.argsort(-(w * _BLOCK - counts))[: _BLOCK - counts.sum()]] += 1  # largest remainder
+        self.sizes, self.counts, self.seed, self.shuffle = list(sizes), counts, seed, shuffle
+
+    @functools.lru_cache(maxsize=8)
+    def _layout(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        layout = np.repeat(np.arange(len(self.counts)), self.counts)
+        if self.shuffle:
+            layout = np.random.default_rng([self.seed, 1, block]).permutation(layout)
+        rank = np.zeros_like(layout)
+        for d in range(len(self.counts)):
+            rank[layout == d] = np.arange(self.counts[d])
+        return layout, rank
+
+    @functools.lru_cache(maxsize=16)
+    def _epoch(self, dataset: int, epoch: int) -> np.ndarray:
+        n = self.sizes[dataset]
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, 2, dataset, epoch]).permutation(n)
+
+    def __call__(self, position: int) -> tuple[int, int]:
+        block, offset = divmod(int(position), _BLOCK)
+        layout, rank = self._layout(block)
+        d = int(layout[offset])
+        k = block * int(self.counts[d]) + int(rank[offset])  # k-th sample drawn from dataset d
+        epoch, i = divmod(k, self.sizes[d])
+        return d, int(self._epoch(d, epoch)[i])
+
+
+class _Reader:
+    """Random access to records of several datasets; opened lazily in each worker."""
+
+    def __init__(self, sources: Sequence[Source]):
+        self.sources = list(sources)
+        self._handles = None
+
+    def handles(self):
+        if self._handles is None:
+            self._handles = [grain.sources.ArrayRecordDataSource(list(s.shards)) for s in self.sources]
+        return self._handles
+
+    def sizes(self) -> list[int]:
+        return [len(h) for h in self.handles()]
+
+    def read(self, dataset: int, index: int) -> records.Record:
+        return records.decode(self.handles()[dataset][index])
+
+    def __getstate__(self):  # worker processes reopen the files themselves
+        return {"sources": self.sources, "_handles": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The static batch shape: channels x windows per sample."""
+
+    channels: int
+    windows: int
+
+    def place(self, rec: records.Record) -> dict[str, np.ndarray]:
+        n, a = rec.num_channels, rec.num_windows
+        if n > self.channels or a > self.windows:
+            raise ValueError(f"record {rec.recording}@{rec.start_s}s has {n} channels x {a} windows, more than "
+                             f"the batch grid {self.channels} x {self.windows}: raise config.data.max_channels/"
+                             "max_windows or re-run data_prep with shorter windows")
+        x = np.zeros((self.channels, self.windows, records.PATCH), np.float32)
+        x[:n, :a] = rec.signal
+        ids = np.zeros((self.channels,), np.int32)
+        ids[:n] = rec.channel_ids
+        mask = np.zeros((self.channels, self.windows), bool)
+        mask[:n, :a] = True
+        return {"x": x, "channel_ids": ids, "patch_mask": mask, "label": np.int32(rec.label),
+                "value": np.float32(rec.value), "valid": np.True_}
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {"x": np.zeros((self.channels, self.windows, records.PATCH), np.float32),
+                "channel_ids": np.zeros((self.channels,), np.int32),
+                "patch_mask": np.zeros((self.channels, self.windows), bool),
+                "label": np.int32(-1), "value": np.float32(np.nan), "valid": np.False_}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Position:
+    """k-th local sample -> global position: step s, slot j of process p is s * B + p * b + j."""
+
+    start_step: int
+    local: int
+    global_batch: int
+    process_index: int
+
+    def __call__(self, k: int) -> int:
+        step, j = divmod(int(k), self.local)
+        return (self.start_step + step) * self.global_batch + self.process_index * self.local + j
+
+
+class _Concatenation:
+    """Position -> (dataset, record) over datasets laid end to end (evaluation order)."""
+
+    def __init__(self, offsets: np.ndarray):
+        self.offsets = offsets
+
+    def __call__(self, position: int) -> tuple[int, int]:
+        d = int(np.searchsorted(self.offsets, position, side="right") - 1)
+        return d, int(position - self.offsets[d])
+
+
+def _stack(items: Sequence[dict]) -> dict[str, np.ndarray]:
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+class _Element:
+    """position -> padded example (a picklable callable for Grain workers)."""
+
+    def __init__(self, reader: _Reader, order: GlobalOrder | None, grid: Grid, limit: int | None = None):
+        self.reader, self.order, self.grid, self.limit = reader, order, grid, limit
+
+    def __call__(self, position: int) -> dict:
+        position = int(position)
+        if self.limit is not None and position >= self.limit:  # eval padding
+            out = self.grid.empty()
+        else:
+            d, i = self.order(position) if self.order else (0, position)
+            out = self.grid.place(self.reader.read(d, i))
+        out["position"] = np.int64(position)
+        return out
+
+
+def _iterate(positions: grain.MapDataset, element: _Element, batch: int, num_workers: int) -> Iterator[dict]:
+    ds = positions.map(element).batch(batch, drop_remainder=True, batch_fn=_stack)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)
+
+
+def train_iterator(spec: str, grid: Grid, global_batch: int, seed: int, start_step: int = 0,
+                   process_index: int = 0, process_count: int = 1, num_workers: int = 0) -> Iterator[dict]:
+    """This process's slices of the global training batches, from ``start_step`` on (infinite)."""
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    local = global_batch // process_count
+    sources = resolve(spec, "train")
+    reader = _Reader(sources)
+    order = GlobalOrder(reader.sizes(), [s.weight for s in sources], seed)
+    total_steps = 2**40 // global_batch  # "infinite"
+    positions = grain.MapDataset.range(0, (total_steps - start_step) * local).map(
+        _Position(start_step, local, global_batch, process_index))
+    return _iterate(positions, _Element(reader, order, grid), local, num_workers)
+
+
+def count_records(spec: str, split: str = "train") -> int:
+    return sum(_Reader(resolve(spec, split)).sizes())
+
+
+def eval_batches(spec: str, grid: Grid, global_batch: int, split: str = "val", process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """One pass over a split in file order; the last batch is padded with invalid samples."""
+    local = global_batch // process_count
+    sources = resolve(spec, split)
+    reader = _Reader(sources)
+    sizes = reader.sizes()
+    offsets = np.cumsum([0] + sizes)
+    total = int(offsets[-1])
+    steps = -(-total // global_batch)
+
+    positions = grain.MapDataset.range(0, steps * local).map(_Position(0, local, global_batch, process_index))
+    element = _Element(reader, _Concatenation(offsets), grid, limit=total)
+    return _iterate(positions, element, local, 0)
+

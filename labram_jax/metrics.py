@@ -1,0 +1,79 @@
+"""Metric logging: JSONL + TensorBoard event files, and progress lines with ETA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+log = logging.getLogger("labram_jax")
+
+
+class MetricWriter:
+    """Writes ``{"step": s, **metrics}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
+
+    Only process 0 writes; other processes get a writer that does nothing.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # optional: JSONL alone is enough
+                log.warning("tensorboardX not installed: writing metrics.jsonl only")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class Progress:
+    """Throughput and ETA over the steps since the last report."""
+
+    def __init__(self, total_steps: int, global_batch: int, start_step: int):
+        self.total, self.batch = total_steps, global_batch
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def report(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        dt = max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        rate = steps / dt
+        eta = (self.total - step) / rate
+        extra = {"steps_per_s": rate, "samples_per_s": rate * self.batch}
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if np.ndim(v) == 0)
+        log.info("step %d/%d %s samples/s=%.1f ETA %s", step, self.total, shown, rate * self.batch, _hms(eta))
+        return extra
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

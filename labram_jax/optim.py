@@ -1,0 +1,112 @@
+"""AdamW with warmup + cosine, weight-decay mask, layer-wise lr decay and clipping.
+
+Defaults equal the recipes of LABRAM.md section 6 (see ``configs/common.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Never decayed, whatever their shape (LABRAM.md 6): embeddings tables and tokens.
+_NO_DECAY_NAMES = ("cls_token", "mask_token", "spatial_embed", "time_embed")
+_BLOCK = re.compile(r"blocks_(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    min_lr: float
+    total_steps: int
+    warmup_steps: int
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.05
+    grad_clip: float = 0.0  # global-norm clip; 0 = none
+    layer_decay: float = 1.0  # 1 = no layer-wise decay
+
+
+def warmup_cosine(lr: float, min_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine down to ``min_lr``."""
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = lr * step / max(warmup_steps, 1)
+        progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        cosine = min_lr + 0.5 * (lr - min_lr) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def _names(path) -> list[str]:
+    return [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+
+
+def weight_decay_mask(params):
+    """True where weight decay applies: not 1-D, not a bias, not an embedding table/token."""
+    def decays(path, leaf):
+        names = _names(path)
+        if leaf.ndim <= 1 or "bias" in names[-1] or names[-1] in _NO_DECAY_NAMES:
+            return False
+        return True
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def layer_id(path_names: list[str], depth: int) -> int:
+    """The reference's layer id: 0 for the cls/mask tokens, spatial table and temporal
+    encoder; i + 1 for block i; depth + 1 for everything else (incl. the time table)."""
+    for name in path_names:
+        m = _BLOCK.match(name)
+        if m:
+            return int(m.group(1)) + 1
+    if path_names[-1] in ("cls_token", "mask_token", "spatial_embed") or "patch_embed" in path_names:
+        return 0
+    return depth + 1
+
+
+def layer_decay_scales(params, depth: int, decay: float):
+    """Per-parameter lr multipliers ``decay ** (depth + 1 - layer_id)``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decay ** (depth + 1 - layer_id(_names(path), depth)), params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+    """Multiplies each update by a fixed per-parameter factor."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u, s: u * s, updates, scales), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimConfig, params, depth: int | None = None,
+                   trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW(schedule) with clipping, decay mask, optional layer-wise decay and frozen parts.
+
+    Args:
+      params: the parameter tree (shapes suffice).
+      depth: transformer depth for layer-wise decay (required if layer_decay != 1).
+      trainable: optional tree of bools; False parameters get zero updates.
+    """
+    schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
+    parts = []
+    if cfg.grad_clip:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=1e-8, weight_decay=cfg.weight_decay,
+                             mask=weight_decay_mask(params)))
+    if cfg.layer_decay != 1.0:
+        if depth is None:
+            raise ValueError("layer-wise lr decay needs the model depth")
+        parts.append(scale_by_tree(layer_decay_scales(params, depth, cfg.layer_decay)))
+    tx = optax.chain(*parts)
+    if trainable is not None:
+        labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx, schedule

@@ -1,0 +1,158 @@
+"""Stage 3: supervised fine-tuning (binary, multi-class or regression) and its metrics."""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from sklearn import metrics as skm
+
+from labram_jax import convert
+from labram_jax.models import config as model_config
+from labram_jax.models import transformer
+from labram_jax.tasks import stage as stage_lib
+
+TASKS = ("binary", "multiclass", "regression")
+
+
+def num_outputs(task: str, num_classes: int) -> int:
+    if task not in TASKS:
+        raise ValueError(f"finetune.task must be one of {TASKS}, got {task!r}")
+    return num_classes if task == "multiclass" else 1
+
+
+def task_loss(task: str, outputs: jax.Array, batch: dict, label_smoothing: float) -> jax.Array:
+    """Per-sample loss [b]: BCE on one logit, smoothed CE, or squared error."""
+    if task == "binary":
+        return optax.sigmoid_binary_cross_entropy(outputs[:, 0], batch["label"].astype(jnp.float32))
+    if task == "multiclass":
+        k = outputs.shape[-1]
+        labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], k), label_smoothing)
+        return optax.softmax_cross_entropy(outputs, labels)
+    return jnp.square(outputs[:, 0] - batch["value"])
+
+
+def scores(task: str, outputs: jax.Array) -> jax.Array:
+    """Probabilities (binary [b], multi-class [b, K]) or values [b]."""
+    if task == "binary":
+        return jax.nn.sigmoid(outputs[:, 0])
+    if task == "multiclass":
+        return jax.nn.softmax(outputs, axis=-1)
+    return outputs[:, 0]
+
+
+def compute_metrics(task: str, score: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """LABRAM.md section 7 metrics with scikit-learn (binary threshold 0.5)."""
+    score, target = np.asarray(score), np.asarray(target)
+    if task == "binary":
+        pred = (score >= 0.5).astype(int)
+        two_classes = len(np.unique(target)) == 2
+        return {"balanced_accuracy": skm.balanced_accuracy_score(target, pred),
+                "auroc": skm.roc_auc_score(target, score) if two_classes else float("nan"),
+                "auc_pr": skm.average_precision_score(target, score) if two_classes else float("nan"),
+                "accuracy": skm.accuracy_score(target, pred)}
+    if task == "multiclass":
+        pred = score.argmax(axis=1)
+        return {"balanced_accuracy": skm.balanced_accuracy_score(target, pred),
+                "cohen_kappa": skm.cohen_kappa_score(target, pred),
+                "weighted_f1": skm.f1_score(target, pred, average="weighted"),
+                "accuracy": skm.accuracy_score(target, pred)}
+    err = score - target
+    r = np.corrcoef(score, target)[0, 1] if len(score) > 1 and np.std(score) > 0 else float("nan")
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))), "pearson_r": float(r)}
+
+
+def load_encoder(path: str, kind: str):
+    """Encoder params of a pretrained model: our ``model.npz`` (or its workdir) or an
+    official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one)."""
+    if kind == "official":
+        try:
+            _, variables = convert.load_official(path, "pretrain")
+        except convert.ConversionError:
+            _, variables = convert.load_official(path, "finetune")
+    else:
+        if os.path.isdir(path):
+            path = os.path.join(path, "model.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"fine-tuning init checkpoint {path} does not exist: pretrain first, or "
+                                    "set --config.finetune.init_checkpoint='' to train from scratch")
+        _, _, variables = convert.load_variables(path)
+    encoder = dict(variables["params"]["encoder"])
+    encoder.pop("mask_token", None)  # the fine-tuning model has none
+    return encoder
+
+
+def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
+    ft = config.finetune
+    cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype)
+    model = transformer.LaBraM(cfg, num_outputs=num_outputs(ft.task, config.model.num_outputs))
+    pretrained = load_encoder(ft.init_checkpoint, ft.init_kind) if ft.init_checkpoint else None
+
+    def init(key, batch):
+        variables = model.init(key, batch["x"][:1], batch["channel_ids"][:1], batch["patch_mask"][:1])
+        if pretrained is not None:
+            variables = _with_encoder(variables, pretrained)
+        return variables
+
+    def loss_fn(params, extra, batch, key, frozen):
+        del frozen
+        out = model.apply({"params": params, **extra}, batch["x"], batch["channel_ids"],
+                          stage_lib.effective_patch_mask(batch), train=True, rngs={"dropout": key})
+        per_sample = task_loss(ft.task, out, batch, ft.label_smoothing)
+        loss = stage_lib.masked_mean(per_sample, batch["valid"])
+        return loss, ({"loss": loss}, extra)
+
+    def predict(params, extra, batch):
+        out = model.apply({"params": params, **extra}, batch["x"], batch["channel_ids"],
+                          stage_lib.effective_patch_mask(batch))
+        return scores(ft.task, out)
+
+    return stage_lib.Stage(name="finetune", model=model, init=init, loss_fn=loss_fn, depth=cfg.depth,
+                           predict=predict, trainable=lambda params: trainable_mask(params, ft.mode, ft.last_k, cfg.depth),
+                           export_kind="finetune")
+
+
+def trainable_mask(params, mode: str, last_k: int, depth: int):
+    """Which parameters train: ``full``; ``linear_probe`` (fc_norm + head only); ``last_k``
+    (the last k blocks + fc_norm + head)."""
+    def train(path, _):
+        names = [str(getattr(p, "key", p)) for p in path]
+        if mode == "full":
+            return True
+        if names[0] in ("fc_norm", "head"):
+            return True
+        if mode == "linear_probe":
+            return False
+        if mode == "last_k":
+            blocks = [n for n in names if n.startswith("blocks_")]
+            return bool(blocks) and int(blocks[0].split("_")[1]) >= depth - last_k
+        raise ValueError(f"finetune.mode must be full, linear_probe or last_k, got {mode!r}")
+
+    return jax.tree_util.tree_map_with_path(train, params)
+
+
+def _with_encoder(variables, encoder):
+    """Replaces the encoder params (keeping logical-axis boxes) with pretrained values."""
+    params = variables["params"]
+
+    def put(box, value):
+        value = jnp.asarray(value)
+        target = box.value if isinstance(box, nn.Partitioned) else box
+        if value.shape != target.shape:
+            raise ValueError(f"pretrained encoder tensor of shape {value.shape} does not fit {target.shape}: "
+                             "is config.model.size the pretrained model's size?")
+        return box.replace_boxed(value.astype(target.dtype)) if isinstance(box, nn.Partitioned) else value
+
+    try:
+        new_encoder = jax.tree_util.tree_map(put, params["encoder"], encoder,
+                                             is_leaf=lambda v: isinstance(v, nn.Partitioned))
+    except ValueError as err:
+        if "structure" in str(err) or "Custom node" in str(err):
+            raise ValueError(f"pretrained encoder does not match config.model.size={params!s:.0}: {err}") from None
+        raise
+    return {**variables, "params": {**params, "encoder": new_encoder}}

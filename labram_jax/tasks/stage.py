@@ -1,0 +1,77 @@
+"""What every training stage provides to ``train.run``, and the train state."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The whole mutable state of a run (one pytree, created sharded, checkpointed whole).
+
+    ``extra`` holds non-trainable variable collections (the tokenizer's EMA codebook).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extra: Any
+
+
+# loss_fn(params, extra, batch, key, frozen) -> (loss, (metrics, new_extra))
+LossFn = Callable[..., tuple[jax.Array, tuple[dict, Any]]]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage: its model, how to initialise it, its loss, and optional hooks.
+
+    Attributes:
+      name: tokenizer, pretrain or finetune.
+      model: the Flax module.
+      init: ``init(key, batch) -> variables`` (boxed, with logical axis names).
+      loss_fn: see LossFn; ``frozen`` carries constant inputs (the pretraining tokenizer).
+      depth: encoder depth, for layer-wise lr decay.
+      frozen: constant pytree passed to every step (None if unused).
+      prepare: optional ``prepare(state, batch, key) -> state`` run once before the first
+        step when ``needs_prepare(state)`` (the tokenizer's k-means initialisation).
+      predict: optional ``predict(params, extra, batch) -> [b, ...]`` for evaluation.
+      trainable: optional ``trainable(params) -> tree of bools`` (frozen parts get no update).
+    """
+
+    name: str
+    model: nn.Module
+    init: Callable[[jax.Array, dict], dict]
+    loss_fn: LossFn
+    depth: int
+    frozen: Any = None
+    prepare: Callable | None = None
+    needs_prepare: Callable[[TrainState], bool] | None = None
+    predict: Callable | None = None
+    trainable: Callable | None = None
+    export_kind: str = ""
+
+
+def effective_patch_mask(batch: dict) -> jax.Array:
+    """[b, C, W] real patches of real samples (padding samples of eval batches excluded)."""
+    return batch["patch_mask"] & batch["valid"][:, None, None]
+
+
+def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    weights = weights.astype(jnp.float32)
+    return (values.astype(jnp.float32) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def split_variables(variables: dict) -> tuple[Any, dict]:
+    """(params, the other collections) of a variables dict, unboxed."""
+    variables = nn.unbox(variables)
+    params = variables["params"]
+    extra = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
+    return params, extra

@@ -1,0 +1,63 @@
+"""Stage 1: VQ-NSP tokenizer training (Fourier reconstruction, EMA codebook, k-means init)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from labram_jax.models import config as model_config
+from labram_jax.models import tokenizer as tokenizer_lib
+from labram_jax.tasks import stage as stage_lib
+
+
+def model_from_config(config: ml_collections.ConfigDict, dtype) -> tokenizer_lib.VQNSP:
+    cfg = model_config.tokenizer(config.model.tokenizer_size)
+    cfg = cfg.replace(encoder=cfg.encoder.replace(dtype=dtype), decoder=cfg.decoder.replace(
+        dtype=dtype, in_dim=config.tokenizer.code_dim), code_dim=config.tokenizer.code_dim,
+        codebook_size=config.model.vocab_size, ema_decay=config.tokenizer.ema_decay,
+        kmeans_iters=config.tokenizer.kmeans_iters)
+    return tokenizer_lib.VQNSP(cfg)
+
+
+def code_usage(codes: jax.Array, valid: jax.Array, num_codes: int) -> dict[str, jax.Array]:
+    """Codes used in a batch and the perplexity of their distribution (valid tokens only)."""
+    counts = jax.ops.segment_sum(valid.reshape(-1).astype(jnp.float32), codes.reshape(-1), num_segments=num_codes)
+    p = counts / jnp.maximum(counts.sum(), 1.0)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return {"used_codes": (counts > 0).sum().astype(jnp.float32), "perplexity": jnp.exp(entropy)}
+
+
+def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
+    model = model_from_config(config, dtype)
+    num_codes = model.cfg.codebook_size
+
+    def init(key, batch):
+        return model.init(key, batch["x"][:1], batch["channel_ids"][:1], batch["patch_mask"][:1])
+
+    def loss_fn(params, extra, batch, key, frozen):
+        del frozen
+        mask = stage_lib.effective_patch_mask(batch)
+        out, updates = model.apply({"params": params, **extra}, batch["x"], batch["channel_ids"], mask,
+                                   train=True, update_codebook=True, mutable=["codebook"], rngs={"dropout": key})
+        metrics = {k: out[k] for k in ("loss", "amplitude_loss", "phase_loss", "commitment_loss")}
+        metrics.update(code_usage(out["codes"], mask.reshape(mask.shape[0], -1), num_codes))
+        return out["loss"], (metrics, {**extra, "codebook": updates["codebook"]})
+
+    def needs_prepare(state) -> bool:
+        return float(jax.device_get(state.extra["codebook"]["quantizer"]["initted"])) == 0.0
+
+    def prepare(state, batch, key):
+        """k-means on the encoder outputs of the (global) first batch -> the codebook."""
+        mask = stage_lib.effective_patch_mask(batch)
+        z, valid = model.apply({"params": state.params, **state.extra}, batch["x"], batch["channel_ids"], mask,
+                               method=model.kmeans_samples)
+        means, _ = tokenizer_lib.kmeans(key, z, valid, num_codes, model.cfg.kmeans_iters)
+        codebook = dict(state.extra["codebook"]["quantizer"])
+        codebook["embedding"] = means.astype(codebook["embedding"].dtype)
+        codebook["initted"] = jnp.ones_like(codebook["initted"])
+        return state.replace(extra={**state.extra, "codebook": {"quantizer": codebook}})
+
+    return stage_lib.Stage(name="tokenizer", model=model, init=init, loss_fn=loss_fn,
+                           depth=model.cfg.encoder.depth, prepare=prepare, needs_prepare=needs_prepare,
+                           export_kind="tokenizer")

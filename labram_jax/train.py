@@ -1,0 +1,275 @@
+"""``run(config, workdir)``: one trainer for the three stages, read top to bottom.
+
+Phases: set-up -> mesh -> data -> stage -> abstract state and shardings -> init or
+restore -> compile the step -> loop (log, evaluate, checkpoint) -> final save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from labram_jax import checkpointing, convert, input_pipeline, metrics as metrics_lib, optim, sharding
+from labram_jax.tasks import finetune, pretrain, stage as stage_lib, tokenizer
+
+log = logging.getLogger("labram_jax")
+STAGES = {"tokenizer": tokenizer.build, "pretrain": pretrain.build, "finetune": finetune.build}
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def schedule_lengths(config, num_train: int) -> tuple[int, int]:
+    """(total steps, warmup steps) from the config's epochs, or its explicit step counts."""
+    steps_per_epoch = max(1, math.ceil(num_train / config.data.batch_size))
+    total = config.optim.total_steps or config.optim.epochs * steps_per_epoch
+    warmup = config.optim.warmup_steps if config.optim.warmup_steps >= 0 else config.optim.warmup_epochs * steps_per_epoch
+    return int(total), int(min(warmup, total))
+
+
+def to_host(tree):
+    """Global arrays -> NumPy on every process (gathers shards across processes)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves a final checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains one stage; resumes from the latest checkpoint in ``workdir``. Returns the last metrics."""
+    # ------------------------------------------------------------------ set-up
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(f"workdir {workdir} is not writable ({err}); choose another --workdir") from None
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+    dtype = compute_dtype(config.model.dtype)
+    init_key, prepare_key, step_key = jax.random.split(jax.random.key(config.seed), 3)
+
+    # ------------------------------------------------------------------ mesh
+    mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    rules = sharding.rules_from_config()
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.data.batch_size % batch_ways:
+        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by data x fsdp = {batch_ways}")
+    log.info("process %d/%d, %d devices (%s), mesh %s, compute %s", jax.process_index(), jax.process_count(),
+             jax.device_count(), jax.default_backend(), dict(mesh.shape), jnp.dtype(dtype).name)
+
+    # ------------------------------------------------------------------ data
+    grid = input_pipeline.Grid(config.data.max_channels, config.data.max_windows)
+    num_train = input_pipeline.count_records(config.data.train, "train")
+    total_steps, warmup_steps = schedule_lengths(config, num_train)
+    log.info("%d training records, global batch %d, %d steps (%d warmup)", num_train, config.data.batch_size,
+             total_steps, warmup_steps)
+
+    # ------------------------------------------------------------------ stage
+    stage = STAGES[config.stage](config, dtype)
+    dummy = {k: v[None] for k, v in grid.empty().items()}
+    dummy["valid"] = np.ones((1,), bool)
+
+    # ------------------------------------------------------------------ abstract state and shardings
+    abstract_vars = jax.eval_shape(stage.init, init_key, dummy)
+    var_shardings = sharding.logical_shardings(abstract_vars, mesh, rules)
+    abstract_params = nn.unbox(abstract_vars)["params"]
+    opt_cfg = optim.OptimConfig(lr=config.optim.lr, min_lr=config.optim.min_lr, total_steps=total_steps,
+                                warmup_steps=warmup_steps, b1=config.optim.b1, b2=config.optim.b2,
+                                weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip,
+                                layer_decay=config.optim.layer_decay)
+    trainable = stage.trainable(abstract_params) if stage.trainable else None
+    tx, schedule = optim.make_optimizer(opt_cfg, abstract_params, stage.depth, trainable)
+
+    def init_state(key):
+        params, extra = stage_lib.split_variables(stage.init(key, dummy))
+        return stage_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                    extra=extra)
+
+    abstract_state = jax.eval_shape(init_state, init_key)
+    param_shardings = var_shardings["params"]
+    state_shardings = stage_lib.TrainState(
+        step=sharding.replicated(mesh), params=param_shardings,
+        opt_state=optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                                        transform_non_params=lambda _: sharding.replicated(mesh)),
+        extra={k: v for k, v in var_shardings.items() if k in abstract_state.extra})
+    rows = sharding.parameter_table(abstract_vars["params"], param_shardings)
+    if is_main:
+        sharding.log_parameter_table(rows, log)
+    sharding.check_large_params_sharded(rows, mesh)
+
+    # ------------------------------------------------------------------ init or restore
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                                      config.checkpoint_keep)
+    best_ckpt = None
+    if stage.predict and config.data.val:
+        best_ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints_best"), 1, 1,
+                                               best_metric=config.finetune.best_metric)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+        start_step = int(data_state["step"])
+        log.info("resumed from %s/checkpoints/%d", workdir, latest)
+    else:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+        start_step = 0
+    frozen = jax.device_put(stage.frozen, sharding.replicated(mesh)) if stage.frozen is not None else None
+
+    # ------------------------------------------------------------------ compile the step
+    def train_step(state, batch, frozen):
+        key = jax.random.fold_in(step_key, state.step)
+        grad_fn = jax.value_and_grad(stage.loss_fn, has_aux=True)
+        (loss, (step_metrics, extra)), grads = grad_fn(state.params, state.extra, batch, key, frozen)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step_metrics = {**step_metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        return new_state, step_metrics
+
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items() if k != "position"}
+    abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype,
+                                              sharding=batch_shardings[k]) for k, v in dummy.items()}
+    frozen_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), stage.frozen)
+    abstract_frozen = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                             stage.frozen, frozen_shardings) if stage.frozen is not None else None
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        t0 = time.perf_counter()
+        compiled_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                                out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)).lower(
+            checkpointing.abstract_with_shardings(abstract_state, state_shardings), abstract_batch,
+            abstract_frozen).compile()
+        log.info("compiled the %s step in %.1f s; memory: %s", stage.name, time.perf_counter() - t0,
+                 _memory_summary(compiled_step))
+        predict_fn = jax.jit(stage.predict) if stage.predict else None
+        prepare_fn = jax.jit(stage.prepare, out_shardings=state_shardings) if stage.prepare else None
+
+    # ------------------------------------------------------------------ loop
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    progress = metrics_lib.Progress(total_steps, config.data.batch_size, start_step)
+    batches = input_pipeline.train_iterator(config.data.train, grid, config.data.batch_size, config.seed,
+                                            start_step, jax.process_index(), jax.process_count(),
+                                            config.data.num_workers)
+    preemption = _Preemption()
+    last_metrics: dict = {}
+    step = start_step
+    config_json = json.loads(config.to_json_best_effort())
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            while step < total_steps:
+                local = next(batches)
+                local.pop("position")
+                batch = sharding.to_global(local, mesh)
+                if prepare_fn is not None and stage.needs_prepare(state):
+                    log.info("initialising the codebook with k-means on the first global batch")
+                    state = prepare_fn(state, batch, prepare_key)
+                state, step_metrics = compiled_step(state, batch, frozen)
+                step += 1
+                if step % config.log_every == 0 or step == total_steps:
+                    host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    if not math.isfinite(host["loss"]):
+                        raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint: "
+                                                 f"{ckpt.latest_step()}")
+                    host.update(progress.report(step, host))
+                    writer.write(step, {f"train/{k}": v for k, v in host.items()})
+                    last_metrics = host
+                eval_metrics = None
+                if predict_fn and config.data.val and (step % config.eval_every == 0 or step == total_steps):
+                    eval_metrics = evaluate(predict_fn, state, config, grid, mesh, config.finetune.task)
+                    writer.write(step, {f"val/{k}": v for k, v in eval_metrics.items()})
+                    log.info("step %d validation: %s", step, _fmt(eval_metrics))
+                    last_metrics = {**last_metrics, **{f"val/{k}": v for k, v in eval_metrics.items()}}
+                    if best_ckpt is not None and math.isfinite(eval_metrics.get(config.finetune.best_metric, math.nan)):
+                        best_ckpt.save(step, state, {"step": step}, config_json, force=True, metrics=eval_metrics)
+                data_state = {"step": step, "seed": config.seed, "global_batch": config.data.batch_size}
+                if preemption.requested:
+                    log.warning("%s received: saving a checkpoint at step %d and stopping", preemption.requested, step)
+                    ckpt.save(step, state, data_state, config_json, force=True)
+                    break
+                ckpt.save(step, state, data_state, config_json, force=step == total_steps)
+        # -------------------------------------------------------------- final save
+        ckpt.wait()
+        if step == total_steps:
+            export(stage, state, os.path.join(workdir, "model.npz"), is_main)
+    finally:
+        preemption.restore()
+        ckpt.close()
+        if best_ckpt is not None:
+            best_ckpt.close()
+        writer.close()
+    return {"step": step, **last_metrics}
+
+
+def evaluate(predict_fn, state, config, grid, mesh, task: str) -> dict[str, float]:
+    """One pass over the validation split; metrics of LABRAM.md section 7."""
+    scores, targets = [], []
+    for local in input_pipeline.eval_batches(config.data.val, grid, config.data.batch_size, "val",
+                                             jax.process_index(), jax.process_count()):
+        local.pop("position")
+        batch = sharding.to_global(local, mesh)
+        out = to_host(predict_fn(state.params, state.extra, batch))
+        valid = to_host(batch["valid"])
+        target = to_host(batch["value"] if task == "regression" else batch["label"])
+        scores.append(out[valid])
+        targets.append(target[valid])
+    return finetune.compute_metrics(task, np.concatenate(scores), np.concatenate(targets))
+
+
+def export(stage: stage_lib.Stage, state, path: str, is_main: bool) -> None:
+    """Writes the trained model (params + non-trainable collections) as ``model.npz``."""
+    variables = {"params": to_host(state.params), **to_host(state.extra)}
+    if is_main:
+        convert.save_variables(path, stage.export_kind, stage.model, variables)
+        log.info("wrote %s", path)
+
+
+def _memory_summary(compiled) -> str:
+    try:
+        m = compiled.memory_analysis()
+        if m is None:
+            return "n/a"
+        mib = 1 << 20
+        return (f"arguments {m.argument_size_in_bytes / mib:.1f} MiB, outputs {m.output_size_in_bytes / mib:.1f} MiB, "
+                f"temporaries {m.temp_size_in_bytes / mib:.1f} MiB (per device)")
+    except (AttributeError, NotImplementedError):
+        return "n/a"
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
