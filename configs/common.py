@@ -90,5 +90,7 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.checkpoint_every = 1000
     c.checkpoint_keep = 3
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache (speeds up restarts); "" = off
+    c.stop_after = 0  # stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end
     c.lock()
     return c

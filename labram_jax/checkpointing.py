@@ -18,14 +18,18 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves every ``every`` steps, keeps the newest ``keep``, restores the latest."""
+    """Saves every ``every`` steps, keeps the newest ``keep`` (or the best by a metric).
+
+    Only one asynchronous manager may run per job: in multi-process runs, two would
+    race on Orbax's barrier names. Extra managers (the best checkpoint) save synchronously.
+    """
 
     def __init__(self, directory: str, every: int, keep: int = 3, best_metric: str | None = None,
-                 best_mode: str = "max"):
+                 best_mode: str = "max", async_save: bool = True):
         self.directory = os.path.abspath(directory)
         best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(int(every), 1), enable_async_checkpointing=True,
+            max_to_keep=keep, save_interval_steps=max(int(every), 1), enable_async_checkpointing=async_save,
             best_fn=best_fn, best_mode=best_mode, keep_checkpoints_without_metrics=best_metric is None,
             create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def initialize_distributed() -> None:
     """``jax.distributed.initialize()`` when this is one process of several; else nothing."""
     if _COORDINATOR.value:
-        if jax.config.jax_platforms in ("cpu", None) and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes talk through gloo
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or \

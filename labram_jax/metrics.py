@@ -77,3 +77,35 @@ def _hms(seconds: float) -> str:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> str | None:
+    """Plots every train/ and val/ loss-like series of ``metrics.jsonl`` to ``curves.png``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(path)
+    keys = sorted({k for r in rows for k in r if k != "step" and not k.endswith(("lr", "_per_s"))})
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4.5 * cols, 3 * -(-len(keys) // cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = sorted((r["step"], r[key]) for r in rows if key in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = os.path.join(workdir, "curves.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -125,11 +125,12 @@ def log_parameter_table(rows, logger=logging.getLogger(__name__)) -> None:
         logger.info("  %-*s %-22s %-40s %s", width, name, str(shape), str(names), tuple(spec))
 
 
-def check_large_params_sharded(rows, mesh) -> None:
-    """Raises if a large parameter is fully replicated on a mesh that could shard it."""
+def check_large_params_sharded(rows, mesh, threshold: int = LARGE_PARAM) -> None:
+    """Raises if a parameter of ``threshold`` or more elements is fully replicated on a
+    mesh that could shard it."""
     if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
         return  # pure data parallelism: replication is the intent
-    bad = [(n, s) for n, s, _, spec in rows if int(np.prod(s)) >= LARGE_PARAM and all(a is None for a in spec)]
+    bad = [(n, s) for n, s, _, spec in rows if int(np.prod(s)) >= threshold and all(a is None for a in spec)]
     if bad:
         raise ValueError(f"large parameters are replicated on mesh {dict(mesh.shape)}: {bad[:5]}; "
                          "check the logical axis rules (config.sharding_rules)")

@@ -67,11 +67,14 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains one stage; resumes from the latest checkpoint in ``workdir``. Returns the last metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Trains one stage; resumes from the latest checkpoint in ``workdir``. Returns the last metrics.
+
+    ``devices`` restricts the mesh to some of the devices (tests compare meshes this way).
+    """
     # ------------------------------------------------------------------ set-up
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
+    probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
     try:
         with open(probe, "w") as f:
             f.write("ok")
@@ -82,11 +85,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     dtype = compute_dtype(config.model.dtype)
     init_key, prepare_key, step_key = jax.random.split(jax.random.key(config.seed), 3)
 
     # ------------------------------------------------------------------ mesh
-    mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), devices)
     rules = sharding.rules_from_config()
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.data.batch_size % batch_ways:
@@ -140,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best_ckpt = None
     if stage.predict and config.data.val:
         best_ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints_best"), 1, 1,
-                                               best_metric=config.finetune.best_metric)
+                                               best_metric=config.finetune.best_metric, async_save=False)
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
@@ -218,8 +223,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if best_ckpt is not None and math.isfinite(eval_metrics.get(config.finetune.best_metric, math.nan)):
                         best_ckpt.save(step, state, {"step": step}, config_json, force=True, metrics=eval_metrics)
                 data_state = {"step": step, "seed": config.seed, "global_batch": config.data.batch_size}
-                if preemption.requested:
-                    log.warning("%s received: saving a checkpoint at step %d and stopping", preemption.requested, step)
+                stop = preemption.requested or (
+                    "stop_after" if config.stop_after and step - start_step >= config.stop_after else None)
+                if stop and step < total_steps:
+                    log.warning("%s: saving a checkpoint at step %d and stopping; rerun the same command to "
+                                "resume", stop, step)
                     ckpt.save(step, state, data_state, config_json, force=True)
                     break
                 ckpt.save(step, state, data_state, config_json, force=step == total_steps)
@@ -233,6 +241,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if best_ckpt is not None:
             best_ckpt.close()
         writer.close()
+    if is_main:
+        metrics_lib.plot_curves(workdir)
     return {"step": step, **last_metrics}
 
 

@@ -6,6 +6,10 @@ import pathlib
 # Must be set before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same tiny programs: share compilations across runs and processes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "labram_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -27,3 +31,18 @@ def eeg_dir() -> pathlib.Path:
     if not EEG_DIR.is_dir():
         pytest.fail(f"{EEG_DIR} not found: the shared recordings must sit at ../shared/eeg")
     return EEG_DIR
+
+
+@pytest.fixture(scope="session")
+def eegmat_shards(eeg_dir, tmp_path_factory):
+    """A small EEGMAT conversion (subjects 00-03 train, 16-17 val; 4-s windows) for training tests."""
+    from data_prep import __main__ as data_prep_cli
+
+    out = tmp_path_factory.mktemp("eegmat_shards")
+    files = [str(p) for p in sorted((eeg_dir / "eegmat").glob("Subject*.edf"))
+             if p.name[7:9] in ("00", "01", "02", "03", "16", "17")]
+    code = data_prep_cli.main(files + ["--out", str(out), "--window", "4", "--label-from", "filename",
+                                       "--label-pattern", r"_1\.edf$=rest", "--label-pattern", r"_2\.edf$=arithmetic",
+                                       "--subject-pattern", r"Subject(\d+)_", "--val-subjects", "16,17", "--quiet"])
+    assert code == 0
+    return out / "manifest.json"
