@@ -40,8 +40,9 @@ from labram_jax.models import transformer
 KINDS = ("finetune", "pretrain", "tokenizer")
 UNUSED = "reference_unused"
 # Attention heads cannot be read from the shapes of a model without q/k norm (the
-# tokenizer); the published widths use these, any other width falls back to 20 per head.
-HEADS_BY_WIDTH = {200: 10, 400: 16, 800: 16}
+# tokenizer): the published widths (and our tiny preset) use these, any other width
+# falls back to 20 per head.
+HEADS_BY_WIDTH = {100: 4, 200: 10, 400: 16, 800: 16}
 _DEFAULT_HEAD_DIM = 20
 
 

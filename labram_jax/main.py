@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from labram_jax import train
+from labram_jax import demo, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/base.py:pretrain",
                                           lock_config=True)
@@ -40,7 +40,8 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     initialize_distributed()
-    result = train.run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    result = demo.run(config, _WORKDIR.value) if config.stage == "demo" else train.run(config, _WORKDIR.value)
     logging.getLogger("labram_jax").info("done: %s", result)
 
 
