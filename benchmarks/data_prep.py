@@ -1,6 +1,6 @@
 """Benchmark: hours of EEG converted per minute by data_prep, with 1 and N workers.
 
-    python benchmarks/data_prep.py [--inputs ../shared/eeg/eegmat] [--workers 1 2]
+    python -m benchmarks.data_prep [--inputs ../shared/eeg/eegmat] [--workers 1 2]
 
 Reports wall time, hours of EEG per minute, and the share of reading, filtering,
 resampling and writing (summed per-file timings from the manifest). Writes

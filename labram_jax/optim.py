@@ -101,12 +101,14 @@ def make_optimizer(cfg: OptimConfig, params, depth: int | None = None,
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=1e-8, weight_decay=cfg.weight_decay,
                              mask=weight_decay_mask(params)))
+    scales = None
     if cfg.layer_decay != 1.0:
         if depth is None:
             raise ValueError("layer-wise lr decay needs the model depth")
-        parts.append(scale_by_tree(layer_decay_scales(params, depth, cfg.layer_decay)))
-    tx = optax.chain(*parts)
-    if trainable is not None:
-        labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    return tx, schedule
+        scales = layer_decay_scales(params, depth, cfg.layer_decay)
+    if trainable is not None:  # frozen parameters: updates (and weight decay) scaled to zero
+        scales = jax.tree_util.tree_map(lambda t, s: float(t) * s, trainable,
+                                        scales if scales is not None else jax.tree_util.tree_map(lambda _: 1.0, trainable))
+    if scales is not None:
+        parts.append(scale_by_tree(scales))
+    return optax.chain(*parts), schedule

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -136,23 +137,22 @@ def trainable_mask(params, mode: str, last_k: int, depth: int):
     return jax.tree_util.tree_map_with_path(train, params)
 
 
+def _describe_encoder(flat: dict) -> str:
+    depth = len({k[0] for k in flat if k[0].startswith("blocks_")})
+    width = next((v.shape[-1] for k, v in flat.items() if k[-1] == "cls_token"), "?")
+    return f"depth {depth}, width {width}"
+
+
 def _with_encoder(variables, encoder):
     """Replaces the encoder params (keeping logical-axis boxes) with pretrained values."""
     params = variables["params"]
-
-    def put(box, value):
-        value = jnp.asarray(value)
-        target = box.value if isinstance(box, nn.Partitioned) else box
-        if value.shape != target.shape:
-            raise ValueError(f"pretrained encoder tensor of shape {value.shape} does not fit {target.shape}: "
-                             "is config.model.size the pretrained model's size?")
-        return box.replace_boxed(value.astype(target.dtype)) if isinstance(box, nn.Partitioned) else value
-
-    try:
-        new_encoder = jax.tree_util.tree_map(put, params["encoder"], encoder,
-                                             is_leaf=lambda v: isinstance(v, nn.Partitioned))
-    except ValueError as err:
-        if "structure" in str(err) or "Custom node" in str(err):
-            raise ValueError(f"pretrained encoder does not match config.model.size={params!s:.0}: {err}") from None
-        raise
-    return {**variables, "params": {**params, "encoder": new_encoder}}
+    target = flax.traverse_util.flatten_dict(params["encoder"], is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
+    source = flax.traverse_util.flatten_dict(encoder)
+    shapes_differ = [k for k in target if k in source and np.shape(source[k]) != nn.unbox(target[k]).shape]
+    if set(target) != set(source) or shapes_differ:
+        raise ValueError(f"the pretrained encoder ({_describe_encoder(source)}) does not fit this model "
+                         f"({_describe_encoder({k: nn.unbox(v) for k, v in target.items()})}): set config.model.size "
+                         "to the pretrained model's size")
+    merged = {k: box.replace_boxed(jnp.asarray(source[k], box.value.dtype)) if isinstance(box, nn.Partitioned)
+              else jnp.asarray(source[k], box.dtype) for k, box in target.items()}
+    return {**variables, "params": {**params, "encoder": flax.traverse_util.unflatten_dict(merged)}}

@@ -180,3 +180,39 @@ def test_bad_arguments_exit_2(eeg_dir, tmp_path):
     with pytest.raises(SystemExit) as err:
         cli.main(["--out", str(tmp_path)])
     assert err.value.code == 2
+
+
+def test_csv_labels_split_file_channel_map_and_rejection(eeg_dir, tmp_path):
+    """Interval labels from a CSV, subjects from a CSV, splits from a file, a channel
+    mapping file, and flat-window rejection, on EEGMMIDB."""
+    files = [eeg_dir / "eegmmidb" / "S001" / "S001R04.edf", eeg_dir / "eegmmidb" / "S002" / "S002R01.edf"]
+    (tmp_path / "labels.csv").write_text("file,start,stop,label\nS001R04.edf,0,40,early\nS001R04.edf,40,125,late\n"
+                                         "S002R01.edf,0,61,baseline\n")
+    (tmp_path / "subjects.csv").write_text("file,subject\nS001R04.edf,alice\nS002R01.edf,bob\n")
+    (tmp_path / "splits.csv").write_text("subject,split\nalice,train\nbob,test\n")
+    (tmp_path / "channels.csv").write_text("name,vocabulary\nFc5.,FC5\nIz..,OZ\n")
+    out = tmp_path / "out"
+    code = run([*files, "--out", out, "--window", 4, "--label-from", "csv", "--labels-csv", tmp_path / "labels.csv",
+                "--straddle", "strict", "--subjects-csv", tmp_path / "subjects.csv",
+                "--split-file", tmp_path / "splits.csv", "--channel-map", tmp_path / "channels.csv",
+                "--reject-flat-uv", "1e9"])  # every window is "flat" below 1e9 uV: all rejected
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(e["status"] == "skipped" and e["rejected"].get("flat") for e in manifest["files"])
+    code = run([*files, "--out", out, "--window", 4, "--label-from", "csv", "--labels-csv", tmp_path / "labels.csv",
+                "--straddle", "strict", "--subjects-csv", tmp_path / "subjects.csv",
+                "--split-file", tmp_path / "splits.csv", "--channel-map", tmp_path / "channels.csv"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["labels"]["names"] == ["early", "late", "baseline"]
+    assert set(manifest["splits"]) == {"train", "test"}
+    by_subject = {e["subject"]: e for e in manifest["files"]}
+    assert by_subject["alice"]["split"] == "train" and by_subject["bob"]["split"] == "test"
+    alice = read_shard(out / by_subject["alice"]["shard"])
+    # strict: the window across 40 s (36-40 ok, 40-44 ok; none straddles with 4-s windows at 0, 4, ...)
+    assert [r.label_name for r in alice].count("early") == 10
+    assert {r.label_name for r in alice} == {"early", "late"}
+    # the mapping file maps Iz.. onto OZ, which Oz.. also normalises to: the first one wins
+    kept = by_subject["alice"]["channels_kept"]
+    assert kept.count("OZ") == 1 and "FC5" in kept
+    assert any("duplicate" in reason for _, reason in by_subject["alice"]["channels_dropped"])

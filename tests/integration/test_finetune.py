@@ -1,0 +1,90 @@
+"""Fine-tuning variants: init from ours or official weights, frozen modes, tasks, bfloat16."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep import __main__ as data_prep_cli
+from labram_jax import convert, metrics, train
+from tests.integration.test_train import stage_overrides, tiny_config
+
+
+@pytest.fixture(scope="module")
+def pretrained(eegmat_shards, tmp_path_factory):
+    tok = tmp_path_factory.mktemp("tok")
+    train.run(tiny_config("tokenizer", eegmat_shards, **{"optim.total_steps": 4}), str(tok))
+    pre = tmp_path_factory.mktemp("pre")
+    train.run(tiny_config("pretrain", eegmat_shards, **{"optim.total_steps": 4,
+                                                        "pretrain.tokenizer_checkpoint": str(tok)}), str(pre))
+    return pre
+
+
+def _encoder(path):
+    _, _, variables = convert.load_variables(str(path))
+    enc = dict(variables["params"]["encoder"])
+    enc.pop("mask_token", None)
+    return enc
+
+
+def _assert_tree_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_linear_probe_from_our_pretrained_model_keeps_the_encoder(eegmat_shards, pretrained, tmp_path):
+    cfg = tiny_config("finetune", eegmat_shards, **{
+        "optim.total_steps": 4, "data.val": str(eegmat_shards), "eval_every": 2, "finetune.mode": "linear_probe",
+        "finetune.init_checkpoint": str(pretrained), "model.num_outputs": 2, "finetune.task": "multiclass",
+        "finetune.best_metric": "cohen_kappa"})
+    result = train.run(cfg, str(tmp_path))
+    _assert_tree_equal(_encoder(tmp_path / "model.npz"), _encoder(pretrained / "model.npz"))
+    assert {"val/cohen_kappa", "val/weighted_f1", "val/balanced_accuracy"} <= set(result)
+    assert len([p for p in (tmp_path / "checkpoints_best").iterdir() if p.name.isdigit()]) == 1
+
+
+def test_init_from_an_official_checkpoint(eegmat_shards, pretrained, tmp_path):
+    kind, model, variables = convert.load_variables(str(pretrained / "model.npz"))
+    official = tmp_path / "labram-official.npz"
+    convert.save_official(str(official), convert.to_official(kind, model, variables))
+    cfg = tiny_config("finetune", eegmat_shards, **{
+        "optim.total_steps": 2, "finetune.mode": "last_k", "finetune.last_k": 1,
+        "finetune.init_checkpoint": str(official), "finetune.init_kind": "official"})
+    train.run(cfg, str(tmp_path / "run"))
+    got, want = _encoder(tmp_path / "run" / "model.npz"), _encoder(pretrained / "model.npz")
+    _assert_tree_equal(got["blocks_0"], want["blocks_0"])  # frozen: only the last block trains
+    assert not np.array_equal(got["blocks_1"]["mlp"]["fc1"]["kernel"], want["blocks_1"]["mlp"]["fc1"]["kernel"])
+
+
+def test_size_mismatch_is_a_clear_error(eegmat_shards, pretrained, tmp_path):
+    cfg = tiny_config("finetune", eegmat_shards, **{"finetune.init_checkpoint": str(pretrained), "model.size": "base"})
+    with pytest.raises(ValueError, match="does not fit"):
+        train.run(cfg, str(tmp_path))
+
+
+def test_bfloat16_compute_tracks_float32(eegmat_shards, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 3, "log_every": 1,
+                                                         "model.dtype": dtype, "model.drop_path": 0.0})
+        train.run(cfg, str(tmp_path / dtype))
+        rows = metrics.read_jsonl(str(tmp_path / dtype / "metrics.jsonl"))
+        runs[dtype] = [r["train/loss"] for r in rows]
+    np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=3e-2)
+
+
+def test_regression(eeg_dir, tmp_path):
+    files = [str(p) for p in sorted((eeg_dir / "eegmat").glob("Subject0[0-2]_*.edf"))]
+    out = tmp_path / "data"
+    assert data_prep_cli.main(files + ["--out", str(out), "--window", "4", "--label-from", "filename",
+                                       "--label-pattern", r"_1\.edf$=0.0", "--label-pattern", r"_2\.edf$=1.5",
+                                       "--regression", "--subject-pattern", r"Subject(\d+)_", "--val-subjects", "02",
+                                       "--quiet"]) == 0
+    manifest = out / "manifest.json"
+    assert json.loads(manifest.read_text())["labels"]["regression"] is True
+    cfg = tiny_config("finetune", manifest, **{"optim.total_steps": 4, "data.val": str(manifest),
+                                               "finetune.task": "regression", "finetune.best_metric": "pearson_r"})
+    result = train.run(cfg, str(tmp_path / "run"))
+    assert np.isfinite(result["loss"]) and {"val/mae", "val/rmse", "val/pearson_r"} <= set(result)
