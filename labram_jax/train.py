@@ -6,12 +6,14 @@ restore -> compile the step -> loop (log, evaluate, checkpoint) -> final save.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -21,7 +23,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from labram_jax import checkpointing, convert, input_pipeline, metrics as metrics_lib, optim, sharding
+from labram_jax import checkpointing, convert, evaluate, input_pipeline, metrics as metrics_lib, optim, sharding
 from labram_jax.tasks import finetune, pretrain, stage as stage_lib, tokenizer
 
 log = logging.getLogger("labram_jax")
@@ -45,6 +47,88 @@ def schedule_lengths(config, num_train: int) -> tuple[int, int]:
 def to_host(tree):
     """Global arrays -> NumPy on every process (gathers shards across processes)."""
     return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """The abstract train state, its shardings and the optimizer that goes with it."""
+
+    abstract: stage_lib.TrainState
+    shardings: stage_lib.TrainState
+    abstract_vars: dict
+    init: Callable
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def state_spec(config, stage: stage_lib.Stage, mesh, rules, dummy: dict, init_key, total_steps: int,
+               warmup_steps: int) -> StateSpec:
+    """Shapes first: abstract variables -> shardings -> optimizer -> abstract train state."""
+    abstract_vars = jax.eval_shape(stage.init, init_key, dummy)
+    var_shardings = sharding.logical_shardings(abstract_vars, mesh, rules)
+    abstract_params = nn.unbox(abstract_vars)["params"]
+    opt_cfg = optim.OptimConfig(lr=config.optim.lr, min_lr=config.optim.min_lr, total_steps=total_steps,
+                                warmup_steps=warmup_steps, b1=config.optim.b1, b2=config.optim.b2,
+                                weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip,
+                                layer_decay=config.optim.layer_decay)
+    trainable = stage.trainable(abstract_params) if stage.trainable else None
+    tx, schedule = optim.make_optimizer(opt_cfg, abstract_params, stage.depth, trainable)
+
+    def init_state(key):
+        params, extra = stage_lib.split_variables(stage.init(key, dummy))
+        return stage_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                    extra=extra)
+
+    abstract = jax.eval_shape(init_state, init_key)
+    param_shardings = var_shardings["params"]
+    shardings = stage_lib.TrainState(
+        step=sharding.replicated(mesh), params=param_shardings,
+        opt_state=optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_shardings,
+                                        transform_non_params=lambda _: sharding.replicated(mesh)),
+        extra={k: v for k, v in var_shardings.items() if k in abstract.extra})
+    return StateSpec(abstract, shardings, abstract_vars, init_state, tx, schedule)
+
+
+def dummy_batch(grid: input_pipeline.Grid) -> dict:
+    """One empty sample of the batch grid, for shape inference."""
+    dummy = {k: v[None] for k, v in grid.empty().items()}
+    dummy["valid"] = np.ones((1,), bool)
+    return dummy
+
+
+@dataclasses.dataclass
+class Restored:
+    state: stage_lib.TrainState
+    predict_fn: Callable
+    grid: input_pipeline.Grid
+    mesh: jax.sharding.Mesh
+    step: int
+
+
+def restore_for_inference(config, workdir: str, which: str = "latest", devices=None) -> Restored:
+    """A fine-tuning run's state from ``checkpoints_best`` (``best``), the newest
+    (``latest``) or a given step of ``checkpoints``, placed on a mesh of ``devices``."""
+    mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), devices)
+    rules = sharding.rules_from_config()
+    stage = STAGES[config.stage](config, compute_dtype(config.model.dtype))
+    grid = input_pipeline.Grid(config.data.max_channels, config.data.max_windows)
+    spec = state_spec(config, stage, mesh, rules, dummy_batch(grid), jax.random.key(0), 1, 0)
+    directory = os.path.join(workdir, "checkpoints_best" if which == "best" else "checkpoints")
+    ckpt = checkpointing.Checkpointer(directory, every=1)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}" + (
+                " (a best checkpoint needs data.val during training; try --checkpoint latest)" if which == "best" else ""))
+        step = max(steps) if which in ("best", "latest") else int(which)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; present: {steps}")
+        state, _ = ckpt.restore(step, checkpointing.abstract_with_shardings(spec.abstract, spec.shardings))
+    finally:
+        ckpt.close()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        predict_fn = jax.jit(stage.predict)
+    return Restored(state, predict_fn, grid, mesh, step)
 
 
 class _Preemption:
@@ -108,33 +192,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
 
     # ------------------------------------------------------------------ stage
     stage = STAGES[config.stage](config, dtype)
-    dummy = {k: v[None] for k, v in grid.empty().items()}
-    dummy["valid"] = np.ones((1,), bool)
+    dummy = dummy_batch(grid)
 
     # ------------------------------------------------------------------ abstract state and shardings
-    abstract_vars = jax.eval_shape(stage.init, init_key, dummy)
-    var_shardings = sharding.logical_shardings(abstract_vars, mesh, rules)
-    abstract_params = nn.unbox(abstract_vars)["params"]
-    opt_cfg = optim.OptimConfig(lr=config.optim.lr, min_lr=config.optim.min_lr, total_steps=total_steps,
-                                warmup_steps=warmup_steps, b1=config.optim.b1, b2=config.optim.b2,
-                                weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip,
-                                layer_decay=config.optim.layer_decay)
-    trainable = stage.trainable(abstract_params) if stage.trainable else None
-    tx, schedule = optim.make_optimizer(opt_cfg, abstract_params, stage.depth, trainable)
-
-    def init_state(key):
-        params, extra = stage_lib.split_variables(stage.init(key, dummy))
-        return stage_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                    extra=extra)
-
-    abstract_state = jax.eval_shape(init_state, init_key)
-    param_shardings = var_shardings["params"]
-    state_shardings = stage_lib.TrainState(
-        step=sharding.replicated(mesh), params=param_shardings,
-        opt_state=optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                                        transform_non_params=lambda _: sharding.replicated(mesh)),
-        extra={k: v for k, v in var_shardings.items() if k in abstract_state.extra})
-    rows = sharding.parameter_table(abstract_vars["params"], param_shardings)
+    spec = state_spec(config, stage, mesh, rules, dummy, init_key, total_steps, warmup_steps)
+    abstract_state, state_shardings, tx, schedule = spec.abstract, spec.shardings, spec.tx, spec.schedule
+    rows = sharding.parameter_table(spec.abstract_vars["params"], state_shardings.params)
     if is_main:
         sharding.log_parameter_table(rows, log)
     sharding.check_large_params_sharded(rows, mesh)
@@ -153,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         log.info("resumed from %s/checkpoints/%d", workdir, latest)
     else:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+            state = jax.jit(spec.init, out_shardings=state_shardings)(init_key)
         start_step = 0
     frozen = jax.device_put(stage.frozen, sharding.replicated(mesh)) if stage.frozen is not None else None
 
@@ -216,7 +279,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                     last_metrics = host
                 eval_metrics = None
                 if predict_fn and config.data.val and (step % config.eval_every == 0 or step == total_steps):
-                    eval_metrics = evaluate(predict_fn, state, config, grid, mesh, config.finetune.task)
+                    scores, targets, _ = evaluate.predict_split(predict_fn, state, config.data.val, "val", grid, mesh,
+                                                                config.data.batch_size, config.finetune.task)
+                    eval_metrics = finetune.compute_metrics(config.finetune.task, scores, targets)
                     writer.write(step, {f"val/{k}": v for k, v in eval_metrics.items()})
                     log.info("step %d validation: %s", step, _fmt(eval_metrics))
                     last_metrics = {**last_metrics, **{f"val/{k}": v for k, v in eval_metrics.items()}}
@@ -244,21 +309,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     if is_main:
         metrics_lib.plot_curves(workdir)
     return {"step": step, **last_metrics}
-
-
-def evaluate(predict_fn, state, config, grid, mesh, task: str) -> dict[str, float]:
-    """One pass over the validation split; metrics of LABRAM.md section 7."""
-    scores, targets = [], []
-    for local in input_pipeline.eval_batches(config.data.val, grid, config.data.batch_size, "val",
-                                             jax.process_index(), jax.process_count()):
-        local.pop("position")
-        batch = sharding.to_global(local, mesh)
-        out = to_host(predict_fn(state.params, state.extra, batch))
-        valid = to_host(batch["valid"])
-        target = to_host(batch["value"] if task == "regression" else batch["label"])
-        scores.append(out[valid])
-        targets.append(target[valid])
-    return finetune.compute_metrics(task, np.concatenate(scores), np.concatenate(targets))
 
 
 def export(stage: stage_lib.Stage, state, path: str, is_main: bool) -> None:

@@ -88,3 +88,29 @@ def test_regression(eeg_dir, tmp_path):
                                                "finetune.task": "regression", "finetune.best_metric": "pearson_r"})
     result = train.run(cfg, str(tmp_path / "run"))
     assert np.isfinite(result["loss"]) and {"val/mae", "val/rmse", "val/pearson_r"} <= set(result)
+
+
+def test_evaluate_is_repeatable_and_matches_training_validation(eegmat_shards, tmp_path):
+    from labram_jax import evaluate
+
+    cfg = tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 4, "data.val": str(eegmat_shards),
+                                                     "eval_every": 4, "finetune.best_metric": "auroc"})
+    train.run(cfg, str(tmp_path))
+    logged = {k[4:]: v for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) if r["step"] == 4
+              for k, v in r.items() if k.startswith("val/")}
+    reports = []
+    for i in range(2):
+        out = tmp_path / f"eval{i}.json"
+        assert evaluate.main(["--workdir", str(tmp_path), "--data", str(eegmat_shards), "--checkpoint", "latest",
+                              "--out", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0] == {**reports[1], "data": reports[0]["data"]}
+    for key, value in logged.items():
+        assert reports[0][key] == pytest.approx(value, abs=1e-12), key
+    assert reports[0]["samples"] == 120 and np.sum(reports[0]["confusion_matrix"]) == 120
+    assert (tmp_path / "eval1_confusion.png").exists()
+    out = tmp_path / "per_recording.json"
+    assert evaluate.main(["--workdir", str(tmp_path), "--data", str(eegmat_shards), "--checkpoint", "best",
+                          "--per-recording", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["samples"] == 4  # two validation subjects x two recordings
+    assert evaluate.main(["--workdir", str(tmp_path / "nope"), "--data", str(eegmat_shards)]) == 2

@@ -1,0 +1,170 @@
+"""Finite evaluation of a fine-tuned model over records; also the validation of training.
+
+    python -m labram_jax.evaluate --workdir=DIR --data=data/eegmat/manifest.json \\
+        [--split val] [--checkpoint best|latest|STEP] [--per-recording] [--out metrics.json]
+
+Prints and writes JSON metrics (binary: balanced accuracy, AUROC, AUC-PR, accuracy at
+0.5; multi-class: balanced accuracy, Cohen's kappa, weighted F1, accuracy; regression:
+MAE, RMSE, Pearson r), the confusion matrix (classification) and a PNG of it.
+``--per-recording`` averages window probabilities per recording first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from sklearn import metrics as skm
+
+from labram_jax import input_pipeline, records, sharding
+from labram_jax.tasks import finetune
+
+log = logging.getLogger("labram_jax")
+
+
+def predict_split(predict_fn, state, spec: str, split: str, grid, mesh, batch_size: int, task: str):
+    """Scores, targets and global positions of every real sample of a split, in order."""
+    from labram_jax import train  # the gather helper; imported here to avoid a cycle
+
+    scores, targets, positions = [], [], []
+    for local in input_pipeline.eval_batches(spec, grid, batch_size, split, jax.process_index(),
+                                             jax.process_count()):
+        position = train.to_host(sharding.to_global({"p": local.pop("position")}, mesh))["p"]
+        batch = sharding.to_global(local, mesh)
+        out = train.to_host(predict_fn(state.params, state.extra, batch))
+        valid = train.to_host(batch["valid"])
+        target = train.to_host(batch["value"] if task == "regression" else batch["label"])
+        scores.append(out[valid])
+        targets.append(target[valid])
+        positions.append(position[valid])
+    return np.concatenate(scores), np.concatenate(targets), np.concatenate(positions)
+
+
+def recording_of_positions(spec: str, split: str, positions: np.ndarray) -> list[str]:
+    """Recording id of each evaluation position (re-reads the records' provenance)."""
+    reader = input_pipeline._Reader(input_pipeline.resolve(spec, split))
+    offsets = np.cumsum([0] + reader.sizes())
+    concat = input_pipeline._Concatenation(offsets)
+    out = []
+    for p in positions:
+        d, i = concat(int(p))
+        rec = reader.read(d, i)
+        out.append(f"{reader.sources[d].name}/{rec.recording}")
+    return out
+
+
+def per_recording(task: str, scores: np.ndarray, targets: np.ndarray, recordings: list[str]):
+    """Mean window score (probability or value) per recording; its target must be unique."""
+    names = sorted(set(recordings))
+    index = {n: i for i, n in enumerate(names)}
+    idx = np.asarray([index[r] for r in recordings])
+    agg_scores = np.stack([scores[idx == i].mean(axis=0) for i in range(len(names))])
+    agg_targets = []
+    for i, name in enumerate(names):
+        values = np.unique(targets[idx == i])
+        if len(values) != 1 and task != "regression":
+            raise ValueError(f"recording {name} mixes labels {values.tolist()}: per-recording aggregation needs "
+                             "one label per recording")
+        agg_targets.append(targets[idx == i].mean() if task == "regression" else values[0])
+    return agg_scores, np.asarray(agg_targets)
+
+
+def full_report(task: str, scores: np.ndarray, targets: np.ndarray, label_names: list[str] | None = None) -> dict:
+    report = {"task": task, "samples": int(len(targets)), **finetune.compute_metrics(task, scores, targets)}
+    if task != "regression":
+        pred = (scores >= 0.5).astype(int) if task == "binary" else scores.argmax(axis=1)
+        k = 2 if task == "binary" else scores.shape[1]
+        report["confusion_matrix"] = skm.confusion_matrix(targets, pred, labels=list(range(k))).tolist()
+        report["labels"] = label_names[:k] if label_names else [str(i) for i in range(k)]
+    return report
+
+
+def plot_confusion(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(report["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(3 + 0.5 * len(cm), 3 + 0.5 * len(cm)))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xticks(range(len(cm)), report["labels"], rotation=45)
+    ax.set_yticks(range(len(cm)), report["labels"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _label_names(spec: str) -> list[str] | None:
+    path = spec.split("+")[0].partition("@")[0]
+    if path.endswith(".json") and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f).get("labels", {}).get("names")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labram_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n")[1])
+    parser.add_argument("--workdir", required=True, help="a fine-tuning workdir (config.json + checkpoints)")
+    parser.add_argument("--data", required=True, help="manifest.json (or shard glob) of the records to evaluate")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
+    parser.add_argument("--per-recording", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON output (default: WORKDIR/eval_<split>_<checkpoint>.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from labram_jax import train
+
+    try:
+        config_path = os.path.join(args.workdir, "config.json")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{config_path} not found: --workdir must be a fine-tuning run's directory")
+        with open(config_path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        if config.stage != "finetune":
+            raise ValueError(f"{args.workdir} is a {config.stage} run; evaluation needs a fine-tuning run")
+        config.finetune.init_checkpoint = ""  # the checkpoint holds every weight
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+        restored = train.restore_for_inference(config, args.workdir, args.checkpoint)
+        task = config.finetune.task
+        scores, targets, positions = predict_split(restored.predict_fn, restored.state, args.data, args.split,
+                                                   restored.grid, restored.mesh, config.data.batch_size, task)
+        if args.per_recording:
+            scores, targets = per_recording(task, scores, targets,
+                                            recording_of_positions(args.data, args.split, positions))
+        report = full_report(task, scores, targets, _label_names(args.data))
+        report.update(checkpoint_step=restored.step, split=args.split, data=args.data,
+                      per_recording=args.per_recording)
+    except (FileNotFoundError, ValueError, records.RecordError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(args.workdir, f"eval_{args.split}_{args.checkpoint}.json")
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    if "confusion_matrix" in report:
+        plot_confusion(report, os.path.splitext(out)[0] + "_confusion.png")
+    shown = {k: v for k, v in report.items() if isinstance(v, float)}
+    print(f"{args.workdir} step {restored.step} on {args.split} ({report['samples']} "
+          f"{'recordings' if args.per_recording else 'windows'}):")
+    for key, value in shown.items():
+        print(f"  {key:<18} {value:.4f}")
+    if "confusion_matrix" in report:
+        print(f"  confusion matrix (rows true {report['labels']}): {report['confusion_matrix']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
