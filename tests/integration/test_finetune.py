@@ -114,3 +114,34 @@ def test_evaluate_is_repeatable_and_matches_training_validation(eegmat_shards, t
                           "--per-recording", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["samples"] == 4  # two validation subjects x two recordings
     assert evaluate.main(["--workdir", str(tmp_path / "nope"), "--data", str(eegmat_shards)]) == 2
+
+
+def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_path):
+    import mne
+
+    from labram_jax import api, evaluate
+
+    cfg = tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 2, "data.val": str(eegmat_shards),
+                                                     "eval_every": 2})
+    train.run(cfg, str(tmp_path))
+    model = api.load(str(tmp_path))
+    raw = mne.io.read_raw_edf(eeg_dir / "eegmat" / "Subject16_2.edf", preload=True, verbose="error")
+    probs = model.predict(raw)
+    emb = model.embed(raw)
+    assert probs.shape == (15,) and emb.windows.shape == (15, 100) and emb.patches.shape == (15, 19, 4, 100)
+    assert {"EEG A2-A1", "ECG ECG"} == {n for n, _ in emb.dropped}
+    # The same windows through data_prep's records and the trained state give the same probabilities.
+    restored = train.restore_for_inference(cfg, str(tmp_path), "latest")
+    scores, _, positions = evaluate.predict_split(restored.predict_fn, restored.state, str(eegmat_shards), "val",
+                                                  restored.grid, restored.mesh, 8, "binary")
+    recordings = evaluate.recording_of_positions(str(eegmat_shards), "val", positions)
+    mine = scores[[r.endswith("Subject16_2") for r in recordings]]
+    np.testing.assert_allclose(probs, mine, atol=1e-5)
+    # Arrays (in microvolts here) and Epochs give the same answers.
+    picks = mne.pick_types(raw.info, eeg=True)
+    np.testing.assert_allclose(model.predict(raw.get_data(picks) * 1e6, [raw.ch_names[i] for i in picks],
+                                             raw.info["sfreq"], unit="uV"), probs, atol=1e-5)
+    epochs = mne.make_fixed_length_epochs(raw, duration=4.0, preload=True, verbose="error")
+    assert model.predict(epochs).shape == (len(epochs),)
+    with pytest.raises(ValueError, match="shorter than one"):
+        model.predict(raw.copy().crop(0, 2))

@@ -1,0 +1,165 @@
+"""Embeddings and predictions from Python, for notebooks and scripts.
+
+    from labram_jax import api
+    model = api.load("runs/finetune")              # a workdir, a model.npz, or official weights
+    emb = model.embed(raw)                         # an mne.io.Raw, mne.Epochs, or an array + names + rate
+    emb.windows.shape                              # (n_windows, D)
+    probs = model.predict(raw)                     # (n_windows,) binary, (n_windows, K), or values
+
+Preprocessing is LaBraM's (as data_prep does it): EEG channels mapped onto the
+vocabulary, 0.1-75 Hz band-pass, notch, 200 Hz, units of 100 uV, non-overlapping
+windows of ``window_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import mne
+import numpy as np
+
+from data_prep import preprocess as prep_lib
+from labram_jax import convert
+from labram_jax.tasks import finetune
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    """Per-window and per-patch embeddings of one recording (or of epochs).
+
+    Attributes:
+      windows: [n, D] pooled embedding of each window (the classifier head's input).
+      patches: [n, N, A, D] embedding of each channel x 1-s patch.
+      channels: the N vocabulary names, in order.
+      start_s: [n] start of each window in seconds (epoch index for Epochs).
+      dropped: channels not used, with the reason.
+    """
+
+    windows: np.ndarray
+    patches: np.ndarray
+    channels: tuple[str, ...]
+    start_s: np.ndarray
+    dropped: tuple[tuple[str, str], ...]
+
+
+class Predictor:
+    """A loaded model: ``embed`` always works; ``predict`` needs a fine-tuned head."""
+
+    def __init__(self, kind: str, model, variables: dict, task: str | None = None, window_s: int = 4,
+                 notch: float = 50.0):
+        self.kind, self.model, self.task = kind, model, task
+        self.window_s, self.notch = window_s, notch
+        self.variables = jax.tree_util.tree_map(jnp.asarray, {k: v for k, v in variables.items()
+                                                              if k in ("params", "codebook")})
+        self._embed = jax.jit(self._embed_fn)
+        self._logits = jax.jit(self._logits_fn) if kind == "finetune" else None
+
+    # -- model calls -----------------------------------------------------------------
+    def _embed_fn(self, variables, x, channel_ids):
+        if self.kind == "finetune":
+            out = self.model.apply(variables, x, channel_ids, method=self.model.embed)
+            return out["pooled"], out["tokens"][:, 1:]
+        hidden = self.model.apply(variables, x, channel_ids, jnp.zeros(x.shape[:1] + (x.shape[1] * x.shape[2],), bool))
+        return hidden.mean(axis=1), hidden
+
+    def _logits_fn(self, variables, x, channel_ids):
+        return self.model.apply(variables, x, channel_ids)
+
+    # -- inputs ------------------------------------------------------------------------
+    def _windows(self, signals, ch_names, sfreq, unit, window_s):
+        window_s = int(window_s or self.window_s)
+        params = prep_lib.Params(window_s=window_s, stride_s=float(window_s), notch=self.notch)
+        if isinstance(signals, mne.BaseEpochs):
+            pieces = []
+            for i, epoch in enumerate(signals.get_data()):
+                raw = mne.io.RawArray(epoch, signals.info, verbose="error")
+                win = max(1, min(16, int(raw.n_times / raw.info["sfreq"])))
+                prepared = prep_lib.preprocess(raw, prep_lib.Params(window_s=win, stride_s=float(win), notch=self.notch))
+                pieces.append((prepared, prepared.data[:, :win * 200].reshape(len(prepared.names), win, 200)[None],
+                               np.array([float(i)])))
+            lengths = {p[1].shape[2] for p in pieces}
+            if len(lengths) != 1:
+                raise ValueError("epochs of different lengths: crop them to one length first")
+            prepared = pieces[0][0]
+            return prepared, np.concatenate([p[1] for p in pieces]), np.concatenate([p[2] for p in pieces])
+        if not isinstance(signals, mne.io.BaseRaw):
+            data = np.asarray(signals, np.float64)
+            if data.ndim != 2 or ch_names is None or sfreq is None:
+                raise ValueError("pass an mne.io.Raw, mne.Epochs, or an array [channels, samples] with ch_names "
+                                 "and sfreq")
+            scale = {"V": 1.0, "mV": 1e-3, "uV": 1e-6}.get(unit)
+            if scale is None:
+                raise ValueError(f"unit must be 'V', 'mV' or 'uV', got {unit!r}")
+            info = mne.create_info(list(ch_names), float(sfreq), "eeg")
+            signals = mne.io.RawArray(data * scale, info, verbose="error")
+        prepared = prep_lib.preprocess(signals, params)
+        starts = prep_lib.window_starts(prepared.data.shape[1], params)
+        if starts.size == 0:
+            raise ValueError(f"the recording is shorter than one {window_s}-s window")
+        length = window_s * 200
+        x = np.stack([prepared.data[:, s:s + length].reshape(len(prepared.names), window_s, 200) for s in starts])
+        return prepared, x, starts / 200.0
+
+    def _run(self, fn, x, rows, batch_size):
+        outs = [jax.device_get(fn(self.variables, jnp.asarray(x[i:i + batch_size]), jnp.asarray(rows)))
+                for i in range(0, len(x), batch_size)]
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
+
+    # -- public ------------------------------------------------------------------------
+    def embed(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
+              unit: str = "V", window_s: int | None = None, batch_size: int = 32) -> Embeddings:
+        """Embeddings of every window. Arrays are ``[channels, samples]`` in ``unit`` (MNE's volts by default)."""
+        prepared, x, starts = self._windows(signals, ch_names, sfreq, unit, window_s)
+        pooled, tokens = self._run(self._embed, x, prepared.rows, batch_size)
+        n, c, a = x.shape[:3]
+        return Embeddings(pooled, tokens.reshape(n, c, a, -1), tuple(prepared.names), np.asarray(starts),
+                          tuple(prepared.dropped))
+
+    def predict(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
+                unit: str = "V", window_s: int | None = None, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities (binary: P(label 1) [n]; multi-class: [n, K]) or values [n]."""
+        if self._logits is None:
+            raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
+        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s)
+        logits = self._run(self._logits, x, prepared.rows, batch_size)
+        return np.asarray(finetune.scores(self.task, jnp.asarray(logits)))
+
+
+def load(path: str, *, window_s: int | None = None, notch: float | None = None, task: str | None = None) -> Predictor:
+    """Loads a fine-tuning workdir, a ``model.npz`` of any stage, or official PyTorch weights.
+
+    For a workdir, the window length, notch and task come from its ``config.json``.
+    Official ``.pth``/``.npz`` files are tried as a fine-tuned model, then as ``labram-base.pth``
+    (embeddings only).
+    """
+    config = None
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        path = os.path.join(path, "model.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: the run has not finished (model.npz is written at the end)")
+    try:
+        kind, model, variables = convert.load_variables(path)
+    except convert.ConversionError:
+        try:
+            model, variables = convert.load_official(path, "finetune")
+            kind = "finetune"
+        except convert.ConversionError:
+            model, variables = convert.load_official(path, "pretrain")
+            kind = "pretrain"
+    if kind == "tokenizer":
+        raise ValueError(f"{path} is a tokenizer; load a pretrained or fine-tuned model")
+    if config is not None:
+        window_s = window_s or config["data"]["max_windows"]
+        task = task or config.get("finetune", {}).get("task")
+    if kind == "finetune" and task is None:
+        task = "binary" if model.num_outputs == 1 else "multiclass"
+    return Predictor(kind, model, variables, task, window_s or 4, 50.0 if notch is None else notch)
