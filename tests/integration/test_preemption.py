@@ -1,0 +1,50 @@
+"""SIGTERM during training: a final checkpoint, a clean exit, and an exact resume."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from labram_jax import metrics, train
+from tests.integration.test_train import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+STEPS = 300
+
+
+def _losses(workdir):
+    rows = metrics.read_jsonl(str(pathlib.Path(workdir) / "metrics.jsonl"))
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_sigterm_saves_and_resume_equals_uninterrupted(eegmat_shards, tmp_path):
+    overrides = {"optim.total_steps": STEPS, "log_every": 1, "checkpoint_every": 100000, "model.drop_path": 0.0}
+    straight = tmp_path / "straight"
+    train.run(tiny_config("finetune", eegmat_shards, **overrides), str(straight))
+
+    workdir = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "labram_jax.main", "--config=configs/tiny.py:finetune", f"--workdir={workdir}",
+           f"--config.data.train={eegmat_shards}", f"--config.optim.total_steps={STEPS}", "--config.log_every=1",
+           "--config.checkpoint_every=100000", "--config.model.drop_path=0.0"]
+    log_path = tmp_path / "preempted.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline and "step 10/" not in log_path.read_text():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    text = log_path.read_text()
+    assert "SIGTERM: saving a checkpoint at step" in text
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    # Orbax also keeps its first-step checkpoint; the newest one is the SIGTERM save.
+    assert 10 <= max(saved) < STEPS and f"saving a checkpoint at step {max(saved)}" in text
+    assert not (workdir / "model.npz").exists()
+
+    subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert _losses(workdir) == _losses(straight)  # bitwise, across the interruption
+    assert (workdir / "model.npz").exists()
