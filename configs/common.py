@@ -67,7 +67,10 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = -1  # -1: warmup_epochs x steps per epoch
 
     if stage == "tokenizer":
-        c.tokenizer = ml_collections.ConfigDict(dict(ema_decay=0.99, kmeans_iters=10, code_dim=64))
+        c.tokenizer = ml_collections.ConfigDict(dict(
+            ema_decay=0.99, kmeans_iters=10, code_dim=64,
+            commitment_weight=1.0,
+            dead_code_threshold=0.0))  # > 0: restart codes whose usage EMA falls below it (not in the reference)
     if stage == "pretrain":
         c.pretrain = ml_collections.ConfigDict(dict(mask_ratio=0.5, tokenizer_checkpoint=""))
     if stage == "finetune":

@@ -74,16 +74,3 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of ``tree`` placed with ``shardings`` (for restore)."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-
-def restore_params(directory: str, abstract_state: Any, step: int | None = None) -> Any:
-    """The train state of another run's checkpoint (latest, or ``step``), e.g. a tokenizer
-    for pretraining or a pretrained encoder for fine-tuning."""
-    ckpt = Checkpointer(directory, every=1)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}: train that stage first, or fix the path")
-        state, _ = ckpt.restore(step, abstract_state)
-        return state
-    finally:
-        ckpt.close()

@@ -117,7 +117,8 @@ def _key(p) -> str:
     return str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))))
 
 
-def log_parameter_table(rows, logger=logging.getLogger(__name__)) -> None:
+def log_parameter_table(rows, logger: logging.Logger | None = None) -> None:
+    logger = logger or logging.getLogger(__name__)
     total = sum(int(np.prod(r[1])) for r in rows)
     logger.info("%d parameters in %d arrays", total, len(rows))
     width = max(len(r[0]) for r in rows)

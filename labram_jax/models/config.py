@@ -82,6 +82,7 @@ class TokenizerConfig:
     ema_decay: float = 0.99
     commitment_weight: float = 1.0
     kmeans_iters: int = 10
+    dead_code_threshold: float = 0.0  # not in the reference: restart codes used less than this (EMA count)
 
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)

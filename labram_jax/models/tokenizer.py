@@ -101,6 +101,24 @@ def ema_update(codebook: jax.Array, cluster_size: jax.Array, counts: jax.Array, 
     return l2norm(codebook * decay + mean * (1.0 - decay)), new_size
 
 
+def restart_dead_codes(key: jax.Array, codebook: jax.Array, cluster_size: jax.Array, z: jax.Array,
+                       valid: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
+    """Moves codes whose usage EMA fell below ``threshold`` onto random encoder outputs.
+
+    Not in the reference (whose codebooks collapse on small data); off unless asked.
+    Args: codebook [K, d]; cluster_size [K] EMA of per-batch counts; z [M, d] unit vectors;
+    valid [M] bool. Returns (codebook, cluster_size); a restarted code gets usage ``threshold``
+    so that it is not restarted again at once.
+    """
+    k, m = codebook.shape[0], z.shape[0]
+    dead = cluster_size < threshold
+    priority = jnp.where(valid, jax.random.uniform(key, (m,)), -1.0)
+    order = jnp.argsort(-priority)  # valid rows first, in random order
+    picks = order[jnp.arange(k) % jnp.maximum(valid.sum(), 1)]
+    return (jnp.where(dead[:, None], z[picks], codebook),
+            jnp.where(dead, jnp.asarray(threshold, cluster_size.dtype), cluster_size))
+
+
 def _nearest_by_cosine(samples: jax.Array, means: jax.Array, chunk: int) -> jax.Array:
     """argmax_k samples . means_k, in chunks of rows to bound memory -> [M] int32."""
     m = samples.shape[0]
@@ -165,6 +183,7 @@ class Quantizer(nn.Module):
     codebook_size: int
     code_dim: int
     decay: float = 0.99
+    dead_code_threshold: float = 0.0  # > 0: restart codes whose usage EMA is below this (needs a 'codebook' rng)
 
     def setup(self):
         self.embedding = self.variable(CODEBOOK, "embedding", layers.logical(_random_unit_codebook, ("vocab", "code")),
@@ -190,8 +209,12 @@ class Quantizer(nn.Module):
         z_q = jnp.take(codebook, codes, axis=0).reshape(b, p, d)
         if update and not self.is_initializing():
             counts, sums = code_statistics(jax.lax.stop_gradient(flat), codes, valid.reshape(-1), self.codebook_size)
-            self.embedding.value, self.cluster_size.value = ema_update(
-                codebook, self.cluster_size.value, counts, sums, self.decay)
+            new_codebook, new_size = ema_update(codebook, self.cluster_size.value, counts, sums, self.decay)
+            if self.dead_code_threshold > 0:
+                new_codebook, new_size = restart_dead_codes(
+                    self.make_rng("codebook"), new_codebook, new_size, jax.lax.stop_gradient(flat),
+                    valid.reshape(-1), self.dead_code_threshold)
+            self.embedding.value, self.cluster_size.value = new_codebook, new_size
         commitment = masked_mse(jax.lax.stop_gradient(z_q), z, valid)
         z_q = z + jax.lax.stop_gradient(z_q - z)
         return z_q, codes.reshape(b, p), commitment
@@ -207,7 +230,7 @@ class VQNSP(nn.Module):
         self.encoder = layers.NeuralTransformer(cfg.encoder)
         self.encoder_norm = layers.layer_norm(name="encoder_norm")
         self.encode_task_layer = TaskHead(cfg.encoder.embed_dim, cfg.code_dim, "code")
-        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay)
+        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_code_threshold)
         self.decoder = layers.NeuralTransformer(cfg.decoder)
         self.decoder_norm = layers.layer_norm(name="decoder_norm")
         self.amplitude_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")

@@ -16,7 +16,8 @@ def model_from_config(config: ml_collections.ConfigDict, dtype) -> tokenizer_lib
     cfg = cfg.replace(encoder=cfg.encoder.replace(dtype=dtype), decoder=cfg.decoder.replace(
         dtype=dtype, in_dim=config.tokenizer.code_dim), code_dim=config.tokenizer.code_dim,
         codebook_size=config.model.vocab_size, ema_decay=config.tokenizer.ema_decay,
-        kmeans_iters=config.tokenizer.kmeans_iters)
+        kmeans_iters=config.tokenizer.kmeans_iters, commitment_weight=config.tokenizer.commitment_weight,
+        dead_code_threshold=config.tokenizer.dead_code_threshold)
     return tokenizer_lib.VQNSP(cfg)
 
 
@@ -38,8 +39,10 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
     def loss_fn(params, extra, batch, key, frozen):
         del frozen
         mask = stage_lib.effective_patch_mask(batch)
+        drop_key, code_key = jax.random.split(key)
         out, updates = model.apply({"params": params, **extra}, batch["x"], batch["channel_ids"], mask,
-                                   train=True, update_codebook=True, mutable=["codebook"], rngs={"dropout": key})
+                                   train=True, update_codebook=True, mutable=["codebook"],
+                                   rngs={"dropout": drop_key, "codebook": code_key})
         metrics = {k: out[k] for k in ("loss", "amplitude_loss", "phase_loss", "commitment_loss")}
         metrics.update(code_usage(out["codes"], mask.reshape(mask.shape[0], -1), num_codes))
         return out["loss"], (metrics, {**extra, "codebook": updates["codebook"]})
@@ -52,9 +55,11 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         mask = stage_lib.effective_patch_mask(batch)
         z, valid = model.apply({"params": state.params, **state.extra}, batch["x"], batch["channel_ids"], mask,
                                method=model.kmeans_samples)
-        means, _ = tokenizer_lib.kmeans(key, z, valid, num_codes, model.cfg.kmeans_iters)
+        means, counts = tokenizer_lib.kmeans(key, z, valid, num_codes, model.cfg.kmeans_iters)
         codebook = dict(state.extra["codebook"]["quantizer"])
         codebook["embedding"] = means.astype(codebook["embedding"].dtype)
+        if model.cfg.dead_code_threshold > 0:  # start the usage EMA from the k-means counts
+            codebook["cluster_size"] = counts.astype(codebook["cluster_size"].dtype)
         codebook["initted"] = jnp.ones_like(codebook["initted"])
         return state.replace(extra={**state.extra, "codebook": {"quantizer": codebook}})
 

@@ -8,7 +8,7 @@ import pytest
 
 from data_prep import __main__ as data_prep_cli
 from labram_jax import convert, metrics, train
-from tests.integration.test_train import stage_overrides, tiny_config
+from tests.integration.test_train import tiny_config
 
 
 @pytest.fixture(scope="module")

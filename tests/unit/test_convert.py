@@ -1,6 +1,5 @@
 """Official state dicts <-> Flax variables: exact round trips and clear errors."""
 
-import pathlib
 
 import flax.linen as nn
 import jax

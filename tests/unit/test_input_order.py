@@ -2,7 +2,6 @@
 
 import collections
 
-import numpy as np
 
 from labram_jax import input_pipeline as ip
 

@@ -99,3 +99,18 @@ def test_kmeans_with_fewer_samples_than_clusters():
     # Every mean is (the normalised mean of) real samples, never padding or NaN.
     assert np.all(np.isfinite(means))
     assert np.all((np.asarray(means) @ np.asarray(samples).T).max(axis=1) > 0.5)
+
+
+def test_restart_dead_codes_moves_only_dead_codes_onto_valid_samples():
+    rng = np.random.default_rng(5)
+    codebook, z = _unit(rng, (8, 4)), _unit(rng, (20, 4))
+    valid = np.arange(20) < 12
+    size = np.array([5.0, 0.1, 3.0, 0.0, 2.0, 0.5, 9.0, 1.5], np.float32)
+    new, new_size = tk.restart_dead_codes(jax.random.key(0), jnp.asarray(codebook), jnp.asarray(size),
+                                          jnp.asarray(z), jnp.asarray(valid), 1.0)
+    dead = size < 1.0
+    np.testing.assert_array_equal(np.asarray(new)[~dead], codebook[~dead])
+    for row in np.asarray(new)[dead]:  # each restarted code is one of the valid samples
+        assert np.min(np.abs(z[valid] - row).sum(axis=1)) < 1e-6
+    assert len({tuple(r) for r in np.asarray(new)[dead]}) == dead.sum()  # distinct picks
+    np.testing.assert_array_equal(np.asarray(new_size)[dead], 1.0)
