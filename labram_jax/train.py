@@ -231,7 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
         return new_state, step_metrics
 
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items() if k != "position"}
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
     abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype,
                                               sharding=batch_shardings[k]) for k, v in dummy.items()}
     frozen_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), stage.frozen)
@@ -257,6 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     preemption = _Preemption()
     last_metrics: dict = {}
     step = start_step
+    needs_prepare = prepare_fn is not None and stage.needs_prepare(state)  # checked once: a host sync
     config_json = json.loads(config.to_json_best_effort())
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -264,9 +265,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                 local = next(batches)
                 local.pop("position")
                 batch = sharding.to_global(local, mesh)
-                if prepare_fn is not None and stage.needs_prepare(state):
+                if needs_prepare:
                     log.info("initialising the codebook with k-means on the first global batch")
                     state = prepare_fn(state, batch, prepare_key)
+                    needs_prepare = False
                 state, step_metrics = compiled_step(state, batch, frozen)
                 step += 1
                 if step % config.log_every == 0 or step == total_steps:
@@ -277,7 +279,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                     host.update(progress.report(step, host))
                     writer.write(step, {f"train/{k}": v for k, v in host.items()})
                     last_metrics = host
-                eval_metrics = None
                 if predict_fn and config.data.val and (step % config.eval_every == 0 or step == total_steps):
                     scores, targets, _ = evaluate.predict_split(predict_fn, state, config.data.val, "val", grid, mesh,
                                                                 config.data.batch_size, config.finetune.task)
