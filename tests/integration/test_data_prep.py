@@ -128,7 +128,7 @@ def test_every_format(eeg_dir, tmp_path):
     code = run([eeg_dir / "formats", "--out", tmp_path, "--window", 1])
     assert code == 1  # the damaged CNT
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    by_rel = {os.path.relpath(e["path"], eeg_dir / "formats"): e for e in manifest["files"]}
+    by_rel = {os.path.relpath(e["path"], (eeg_dir / "formats").resolve()): e for e in manifest["files"]}
     assert set(by_rel) == set(FORMATS)
     for rel, (status, windows, kept) in FORMATS.items():
         entry = by_rel[rel]
