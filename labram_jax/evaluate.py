@@ -5,7 +5,8 @@
 
 Prints and writes JSON metrics (binary: balanced accuracy, AUROC, AUC-PR, accuracy at
 0.5; multi-class: balanced accuracy, Cohen's kappa, weighted F1, accuracy; regression:
-MAE, RMSE, Pearson r), the confusion matrix (classification) and a PNG of it.
+MAE, RMSE, Pearson r), the confusion matrix (classification) and PNGs of it and of
+the ROC curve (binary).
 ``--per-recording`` averages window probabilities per recording first.
 """
 
@@ -105,6 +106,25 @@ def plot_confusion(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_roc(scores: np.ndarray, targets: np.ndarray, path: str) -> None:
+    """ROC curve of a binary task, with its AUROC in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = skm.roc_curve(targets, scores)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr)
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"ROC (AUROC {skm.roc_auc_score(targets, scores):.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _label_names(spec: str) -> list[str] | None:
     path = spec.split("+")[0].partition("@")[0]
     if path.endswith(".json") and os.path.exists(path):
@@ -155,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, f, indent=1)
     if "confusion_matrix" in report:
         plot_confusion(report, os.path.splitext(out)[0] + "_confusion.png")
+    if task == "binary" and len(np.unique(targets)) == 2:
+        plot_roc(scores, targets, os.path.splitext(out)[0] + "_roc.png")
     shown = {k: v for k, v in report.items() if isinstance(v, float)}
     print(f"{args.workdir} step {restored.step} on {args.split} ({report['samples']} "
           f"{'recordings' if args.per_recording else 'windows'}):")

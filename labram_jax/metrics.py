@@ -109,3 +109,24 @@ def plot_curves(workdir: str) -> str | None:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def plot_codebook_usage(cluster_size, path: str) -> str:
+    """Histogram of the tokenizer's code usage (EMA counts per code, sorted), to spot collapse."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usage = np.sort(np.asarray(cluster_size, np.float64))[::-1]
+    used = int((usage > 1e-3 * max(usage.max(), 1e-12)).sum())
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(np.arange(len(usage)), usage, width=1.0)
+    ax.set_yscale("symlog")
+    ax.set_xlabel("code (sorted by usage)")
+    ax.set_ylabel("EMA count per batch")
+    ax.set_title(f"codebook usage: {used} of {len(usage)} codes in use")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -301,6 +301,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         ckpt.wait()
         if step == total_steps:
             export(stage, state, os.path.join(workdir, "model.npz"), is_main)
+            if stage.name == "tokenizer" and is_main:
+                usage = to_host(state.extra["codebook"]["quantizer"]["cluster_size"])
+                metrics_lib.plot_codebook_usage(usage, os.path.join(workdir, "codebook_usage.png"))
     finally:
         preemption.restore()
         ckpt.close()

@@ -108,7 +108,7 @@ def test_evaluate_is_repeatable_and_matches_training_validation(eegmat_shards, t
     for key, value in logged.items():
         assert reports[0][key] == pytest.approx(value, abs=1e-12), key
     assert reports[0]["samples"] == 120 and np.sum(reports[0]["confusion_matrix"]) == 120
-    assert (tmp_path / "eval1_confusion.png").exists()
+    assert (tmp_path / "eval1_confusion.png").exists() and (tmp_path / "eval1_roc.png").exists()
     out = tmp_path / "per_recording.json"
     assert evaluate.main(["--workdir", str(tmp_path), "--data", str(eegmat_shards), "--checkpoint", "best",
                           "--per-recording", "--out", str(out)]) == 0

@@ -126,3 +126,5 @@ def test_loss_goes_down_on_real_eeg(stage, steps, eegmat_shards, tokenizer_dir, 
     print(f"{stage}: loss {start:.4f} -> {end:.4f} over {steps} steps")
     assert end < 0.9 * start
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    if stage == "tokenizer":
+        assert (tmp_path / "codebook_usage.png").stat().st_size > 1000
