@@ -54,15 +54,23 @@ class LabelSpec:
         return []
 
 
-def _read_csv(path: str) -> list[list[str]]:
+_HEADER_WORDS = ("file", "path", "subject", "recording")
+
+
+def _csv_rows(path: str, widths: tuple[int, ...], expected: str) -> list[list[str]]:
+    """Rows of a small CSV (comments with #, an optional header row), each of an allowed width."""
     with open(path, newline="") as f:
         rows = [[c.strip() for c in row] for row in csv.reader(f) if row and not row[0].startswith("#")]
-    if rows and rows[0][0].lower() in ("file", "path", "recording"):
+    if rows and rows[0][0].lower() in _HEADER_WORDS:
         rows = rows[1:]
     for row in rows:
-        if len(row) not in (2, 4):
-            raise ValueError(f"{path}: label rows are 'file,label' or 'file,start,stop,label', got {row}")
+        if len(row) not in widths:
+            raise ValueError(f"{path}: rows must be {expected}, got {row}")
     return rows
+
+
+def _read_csv(path: str) -> list[list[str]]:
+    return _csv_rows(path, (2, 4), "'file,label' or 'file,start,stop,label'")
 
 
 def _csv_matches(row_file: str, path: pathlib.Path) -> bool:
@@ -141,14 +149,7 @@ def subject_of(path: pathlib.Path, pattern: str | None, table: dict[str, str] | 
 
 def read_table(path: str) -> dict[str, str]:
     """A two-column CSV (key,value) as a dict; a header row is skipped if present."""
-    with open(path, newline="") as f:
-        rows = [[c.strip() for c in row] for row in csv.reader(f) if row and not row[0].startswith("#")]
-    if rows and rows[0][0].lower() in ("file", "path", "subject", "recording"):
-        rows = rows[1:]
-    bad = [r for r in rows if len(r) != 2]
-    if bad:
-        raise ValueError(f"{path}: expected two columns per row, got {bad[0]}")
-    return dict(rows)
+    return dict(_csv_rows(path, (2,), "two columns 'key,value'"))
 
 
 def assign_splits(subjects: list[str], *, val_subjects: list[str] | None = None, split_table: dict[str, str] | None = None,
@@ -162,7 +163,8 @@ def assign_splits(subjects: list[str], *, val_subjects: list[str] | None = None,
     if split_table:
         missing = [s for s in unique if s not in split_table]
         if missing:
-            raise ValueError(f"split file has no row for subjects {missing[:5]}")
+            raise ValueError(f"the split file has no row for subjects {missing[:5]}: add 'subject,split' rows "
+                             "for every subject (or use --val-subjects / --val-fraction)")
         return {s: split_table[s] for s in unique}
     if val_subjects:
         return {s: "val" if s in set(val_subjects) else "train" for s in unique}

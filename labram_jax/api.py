@@ -113,7 +113,11 @@ class Predictor:
     # -- public ------------------------------------------------------------------------
     def embed(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
               unit: str = "V", window_s: int | None = None, batch_size: int = 32) -> Embeddings:
-        """Embeddings of every window. Arrays are ``[channels, samples]`` in ``unit`` (MNE's volts by default)."""
+        """Embeddings of every window. Arrays are ``[channels, samples]`` in ``unit`` (MNE's volts by default).
+
+        Epochs are filtered one at a time, so the 0.1 Hz high-pass sees only each epoch: pass
+        the continuous Raw when you have it.
+        """
         prepared, x, starts = self._windows(signals, ch_names, sfreq, unit, window_s)
         pooled, tokens = self._run(self._embed, x, prepared.rows, batch_size)
         n, c, a = x.shape[:3]

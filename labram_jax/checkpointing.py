@@ -59,8 +59,6 @@ class Checkpointer:
                                           data=ocp.args.JsonRestore()))
         return restored.state, restored.data
 
-    def read_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

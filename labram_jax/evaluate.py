@@ -31,33 +31,18 @@ log = logging.getLogger("labram_jax")
 
 def predict_split(predict_fn, state, spec: str, split: str, grid, mesh, batch_size: int, task: str):
     """Scores, targets and global positions of every real sample of a split, in order."""
-    from labram_jax import train  # the gather helper; imported here to avoid a cycle
-
     scores, targets, positions = [], [], []
     for local in input_pipeline.eval_batches(spec, grid, batch_size, split, jax.process_index(),
                                              jax.process_count()):
-        position = train.to_host(sharding.to_global({"p": local.pop("position")}, mesh))["p"]
+        position = sharding.to_host(sharding.to_global({"p": local.pop("position")}, mesh))["p"]
         batch = sharding.to_global(local, mesh)
-        out = train.to_host(predict_fn(state.params, state.extra, batch))
-        valid = train.to_host(batch["valid"])
-        target = train.to_host(batch["value"] if task == "regression" else batch["label"])
+        out = sharding.to_host(predict_fn(state.params, state.extra, batch))
+        valid = sharding.to_host(batch["valid"])
+        target = sharding.to_host(batch["value"] if task == "regression" else batch["label"])
         scores.append(out[valid])
         targets.append(target[valid])
         positions.append(position[valid])
     return np.concatenate(scores), np.concatenate(targets), np.concatenate(positions)
-
-
-def recording_of_positions(spec: str, split: str, positions: np.ndarray) -> list[str]:
-    """Recording id of each evaluation position (re-reads the records' provenance)."""
-    reader = input_pipeline._Reader(input_pipeline.resolve(spec, split))
-    offsets = np.cumsum([0] + reader.sizes())
-    concat = input_pipeline._Concatenation(offsets)
-    out = []
-    for p in positions:
-        d, i = concat(int(p))
-        rec = reader.read(d, i)
-        out.append(f"{reader.sources[d].name}/{rec.recording}")
-    return out
 
 
 def per_recording(task: str, scores: np.ndarray, targets: np.ndarray, recordings: list[str]):
@@ -145,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON output (default: WORKDIR/eval_<split>_<checkpoint>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from labram_jax import train
+    from labram_jax import train  # train imports this module for validation: import it late
 
     try:
         config_path = os.path.join(args.workdir, "config.json")
@@ -163,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    restored.grid, restored.mesh, config.data.batch_size, task)
         if args.per_recording:
             scores, targets = per_recording(task, scores, targets,
-                                            recording_of_positions(args.data, args.split, positions))
+                                            input_pipeline.recordings_at(args.data, args.split, positions))
         report = full_report(task, scores, targets, _label_names(args.data))
         report.update(checkpoint_step=restored.step, split=args.split, data=args.data,
                       per_recording=args.per_recording)

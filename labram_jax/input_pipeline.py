@@ -78,7 +78,8 @@ class GlobalOrder:
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int, shuffle: bool = True):
         if any(n <= 0 for n in sizes):
-            raise ValueError(f"empty dataset in the mixture (sizes {list(sizes)})")
+            raise ValueError(f"a dataset of the data spec has no records (sizes {list(sizes)}): re-run data_prep "
+                             "for it or remove it from config.data.train")
         w = np.asarray(weights, np.float64) / np.sum(weights)
         counts = np.floor(w * _BLOCK).astype(np.int64)
         counts[np.argsort(-(w * _BLOCK - counts))[: _BLOCK - counts.sum()]] += 1  # largest remainder
@@ -219,7 +220,8 @@ def train_iterator(spec: str, grid: Grid, global_batch: int, seed: int, start_st
                    process_index: int = 0, process_count: int = 1, num_workers: int = 0) -> Iterator[dict]:
     """This process's slices of the global training batches, from ``start_step`` on (infinite)."""
     if global_batch % process_count:
-        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        raise ValueError(f"config.data.batch_size {global_batch} is not divisible by the {process_count} "
+                         "processes: make it a multiple of the process count")
     local = global_batch // process_count
     sources = resolve(spec, "train")
     reader = _Reader(sources)
@@ -232,6 +234,17 @@ def train_iterator(spec: str, grid: Grid, global_batch: int, seed: int, start_st
 
 def count_records(spec: str, split: str = "train") -> int:
     return sum(_Reader(resolve(spec, split)).sizes())
+
+
+def recordings_at(spec: str, split: str, positions: Sequence[int]) -> list[str]:
+    """``dataset/recording`` of each evaluation position of :func:`eval_batches` (re-reads provenance)."""
+    reader = _Reader(resolve(spec, split))
+    order = _Concatenation(np.cumsum([0] + reader.sizes()))
+    out = []
+    for position in positions:
+        d, i = order(int(position))
+        out.append(f"{reader.sources[d].name}/{reader.read(d, i).recording}")
+    return out
 
 
 def eval_batches(spec: str, grid: Grid, global_batch: int, split: str = "val", process_index: int = 0,

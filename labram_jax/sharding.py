@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -99,6 +100,11 @@ def replicated(mesh) -> NamedSharding:
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Assembles global arrays from each process's slice of the batch."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+
+
+def to_host(tree):
+    """Global arrays -> NumPy on every process (gathers shards across processes)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 def parameter_table(abstract_boxed, shardings) -> list[tuple[str, tuple, tuple, P]]:

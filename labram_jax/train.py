@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from labram_jax import checkpointing, convert, evaluate, input_pipeline, metrics as metrics_lib, optim, sharding
 from labram_jax.tasks import finetune, pretrain, stage as stage_lib, tokenizer
@@ -33,7 +32,10 @@ STAGES = {"tokenizer": tokenizer.build, "pretrain": pretrain.build, "finetune": 
 def compute_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"config.model.dtype={name!r}: use auto, float32 or bfloat16")
+    return dtypes[name]
 
 
 def schedule_lengths(config, num_train: int) -> tuple[int, int]:
@@ -42,11 +44,6 @@ def schedule_lengths(config, num_train: int) -> tuple[int, int]:
     total = config.optim.total_steps or config.optim.epochs * steps_per_epoch
     warmup = config.optim.warmup_steps if config.optim.warmup_steps >= 0 else config.optim.warmup_epochs * steps_per_epoch
     return int(total), int(min(warmup, total))
-
-
-def to_host(tree):
-    """Global arrays -> NumPy on every process (gathers shards across processes)."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 @dataclasses.dataclass
@@ -302,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         if step == total_steps:
             export(stage, state, os.path.join(workdir, "model.npz"), is_main)
             if stage.name == "tokenizer" and is_main:
-                usage = to_host(state.extra["codebook"]["quantizer"]["cluster_size"])
+                usage = sharding.to_host(state.extra["codebook"]["quantizer"]["cluster_size"])
                 metrics_lib.plot_codebook_usage(usage, os.path.join(workdir, "codebook_usage.png"))
     finally:
         preemption.restore()
@@ -317,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
 
 def export(stage: stage_lib.Stage, state, path: str, is_main: bool) -> None:
     """Writes the trained model (params + non-trainable collections) as ``model.npz``."""
-    variables = {"params": to_host(state.params), **to_host(state.extra)}
+    variables = {"params": sharding.to_host(state.params), **sharding.to_host(state.extra)}
     if is_main:
         convert.save_variables(path, stage.export_kind, stage.model, variables)
         log.info("wrote %s", path)
