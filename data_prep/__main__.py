@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=0.0, help="random fraction of subjects for val")
     g.add_argument("--split-seed", type=int, default=0)
     g = p.add_argument_group("running")
-    g.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="parallel worker processes (default 1; 0 = in this process, without the guards below)")
+    g.add_argument("--file-timeout", type=float, default=1800.0,
+                   help="seconds one file may take before its worker is killed and the file failed (default 1800)")
+    g.add_argument("--max-memory-gb", type=float, default=None,
+                   help="address-space limit per worker in GiB (default: 80%% of RAM shared by the workers; 0 = none)")
     g.add_argument("--allow-failures", action="store_true", help="exit 0 even if some files failed")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -144,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir = pathlib.Path(args.out).resolve()
-    manifest = pipeline.run(jobs, out_dir, args.workers, extra, progress=not args.quiet)
+    memory = None if args.max_memory_gb is None else int(args.max_memory_gb * (1 << 30))
+    manifest = pipeline.run(jobs, out_dir, args.workers, extra, progress=not args.quiet,
+                            timeout_s=args.file_timeout, memory_bytes=memory)
     totals = manifest["totals"]
     print(f"{totals['ok']} converted, {totals['skipped']} skipped, {totals['failed']} failed; "
           f"{totals['windows']} windows ({totals['hours_in']:.2f} h of EEG) -> {out_dir / 'manifest.json'}")

@@ -12,7 +12,6 @@ run never leaves a partial shard that looks valid.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
@@ -31,6 +30,7 @@ from array_record.python import array_record_module
 from data_prep import labels as labels_lib
 from data_prep import preprocess as prep_lib
 from data_prep import reading
+from data_prep import supervisor
 from labram_jax import records
 
 TOOL_VERSION = "data_prep 1"
@@ -127,6 +127,9 @@ def process(job: Job) -> dict:
         out.update(status="failed" if isinstance(err, reading.ReadError) else "skipped", reason=str(err))
     except prep_lib.NoChannelsError as err:
         out.update(status="skipped", reason=str(err), channels_dropped=[list(d) for d in err.dropped])
+    except MemoryError:
+        out.update(status="failed", reason="needs more memory than the worker's limit (--max-memory-gb); "
+                                           "the file may declare a huge size, or raise the limit")
     except Exception as err:  # noqa: BLE001 - one bad file must not stop the run
         out.update(status="failed", reason=f"internal error {type(err).__name__}: {err}",
                    traceback=traceback.format_exc(limit=5))
@@ -182,12 +185,25 @@ def _write_shard(job: Job, prepared: prep_lib.Prepared, starts: np.ndarray, rec_
     return written
 
 
+def failed_outcome(job: Job, reason: str) -> dict:
+    """The outcome of a file whose worker was killed or died."""
+    return {"path": job.path, "recording": job.recording, "subject": job.subject, "split": job.split,
+            "status": "failed", "reason": reason, "windows": 0, "shard": None, "timings": {}}
+
+
 def _state_path(job: Job) -> pathlib.Path:
     return pathlib.Path(job.out_dir) / ".state" / f"{job.key}.json"
 
 
-def run(jobs: list[Job], out_dir: pathlib.Path, workers: int, manifest_extra: dict, progress: bool = True) -> dict:
-    """Converts every job (skipping ones already done with the same parameters) and writes the manifest."""
+def run(jobs: list[Job], out_dir: pathlib.Path, workers: int, manifest_extra: dict, progress: bool = True,
+        timeout_s: float = 1800.0, memory_bytes: int | None = None) -> dict:
+    """Converts every job (skipping ones already done with the same parameters) and writes the manifest.
+
+    ``workers`` >= 1 supervised processes convert the files; one that takes longer than
+    ``timeout_s`` on a file, or dies, fails that file only. Each is limited to
+    ``memory_bytes`` of address space (None: 80% of the machine's memory shared out,
+    0: no limit). ``workers`` = 0 converts in this process, without these guards.
+    """
     (out_dir / ".state").mkdir(parents=True, exist_ok=True)
     outcomes: dict[int, dict] = {}
     todo = []
@@ -210,14 +226,15 @@ def run(jobs: list[Job], out_dir: pathlib.Path, workers: int, manifest_extra: di
         if outcome["status"] != "ok":
             bar.write(f"{outcome['status']}: {outcome['path']}: {outcome['reason']}")
 
-    if workers <= 1:
+    if workers <= 0:  # in this process: no timeout or memory guard (for debugging)
         for i in todo:
             finish(i, process(jobs[i]))
     else:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(process, jobs[i]): i for i in todo}
-            for future in concurrent.futures.as_completed(futures):
-                finish(futures[future], future.result())
+        if memory_bytes is None:
+            memory_bytes = supervisor.default_memory_limit(workers)
+        for i, outcome in supervisor.run(process, [(i, jobs[i]) for i in todo], workers, timeout_s, memory_bytes,
+                                         failed_outcome):
+            finish(i, outcome)
     bar.close()
     manifest = build_manifest([outcomes[i] for i in range(len(jobs))], manifest_extra)
     _atomic_json(out_dir / "manifest.json", manifest)

@@ -13,6 +13,7 @@ FORMATS = {
     ".edf": "EDF", ".bdf": "BDF", ".gdf": "GDF", ".fif": "FIF", ".set": "EEGLAB",
     ".vhdr": "BrainVision", ".cnt": "CNT",
 }
+MIN_SFREQ, MAX_SFREQ = 1.0, 100_000.0  # Hz; outside this a header is damaged, not a recording
 
 
 class ReadError(Exception):
@@ -60,6 +61,13 @@ def check_edf_size(path: pathlib.Path, bytes_per_sample: int) -> None:
             n_signals = int(head[252:256].decode("ascii").strip())
         except ValueError:
             raise ReadError("damaged EDF/BDF header (non-numeric size fields)") from None
+        try:
+            duration = float(head[244:252].decode("ascii").strip())
+        except ValueError:
+            duration = float("nan")
+        if not duration > 0 or duration == float("inf"):  # MNE would silently assume 1 s
+            raise ReadError(f"damaged EDF/BDF header: data-record duration {head[244:252].decode('latin-1').strip()!r} "
+                            "is not a positive number of seconds")
         if n_signals <= 0 or header_bytes != 256 * (n_signals + 1):
             raise ReadError(f"damaged EDF/BDF header: {n_signals} signals but {header_bytes} header bytes")
         f.seek(256 + n_signals * 216)
@@ -122,6 +130,10 @@ def read_raw(path: pathlib.Path) -> mne.io.BaseRaw:
             raise ReadError(f"{fmt} reader failed: {_one_line(err)}") from None
     if raw.n_times == 0 or len(raw.ch_names) == 0:
         raise ReadError("no samples or no channels")
+    sfreq = float(raw.info["sfreq"])
+    if not MIN_SFREQ <= sfreq <= MAX_SFREQ:
+        raise ReadError(f"implausible sampling rate {sfreq:g} Hz (outside {MIN_SFREQ:g}..{MAX_SFREQ:g} Hz): "
+                        "damaged header?")
     return raw
 
 
