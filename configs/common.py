@@ -94,6 +94,8 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.checkpoint_keep = 3
     c.compilation_cache_dir = ""  # persistent XLA compilation cache (speeds up restarts); "" = off
+    c.nonfinite_policy = "skip"  # NaN/inf loss or gradient: "skip" the update (and count it) or "stop"
+    c.max_skipped_steps = 20  # with "skip": stop once this many updates were skipped in the run
     c.stop_after = 0  # stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end
     c.lock()
     return c

@@ -35,6 +35,10 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
 
+    def should_save(self, step: int) -> bool:
+        """Whether a non-forced ``save(step)`` would write (the interval, and the first step)."""
+        return self.manager.should_save(step)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

@@ -32,9 +32,10 @@ log = logging.getLogger("labram_jax")
 def predict_split(predict_fn, state, spec: str, split: str, grid, mesh, batch_size: int, task: str):
     """Scores, targets and global positions of every real sample of a split, in order."""
     scores, targets, positions = [], [], []
+    guard = input_pipeline.InputGuard(spec, split)  # bad records arrive as invalid samples, and are reported
     for local in input_pipeline.eval_batches(spec, grid, batch_size, split, jax.process_index(),
                                              jax.process_count()):
-        position = sharding.to_host(sharding.to_global({"p": local.pop("position")}, mesh))["p"]
+        position = sharding.to_host(sharding.to_global({"p": guard.take(local)["position"]}, mesh))["p"]
         batch = sharding.to_global(local, mesh)
         out = sharding.to_host(predict_fn(state.params, state.extra, batch))
         valid = sharding.to_host(batch["valid"])

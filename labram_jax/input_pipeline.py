@@ -10,8 +10,15 @@ dataset is reshuffled every epoch.
 Every batch has one static shape, whatever montages and lengths it mixes:
 ``x [b, C, W, 200]`` float32, ``channel_ids [b, C]`` int32 (0 = padding),
 ``patch_mask [b, C, W]`` bool, ``label [b]`` int32, ``value [b]`` float32,
-``valid [b]`` bool (False for padding samples of the last eval batch) and
-``position [b]`` int64 (the sample's global position, for provenance).
+``valid [b]`` bool (False for padding samples of the last eval batch),
+``position [b]`` int64 (the sample's global position, for provenance) and the input
+guard's ``bad_records [b]`` int32, ``bad_dataset [b]`` int32 and ``bad_index [b]``
+int64 (records skipped to make this sample, and the first of them; -1 if none).
+
+Input guard: a record that does not decode, has another schema version or holds
+non-finite values never reaches the model. In training the next record of the same
+dataset takes its place (deterministically); in evaluation the sample is marked
+invalid. :class:`InputGuard` reports each one with its shard and index.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import dataclasses
 import functools
 import glob
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -29,6 +37,9 @@ import numpy as np
 from labram_jax import records
 
 _BLOCK = 1024  # positions per mixing block
+_MAX_SUBSTITUTES = 64  # consecutive bad records tolerated before a dataset is declared corrupt
+GUARD_FIELDS = ("position", "bad_records", "bad_dataset", "bad_index")  # host-only fields of a batch
+log = logging.getLogger("labram_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +138,18 @@ class _Reader:
         return [len(h) for h in self.handles()]
 
     def read(self, dataset: int, index: int) -> records.Record:
+        """The record, or RecordError (undecodable, other schema, non-finite values)."""
         return records.decode(self.handles()[dataset][index])
+
+    def locate(self, dataset: int, index: int) -> tuple[str, int]:
+        """(shard file, index within it) of a dataset's record."""
+        shards = self.sources[dataset].shards
+        for shard in shards:
+            n = len(grain.sources.ArrayRecordDataSource([shard]))
+            if index < n:
+                return shard, index
+            index -= n
+        raise IndexError(f"record beyond the end of {self.sources[dataset].name}")
 
     def __getstate__(self):  # worker processes reopen the files themselves
         return {"sources": self.sources, "_handles": None}
@@ -199,12 +221,32 @@ class _Element:
 
     def __call__(self, position: int) -> dict:
         position = int(position)
+        bad, first_bad = 0, (-1, -1)
         if self.limit is not None and position >= self.limit:  # eval padding
             out = self.grid.empty()
-        else:
-            d, i = self.order(position) if self.order else (0, position)
-            out = self.grid.place(self.reader.read(d, i))
+        elif self.limit is not None:  # evaluation: a bad record becomes an invalid sample
+            d, i = self.order(position)
+            try:
+                out = self.grid.place(self.reader.read(d, i))
+            except records.RecordError:
+                out, bad, first_bad = self.grid.empty(), 1, (d, i)
+        else:  # training: the dataset's next good record takes a bad one's place
+            d, i = self.order(position)
+            size = self.reader.sizes()[d]
+            for attempt in range(min(_MAX_SUBSTITUTES, size)):
+                try:
+                    out = self.grid.place(self.reader.read(d, (i + attempt) % size))
+                    break
+                except records.RecordError:
+                    bad, first_bad = bad + 1, first_bad if bad else (d, (i + attempt) % size)
+            else:
+                shard, index = self.reader.locate(*first_bad)
+                raise records.RecordError(f"{bad} consecutive bad records from {shard} index {index} on: the "
+                                          "dataset is damaged; re-run data_prep for it")
         out["position"] = np.int64(position)
+        out["bad_records"] = np.int32(bad)
+        out["bad_dataset"] = np.int32(first_bad[0])
+        out["bad_index"] = np.int64(first_bad[1])
         return out
 
 
@@ -261,4 +303,56 @@ def eval_batches(spec: str, grid: Grid, global_batch: int, split: str = "val", p
     positions = grain.MapDataset.range(0, steps * local).map(_Position(0, local, global_batch, process_index))
     element = _Element(reader, _Concatenation(offsets), grid, limit=total)
     return _iterate(positions, element, local, 0)
+
+
+class InputGuard:
+    """Takes the guard fields off local batches and reports every skipped record once."""
+
+    def __init__(self, spec: str, split: str):
+        self.spec, self.split = spec, split
+        self.count = 0
+        self._reader = None
+
+    def take(self, batch: dict) -> dict:
+        """Pops the host-only fields of ``batch`` (in place); returns them."""
+        fields = {k: batch.pop(k) for k in GUARD_FIELDS}
+        for n, d, i in zip(fields["bad_records"], fields["bad_dataset"], fields["bad_index"]):
+            if n > 0:
+                self.count += int(n)
+                self._report(int(n), int(d), int(i))
+        return fields
+
+    def _report(self, n: int, dataset: int, index: int) -> None:
+        if self._reader is None:
+            self._reader = _Reader(resolve(self.spec, self.split))
+        shard, local = self._reader.locate(dataset, index)
+        try:
+            self._reader.read(dataset, index)
+            reason = "unreadable"
+        except records.RecordError as err:
+            reason = str(err)
+        more = f" (and {n - 1} following)" if n > 1 else ""
+        log.warning("input guard: skipped record %d of %s%s: %s [%d skipped so far]", local, shard, more, reason,
+                    self.count)
+
+
+def batch_provenance(spec: str, seed: int, global_batch: int, step: int) -> list[dict]:
+    """Where the samples of training step ``step`` (0-based) came from: dataset, recording,
+    subject, start (s) and peak amplitude (uV) of each, re-derived from the global order."""
+    sources = resolve(spec, "train")
+    reader = _Reader(sources)
+    order = GlobalOrder(reader.sizes(), [s.weight for s in sources], seed)
+    out = []
+    for position in range(step * global_batch, (step + 1) * global_batch):
+        d, i = order(position)
+        shard, index = reader.locate(d, i)
+        entry = {"position": position, "shard": shard, "index": index}
+        try:
+            rec = reader.read(d, i)
+            entry.update(dataset=rec.dataset, recording=rec.recording, subject=rec.subject, start_s=rec.start_s,
+                         peak_uv=float(np.abs(rec.signal).max(initial=0.0)) * 100.0)
+        except records.RecordError as err:
+            entry["error"] = str(err)
+        out.append(entry)
+    return out
 

@@ -83,7 +83,7 @@ def encode(record: Record, dtype: str = "float32") -> bytes:
 
 
 def decode(data: bytes) -> Record:
-    """Parses a record; raises RecordError on damage or a schema mismatch."""
+    """Parses a record; raises RecordError on damage, a schema mismatch or non-finite samples."""
     try:
         d = msgpack.unpackb(data, raw=False)
         version = d.get("schema")
@@ -95,6 +95,8 @@ def decode(data: bytes) -> Record:
         ids = np.frombuffer(d["channel_ids"], dtype="<i2").astype(np.int32)
         if ids.shape != (shape[0],):
             raise RecordError(f"{ids.size} channel ids for {shape[0]} channels")
+        if not np.isfinite(signal).all():
+            raise RecordError(f"{int(np.size(signal) - np.isfinite(signal).sum())} non-finite values in the signal")
         return Record(signal=signal.astype(np.float32), channel_ids=ids, label=int(d["label"]),
                       label_name=d["label_name"], value=float(d["value"]), dataset=d["dataset"],
                       recording=d["recording"], subject=d["subject"], start_s=float(d["start_s"]),

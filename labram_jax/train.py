@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from labram_jax import checkpointing, convert, evaluate, input_pipeline, metrics as metrics_lib, optim, sharding
+from labram_jax import (checkpointing, config_validation, convert, evaluate, input_pipeline, metrics as metrics_lib,
+                        optim, sharding)
 from labram_jax.tasks import finetune, pretrain, stage as stage_lib, tokenizer
 
 log = logging.getLogger("labram_jax")
@@ -128,6 +129,50 @@ def restore_for_inference(config, workdir: str, which: str = "latest", devices=N
     return Restored(state, predict_fn, grid, mesh, step)
 
 
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a NaN/inf loss, gradient norm or parameter (the message says where)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, unwritable directory)."""
+
+
+class _NonFiniteGuard:
+    """Collects each step's on-device finiteness flag and checks them in one host sync.
+
+    The step itself never applies a non-finite update (the state is kept), so parameters
+    and checkpoints stay finite whatever the policy; checking here only decides whether
+    to go on (``skip``, up to ``max_skipped``) or stop (``stop``), with the batch's provenance.
+    """
+
+    def __init__(self, policy: str, max_skipped: int, skipped: int, describe: Callable[[int], str]):
+        self.policy, self.max_skipped, self.skipped, self.describe = policy, max_skipped, skipped, describe
+        self.pending: list[tuple[int, jax.Array]] = []
+
+    def add(self, step_index: int, finite: jax.Array) -> None:
+        self.pending.append((step_index, finite))
+
+    def check(self, last_good: int | None) -> None:
+        if not self.pending:
+            return
+        flags = jax.device_get([f for _, f in self.pending])
+        bad = [s for (s, _), ok in zip(self.pending, flags) if not ok]
+        self.pending = []
+        if not bad:
+            return
+        self.skipped += len(bad)
+        where = self.describe(bad[0])
+        if self.policy == "stop" or self.skipped > self.max_skipped:
+            why = ("config.nonfinite_policy='stop'" if self.policy == "stop" else
+                   f"{self.skipped} skipped updates > config.max_skipped_steps={self.max_skipped}")
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {bad[0] + 1} ({why}); the update was not applied. {where}. "
+                f"Last good checkpoint: {'step ' + str(last_good) if last_good is not None else 'none'}; "
+                "fix or remove the data, or lower the learning rate, then rerun the same command to resume")
+        log.warning("non-finite loss or gradient at step(s) %s: update skipped (%d skipped in this run, limit %d). %s",
+                    [s + 1 for s in bad], self.skipped, self.max_skipped, where)
+
+
 class _Preemption:
     """SIGTERM/SIGINT set a flag; the loop saves a final checkpoint and exits cleanly."""
 
@@ -154,14 +199,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     ``devices`` restricts the mesh to some of the devices (tests compare meshes this way).
     """
     # ------------------------------------------------------------------ set-up
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
-    try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise OSError(f"workdir {workdir} is not writable ({err}); choose another --workdir") from None
+    config_validation.validate(config, len(devices) if devices is not None else jax.device_count())
+    _probe_workdir(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -224,8 +263,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         (loss, (step_metrics, extra)), grads = grad_fn(state.params, state.extra, batch, key, frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        step_metrics = {**step_metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        kept = state.replace(step=state.step + 1)  # a non-finite update is never applied
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+        step_metrics = {**step_metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step),
+                        "finite": finite}
         return new_state, step_metrics
 
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
@@ -252,6 +296,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                                             start_step, jax.process_index(), jax.process_count(),
                                             config.data.num_workers)
     preemption = _Preemption()
+    input_guard = input_pipeline.InputGuard(config.data.train, "train")
+    nonfinite = _NonFiniteGuard(config.nonfinite_policy, config.max_skipped_steps,
+                                int(data_state.get("skipped_steps", 0)) if latest is not None else 0,
+                                lambda s: _describe_batch(config, workdir, s, is_main))
     last_metrics: dict = {}
     step = start_step
     needs_prepare = prepare_fn is not None and stage.needs_prepare(state)  # checked once: a host sync
@@ -260,20 +308,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             while step < total_steps:
                 local = next(batches)
-                local.pop("position")
+                input_guard.take(local)
                 batch = sharding.to_global(local, mesh)
                 if needs_prepare:
                     log.info("initialising the codebook with k-means on the first global batch")
                     state = prepare_fn(state, batch, prepare_key)
                     needs_prepare = False
                 state, step_metrics = compiled_step(state, batch, frozen)
+                nonfinite.add(step, step_metrics["finite"])
                 step += 1
+                stop = preemption.requested or (
+                    "stop_after" if config.stop_after and step - start_step >= config.stop_after else None)
+                saving = bool(stop) or step == total_steps or ckpt.should_save(step)
+                if saving or step % config.log_every == 0:
+                    nonfinite.check(ckpt.latest_step())
                 if step % config.log_every == 0 or step == total_steps:
                     host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    if not math.isfinite(host["loss"]):
-                        raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint: "
-                                                 f"{ckpt.latest_step()}")
-                    host.update(progress.report(step, host))
+                    host.update(progress.report(step, host), skipped_steps=nonfinite.skipped,
+                                bad_records=input_guard.count)
                     writer.write(step, {f"train/{k}": v for k, v in host.items()})
                     last_metrics = host
                 if predict_fn and config.data.val and (step % config.eval_every == 0 or step == total_steps):
@@ -285,17 +337,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                     last_metrics = {**last_metrics, **{f"val/{k}": v for k, v in eval_metrics.items()}}
                     if best_ckpt is not None and math.isfinite(eval_metrics.get(config.finetune.best_metric, math.nan)):
                         best_ckpt.save(step, state, {"step": step}, config_json, force=True, metrics=eval_metrics)
-                data_state = {"step": step, "seed": config.seed, "global_batch": config.data.batch_size}
-                stop = preemption.requested or (
-                    "stop_after" if config.stop_after and step - start_step >= config.stop_after else None)
+                data_state = {"step": step, "seed": config.seed, "global_batch": config.data.batch_size,
+                              "skipped_steps": nonfinite.skipped}
                 if stop and step < total_steps:
                     log.warning("%s: saving a checkpoint at step %d and stopping; rerun the same command to "
                                 "resume", stop, step)
-                    ckpt.save(step, state, data_state, config_json, force=True)
+                    _save(ckpt, step, state, data_state, config_json, force=True)
                     break
-                ckpt.save(step, state, data_state, config_json, force=step == total_steps)
+                if saving:
+                    _save(ckpt, step, state, data_state, config_json, force=step == total_steps)
         # -------------------------------------------------------------- final save
-        ckpt.wait()
+        _wait(ckpt)
         if step == total_steps:
             export(stage, state, os.path.join(workdir, "model.npz"), is_main)
             if stage.name == "tokenizer" and is_main:
@@ -310,6 +362,61 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     if is_main:
         metrics_lib.plot_curves(workdir)
     return {"step": step, **last_metrics}
+
+
+def _probe_workdir(workdir: str) -> None:
+    """Fails early, with what to do, when the workdir cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok" * 4096)  # a few KiB: a full disk fails here, not at the first checkpoint
+        os.remove(probe)
+    except OSError as err:
+        raise CheckpointWriteError(f"workdir {workdir} is not writable ({err.strerror or err}): free space or "
+                                   "choose another --workdir") from None
+
+
+def _save(ckpt: checkpointing.Checkpointer, step: int, state, data_state: dict, config_json: dict,
+          force: bool) -> None:
+    """Starts a save; a failure (this one or the previous asynchronous one) stops the run
+    with what to do. Orbax commits atomically, so the last complete checkpoint stays valid."""
+    try:
+        ckpt.save(step, state, data_state, config_json, force=force)
+    except Exception as err:  # noqa: BLE001 - Orbax wraps OSError in several types
+        raise _write_error(ckpt, step, err) from err
+
+
+def _wait(ckpt: checkpointing.Checkpointer) -> None:
+    try:
+        ckpt.wait()
+    except Exception as err:  # noqa: BLE001
+        raise _write_error(ckpt, None, err) from err
+
+
+def _write_error(ckpt: checkpointing.Checkpointer, step: int | None, err: Exception) -> CheckpointWriteError:
+    try:
+        last = ckpt.latest_step()
+    except Exception:  # noqa: BLE001
+        last = None
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    return CheckpointWriteError(
+        f"could not write {what} to {ckpt.directory} ({type(err).__name__}: {err}). Free disk space or fix the "
+        f"directory's permissions, then rerun the same command: it resumes from the last complete checkpoint "
+        f"({'step ' + str(last) if last is not None else 'none yet'}), which a failed save does not touch")
+
+
+def _describe_batch(config, workdir: str, step_index: int, is_main: bool) -> str:
+    """Provenance of training step ``step_index``'s global batch: summary, and a JSON file."""
+    samples = input_pipeline.batch_provenance(config.data.train, config.seed, config.data.batch_size, step_index)
+    path = os.path.join(workdir, f"nonfinite_step_{step_index + 1}.json")
+    if is_main:
+        with open(path, "w") as f:
+            json.dump(samples, f, indent=1)
+    ranked = sorted(samples, key=lambda e: -e.get("peak_uv", math.inf))
+    shown = ", ".join(f"{e.get('dataset', '?')}/{e.get('recording', e['shard'])}@{e.get('start_s', '?')}s "
+                      f"(peak {e.get('peak_uv', math.nan):.3g} uV)" for e in ranked[:3])
+    return f"The batch ({len(samples)} samples, listed in {path}) holds, largest amplitudes first: {shown}"
 
 
 def export(stage: stage_lib.Stage, state, path: str, is_main: bool) -> None:

@@ -19,6 +19,7 @@ from labram_jax.models import transformer
 from labram_jax.tasks import stage as stage_lib
 
 TASKS = ("binary", "multiclass", "regression")
+MODES = ("full", "linear_probe", "last_k")
 
 
 def num_outputs(task: str, num_classes: int) -> int:
