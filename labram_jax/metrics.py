@@ -24,7 +24,13 @@ class MetricWriter:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            self._jsonl = open(path, "a")
+            if self._jsonl.tell() > 0:  # a process killed mid-line left a partial line: end it
+                with open(path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        self._jsonl.write("\n")
             try:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -75,8 +81,15 @@ def _hms(seconds: float) -> str:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a metrics file; a line cut short by a killed process is left out."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def plot_curves(workdir: str) -> str | None:

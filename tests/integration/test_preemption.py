@@ -48,3 +48,25 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(eegmat_shards, tmp_path):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert _losses(workdir) == _losses(straight)  # bitwise, across the interruption
     assert (workdir / "model.npz").exists()
+
+
+def test_sigint_in_process_saves_and_returns(eegmat_shards, tmp_path, caplog):
+    """Ctrl-C (SIGINT) during the loop: a checkpoint at the current step, and a normal return."""
+    import threading
+
+    metrics_file = tmp_path / "metrics.jsonl"
+
+    def interrupt():
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    cfg = tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 5000, "log_every": 1,
+                                                    "checkpoint_every": 100000})
+    with caplog.at_level("WARNING", logger="labram_jax"):
+        result = train.run(cfg, str(tmp_path))
+    assert 3 <= result["step"] < 5000
+    assert f"SIGINT: saving a checkpoint at step {result['step']}" in caplog.text
+    assert str(result["step"]) in [p.name for p in (tmp_path / "checkpoints").iterdir()]
