@@ -399,9 +399,10 @@ def _write_error(ckpt: checkpointing.Checkpointer, step: int | None, err: Except
         last = ckpt.latest_step()
     except Exception:  # noqa: BLE001
         last = None
-    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    when = f" (noticed when saving step {step}; an earlier asynchronous save may be the one that failed)" \
+        if step is not None else ""
     return CheckpointWriteError(
-        f"could not write {what} to {ckpt.directory} ({type(err).__name__}: {err}). Free disk space or fix the "
+        f"could not write a checkpoint to {ckpt.directory}{when} ({type(err).__name__}: {err}). Free disk space or fix the "
         f"directory's permissions, then rerun the same command: it resumes from the last complete checkpoint "
         f"({'step ' + str(last) if last is not None else 'none yet'}), which a failed save does not touch")
 
