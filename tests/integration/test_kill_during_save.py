@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from labram_jax import checkpointing, metrics, train
-from tests.integration.test_train import tiny_config
+from labram_jax import checkpointing, metrics
+from tests.integration.test_preemption import straight_run_and_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SAVER = textwrap.dedent("""
@@ -86,14 +86,8 @@ def test_sigkill_during_saves_leaves_a_valid_checkpoint(tmp_path):
 def test_sigkill_during_training_saves_then_resume(eegmat_shards, tmp_path):
     """Training saving every step, killed at random moments 10 times; each restart resumes
     from a valid checkpoint and the run ends with the same losses as an uninterrupted one."""
-    steps = 60
-    overrides = {"optim.total_steps": steps, "log_every": 1, "checkpoint_every": 1, "model.drop_path": 0.0}
-    straight = tmp_path / "straight"
-    train.run(tiny_config("finetune", eegmat_shards, **overrides), str(straight))
+    straight, cmd = straight_run_and_command(eegmat_shards, tmp_path, 60, 1, "killed")
     workdir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "labram_jax.main", "--config=configs/tiny.py:finetune", f"--workdir={workdir}",
-           f"--config.data.train={eegmat_shards}", f"--config.optim.total_steps={steps}", "--config.log_every=1",
-           "--config.checkpoint_every=1", "--config.model.drop_path=0.0"]
     rng = np.random.default_rng(1)
     resumed_from = []
     for trial in range(10):

@@ -19,15 +19,21 @@ def _losses(workdir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_sigterm_saves_and_resume_equals_uninterrupted(eegmat_shards, tmp_path):
-    overrides = {"optim.total_steps": STEPS, "log_every": 1, "checkpoint_every": 100000, "model.drop_path": 0.0}
+def straight_run_and_command(eegmat_shards, tmp_path, steps, checkpoint_every, name):
+    """Runs tiny fine-tuning uninterrupted in-process; returns its workdir and the CLI command
+    of the same run in ``tmp_path / name`` (to be interrupted)."""
+    overrides = {"optim.total_steps": steps, "log_every": 1, "checkpoint_every": checkpoint_every,
+                 "model.drop_path": 0.0}
     straight = tmp_path / "straight"
     train.run(tiny_config("finetune", eegmat_shards, **overrides), str(straight))
+    cmd = [sys.executable, "-m", "labram_jax.main", "--config=configs/tiny.py:finetune", f"--workdir={tmp_path / name}",
+           f"--config.data.train={eegmat_shards}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return straight, cmd
 
+
+def test_sigterm_saves_and_resume_equals_uninterrupted(eegmat_shards, tmp_path):
+    straight, cmd = straight_run_and_command(eegmat_shards, tmp_path, STEPS, 100000, "preempted")
     workdir = tmp_path / "preempted"
-    cmd = [sys.executable, "-m", "labram_jax.main", "--config=configs/tiny.py:finetune", f"--workdir={workdir}",
-           f"--config.data.train={eegmat_shards}", f"--config.optim.total_steps={STEPS}", "--config.log_every=1",
-           "--config.checkpoint_every=100000", "--config.model.drop_path=0.0"]
     log_path = tmp_path / "preempted.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
