@@ -84,6 +84,10 @@ def _check_values(c, device_count: int, problems: list[str]) -> None:
 
     need(c.model.dtype in ("auto", "float32", "bfloat16"), f"config.model.dtype={c.model.dtype!r}: use auto, "
          "float32 or bfloat16")
+    need(c.model.remat in model_config.REMAT_POLICIES, f"config.model.remat={c.model.remat!r}: choose one of "
+         f"{model_config.REMAT_POLICIES}")
+    need(c.model.attention in model_config.ATTENTION_IMPLEMENTATIONS, f"config.model.attention={c.model.attention!r}: "
+         f"choose one of {model_config.ATTENTION_IMPLEMENTATIONS}")
     need(0.0 <= c.model.drop_path < 1.0, f"config.model.drop_path={c.model.drop_path} must be in [0, 1)")
     need(c.model.vocab_size > 0, "config.model.vocab_size must be positive")
     # data and the batch grid

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from labram_jax import demo, train
+from labram_jax import demo, host_memory, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/base.py:pretrain",
                                           lock_config=True)
@@ -46,4 +46,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_hugepages()
     app.run(main)

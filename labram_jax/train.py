@@ -94,6 +94,47 @@ def dummy_batch(grid: input_pipeline.Grid) -> dict:
     return dummy
 
 
+def make_train_step(stage: stage_lib.Stage, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    step_key: jax.Array) -> Callable:
+    """``train_step(state, batch, frozen) -> (state, metrics)``: one optimizer update.
+
+    A step whose loss, gradient norm or new parameter norm is not finite is not applied
+    (the old state is kept, only the step counter advances); ``metrics["finite"]`` says so.
+    """
+    def train_step(state, batch, frozen):
+        key = jax.random.fold_in(step_key, state.step)
+        grad_fn = jax.value_and_grad(stage.loss_fn, has_aux=True)
+        (loss, (step_metrics, extra)), grads = grad_fn(state.params, state.extra, batch, key, frozen)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        kept = state.replace(step=state.step + 1)  # a non-finite update is never applied
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+        step_metrics = {**step_metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step),
+                        "finite": finite}
+        return new_state, step_metrics
+
+    return train_step
+
+
+def compile_train_step(train_step: Callable, spec: StateSpec, stage: stage_lib.Stage, mesh, dummy: dict,
+                       batch_size: int):
+    """Lowers and compiles ``train_step`` for a global batch of ``batch_size`` on ``mesh``
+    (call under ``jax.set_mesh(mesh)`` and the logical axis rules). The state is donated."""
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=batch_shardings[k])
+                      for k, v in dummy.items()}
+    frozen_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), stage.frozen)
+    abstract_frozen = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                             stage.frozen, frozen_shardings) if stage.frozen is not None else None
+    jitted = jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings, frozen_shardings),
+                     out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    return jitted.lower(checkpointing.abstract_with_shardings(spec.abstract, spec.shardings), abstract_batch,
+                        abstract_frozen).compile()
+
+
 @dataclasses.dataclass
 class Restored:
     state: stage_lib.TrainState
@@ -257,33 +298,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     frozen = jax.device_put(stage.frozen, sharding.replicated(mesh)) if stage.frozen is not None else None
 
     # ------------------------------------------------------------------ compile the step
-    def train_step(state, batch, frozen):
-        key = jax.random.fold_in(step_key, state.step)
-        grad_fn = jax.value_and_grad(stage.loss_fn, has_aux=True)
-        (loss, (step_metrics, extra)), grads = grad_fn(state.params, state.extra, batch, key, frozen)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-        updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
-        kept = state.replace(step=state.step + 1)  # a non-finite update is never applied
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
-        step_metrics = {**step_metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step),
-                        "finite": finite}
-        return new_state, step_metrics
-
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
-    abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype,
-                                              sharding=batch_shardings[k]) for k, v in dummy.items()}
-    frozen_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), stage.frozen)
-    abstract_frozen = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                             stage.frozen, frozen_shardings) if stage.frozen is not None else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         t0 = time.perf_counter()
-        compiled_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-                                out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)).lower(
-            checkpointing.abstract_with_shardings(abstract_state, state_shardings), abstract_batch,
-            abstract_frozen).compile()
+        compiled_step = compile_train_step(make_train_step(stage, tx, schedule, step_key), spec, stage, mesh,
+                                           dummy, config.data.batch_size)
         log.info("compiled the %s step in %.1f s; memory: %s", stage.name, time.perf_counter() - t0,
                  _memory_summary(compiled_step))
         predict_fn = jax.jit(stage.predict) if stage.predict else None

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 PATCH_SIZE = 200  # samples per patch: 1 s at 200 Hz
 NUM_TIME_ROWS = 16  # time-embedding table rows: at most 16 windows per sample
+REMAT_POLICIES = ("none", "block")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")  # labram_jax.models.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,10 @@ class TransformerConfig:
       num_spatial_rows: rows of the spatial table (129: cls + 128 channels).
       num_time_rows: rows of the time table (16).
       dtype: computation dtype (parameters stay float32).
+      remat: ``none``, or ``block``: recompute each block's activations in the backward
+        pass instead of keeping them (less memory, about a third more compute).
+      attention: implementation of the attention core (labram_jax.models.attention):
+        auto, xla, cudnn or explicit; all compute the same function.
     """
 
     embed_dim: int = 200
@@ -45,8 +51,14 @@ class TransformerConfig:
     num_spatial_rows: int = 129
     num_time_rows: int = NUM_TIME_ROWS
     dtype: Any = jnp.float32
+    remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.temporal_channels:

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from labram_jax.models import attention
 from labram_jax.models import config as config_lib
 
 LN_EPS = 1e-6  # every LayerNorm of LaBraM (also q/k norms)
@@ -46,8 +47,9 @@ def dense(features: int, axes: tuple[str | None, str | None], name: str, *, std:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU: the tanh approximation fails parity."""
-    return nn.gelu(x, approximate=False)
+    """Exact GELU, ``x * Phi(x) = x/2 * (1 + erf(x / sqrt 2))`` (the tanh approximation fails
+    parity). Written with erf: ``nn.gelu(approximate=False)`` uses erfc, 4x slower on XLA:CPU."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
 def masked_group_norm(x: jax.Array, valid: jax.Array, num_groups: int, eps: float = GN_EPS) -> jax.Array:
@@ -134,7 +136,7 @@ class Attention(nn.Module):
             q = layer_norm("kv", name="q_norm", dtype=cfg.dtype)(q)
             k = layer_norm("kv", name="k_norm", dtype=cfg.dtype)(k)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-        out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
+        out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
         std = INIT_STD / math.sqrt(2.0 * self.block_index)
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
@@ -257,11 +259,12 @@ class NeuralTransformer(nn.Module):
         tokens = nn.with_logical_constraint(tokens, ("act_batch", "act_length", "act_embed"))
         key_valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
 
+        block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat == "block" else Block
         for i in range(cfg.depth):
             rate = cfg.drop_path_rate * i / max(cfg.depth - 1, 1)
             if i == 0:
                 self.sow("intermediates", "block0_in", tokens)
-            tokens = Block(cfg, i + 1, rate, name=f"blocks_{i}")(tokens, key_valid, deterministic)
+            tokens = block_cls(cfg, i + 1, rate, name=f"blocks_{i}")(tokens, key_valid, deterministic)
             if i == 0:
                 self.sow("intermediates", "block0_out", tokens)
         return tokens

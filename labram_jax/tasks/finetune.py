@@ -91,7 +91,8 @@ def load_encoder(path: str, kind: str):
 
 def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
     ft = config.finetune
-    cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype)
+    cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype,
+                              **stage_lib.model_options(config))
     model = transformer.LaBraM(cfg, num_outputs=num_outputs(ft.task, config.model.num_outputs))
     pretrained = load_encoder(ft.init_checkpoint, ft.init_kind) if ft.init_checkpoint else None
 

@@ -44,10 +44,13 @@ def load_tokenizer(path: str):
     return model, {k: v for k, v in variables.items() if k in ("params", "codebook")}
 
 
-def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
-    tok_model, tok_vars = load_tokenizer(config.pretrain.tokenizer_checkpoint)
+def build(config: ml_collections.ConfigDict, dtype, tokenizer=None) -> stage_lib.Stage:
+    """The pretraining stage; ``tokenizer`` = (model, variables) replaces loading
+    ``config.pretrain.tokenizer_checkpoint`` (benchmarks use a random one)."""
+    tok_model, tok_vars = tokenizer or load_tokenizer(config.pretrain.tokenizer_checkpoint)
     vocab = tok_model.cfg.codebook_size
-    cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype)
+    cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype,
+                              **stage_lib.model_options(config))
     model = transformer.LaBraMPretrain(cfg, vocab_size=vocab, cls_uses_first_channel=config.model.cls_quirk)
     ratio = config.pretrain.mask_ratio
 

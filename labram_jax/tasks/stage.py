@@ -59,6 +59,11 @@ class Stage:
     export_kind: str = ""
 
 
+def model_options(config) -> dict:
+    """TransformerConfig fields that come from ``config.model`` (memory and speed choices)."""
+    return {"remat": config.model.remat, "attention": config.model.attention}
+
+
 def effective_patch_mask(batch: dict) -> jax.Array:
     """[b, C, W] real patches of real samples (padding samples of eval batches excluded)."""
     return batch["patch_mask"] & batch["valid"][:, None, None]

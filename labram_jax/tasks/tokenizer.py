@@ -13,8 +13,9 @@ from labram_jax.tasks import stage as stage_lib
 
 def model_from_config(config: ml_collections.ConfigDict, dtype) -> tokenizer_lib.VQNSP:
     cfg = model_config.tokenizer(config.model.tokenizer_size)
-    cfg = cfg.replace(encoder=cfg.encoder.replace(dtype=dtype), decoder=cfg.decoder.replace(
-        dtype=dtype, in_dim=config.tokenizer.code_dim), code_dim=config.tokenizer.code_dim,
+    options = stage_lib.model_options(config)
+    cfg = cfg.replace(encoder=cfg.encoder.replace(dtype=dtype, **options), decoder=cfg.decoder.replace(
+        dtype=dtype, in_dim=config.tokenizer.code_dim, **options), code_dim=config.tokenizer.code_dim,
         codebook_size=config.model.vocab_size, ema_decay=config.tokenizer.ema_decay,
         kmeans_iters=config.tokenizer.kmeans_iters, commitment_weight=config.tokenizer.commitment_weight,
         dead_code_threshold=config.tokenizer.dead_code_threshold)

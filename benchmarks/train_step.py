@@ -1,0 +1,269 @@
+"""Benchmark: the training step of every stage and size on the devices present.
+
+    python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
+        [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
+        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--out benchmarks/results]
+
+For each (stage, size): compile time, median step time over ``--steps`` steps after
+``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
+step (benchmarks/flops.py) and XLA's own count, MFU against ``--peak-tflops`` (``auto``:
+the datasheet table for GPUs/TPUs; on a CPU a measured float32 matmul rate, said so in
+the table), and memory (the compiled step's analysis; the runtime peak where the backend
+reports one). It runs the very step ``labram_jax.train`` runs (``train.make_train_step``)
+on random EEG-like batches, and asserts the step was traced once.
+
+Shapes default to the reference's: fine-tuning 23 channels x 10 s, pretraining and the
+tokenizer 23 channels x 8 s. The tokenizer has one size (the Base-width VQ-NSP; ``tiny``
+for tests), so ``large``/``huge`` skip it. Results go to ``<out>/train_step_<backend>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import flops as flops_lib
+from configs import common
+from labram_jax import host_memory, input_pipeline, sharding, train
+from labram_jax.tasks import pretrain, tokenizer as tokenizer_task
+
+# The original PyTorch implementation on this project's 2-core CPU machine, float32, batch 8,
+# Base (issue 6): samples/s.
+REFERENCE_CPU_BASE = {"finetune": 8.35, "pretrain": 5.44, "tokenizer": 8.38}
+DEFAULT_SHAPES = {"finetune": (23, 10), "pretrain": (23, 8), "tokenizer": (23, 8)}
+
+
+def synthetic_batches(grid: input_pipeline.Grid, batch: int, count: int, seed: int = 0) -> list[dict]:
+    """``count`` different random batches: every patch real, amplitudes ~50 uV (x in units of 100 uV),
+    channels on the first rows of the spatial table."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(1, grid.channels + 1, dtype=np.int32)  # spatial-table rows of the first channels
+    out = []
+    for _ in range(count):
+        out.append({"x": (0.5 * rng.standard_normal((batch, grid.channels, grid.windows, 200))).astype(np.float32),
+                    "channel_ids": np.broadcast_to(ids, (batch, grid.channels)).copy(),
+                    "patch_mask": np.ones((batch, grid.channels, grid.windows), bool),
+                    "label": rng.integers(0, 2, batch).astype(np.int32),
+                    "value": rng.standard_normal(batch).astype(np.float32),
+                    "valid": np.ones((batch,), bool)})
+    return out
+
+
+def stage_config(stage: str, size: str, batch: int, channels_: int, windows: int, dtype: str):
+    config = common.get_config(size, stage)
+    config.data.batch_size = batch
+    config.data.max_channels = channels_
+    config.data.max_windows = windows
+    config.model.dtype = dtype
+    return config
+
+
+def random_tokenizer(size: str, dtype, grid: input_pipeline.Grid):
+    """A randomly initialised VQ-NSP (model, variables): the frozen target of pretraining."""
+    model = tokenizer_task.model_from_config(stage_config("tokenizer", size, 1, grid.channels, grid.windows, "float32"),
+                                             dtype)
+    dummy = train.dummy_batch(grid)
+    variables = nn.unbox(model.init(jax.random.key(1), dummy["x"], dummy["channel_ids"], dummy["patch_mask"]))
+    return model, {k: v for k, v in variables.items() if k in ("params", "codebook")}
+
+
+def analytic_flops(stage: str, config, stage_obj, tokenizer_cfg, grid: input_pipeline.Grid, batch: int) -> float:
+    cfg = None if stage == "tokenizer" else stage_obj.model.cfg
+    return flops_lib.train_step_flops(stage, batch, grid.channels * grid.windows, cfg=cfg, tokenizer=tokenizer_cfg,
+                                      vocab=config.model.vocab_size, num_outputs=1)
+
+
+def measured_matmul_tflops(dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Achieved TFLOP/s of an n x n matmul on the first device (the CPU 'peak')."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def peak_tflops(arg: str, dtype_name: str) -> tuple[float | None, str]:
+    if arg != "auto":
+        return float(arg), "given"
+    device = jax.devices()[0]
+    peak = flops_lib.known_peak(device.device_kind, dtype_name)
+    if peak is not None:
+        return peak, f"datasheet {device.device_kind}"
+    if device.platform == "cpu":
+        return measured_matmul_tflops(train.compute_dtype(dtype_name)), "measured 2048^3 matmul (all cores)"
+    return None, "unknown (pass --peak-tflops)"
+
+
+def memory_figures(compiled) -> dict:
+    mib = 1 << 20
+    out = {}
+    try:
+        m = compiled.memory_analysis()
+        out.update(compiled_args_mib=m.argument_size_in_bytes / mib, compiled_outputs_mib=m.output_size_in_bytes / mib,
+                   compiled_temp_mib=m.temp_size_in_bytes / mib, compiled_alias_mib=m.alias_size_in_bytes / mib,
+                   compiled_total_mib=(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                                       - m.alias_size_in_bytes) / mib)
+    except (AttributeError, NotImplementedError, TypeError):
+        pass
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["runtime_peak_mib"] = stats["peak_bytes_in_use"] / mib
+    out["host_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"]) if cost and "flops" in cost else None
+    except (AttributeError, NotImplementedError, KeyError, TypeError):
+        return None
+
+
+def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
+    shape = DEFAULT_SHAPES[stage] if args.channels is None else (args.channels, args.windows)
+    grid = input_pipeline.Grid(*shape)
+    config = stage_config(stage, size, args.batch, grid.channels, grid.windows, args.dtype)
+    config.model.remat = args.remat
+    config.model.attention = args.attention
+    dtype = train.compute_dtype(args.dtype)
+    if stage == "pretrain":
+        frozen_tokenizer = random_tokenizer(config.model.tokenizer_size, dtype, grid)
+        stage_obj = pretrain.build(config, dtype, tokenizer=frozen_tokenizer)
+        tokenizer_cfg = frozen_tokenizer[0].cfg
+    else:
+        stage_obj = train.STAGES[stage](config, dtype)
+        tokenizer_cfg = stage_obj.model.cfg if stage == "tokenizer" else None
+    devices = jax.devices()[:args.devices] if getattr(args, "devices", None) else None
+    mesh = sharding.make_mesh(tuple(args.mesh), devices)
+    rules = sharding.rules_from_config()
+    dummy = train.dummy_batch(grid)
+    key = jax.random.key(0)
+    spec = train.state_spec(config, stage_obj, mesh, rules, dummy, key, total_steps=10_000, warmup_steps=10)
+    traces = []
+    step_fn = train.make_train_step(stage_obj, spec.tx, spec.schedule, key)
+
+    def counted(state, batch, frozen):
+        traces.append(1)
+        return step_fn(state, batch, frozen)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(spec.init, out_shardings=spec.shardings)(key)
+        t0 = time.perf_counter()
+        compiled = train.compile_train_step(counted, spec, stage_obj, mesh, dummy, args.batch)
+        compile_s = time.perf_counter() - t0
+        frozen = jax.device_put(stage_obj.frozen, sharding.replicated(mesh)) if stage_obj.frozen is not None else None
+        batches = [sharding.to_global(b, mesh) for b in synthetic_batches(grid, args.batch, 3)]
+        times = []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batches[i % len(batches)], frozen)
+            jax.block_until_ready((state, metrics))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        loss = float(metrics["loss"])
+    if len(traces) != 1:
+        raise AssertionError(f"the {stage} step was traced {len(traces)} times: it recompiled between steps")
+    step_s = statistics.median(times)
+    model_flops = analytic_flops(stage, config, stage_obj, tokenizer_cfg, grid, args.batch)
+    tokens = args.batch * grid.channels * grid.windows
+    row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
+           "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "mesh": dict(mesh.shape), "compile_s": compile_s,
+           "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
+           "samples_per_s": args.batch / step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_step":
+           model_flops / 1e12, "xla_tflops_per_step": (xla_flops(compiled) or float("nan")) / 1e12,
+           "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
+           "loss": loss, "traces": len(traces), **memory_figures(compiled)}
+    reference = REFERENCE_CPU_BASE.get(stage)
+    if jax.default_backend() == "cpu" and size == "base" and args.batch == 8 and args.dtype == "float32" \
+            and shape == DEFAULT_SHAPES[stage] and reference:
+        row["reference_samples_per_s"] = reference
+        row["vs_reference"] = row["samples_per_s"] / reference
+    return row
+
+
+def print_table(rows: list[dict], peak_note: str) -> None:
+    head = (f"{'stage':<9} {'size':<5} {'B':>3} {'CxW':>6} {'compile s':>9} {'step ms':>8} {'samples/s':>9} "
+            f"{'tokens/s':>9} {'TFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem MiB':>8} {'vs ref':>6}")
+    print(head)
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        ref = f"{r['vs_reference']:.2f}x" if "vs_reference" in r else "-"
+        mem = r.get("runtime_peak_mib", r.get("compiled_total_mib", float("nan")))
+        print(f"{r['stage']:<9} {r['size']:<5} {r['batch']:>3} {r['channels']:>3}x{r['windows']:<2} "
+              f"{r['compile_s']:>9.1f} {1e3 * r['step_s_median']:>8.1f} {r['samples_per_s']:>9.2f} "
+              f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_step']:>10.4f} {r['achieved_tflops']:>8.3f} "
+              f"{mfu:>6} {mem:>8.0f} {ref:>6}")
+    print(f"MFU peak: {peak_note}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "finetune"],
+                        choices=["tokenizer", "pretrain", "finetune"])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base", "large", "huge"])
+    parser.add_argument("--batch", type=int, default=8, help="global batch (samples)")
+    parser.add_argument("--channels", type=int, default=None, help="override the reference shape's channels")
+    parser.add_argument("--windows", type=int, default=None, help="... and its 1-s windows (with --channels)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--remat", default="none", choices=["none", "block"],
+                        help="rematerialise each transformer block in the backward pass")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "explicit"],
+                        help="attention implementation (labram_jax.models.attention)")
+    parser.add_argument("--mesh", nargs=3, type=int, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
+    parser.add_argument("--devices", type=int, default=None, help="use only the first N devices (default: all)")
+    parser.add_argument("--peak-tflops", default="auto", help="peak TFLOP/s of all devices together, or auto")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    args = parser.parse_args(argv)
+    if (args.channels is None) != (args.windows is None):
+        parser.error("--channels and --windows go together")
+    if args.dtype == "auto":
+        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    peak, peak_note = peak_tflops(args.peak_tflops, args.dtype)
+    if peak is not None and args.peak_tflops == "auto" and jax.default_backend() != "cpu":
+        peak *= args.devices or jax.device_count()
+    rows = []
+    for size in args.sizes:
+        for stage in args.stages:
+            if stage == "tokenizer" and size in ("large", "huge"):
+                continue  # one tokenizer size: see the docstring
+            print(f"... {stage} {size}", flush=True)
+            rows.append(bench_one(stage, size, args, peak))
+    print_table(rows, f"{peak:.3f} TFLOP/s ({peak_note})" if peak else peak_note)
+    device = jax.devices()[0]
+    result = {"backend": jax.default_backend(), "device_kind": device.device_kind, "devices": jax.device_count(),
+              "jax": jax.__version__, "python": platform.python_version(), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "peak_tflops": peak, "peak_source": peak_note,
+              "command": "python -m benchmarks.train_step " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+              "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"train_step_{jax.default_backend()}{'_' + args.tag if args.tag else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    host_memory.reexec_with_hugepages()
+    main()

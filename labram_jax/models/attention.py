@@ -1,0 +1,92 @@
+"""Scaled dot-product attention with a key-padding mask, in three implementations.
+
+- ``xla``: ``jax.nn.dot_product_attention`` with XLA's generic lowering.
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention on
+  NVIDIA GPUs, bfloat16/float16 only). cuDNN needs a head size that is a multiple of 8;
+  LaBraM's are 20, 25 and 50, so q, k and v are zero-padded on the head axis (the scores
+  and the real output columns are unchanged; the scale stays 1/sqrt(real head size)).
+- ``explicit``: the softmax written out with a hand-written backward pass
+  (``dS = P * (dP - rowsum(dO * O))``), which XLA:CPU runs about twice as fast as the
+  autodiff of the generic version (benchmarks/BENCHMARKS.md).
+
+``auto`` picks ``explicit`` on CPU and ``xla`` elsewhere. All give the same function.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from labram_jax.models import config as config_lib
+
+IMPLEMENTATIONS = config_lib.ATTENTION_IMPLEMENTATIONS
+_NEG = -1e30  # additive bias of padding keys (finite: a row with no valid key stays finite)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,
+                          implementation: str = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(K) + mask) v per head.
+
+    Args:
+      q, k, v: [B, L, H, K] queries, keys, values.
+      key_valid: [B, L] bool; False keys get no attention weight.
+      implementation: one of IMPLEMENTATIONS.
+    Returns:
+      [B, L, H, K] in q's dtype.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :], implementation="xla")
+    if implementation == "cudnn":
+        return _cudnn(q, k, v, key_valid)
+    head = q.shape[-1]
+    to_bhlk = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
+    out = _explicit(to_bhlk(q * jnp.asarray(head ** -0.5, q.dtype)), to_bhlk(k), to_bhlk(v), bias)
+    return to_bhlk(out)
+
+
+def _cudnn(q, k, v, key_valid):
+    head = q.shape[-1]
+    pad = (-head) % 8
+    if pad:
+        widths = ((0, 0), (0, 0), (0, 0), (0, pad))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :], scale=head ** -0.5,
+                                       implementation="cudnn")
+    return out[..., :head]
+
+
+def _forward(q, k, v, bias):
+    """q (pre-scaled), k, v [B, H, L, K]; bias [B, L] -> (out [B, H, L, K], probabilities [B, H, L, L])."""
+    s = jnp.einsum("bhlk,bhmk->bhlm", q, k, preferred_element_type=jnp.float32) + bias[:, None, None, :]
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    p = (e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))).astype(v.dtype)
+    return jnp.einsum("bhlm,bhmk->bhlk", p, v), p
+
+
+@jax.custom_vjp
+def _explicit(q, k, v, bias):
+    return _forward(q, k, v, bias)[0]
+
+
+def _explicit_fwd(q, k, v, bias):
+    out, p = _forward(q, k, v, bias)
+    return out, (q, k, v, p, out)
+
+
+def _explicit_bwd(residuals, d_out):
+    q, k, v, p, out = residuals
+    d_v = jnp.einsum("bhlm,bhlk->bhmk", p, d_out)
+    d_p = jnp.einsum("bhlk,bhmk->bhlm", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_s = (p.astype(jnp.float32) * (d_p - row)).astype(q.dtype)
+    d_q = jnp.einsum("bhlm,bhmk->bhlk", d_s, k)
+    d_k = jnp.einsum("bhlm,bhlk->bhmk", d_s, q)
+    return d_q, d_k, d_v, None
+
+
+_explicit.defvjp(_explicit_fwd, _explicit_bwd)

@@ -1,0 +1,42 @@
+"""The benchmark harnesses run end to end on tiny settings and write their JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks import train_step
+from labram_jax import host_memory
+from tests.conftest import ROOT
+
+
+def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
+    result = train_step.main(["--sizes", "tiny", "--stages", "finetune", "tokenizer", "--steps", "2", "--warmup", "1",
+                              "--devices", "2", "--mesh", "-1", "1", "1", "--out", str(tmp_path), "--tag", "t"])
+    printed = capsys.readouterr().out
+    assert "samples/s" in printed and "MFU peak" in printed
+    saved = json.loads((tmp_path / "train_step_cpu_t.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    for row in saved["rows"]:
+        assert row["traces"] == 1 and row["steps"] == 2 and row["mesh"]["data"] == 2
+        assert row["samples_per_s"] > 0 and row["model_tflops_per_step"] > 0 and row["compile_s"] > 0
+        assert row["compiled_total_mib"] > 0 and 0 < row["mfu"] < 1
+
+
+def test_reexec_sets_the_hugepage_tunable_once(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text("import os, sys\nfrom labram_jax import host_memory\nprint('run', os.environ.get('GLIBC_TUNABLES'),"
+                      " sys.argv[1:], flush=True)\nhost_memory.reexec_with_hugepages()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LABRAM_JAX_NO_REEXEC")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, str(script), "x", "--y=1"], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    if host_memory.hugepages_available():
+        assert out == ["run None ['x', '--y=1']", "run glibc.malloc.hugetlb=1 ['x', '--y=1']"]
+    else:
+        assert out == ["run None ['x', '--y=1']"]
+    out = subprocess.run([sys.executable, str(script)], env={**env, "LABRAM_JAX_NO_REEXEC": "1"}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == ["run None []"]
+    merged = host_memory.environment_with_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert merged["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"

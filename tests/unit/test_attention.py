@@ -1,0 +1,64 @@
+"""The attention implementations compute the same function, with and without padding keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from labram_jax.models import attention, config as model_config, layers
+
+
+def _inputs(seed, b=3, length=37, heads=4, head=20):
+    rng = np.random.default_rng(seed)
+    q, k, v, g = (jnp.asarray(rng.standard_normal((b, length, heads, head)), jnp.float32) for _ in range(4))
+    valid = np.ones((b, length), bool)
+    valid[1, 20:] = False  # padding at the end
+    valid[2, 5:30:3] = False  # padding in between (channel-major grids pad each channel's tail)
+    return q, k, v, g, jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_explicit_matches_xla_forward_and_gradients(seed):
+    q, k, v, g, valid = _inputs(seed)
+
+    def run(impl):
+        f = lambda q, k, v: attention.dot_product_attention(q, k, v, valid, impl)  # noqa: E731
+        out, vjp = jax.vjp(jax.jit(f), q, k, v)
+        return out, vjp(g)
+
+    out_x, grads_x = run("xla")
+    out_e, grads_e = run("explicit")
+    np.testing.assert_allclose(out_e, out_x, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_e, grads_x):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # padding keys get no weight: changing their values changes nothing
+    k2 = k.at[1, 20:].set(100.0)
+    v2 = v.at[1, 20:].set(-100.0)
+    np.testing.assert_allclose(attention.dot_product_attention(q, k2, v2, valid, "explicit"), out_e, atol=1e-5)
+
+
+def test_unknown_implementation_is_refused():
+    q, k, v, _, valid = _inputs(0)
+    with pytest.raises(ValueError, match="choose one of"):
+        attention.dot_product_attention(q, k, v, valid, "flash")
+    with pytest.raises(ValueError, match="attention="):
+        model_config.labram("tiny", attention="flash")
+
+
+def test_block_output_does_not_depend_on_the_implementation():
+    cfg = model_config.labram("tiny")
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 9, cfg.embed_dim)), jnp.float32)
+    valid = jnp.asarray(np.array([[True] * 9, [True] * 6 + [False] * 3]))
+    outs = []
+    for impl in ("xla", "explicit"):
+        block = layers.Block(cfg.replace(attention=impl), 1)
+        variables = block.init(jax.random.key(0), x, valid)
+        outs.append(block.apply(variables, x, valid))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_is_exact():
+    x = jnp.linspace(-6.0, 6.0, 1001)
+    exact = 0.5 * x * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0)))
+    np.testing.assert_allclose(layers.gelu(x), exact, atol=1e-6)
+    np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
