@@ -171,8 +171,8 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
         compile_s = time.perf_counter() - t0
         frozen = jax.device_put(stage_obj.frozen, sharding.replicated(mesh)) if stage_obj.frozen is not None else None
         batches = [sharding.to_global(b, mesh) for b in synthetic_batches(grid, args.batch, 3)]
-        times = []
-        for i in range(args.warmup + args.steps):
+        times, metrics = [], {"loss": float("nan")}
+        for i in range(0 if getattr(args, "compile_only", False) else args.warmup + args.steps):
             t0 = time.perf_counter()
             state, metrics = compiled(state, batches[i % len(batches)], frozen)
             jax.block_until_ready((state, metrics))
@@ -181,12 +181,13 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
         loss = float(metrics["loss"])
     if len(traces) != 1:
         raise AssertionError(f"the {stage} step was traced {len(traces)} times: it recompiled between steps")
-    step_s = statistics.median(times)
+    step_s = statistics.median(times) if times else float("nan")
     model_flops = analytic_flops(stage, config, stage_obj, tokenizer_cfg, grid, args.batch)
     tokens = args.batch * grid.channels * grid.windows
     row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
            "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "mesh": dict(mesh.shape), "compile_s": compile_s,
-           "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
+           "step_s_median": step_s, "step_s_min": min(times, default=step_s),
+           "step_s_max": max(times, default=step_s), "steps": len(times),
            "samples_per_s": args.batch / step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_step":
            model_flops / 1e12, "xla_tflops_per_step": (xla_flops(compiled) or float("nan")) / 1e12,
            "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
@@ -230,6 +231,9 @@ def main(argv=None):
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "explicit"],
                         help="attention implementation (labram_jax.models.attention)")
     parser.add_argument("--mesh", nargs=3, type=int, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile and report memory and FLOPs without running steps (sizes too big to run here)")
+    parser.add_argument("--compilation-cache", default="", help="persistent XLA compilation cache directory")
     parser.add_argument("--devices", type=int, default=None, help="use only the first N devices (default: all)")
     parser.add_argument("--peak-tflops", default="auto", help="peak TFLOP/s of all devices together, or auto")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -237,6 +241,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if args.dtype == "auto":
         args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     peak, peak_note = peak_tflops(args.peak_tflops, args.dtype)

@@ -28,25 +28,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
     """softmax(q k^T / sqrt(K) + mask) v per head.
 
     Args:
-      q, k, v: [B, L, H, K] queries, keys, values.
+      q, k, v: [B, H, L, K] queries, keys, values (heads-major: the layout the explicit
+        version computes in, so the projections write it directly).
       key_valid: [B, L] bool; False keys get no attention weight.
       implementation: one of IMPLEMENTATIONS.
     Returns:
-      [B, L, H, K] in q's dtype.
+      [B, H, L, K] in q's dtype.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
     if implementation == "auto":
         implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
+    swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, H, L, K] <-> [B, L, H, K]
     if implementation == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :], implementation="xla")
+        return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=key_valid[:, None, None, :],
+                                                 implementation="xla"))
     if implementation == "cudnn":
-        return _cudnn(q, k, v, key_valid)
-    head = q.shape[-1]
-    to_bhlk = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        return swap(_cudnn(swap(q), swap(k), swap(v), key_valid))
     bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
-    out = _explicit(to_bhlk(q * jnp.asarray(head ** -0.5, q.dtype)), to_bhlk(k), to_bhlk(v), bias)
-    return to_bhlk(out)
+    return _explicit(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v, bias)
 
 
 def _cudnn(q, k, v, key_valid):

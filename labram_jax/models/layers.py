@@ -127,20 +127,22 @@ class Attention(nn.Module):
         cfg = self.cfg
         h, hd, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
         w_qkv = self.param("qkv", logical(trunc_normal(), ("embed", "qkv", "heads", "kv")), (d, 3, h, hd))
-        qkv = jnp.einsum("bld,dthk->btlhk", x, w_qkv.astype(cfg.dtype))
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        qkv = jnp.einsum("bld,dthk->tbhlk", x, w_qkv.astype(cfg.dtype))  # heads-major q, k, v: [B, H, L, hd]
+        q, k, v = qkv[0], qkv[1], qkv[2]
         if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
-            q = q + self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd)).astype(cfg.dtype)
-            v = v + self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd)).astype(cfg.dtype)
+            q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+            v_bias = self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+            q = q + q_bias[:, None].astype(cfg.dtype)
+            v = v + v_bias[:, None].astype(cfg.dtype)
         if cfg.qk_norm:
             q = layer_norm("kv", name="q_norm", dtype=cfg.dtype)(q)
             k = layer_norm("kv", name="k_norm", dtype=cfg.dtype)(k)
-        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
+        q = nn.with_logical_constraint(q, ("act_batch", "act_heads", "act_length", "act_kv"))
         out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
         std = INIT_STD / math.sqrt(2.0 * self.block_index)
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
-        return jnp.einsum("blhk,hkd->bld", out, w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+        return jnp.einsum("bhlk,hkd->bld", out, w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
 
 
 class Mlp(nn.Module):

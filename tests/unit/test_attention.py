@@ -10,7 +10,7 @@ from labram_jax.models import attention, config as model_config, layers
 
 def _inputs(seed, b=3, length=37, heads=4, head=20):
     rng = np.random.default_rng(seed)
-    q, k, v, g = (jnp.asarray(rng.standard_normal((b, length, heads, head)), jnp.float32) for _ in range(4))
+    q, k, v, g = (jnp.asarray(rng.standard_normal((b, heads, length, head)), jnp.float32) for _ in range(4))
     valid = np.ones((b, length), bool)
     valid[1, 20:] = False  # padding at the end
     valid[2, 5:30:3] = False  # padding in between (channel-major grids pad each channel's tail)
@@ -32,8 +32,8 @@ def test_explicit_matches_xla_forward_and_gradients(seed):
     for a, b in zip(grads_e, grads_x):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # padding keys get no weight: changing their values changes nothing
-    k2 = k.at[1, 20:].set(100.0)
-    v2 = v.at[1, 20:].set(-100.0)
+    k2 = k.at[1, :, 20:].set(100.0)
+    v2 = v.at[1, :, 20:].set(-100.0)
     np.testing.assert_allclose(attention.dot_product_attention(q, k2, v2, valid, "explicit"), out_e, atol=1e-5)
 
 
