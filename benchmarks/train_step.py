@@ -194,7 +194,7 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
            "loss": loss, "traces": len(traces), **memory_figures(compiled)}
     reference = REFERENCE_CPU_BASE.get(stage)
     if jax.default_backend() == "cpu" and size == "base" and args.batch == 8 and args.dtype == "float32" \
-            and shape == DEFAULT_SHAPES[stage] and reference:
+            and shape == DEFAULT_SHAPES[stage] and reference and times:
         row["reference_samples_per_s"] = reference
         row["vs_reference"] = row["samples_per_s"] / reference
     return row

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
 from labram_jax import records
 
@@ -254,6 +255,8 @@ def _iterate(positions: grain.MapDataset, element: _Element, batch: int, num_wor
     ds = positions.map(element).batch(batch, drop_remainder=True, batch_fn=_stack)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
     if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # Grain reads absl flags; outside absl.app (notebooks, scripts) use defaults
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
 

@@ -20,18 +20,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "devices of this process (e.g. 0,1,2,3); default: "
+                                      "one per process under Slurm, all otherwise")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed() -> None:
     """``jax.distributed.initialize()`` when this is one process of several; else nothing."""
+    local_ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
     if _COORDINATOR.value:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes talk through gloo
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   local_device_ids=local_ids)
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or \
             len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=local_ids)
 
 
 def main(argv):

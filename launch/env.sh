@@ -11,3 +11,9 @@ export XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_latency_hiding_scheduler=true}"
 export LIBTPU_INIT_ARGS="${LIBTPU_INIT_ARGS:---xla_enable_async_all_gather=true --xla_enable_async_reduce_scatter=true}"
 # Persistent compilation cache: restarts after preemption skip recompiling.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/labram_jax/xla}"
+# CPU runs: transparent huge pages for XLA:CPU's per-step buffers (BENCHMARKS.md: 1.4-1.7x on a 2-core
+# machine). labram_jax.main sets it itself when missing; harmless elsewhere.
+case ":${GLIBC_TUNABLES:-}:" in
+  *glibc.malloc.hugetlb*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+${GLIBC_TUNABLES}:}glibc.malloc.hugetlb=1" ;;
+esac

@@ -1,6 +1,8 @@
 """Launch scripts: dry-run output and shell syntax."""
 
+import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 
@@ -20,6 +22,64 @@ def test_local_multiprocess_dry_run():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean():
-    scripts = sorted(str(p) for p in (ROOT / "launch").glob("*.sh"))
+    scripts = sorted(str(p) for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert len(scripts) >= 5
     result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def _dry(*args, env=None) -> list[list[str]]:
+    """The dry-run commands of a launcher, each split back into its arguments."""
+    out = subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})}).stdout
+    return [shlex.split(line) for line in out.strip().splitlines() if not line.startswith("#")]
+
+
+TRAIN = ["--config=configs/huge.py:pretrain", "--workdir=gs://b/runs/huge", "--config.data.train=gs://b/s/*/manifest.json"]
+
+
+def _option(cmd: list[str], name: str) -> str:
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(name + "="))
+
+
+def test_tpu_vm_dry_run_prints_create_copy_install_run():
+    lines = _dry("launch/tpu_vm.sh", "--dry-run", "--name", "lab", "--zone", "us-east5-a", "--type", "v5p-64", "--spot",
+                 "--", *TRAIN)
+    assert len(lines) == 5
+    create, archive, scp, install, run = lines
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "lab"]
+    assert "--accelerator-type=v5p-64" in create and "--version=v2-alpha-tpuv5" in create and "--spot" in create
+    assert archive[0] == "git" and "archive" in archive and archive[-1] == "HEAD"
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
+    assert "--worker=all" in install and "pip install" in _option(install, "--command")
+    assert "'jax[tpu]'" in _option(install, "--command")
+    remote = shlex.split(_option(run, "--command"))
+    assert "--worker=all" in run and remote[:2] == ["cd", "~/labram_jax"]
+    assert remote[remote.index("-m") + 1] == "labram_jax.main" and remote[-3:] == TRAIN  # quoted once, intact
+
+
+def test_tpu_vm_requires_its_options():
+    result = subprocess.run(["bash", "launch/tpu_vm.sh", "--dry-run", "--name", "x"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_xpk_dry_run_tpu_and_gpu():
+    (tpu,) = _dry("launch/xpk.sh", "--dry-run", "--cluster", "c1", "--workload", "huge", "--tpu-type", "v5p-64",
+                  "--num-slices", "2", "--", *TRAIN)
+    assert tpu[:3] == ["xpk", "workload", "create"] and "--tpu-type=v5p-64" in tpu and "--num-slices=2" in tpu
+    assert _option(tpu, "--script-dir") == str(ROOT)
+    inner = shlex.split(shlex.split(_option(tpu, "--command"))[2])
+    assert "jax[tpu]" in inner and inner[-3:] == TRAIN and "labram_jax.main" in inner
+    (gpu,) = _dry("launch/xpk.sh", "--dry-run", "--cluster", "c1", "--workload", "huge", "--device-type",
+                  "h100-80gb-8", "--num-nodes", "2", "--", *TRAIN)
+    assert "--device-type=h100-80gb-8" in gpu and "--num-nodes=2" in gpu
+    assert "jax[cuda12]" in shlex.split(shlex.split(_option(gpu, "--command"))[2])
+
+
+def test_slurm_dry_run_per_gpu_and_per_node():
+    (per_gpu,) = _dry("launch/slurm_gpu.sbatch", "--dry-run", *TRAIN)
+    assert per_gpu == ["srun", "--kill-on-bad-exit=1", "python", "-m", "labram_jax.main", *TRAIN]
+    (per_node,) = _dry("launch/slurm_gpu.sbatch", "--dry-run", *TRAIN,
+                       env={"LABRAM_PROCESS_PER": "node", "SLURM_GPUS_ON_NODE": "4"})
+    assert per_node[-1] == "--local_device_ids=0,1,2,3"
