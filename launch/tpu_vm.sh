@@ -4,11 +4,12 @@
 #   launch/tpu_vm.sh [--dry-run] --name NAME --zone ZONE --type ACCELERATOR [--version RUNTIME]
 #                    [--project PROJECT] [--spot] -- <arguments of python -m labram_jax.main>
 #
-# Example (LaBraM-Huge pretraining on a v5p-64 slice, shards on GCS):
+# Example (LaBraM-Huge pretraining on a v5p-64 slice; /mnt/labram is the same shared mount on every
+# worker, see launch/README.md):
 #   launch/tpu_vm.sh --name labram-v5p --zone us-east5-a --type v5p-64 -- \
-#     --config=configs/huge.py:pretrain --workdir=gs://BUCKET/runs/huge_pretrain \
-#     --config.data.train='gs://BUCKET/shards/*/manifest.json' \
-#     --config.pretrain.tokenizer_checkpoint=gs://BUCKET/runs/tokenizer
+#     --config=configs/huge.py:pretrain --workdir=/mnt/labram/runs/huge_pretrain \
+#     --config.data.train='/mnt/labram/shards/*/manifest.json' \
+#     --config.pretrain.tokenizer_checkpoint=/mnt/labram/runs/tokenizer
 #
 # Steps: (1) describe the TPU VM, create it when absent; (2) copy this checkout (git archive of
 # HEAD) to every worker; (3) install it with jax[tpu] on every worker; (4) run the same command
@@ -36,7 +37,7 @@ if [[ -z "$name" || -z "$zone" || -z "$type" ]]; then
   exit 2
 fi
 if (($# == 0)); then
-  echo "tpu_vm.sh: give the training arguments after --, e.g. -- --config=configs/huge.py:pretrain --workdir=gs://..." >&2
+  echo "tpu_vm.sh: give the training arguments after --, e.g. -- --config=configs/huge.py:pretrain --workdir=/mnt/shared/run" >&2
   exit 2
 fi
 if [[ -z "$version" ]]; then

@@ -7,7 +7,7 @@
 #
 # xpk builds an image from --image plus this checkout (--script-dir), and runs the same command
 # in every pod: install, source launch/env.sh, python -m labram_jax.main ARGS. The workdir and
-# the shards should be on GCS (gs://...). --dry-run prints the xpk command instead of running it.
+# the shards must be on storage every pod mounts at the same path (e.g. Cloud Storage FUSE). --dry-run prints the xpk command instead of running it.
 set -euo pipefail
 
 dry_run=0 cluster="" workload="" tpu_type="" device_type="" slices=1 nodes=1 project="" zone=""
