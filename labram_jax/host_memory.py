@@ -5,7 +5,7 @@ at batch 8) with malloc at every call; glibc serves it with a fresh mmap, so eve
 page-faults and zeroes the whole buffer 4 KiB at a time: measured on a 2-core machine,
 ~260,000 faults and 0.6 s of kernel time per fine-tuning step of 1.0 s. With
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc asks for transparent huge pages on those
-mappings: ~500 faults, and the step takes 0.57 s (benchmarks/BENCHMARKS.md).
+mappings: under 2,000 faults per step, and the step takes 0.57 s (BENCHMARKS.md).
 
 The tunable is read when a process starts, so :func:`reexec_with_hugepages` restarts the
 current command (same pid, arguments and environment plus the tunable) when it is not set.

@@ -7,7 +7,7 @@
   and the real output columns are unchanged; the scale stays 1/sqrt(real head size)).
 - ``explicit``: the softmax written out with a hand-written backward pass
   (``dS = P * (dP - rowsum(dO * O))``), which XLA:CPU runs about twice as fast as the
-  autodiff of the generic version (benchmarks/BENCHMARKS.md).
+  autodiff of the generic version (BENCHMARKS.md).
 
 ``auto`` picks ``explicit`` on CPU and ``xla`` elsewhere. All give the same function.
 """
