@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from configs import common
+from labram_jax import input_pipeline
 from labram_jax.models import config as model_config
 from labram_jax.tasks import finetune
 
@@ -95,7 +96,8 @@ def _check_values(c, device_count: int, problems: list[str]) -> None:
     for field in ("train", "val"):
         for part in [p.partition("@")[0] for p in c.data[field].split("+") if p]:
             if part.endswith(".json"):
-                need(os.path.exists(part), f"config.data.{field}: manifest {part} not found (run python -m data_prep)")
+                need(bool(input_pipeline.expand(part)),
+                     f"config.data.{field}: manifest {part} not found (run python -m data_prep)")
     need(1 <= c.data.max_windows <= model_config.NUM_TIME_ROWS,
          f"config.data.max_windows={c.data.max_windows}: a sample holds 1..{model_config.NUM_TIME_ROWS} one-second "
          "windows (the time-embedding table has 16 rows); re-run data_prep with --window <= 16")

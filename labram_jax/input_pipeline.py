@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 from absl import flags
+from etils import epath
 
 from labram_jax import records
 
@@ -52,34 +53,61 @@ class Source:
     name: str = ""
 
 
-def resolve(spec: str, split: str = "train") -> list[Source]:
-    """Sources from a spec: ``manifest.json`` (its ``split``), a shard glob, or several
-    separated by ``+``, each optionally followed by ``@weight``.
+_GLOB_CHARS = "*?["
 
-    Example: ``data/tuh/manifest.json@3+data/eegmat/manifest.json@1``.
+
+def expand(pattern: str) -> list[str]:
+    """Paths matching ``pattern`` (sorted): local (``**`` recursive) or a remote URL such as
+    ``gs://bucket/shards/*/manifest.json``, listed through ``etils.epath`` (the filesystem layer
+    Grain uses; remote schemes need their backend installed, e.g. ``gcsfs`` for gs://). A pattern
+    without wildcards is returned as is if it exists."""
+    if "://" not in pattern:
+        if not any(c in pattern for c in _GLOB_CHARS):
+            return [pattern] if os.path.exists(pattern) else []
+        return sorted(glob.glob(pattern, recursive=True))
+    if not any(c in pattern for c in _GLOB_CHARS):
+        return [pattern] if epath.Path(pattern).exists() else []
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
+    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
+    return sorted(str(p) for p in base.glob("/".join(parts[first:])))
+
+
+def _read_manifest(path: str, split: str) -> Source:
+    manifest = json.loads(epath.Path(path).read_text())
+    if manifest.get("schema_version") != records.SCHEMA_VERSION:
+        raise ValueError(f"{path} has record schema {manifest.get('schema_version')}, this labram_jax "
+                         f"reads {records.SCHEMA_VERSION}: re-run data_prep")
+    if split not in manifest["splits"]:
+        raise ValueError(f"{path} has no split {split!r} (it has {sorted(manifest['splits'])})")
+    root = epath.Path(path if "://" in path else os.path.abspath(path)).parent
+    shards = tuple(str(root / s) for s in manifest["splits"][split]["shards"])
+    return Source(shards, 1.0, manifest.get("dataset", path))
+
+
+def resolve(spec: str, split: str = "train") -> list[Source]:
+    """Sources from a spec: ``manifest.json`` (its ``split``), a glob of manifests (one dataset
+    each), a shard glob, or several separated by ``+``, each optionally followed by ``@weight``.
+    Paths may be local or URLs (``gs://...``, see :func:`expand`).
+
+    Example: ``data/tuh/manifest.json@3+data/eegmat/manifest.json@1``,
+    ``gs://bucket/shards/*/manifest.json``.
     """
     sources = []
     for part in [p for p in spec.split("+") if p]:
         path, _, weight = part.partition("@")
         if path.endswith(".json"):
-            if not os.path.exists(path):
+            manifests = expand(path)
+            if not manifests:
                 raise FileNotFoundError(f"manifest {path} not found: run python -m data_prep first")
-            with open(path) as f:
-                manifest = json.load(f)
-            if manifest.get("schema_version") != records.SCHEMA_VERSION:
-                raise ValueError(f"{path} has record schema {manifest.get('schema_version')}, this labram_jax "
-                                 f"reads {records.SCHEMA_VERSION}: re-run data_prep")
-            if split not in manifest["splits"]:
-                raise ValueError(f"{path} has no split {split!r} (it has {sorted(manifest['splits'])})")
-            root = os.path.dirname(os.path.abspath(path))
-            shards = [os.path.join(root, s) for s in manifest["splits"][split]["shards"]]
-            name = manifest.get("dataset", path)
+            found = [_read_manifest(m, split) for m in manifests]
         else:
-            shards = sorted(glob.glob(path, recursive=True))
-            name = path
-        if not shards:
-            raise FileNotFoundError(f"no shards for {part!r} (split {split!r})")
-        sources.append(Source(tuple(shards), float(weight or 1.0), name))
+            found = [Source(tuple(expand(path)), 1.0, path)]
+        for source in found:
+            if not source.shards:
+                raise FileNotFoundError(f"no shards for {part!r} (split {split!r})")
+            sources.append(dataclasses.replace(source, weight=float(weight or 1.0)))
     if not sources:
         raise ValueError("empty data spec: set config.data.train / config.data.val")
     return sources
