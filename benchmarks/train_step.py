@@ -36,7 +36,7 @@ import numpy as np
 from benchmarks import flops as flops_lib
 from configs import common
 from labram_jax import host_memory, input_pipeline, sharding, train
-from labram_jax.tasks import pretrain, tokenizer as tokenizer_task
+from labram_jax.tasks import pretrain
 
 # The original PyTorch implementation on this project's 2-core CPU machine, float32, batch 8,
 # Base (issue 6): samples/s.
@@ -67,15 +67,6 @@ def stage_config(stage: str, size: str, batch: int, channels_: int, windows: int
     config.data.max_windows = windows
     config.model.dtype = dtype
     return config
-
-
-def random_tokenizer(size: str, dtype, grid: input_pipeline.Grid):
-    """A randomly initialised VQ-NSP (model, variables): the frozen target of pretraining."""
-    model = tokenizer_task.model_from_config(stage_config("tokenizer", size, 1, grid.channels, grid.windows, "float32"),
-                                             dtype)
-    dummy = train.dummy_batch(grid)
-    variables = nn.unbox(model.init(jax.random.key(1), dummy["x"], dummy["channel_ids"], dummy["patch_mask"]))
-    return model, {k: v for k, v in variables.items() if k in ("params", "codebook")}
 
 
 def analytic_flops(stage: str, config, stage_obj, tokenizer_cfg, grid: input_pipeline.Grid, batch: int) -> float:
@@ -112,15 +103,7 @@ def peak_tflops(arg: str, dtype_name: str) -> tuple[float | None, str]:
 
 def memory_figures(compiled) -> dict:
     mib = 1 << 20
-    out = {}
-    try:
-        m = compiled.memory_analysis()
-        out.update(compiled_args_mib=m.argument_size_in_bytes / mib, compiled_outputs_mib=m.output_size_in_bytes / mib,
-                   compiled_temp_mib=m.temp_size_in_bytes / mib, compiled_alias_mib=m.alias_size_in_bytes / mib,
-                   compiled_total_mib=(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                                       - m.alias_size_in_bytes) / mib)
-    except (AttributeError, NotImplementedError, TypeError):
-        pass
+    out = {f"compiled_{k}_mib": v / mib for k, v in (train.compiled_memory(compiled) or {}).items()}
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["runtime_peak_mib"] = stats["peak_bytes_in_use"] / mib
@@ -145,13 +128,13 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
     config.model.attention = args.attention
     dtype = train.compute_dtype(args.dtype)
     if stage == "pretrain":
-        frozen_tokenizer = random_tokenizer(config.model.tokenizer_size, dtype, grid)
+        frozen_tokenizer = pretrain.random_tokenizer(config, dtype)
         stage_obj = pretrain.build(config, dtype, tokenizer=frozen_tokenizer)
         tokenizer_cfg = frozen_tokenizer[0].cfg
     else:
         stage_obj = train.STAGES[stage](config, dtype)
         tokenizer_cfg = stage_obj.model.cfg if stage == "tokenizer" else None
-    devices = jax.devices()[:args.devices] if getattr(args, "devices", None) else None
+    devices = jax.devices()[:args.devices] if args.devices else None
     mesh = sharding.make_mesh(tuple(args.mesh), devices)
     rules = sharding.rules_from_config()
     dummy = train.dummy_batch(grid)
@@ -172,7 +155,7 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
         frozen = jax.device_put(stage_obj.frozen, sharding.replicated(mesh)) if stage_obj.frozen is not None else None
         batches = [sharding.to_global(b, mesh) for b in synthetic_batches(grid, args.batch, 3)]
         times, metrics = [], {"loss": float("nan")}
-        for i in range(0 if getattr(args, "compile_only", False) else args.warmup + args.steps):
+        for i in range(0 if args.compile_only else args.warmup + args.steps):
             t0 = time.perf_counter()
             state, metrics = compiled(state, batches[i % len(batches)], frozen)
             jax.block_until_ready((state, metrics))
@@ -215,7 +198,8 @@ def print_table(rows: list[dict], peak_note: str) -> None:
     print(f"MFU peak: {peak_note}")
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (also what tests pass to :func:`bench_one`); ``--dtype auto`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "finetune"],
                         choices=["tokenizer", "pretrain", "finetune"])
@@ -241,11 +225,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
+    if args.dtype == "auto":
+        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    if args.dtype == "auto":
-        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     peak, peak_note = peak_tflops(args.peak_tflops, args.dtype)
     if peak is not None and args.peak_tflops == "auto" and jax.default_backend() != "cpu":
         peak *= args.devices or jax.device_count()

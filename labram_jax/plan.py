@@ -29,9 +29,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from labram_jax import sharding, train
+from labram_jax import input_pipeline, sharding, train
 from labram_jax.models import config as model_config
-from labram_jax.tasks import pretrain as pretrain_task, tokenizer as tokenizer_task
+from labram_jax.tasks import pretrain as pretrain_task
 
 GIB = 1 << 30
 HEADROOM = 0.9  # plan to use at most 90 % of device memory (XLA needs scratch, fragmentation)
@@ -112,10 +112,7 @@ def stage_models(config):
     dtype = train.compute_dtype(config.model.dtype)
     grid_tokens = config.data.max_channels * config.data.max_windows + 1
     if config.stage == "pretrain":
-        tok_cfg = config.model.tokenizer_size
-        tok_model = tokenizer_task.model_from_config(_tokenizer_config(config, tok_cfg), dtype)
-        tok_vars = jax.eval_shape(lambda: tok_model.init(jax.random.key(0), *(_dummy_inputs(config))))
-        stage = pretrain_task.build(config, dtype, tokenizer=(tok_model, nn.unbox(tok_vars)))
+        stage = pretrain_task.build(config, dtype, tokenizer=pretrain_task.random_tokenizer(config, dtype, abstract=True))
         vocab = config.model.vocab_size
         logits = (grid_tokens - 1) * vocab * 4 * 3  # float32 logits, softmax and its gradient
         return stage, [(stage.model.cfg, 2)], logits, grid_tokens
@@ -126,23 +123,7 @@ def stage_models(config):
     return stage, [(stage.model.cfg, 1)], 0, grid_tokens
 
 
-def _tokenizer_config(config, size):
-    from configs import common
-
-    c = common.get_config(config.model.size, "tokenizer")
-    c.model.tokenizer_size = size
-    c.model.dtype = config.model.dtype
-    return c
-
-
-def _dummy_inputs(config):
-    b = train.dummy_batch(_grid(config))
-    return b["x"], b["channel_ids"], b["patch_mask"]
-
-
 def _grid(config):
-    from labram_jax import input_pipeline
-
     return input_pipeline.Grid(config.data.max_channels, config.data.max_windows)
 
 
@@ -186,8 +167,8 @@ def compiled_gib(config, stage, mesh: Mesh, global_batch: int) -> float | None:
     with jax.set_mesh(real), nn.logical_axis_rules(rules):
         compiled = train.compile_train_step(train.make_train_step(stage, spec.tx, spec.schedule, jax.random.key(0)),
                                             spec, stage, real, dummy, global_batch)
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / GIB
+    memory = train.compiled_memory(compiled)
+    return memory["total"] / GIB if memory else None
 
 
 def candidate_meshes(devices: int, heads: int, global_batch: int) -> list[Mesh]:

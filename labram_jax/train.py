@@ -446,16 +446,29 @@ def export(stage: stage_lib.Stage, state, path: str, is_main: bool) -> None:
         log.info("wrote %s", path)
 
 
-def _memory_summary(compiled) -> str:
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """Bytes per device of a compiled step from XLA's memory analysis: arguments, outputs,
+    temporaries, aliased (donated arguments reused as outputs) and their total; None where the
+    backend gives no analysis."""
     try:
         m = compiled.memory_analysis()
-        if m is None:
-            return "n/a"
-        mib = 1 << 20
-        return (f"arguments {m.argument_size_in_bytes / mib:.1f} MiB, outputs {m.output_size_in_bytes / mib:.1f} MiB, "
-                f"temporaries {m.temp_size_in_bytes / mib:.1f} MiB (per device)")
     except (AttributeError, NotImplementedError):
+        return None
+    if m is None:
+        return None
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes}
+    out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    return out
+
+
+def _memory_summary(compiled) -> str:
+    m = compiled_memory(compiled)
+    if m is None:
         return "n/a"
+    mib = 1 << 20
+    return (f"arguments {m['arguments'] / mib:.1f} MiB, outputs {m['outputs'] / mib:.1f} MiB, "
+            f"temporaries {m['temporaries'] / mib:.1f} MiB, total {m['total'] / mib:.1f} MiB (per device)")
 
 
 def _fmt(metrics: dict) -> str:

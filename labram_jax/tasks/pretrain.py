@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from labram_jax import convert
+from labram_jax import convert, input_pipeline
 from labram_jax.models import config as model_config
 from labram_jax.models import transformer
 from labram_jax.tasks import stage as stage_lib
@@ -41,6 +42,24 @@ def load_tokenizer(path: str):
     kind, model, variables = convert.load_variables(path)
     if kind != "tokenizer":
         raise ValueError(f"{path} holds a {kind} model, not a tokenizer")
+    return model, {k: v for k, v in variables.items() if k in ("params", "codebook")}
+
+
+def random_tokenizer(config: ml_collections.ConfigDict, dtype, abstract: bool = False):
+    """A VQ-NSP of ``config.model.tokenizer_size`` with random weights, as (model, variables):
+    a stand-in for the trained tokenizer where only shapes or speed matter (benchmarks, the
+    memory planner). ``abstract``: ShapeDtypeStructs instead of arrays."""
+    from configs import common  # the tokenizer stage's defaults (code_dim, EMA, ...)
+    from labram_jax.tasks import tokenizer as tokenizer_task
+
+    tok_config = common.get_config(config.model.size, "tokenizer")
+    for field in ("tokenizer_size", "vocab_size", "remat", "attention"):
+        tok_config.model[field] = config.model[field]
+    model = tokenizer_task.model_from_config(tok_config, dtype)
+    empty = input_pipeline.Grid(config.data.max_channels, config.data.max_windows).empty()
+    args = (empty["x"][None], empty["channel_ids"][None], empty["patch_mask"][None])
+    init = lambda: model.init(jax.random.key(1), *args)  # noqa: E731
+    variables = nn.unbox(jax.eval_shape(init) if abstract else init())
     return model, {k: v for k, v in variables.items() if k in ("params", "codebook")}
 
 

@@ -8,9 +8,8 @@ from labram_jax.models import config as model_config
 
 @pytest.mark.parametrize("stage", ["tokenizer", "pretrain", "finetune"])
 def test_analytic_flops_match_xla_cost_analysis(stage):
-    args = train_step.argparse.Namespace(channels=4, windows=3, batch=8, dtype="float32", remat="none",
-                                         attention="auto", mesh=[1, 1, 1], devices=1, steps=1,
-                                         warmup=0)
+    args = train_step.parse_args(["--channels", "4", "--windows", "3", "--batch", "8", "--dtype", "float32",
+                                  "--mesh", "1", "1", "1", "--devices", "1", "--steps", "1", "--warmup", "0"])
     row = train_step.bench_one(stage, "tiny", args, peak=None)
     ratio = row["xla_tflops_per_step"] / row["model_tflops_per_step"]
     # XLA also counts norms, softmax, GELU and the optimizer: a few per cent more, never less.
