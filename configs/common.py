@@ -84,10 +84,13 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
         c.finetune = ml_collections.ConfigDict(dict(
             task="binary",  # binary, multiclass or regression
             label_smoothing=0.1,  # multi-class only
+            class_weight="none",  # none, balanced (1 / (K x label frequency) from the manifest) or "w0,w1,..."
             init_checkpoint="",  # pretrain workdir / model.npz, or an official .pth with init_kind=official
             init_kind="ours",
-            mode="full",  # full, linear_probe or last_k
+            mode="full",  # full, linear_probe, last_k or lora
             last_k=2,
+            lora_rank=8,  # mode=lora: adapters of this rank on qkv, proj, fc1, fc2 of every block
+            lora_alpha=16.0,  # ... scaled by lora_alpha / lora_rank
             best_metric="balanced_accuracy"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

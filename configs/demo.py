@@ -23,10 +23,12 @@ def _stage(name, steps):
     c.compilation_cache_dir = ""
     if name == "tokenizer":
         c.tokenizer.code_dim = 16
+        c.tokenizer.commitment_weight = 0.0  # on this little data it collapses the codebook (configs/eegmat.py)
         c.optim.lr = 1e-3
     if name == "finetune":
         c.optim.lr = 1e-3
         c.model.drop_path = 0.0
+        c.finetune.class_weight = "balanced"  # 3:1 rest:arithmetic
     return c
 
 

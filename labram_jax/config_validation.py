@@ -152,10 +152,14 @@ def _check_values(c, device_count: int, problems: list[str]) -> None:
         if ft.task == "multiclass":
             need(c.model.num_outputs >= 2, f"config.model.num_outputs={c.model.num_outputs}: a multiclass task "
                  "needs the number of classes (>= 2)")
+        if ft.class_weight not in ("", "none"):
+            need(ft.task != "regression", "config.finetune.class_weight applies to classification; set it to none")
         need(ft.mode in finetune.MODES, f"config.finetune.mode={ft.mode!r}: choose one of {finetune.MODES}")
         depth = model_config.LABRAM_PRESETS[c.model.size].depth
         if ft.mode == "last_k":
             need(1 <= ft.last_k <= depth, f"config.finetune.last_k={ft.last_k} must be in 1..{depth} (the depth)")
+        if ft.mode == "lora":
+            need(ft.lora_rank >= 1, f"config.finetune.lora_rank={ft.lora_rank} must be >= 1")
         need(ft.init_kind in ("ours", "official"), f"config.finetune.init_kind={ft.init_kind!r}: ours or official")
         if ft.init_checkpoint:
             need(os.path.exists(ft.init_checkpoint), f"config.finetune.init_checkpoint={ft.init_checkpoint} does "

@@ -113,6 +113,36 @@ def resolve(spec: str, split: str = "train") -> list[Source]:
     return sources
 
 
+def label_frequencies(spec: str, split: str = "train") -> tuple[list[str], np.ndarray]:
+    """(label names, frequency of each label in the training stream) from the manifests'
+    ``by_label`` counts, with datasets mixed by their ``@weight`` as :class:`GlobalOrder` does.
+
+    Needs manifests (not bare shard globs) that share one label list.
+    """
+    names, mix = None, []
+    for part in [p for p in spec.split("+") if p]:
+        path, _, weight = part.partition("@")
+        if not path.endswith(".json"):
+            raise ValueError(f"class weights need label counts from a manifest; {path!r} is not one: point "
+                             "config.data.train at data_prep's manifest.json, or give explicit weights")
+        for manifest_path in expand(path):
+            manifest = json.loads(epath.Path(manifest_path).read_text())
+            found = manifest.get("labels", {}).get("names") or []
+            if names is None:
+                names = found
+            elif found != names:
+                raise ValueError(f"{manifest_path} labels {found} differ from {names}: class weights need one "
+                                 "label list across the datasets of config.data.train")
+            counts = manifest["splits"].get(split, {}).get("by_label", {})
+            total = sum(counts.values())
+            if total:
+                mix.append((float(weight or 1.0), np.asarray([counts.get(n, 0) for n in found], np.float64) / total))
+    if not names or not mix:
+        raise ValueError(f"no labelled {split!r} windows in the manifests of {spec!r}")
+    weights = np.asarray([w for w, _ in mix])
+    return names, sum(w * f for w, f in zip(weights / weights.sum(), (f for _, f in mix)))
+
+
 class GlobalOrder:
     """Deterministic infinite order: position -> (dataset, record) with weighted mixing."""
 

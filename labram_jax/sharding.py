@@ -47,6 +47,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_width", None),
     ("conv_in", None),
     ("conv_out", None),
+    ("lora_in", None),
+    ("lora", None),
+    ("lora_out", None),
 )
 LARGE_PARAM = 2**18  # elements; parameters this big must be sharded on a multi-device mesh
 

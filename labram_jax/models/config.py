@@ -36,6 +36,9 @@ class TransformerConfig:
         pass instead of keeping them (less memory, about a third more compute).
       attention: implementation of the attention core (labram_jax.models.attention):
         auto, xla, cudnn or explicit; all compute the same function.
+      lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every
+        block (parameter-efficient fine-tuning); 0: none (the plain model).
+      lora_alpha: the adapters' scale is lora_alpha / lora_rank.
     """
 
     embed_dim: int = 200
@@ -53,12 +56,16 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     remat: str = "none"
     attention: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.temporal_channels:

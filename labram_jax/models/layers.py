@@ -115,6 +115,27 @@ class TemporalEncoder(nn.Module):
         return h.reshape(b, p, -1)
 
 
+class LoRA(nn.Module):
+    """A low-rank update ``(alpha / r) * x A B`` added to a frozen projection (Hu et al., 2022).
+
+    ``lora_a`` [d_in, r] starts like PyTorch's Linear init, ``lora_b`` [r, d_out] at zero,
+    so an adapted model starts equal to the pretrained one. Adapters are small and replicated.
+    """
+
+    features: int
+    rank: int
+    alpha: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., d_in] -> [..., features]."""
+        a = self.param("lora_a", logical(_uniform_fan_in(x.shape[-1]), ("lora_in", "lora")), (x.shape[-1], self.rank))
+        b = self.param("lora_b", logical(nn.initializers.zeros, ("lora", "lora_out")), (self.rank, self.features))
+        h = jnp.einsum("...i,ir->...r", x, a.astype(self.dtype))
+        return jnp.einsum("...r,ro->...o", h, b.astype(self.dtype)) * jnp.asarray(self.alpha / self.rank, self.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and optional q/k LayerNorm."""
 
@@ -128,6 +149,9 @@ class Attention(nn.Module):
         h, hd, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
         w_qkv = self.param("qkv", logical(trunc_normal(), ("embed", "qkv", "heads", "kv")), (d, 3, h, hd))
         qkv = jnp.einsum("bld,dthk->tbhlk", x, w_qkv.astype(cfg.dtype))  # heads-major q, k, v: [B, H, L, hd]
+        if cfg.lora_rank:
+            delta = LoRA(3 * d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="qkv_lora")(x)
+            qkv = qkv + delta.reshape(*x.shape[:2], 3, h, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
             q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
@@ -142,7 +166,11 @@ class Attention(nn.Module):
         std = INIT_STD / math.sqrt(2.0 * self.block_index)
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
-        return jnp.einsum("bhlk,hkd->bld", out, w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+        y = jnp.einsum("bhlk,hkd->bld", out, w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+        if cfg.lora_rank:
+            merged = out.transpose(0, 2, 1, 3).reshape(*y.shape[:2], h * hd)  # [B, L, H*hd]
+            y = y + LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged)
+        return y
 
 
 class Mlp(nn.Module):
@@ -152,10 +180,15 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        x = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", dtype=cfg.dtype)(x)
-        x = nn.with_logical_constraint(gelu(x), ("act_batch", "act_length", "act_mlp"))
+        h = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", dtype=cfg.dtype)(x)
+        if cfg.lora_rank:
+            h = h + LoRA(cfg.mlp_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc1_lora")(x)
+        h = nn.with_logical_constraint(gelu(h), ("act_batch", "act_length", "act_mlp"))
         std = INIT_STD / math.sqrt(2.0 * self.block_index)
-        return dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype)(x)
+        y = dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype)(h)
+        if cfg.lora_rank:
+            y = y + LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h)
+        return y
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:

@@ -13,13 +13,13 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
-from labram_jax import convert
+from labram_jax import convert, input_pipeline
 from labram_jax.models import config as model_config
 from labram_jax.models import transformer
 from labram_jax.tasks import stage as stage_lib
 
 TASKS = ("binary", "multiclass", "regression")
-MODES = ("full", "linear_probe", "last_k")
+MODES = ("full", "linear_probe", "last_k", "lora")
 
 
 def num_outputs(task: str, num_classes: int) -> int:
@@ -69,6 +69,41 @@ def compute_metrics(task: str, score: np.ndarray, target: np.ndarray) -> dict[st
     return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))), "pearson_r": float(r)}
 
 
+def class_weights(setting: str, spec: str, num_classes: int) -> np.ndarray | None:
+    """Per-class loss weights [K] (binary: K = 2) from ``finetune.class_weight``.
+
+    ``none``: None (plain mean). ``balanced``: ``1 / (K * frequency)`` of each label in the
+    training stream (scikit-learn's ``class_weight='balanced'``), from the manifests' counts.
+    ``w0,w1,...``: explicit weights. The loss becomes the weighted mean over the batch.
+    """
+    if setting in ("", "none"):
+        return None
+    if setting == "balanced":
+        names, freq = input_pipeline.label_frequencies(spec, "train")
+        if len(names) != num_classes:
+            raise ValueError(f"the training manifest has {len(names)} labels {names}, the task {num_classes}: set "
+                             "config.model.num_outputs to the number of classes")
+        if np.any(freq == 0):
+            missing = [n for n, f in zip(names, freq) if f == 0]
+            raise ValueError(f"labels {missing} have no training windows: balanced class weights are undefined")
+        return 1.0 / (num_classes * freq)
+    try:
+        weights = np.asarray([float(w) for w in setting.split(",")])
+    except ValueError:
+        raise ValueError(f"finetune.class_weight={setting!r}: use none, balanced or comma-separated numbers") from None
+    if len(weights) != num_classes or np.any(weights <= 0):
+        raise ValueError(f"finetune.class_weight={setting!r}: give {num_classes} positive weights")
+    return weights
+
+
+def sample_weights(batch: dict, weights: np.ndarray | None) -> jax.Array:
+    """Loss weight of each sample [b]: 0 for padding, the class weight of its label otherwise."""
+    valid = batch["valid"].astype(jnp.float32)
+    if weights is None:
+        return valid
+    return valid * jnp.asarray(weights, jnp.float32)[jnp.clip(batch["label"], 0, len(weights) - 1)]
+
+
 def load_encoder(path: str, kind: str):
     """Encoder params of a pretrained model: our ``model.npz`` (or its workdir) or an
     official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one)."""
@@ -91,10 +126,13 @@ def load_encoder(path: str, kind: str):
 
 def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
     ft = config.finetune
+    lora = dict(lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha) if ft.mode == "lora" else {}
     cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype,
-                              **stage_lib.model_options(config))
+                              **stage_lib.model_options(config), **lora)
     model = transformer.LaBraM(cfg, num_outputs=num_outputs(ft.task, config.model.num_outputs))
     pretrained = load_encoder(ft.init_checkpoint, ft.init_kind) if ft.init_checkpoint else None
+    weights = None if ft.task == "regression" else class_weights(
+        ft.class_weight, config.data.train, 2 if ft.task == "binary" else config.model.num_outputs)
 
     def init(key, batch):
         variables = model.init(key, batch["x"][:1], batch["channel_ids"][:1], batch["patch_mask"][:1])
@@ -107,7 +145,7 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         out = model.apply({"params": params, **extra}, batch["x"], batch["channel_ids"],
                           stage_lib.effective_patch_mask(batch), train=True, rngs={"dropout": key})
         per_sample = task_loss(ft.task, out, batch, ft.label_smoothing)
-        loss = stage_lib.masked_mean(per_sample, batch["valid"])
+        loss = stage_lib.masked_mean(per_sample, sample_weights(batch, weights))
         return loss, ({"loss": loss}, extra)
 
     def predict(params, extra, batch):
@@ -122,7 +160,7 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
 
 def trainable_mask(params, mode: str, last_k: int, depth: int):
     """Which parameters train: ``full``; ``linear_probe`` (fc_norm + head only); ``last_k``
-    (the last k blocks + fc_norm + head)."""
+    (the last k blocks + fc_norm + head); ``lora`` (the LoRA adapters + fc_norm + head)."""
     def train(path, _):
         names = [str(getattr(p, "key", p)) for p in path]
         if mode == "full":
@@ -131,10 +169,12 @@ def trainable_mask(params, mode: str, last_k: int, depth: int):
             return True
         if mode == "linear_probe":
             return False
+        if mode == "lora":
+            return any(n.endswith("_lora") for n in names)
         if mode == "last_k":
             blocks = [n for n in names if n.startswith("blocks_")]
             return bool(blocks) and int(blocks[0].split("_")[1]) >= depth - last_k
-        raise ValueError(f"finetune.mode must be full, linear_probe or last_k, got {mode!r}")
+        raise ValueError(f"finetune.mode must be one of {MODES}, got {mode!r}")
 
     return jax.tree_util.tree_map_with_path(train, params)
 
@@ -146,15 +186,18 @@ def _describe_encoder(flat: dict) -> str:
 
 
 def _with_encoder(variables, encoder):
-    """Replaces the encoder params (keeping logical-axis boxes) with pretrained values."""
+    """Replaces the encoder params (keeping logical-axis boxes) with pretrained values; LoRA
+    adapters, which the pretrained model has none of, keep their initial values."""
     params = variables["params"]
     target = flax.traverse_util.flatten_dict(params["encoder"], is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
     source = flax.traverse_util.flatten_dict(encoder)
     shapes_differ = [k for k in target if k in source and np.shape(source[k]) != nn.unbox(target[k]).shape]
-    if set(target) != set(source) or shapes_differ:
+    adapters = {k for k in target if any(str(n).endswith("_lora") for n in k)}
+    if set(target) - adapters != set(source) or shapes_differ:
         raise ValueError(f"the pretrained encoder ({_describe_encoder(source)}) does not fit this model "
                          f"({_describe_encoder({k: nn.unbox(v) for k, v in target.items()})}): set config.model.size "
                          "to the pretrained model's size")
     merged = {k: box.replace_boxed(jnp.asarray(source[k], box.value.dtype)) if isinstance(box, nn.Partitioned)
-              else jnp.asarray(source[k], box.dtype) for k, box in target.items()}
+              else jnp.asarray(source[k], box.dtype) for k, box in target.items() if k not in adapters}
+    merged.update({k: target[k] for k in adapters})
     return {**variables, "params": {**params, "encoder": flax.traverse_util.unflatten_dict(merged)}}

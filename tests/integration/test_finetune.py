@@ -2,12 +2,13 @@
 
 import json
 
+import flax
 import jax
 import numpy as np
 import pytest
 
 from data_prep import __main__ as data_prep_cli
-from labram_jax import convert, input_pipeline, metrics, train
+from labram_jax import convert, evaluate, input_pipeline, metrics, train
 from tests.integration.test_train import tiny_config
 
 
@@ -56,6 +57,27 @@ def test_init_from_an_official_checkpoint(eegmat_shards, pretrained, tmp_path):
     got, want = _encoder(tmp_path / "run" / "model.npz"), _encoder(pretrained / "model.npz")
     _assert_tree_equal(got["blocks_0"], want["blocks_0"])  # frozen: only the last block trains
     assert not np.array_equal(got["blocks_1"]["mlp"]["fc1"]["kernel"], want["blocks_1"]["mlp"]["fc1"]["kernel"])
+
+
+def test_lora_trains_only_adapters_and_head_and_the_export_reloads(eegmat_shards, pretrained, tmp_path):
+    cfg = tiny_config("finetune", eegmat_shards, **{
+        "optim.total_steps": 4, "data.val": str(eegmat_shards), "eval_every": 4, "finetune.mode": "lora",
+        "finetune.lora_rank": 4, "finetune.init_checkpoint": str(pretrained), "finetune.class_weight": "balanced"})
+    result = train.run(cfg, str(tmp_path))
+    kind, model, variables = convert.load_variables(str(tmp_path / "model.npz"))
+    assert model.cfg.lora_rank == 4
+    got, want = _encoder(tmp_path / "model.npz"), _encoder(pretrained / "model.npz")
+    flat_got = flax.traverse_util.flatten_dict(got)
+    adapters = {k: v for k, v in flat_got.items() if any(n.endswith("_lora") for n in k)}
+    assert len(adapters) == 2 * 4 * 2  # a and b of qkv, proj, fc1, fc2 in 2 blocks
+    assert all(np.any(v != 0) for k, v in adapters.items() if k[-1] == "lora_b")  # trained away from zero
+    _assert_tree_equal({k: v for k, v in flat_got.items() if k not in adapters}, flax.traverse_util.flatten_dict(want))
+    # The exported model (adapters kept) reproduces the logged validation metric.
+    report = evaluate.main(["--workdir", str(tmp_path), "--data", str(eegmat_shards), "--checkpoint", "latest",
+                            "--out", str(tmp_path / "eval.json")])
+    assert report == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["balanced_accuracy"] == pytest.approx(result["val/balanced_accuracy"], abs=1e-12)
 
 
 def test_size_mismatch_is_a_clear_error(eegmat_shards, pretrained, tmp_path):

@@ -1,0 +1,192 @@
+"""EEGMAT end to end: pretrained vs from-scratch vs linear probe, several seeds, one table.
+
+    python -m benchmarks.eegmat [--eegmat ../shared/eeg/eegmat] [--data data] [--workdir runs/eegmat] \\
+        [--seeds 0 1 2] [--variants pretrained scratch linear_probe] [--set STAGE:FIELD=VALUE ...]
+
+Subjects 00-15 train, 16-19 validate (``configs/eegmat.py``). Steps: data_prep (5-s windows
+every 1 s for training, non-overlapping for validation; skipped when the manifests exist),
+the classical anchor (log band power, 5 bands x 19 channels, + class-balanced logistic
+regression, on the same windows), then per seed: tokenizer -> masked EEG pretraining on the
+training recordings without labels -> fine-tuning (``pretrained``), a linear probe of the same
+pretrained encoder (``linear_probe``), and fine-tuning from random weights (``scratch``).
+Every run resumes if interrupted. The reported numbers are the validation metrics of the
+last step (no checkpoint picked on the validation set). Writes ``<workdir>/eegmat.json`` and
+prints a markdown table with the mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import time
+
+import numpy as np
+
+from configs import eegmat as eegmat_config
+from data_prep import __main__ as data_prep_cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EEGMAT = ROOT.parent / "shared" / "eeg" / "eegmat"
+VAL_SUBJECTS = "16,17,18,19"
+BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
+VARIANTS = ("pretrained", "scratch", "linear_probe", "lora")
+log = logging.getLogger("labram_jax")
+
+
+def prepare(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
+    """(training manifest with 1-s stride, validation manifest without overlap)."""
+    out = {}
+    for name, stride in (("eegmat_s1", ["--stride", "1"]), ("eegmat", [])):
+        manifest = data / name / "manifest.json"
+        if not manifest.exists():
+            code = data_prep_cli.main([str(eegmat), "--out", str(data / name), "--dataset", "eegmat", "--window", "5",
+                                       *stride, "--label-from", "filename", "--label-pattern", r"_1\.edf$=rest",
+                                       "--label-pattern", r"_2\.edf$=arithmetic", "--subject-pattern", r"Subject(\d+)_",
+                                       "--val-subjects", VAL_SUBJECTS, "--quiet"])
+            if code != 0:
+                raise SystemExit(f"data_prep failed on {eegmat} (exit {code})")
+        out[name] = str(manifest)
+    return out["eegmat_s1"], out["eegmat"]
+
+
+def _windows(manifest: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All windows of a split as ([n, channels, samples] in 100 uV, labels [n])."""
+    from array_record.python import array_record_module
+
+    from labram_jax import input_pipeline, records
+
+    signals, labels = [], []
+    for source in input_pipeline.resolve(manifest, split):
+        for shard in source.shards:
+            reader = array_record_module.ArrayRecordReader(shard, "readahead_buffer_size:0")
+            for data in reader.read_all():
+                rec = records.decode(data)
+                signals.append(rec.signal.reshape(rec.signal.shape[0], -1))
+                labels.append(rec.label)
+            reader.close()
+    return np.stack(signals), np.asarray(labels)
+
+
+def anchor(val_manifest: str) -> dict[str, float]:
+    """Log band power (5 bands x channels, Welch 2-s segments) + logistic regression
+    (standardised features, class-balanced, C = 1) on the non-overlapping windows."""
+    from scipy.signal import welch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from labram_jax.tasks import finetune
+
+    def features(x):
+        freqs, power = welch(x, fs=200, nperseg=400, axis=-1)
+        bands = [power[..., (freqs >= lo) & (freqs < hi)].mean(-1) for lo, hi in BANDS_HZ]
+        return np.log(np.stack(bands, -1)).reshape(len(x), -1)
+
+    (xt, yt), (xv, yv) = _windows(val_manifest, "train"), _windows(val_manifest, "val")
+    scaler = StandardScaler().fit(features(xt))
+    clf = LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced").fit(scaler.transform(features(xt)), yt)
+    score = clf.predict_proba(scaler.transform(features(xv)))[:, 1]
+    return {k: float(v) for k, v in finetune.compute_metrics("binary", score, yv).items()}
+
+
+def _config(stage: str, train: str, val: str, seed: int, overrides: list[str]):
+    config = eegmat_config.get_config(stage)
+    config.data.train, config.seed = train, seed
+    if stage == "finetune":
+        config.data.val = val
+    for item in overrides:
+        where, _, assignment = item.partition(":")
+        field, _, value = assignment.partition("=")
+        if not value:
+            raise SystemExit(f"--set {item!r}: use STAGE:FIELD=VALUE, e.g. finetune:optim.lr=5e-4")
+        if where != stage:
+            continue
+        node, *path = field.split(".")[::-1]
+        parent = config
+        for part in reversed(path):
+            parent = parent[part]
+        current = parent[node]
+        parent[node] = (value.lower() in ("1", "true")) if isinstance(current, bool) else type(current)(value)
+    return config
+
+
+def run_seed(seed: int, variants: list[str], train_manifest: str, val_manifest: str, workdir: pathlib.Path,
+             overrides: list[str]) -> dict[str, dict]:
+    from labram_jax import train
+
+    root = workdir / f"seed{seed}"
+    results, t0 = {}, time.perf_counter()
+
+    def finetune(name: str, mode: str, init: str) -> None:
+        config = _config("finetune", train_manifest, val_manifest, seed, overrides)
+        config.finetune.mode, config.finetune.init_checkpoint = mode, init
+        start = time.perf_counter()
+        out = train.run(config, str(root / name))
+        results[name] = {**{k[4:]: float(v) for k, v in out.items() if k.startswith("val/")},
+                         "wall_s": time.perf_counter() - start}
+        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+
+    if set(variants) & {"pretrained", "linear_probe", "lora"}:
+        train.run(_config("tokenizer", train_manifest, val_manifest, seed, overrides), str(root / "tokenizer"))
+        config = _config("pretrain", train_manifest, val_manifest, seed, overrides)
+        config.pretrain.tokenizer_checkpoint = str(root / "tokenizer")
+        train.run(config, str(root / "pretrain"))
+        pretrain_s = time.perf_counter() - t0
+        for name, mode in (("pretrained", "full"), ("linear_probe", "linear_probe"), ("lora", "lora")):
+            if name in variants:
+                finetune(name, mode, str(root / "pretrain"))
+        results["pretrained_pipeline_wall_s"] = pretrain_s + results.get("pretrained", {}).get("wall_s", 0.0)
+    if "scratch" in variants:
+        finetune("scratch", "full", "")
+    return results
+
+
+def table(report: dict) -> str:
+    seeds = report["seeds"]
+    lines = ["| model | " + " | ".join(f"seed {s} BAcc / AUROC" for s in seeds) + " | mean +- std BAcc | mean +- std AUROC |",
+             "|---" * (len(seeds) + 3) + "|"]
+    anchor_row = report["anchor"]
+    lines.append("| log band power + LR (anchor) | " + " | ".join(
+        f"{anchor_row['balanced_accuracy']:.3f} / {anchor_row['auroc']:.3f}" for _ in seeds) + " | "
+        f"{anchor_row['balanced_accuracy']:.3f} | {anchor_row['auroc']:.3f} |")
+    for variant in report["variants"]:
+        rows = [report["runs"][str(s)][variant] for s in seeds]
+        bacc = np.asarray([r["balanced_accuracy"] for r in rows])
+        auroc = np.asarray([r["auroc"] for r in rows])
+        lines.append(f"| {variant} | " + " | ".join(f"{b:.3f} / {a:.3f}" for b, a in zip(bacc, auroc)) +
+                     f" | {bacc.mean():.3f} +- {bacc.std():.3f} | {auroc.mean():.3f} +- {auroc.std():.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.eegmat", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eegmat", default=str(EEGMAT), help="the EEGMAT EDF folder")
+    parser.add_argument("--data", default="data", help="where data_prep writes eegmat/ and eegmat_s1/")
+    parser.add_argument("--workdir", default="runs/eegmat")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["pretrained", "scratch", "linear_probe"], choices=VARIANTS)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:FIELD=VALUE",
+                        help="override a field of configs/eegmat.py for one stage, e.g. finetune:optim.lr=5e-4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if not pathlib.Path(args.eegmat).is_dir():
+        raise SystemExit(f"{args.eegmat} is not a folder: pass --eegmat with the EEGMAT .edf files")
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_manifest, val_manifest = prepare(pathlib.Path(args.eegmat), pathlib.Path(args.data))
+    report = {"seeds": args.seeds, "variants": args.variants, "overrides": args.overrides,
+              "anchor": anchor(val_manifest), "runs": {}}
+    print("anchor: " + ", ".join(f"{k} {v:.3f}" for k, v in report["anchor"].items()), flush=True)
+    for seed in args.seeds:
+        report["runs"][str(seed)] = run_seed(seed, args.variants, train_manifest, val_manifest, workdir, args.overrides)
+        (workdir / "eegmat.json").write_text(json.dumps(report, indent=1))
+    print("\n" + table(report))
+    print(f"\nwrote {workdir / 'eegmat.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

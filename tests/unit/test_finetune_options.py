@@ -1,0 +1,107 @@
+"""Fine-tuning options: class weights from manifests, LoRA adapters, trainable masks."""
+
+import json
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from labram_jax import input_pipeline
+from labram_jax.models import config as model_config
+from labram_jax.models import transformer
+from labram_jax.tasks import finetune
+
+
+def _manifest(path, names, by_label):
+    path.write_text(json.dumps({"schema_version": 1, "labels": {"names": names},
+                                "splits": {"train": {"shards": [], "by_label": by_label}}}))
+    return str(path)
+
+
+def test_balanced_weights_follow_the_mixed_label_frequencies(tmp_path):
+    a = _manifest(tmp_path / "a.json", ["rest", "task"], {"rest": 300, "task": 100})
+    b = _manifest(tmp_path / "b.json", ["rest", "task"], {"rest": 50, "task": 50})
+    names, freq = input_pipeline.label_frequencies(a)
+    assert names == ["rest", "task"]
+    np.testing.assert_allclose(freq, [0.75, 0.25])
+    np.testing.assert_allclose(finetune.class_weights("balanced", a, 2), [1 / 1.5, 1 / 0.5])
+    # Mixed 3:1 by weight: 0.75 * [0.75, 0.25] + 0.25 * [0.5, 0.5].
+    np.testing.assert_allclose(input_pipeline.label_frequencies(f"{a}@3+{b}@1")[1], [0.6875, 0.3125])
+    np.testing.assert_allclose(finetune.class_weights("1,4", a, 2), [1.0, 4.0])
+    assert finetune.class_weights("none", a, 2) is None
+
+
+def test_class_weight_errors_say_what_to_do(tmp_path):
+    a = _manifest(tmp_path / "a.json", ["rest", "task"], {"rest": 300, "task": 0})
+    c = _manifest(tmp_path / "c.json", ["left", "right"], {"left": 1, "right": 1})
+    with pytest.raises(ValueError, match="no training windows"):
+        finetune.class_weights("balanced", a, 2)
+    with pytest.raises(ValueError, match="one label list"):
+        input_pipeline.label_frequencies(f"{a}+{c}")
+    with pytest.raises(ValueError, match="num_outputs"):
+        finetune.class_weights("balanced", c, 3)
+    with pytest.raises(ValueError, match="not one"):
+        input_pipeline.label_frequencies(str(tmp_path / "*.arrayrecord"))
+    with pytest.raises(ValueError, match="give 2 positive"):
+        finetune.class_weights("1,2,3", c, 2)
+    with pytest.raises(ValueError, match="balanced or comma"):
+        finetune.class_weights("equal", c, 2)
+
+
+def test_weighted_loss_is_the_weighted_mean():
+    batch = {"valid": jnp.array([True, True, True, False]), "label": jnp.array([0, 1, 0, -1])}
+    w = finetune.sample_weights(batch, np.array([0.5, 2.0]))
+    np.testing.assert_allclose(w, [0.5, 2.0, 0.5, 0.0])
+    np.testing.assert_allclose(finetune.sample_weights(batch, None), [1, 1, 1, 0])
+
+
+def _variables(cfg, x, ids):
+    model = transformer.LaBraM(cfg, num_outputs=1)
+    return model, model.init(jax.random.key(0), x, ids)
+
+
+def test_lora_starts_equal_to_the_plain_model_and_adapts_every_projection():
+    x = jax.random.normal(jax.random.key(1), (2, 3, 2, 200))
+    ids = jnp.array([1, 5, 9])
+    plain_model, plain = _variables(model_config.labram("tiny"), x, ids)
+    lora_model, lora = _variables(model_config.labram("tiny", lora_rank=4, lora_alpha=8.0), x, ids)
+    flat_plain = flax.traverse_util.flatten_dict(nn.unbox(plain)["params"])
+    flat_lora = flax.traverse_util.flatten_dict(nn.unbox(lora)["params"])
+    adapters = {k for k in flat_lora if any(n.endswith("_lora") for n in k)}
+    assert set(flat_lora) - adapters == set(flat_plain)
+    assert {k[-2] for k in adapters} == {"qkv_lora", "proj_lora", "fc1_lora", "fc2_lora"}
+    assert flat_lora[("encoder", "blocks_0", "attn", "qkv_lora", "lora_b")].shape == (4, 300)
+    # Same base weights, B = 0: identical outputs.
+    merged = {k: flat_plain.get(k, v) for k, v in flat_lora.items()}
+    lora_params = flax.traverse_util.unflatten_dict(merged)
+    np.testing.assert_allclose(lora_model.apply({"params": lora_params}, x, ids),
+                               plain_model.apply(plain, x, ids), rtol=1e-6, atol=1e-6)
+    # A non-zero B changes the output by the low-rank path only.
+    key = ("encoder", "blocks_1", "mlp", "fc2_lora", "lora_b")
+    b = jax.random.normal(jax.random.key(2), merged[key].shape)  # not constant: fc_norm would remove a shift
+    bumped = flax.traverse_util.unflatten_dict({**merged, key: b})
+    assert not np.allclose(lora_model.apply({"params": bumped}, x, ids), plain_model.apply(plain, x, ids))
+
+
+@pytest.mark.parametrize("mode, expect", [
+    ("full", {"encoder/blocks_0/attn/qkv", "encoder/blocks_1/attn/qkv", "head/kernel", "encoder/cls_token"}),
+    ("linear_probe", {"head/kernel", "fc_norm/scale"}),
+    ("last_k", {"encoder/blocks_1/attn/qkv", "head/kernel"}),
+    ("lora", {"encoder/blocks_0/attn/qkv_lora/lora_a", "encoder/blocks_1/mlp/fc2_lora/lora_b", "head/kernel"}),
+])
+def test_trainable_masks(mode, expect):
+    cfg = model_config.labram("tiny", lora_rank=2 if mode == "lora" else 0)
+    model = transformer.LaBraM(cfg, num_outputs=1)
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2, 1, 200)),
+                                                        jnp.array([1, 2]))))["params"]
+    mask = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
+        finetune.trainable_mask(shapes, mode, 1, cfg.depth)).items()}
+    trained = {k for k, v in mask.items() if v}
+    assert expect <= trained
+    if mode != "full":
+        assert "encoder/blocks_0/attn/qkv" not in trained and "encoder/cls_token" not in trained
+    if mode == "lora":
+        assert all(k.startswith(("fc_norm", "head")) or "_lora/" in k for k in trained)
