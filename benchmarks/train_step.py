@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
-        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--out benchmarks/results]
+        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] [--out benchmarks/results]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -126,6 +126,7 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
     config = stage_config(stage, size, args.batch, grid.channels, grid.windows, args.dtype)
     config.model.remat = args.remat
     config.model.attention = args.attention
+    config.model.scan_blocks = args.scan_blocks
     dtype = train.compute_dtype(args.dtype)
     if stage == "pretrain":
         frozen_tokenizer = pretrain.random_tokenizer(config, dtype)
@@ -168,7 +169,8 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
     model_flops = analytic_flops(stage, config, stage_obj, tokenizer_cfg, grid, args.batch)
     tokens = args.batch * grid.channels * grid.windows
     row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
-           "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "mesh": dict(mesh.shape), "compile_s": compile_s,
+           "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
+           "scan_blocks": args.scan_blocks, "mesh": dict(mesh.shape), "compile_s": compile_s,
            "step_s_median": step_s, "step_s_min": min(times, default=step_s),
            "step_s_max": max(times, default=step_s), "steps": len(times),
            "samples_per_s": args.batch / step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_step":
@@ -214,6 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="rematerialise each transformer block in the backward pass")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "explicit"],
                         help="attention implementation (labram_jax.models.attention)")
+    parser.add_argument("--scan-blocks", action="store_true",
+                        help="nn.scan over stacked blocks (compiles one block instead of depth)")
     parser.add_argument("--mesh", nargs=3, type=int, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory and FLOPs without running steps (sizes too big to run here)")

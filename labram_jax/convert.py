@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from labram_jax.models import config as config_lib
+from labram_jax.models import stacking
 from labram_jax.models import tokenizer as tokenizer_lib
 from labram_jax.models import transformer
 
@@ -394,6 +395,7 @@ def model_spec(kind: str, model: nn.Module) -> dict:
     def as_dict(cfg):
         out = dataclasses.asdict(cfg)
         out["dtype"] = jnp.dtype(cfg.dtype).name
+        out["scan_blocks"] = False  # files hold the per-block layout (save_variables unstacks)
         return out
 
     cfg = model.cfg
@@ -419,8 +421,10 @@ def module_from_spec(spec: Mapping) -> nn.Module:
 
 
 def save_variables(path: str, kind: str, model: nn.Module, variables: Mapping) -> None:
-    """Writes Flax variables and the module spec to one ``.npz`` (no pickle)."""
-    flat = flax.traverse_util.flatten_dict(nn.unbox(flax.core.unfreeze(variables)), sep="/")
+    """Writes Flax variables and the module spec to one ``.npz`` (no pickle), blocks per block
+    (a model trained with ``scan_blocks`` is stored as if trained without)."""
+    variables = stacking.unstack_blocks(nn.unbox(flax.core.unfreeze(variables)))
+    flat = flax.traverse_util.flatten_dict(variables, sep="/")
     arrays = {k: np.asarray(v) for k, v in flat.items()}
     arrays["__spec__"] = np.asarray(json.dumps(model_spec(kind, model)))
     tmp = path + ".tmp.npz"

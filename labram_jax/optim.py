@@ -10,7 +10,10 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from labram_jax.models import stacking
 
 # Never decayed, whatever their shape (LABRAM.md 6): embeddings tables and tokens.
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "spatial_embed", "time_embed")
@@ -49,10 +52,12 @@ def _names(path) -> list[str]:
 
 
 def weight_decay_mask(params):
-    """True where weight decay applies: not 1-D, not a bias, not an embedding table/token."""
+    """True where weight decay applies: not 1-D, not a bias, not an embedding table/token
+    (stacked blocks: 1-D per layer)."""
     def decays(path, leaf):
         names = _names(path)
-        if leaf.ndim <= 1 or "bias" in names[-1] or names[-1] in _NO_DECAY_NAMES:
+        ndim = leaf.ndim - 1 if stacking.is_stacked_path(names) else leaf.ndim
+        if ndim <= 1 or "bias" in names[-1] or names[-1] in _NO_DECAY_NAMES:
             return False
         return True
 
@@ -72,9 +77,16 @@ def layer_id(path_names: list[str], depth: int) -> int:
 
 
 def layer_decay_scales(params, depth: int, decay: float):
-    """Per-parameter lr multipliers ``decay ** (depth + 1 - layer_id)``."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: decay ** (depth + 1 - layer_id(_names(path), depth)), params)
+    """Per-parameter lr multipliers ``decay ** (depth + 1 - layer_id)``; for blocks stacked by
+    ``nn.scan`` an array [depth, 1, ...] with block i's multiplier in row i."""
+    def scale(path, leaf):
+        names = _names(path)
+        if stacking.is_stacked_path(names):
+            rows = decay ** (depth - np.arange(depth, dtype=np.float64))  # layer id i + 1
+            return rows.astype(np.float32).reshape((depth,) + (1,) * (leaf.ndim - 1))
+        return decay ** (depth + 1 - layer_id(names, depth))
+
+    return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def scale_by_tree(scales) -> optax.GradientTransformation:
@@ -93,7 +105,8 @@ def make_optimizer(cfg: OptimConfig, params, depth: int | None = None,
     Args:
       params: the parameter tree (shapes suffice).
       depth: transformer depth for layer-wise decay (required if layer_decay != 1).
-      trainable: optional tree of bools; False parameters get zero updates.
+      trainable: optional tree of bools (or bool arrays broadcasting against the leaf, e.g.
+        per layer of stacked blocks); False parameters get zero updates.
     """
     schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
     parts = []
@@ -107,7 +120,7 @@ def make_optimizer(cfg: OptimConfig, params, depth: int | None = None,
             raise ValueError("layer-wise lr decay needs the model depth")
         scales = layer_decay_scales(params, depth, cfg.layer_decay)
     if trainable is not None:  # frozen parameters: updates (and weight decay) scaled to zero
-        scales = jax.tree_util.tree_map(lambda t, s: float(t) * s, trainable,
+        scales = jax.tree_util.tree_map(lambda t, s: np.asarray(t, np.float32) * s, trainable,
                                         scales if scales is not None else jax.tree_util.tree_map(lambda _: 1.0, trainable))
     if scales is not None:
         parts.append(scale_by_tree(scales))

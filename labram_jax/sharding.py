@@ -47,6 +47,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_width", None),
     ("conv_in", None),
     ("conv_out", None),
+    ("layers", None),  # the stacked-blocks axis of nn.scan
     ("lora_in", None),
     ("lora", None),
     ("lora_out", None),

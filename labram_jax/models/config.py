@@ -39,6 +39,10 @@ class TransformerConfig:
       lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every
         block (parameter-efficient fine-tuning); 0: none (the plain model).
       lora_alpha: the adapters' scale is lora_alpha / lora_rank.
+      scan_blocks: run the blocks with ``nn.scan`` over parameters stacked on a leading
+        ``layers`` axis (``blocks/...`` [depth, ...] instead of ``blocks_0 ... blocks_{depth-1}``):
+        one block is compiled instead of ``depth`` (Huge compiles several times faster).
+        The same function; files always store the per-block layout (models/stacking.py).
     """
 
     embed_dim: int = 200
@@ -58,6 +62,7 @@ class TransformerConfig:
     attention: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    scan_blocks: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLEMENTATIONS:

@@ -140,7 +140,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and optional q/k LayerNorm."""
 
     cfg: config_lib.TransformerConfig
-    block_index: int  # 1-based, for the output-projection init scaling
+    block_index: int | jax.Array  # 1-based, for the output-projection init scaling (traced under nn.scan)
 
     @nn.compact
     def __call__(self, x: jax.Array, key_valid: jax.Array) -> jax.Array:
@@ -163,7 +163,7 @@ class Attention(nn.Module):
             k = layer_norm("kv", name="k_norm", dtype=cfg.dtype)(k)
         q = nn.with_logical_constraint(q, ("act_batch", "act_heads", "act_length", "act_kv"))
         out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
-        std = INIT_STD / math.sqrt(2.0 * self.block_index)
+        std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
         y = jnp.einsum("bhlk,hkd->bld", out, w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
@@ -184,7 +184,7 @@ class Mlp(nn.Module):
         if cfg.lora_rank:
             h = h + LoRA(cfg.mlp_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc1_lora")(x)
         h = nn.with_logical_constraint(gelu(h), ("act_batch", "act_length", "act_mlp"))
-        std = INIT_STD / math.sqrt(2.0 * self.block_index)
+        std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
         y = dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype)(h)
         if cfg.lora_rank:
             y = y + LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h)
@@ -202,15 +202,21 @@ class Block(nn.Module):
     """Pre-norm transformer block with optional layer scale and stochastic depth."""
 
     cfg: config_lib.TransformerConfig
-    block_index: int  # 1-based
-    drop_path_rate: float = 0.0
+    block_index: int | jax.Array  # 1-based (a traced scalar under nn.scan)
+    drop_path_rate: float | jax.Array = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_valid: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, key_valid: jax.Array, deterministic: bool = True,
+                 layer: jax.Array | None = None) -> jax.Array:
+        """x [B, L, D], key_valid [B, L] bool -> [B, L, D]. Under ``nn.scan`` ``layer`` is the
+        block's traced 0-based index; it sets the init scale and stochastic-depth rate."""
         cfg = self.cfg
+        index, rate = self.block_index, self.drop_path_rate
+        if layer is not None:
+            index, rate = layer + 1, drop_path_rate(cfg, layer)
         branches = (
-            lambda y: Attention(cfg, self.block_index, name="attn")(layer_norm(name="norm1", dtype=cfg.dtype)(y), key_valid),
-            lambda y: Mlp(cfg, self.block_index, name="mlp")(layer_norm(name="norm2", dtype=cfg.dtype)(y)),
+            lambda y: Attention(cfg, index, name="attn")(layer_norm(name="norm1", dtype=cfg.dtype)(y), key_valid),
+            lambda y: Mlp(cfg, index, name="mlp")(layer_norm(name="norm2", dtype=cfg.dtype)(y)),
         )
         for i, branch in enumerate(branches, start=1):
             y = branch(x)
@@ -218,8 +224,8 @@ class Block(nn.Module):
                 gamma = self.param(f"gamma_{i}", logical(nn.initializers.constant(cfg.layer_scale_init), ("norm",)),
                                    (cfg.embed_dim,))
                 y = y * gamma.astype(y.dtype)
-            if not deterministic and self.drop_path_rate > 0.0:
-                y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
+            if not deterministic and cfg.drop_path_rate > 0.0:  # the block's own rate may be 0 (the first)
+                y = drop_path(y, rate, self.make_rng("dropout"))
             x = nn.with_logical_constraint(x + y, ("act_batch", "act_length", "act_embed"))
         return x
 
@@ -294,15 +300,28 @@ class NeuralTransformer(nn.Module):
         tokens = nn.with_logical_constraint(tokens, ("act_batch", "act_length", "act_embed"))
         key_valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
 
+        if cfg.scan_blocks:
+            def step(block, carry, layer):  # block `layer` (traced) of the stack
+                return block(carry, key_valid, deterministic, layer), None
+
+            body = nn.remat(step, prevent_cse=False) if cfg.remat == "block" else step
+            scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+            tokens, _ = scanned(Block(cfg, 0, name="blocks"), tokens, jnp.arange(cfg.depth))
+            return tokens
         block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat == "block" else Block
         for i in range(cfg.depth):
-            rate = cfg.drop_path_rate * i / max(cfg.depth - 1, 1)
             if i == 0:
                 self.sow("intermediates", "block0_in", tokens)
-            tokens = block_cls(cfg, i + 1, rate, name=f"blocks_{i}")(tokens, key_valid, deterministic)
+            tokens = block_cls(cfg, i + 1, drop_path_rate(cfg, i), name=f"blocks_{i}")(tokens, key_valid, deterministic)
             if i == 0:
                 self.sow("intermediates", "block0_out", tokens)
         return tokens
+
+
+def drop_path_rate(cfg: config_lib.TransformerConfig, layer: int | jax.Array) -> float | jax.Array:
+    """Stochastic-depth rate of block ``layer`` (0-based): linear from 0 to ``cfg.drop_path_rate``."""
+    return cfg.drop_path_rate * layer / max(cfg.depth - 1, 1)
 
 
 def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from sklearn import metrics as skm
 
 from labram_jax import convert, input_pipeline
 from labram_jax.models import config as model_config
+from labram_jax.models import stacking
 from labram_jax.models import transformer
 from labram_jax.tasks import stage as stage_lib
 
@@ -160,8 +161,9 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
 
 def trainable_mask(params, mode: str, last_k: int, depth: int):
     """Which parameters train: ``full``; ``linear_probe`` (fc_norm + head only); ``last_k``
-    (the last k blocks + fc_norm + head); ``lora`` (the LoRA adapters + fc_norm + head)."""
-    def train(path, _):
+    (the last k blocks + fc_norm + head); ``lora`` (the LoRA adapters + fc_norm + head).
+    Leaves are bools, or for ``last_k`` on stacked blocks bool arrays [depth, 1, ...]."""
+    def train(path, leaf):
         names = [str(getattr(p, "key", p)) for p in path]
         if mode == "full":
             return True
@@ -172,6 +174,8 @@ def trainable_mask(params, mode: str, last_k: int, depth: int):
         if mode == "lora":
             return any(n.endswith("_lora") for n in names)
         if mode == "last_k":
+            if stacking.is_stacked_path(names):  # one flag per layer along the stacked axis
+                return (np.arange(depth) >= depth - last_k).reshape((depth,) + (1,) * (leaf.ndim - 1))
             blocks = [n for n in names if n.startswith("blocks_")]
             return bool(blocks) and int(blocks[0].split("_")[1]) >= depth - last_k
         raise ValueError(f"finetune.mode must be one of {MODES}, got {mode!r}")
@@ -180,7 +184,10 @@ def trainable_mask(params, mode: str, last_k: int, depth: int):
 
 
 def _describe_encoder(flat: dict) -> str:
+    """'depth D, width W' of a flat encoder tree in either block layout."""
     depth = len({k[0] for k in flat if k[0].startswith("blocks_")})
+    if not depth:
+        depth = next((np.shape(v)[0] for k, v in flat.items() if k[0] == stacking.STACKED), 0)
     width = next((v.shape[-1] for k, v in flat.items() if k[-1] == "cls_token"), "?")
     return f"depth {depth}, width {width}"
 
@@ -190,11 +197,12 @@ def _with_encoder(variables, encoder):
     adapters, which the pretrained model has none of, keep their initial values."""
     params = variables["params"]
     target = flax.traverse_util.flatten_dict(params["encoder"], is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
-    source = flax.traverse_util.flatten_dict(encoder)
+    described = _describe_encoder(flax.traverse_util.flatten_dict(encoder))
+    source = flax.traverse_util.flatten_dict(stacking.match_layout(encoder, params["encoder"]))
     shapes_differ = [k for k in target if k in source and np.shape(source[k]) != nn.unbox(target[k]).shape]
     adapters = {k for k in target if any(str(n).endswith("_lora") for n in k)}
     if set(target) - adapters != set(source) or shapes_differ:
-        raise ValueError(f"the pretrained encoder ({_describe_encoder(source)}) does not fit this model "
+        raise ValueError(f"the pretrained encoder ({described}) does not fit this model "
                          f"({_describe_encoder({k: nn.unbox(v) for k, v in target.items()})}): set config.model.size "
                          "to the pretrained model's size")
     merged = {k: box.replace_boxed(jnp.asarray(source[k], box.value.dtype)) if isinstance(box, nn.Partitioned)

@@ -61,7 +61,8 @@ class Stage:
 
 def model_options(config) -> dict:
     """TransformerConfig fields that come from ``config.model`` (memory and speed choices)."""
-    return {"remat": config.model.remat, "attention": config.model.attention}
+    return {"remat": config.model.remat, "attention": config.model.attention,
+            "scan_blocks": config.model.get("scan_blocks", False)}
 
 
 def effective_patch_mask(batch: dict) -> jax.Array:

@@ -80,6 +80,38 @@ def test_lora_trains_only_adapters_and_head_and_the_export_reloads(eegmat_shards
     assert evaluated["balanced_accuracy"] == pytest.approx(result["val/balanced_accuracy"], abs=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["full", "last_k"])
+def test_scanned_blocks_train_like_the_loop(eegmat_shards, pretrained, tmp_path, mode):
+    """nn.scan over stacked blocks: the same losses step by step (layer decay, frozen blocks
+    included), and a model.npz in the per-block layout."""
+    runs = {}
+    for scan in (False, True):
+        cfg = tiny_config("finetune", eegmat_shards, **{
+            "optim.total_steps": 4, "log_every": 1, "model.drop_path": 0.0, "finetune.mode": mode,
+            "finetune.last_k": 1, "finetune.init_checkpoint": str(pretrained), "model.scan_blocks": scan})
+        train.run(cfg, str(tmp_path / str(scan)))
+        runs[scan] = [r["train/loss"] for r in metrics.read_jsonl(str(tmp_path / str(scan) / "metrics.jsonl"))
+                      if "train/loss" in r]
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
+    loop, scanned = _encoder(tmp_path / "False" / "model.npz"), _encoder(tmp_path / "True" / "model.npz")
+    assert set(scanned) == set(loop) and "blocks_1" in scanned
+    for a, b in zip(jax.tree_util.tree_leaves(scanned), jax.tree_util.tree_leaves(loop)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)  # Adam magnifies float noise of tiny grads
+    if mode == "last_k":
+        _assert_tree_equal(scanned["blocks_0"], _encoder(pretrained / "model.npz")["blocks_0"])
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "pretrain"])
+def test_scanned_blocks_in_the_other_stages(eegmat_shards, pretrained, tmp_path, stage):
+    tokenizer = json.loads((pretrained / "config.json").read_text())["pretrain"]["tokenizer_checkpoint"]
+    extra = {"pretrain.tokenizer_checkpoint": tokenizer} if stage == "pretrain" else {}
+    cfg = tiny_config(stage, eegmat_shards, **{"optim.total_steps": 2, "model.scan_blocks": True, **extra})
+    result = train.run(cfg, str(tmp_path))
+    assert np.isfinite(result["loss"])
+    kind, model, _ = convert.load_variables(str(tmp_path / "model.npz"))
+    assert kind == stage and not (model.cfg.encoder if stage == "tokenizer" else model.cfg).scan_blocks
+
+
 def test_size_mismatch_is_a_clear_error(eegmat_shards, pretrained, tmp_path):
     cfg = tiny_config("finetune", eegmat_shards, **{"finetune.init_checkpoint": str(pretrained), "model.size": "base"})
     with pytest.raises(ValueError, match="does not fit"):
