@@ -48,6 +48,7 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.model.dtype = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     c.model.remat = "none"  # none, or block: recompute block activations in the backward pass (saves memory)
     c.model.scan_blocks = False  # True: nn.scan over stacked blocks (one block compiled; Huge compiles faster)
+    c.model.input_norm = "none"  # none (the paper), or channel: standardise each channel of each sample
     c.model.attention = "auto"  # auto (explicit on CPU, xla elsewhere), xla, cudnn (GPU, bf16) or explicit
     c.model.drop_path = 0.0
     c.model.num_outputs = 1  # 1: binary or regression; K: K classes

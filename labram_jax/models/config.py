@@ -11,6 +11,7 @@ PATCH_SIZE = 200  # samples per patch: 1 s at 200 Hz
 NUM_TIME_ROWS = 16  # time-embedding table rows: at most 16 windows per sample
 REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")  # labram_jax.models.attention
+INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,10 @@ class TransformerConfig:
         ``layers`` axis (``blocks/...`` [depth, ...] instead of ``blocks_0 ... blocks_{depth-1}``):
         one block is compiled instead of ``depth`` (Huge compiles several times faster).
         The same function; files always store the per-block layout (models/stacking.py).
+      input_norm: ``none`` (the paper: the signal as given, in units of 100 uV), or ``channel``:
+        each channel of each sample scaled to zero mean and unit variance over its real patches
+        before the temporal encoder (removes per-recording and per-electrode amplitude; not in
+        the reference, so official weights expect ``none``).
     """
 
     embed_dim: int = 200
@@ -63,8 +68,11 @@ class TransformerConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     scan_blocks: bool = False
+    input_norm: str = "none"
 
     def __post_init__(self):
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm={self.input_norm!r}: choose one of {INPUT_NORMS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:

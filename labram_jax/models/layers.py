@@ -271,6 +271,8 @@ class NeuralTransformer(nn.Module):
             patch_mask = jnp.ones((b, n, a), bool)
         valid = patch_mask.reshape(b, n * a)
 
+        if cfg.temporal_channels and cfg.input_norm == "channel":
+            x = normalize_channels(x, patch_mask)
         if cfg.temporal_channels:
             h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, name="patch_embed")(
                 x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype), valid)
@@ -322,6 +324,21 @@ class NeuralTransformer(nn.Module):
 def drop_path_rate(cfg: config_lib.TransformerConfig, layer: int | jax.Array) -> float | jax.Array:
     """Stochastic-depth rate of block ``layer`` (0-based): linear from 0 to ``cfg.drop_path_rate``."""
     return cfg.drop_path_rate * layer / max(cfg.depth - 1, 1)
+
+
+def normalize_channels(x: jax.Array, patch_mask: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Per-sample, per-channel standardisation of the signal over its real patches.
+
+    x: [B, N, A, T] signal; patch_mask: [B, N, A] bool. Returns float32 [B, N, A, T] with
+    zero mean and unit variance along (A, T) of every channel's real patches, and zeros on
+    padding patches. eps (in the squared units of x) keeps flat channels at zero.
+    """
+    w = patch_mask.astype(jnp.float32)[..., None]
+    x = x.astype(jnp.float32) * w
+    count = jnp.maximum(w.sum(axis=(2, 3), keepdims=True) * x.shape[-1], 1.0)
+    mean = x.sum(axis=(2, 3), keepdims=True) / count
+    var = (jnp.square(x - mean) * w).sum(axis=(2, 3), keepdims=True) / count
+    return (x - mean) * jax.lax.rsqrt(var + eps) * w
 
 
 def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:

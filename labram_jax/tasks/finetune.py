@@ -105,9 +105,10 @@ def sample_weights(batch: dict, weights: np.ndarray | None) -> jax.Array:
     return valid * jnp.asarray(weights, jnp.float32)[jnp.clip(batch["label"], 0, len(weights) - 1)]
 
 
-def load_encoder(path: str, kind: str):
+def load_encoder(path: str, kind: str, input_norm: str = "none"):
     """Encoder params of a pretrained model: our ``model.npz`` (or its workdir) or an
-    official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one)."""
+    official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one).
+    ``input_norm`` is the fine-tuning model's; it must be the one the encoder was trained with."""
     if kind == "official":
         try:
             _, variables = convert.load_official(path, "pretrain")
@@ -119,7 +120,11 @@ def load_encoder(path: str, kind: str):
         if not os.path.exists(path):
             raise FileNotFoundError(f"fine-tuning init checkpoint {path} does not exist: pretrain first, or "
                                     "set --config.finetune.init_checkpoint='' to train from scratch")
-        _, _, variables = convert.load_variables(path)
+        _, module, variables = convert.load_variables(path)
+        trained_with = getattr(getattr(module.cfg, "encoder", module.cfg), "input_norm", "none")
+        if trained_with != input_norm:
+            raise ValueError(f"{path} was trained with model.input_norm={trained_with!r} but fine-tuning uses "
+                             f"{input_norm!r}: set --config.model.input_norm={trained_with}")
     encoder = dict(variables["params"]["encoder"])
     encoder.pop("mask_token", None)  # the fine-tuning model has none
     return encoder
@@ -131,7 +136,7 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
     cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype,
                               **stage_lib.model_options(config), **lora)
     model = transformer.LaBraM(cfg, num_outputs=num_outputs(ft.task, config.model.num_outputs))
-    pretrained = load_encoder(ft.init_checkpoint, ft.init_kind) if ft.init_checkpoint else None
+    pretrained = load_encoder(ft.init_checkpoint, ft.init_kind, cfg.input_norm) if ft.init_checkpoint else None
     weights = None if ft.task == "regression" else class_weights(
         ft.class_weight, config.data.train, 2 if ft.task == "binary" else config.model.num_outputs)
 

@@ -62,7 +62,8 @@ class Stage:
 def model_options(config) -> dict:
     """TransformerConfig fields that come from ``config.model`` (memory and speed choices)."""
     return {"remat": config.model.remat, "attention": config.model.attention,
-            "scan_blocks": config.model.get("scan_blocks", False)}
+            "scan_blocks": config.model.get("scan_blocks", False),
+            "input_norm": config.model.get("input_norm", "none")}
 
 
 def effective_patch_mask(batch: dict) -> jax.Array:

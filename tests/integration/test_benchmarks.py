@@ -40,3 +40,18 @@ def test_reexec_sets_the_hugepage_tunable_once(tmp_path):
     assert out == ["run None []"]
     merged = host_memory.environment_with_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert merged["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+def test_eegmat_anchor_reproduces_the_issue_figures(eeg_dir, tmp_path):
+    from benchmarks import eegmat
+
+    train_manifest, val_manifest = eegmat.prepare(eeg_dir / "eegmat", tmp_path)
+    by_split = json.loads(open(val_manifest).read())["splits"]
+    assert by_split["val"]["subjects"] == ["16", "17", "18", "19"] and len(by_split["train"]["subjects"]) == 16
+    overlapping = json.loads(open(train_manifest).read())["splits"]["train"]["windows"]
+    assert overlapping > 4 * by_split["train"]["windows"]  # 5-s windows every second
+    results = eegmat.classical(val_manifest)
+    anchor = results[eegmat.ANCHOR]
+    # issue 5: balanced accuracy 0.733, AUROC 0.659 on subjects 16-19
+    assert abs(anchor["balanced_accuracy"] - 0.733) < 0.01 and abs(anchor["auroc"] - 0.659) < 0.01
+    assert len(results) == 5 and all(0 <= r["auroc"] <= 1 for r in results.values())
