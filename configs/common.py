@@ -86,6 +86,7 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
         c.finetune = ml_collections.ConfigDict(dict(
             task="binary",  # binary, multiclass or regression
             label_smoothing=0.1,  # multi-class only
+            mixup_alpha=0.0,  # > 0: mix samples of the same channel grid, lam ~ Beta(alpha, alpha)
             class_weight="none",  # none, balanced (1 / (K x label frequency) from the manifest) or "w0,w1,..."
             init_checkpoint="",  # pretrain workdir / model.npz, or an official .pth with init_kind=official
             init_kind="ours",

@@ -154,6 +154,8 @@ def _check_values(c, device_count: int, problems: list[str]) -> None:
                  "needs the number of classes (>= 2)")
         if ft.class_weight not in ("", "none"):
             need(ft.task != "regression", "config.finetune.class_weight applies to classification; set it to none")
+        need(ft.get("mixup_alpha", 0.0) >= 0, f"config.finetune.mixup_alpha={ft.get('mixup_alpha')} must be >= 0 "
+             "(0 turns mixup off)")
         need(ft.mode in finetune.MODES, f"config.finetune.mode={ft.mode!r}: choose one of {finetune.MODES}")
         depth = model_config.LABRAM_PRESETS[c.model.size].depth
         if ft.mode == "last_k":

@@ -40,6 +40,25 @@ def task_loss(task: str, outputs: jax.Array, batch: dict, label_smoothing: float
     return jnp.square(outputs[:, 0] - batch["value"])
 
 
+def mixup(batch: dict, key: jax.Array, alpha: float) -> tuple[dict, jax.Array, jax.Array]:
+    """Mixup of each sample with a random partner of the same batch.
+
+    x <- lam * x + (1 - lam) * x[perm] with lam ~ Beta(alpha, alpha) per sample; lam is 1
+    (no mixing) where the partner has other channels or other padding, or is a padding sample,
+    since patches at one grid position must be the same electrode. Returns (the batch with
+    mixed ``x``, lam [b], perm [b]); the loss mixes the two targets with the same lam.
+    """
+    perm_key, lam_key = jax.random.split(key)
+    b = batch["x"].shape[0]
+    perm = jax.random.permutation(perm_key, b)
+    mask = stage_lib.effective_patch_mask(batch)
+    same_grid = ((batch["channel_ids"] == batch["channel_ids"][perm]).all(-1)
+                 & (mask == mask[perm]).all((-2, -1)) & batch["valid"][perm])
+    lam = jnp.where(same_grid, jax.random.beta(lam_key, alpha, alpha, (b,)), 1.0)
+    w = lam.reshape((b,) + (1,) * (batch["x"].ndim - 1)).astype(batch["x"].dtype)
+    return {**batch, "x": w * batch["x"] + (1 - w) * batch["x"][perm]}, lam, perm
+
+
 def scores(task: str, outputs: jax.Array) -> jax.Array:
     """Probabilities (binary [b], multi-class [b, K]) or values [b]."""
     if task == "binary":
@@ -146,12 +165,24 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
             variables = _with_encoder(variables, pretrained)
         return variables
 
+    mixup_alpha = ft.get("mixup_alpha", 0.0)
+
     def loss_fn(params, extra, batch, key, frozen):
         del frozen
+        if mixup_alpha > 0:
+            key, mix_key = jax.random.split(key)
+            batch, lam, perm = mixup(batch, mix_key, mixup_alpha)
         out = model.apply({"params": params, **extra}, batch["x"], batch["channel_ids"],
                           stage_lib.effective_patch_mask(batch), train=True, rngs={"dropout": key})
-        per_sample = task_loss(ft.task, out, batch, ft.label_smoothing)
-        loss = stage_lib.masked_mean(per_sample, sample_weights(batch, weights))
+        per_sample, weight = task_loss(ft.task, out, batch, ft.label_smoothing), sample_weights(batch, weights)
+        if mixup_alpha > 0:  # lam of the own target, 1 - lam of the partner's (class-weighted alike)
+            partner = {k: v[perm] for k, v in batch.items() if k in ("label", "value", "valid")}
+            partner_weight = sample_weights(partner, weights) * batch["valid"]
+            mixed = (lam * weight * per_sample
+                     + (1 - lam) * partner_weight * task_loss(ft.task, out, partner, ft.label_smoothing))
+            loss = mixed.sum() / jnp.maximum((lam * weight + (1 - lam) * partner_weight).sum(), 1.0)
+        else:
+            loss = stage_lib.masked_mean(per_sample, weight)
         return loss, ({"loss": loss}, extra)
 
     def predict(params, extra, batch):
