@@ -271,9 +271,9 @@ class NeuralTransformer(nn.Module):
             patch_mask = jnp.ones((b, n, a), bool)
         valid = patch_mask.reshape(b, n * a)
 
-        if cfg.temporal_channels and cfg.input_norm == "channel":
-            x = normalize_channels(x, patch_mask)
         if cfg.temporal_channels:
+            if cfg.input_norm == "channel":
+                x = normalize_channels(x, patch_mask)
             h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, name="patch_embed")(
                 x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype), valid)
         else:

@@ -60,7 +60,7 @@ class Stage:
 
 
 def model_options(config) -> dict:
-    """TransformerConfig fields that come from ``config.model`` (memory and speed choices)."""
+    """TransformerConfig fields that come from ``config.model`` (memory, speed and input scaling)."""
     return {"remat": config.model.remat, "attention": config.model.attention,
             "scan_blocks": config.model.get("scan_blocks", False),
             "input_norm": config.model.get("input_norm", "none")}
