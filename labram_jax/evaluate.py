@@ -1,13 +1,15 @@
 """Finite evaluation of a fine-tuned model over records; also the validation of training.
 
     python -m labram_jax.evaluate --workdir=DIR --data=data/eegmat/manifest.json \\
-        [--split val] [--checkpoint best|latest|STEP] [--per-recording] [--out metrics.json]
+        [--split val] [--checkpoint best|latest|STEP] [--per-recording] [--by-subject] [--out metrics.json]
 
 Prints and writes JSON metrics (binary: balanced accuracy, AUROC, AUC-PR, accuracy at
 0.5; multi-class: balanced accuracy, Cohen's kappa, weighted F1, accuracy; regression:
 MAE, RMSE, Pearson r), the confusion matrix (classification) and PNGs of it and of
 the ROC curve (binary).
-``--per-recording`` averages window probabilities per recording first.
+``--per-recording`` averages window probabilities per recording first. ``--by-subject`` adds
+the metrics of each subject's windows (or recordings) alone: how evenly a model transfers
+across people (AUROC is NaN for a subject with one class).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def predict_split(predict_fn, state, spec: str, split: str, grid, mesh, batch_si
 
 
 def per_recording(task: str, scores: np.ndarray, targets: np.ndarray, recordings: list[str]):
-    """Mean window score (probability or value) per recording; its target must be unique."""
+    """Mean window score (probability or value) per recording; its target must be unique.
+    Returns (scores, targets, the recording names), in sorted name order."""
     names = sorted(set(recordings))
     index = {n: i for i, n in enumerate(names)}
     idx = np.asarray([index[r] for r in recordings])
@@ -59,7 +62,17 @@ def per_recording(task: str, scores: np.ndarray, targets: np.ndarray, recordings
             raise ValueError(f"recording {name} mixes labels {values.tolist()}: per-recording aggregation needs "
                              "one label per recording")
         agg_targets.append(targets[idx == i].mean() if task == "regression" else values[0])
-    return agg_scores, np.asarray(agg_targets)
+    return agg_scores, np.asarray(agg_targets), names
+
+
+def by_group(task: str, scores: np.ndarray, targets: np.ndarray, groups: list[str]) -> dict[str, dict]:
+    """The task's metrics over each group's samples alone (e.g. per subject), and the count."""
+    groups = np.asarray(groups)
+    out = {}
+    for name in sorted(set(groups.tolist())):
+        keep = groups == name
+        out[name] = {"samples": int(keep.sum()), **finetune.compute_metrics(task, scores[keep], targets[keep])}
+    return out
 
 
 def full_report(task: str, scores: np.ndarray, targets: np.ndarray, label_names: list[str] | None = None) -> dict:
@@ -127,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="manifest.json (or shard glob) of the records to evaluate")
     parser.add_argument("--split", default="val")
     parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
-    parser.add_argument("--per-recording", action="store_true")
+    parser.add_argument("--per-recording", action="store_true", help="average window scores per recording first")
+    parser.add_argument("--by-subject", action="store_true", help="also report the metrics of every subject alone")
     parser.add_argument("--out", default=None, help="JSON output (default: WORKDIR/eval_<split>_<checkpoint>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -147,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         task = config.finetune.task
         scores, targets, positions = predict_split(restored.predict_fn, restored.state, args.data, args.split,
                                                    restored.grid, restored.mesh, config.data.batch_size, task)
+        subjects = input_pipeline.provenance_at(args.data, args.split, positions, "subject") if args.by_subject else []
         if args.per_recording:
-            scores, targets = per_recording(task, scores, targets,
-                                            input_pipeline.recordings_at(args.data, args.split, positions))
+            recordings = input_pipeline.provenance_at(args.data, args.split, positions)
+            subject_of = dict(zip(recordings, subjects))
+            scores, targets, names = per_recording(task, scores, targets, recordings)
+            subjects = [subject_of[n] for n in names] if args.by_subject else []
         report = full_report(task, scores, targets, _label_names(args.data))
         report.update(checkpoint_step=restored.step, split=args.split, data=args.data,
                       per_recording=args.per_recording)
+        if args.by_subject:
+            report["by_subject"] = by_group(task, scores, targets, subjects)
     except (FileNotFoundError, ValueError, records.RecordError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -170,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:<18} {value:.4f}")
     if "confusion_matrix" in report:
         print(f"  confusion matrix (rows true {report['labels']}): {report['confusion_matrix']}")
+    for subject, row in report.get("by_subject", {}).items():
+        print(f"  subject {subject:<12} " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "samples")
+              + f" ({row['samples']} samples)")
     print(f"wrote {out}")
     return 0
 

@@ -339,14 +339,15 @@ def count_records(spec: str, split: str = "train") -> int:
     return sum(_Reader(resolve(spec, split)).sizes())
 
 
-def recordings_at(spec: str, split: str, positions: Sequence[int]) -> list[str]:
-    """``dataset/recording`` of each evaluation position of :func:`eval_batches` (re-reads provenance)."""
+def provenance_at(spec: str, split: str, positions: Sequence[int], field: str = "recording") -> list[str]:
+    """``dataset/<field>`` (recording or subject) of each evaluation position of :func:`eval_batches`
+    (re-reads the records' provenance)."""
     reader = _Reader(resolve(spec, split))
     order = _Concatenation(np.cumsum([0] + reader.sizes()))
     out = []
     for position in positions:
         d, i = order(int(position))
-        out.append(f"{reader.sources[d].name}/{reader.read(d, i).recording}")
+        out.append(f"{reader.sources[d].name}/{getattr(reader.read(d, i), field)}")
     return out
 
 

@@ -167,6 +167,12 @@ def test_evaluate_is_repeatable_and_matches_training_validation(eegmat_shards, t
     assert evaluate.main(["--workdir", str(tmp_path), "--data", str(eegmat_shards), "--checkpoint", "best",
                           "--per-recording", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["samples"] == 4  # two validation subjects x two recordings
+    for flags, samples in (([], 60), (["--per-recording"], 2)):  # per subject: 60 windows, 2 recordings
+        assert evaluate.main(["--workdir", str(tmp_path), "--data", str(eegmat_shards), "--checkpoint", "latest",
+                              "--by-subject", "--out", str(out), *flags]) == 0
+        subjects = json.loads(out.read_text())["by_subject"]
+        assert sorted(name.split("/")[-1] for name in subjects) == ["16", "17"], sorted(subjects)
+        assert all(row["samples"] == samples and 0 <= row["balanced_accuracy"] <= 1 for row in subjects.values())
     assert evaluate.main(["--workdir", str(tmp_path / "nope"), "--data", str(eegmat_shards)]) == 2
 
 
@@ -188,7 +194,7 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     restored = train.restore_for_inference(cfg, str(tmp_path), "latest")
     scores, _, positions = evaluate.predict_split(restored.predict_fn, restored.state, str(eegmat_shards), "val",
                                                   restored.grid, restored.mesh, 8, "binary")
-    recordings = input_pipeline.recordings_at(str(eegmat_shards), "val", positions)
+    recordings = input_pipeline.provenance_at(str(eegmat_shards), "val", positions)
     mine = scores[[r.endswith("Subject16_2") for r in recordings]]
     np.testing.assert_allclose(probs, mine, atol=1e-5)
     # Arrays (in microvolts here) and Epochs give the same answers.

@@ -156,3 +156,16 @@ def test_mixup_loss_mixes_the_two_targets():
     expect = (valid * (lam * own + (1 - lam) * valid[perm] * other)).sum() / max(
         (valid * (lam + (1 - lam) * valid[perm])).sum(), 1.0)
     np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
+
+
+def test_metrics_by_group_are_the_metrics_of_each_subset():
+    from labram_jax import evaluate
+
+    rng = np.random.default_rng(0)
+    scores, targets = rng.random(40), rng.integers(0, 2, 40)
+    groups = ["a"] * 25 + ["b"] * 15
+    report = evaluate.by_group("binary", scores, targets, groups)
+    assert sorted(report) == ["a", "b"] and report["b"]["samples"] == 15
+    expect = finetune.compute_metrics("binary", scores[25:], targets[25:])
+    assert {k: v for k, v in report["b"].items() if k != "samples"} == expect
+    assert report["a"]["auroc"] != report["b"]["auroc"]
