@@ -6,9 +6,10 @@
 Subjects 00-15 train, 16-19 validate (``configs/eegmat.py``). Steps: data_prep (5-s windows
 every 1 s for training, non-overlapping for validation; skipped when the manifests exist),
 the classical anchor (log band power, 5 bands x 19 channels, + class-balanced logistic
-regression, on the same windows; with other classifiers on the same features for comparison), then per seed: tokenizer -> masked EEG pretraining on the
-training recordings without labels -> fine-tuning (``pretrained``), a linear probe of the same
-pretrained encoder (``linear_probe``), and fine-tuning from random weights (``scratch``).
+regression, on the same windows; other classifiers on the same features for comparison),
+then per seed: tokenizer -> masked EEG pretraining on the training recordings without labels
+-> fine-tuning (``pretrained``), a linear probe of the same pretrained encoder
+(``linear_probe``), and fine-tuning from random weights (``scratch``).
 Every run resumes if interrupted. The reported numbers are the validation metrics of the
 last step (no checkpoint picked on the validation set). Writes ``<workdir>/eegmat.json`` and
 prints a markdown table with the mean +- std over seeds.
@@ -163,7 +164,7 @@ def table(report: dict) -> str:
     seeds = report["seeds"]
     lines = ["| model | " + " | ".join(f"seed {s} BAcc / AUROC" for s in seeds) + " | mean +- std BAcc | mean +- std AUROC |",
              "|---" * (len(seeds) + 3) + "|"]
-    for name, row in report.get("classical", {ANCHOR: report["anchor"]}).items():
+    for name, row in report["classical"].items():
         lines.append(f"| {name} | " + " | ".join(
             f"{row['balanced_accuracy']:.3f} / {row['auroc']:.3f}" for _ in seeds) + " | "
             f"{row['balanced_accuracy']:.3f} | {row['auroc']:.3f} |")
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     train_manifest, val_manifest = prepare(pathlib.Path(args.eegmat), pathlib.Path(args.data))
     baselines = classical(val_manifest)
     report = {"seeds": args.seeds, "variants": args.variants, "overrides": args.overrides,
-              "anchor": baselines[ANCHOR], "classical": baselines, "runs": {}}
+              "classical": baselines, "runs": {}}
     for name, row in baselines.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     for seed in args.seeds:

@@ -161,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         task = config.finetune.task
         scores, targets, positions = predict_split(restored.predict_fn, restored.state, args.data, args.split,
                                                    restored.grid, restored.mesh, config.data.batch_size, task)
-        subjects = input_pipeline.provenance_at(args.data, args.split, positions, "subject") if args.by_subject else []
+        fields = ["recording"] * args.per_recording + ["subject"] * args.by_subject
+        provenance = dict(zip(fields, input_pipeline.provenance_at(args.data, args.split, positions, *fields)))
+        subjects = provenance.get("subject", [])
         if args.per_recording:
-            recordings = input_pipeline.provenance_at(args.data, args.split, positions)
-            subject_of = dict(zip(recordings, subjects))
-            scores, targets, names = per_recording(task, scores, targets, recordings)
+            subject_of = dict(zip(provenance["recording"], subjects))
+            scores, targets, names = per_recording(task, scores, targets, provenance["recording"])
             subjects = [subject_of[n] for n in names] if args.by_subject else []
         report = full_report(task, scores, targets, _label_names(args.data))
         report.update(checkpoint_step=restored.step, split=args.split, data=args.data,

@@ -339,15 +339,17 @@ def count_records(spec: str, split: str = "train") -> int:
     return sum(_Reader(resolve(spec, split)).sizes())
 
 
-def provenance_at(spec: str, split: str, positions: Sequence[int], field: str = "recording") -> list[str]:
-    """``dataset/<field>`` (recording or subject) of each evaluation position of :func:`eval_batches`
-    (re-reads the records' provenance)."""
+def provenance_at(spec: str, split: str, positions: Sequence[int], *fields: str) -> list[list[str]]:
+    """For each of ``fields`` (``recording``, ``subject`` ...), the ``dataset/<value>`` of every
+    evaluation position of :func:`eval_batches`; one pass that re-reads the records."""
     reader = _Reader(resolve(spec, split))
     order = _Concatenation(np.cumsum([0] + reader.sizes()))
-    out = []
+    out = [[] for _ in fields]
     for position in positions:
         d, i = order(int(position))
-        out.append(f"{reader.sources[d].name}/{getattr(reader.read(d, i), field)}")
+        record = reader.read(d, i)
+        for column, field in zip(out, fields):
+            column.append(f"{reader.sources[d].name}/{getattr(record, field)}")
     return out
 
 

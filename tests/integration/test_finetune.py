@@ -194,7 +194,7 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     restored = train.restore_for_inference(cfg, str(tmp_path), "latest")
     scores, _, positions = evaluate.predict_split(restored.predict_fn, restored.state, str(eegmat_shards), "val",
                                                   restored.grid, restored.mesh, 8, "binary")
-    recordings = input_pipeline.provenance_at(str(eegmat_shards), "val", positions)
+    recordings = input_pipeline.provenance_at(str(eegmat_shards), "val", positions, "recording")[0]
     mine = scores[[r.endswith("Subject16_2") for r in recordings]]
     np.testing.assert_allclose(probs, mine, atol=1e-5)
     # Arrays (in microvolts here) and Epochs give the same answers.
