@@ -125,7 +125,11 @@ def label_frequencies(spec: str, split: str = "train") -> tuple[list[str], np.nd
         if not path.endswith(".json"):
             raise ValueError(f"class weights need label counts from a manifest; {path!r} is not one: point "
                              "config.data.train at data_prep's manifest.json, or give explicit weights")
-        for manifest_path in expand(path):
+        paths = expand(path)
+        if not paths:
+            raise FileNotFoundError(f"class weights need the manifest {path!r}, which does not exist: run data_prep "
+                                    "first or fix config.data.train (relative paths are from the working directory)")
+        for manifest_path in paths:
             manifest = json.loads(epath.Path(manifest_path).read_text())
             found = manifest.get("labels", {}).get("names") or []
             if names is None:
