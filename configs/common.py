@@ -49,6 +49,7 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none, or block: recompute block activations in the backward pass (saves memory)
     c.model.scan_blocks = False  # True: nn.scan over stacked blocks (one block compiled; Huge compiles faster)
     c.model.input_norm = "none"  # none (the paper), or channel: standardise each channel of each sample
+    c.model.temporal_groups = 4  # GroupNorm groups of the temporal encoder (4: the paper; 1 keeps band power ratios)
     c.model.attention = "auto"  # auto (explicit on CPU, xla elsewhere), xla, cudnn (GPU, bf16) or explicit
     c.model.drop_path = 0.0
     c.model.num_outputs = 1  # 1: binary or regression; K: K classes
@@ -74,7 +75,8 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
         c.tokenizer = ml_collections.ConfigDict(dict(
             ema_decay=0.99, kmeans_iters=10, code_dim=64,
             commitment_weight=1.0,
-            dead_code_threshold=0.0))  # > 0: restart codes whose usage EMA falls below it (not in the reference)
+            dead_code_threshold=0.0,  # > 0: restart codes whose usage EMA falls below it (not in the reference)
+            log_amplitude=False))  # True: log(|X| + 0.01) amplitude target (not in the reference)
     if stage == "pretrain":
         c.pretrain = ml_collections.ConfigDict(dict(mask_ratio=0.5, tokenizer_checkpoint=""))
     if stage == "finetune":
@@ -87,6 +89,8 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
             task="binary",  # binary, multiclass or regression
             label_smoothing=0.1,  # multi-class only
             mixup_alpha=0.0,  # > 0: mix samples of the same channel grid, lam ~ Beta(alpha, alpha)
+            channel_gain_std=0.0,  # > 0: scale each channel of each training sample by exp(std x N(0, 1))
+            channel_drop=0.0,  # > 0: drop each channel of each training sample with this probability
             class_weight="none",  # none, balanced (1 / (K x label frequency) from the manifest) or "w0,w1,..."
             init_checkpoint="",  # pretrain workdir / model.npz, or an official .pth with init_kind=official
             init_kind="ours",

@@ -48,6 +48,10 @@ class TransformerConfig:
         each channel of each sample scaled to zero mean and unit variance over its real patches
         before the temporal encoder (removes per-recording and per-electrode amplitude; not in
         the reference, so official weights expect ``none``).
+      temporal_groups: GroupNorm groups of the temporal encoder (the reference: 4). Each group
+        is normalised over the whole sample, so with 4 groups the overall power of each group
+        of filters (how much of the sample is in each band) is divided out; 1 keeps the power
+        ratios between the filters. Changes no parameter shape.
     """
 
     embed_dim: int = 200
@@ -69,8 +73,12 @@ class TransformerConfig:
     lora_alpha: float = 16.0
     scan_blocks: bool = False
     input_norm: str = "none"
+    temporal_groups: int = 4
 
     def __post_init__(self):
+        if self.temporal_channels and (self.temporal_groups < 1 or self.temporal_channels % self.temporal_groups):
+            raise ValueError(f"temporal_groups={self.temporal_groups} must divide temporal_channels="
+                             f"{self.temporal_channels}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm={self.input_norm!r}: choose one of {INPUT_NORMS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -115,6 +123,7 @@ class TokenizerConfig:
     commitment_weight: float = 1.0
     kmeans_iters: int = 10
     dead_code_threshold: float = 0.0  # not in the reference: restart codes used less than this (EMA count)
+    log_amplitude: bool = False  # not in the reference: the amplitude target is log(|X| + 0.01)
 
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)

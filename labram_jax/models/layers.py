@@ -86,11 +86,13 @@ def _uniform_fan_in(fan_in: int):
 class TemporalEncoder(nn.Module):
     """Three 1-D convolutions over each 200-sample patch (LABRAM.md 3.1).
 
-    conv1 k15 s8 p7 -> GroupNorm(4) -> GELU, then twice conv k3 p1 -> GroupNorm -> GELU.
+    conv1 k15 s8 p7 -> GroupNorm(groups, 4 in the reference) -> GELU, then twice conv k3 p1 ->
+    GroupNorm -> GELU.
     """
 
     channels: int
     dtype: jnp.dtype = jnp.float32
+    groups: int = GN_GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -105,7 +107,7 @@ class TemporalEncoder(nn.Module):
                         kernel_init=logical(_uniform_fan_in(fan_in), ("conv_width", "conv_in", "conv_out")),
                         bias_init=logical(_uniform_fan_in(fan_in), ("conv_out",)))(h)
             h = h.reshape(b, p, -1, self.channels)
-            h = masked_group_norm(h, valid, GN_GROUPS)
+            h = masked_group_norm(h, valid, self.groups)
             scale = self.param(f"norm{i}_scale", logical(nn.initializers.ones, ("conv_out",)), (self.channels,))
             bias = self.param(f"norm{i}_bias", logical(nn.initializers.zeros, ("conv_out",)), (self.channels,))
             h = gelu(h * scale + bias).astype(self.dtype)
@@ -274,7 +276,7 @@ class NeuralTransformer(nn.Module):
         if cfg.temporal_channels:
             if cfg.input_norm == "channel":
                 x = normalize_channels(x, patch_mask)
-            h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, name="patch_embed")(
+            h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, cfg.temporal_groups, name="patch_embed")(
                 x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype), valid)
         else:
             h = dense(cfg.embed_dim, ("code", "embed"), "patch_embed", dtype=cfg.dtype)(

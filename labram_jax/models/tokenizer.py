@@ -38,12 +38,19 @@ def masked_zscore(x: jax.Array, valid: jax.Array) -> jax.Array:
     return (x - mean) / jnp.sqrt(var)
 
 
-def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+LOG_AMPLITUDE_FLOOR = 0.01  # |X| floor of the log-amplitude target (units of 100 uV x samples)
+
+
+def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None,
+                    log_amplitude: bool = False) -> tuple[jax.Array, jax.Array]:
     """Amplitude and phase targets of each patch's full 200-point DFT.
 
     Args:
       x: [B, N, A, T] float, units of 100 uV.
       patch_mask: [B, N, A] bool of real patches (None: all).
+      log_amplitude: amplitude target log(|X| + 0.01) instead of |X| (not in the reference:
+        a log spectrum weighs relative changes in every band alike, where |X| is dominated
+        by the largest low-frequency bins).
     Returns:
       (amplitude, phase), each [B, N, A, T] float32, z-scored per sample over all
       valid channels x windows x bins. Phase is ``atan2(imag + 0.0, real)`` in
@@ -51,6 +58,8 @@ def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None) -> tuple[
     """
     spectrum = jnp.fft.fft(x.astype(jnp.float32), axis=-1)
     amplitude = jnp.abs(spectrum)
+    if log_amplitude:
+        amplitude = jnp.log(amplitude + LOG_AMPLITUDE_FLOOR)
     phase = jnp.arctan2(jnp.imag(spectrum) + 0.0, jnp.real(spectrum))
     valid = jnp.ones(x.shape[:3], bool) if patch_mask is None else patch_mask
     valid = valid[..., None]
@@ -282,7 +291,7 @@ class VQNSP(nn.Module):
         """
         b, n, a = x.shape[:3]
         valid = jnp.ones((b, n * a), bool) if patch_mask is None else patch_mask.reshape(b, n * a)
-        amp_target, phase_target = fourier_targets(x, patch_mask)
+        amp_target, phase_target = fourier_targets(x, patch_mask, self.cfg.log_amplitude)
         z = self.encode(x, channel_ids, patch_mask, train=train)
         z_q, codes, commitment = self.quantizer(z, valid, update=update_codebook)
         rec_amp, rec_phase = self.decode(z_q, channel_ids, patch_mask, (b, n, a), train=train)

@@ -59,6 +59,28 @@ def mixup(batch: dict, key: jax.Array, alpha: float) -> tuple[dict, jax.Array, j
     return {**batch, "x": w * batch["x"] + (1 - w) * batch["x"][perm]}, lam, perm
 
 
+def augment_channels(batch: dict, key: jax.Array, gain_std: float, drop_rate: float) -> dict:
+    """Per-sample, per-channel amplitude jitter and channel dropout of a training batch.
+
+    Every channel of every sample is scaled by exp(gain_std * N(0, 1)) (electrode impedance and
+    skull differ between recordings), and with probability ``drop_rate`` removed: its patches
+    leave ``patch_mask`` and are zeroed. A sample keeps at least one channel. x [b, C, W, P].
+    """
+    gain_key, drop_key = jax.random.split(key)
+    b, c = batch["x"].shape[:2]
+    x, mask = batch["x"], batch["patch_mask"]
+    if gain_std > 0:
+        gain = jnp.exp(gain_std * jax.random.normal(gain_key, (b, c)))
+        x = x * gain[:, :, None, None].astype(x.dtype)
+    if drop_rate > 0:
+        present = mask.any(-1)  # [b, C]
+        keep = jax.random.bernoulli(drop_key, 1.0 - drop_rate, (b, c)) & present
+        keep = jnp.where(keep.any(-1, keepdims=True), keep, present)
+        mask = mask & keep[:, :, None]
+        x = jnp.where(mask[..., None], x, 0).astype(x.dtype)
+    return {**batch, "x": x, "patch_mask": mask}
+
+
 def scores(task: str, outputs: jax.Array) -> jax.Array:
     """Probabilities (binary [b], multi-class [b, K]) or values [b]."""
     if task == "binary":
@@ -124,10 +146,11 @@ def sample_weights(batch: dict, weights: np.ndarray | None) -> jax.Array:
     return valid * jnp.asarray(weights, jnp.float32)[jnp.clip(batch["label"], 0, len(weights) - 1)]
 
 
-def load_encoder(path: str, kind: str, input_norm: str = "none"):
+def load_encoder(path: str, kind: str, input_norm: str = "none", temporal_groups: int = 4):
     """Encoder params of a pretrained model: our ``model.npz`` (or its workdir) or an
     official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one).
-    ``input_norm`` is the fine-tuning model's; it must be the one the encoder was trained with."""
+    ``input_norm`` and ``temporal_groups`` are the fine-tuning model's; they must be the ones
+    the encoder was trained with (official weights: none and 4)."""
     if kind == "official":
         try:
             _, variables = convert.load_official(path, "pretrain")
@@ -140,10 +163,12 @@ def load_encoder(path: str, kind: str, input_norm: str = "none"):
             raise FileNotFoundError(f"fine-tuning init checkpoint {path} does not exist: pretrain first, or "
                                     "set --config.finetune.init_checkpoint='' to train from scratch")
         _, module, variables = convert.load_variables(path)
-        trained_with = getattr(getattr(module.cfg, "encoder", module.cfg), "input_norm", "none")
-        if trained_with != input_norm:
-            raise ValueError(f"{path} was trained with model.input_norm={trained_with!r} but fine-tuning uses "
-                             f"{input_norm!r}: set --config.model.input_norm={trained_with}")
+        trained = getattr(module.cfg, "encoder", module.cfg)
+        for field, ours in (("input_norm", input_norm), ("temporal_groups", temporal_groups)):
+            theirs = getattr(trained, field)
+            if theirs != ours:
+                raise ValueError(f"{path} was trained with model.{field}={theirs!r} but fine-tuning uses {ours!r}: "
+                                 f"set --config.model.{field}={theirs}")
     encoder = dict(variables["params"]["encoder"])
     encoder.pop("mask_token", None)  # the fine-tuning model has none
     return encoder
@@ -155,7 +180,8 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
     cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype,
                               **stage_lib.model_options(config), **lora)
     model = transformer.LaBraM(cfg, num_outputs=num_outputs(ft.task, config.model.num_outputs))
-    pretrained = load_encoder(ft.init_checkpoint, ft.init_kind, cfg.input_norm) if ft.init_checkpoint else None
+    pretrained = (load_encoder(ft.init_checkpoint, ft.init_kind, cfg.input_norm, cfg.temporal_groups)
+                  if ft.init_checkpoint else None)
     weights = None if ft.task == "regression" else class_weights(
         ft.class_weight, config.data.train, 2 if ft.task == "binary" else config.model.num_outputs)
 
@@ -166,9 +192,13 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         return variables
 
     mixup_alpha = ft.get("mixup_alpha", 0.0)
+    gain_std, drop_rate = ft.get("channel_gain_std", 0.0), ft.get("channel_drop", 0.0)
 
     def loss_fn(params, extra, batch, key, frozen):
         del frozen
+        if gain_std > 0 or drop_rate > 0:
+            key, aug_key = jax.random.split(key)
+            batch = augment_channels(batch, aug_key, gain_std, drop_rate)
         if mixup_alpha > 0:
             key, mix_key = jax.random.split(key)
             batch, lam, perm = mixup(batch, mix_key, mixup_alpha)

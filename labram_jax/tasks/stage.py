@@ -63,7 +63,8 @@ def model_options(config) -> dict:
     """TransformerConfig fields that come from ``config.model`` (memory, speed and input scaling)."""
     return {"remat": config.model.remat, "attention": config.model.attention,
             "scan_blocks": config.model.get("scan_blocks", False),
-            "input_norm": config.model.get("input_norm", "none")}
+            "input_norm": config.model.get("input_norm", "none"),
+            "temporal_groups": config.model.get("temporal_groups", 4)}
 
 
 def effective_patch_mask(batch: dict) -> jax.Array:

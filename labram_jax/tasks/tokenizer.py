@@ -18,7 +18,8 @@ def model_from_config(config: ml_collections.ConfigDict, dtype) -> tokenizer_lib
         dtype=dtype, in_dim=config.tokenizer.code_dim, **options), code_dim=config.tokenizer.code_dim,
         codebook_size=config.model.vocab_size, ema_decay=config.tokenizer.ema_decay,
         kmeans_iters=config.tokenizer.kmeans_iters, commitment_weight=config.tokenizer.commitment_weight,
-        dead_code_threshold=config.tokenizer.dead_code_threshold)
+        dead_code_threshold=config.tokenizer.dead_code_threshold,
+        log_amplitude=config.tokenizer.get("log_amplitude", False))
     return tokenizer_lib.VQNSP(cfg)
 
 

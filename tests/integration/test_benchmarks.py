@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import train_step
 from labram_jax import host_memory
 from tests.conftest import ROOT
@@ -54,4 +56,18 @@ def test_eegmat_anchor_reproduces_the_issue_figures(eeg_dir, tmp_path):
     anchor = results[eegmat.ANCHOR]
     # issue 5: balanced accuracy 0.733, AUROC 0.659 on subjects 16-19
     assert abs(anchor["balanced_accuracy"] - 0.733) < 0.01 and abs(anchor["auroc"] - 0.659) < 0.01
-    assert len(results) == 5 and all(0 <= r["auroc"] <= 1 for r in results.values())
+    assert len(results) == 6 and all(0 <= r["auroc"] <= 1 for r in results.values())
+    # the task is linear in the whole log spectrum (measured 0.819 / 0.819)
+    assert results[eegmat.LOG_SPECTRUM]["balanced_accuracy"] > 0.8 and results[eegmat.LOG_SPECTRUM]["auroc"] > 0.8
+
+
+def test_eegmat_reads_a_finished_runs_last_validation(tmp_path):
+    from benchmarks import eegmat
+
+    rows = [{"step": 10, "train/loss": 0.5}, {"step": 20, "val/auroc": 0.6, "val/balanced_accuracy": 0.55},
+            {"step": 30, "val/auroc": 0.7, "val/balanced_accuracy": 0.65}, {"step": 30, "train/loss": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert eegmat.last_validation(tmp_path) == {"auroc": 0.7, "balanced_accuracy": 0.65}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SystemExit, match="no validation metrics"):
+        eegmat.last_validation(tmp_path)

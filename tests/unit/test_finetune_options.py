@@ -45,6 +45,8 @@ def test_class_weight_errors_say_what_to_do(tmp_path):
         finetune.class_weights("balanced", c, 3)
     with pytest.raises(ValueError, match="not one"):
         input_pipeline.label_frequencies(str(tmp_path / "*.arrayrecord"))
+    with pytest.raises(FileNotFoundError, match="run data_prep first"):
+        finetune.class_weights("balanced", str(tmp_path / "missing" / "manifest.json"), 2)
     with pytest.raises(ValueError, match="give 2 positive"):
         finetune.class_weights("1,2,3", c, 2)
     with pytest.raises(ValueError, match="balanced or comma"):
@@ -156,6 +158,30 @@ def test_mixup_loss_mixes_the_two_targets():
     expect = (valid * (lam * own + (1 - lam) * valid[perm] * other)).sum() / max(
         (valid * (lam + (1 - lam) * valid[perm])).sum(), 1.0)
     np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
+
+
+def test_channel_augmentation_scales_whole_channels_and_drops_some():
+    batch = _mix_batch()
+    batch = {**batch, "x": jnp.tile(batch["x"], (1, 4, 1, 1)), "channel_ids": jnp.tile(batch["channel_ids"], (1, 4)),
+             "patch_mask": jnp.tile(batch["patch_mask"], (1, 4, 1)).at[0, 7].set(False)}  # sample 0: 7 channels
+    x, mask = np.asarray(batch["x"]), np.asarray(batch["patch_mask"])
+    dropped = []
+    for seed in range(10):
+        out = finetune.augment_channels(batch, jax.random.key(seed), gain_std=0.3, drop_rate=0.5)
+        ox, om = np.asarray(out["x"]), np.asarray(out["patch_mask"])
+        assert np.all(om <= mask) and np.all(om.any((1, 2)))  # only removes; every sample keeps a channel
+        kept = om.any(-1)
+        assert np.all(ox[~om] == 0)
+        for b, c in zip(*np.nonzero(kept)):  # a kept channel is the original times one positive gain
+            where = om[b, c]
+            ratio = ox[b, c][where] / x[b, c][where]
+            assert np.allclose(ratio, ratio.flat[0], rtol=1e-4) and 0.1 < ratio.flat[0] < 10
+        assert np.all(om[kept[..., None].repeat(3, -1)] == mask[kept[..., None].repeat(3, -1)])
+        dropped.append(1 - kept.sum() / mask.any(-1).sum())
+    assert 0.3 < np.mean(dropped) < 0.7
+    same = finetune.augment_channels(batch, jax.random.key(0), gain_std=0.0, drop_rate=0.0)
+    np.testing.assert_array_equal(np.asarray(same["x"]), x)
+    np.testing.assert_array_equal(np.asarray(same["patch_mask"]), mask)
 
 
 def test_metrics_by_group_are_the_metrics_of_each_subset():

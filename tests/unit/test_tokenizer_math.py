@@ -20,6 +20,16 @@ def test_fourier_targets_match_numpy():
         np.testing.assert_allclose(ours, ref, atol=2e-4)
 
 
+def test_log_amplitude_target_is_the_zscored_log_spectrum():
+    rng = np.random.default_rng(1)
+    x = (0.2 * rng.normal(size=(2, 3, 4, 200))).astype(np.float32)
+    amp, phase = tk.fourier_targets(x, log_amplitude=True)
+    ref = np.log(np.abs(np.fft.fft(x.astype(np.float64), axis=-1)) + tk.LOG_AMPLITUDE_FLOOR)
+    ref = (ref - ref.mean(axis=(1, 2, 3), keepdims=True)) / ref.std(axis=(1, 2, 3), ddof=1, keepdims=True)
+    np.testing.assert_allclose(amp, ref, atol=2e-4)
+    np.testing.assert_array_equal(phase, tk.fourier_targets(x)[1])  # the phase target is unchanged
+
+
 def test_negative_real_bin_has_phase_plus_pi():
     x = -np.ones((1, 1, 1, 200), np.float32)  # DC bin = -200 + 0j
     spectrum = jnp.fft.fft(x, axis=-1)
