@@ -90,6 +90,10 @@ def _check_values(c, device_count: int, problems: list[str]) -> None:
     need(c.model.attention in model_config.ATTENTION_IMPLEMENTATIONS, f"config.model.attention={c.model.attention!r}: "
          f"choose one of {model_config.ATTENTION_IMPLEMENTATIONS}")
     need(0.0 <= c.model.drop_path < 1.0, f"config.model.drop_path={c.model.drop_path} must be in [0, 1)")
+    filters = model_config.LABRAM_PRESETS[c.model.size].temporal_channels
+    groups = c.model.get("temporal_groups", 4)
+    need(groups >= 1 and filters % groups == 0, f"config.model.temporal_groups={groups} must divide the "
+         f"{filters} temporal-encoder filters of size {c.model.size} (4, the paper, or 1)")
     need(c.model.vocab_size > 0, "config.model.vocab_size must be positive")
     # data and the batch grid
     need(bool(c.data.train), "config.data.train is empty: pass --config.data.train=<manifest.json or shard glob>")
@@ -156,6 +160,10 @@ def _check_values(c, device_count: int, problems: list[str]) -> None:
             need(ft.task != "regression", "config.finetune.class_weight applies to classification; set it to none")
         need(ft.get("mixup_alpha", 0.0) >= 0, f"config.finetune.mixup_alpha={ft.get('mixup_alpha')} must be >= 0 "
              "(0 turns mixup off)")
+        need(ft.get("channel_gain_std", 0.0) >= 0, f"config.finetune.channel_gain_std={ft.get('channel_gain_std')} "
+             "must be >= 0 (0: no gain jitter)")
+        need(0 <= ft.get("channel_drop", 0.0) < 1, f"config.finetune.channel_drop={ft.get('channel_drop')} must be "
+             "in [0, 1)")
         need(ft.mode in finetune.MODES, f"config.finetune.mode={ft.mode!r}: choose one of {finetune.MODES}")
         depth = model_config.LABRAM_PRESETS[c.model.size].depth
         if ft.mode == "last_k":

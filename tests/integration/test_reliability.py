@@ -159,6 +159,8 @@ def _config_error(stage="finetune", devices=8, **overrides):
     ({"finetune.init_checkpoint": "/nonexistent/model.npz"}, "init_checkpoint=/nonexistent/model.npz does not exist"),
     ({"nonfinite_policy": "ignore"}, "config.nonfinite_policy='ignore'"),
     ({"model.dtype": "float16"}, "config.model.dtype='float16'"),
+    ({"model.temporal_groups": 3}, "config.model.temporal_groups=3 must divide the 4 temporal-encoder filters"),
+    ({"finetune.channel_drop": 1.0}, "config.finetune.channel_drop=1.0 must be in [0, 1)"),
 ])
 def test_config_errors(overrides, expected, eegmat_shards):
     assert expected in _config_error(**{"data.train": str(eegmat_shards), **overrides})
