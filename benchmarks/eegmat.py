@@ -1,7 +1,8 @@
 """EEGMAT end to end: pretrained vs from-scratch vs linear probe, several seeds, one table.
 
     python -m benchmarks.eegmat [--eegmat ../shared/eeg/eegmat] [--data data] [--workdir runs/eegmat] \\
-        [--seeds 0 1 2] [--variants pretrained scratch linear_probe] [--set STAGE:FIELD=VALUE ...]
+        [--seeds 0 1 2] [--variants pretrained scratch linear_probe] [--pick-step last|inner] \\
+        [--set STAGE:FIELD=VALUE ...]
 
 Subjects 00-15 train, 16-19 validate (``configs/eegmat.py``). Steps: data_prep (5-s windows
 every 1 s for training, non-overlapping for validation; skipped when the manifests exist),
@@ -11,7 +12,9 @@ then per seed: tokenizer -> masked EEG pretraining on the training recordings wi
 -> fine-tuning (``pretrained``), a linear probe of the same pretrained encoder
 (``linear_probe``), and fine-tuning from random weights (``scratch``).
 Every run resumes if interrupted. The reported numbers are the validation metrics of the
-last step (no checkpoint picked on the validation set). Writes ``<workdir>/eegmat.json`` and
+last step, or with ``--pick-step inner`` of the step picked without the validation subjects:
+each fine-tuning runs first with subjects 00-11 training and 12-15 validating, and the final
+run (00-15) is read at the same point of training as that run's best AUROC. Writes ``<workdir>/eegmat.json`` and
 prints a markdown table with the mean +- std over seeds.
 """
 
@@ -31,6 +34,8 @@ from data_prep import __main__ as data_prep_cli
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EEGMAT = ROOT.parent / "shared" / "eeg" / "eegmat"
 VAL_SUBJECTS = "16,17,18,19"
+INNER_VAL_SUBJECTS = "12,13,14,15"  # --pick-step inner: validation subjects inside the training ones
+PICK_EVERY = 20  # --pick-step inner: evaluate every this many steps
 BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
 VARIANTS = ("pretrained", "scratch", "linear_probe", "lora")
 log = logging.getLogger("labram_jax")
@@ -50,6 +55,46 @@ def prepare(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
                 raise SystemExit(f"data_prep failed on {eegmat} (exit {code})")
         out[name] = str(manifest)
     return out["eegmat_s1"], out["eegmat"]
+
+
+def prepare_inner(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
+    """The training subjects split again for picking the fine-tuning length: subjects 00-11
+    train, 12-15 validate (16-19 are not read). (training manifest with 1-s stride, validation
+    manifest without overlap)."""
+    files = sorted(str(f) for f in eegmat.glob("Subject*_[12].edf") if int(f.name[7:9]) < 16)
+    if len(files) != 32:
+        raise SystemExit(f"{eegmat} holds {len(files)} recordings of subjects 00-15, expected 32")
+    out = {}
+    for name, stride in (("eegmat_inner_s1", ["--stride", "1"]), ("eegmat_inner", [])):
+        manifest = data / name / "manifest.json"
+        if not manifest.exists():
+            code = data_prep_cli.main([*files, "--out", str(data / name), "--dataset", "eegmat", "--window", "5",
+                                       *stride, "--label-from", "filename", "--label-pattern", r"_1\.edf$=rest",
+                                       "--label-pattern", r"_2\.edf$=arithmetic", "--subject-pattern", r"Subject(\d+)_",
+                                       "--val-subjects", INNER_VAL_SUBJECTS, "--quiet"])
+            if code != 0:
+                raise SystemExit(f"data_prep failed on {eegmat} (exit {code})")
+        out[name] = str(manifest)
+    return out["eegmat_inner_s1"], out["eegmat_inner"]
+
+
+def validation_curve(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
+    """Step -> validation metrics, from ``workdir/metrics.jsonl``."""
+    curve = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if any(k.startswith("val/") for k in row):
+            curve[int(row["step"])] = {k[4:]: float(v) for k, v in row.items() if k.startswith("val/")}
+    return curve
+
+
+def pick_step(inner: dict[int, dict[str, float]], final_steps: list[int]) -> tuple[int, int]:
+    """(best inner step by AUROC, the first of them on ties; the evaluated step of the final run
+    at the same fraction of training). Both runs train for the same epochs, so a fraction of
+    the inner run is the same point of the learning-rate schedule in the final one."""
+    best = max(sorted(inner), key=lambda step: inner[step]["auroc"])
+    target = best / max(inner) * max(final_steps)
+    return best, min(final_steps, key=lambda step: (abs(step - target), step))
 
 
 def _windows(manifest: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -152,20 +197,34 @@ def last_validation(workdir: pathlib.Path) -> dict[str, float]:
 
 
 def run_seed(seed: int, variants: list[str], train_manifest: str, val_manifest: str, workdir: pathlib.Path,
-             overrides: list[str]) -> dict[str, dict]:
+             overrides: list[str], inner: tuple[str, str] | None = None) -> dict[str, dict]:
+    """One seed's runs. ``inner`` (training, validation manifests of the training subjects split
+    again): each fine-tuning first runs there, and the reported step is picked on it."""
     from labram_jax import train
 
     root = workdir / f"seed{seed}"
     results, t0 = {}, time.perf_counter()
 
     def finetune(name: str, mode: str, init: str) -> None:
+        start = time.perf_counter()
+        picked = {}
+        if inner:
+            config = _config("finetune", *inner, seed, overrides)
+            config.finetune.mode, config.finetune.init_checkpoint, config.eval_every = mode, init, PICK_EVERY
+            train.run(config, str(root / f"{name}_inner"))
         config = _config("finetune", train_manifest, val_manifest, seed, overrides)
         config.finetune.mode, config.finetune.init_checkpoint = mode, init
-        start = time.perf_counter()
+        if inner:
+            config.eval_every = PICK_EVERY
         out = train.run(config, str(root / name))
         scores = {k[4:]: float(v) for k, v in out.items() if k.startswith("val/")} or last_validation(root / name)
-        results[name] = {**scores, "wall_s": time.perf_counter() - start}
-        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+        if inner:
+            curve = validation_curve(root / name)
+            inner_step, step = pick_step(validation_curve(root / f"{name}_inner"), sorted(curve))
+            scores, picked = curve[step], {"picked_step": step, "inner_step": inner_step, "last_step": scores}
+        results[name] = {**scores, **picked, "wall_s": time.perf_counter() - start}
+        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()
+                                                  if not isinstance(v, dict)), flush=True)
 
     if set(variants) & {"pretrained", "linear_probe", "lora"}:
         train.run(_config("tokenizer", train_manifest, val_manifest, seed, overrides), str(root / "tokenizer"))
@@ -207,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/eegmat")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["pretrained", "scratch", "linear_probe"], choices=VARIANTS)
+    parser.add_argument("--pick-step", choices=["last", "inner"], default="last",
+                        help="which step of each fine-tuning to report: the last, or the one with the best "
+                             f"AUROC when subjects {INNER_VAL_SUBJECTS} of the training subjects validate a first run "
+                             "on the other 12 (one more fine-tuning per variant; the validation subjects stay unseen)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:FIELD=VALUE",
                         help="override a field of configs/eegmat.py for one stage, e.g. finetune:optim.lr=5e-4")
     args = parser.parse_args(argv)
@@ -218,12 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     train_manifest, val_manifest = prepare(pathlib.Path(args.eegmat), pathlib.Path(args.data))
     baselines = classical(val_manifest)
+    inner = prepare_inner(pathlib.Path(args.eegmat), pathlib.Path(args.data)) if args.pick_step == "inner" else None
     report = {"seeds": args.seeds, "variants": args.variants, "overrides": args.overrides,
-              "classical": baselines, "runs": {}}
+              "pick_step": args.pick_step, "classical": baselines, "runs": {}}
     for name, row in baselines.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     for seed in args.seeds:
-        report["runs"][str(seed)] = run_seed(seed, args.variants, train_manifest, val_manifest, workdir, args.overrides)
+        report["runs"][str(seed)] = run_seed(seed, args.variants, train_manifest, val_manifest, workdir, args.overrides,
+                                             inner)
         (workdir / "eegmat.json").write_text(json.dumps(report, indent=1))
     print("\n" + table(report))
     print(f"\nwrote {workdir / 'eegmat.json'}")

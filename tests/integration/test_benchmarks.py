@@ -52,6 +52,11 @@ def test_eegmat_anchor_reproduces_the_issue_figures(eeg_dir, tmp_path):
     assert by_split["val"]["subjects"] == ["16", "17", "18", "19"] and len(by_split["train"]["subjects"]) == 16
     overlapping = json.loads(open(train_manifest).read())["splits"]["train"]["windows"]
     assert overlapping > 4 * by_split["train"]["windows"]  # 5-s windows every second
+    inner = [json.loads(open(m).read())["splits"] for m in eegmat.prepare_inner(eeg_dir / "eegmat", tmp_path)]
+    for splits in inner:  # the training subjects split again; the validation subjects never read
+        assert splits["train"]["subjects"] == [f"{i:02d}" for i in range(12)]
+        assert splits["val"]["subjects"] == ["12", "13", "14", "15"]
+    assert inner[0]["train"]["windows"] > 4 * inner[1]["train"]["windows"]
     results = eegmat.classical(val_manifest)
     anchor = results[eegmat.ANCHOR]
     # issue 5: balanced accuracy 0.733, AUROC 0.659 on subjects 16-19
@@ -71,3 +76,18 @@ def test_eegmat_reads_a_finished_runs_last_validation(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(SystemExit, match="no validation metrics"):
         eegmat.last_validation(tmp_path)
+
+
+def test_eegmat_picks_the_step_of_the_inner_runs_best_auroc(tmp_path):
+    from benchmarks import eegmat
+
+    rows = [{"step": s, "val/auroc": a, "val/balanced_accuracy": 0.5} for s, a in ((20, 0.6), (40, 0.8), (60, 0.8),
+                                                                                  (440, 0.5))]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows + [{"step": 440, "train/loss": 1}]))
+    inner = eegmat.validation_curve(tmp_path)
+    assert sorted(inner) == [20, 40, 60, 440] and inner[40]["auroc"] == 0.8
+    final = list(range(20, 600, 20)) + [590]
+    # the first best inner step (40 of 440) is 9 % of training: step 54 of 590, evaluated at 60
+    assert eegmat.pick_step(inner, final) == (40, 60)
+    assert eegmat.pick_step({20: {"auroc": 0.9}, 440: {"auroc": 0.1}}, final) == (20, 20)
+    assert eegmat.pick_step({20: {"auroc": 0.1}, 440: {"auroc": 0.9}}, final) == (440, 590)
