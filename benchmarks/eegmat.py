@@ -41,20 +41,26 @@ VARIANTS = ("pretrained", "scratch", "linear_probe", "lora")
 log = logging.getLogger("labram_jax")
 
 
-def prepare(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
-    """(training manifest with 1-s stride, validation manifest without overlap)."""
-    out = {}
-    for name, stride in (("eegmat_s1", ["--stride", "1"]), ("eegmat", [])):
+def _convert(inputs: list[str], data: pathlib.Path, prefix: str, val_subjects: str) -> tuple[str, str]:
+    """data_prep of ``inputs`` into ``<prefix>_s1`` (5-s windows every 1 s) and ``<prefix>``
+    (non-overlapping), skipped where the manifest exists: their manifest paths."""
+    out = []
+    for name, stride in ((f"{prefix}_s1", ["--stride", "1"]), (prefix, [])):
         manifest = data / name / "manifest.json"
         if not manifest.exists():
-            code = data_prep_cli.main([str(eegmat), "--out", str(data / name), "--dataset", "eegmat", "--window", "5",
+            code = data_prep_cli.main([*inputs, "--out", str(data / name), "--dataset", "eegmat", "--window", "5",
                                        *stride, "--label-from", "filename", "--label-pattern", r"_1\.edf$=rest",
                                        "--label-pattern", r"_2\.edf$=arithmetic", "--subject-pattern", r"Subject(\d+)_",
-                                       "--val-subjects", VAL_SUBJECTS, "--quiet"])
+                                       "--val-subjects", val_subjects, "--quiet"])
             if code != 0:
-                raise SystemExit(f"data_prep failed on {eegmat} (exit {code})")
-        out[name] = str(manifest)
-    return out["eegmat_s1"], out["eegmat"]
+                raise SystemExit(f"data_prep failed on {inputs[0] if len(inputs) == 1 else 'EEGMAT'} (exit {code})")
+        out.append(str(manifest))
+    return out[0], out[1]
+
+
+def prepare(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
+    """(training manifest with 1-s stride, validation manifest without overlap)."""
+    return _convert([str(eegmat)], data, "eegmat", VAL_SUBJECTS)
 
 
 def prepare_inner(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
@@ -64,18 +70,7 @@ def prepare_inner(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
     files = sorted(str(f) for f in eegmat.glob("Subject*_[12].edf") if int(f.name[7:9]) < 16)
     if len(files) != 32:
         raise SystemExit(f"{eegmat} holds {len(files)} recordings of subjects 00-15, expected 32")
-    out = {}
-    for name, stride in (("eegmat_inner_s1", ["--stride", "1"]), ("eegmat_inner", [])):
-        manifest = data / name / "manifest.json"
-        if not manifest.exists():
-            code = data_prep_cli.main([*files, "--out", str(data / name), "--dataset", "eegmat", "--window", "5",
-                                       *stride, "--label-from", "filename", "--label-pattern", r"_1\.edf$=rest",
-                                       "--label-pattern", r"_2\.edf$=arithmetic", "--subject-pattern", r"Subject(\d+)_",
-                                       "--val-subjects", INNER_VAL_SUBJECTS, "--quiet"])
-            if code != 0:
-                raise SystemExit(f"data_prep failed on {eegmat} (exit {code})")
-        out[name] = str(manifest)
-    return out["eegmat_inner_s1"], out["eegmat_inner"]
+    return _convert(files, data, "eegmat_inner", INNER_VAL_SUBJECTS)
 
 
 def validation_curve(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
