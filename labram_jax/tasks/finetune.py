@@ -152,6 +152,9 @@ def load_encoder(path: str, kind: str, input_norm: str = "none", temporal_groups
     ``input_norm`` and ``temporal_groups`` are the fine-tuning model's; they must be the ones
     the encoder was trained with (official weights: none and 4)."""
     if kind == "official":
+        if (input_norm, temporal_groups) != ("none", 4):
+            raise ValueError(f"official weights were trained with model.input_norm='none' and model.temporal_groups=4, "
+                             f"but fine-tuning uses {input_norm!r} and {temporal_groups}: set both back to the defaults")
         try:
             _, variables = convert.load_official(path, "pretrain")
         except convert.ConversionError:
