@@ -199,12 +199,12 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
 
     def loss_fn(params, extra, batch, key, frozen):
         del frozen
+        if mixup_alpha > 0:  # before channel dropout, which would give partners different grids
+            key, mix_key = jax.random.split(key)
+            batch, lam, perm = mixup(batch, mix_key, mixup_alpha)
         if gain_std > 0 or drop_rate > 0:
             key, aug_key = jax.random.split(key)
             batch = augment_channels(batch, aug_key, gain_std, drop_rate)
-        if mixup_alpha > 0:
-            key, mix_key = jax.random.split(key)
-            batch, lam, perm = mixup(batch, mix_key, mixup_alpha)
         out = model.apply({"params": params, **extra}, batch["x"], batch["channel_ids"],
                           stage_lib.effective_patch_mask(batch), train=True, rngs={"dropout": key})
         per_sample, weight = task_loss(ft.task, out, batch, ft.label_smoothing), sample_weights(batch, weights)

@@ -160,6 +160,34 @@ def test_mixup_loss_mixes_the_two_targets():
     np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
 
 
+def test_mixup_comes_before_channel_augmentation():
+    # Dropping channels first would leave partners with different grids, and mixup would
+    # (correctly) refuse to mix them: the loss must equal mixup -> augmentation by hand.
+    from configs import common
+
+    config = common.get_config("tiny", "finetune")
+    config.finetune.mixup_alpha, config.finetune.channel_drop, config.finetune.channel_gain_std = 0.4, 0.5, 0.2
+    stage = finetune.build(config, jnp.float32)
+    batch = _mix_batch()
+    params = nn.unbox(stage.init(jax.random.key(0), batch))["params"]
+    key = jax.random.key(7)
+    loss, _ = stage.loss_fn(params, {}, batch, key, None)
+    key, mix_key = jax.random.split(key)
+    mixed, lam, perm = finetune.mixup(batch, mix_key, 0.4)
+    assert np.any(np.asarray(lam) < 0.99)  # this key mixes some pairs
+    dropout_key, aug_key = jax.random.split(key)
+    augmented = finetune.augment_channels(mixed, aug_key, 0.2, 0.5)
+    out = stage.model.apply({"params": params}, augmented["x"], augmented["channel_ids"],
+                            augmented["patch_mask"] & augmented["valid"][:, None, None], train=True,
+                            rngs={"dropout": dropout_key})[:, 0]
+    y = batch["label"].astype(jnp.float32)
+    own, other = (np.asarray(-(t * jax.nn.log_sigmoid(out) + (1 - t) * jax.nn.log_sigmoid(-out))) for t in (y, y[perm]))
+    valid, lam = np.asarray(batch["valid"], np.float32), np.asarray(lam)
+    expect = (valid * (lam * own + (1 - lam) * valid[perm] * other)).sum() / max(
+        (valid * (lam + (1 - lam) * valid[perm])).sum(), 1.0)
+    np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
+
+
 def test_channel_augmentation_scales_whole_channels_and_drops_some():
     batch = _mix_batch()
     batch = {**batch, "x": jnp.tile(batch["x"], (1, 4, 1, 1)), "channel_ids": jnp.tile(batch["channel_ids"], (1, 4)),
