@@ -129,34 +129,38 @@ def classical(val_manifest: str) -> dict[str, dict[str, float]]:
 
     from labram_jax.tasks import finetune
 
-    def features(x):
+    def band_power(x):
         freqs, power = welch(x, fs=200, nperseg=400, axis=-1)
         bands = [power[..., (freqs >= lo) & (freqs < hi)].mean(-1) for lo, hi in BANDS_HZ]
         return np.log(np.stack(bands, -1)).reshape(len(x), -1)
-
-    (xt, yt), (xv, yv) = _windows(val_manifest, "train"), _windows(val_manifest, "val")
-    scaler = StandardScaler().fit(features(xt))
-    ft, fv = scaler.transform(features(xt)), scaler.transform(features(xv))
-    classifiers = {
-        ANCHOR: LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced"),
-        "log band power + LR, C = 0.1": LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced"),
-        "log band power + LR, C = 10": LogisticRegression(C=10.0, max_iter=5000, class_weight="balanced"),
-        "log band power + MLP (64 hidden)": MLPClassifier((64,), max_iter=500, random_state=0),
-        "log band power + gradient boosting": HistGradientBoostingClassifier(class_weight="balanced", random_state=0),
-    }
-    out = {}
-    for name, clf in classifiers.items():
-        score = clf.fit(ft, yt).predict_proba(fv)[:, 1]
-        out[name] = {k: float(v) for k, v in finetune.compute_metrics("binary", score, yv).items()}
 
     def log_spectrum(x):
         freqs, power = welch(x, fs=200, nperseg=200, axis=-1)
         return np.log(power[..., (freqs >= 1) & (freqs < 45)]).reshape(len(x), -1)
 
-    scaler = StandardScaler().fit(log_spectrum(xt))
-    clf = LogisticRegression(C=0.001, max_iter=5000, class_weight="balanced")
-    score = clf.fit(scaler.transform(log_spectrum(xt)), yt).predict_proba(scaler.transform(log_spectrum(xv)))[:, 1]
-    out[LOG_SPECTRUM] = {k: float(v) for k, v in finetune.compute_metrics("binary", score, yv).items()}
+    def balanced_lr(c):
+        return LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
+
+    (xt, yt), (xv, yv) = _windows(val_manifest, "train"), _windows(val_manifest, "val")
+    models = {  # name: (features, classifier)
+        ANCHOR: (band_power, balanced_lr(1.0)),
+        "log band power + LR, C = 0.1": (band_power, balanced_lr(0.1)),
+        "log band power + LR, C = 10": (band_power, balanced_lr(10.0)),
+        "log band power + MLP (64 hidden)": (band_power, MLPClassifier((64,), max_iter=500, random_state=0)),
+        "log band power + gradient boosting": (band_power, HistGradientBoostingClassifier(class_weight="balanced",
+                                                                                          random_state=0)),
+        LOG_SPECTRUM: (log_spectrum, balanced_lr(0.001)),
+    }
+    standardised = {}  # features -> (train, val), standardised on the training windows
+    out = {}
+    for name, (features, clf) in models.items():
+        if features not in standardised:
+            ft, fv = features(xt), features(xv)
+            scaler = StandardScaler().fit(ft)
+            standardised[features] = scaler.transform(ft), scaler.transform(fv)
+        ft, fv = standardised[features]
+        score = clf.fit(ft, yt).predict_proba(fv)[:, 1]
+        out[name] = {k: float(v) for k, v in finetune.compute_metrics("binary", score, yv).items()}
     return out
 
 
