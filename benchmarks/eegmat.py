@@ -69,7 +69,8 @@ def prepare_inner(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
     manifest without overlap)."""
     files = sorted(str(f) for f in eegmat.glob("Subject*_[12].edf") if int(f.name[7:9]) < 16)
     if len(files) != 32:
-        raise SystemExit(f"{eegmat} holds {len(files)} recordings of subjects 00-15, expected 32")
+        raise SystemExit(f"{eegmat} holds {len(files)} recordings of subjects 00-15, expected 32 (SubjectNN_1.edf and "
+                         "_2.edf each): pass --eegmat with the complete EEGMAT folder")
     return _convert(files, data, "eegmat_inner", INNER_VAL_SUBJECTS)
 
 

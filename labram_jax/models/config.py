@@ -78,7 +78,7 @@ class TransformerConfig:
     def __post_init__(self):
         if self.temporal_channels and (self.temporal_groups < 1 or self.temporal_channels % self.temporal_groups):
             raise ValueError(f"temporal_groups={self.temporal_groups} must divide temporal_channels="
-                             f"{self.temporal_channels}")
+                             f"{self.temporal_channels}: use 4 (the paper) or 1")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm={self.input_norm!r}: choose one of {INPUT_NORMS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
