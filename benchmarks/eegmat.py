@@ -2,10 +2,11 @@
 
     python -m benchmarks.eegmat [--eegmat ../shared/eeg/eegmat] [--data data] [--workdir runs/eegmat] \\
         [--seeds 0 1 2] [--variants pretrained scratch linear_probe] [--pick-step last|inner] \\
-        [--set STAGE:FIELD=VALUE ...]
+        [--band 0.1 75] [--set STAGE:FIELD=VALUE ...]
 
 Subjects 00-15 train, 16-19 validate (``configs/eegmat.py``). Steps: data_prep (5-s windows
-every 1 s for training, non-overlapping for validation; skipped when the manifests exist),
+every 1 s for training, non-overlapping for validation, band-passed to ``--band``; skipped
+when the manifests exist),
 the classical anchor (log band power, 5 bands x 19 channels, + class-balanced logistic
 regression, on the same windows; other classifiers on the same features for comparison),
 then per seed: tokenizer -> masked EEG pretraining on the training recordings without labels
@@ -37,18 +38,33 @@ VAL_SUBJECTS = "16,17,18,19"
 INNER_VAL_SUBJECTS = "12,13,14,15"  # --pick-step inner: validation subjects inside the training ones
 PICK_EVERY = 20  # --pick-step inner: evaluate every this many steps
 BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
+RECORD_BAND_HZ = (0.1, 75.0)  # data_prep's band-pass (LABRAM.md 1); --band changes it
 VARIANTS = ("pretrained", "scratch", "linear_probe", "lora")
 log = logging.getLogger("labram_jax")
 
 
-def _convert(inputs: list[str], data: pathlib.Path, prefix: str, val_subjects: str) -> tuple[str, str]:
+def _check_band(manifest: pathlib.Path, band: tuple[float, float]) -> None:
+    """Refuses records that an earlier run converted with another band-pass."""
+    params = json.loads(manifest.read_text())["parameters"]
+    have = (float(params["l_freq"]), float(params["h_freq"]))
+    if not np.allclose(have, band):
+        raise SystemExit(f"{manifest.parent} holds records band-passed to {have[0]:g}-{have[1]:g} Hz, but --band asks "
+                         f"for {band[0]:g}-{band[1]:g} Hz: pass another --data folder, or delete that one")
+
+
+def _convert(inputs: list[str], data: pathlib.Path, prefix: str, val_subjects: str,
+             band: tuple[float, float]) -> tuple[str, str]:
     """data_prep of ``inputs`` into ``<prefix>_s1`` (5-s windows every 1 s) and ``<prefix>``
-    (non-overlapping), skipped where the manifest exists: their manifest paths."""
+    (non-overlapping), band-passed to ``band`` (Hz), skipped where the manifest exists (with
+    that band): their manifest paths."""
     out = []
     for name, stride in ((f"{prefix}_s1", ["--stride", "1"]), (prefix, [])):
         manifest = data / name / "manifest.json"
-        if not manifest.exists():
+        if manifest.exists():
+            _check_band(manifest, band)
+        else:
             code = data_prep_cli.main([*inputs, "--out", str(data / name), "--dataset", "eegmat", "--window", "5",
+                                       "--l-freq", str(band[0]), "--h-freq", str(band[1]),
                                        *stride, "--label-from", "filename", "--label-pattern", r"_1\.edf$=rest",
                                        "--label-pattern", r"_2\.edf$=arithmetic", "--subject-pattern", r"Subject(\d+)_",
                                        "--val-subjects", val_subjects, "--quiet"])
@@ -58,12 +74,13 @@ def _convert(inputs: list[str], data: pathlib.Path, prefix: str, val_subjects: s
     return out[0], out[1]
 
 
-def prepare(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
+def prepare(eegmat: pathlib.Path, data: pathlib.Path, band: tuple[float, float] = RECORD_BAND_HZ) -> tuple[str, str]:
     """(training manifest with 1-s stride, validation manifest without overlap)."""
-    return _convert([str(eegmat)], data, "eegmat", VAL_SUBJECTS)
+    return _convert([str(eegmat)], data, "eegmat", VAL_SUBJECTS, band)
 
 
-def prepare_inner(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
+def prepare_inner(eegmat: pathlib.Path, data: pathlib.Path,
+                  band: tuple[float, float] = RECORD_BAND_HZ) -> tuple[str, str]:
     """The training subjects split again for picking the fine-tuning length: subjects 00-11
     train, 12-15 validate (16-19 are not read). (training manifest with 1-s stride, validation
     manifest without overlap)."""
@@ -71,7 +88,7 @@ def prepare_inner(eegmat: pathlib.Path, data: pathlib.Path) -> tuple[str, str]:
     if len(files) != 32:
         raise SystemExit(f"{eegmat} holds {len(files)} recordings of subjects 00-15, expected 32 (SubjectNN_1.edf and "
                          "_2.edf each): pass --eegmat with the complete EEGMAT folder")
-    return _convert(files, data, "eegmat_inner", INNER_VAL_SUBJECTS)
+    return _convert(files, data, "eegmat_inner", INNER_VAL_SUBJECTS, band)
 
 
 def validation_curve(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
@@ -270,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="which step of each fine-tuning to report: the last, or the one with the best "
                              f"AUROC when subjects {INNER_VAL_SUBJECTS} of the training subjects validate a first run "
                              "on the other 12 (one more fine-tuning per variant; the validation subjects stay unseen)")
+    parser.add_argument("--band", type=float, nargs=2, default=list(RECORD_BAND_HZ), metavar=("LOW", "HIGH"),
+                        help="band-pass of the records in Hz (default 0.1 75, LaBraM's); the classical baselines "
+                             "read the same records. A --data folder holds one band")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:FIELD=VALUE",
                         help="override a field of configs/eegmat.py for one stage, e.g. finetune:optim.lr=5e-4")
     args = parser.parse_args(argv)
@@ -279,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.eegmat} is not a folder: pass --eegmat with the EEGMAT .edf files")
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train_manifest, val_manifest = prepare(pathlib.Path(args.eegmat), pathlib.Path(args.data))
+    band = tuple(args.band)
+    train_manifest, val_manifest = prepare(pathlib.Path(args.eegmat), pathlib.Path(args.data), band)
     baselines = classical(val_manifest)
-    inner = prepare_inner(pathlib.Path(args.eegmat), pathlib.Path(args.data)) if args.pick_step == "inner" else None
-    report = {"seeds": args.seeds, "variants": args.variants, "overrides": args.overrides,
+    inner = prepare_inner(pathlib.Path(args.eegmat), pathlib.Path(args.data), band) if args.pick_step == "inner" else None
+    report = {"seeds": args.seeds, "variants": args.variants, "overrides": args.overrides, "band_hz": band,
               "pick_step": args.pick_step, "classical": baselines, "runs": {}}
     for name, row in baselines.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)

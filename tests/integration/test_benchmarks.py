@@ -52,6 +52,8 @@ def test_eegmat_anchor_reproduces_the_issue_figures(eeg_dir, tmp_path):
     assert by_split["val"]["subjects"] == ["16", "17", "18", "19"] and len(by_split["train"]["subjects"]) == 16
     overlapping = json.loads(open(train_manifest).read())["splits"]["train"]["windows"]
     assert overlapping > 4 * by_split["train"]["windows"]  # 5-s windows every second
+    with pytest.raises(SystemExit, match="band-passed to 0.1-75 Hz, but --band asks for 1-45 Hz"):
+        eegmat.prepare(eeg_dir / "eegmat", tmp_path, (1.0, 45.0))  # never reuses records of another band
     inner = [json.loads(open(m).read())["splits"] for m in eegmat.prepare_inner(eeg_dir / "eegmat", tmp_path)]
     for splits in inner:  # the training subjects split again; the validation subjects never read
         assert splits["train"]["subjects"] == [f"{i:02d}" for i in range(12)]
