@@ -5,10 +5,10 @@
         [--band 0.1 75] [--set STAGE:FIELD=VALUE ...]
 
 Subjects 00-15 train, 16-19 validate (``configs/eegmat.py``). Steps: data_prep (5-s windows
-every 1 s for training, non-overlapping for validation, band-passed to ``--band``; skipped
-when the manifests exist),
-the classical anchor (log band power, 5 bands x 19 channels, + class-balanced logistic
-regression, on the same windows; other classifiers on the same features for comparison),
+every 1 s for training, non-overlapping for validation, band-passed to ``--band``; skipped when
+the manifests exist), the classical anchor (log band power, 5 bands x 19 channels, +
+class-balanced logistic regression, on the same windows; other classifiers on the same features
+for comparison),
 then per seed: tokenizer -> masked EEG pretraining on the training recordings without labels
 -> fine-tuning (``pretrained``), a linear probe of the same pretrained encoder
 (``linear_probe``), and fine-tuning from random weights (``scratch``).
