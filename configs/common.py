@@ -50,6 +50,7 @@ def get_config(size: str, stage: str) -> ml_collections.ConfigDict:
     c.model.scan_blocks = False  # True: nn.scan over stacked blocks (one block compiled; Huge compiles faster)
     c.model.input_norm = "none"  # none (the paper), or channel: standardise each channel of each sample
     c.model.temporal_groups = 4  # GroupNorm groups of the temporal encoder (4: the paper; 1 keeps band power ratios)
+    c.model.patch_embed = "temporal"  # temporal (the paper's encoder) or spectrum (log 1-45 Hz amplitudes, Linear)
     c.model.attention = "auto"  # auto (explicit on CPU, xla elsewhere), xla, cudnn (GPU, bf16) or explicit
     c.model.drop_path = 0.0
     c.model.num_outputs = 1  # 1: binary or regression; K: K classes

@@ -94,6 +94,8 @@ def _check_values(c, device_count: int, problems: list[str]) -> None:
     groups = c.model.get("temporal_groups", 4)
     need(groups >= 1 and filters % groups == 0, f"config.model.temporal_groups={groups} must divide the "
          f"{filters} temporal-encoder filters of size {c.model.size} (4, the paper, or 1)")
+    need(c.model.get("patch_embed", "temporal") in model_config.PATCH_EMBEDS, f"config.model.patch_embed="
+         f"{c.model.get('patch_embed')!r}: choose one of {model_config.PATCH_EMBEDS}")
     need(c.model.vocab_size > 0, "config.model.vocab_size must be positive")
     # data and the batch grid
     need(bool(c.data.train), "config.data.train is empty: pass --config.data.train=<manifest.json or shard glob>")

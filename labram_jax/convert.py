@@ -347,6 +347,10 @@ def to_official(kind: str, model: nn.Module, variables: Mapping) -> dict[str, np
     present, else synthesised (an unused lm_head copy, an identity projection head,
     the tokenizer's ``embed_avg`` = codebook) so that the reference loads the dict strictly.
     """
+    encoder_cfg = getattr(model.cfg, "encoder", model.cfg)
+    if encoder_cfg.patch_embed != "temporal":
+        raise ConversionError(f"this model embeds patches with model.patch_embed={encoder_cfg.patch_embed!r}, which "
+                              "the reference implementation does not have: only 'temporal' models convert to it")
     variables = flax.core.unfreeze(nn.unbox(variables)) if hasattr(variables, "unfreeze") else nn.unbox(variables)
     sd = {}
     for rule in _rules(kind, model):

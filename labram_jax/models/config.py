@@ -12,6 +12,7 @@ NUM_TIME_ROWS = 16  # time-embedding table rows: at most 16 windows per sample
 REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")  # labram_jax.models.attention
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
+PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,11 @@ class TransformerConfig:
         is normalised over the whole sample, so with 4 groups the overall power of each group
         of filters (how much of the sample is in each band) is divided out; 1 keeps the power
         ratios between the filters. Changes no parameter shape.
+      patch_embed: how a transformer with ``temporal_channels`` embeds each 200-sample patch:
+        ``temporal`` (the paper's temporal encoder, LABRAM.md 3.1) or ``spectrum`` (log
+        amplitudes of the patch's 1-45 Hz FFT bins through one Linear layer; not in the
+        reference, so official weights need ``temporal``). With ``spectrum``,
+        ``temporal_groups`` is unused and ``temporal_channels`` only fixes D = 25 * C.
     """
 
     embed_dim: int = 200
@@ -74,11 +80,14 @@ class TransformerConfig:
     scan_blocks: bool = False
     input_norm: str = "none"
     temporal_groups: int = 4
+    patch_embed: str = "temporal"
 
     def __post_init__(self):
         if self.temporal_channels and (self.temporal_groups < 1 or self.temporal_channels % self.temporal_groups):
             raise ValueError(f"temporal_groups={self.temporal_groups} must divide temporal_channels="
                              f"{self.temporal_channels}: use 4 (the paper) or 1")
+        if self.patch_embed not in PATCH_EMBEDS:
+            raise ValueError(f"patch_embed={self.patch_embed!r}: choose one of {PATCH_EMBEDS}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm={self.input_norm!r}: choose one of {INPUT_NORMS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:

@@ -117,6 +117,38 @@ class TemporalEncoder(nn.Module):
         return h.reshape(b, p, -1)
 
 
+SPECTRUM_HZ = (1, 45)  # bins of the log-spectrum patch embedding: 1..45 Hz (1-Hz bins of a 1-s patch)
+SPECTRUM_EPS = 1e-4  # added to |FFT| before the log (units of 100 uV x samples)
+
+
+class SpectrumEncoder(nn.Module):
+    """Log-amplitude spectrum of each patch, projected to the token width (not in the reference).
+
+    Each 200-sample patch gives ``|rfft|`` at 1-Hz steps; bins ``SPECTRUM_HZ`` (1..45 Hz) go
+    through ``log(. + SPECTRUM_EPS)`` and one Linear layer. No normalisation: the absolute
+    band powers reach the transformer (the temporal encoder's GroupNorms divide them out). On
+    EEGMAT this is what lets the model separate rest from mental arithmetic across subjects
+    (BENCHMARKS.md); official weights need the temporal encoder.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+        """x: [B, P, 200] float, units of 100 uV; valid: [B, P] bool (unused: patches are
+        independent) -> [B, P, features]."""
+        del valid
+        lo, hi = SPECTRUM_HZ
+        amplitude = jnp.abs(jnp.fft.rfft(x.astype(jnp.float32), axis=-1))[..., lo:hi + 1]  # [B, P, 45]
+        log_amplitude = jnp.log(amplitude + SPECTRUM_EPS)
+        # LeCun-normal weights (std 1/sqrt(45)), not the 0.02 of the transformer's Linears: the
+        # spectrum, rather than the channel and time embeddings, dominates the initial tokens.
+        return nn.Dense(self.features, dtype=self.dtype, name="proj",
+                        kernel_init=logical(nn.initializers.lecun_normal(), ("freq", "embed")),
+                        bias_init=logical(nn.initializers.zeros, ("embed",)))(log_amplitude.astype(self.dtype))
+
+
 class LoRA(nn.Module):
     """A low-rank update ``(alpha / r) * x A B`` added to a frozen projection (Hu et al., 2022).
 
@@ -276,8 +308,12 @@ class NeuralTransformer(nn.Module):
         if cfg.temporal_channels:
             if cfg.input_norm == "channel":
                 x = normalize_channels(x, patch_mask)
-            h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, cfg.temporal_groups, name="patch_embed")(
-                x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype), valid)
+            patches = x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype)
+            if cfg.patch_embed == "spectrum":
+                h = SpectrumEncoder(cfg.embed_dim, cfg.dtype, name="patch_embed")(patches, valid)
+            else:
+                h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, cfg.temporal_groups, name="patch_embed")(
+                    patches, valid)
         else:
             h = dense(cfg.embed_dim, ("code", "embed"), "patch_embed", dtype=cfg.dtype)(
                 x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype))

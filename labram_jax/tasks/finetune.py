@@ -146,15 +146,23 @@ def sample_weights(batch: dict, weights: np.ndarray | None) -> jax.Array:
     return valid * jnp.asarray(weights, jnp.float32)[jnp.clip(batch["label"], 0, len(weights) - 1)]
 
 
-def load_encoder(path: str, kind: str, input_norm: str = "none", temporal_groups: int = 4):
+# TransformerConfig fields an encoder must share with the model it initialises, and the
+# values the official weights were trained with.
+INPUT_FIELDS = {"input_norm": "none", "temporal_groups": 4, "patch_embed": "temporal"}
+
+
+def load_encoder(path: str, kind: str, **options):
     """Encoder params of a pretrained model: our ``model.npz`` (or its workdir) or an
     official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one).
-    ``input_norm`` and ``temporal_groups`` are the fine-tuning model's; they must be the ones
-    the encoder was trained with (official weights: none and 4)."""
+    ``options`` are the fine-tuning model's ``INPUT_FIELDS`` (defaults: the paper's); they
+    must be the ones the encoder was trained with."""
+    ours = {**INPUT_FIELDS, **options}
     if kind == "official":
-        if (input_norm, temporal_groups) != ("none", 4):
-            raise ValueError(f"official weights were trained with model.input_norm='none' and model.temporal_groups=4, "
-                             f"but fine-tuning uses {input_norm!r} and {temporal_groups}: set both back to the defaults")
+        changed = {k: v for k, v in ours.items() if v != INPUT_FIELDS[k]}
+        if changed:
+            wanted = ", ".join(f"model.{k}={INPUT_FIELDS[k]!r}" for k in changed)
+            raise ValueError(f"official weights were trained with {wanted}, but fine-tuning uses "
+                             f"{', '.join(f'{k}={v!r}' for k, v in changed.items())}: set them back to the defaults")
         try:
             _, variables = convert.load_official(path, "pretrain")
         except convert.ConversionError:
@@ -167,11 +175,11 @@ def load_encoder(path: str, kind: str, input_norm: str = "none", temporal_groups
                                     "set --config.finetune.init_checkpoint='' to train from scratch")
         _, module, variables = convert.load_variables(path)
         trained = getattr(module.cfg, "encoder", module.cfg)
-        for field, ours in (("input_norm", input_norm), ("temporal_groups", temporal_groups)):
+        for field, value in ours.items():
             theirs = getattr(trained, field)
-            if theirs != ours:
-                raise ValueError(f"{path} was trained with model.{field}={theirs!r} but fine-tuning uses {ours!r}: "
-                                 f"set --config.model.{field}={theirs}")
+            if theirs != value:
+                raise ValueError(f"{path} was trained with model.{field}={theirs!r} but fine-tuning uses "
+                                 f"{value!r}: set --config.model.{field}={theirs}")
     encoder = dict(variables["params"]["encoder"])
     encoder.pop("mask_token", None)  # the fine-tuning model has none
     return encoder
@@ -183,7 +191,8 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
     cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype,
                               **stage_lib.model_options(config), **lora)
     model = transformer.LaBraM(cfg, num_outputs=num_outputs(ft.task, config.model.num_outputs))
-    pretrained = (load_encoder(ft.init_checkpoint, ft.init_kind, cfg.input_norm, cfg.temporal_groups)
+    pretrained = (load_encoder(ft.init_checkpoint, ft.init_kind,
+                               **{k: getattr(cfg, k) for k in INPUT_FIELDS})
                   if ft.init_checkpoint else None)
     weights = None if ft.task == "regression" else class_weights(
         ft.class_weight, config.data.train, 2 if ft.task == "binary" else config.model.num_outputs)

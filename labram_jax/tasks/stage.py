@@ -64,7 +64,8 @@ def model_options(config) -> dict:
     return {"remat": config.model.remat, "attention": config.model.attention,
             "scan_blocks": config.model.get("scan_blocks", False),
             "input_norm": config.model.get("input_norm", "none"),
-            "temporal_groups": config.model.get("temporal_groups", 4)}
+            "temporal_groups": config.model.get("temporal_groups", 4),
+            "patch_embed": config.model.get("patch_embed", "temporal")}
 
 
 def effective_patch_mask(batch: dict) -> jax.Array:

@@ -160,6 +160,7 @@ def _config_error(stage="finetune", devices=8, **overrides):
     ({"nonfinite_policy": "ignore"}, "config.nonfinite_policy='ignore'"),
     ({"model.dtype": "float16"}, "config.model.dtype='float16'"),
     ({"model.temporal_groups": 3}, "config.model.temporal_groups=3 must divide the 4 temporal-encoder filters"),
+    ({"model.patch_embed": "wavelet"}, "config.model.patch_embed='wavelet': choose one of"),
     ({"finetune.channel_drop": 1.0}, "config.finetune.channel_drop=1.0 must be in [0, 1)"),
 ])
 def test_config_errors(overrides, expected, eegmat_shards):

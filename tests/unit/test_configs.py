@@ -39,3 +39,24 @@ def test_finetune_recipe_by_size():
 def test_unknown_stage_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown stage"):
         _load("base").get_config("pretraining")
+
+
+def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp_path):
+    # Every stage of the EEGMAT recipe must run, and embed patches the same way, or the
+    # fine-tuning would refuse the pretrained encoder (finetune.INPUT_FIELDS).
+    from labram_jax import config_validation
+    from labram_jax.tasks import finetune
+
+    configs = {}
+    for stage in common.STAGES:
+        c = _load("eegmat").get_config(stage)
+        c.data.train = str(eegmat_shards)
+        if stage == "pretrain":
+            (tmp_path / "model.npz").touch()  # the tokenizer run, given on the command line
+            c.pretrain.tokenizer_checkpoint = str(tmp_path)
+        if stage == "finetune":
+            c.data.val = str(eegmat_shards)
+        config_validation.validate(c, 1)
+        configs[stage] = c
+    for field in finetune.INPUT_FIELDS:
+        assert len({c.model[field] for c in configs.values()}) == 1, field

@@ -60,6 +60,6 @@ def test_fine_tuning_refuses_an_encoder_trained_with_another_input_norm(tmp_path
                                     method=transformer.LaBraMPretrain.logits_of))
     path = str(tmp_path / "model.npz")
     convert.save_variables(path, "pretrain", model, variables)
-    assert "patch_embed" in finetune.load_encoder(path, "ours", "channel")
+    assert "patch_embed" in finetune.load_encoder(path, "ours", input_norm="channel")
     with pytest.raises(ValueError, match="input_norm='channel'"):
-        finetune.load_encoder(path, "ours", "none")
+        finetune.load_encoder(path, "ours", input_norm="none")

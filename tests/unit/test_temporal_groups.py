@@ -48,13 +48,13 @@ def test_fine_tuning_refuses_an_encoder_trained_with_other_groups(tmp_path):
     path = str(tmp_path / "model.npz")
     convert.save_variables(path, "pretrain", model, variables)
     assert convert.load_variables(path)[1].cfg.temporal_groups == 1  # stored in the file's spec
-    assert "patch_embed" in finetune.load_encoder(path, "ours", "none", 1)
+    assert "patch_embed" in finetune.load_encoder(path, "ours", temporal_groups=1)
     with pytest.raises(ValueError, match="temporal_groups=1"):
-        finetune.load_encoder(path, "ours", "none", 4)
+        finetune.load_encoder(path, "ours", temporal_groups=4)
 
 
 def test_official_weights_need_the_papers_settings(tmp_path):
     with pytest.raises(ValueError, match="temporal_groups=4"):
-        finetune.load_encoder(str(tmp_path / "labram-base.pth"), "official", "none", 1)
-    with pytest.raises(ValueError, match="input_norm='none'"):
-        finetune.load_encoder(str(tmp_path / "labram-base.pth"), "official", "channel", 4)
+        finetune.load_encoder(str(tmp_path / "labram-base.pth"), "official", temporal_groups=1)
+    with pytest.raises(ValueError, match="model.input_norm='none'"):
+        finetune.load_encoder(str(tmp_path / "labram-base.pth"), "official", input_norm="channel")
