@@ -5,6 +5,14 @@ uses the same recordings without labels), subjects 16-19 validate. 5-s samples (
 patches). Training reads 5-s windows taken every second (data_prep --stride 1), validation
 the non-overlapping ones, so the validation windows equal the classical anchor's.
 
+Not the paper's patch embedding: every stage embeds each 1-s patch by the log amplitudes
+of its 1-45 Hz FFT bins (``model.patch_embed=spectrum``). The paper's temporal encoder
+normalises the sample's band powers away before the transformer, and with 16 training
+subjects the model never learns them back (BENCHMARKS.md "EEGMAT": 0.54 balanced accuracy
+with it, 0.80 with the spectrum). Fine-tuning keeps the pretrained encoder close to where
+pretraining left it (lr 1e-4, layer decay 0.3): the encoder otherwise drifts towards the
+training subjects.
+
     python -m data_prep ../shared/eeg/eegmat --out data/eegmat_s1 --window 5 --stride 1 \\
         --label-from filename --label-pattern '_1\\.edf$=rest' --label-pattern '_2\\.edf$=arithmetic' \\
         --subject-pattern 'Subject(\\d+)_' --val-subjects 16,17,18,19     # and --out data/eegmat without --stride
@@ -33,6 +41,7 @@ def get_config(arg=None):
     c.data.batch_size = 64
     c.log_every = 50
     c.checkpoint_every = 500
+    c.model.patch_embed = "spectrum"  # every stage: log 1-45 Hz amplitudes, not the temporal encoder
     if stage == "tokenizer":
         c.tokenizer.code_dim = 16
         # 16 subjects are too little for the reference's commitment loss: with weight 1 (or 0.1)
@@ -46,8 +55,9 @@ def get_config(arg=None):
         c.optim.epochs, c.optim.warmup_epochs = 10, 1
     if stage == "finetune":
         c.data.val = VAL
-        c.optim.lr = 1e-3
+        c.optim.lr = 1e-4
+        c.optim.layer_decay = 0.3  # blocks 0.3 and 0.09, patch embedding 0.027 of the head's rate
         c.optim.epochs, c.optim.warmup_epochs = 10, 1
         c.finetune.class_weight = "balanced"  # 3:1 rest:task; balanced accuracy is the metric
-        c.eval_every = 60
+        c.eval_every = 20
     return c
