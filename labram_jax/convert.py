@@ -347,10 +347,12 @@ def to_official(kind: str, model: nn.Module, variables: Mapping) -> dict[str, np
     present, else synthesised (an unused lm_head copy, an identity projection head,
     the tokenizer's ``embed_avg`` = codebook) so that the reference loads the dict strictly.
     """
-    encoder_cfg = getattr(model.cfg, "encoder", model.cfg)
-    if encoder_cfg.patch_embed != "temporal":
-        raise ConversionError(f"this model embeds patches with model.patch_embed={encoder_cfg.patch_embed!r}, which "
-                              "the reference implementation does not have: only 'temporal' models convert to it")
+    changed = getattr(model.cfg, "encoder", model.cfg).non_reference_inputs()
+    if changed:
+        raise ConversionError("this model reads its signal with " + ", ".join(f"model.{k}={v!r}" for k, v in changed.items())
+                              + ", which the reference implementation does not have: only models trained with "
+                              + ", ".join(f"{k}={config_lib.REFERENCE_INPUTS[k]!r}" for k in changed)
+                              + " convert to its format; use this model through labram_jax (its model.npz) instead")
     variables = flax.core.unfreeze(nn.unbox(variables)) if hasattr(variables, "unfreeze") else nn.unbox(variables)
     sd = {}
     for rule in _rules(kind, model):

@@ -13,6 +13,9 @@ REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")  # labram_jax.models.attention
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
+# How a transformer reads its signal: TransformerConfig fields an encoder must share with any
+# model that reuses it, and their values in the reference (and its official weights).
+REFERENCE_INPUTS = {"input_norm": "none", "temporal_groups": 4, "patch_embed": "temporal"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,10 @@ class TransformerConfig:
     @property
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
+
+    def non_reference_inputs(self) -> dict[str, Any]:
+        """The ``REFERENCE_INPUTS`` fields set otherwise than in the reference, with their values."""
+        return {k: getattr(self, k) for k, v in REFERENCE_INPUTS.items() if getattr(self, k) != v}
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)

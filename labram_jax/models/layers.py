@@ -135,10 +135,8 @@ class SpectrumEncoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
-        """x: [B, P, 200] float, units of 100 uV; valid: [B, P] bool (unused: patches are
-        independent) -> [B, P, features]."""
-        del valid
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, P, 200] float, units of 100 uV -> [B, P, features] (each patch on its own)."""
         lo, hi = SPECTRUM_HZ
         amplitude = jnp.abs(jnp.fft.rfft(x.astype(jnp.float32), axis=-1))[..., lo:hi + 1]  # [B, P, 45]
         log_amplitude = jnp.log(amplitude + SPECTRUM_EPS)
@@ -310,7 +308,7 @@ class NeuralTransformer(nn.Module):
                 x = normalize_channels(x, patch_mask)
             patches = x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype)
             if cfg.patch_embed == "spectrum":
-                h = SpectrumEncoder(cfg.embed_dim, cfg.dtype, name="patch_embed")(patches, valid)
+                h = SpectrumEncoder(cfg.embed_dim, cfg.dtype, name="patch_embed")(patches)
             else:
                 h = TemporalEncoder(cfg.temporal_channels, cfg.dtype, cfg.temporal_groups, name="patch_embed")(
                     patches, valid)

@@ -146,21 +146,17 @@ def sample_weights(batch: dict, weights: np.ndarray | None) -> jax.Array:
     return valid * jnp.asarray(weights, jnp.float32)[jnp.clip(batch["label"], 0, len(weights) - 1)]
 
 
-# TransformerConfig fields an encoder must share with the model it initialises, and the
-# values the official weights were trained with.
-INPUT_FIELDS = {"input_norm": "none", "temporal_groups": 4, "patch_embed": "temporal"}
-
-
 def load_encoder(path: str, kind: str, **options):
     """Encoder params of a pretrained model: our ``model.npz`` (or its workdir) or an
     official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one).
-    ``options`` are the fine-tuning model's ``INPUT_FIELDS`` (defaults: the paper's); they
-    must be the ones the encoder was trained with."""
-    ours = {**INPUT_FIELDS, **options}
+    ``options`` are the fine-tuning model's ``model_config.REFERENCE_INPUTS`` fields
+    (defaults: the reference's); they must be the ones the encoder was trained with."""
+    reference = model_config.REFERENCE_INPUTS
+    ours = {**reference, **options}
     if kind == "official":
-        changed = {k: v for k, v in ours.items() if v != INPUT_FIELDS[k]}
+        changed = {k: v for k, v in ours.items() if v != reference[k]}
         if changed:
-            wanted = ", ".join(f"model.{k}={INPUT_FIELDS[k]!r}" for k in changed)
+            wanted = ", ".join(f"model.{k}={reference[k]!r}" for k in changed)
             raise ValueError(f"official weights were trained with {wanted}, but fine-tuning uses "
                              f"{', '.join(f'{k}={v!r}' for k, v in changed.items())}: set them back to the defaults")
         try:
@@ -192,7 +188,7 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
                               **stage_lib.model_options(config), **lora)
     model = transformer.LaBraM(cfg, num_outputs=num_outputs(ft.task, config.model.num_outputs))
     pretrained = (load_encoder(ft.init_checkpoint, ft.init_kind,
-                               **{k: getattr(cfg, k) for k in INPUT_FIELDS})
+                               **{k: getattr(cfg, k) for k in model_config.REFERENCE_INPUTS})
                   if ft.init_checkpoint else None)
     weights = None if ft.task == "regression" else class_weights(
         ft.class_weight, config.data.train, 2 if ft.task == "binary" else config.model.num_outputs)

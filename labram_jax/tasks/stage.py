@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from labram_jax.models import config as model_config
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -63,9 +65,7 @@ def model_options(config) -> dict:
     """TransformerConfig fields that come from ``config.model`` (memory, speed and input scaling)."""
     return {"remat": config.model.remat, "attention": config.model.attention,
             "scan_blocks": config.model.get("scan_blocks", False),
-            "input_norm": config.model.get("input_norm", "none"),
-            "temporal_groups": config.model.get("temporal_groups", 4),
-            "patch_embed": config.model.get("patch_embed", "temporal")}
+            **{k: config.model.get(k, v) for k, v in model_config.REFERENCE_INPUTS.items()}}
 
 
 def effective_patch_mask(batch: dict) -> jax.Array:

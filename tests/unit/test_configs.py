@@ -43,9 +43,8 @@ def test_unknown_stage_is_a_clear_error():
 
 def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp_path):
     # Every stage of the EEGMAT recipe must run, and embed patches the same way, or the
-    # fine-tuning would refuse the pretrained encoder (finetune.INPUT_FIELDS).
+    # fine-tuning would refuse the pretrained encoder (model_config.REFERENCE_INPUTS).
     from labram_jax import config_validation
-    from labram_jax.tasks import finetune
 
     configs = {}
     for stage in common.STAGES:
@@ -58,5 +57,5 @@ def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp
             c.data.val = str(eegmat_shards)
         config_validation.validate(c, 1)
         configs[stage] = c
-    for field in finetune.INPUT_FIELDS:
+    for field in model_config.REFERENCE_INPUTS:
         assert len({c.model[field] for c in configs.values()}) == 1, field

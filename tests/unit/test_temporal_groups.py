@@ -51,6 +51,8 @@ def test_fine_tuning_refuses_an_encoder_trained_with_other_groups(tmp_path):
     assert "patch_embed" in finetune.load_encoder(path, "ours", temporal_groups=1)
     with pytest.raises(ValueError, match="temporal_groups=1"):
         finetune.load_encoder(path, "ours", temporal_groups=4)
+    with pytest.raises(convert.ConversionError, match="model.temporal_groups=1.*temporal_groups=4"):
+        convert.to_official("pretrain", model, variables)  # the reference would compute another function
 
 
 def test_official_weights_need_the_papers_settings(tmp_path):
