@@ -41,6 +41,28 @@ def masked_zscore(x: jax.Array, valid: jax.Array) -> jax.Array:
 LOG_AMPLITUDE_FLOOR = 0.01  # |X| floor of the log-amplitude target (units of 100 uV x samples)
 
 
+def dft_phase(spectrum: jax.Array) -> jax.Array:
+    """``angle`` of the full DFT of real signals along the last axis, with the purely real
+    bins (DC, and Nyquist for an even length) taken as exactly real.
+
+    Their imaginary part is zero in exact arithmetic, but JAX's FFT leaves rounding noise
+    of either sign there (~1e-7), so a negative bin's angle would flip between +pi and -pi;
+    the reference's torch FFT gives exact zeros, hence +pi. Zeroing those imaginary parts
+    gives +pi, as the reference does.
+
+    Args:
+      spectrum: [..., T] complex, ``fft`` of a real signal.
+    Returns:
+      [..., T] float32 phase in (-pi, pi].
+    """
+    length = spectrum.shape[-1]
+    real_bins = jnp.zeros((length,), bool).at[0].set(True)
+    if length % 2 == 0:
+        real_bins = real_bins.at[length // 2].set(True)
+    imag = jnp.where(real_bins, 0.0, jnp.imag(spectrum))
+    return jnp.arctan2(imag, jnp.real(spectrum))
+
+
 def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None,
                     log_amplitude: bool = False) -> tuple[jax.Array, jax.Array]:
     """Amplitude and phase targets of each patch's full 200-point DFT.
@@ -53,14 +75,14 @@ def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None,
         by the largest low-frequency bins).
     Returns:
       (amplitude, phase), each [B, N, A, T] float32, z-scored per sample over all
-      valid channels x windows x bins. Phase is ``atan2(imag + 0.0, real)`` in
-      (-pi, pi]: a purely real negative bin (DC, Nyquist) gets +pi, never -pi.
+      valid channels x windows x bins. Phase is ``atan2(imag, real)`` in (-pi, pi]
+      (:func:`dft_phase`): a negative DC or Nyquist bin gets +pi, never -pi.
     """
     spectrum = jnp.fft.fft(x.astype(jnp.float32), axis=-1)
     amplitude = jnp.abs(spectrum)
     if log_amplitude:
         amplitude = jnp.log(amplitude + LOG_AMPLITUDE_FLOOR)
-    phase = jnp.arctan2(jnp.imag(spectrum) + 0.0, jnp.real(spectrum))
+    phase = dft_phase(spectrum)
     valid = jnp.ones(x.shape[:3], bool) if patch_mask is None else patch_mask
     valid = valid[..., None]
     return masked_zscore(amplitude, valid), masked_zscore(phase, valid)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from labram_jax.models import tokenizer as tk
@@ -32,9 +33,41 @@ def test_log_amplitude_target_is_the_zscored_log_spectrum():
 
 def test_negative_real_bin_has_phase_plus_pi():
     x = -np.ones((1, 1, 1, 200), np.float32)  # DC bin = -200 + 0j
-    spectrum = jnp.fft.fft(x, axis=-1)
-    phase = jnp.arctan2(jnp.imag(spectrum) + 0.0, jnp.real(spectrum))
+    phase = tk.dft_phase(jnp.fft.fft(x, axis=-1))
     assert float(phase[0, 0, 0, 0]) == np.float32(np.pi)
+
+
+def _reference_phase(x: np.ndarray) -> np.ndarray:
+    """LABRAM.md 4 in float64: angle of the full DFT, the DC and Nyquist bins exactly real
+    (as torch's FFT gives them), z-scored per sample with the unbiased std."""
+    spectrum = np.fft.fft(x.astype(np.float64), axis=-1)
+    spectrum[..., 0] = spectrum[..., 0].real
+    spectrum[..., 100] = spectrum[..., 100].real
+    phase = np.angle(spectrum)
+    return (phase - phase.mean(axis=(1, 2, 3), keepdims=True)) / phase.std(axis=(1, 2, 3), ddof=1, keepdims=True)
+
+
+def test_phase_target_on_random_input_matches_the_reference_rule():
+    # Plain random input, about half of the DC and Nyquist bins negative: JAX's FFT leaves
+    # rounding noise of either sign in their imaginary parts, which used to turn ~1 in 5 of
+    # the negative ones into -pi where the reference gives +pi.
+    x = np.random.default_rng(7).normal(size=(2, 23, 8, 200)).astype(np.float32)
+    spectrum = jnp.fft.fft(x, axis=-1)
+    real_bins = np.asarray(spectrum)[..., [0, 100]]
+    assert (real_bins.real < 0).sum() > 100 and np.any(real_bins.imag != 0)  # the case the fix is for
+    _, phase = tk.fourier_targets(x)
+    raw = np.asarray(tk.dft_phase(spectrum))[..., [0, 100]]
+    np.testing.assert_array_equal(raw, np.where(real_bins.real < 0, np.float32(np.pi), 0.0))
+    np.testing.assert_allclose(phase, _reference_phase(x), atol=1e-4)
+
+
+def test_phase_target_matches_torch_on_random_input():
+    torch = pytest.importorskip("torch", reason="torch is the reference's FFT (pip install '.[torch]')")
+    x = np.random.default_rng(8).normal(size=(2, 23, 8, 200)).astype(np.float32)
+    ref = torch.angle(torch.fft.fft(torch.from_numpy(x), dim=-1)).double()
+    ref = ((ref - ref.mean(dim=(1, 2, 3), keepdim=True)) / ref.std(dim=(1, 2, 3), keepdim=True)).numpy()
+    _, phase = tk.fourier_targets(x)
+    np.testing.assert_allclose(phase, ref, atol=1e-4)
 
 
 def _numpy_ema(codebook, z, codes, decay):
