@@ -13,6 +13,17 @@ Examples:
       --window 4 --stride 4 --notch 60 --label-from annotations \\
       --annotation-labels T0=rest,T1=left,T2=right --subject-pattern '(S\\d{3})R'
 
+  # EEGMMIDB imagined left vs right fist: one 4-s window per trial, from its onset
+  python -m data_prep '../shared/eeg/eegmmidb/*/S*R0[48].edf' --out data/mi --window 4 --notch 60 \\
+      --label-from annotations --annotation-labels T1=left,T2=right --event-windows \\
+      --subject-pattern '(S\\d{3})R'
+
+Every format MNE reads is recognised (EDF/BDF/GDF, FIF, EEGLAB, BrainVision, Neuroscan and
+ANT CNT, Nihon Kohden, NEDF, EGI MFF, CURRY, Persyst, Nicolet, eximia, NSx, BCI2000, MEF);
+a multi-file recording counts once, and every other file of an input folder is listed in
+manifest.json under "not_read" with the reason. Optional readers need their package (the
+reason says which; pip install 'labram_jax[formats]' installs them all).
+
 Exit status: 0 when every file was converted or skipped for a stated reason (too
 short, no mappable channel, no label), 1 when some file could not be read correctly
 (0 with --allow-failures), 2 on bad arguments.
@@ -29,8 +40,9 @@ import sys
 
 from data_prep import labels as labels_lib
 from data_prep import pipeline
-from data_prep import preprocess as prep_lib
-from data_prep import reading
+from labram_jax import montage as montage_lib
+from labram_jax import preprocess as prep_lib
+from labram_jax import reading
 
 
 def _pairs(text: str, flag: str) -> list[tuple[str, str]]:
@@ -56,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--notch", type=float, default=50.0, help="mains frequency in Hz, harmonics too (50 or 60; 0 disables)")
     g.add_argument("--window", type=int, default=10, help="window length in whole seconds, 1..16 (default 10)")
     g.add_argument("--stride", type=float, default=None, help="window stride in seconds (default: the window)")
+    g.add_argument("--event-windows", action="store_true",
+                   help="one window per labelled interval (a trial), starting at its onset, instead of windows "
+                        "every --stride seconds; needs --label-from annotations or an interval CSV")
+    g.add_argument("--event-offset", type=float, default=0.0,
+                   help="with --event-windows: start each window this many seconds after the onset (default 0)")
     g.add_argument("--clip-uv", type=float, default=0.0, help="clip amplitudes beyond +-this many uV (default off)")
     g.add_argument("--reject-flat-uv", type=float, default=0.0,
                    help="drop windows where a channel's peak-to-peak is below this (uV; default off)")
@@ -63,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop windows with |x| above this (uV; default off). Non-finite windows are always dropped")
     g.add_argument("--keep-ref-diff", action="store_true", help="keep channels like 'A2-A1' (as A2)")
     g.add_argument("--channel-map", default=None, help="CSV 'name,vocabulary_name' mapping extra channel names")
+    g = p.add_argument_group("electrode positions (caps without 10-20 names: BioSemi A1..D32, EGI E1..E256, ...)")
+    g.add_argument("--montage", default="auto",
+                   help="where positions of channels without a vocabulary name come from: auto (default: the file's "
+                        "digitisation, else a layout recognised from the names, used when most channels have no "
+                        "vocabulary name), none (names only), an MNE montage name (biosemi128, GSN-HydroCel-129, "
+                        "easycap-M10, ...) or a montage file (.elc, .sfp, .bvef, ...)")
+    g.add_argument("--channel-method", default="interpolate", choices=montage_lib.METHODS,
+                   help="interpolate (spherical splines onto vocabulary electrodes, default) or nearest (each "
+                        "vocabulary electrode takes the nearest cap electrode)")
+    g.add_argument("--montage-tolerance", type=float, default=None,
+                   help="largest distance in mm between a vocabulary electrode and the nearest cap electrode "
+                        "(default: 35 to interpolate, 15 for nearest)")
+    g.add_argument("--montage-targets", default="1010", choices=sorted(montage_lib.TARGETS),
+                   help="vocabulary electrodes to place onto: 1010 (10-10 names, default) or 1020 (the 19 of 10-20)")
     g.add_argument("--signal-dtype", default="float32", choices=("float32", "float16"))
     g = p.add_argument_group("labels")
     g.add_argument("--label-from", default="none", choices=("none", "filename", "annotations", "csv"))
@@ -99,7 +130,8 @@ def make_jobs(args) -> tuple[list[pipeline.Job], dict]:
                              stride_s=args.stride if args.stride is not None else float(args.window),
                              clip_uv=args.clip_uv, reject_flat_uv=args.reject_flat_uv,
                              reject_saturated_uv=args.reject_saturated_uv, keep_ref_diff=args.keep_ref_diff,
-                             signal_dtype=args.signal_dtype)
+                             signal_dtype=args.signal_dtype, event_windows=args.event_windows,
+                             event_offset_s=args.event_offset)
     spec = labels_lib.LabelSpec(
         source=args.label_from,
         patterns=tuple(tuple(x.rsplit("=", 1)) for x in args.label_pattern),
@@ -111,11 +143,18 @@ def make_jobs(args) -> tuple[list[pipeline.Job], dict]:
     if args.label_from in required and not required[args.label_from]:
         flag = {"filename": "--label-pattern", "annotations": "--annotation-labels", "csv": "--labels-csv"}
         raise ValueError(f"--label-from {args.label_from} needs {flag[args.label_from]}")
+    if args.event_windows and args.label_from not in ("annotations", "csv"):
+        raise ValueError("--event-windows needs labelled intervals: --label-from annotations (or csv with "
+                         "'file,start,stop,label' rows)")
     names = [] if args.regression else spec.label_names()
     aliases = tuple(labels_lib.read_table(args.channel_map).items()) if args.channel_map else ()
-    paths = reading.find_inputs(args.inputs)
+    montage = montage_lib.Options(positions=args.montage, method=args.channel_method,
+                                  tolerance_mm=args.montage_tolerance, targets=args.montage_targets)
+    found = reading.find_inputs(args.inputs)
+    paths = found.recordings
     if not paths:
-        raise ValueError(f"no EEG recording found in {args.inputs}")
+        listed = "; ".join(f"{p.name}: {why}" for p, why in found.not_read[:3])
+        raise ValueError(f"no EEG recording found in {args.inputs}" + (f" ({listed})" if listed else ""))
     root = pathlib.Path(os.path.commonpath([str(p.parent) for p in paths]))
     subjects_table = labels_lib.read_table(args.subjects_csv) if args.subjects_csv else None
     subjects = {}
@@ -133,10 +172,13 @@ def make_jobs(args) -> tuple[list[pipeline.Job], dict]:
     jobs = [pipeline.Job(path=str(p), recording=str(p.relative_to(root).with_suffix("").as_posix()),
                          subject=subjects[p], split=splits[subjects[p]], dataset=dataset, params=params,
                          labels=spec, label_ids=tuple((n, i) for i, n in enumerate(names)),
-                         regression=args.regression, aliases=aliases, out_dir=str(out_dir)) for p in paths]
+                         regression=args.regression, aliases=aliases, out_dir=str(out_dir), montage=montage,
+                         companions=tuple(str(c) for c in found.companions.get(p, ()))) for p in paths]
     extra = {"dataset": dataset, "inputs_root": str(root), "parameters": dataclasses.asdict(params),
+             "montage": dataclasses.asdict(montage),
              "labels": {**dataclasses.asdict(spec), "names": names, "regression": args.regression},
-             "subject_splits": splits}
+             "subject_splits": splits,
+             "not_read": [{"path": str(p), "reason": why} for p, why in found.not_read]}
     return jobs, extra
 
 
@@ -161,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     for o in manifest["files"]:
         if o["status"] != "ok":
             print(f"  {o['status']}: {o['path']}: {o['reason']}")
+    for o in manifest["not_read"]:
+        print(f"  not read: {o['path']}: {o['reason']}")
     return 1 if totals["failed"] and not args.allow_failures else 0
 
 

@@ -133,6 +133,21 @@ def window_label(labels: str | list[Interval] | None, start: float, length: floa
     return label if amount >= length / 2.0 else ""
 
 
+def event_starts(labels: str | list[Interval] | None, offset_s: float, window_s: float, num_samples: int,
+                 sfreq: float) -> np.ndarray:
+    """Start samples of one window per labelled interval (trial), ``offset_s`` after its onset,
+    in onset order; windows that would leave the recording are left out.
+
+    Raises LabelError when the labels are not intervals (a whole-recording label has no events).
+    """
+    if not isinstance(labels, list):
+        raise LabelError("--event-windows needs labelled intervals (--label-from annotations, or a CSV with "
+                         "'file,start,stop,label' rows)")
+    length = int(round(window_s * sfreq))
+    starts = sorted({int(round((iv.start + offset_s) * sfreq)) for iv in labels})
+    return np.asarray([s for s in starts if s >= 0 and s + length <= num_samples], np.int64)
+
+
 def subject_of(path: pathlib.Path, pattern: str | None, table: dict[str, str] | None = None) -> str:
     """Subject id from a CSV table (file -> subject), a regex (first group) or the file stem."""
     if table:

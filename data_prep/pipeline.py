@@ -28,9 +28,10 @@ import tqdm
 from array_record.python import array_record_module
 
 from data_prep import labels as labels_lib
-from data_prep import preprocess as prep_lib
-from data_prep import reading
 from data_prep import supervisor
+from labram_jax import montage as montage_lib
+from labram_jax import preprocess as prep_lib
+from labram_jax import reading
 from labram_jax import records
 
 TOOL_VERSION = "data_prep 1"
@@ -51,6 +52,8 @@ class Job:
     regression: bool
     aliases: tuple[tuple[str, str], ...]
     out_dir: str
+    montage: montage_lib.Options = montage_lib.Options()
+    companions: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -58,7 +61,8 @@ class Job:
         blob = json.dumps([records.SCHEMA_VERSION, TOOL_VERSION, self.path, st.st_size, st.st_mtime_ns,
                            self.recording, self.subject, self.split, self.dataset,
                            dataclasses.asdict(self.params), dataclasses.asdict(self.labels),
-                           self.label_ids, self.regression, self.aliases], sort_keys=True, default=str)
+                           self.label_ids, self.regression, self.aliases, dataclasses.asdict(self.montage),
+                           self.companions], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     @property
@@ -67,10 +71,16 @@ class Job:
 
 
 def sha256_of(path: str) -> str:
+    """SHA-256 of a file; of a recording folder (EGI MFF), over its files' relative paths and bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    root = pathlib.Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if root.is_dir():
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -93,24 +103,39 @@ def process(job: Job) -> dict:
     t_start = time.perf_counter()
     out = {"path": job.path, "recording": job.recording, "subject": job.subject, "split": job.split,
            "status": "ok", "reason": "", "windows": 0, "rejected": {}, "unlabelled_windows": 0, "label_counts": {},
-           "channels_kept": [], "channels_dropped": [], "notes": [], "shard": None, "timings": {}}
+           "channels_kept": [], "channels_dropped": [], "channel_mapping": [], "notes": [], "shard": None,
+           "timings": {}, **({"companions": list(job.companions)} if job.companions else {})}
     tmp = job.shard.with_suffix(".arrayrecord.tmp")
     try:
         out["sha256"] = sha256_of(job.path)
         t0 = time.perf_counter()
-        raw = reading.read_raw(pathlib.Path(job.path))
+        recording = reading.read(job.path)
+        raw = recording.raw
+        out["format"] = recording.format
+        out["notes"] = list(recording.notes)
         out["timings"]["read"] = time.perf_counter() - t0
         out["sfreq_in"] = float(raw.info["sfreq"])
         out["duration_s"] = raw.n_times / float(raw.info["sfreq"])
         rec_labels = labels_lib.recording_labels(job.labels, pathlib.Path(job.path), raw.annotations,
                                                  raw.first_time)
-        prepared = prep_lib.preprocess(raw, job.params, dict(job.aliases) or None)
+        try:
+            prepared = prep_lib.preprocess(raw, job.params, dict(job.aliases) or None, job.montage)
+        except prep_lib.NoChannelsError as err:
+            err.dropped = list(recording.dropped) + list(err.dropped)
+            raise
         del raw
         out["timings"].update(prepared.timings)
         out["channels_kept"] = list(prepared.names)
-        out["channels_dropped"] = [list(d) for d in prepared.dropped]
-        out["notes"] = prepared.notes
-        starts = prep_lib.window_starts(prepared.data.shape[1], job.params)
+        out["channels_dropped"] = [list(d) for d in list(recording.dropped) + list(prepared.dropped)]
+        out["channel_mapping"] = [m for m in prepared.mapping if m["method"] != "name"]
+        out["notes"] += prepared.notes
+        if job.params.event_windows:
+            starts = labels_lib.event_starts(rec_labels, job.params.event_offset_s, job.params.window_s,
+                                             prepared.data.shape[1], records.SAMPLE_RATE)
+            if starts.size == 0:
+                raise _Skip(f"no labelled event leaves room for a {job.params.window_s}-s window")
+        else:
+            starts = prep_lib.window_starts(prepared.data.shape[1], job.params)
         if starts.size == 0:
             raise _Skip(f"shorter than one window ({out['duration_s']:.2f} s < {job.params.window_s} s)")
         t0 = time.perf_counter()
@@ -263,7 +288,8 @@ def build_manifest(outcomes: list[dict], extra: dict) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
         "splits": splits,
-        "totals": {"files": len(outcomes), "ok": status.count("ok"), "skipped": status.count("skipped"),
+        "totals": {"files": len(outcomes), "not_read": len(extra.get("not_read", ())),
+                   "ok": status.count("ok"), "skipped": status.count("skipped"),
                    "failed": status.count("failed"), "windows": sum(o["windows"] for o in outcomes),
                    "hours_in": sum(o.get("duration_s", 0.0) for o in outcomes if o["status"] == "ok") / 3600},
         "files": outcomes,

@@ -2,13 +2,14 @@
 
     from labram_jax import api
     model = api.load("runs/finetune")              # a workdir, a model.npz, or official weights
-    emb = model.embed(raw)                         # an mne.io.Raw, mne.Epochs, or an array + names + rate
+    emb = model.embed(raw)                         # a file path, an mne.io.Raw, mne.Epochs, or an array + names + rate
     emb.windows.shape                              # (n_windows, D)
     probs = model.predict(raw)                     # (n_windows,) binary, (n_windows, K), or values
 
-Preprocessing is LaBraM's (as data_prep does it): EEG channels mapped onto the
-vocabulary, 0.1-75 Hz band-pass, notch, 200 Hz, units of 100 uV, non-overlapping
-windows of ``window_s`` seconds.
+Reading and preprocessing are data_prep's (``labram_jax.reading``, ``labram_jax.preprocess``):
+any format MNE reads, EEG channels mapped onto the vocabulary by name or, for caps without
+10-20 names, by electrode position (``montage=labram_jax.montage.Options(...)``), 0.1-75 Hz
+band-pass, notch, 200 Hz, units of 100 uV, non-overlapping windows of ``window_s`` seconds.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import jax.numpy as jnp
 import mne
 import numpy as np
 
-from data_prep import preprocess as prep_lib
 from labram_jax import convert
+from labram_jax import montage as montage_lib
+from labram_jax import preprocess as prep_lib
+from labram_jax import reading
 from labram_jax.tasks import finetune
 
 
@@ -38,6 +41,8 @@ class Embeddings:
       channels: the N vocabulary names, in order.
       start_s: [n] start of each window in seconds (epoch index for Epochs).
       dropped: channels not used, with the reason.
+      mapping: where each of the N channels came from (by name, nearest electrode or
+        interpolation; ``labram_jax.montage.Plan.mapping``).
     """
 
     windows: np.ndarray
@@ -45,15 +50,16 @@ class Embeddings:
     channels: tuple[str, ...]
     start_s: np.ndarray
     dropped: tuple[tuple[str, str], ...]
+    mapping: tuple[dict, ...] = ()
 
 
 class Predictor:
     """A loaded model: ``embed`` always works; ``predict`` needs a fine-tuned head."""
 
     def __init__(self, kind: str, model, variables: dict, task: str | None = None, window_s: int = 4,
-                 notch: float = 50.0):
+                 notch: float = 50.0, montage: montage_lib.Options = montage_lib.Options()):
         self.kind, self.model, self.task = kind, model, task
-        self.window_s, self.notch = window_s, notch
+        self.window_s, self.notch, self.montage = window_s, notch, montage
         self.variables = jax.tree_util.tree_map(jnp.asarray, {k: v for k, v in variables.items()
                                                               if k in ("params", "codebook")})
         self._embed = jax.jit(self._embed_fn)
@@ -71,15 +77,22 @@ class Predictor:
         return self.model.apply(variables, x, channel_ids)
 
     # -- inputs ------------------------------------------------------------------------
-    def _windows(self, signals, ch_names, sfreq, unit, window_s):
+    def _windows(self, signals, ch_names, sfreq, unit, window_s, montage):
         window_s = int(window_s or self.window_s)
+        montage = montage or self.montage
         params = prep_lib.Params(window_s=window_s, stride_s=float(window_s), notch=self.notch)
+        if isinstance(signals, (str, os.PathLike)):
+            try:
+                signals = reading.read_raw(signals)
+            except reading.ReadError as err:
+                raise ValueError(f"{signals}: {err}") from None
         if isinstance(signals, mne.BaseEpochs):
             pieces = []
             for i, epoch in enumerate(signals.get_data()):
                 raw = mne.io.RawArray(epoch, signals.info, verbose="error")
                 win = max(1, min(16, int(raw.n_times / raw.info["sfreq"])))
-                prepared = prep_lib.preprocess(raw, prep_lib.Params(window_s=win, stride_s=float(win), notch=self.notch))
+                prepared = prep_lib.preprocess(raw, prep_lib.Params(window_s=win, stride_s=float(win), notch=self.notch),
+                                               options=montage)
                 pieces.append((prepared, prepared.data[:, :win * 200].reshape(len(prepared.names), win, 200)[None],
                                np.array([float(i)])))
             lengths = {p[1].shape[2] for p in pieces}
@@ -97,7 +110,7 @@ class Predictor:
                 raise ValueError(f"unit must be 'V', 'mV' or 'uV', got {unit!r}")
             info = mne.create_info(list(ch_names), float(sfreq), "eeg")
             signals = mne.io.RawArray(data * scale, info, verbose="error")
-        prepared = prep_lib.preprocess(signals, params)
+        prepared = prep_lib.preprocess(signals, params, options=montage)
         starts = prep_lib.window_starts(prepared.data.shape[1], params)
         if starts.size == 0:
             raise ValueError(f"the recording is shorter than one {window_s}-s window")
@@ -112,24 +125,30 @@ class Predictor:
 
     # -- public ------------------------------------------------------------------------
     def embed(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
-              unit: str = "V", window_s: int | None = None, batch_size: int = 32) -> Embeddings:
-        """Embeddings of every window. Arrays are ``[channels, samples]`` in ``unit`` (MNE's volts by default).
+              unit: str = "V", window_s: int | None = None, batch_size: int = 32,
+              montage: montage_lib.Options | None = None) -> Embeddings:
+        """Embeddings of every window.
 
-        Epochs are filtered one at a time, so the 0.1 Hz high-pass sees only each epoch: pass
-        the continuous Raw when you have it.
+        ``signals``: a recording's path (any format data_prep reads), an ``mne.io.Raw``,
+        ``mne.Epochs``, or an array ``[channels, samples]`` in ``unit`` (MNE's volts by default)
+        with ``ch_names`` and ``sfreq``. ``montage`` places channels without 10-20 names by
+        position (default: as data_prep does). Epochs are filtered one at a time, so the 0.1 Hz
+        high-pass sees only each epoch: pass the continuous Raw when you have it.
         """
-        prepared, x, starts = self._windows(signals, ch_names, sfreq, unit, window_s)
+        prepared, x, starts = self._windows(signals, ch_names, sfreq, unit, window_s, montage)
         pooled, tokens = self._run(self._embed, x, prepared.rows, batch_size)
         n, c, a = x.shape[:3]
         return Embeddings(pooled, tokens.reshape(n, c, a, -1), tuple(prepared.names), np.asarray(starts),
-                          tuple(prepared.dropped))
+                          tuple(prepared.dropped), tuple(prepared.mapping))
 
     def predict(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
-                unit: str = "V", window_s: int | None = None, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities (binary: P(label 1) [n]; multi-class: [n, K]) or values [n]."""
+                unit: str = "V", window_s: int | None = None, batch_size: int = 32,
+                montage: montage_lib.Options | None = None) -> np.ndarray:
+        """Class probabilities (binary: P(label 1) [n]; multi-class: [n, K]) or values [n];
+        ``signals`` as for :meth:`embed`."""
         if self._logits is None:
             raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
-        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s)
+        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage)
         logits = self._run(self._logits, x, prepared.rows, batch_size)
         return np.asarray(finetune.scores(self.task, jnp.asarray(logits)))
 

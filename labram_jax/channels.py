@@ -176,8 +176,8 @@ def map_channels(names: Sequence[str], aliases: Mapping[str, str] | None = None)
     """
     names = [str(n) for n in names]
     if not aliases and _looks_like_biosemi_abc(names):
-        reason = ("BioSemi ABC cap label (A1..H32 are cap positions, not 10-20 names); "
-                  "pass a channel mapping file to use this montage")
+        reason = ("BioSemi ABC cap label (A1..H32 are cap positions, not 10-20 names): pass --montage with the "
+                  "cap's layout (e.g. biosemi128) to place it by position, or a channel mapping file")
         return ChannelMapping((), (), np.zeros((0,), np.int32),
                               tuple((n, reason) for n in names))
     indices, kept, rows, dropped = [], [], [], []

@@ -339,6 +339,15 @@ def train_iterator(spec: str, grid: Grid, global_batch: int, seed: int, start_st
     return _iterate(positions, _Element(reader, order, grid), local, num_workers)
 
 
+def iter_records(spec: str, split: str) -> Iterator[records.Record]:
+    """Every record of a split, dataset by dataset in file order (for host-side analyses of
+    small data; undecodable records raise RecordError)."""
+    reader = _Reader(resolve(spec, split))
+    for d, size in enumerate(reader.sizes()):
+        for i in range(size):
+            yield reader.read(d, i)
+
+
 def count_records(spec: str, split: str = "train") -> int:
     return sum(_Reader(resolve(spec, split)).sizes())
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from labram_jax import convert, input_pipeline
 from labram_jax.models import config as model_config
 from labram_jax.models import tokenizer as tokenizer_lib
 from labram_jax.tasks import stage as stage_lib
@@ -29,6 +33,41 @@ def code_usage(codes: jax.Array, valid: jax.Array, num_codes: int) -> dict[str, 
     p = counts / jnp.maximum(counts.sum(), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return {"used_codes": (counts > 0).sum().astype(jnp.float32), "perplexity": jnp.exp(entropy)}
+
+
+def corpus_code_usage(path: str, spec: str, split: str, max_channels: int, max_windows: int,
+                      batch_size: int = 64) -> dict[str, float]:
+    """How a trained tokenizer uses its codebook on a whole split: the code of every real patch
+    (``tokenize``, no codebook update), counted over the split.
+
+    Args:
+      path: the tokenizer's workdir or its ``model.npz``.
+      spec: a data spec (manifest.json, ...); split: which of its splits to read.
+      max_channels, max_windows: the batch grid (at least the largest record's).
+    Returns:
+      ``patches``, ``used_codes`` (codes given to at least one patch), ``codebook_size`` and
+      ``perplexity`` (exp of the entropy of the code distribution: 1 when collapsed onto one
+      code, the codebook size when uniform).
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.npz")
+    kind, model, variables = convert.load_variables(path)
+    if kind != "tokenizer":
+        raise ValueError(f"{path} holds a {kind} model, not a tokenizer")
+    variables = {k: v for k, v in variables.items() if k in ("params", "codebook")}
+    num_codes = model.cfg.codebook_size
+    tokenize = jax.jit(lambda v, b: model.apply(v, b["x"], b["channel_ids"], stage_lib.effective_patch_mask(b),
+                                                method=model.tokenize))
+    counts = np.zeros((num_codes,), np.int64)
+    grid = input_pipeline.Grid(max_channels, max_windows)
+    for batch in input_pipeline.eval_batches(spec, grid, batch_size, split):
+        batch = {k: batch[k] for k in ("x", "channel_ids", "patch_mask", "valid")}
+        codes = np.asarray(tokenize(variables, batch))
+        real = np.asarray(stage_lib.effective_patch_mask(batch)).reshape(codes.shape)
+        counts += np.bincount(codes[real], minlength=num_codes)
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return {"patches": int(counts.sum()), "used_codes": int((counts > 0).sum()), "codebook_size": num_codes,
+            "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
 
 
 def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:

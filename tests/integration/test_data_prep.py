@@ -10,7 +10,7 @@ import pytest
 from array_record.python import array_record_module
 
 from data_prep import __main__ as cli
-from data_prep import preprocess, reading
+from labram_jax import preprocess, reading
 from labram_jax import channels, records
 
 

@@ -179,7 +179,8 @@ def test_evaluate_is_repeatable_and_matches_training_validation(eegmat_shards, t
 def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_path):
     import mne
 
-    from labram_jax import api, evaluate
+    from benchmarks import montage_soundness
+    from labram_jax import api, evaluate, montage
 
     cfg = tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 2, "data.val": str(eegmat_shards),
                                                      "eval_every": 2})
@@ -203,5 +204,14 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
                                              raw.info["sfreq"], unit="uV"), probs, atol=1e-5)
     epochs = mne.make_fixed_length_epochs(raw, duration=4.0, preload=True, verbose="error")
     assert model.predict(epochs).shape == (len(epochs),)
+    # A path goes through data_prep's reader; a position-only copy of the cap (X1..X19 with the
+    # electrodes' positions) is placed back on the same 10-20 sites by position.
+    np.testing.assert_allclose(model.predict(eeg_dir / "eegmat" / "Subject16_2.edf"), probs, atol=1e-6)
+    copy, origin = montage_soundness.position_only_copy(raw)
+    placed = model.embed(copy, montage=montage.Options(method="nearest", targets="1020"))
+    assert sorted(placed.channels) == sorted(emb.channels)
+    assert all(origin[m["sources"][0]] == m["name"] for m in placed.mapping)
+    np.testing.assert_allclose(model.predict(copy, montage=montage.Options(method="nearest", targets="1020")), probs,
+                               atol=1e-5)
     with pytest.raises(ValueError, match="shorter than one"):
         model.predict(raw.copy().crop(0, 2))

@@ -1,4 +1,9 @@
-"""LaBraM preprocessing of one recording: channels, filters, 200 Hz, units, windows."""
+"""LaBraM preprocessing of one recording: channels, filters, 200 Hz, units, windows.
+
+The same for data_prep (every record) and the API (``embed``/``predict``): EEG channels onto
+the vocabulary by name or electrode position (``labram_jax.montage``), band-pass and notch
+filters, 200 Hz, units of 100 uV.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import mne
 import numpy as np
 
 from labram_jax import channels
+from labram_jax import montage as montage_lib
+from labram_jax import reading
 from labram_jax import records
 
 # MNE channel types that are never EEG.
@@ -40,6 +47,8 @@ class Params:
     reject_saturated_uv: float = 0.0  # drop windows with |x| above this (uV); 0 off
     keep_ref_diff: bool = False  # keep reference-difference channels such as A2-A1 (mapped to A2)
     signal_dtype: str = "float32"
+    event_windows: bool = False  # one window per labelled interval, at its onset (instead of the stride grid)
+    event_offset_s: float = 0.0  # with event_windows: the window starts this long after the onset
 
     def __post_init__(self):
         if int(self.window_s) != self.window_s or not 1 <= self.window_s <= 16:
@@ -55,7 +64,11 @@ class Params:
 
 @dataclasses.dataclass
 class Prepared:
-    """A preprocessed recording: ``data [N, T]`` float32 at 200 Hz in units of 100 uV."""
+    """A preprocessed recording: ``data [N, T]`` float32 at 200 Hz in units of 100 uV.
+
+    ``mapping`` says where each of the N channels came from (by name, nearest electrode or
+    interpolation; ``labram_jax.montage.Plan``), ``dropped`` every input channel not used and why.
+    """
 
     data: np.ndarray
     names: tuple[str, ...]
@@ -64,45 +77,74 @@ class Prepared:
     sfreq_in: float
     notes: list[str]
     timings: dict[str, float]
+    mapping: tuple[dict, ...] = ()
+    positions: str = ""
 
 
-def pick_eeg(raw: mne.io.BaseRaw, aliases: Mapping[str, str] | None, keep_ref_diff: bool):
-    """The EEG channels of ``raw`` that map onto the vocabulary, and all dropped ones with reasons."""
+def pick_eeg(raw: mne.io.BaseRaw, aliases: Mapping[str, str] | None, keep_ref_diff: bool,
+             options: montage_lib.Options = montage_lib.Options()):
+    """(indices of the EEG candidates of ``raw``, their vocabulary plan, every dropped channel
+    with its reason). Non-EEG types and channels with a constant signal are dropped first."""
     types = raw.get_channel_types()
+    data = raw.get_data()
     dropped, candidates = [], []
     for i, (name, kind) in enumerate(zip(raw.ch_names, types)):
         if kind in _NON_EEG_TYPES:
             dropped.append((name, f"channel type {kind}"))
+        elif issue := reading.signal_issue(data[i]):
+            dropped.append((name, issue))
         else:
             candidates.append(i)
     names = [raw.ch_names[i] for i in candidates]
     if keep_ref_diff:  # "EEG A2-A1" -> "EEG A2" on request
         names = [n.split("-")[0] if channels.normalize(n).reason.startswith("reference-difference") else n
                  for n in names]
-    mapping = channels.map_channels(names, aliases)
-    kept = [candidates[i] for i in mapping.indices]
-    return kept, mapping, dropped + list(mapping.dropped)
+    info = mne.pick_info(raw.info, candidates) if candidates else None
+    plan = montage_lib.plan(names, options, info, aliases)
+    return candidates, plan, dropped + list(plan.dropped)
 
 
-def preprocess(raw: mne.io.BaseRaw, params: Params, aliases: Mapping[str, str] | None = None) -> Prepared:
-    """Keeps mapped EEG channels, band-pass + notch filters, resamples to 200 Hz, converts units.
+_REASON_KINDS = (("is not a 10-20", "not a vocabulary name"), ("bipolar derivation", "bipolar derivation"),
+                 ("reference-difference", "reference difference"), ("duplicate", "duplicate name"),
+                 ("BioSemi ABC", "BioSemi ABC cap label"), ("constant signal", "constant signal"),
+                 ("impossible calibration", "impossible calibration"), ("electrode position", "too far from "
+                                                                        "the vocabulary electrodes"))
 
-    Raises ValueError with the reason when no channel can be used.
+
+def no_channels_reason(dropped: list[tuple[str, str]]) -> str:
+    """One line: how many channels were dropped for which kind of reason, most common first."""
+    kinds: dict[str, list[str]] = {}
+    for name, reason in dropped:
+        kind = next((k for marker, k in _REASON_KINDS if marker in reason), reason.split(":")[0].split(";")[0])
+        kinds.setdefault(kind, []).append(name)
+    parts = [f"{len(names)} {kind} (e.g. {names[0]})"
+             for kind, names in sorted(kinds.items(), key=lambda kv: -len(kv[1]))]
+    hint = "pass --montage with the cap's layout to place them by position, or --channel-map to name them"
+    return f"no channel maps to the LaBraM vocabulary: {'; '.join(parts)}; {hint}"
+
+
+def preprocess(raw: mne.io.BaseRaw, params: Params, aliases: Mapping[str, str] | None = None,
+               options: montage_lib.Options = montage_lib.Options()) -> Prepared:
+    """Maps the EEG channels onto the vocabulary (by name, else by position), band-pass + notch
+    filters, resamples to 200 Hz, converts units.
+
+    Raises NoChannelsError with the reasons when no channel can be used.
     """
     timings: dict[str, float] = {}
     notes: list[str] = []
     sfreq = float(raw.info["sfreq"])
-    kept, mapping, dropped = pick_eeg(raw, aliases, params.keep_ref_diff)
-    if not kept:
-        first_name, first_reason = dropped[0] if dropped else ("", "")
-        raise NoChannelsError(f"no channel maps to the LaBraM vocabulary ({len(dropped)} dropped, e.g. "
-                              f"{first_name}: {first_reason}); pass --channel-map to map them", dropped)
-    raw = raw.copy().pick(kept)
+    if not raw.preload:
+        raw = raw.copy().load_data(verbose="error")
+    kept, plan, dropped = pick_eeg(raw, aliases, params.keep_ref_diff, options)
+    if not plan.names:
+        raise NoChannelsError(no_channels_reason(dropped), dropped)
+    if plan.positions:
+        placed = sum(m["method"] != "name" for m in plan.mapping)
+        notes.append(f"{placed} vocabulary channels placed by electrode position ({plan.positions})")
     t0 = time.perf_counter()
-    data = raw.get_data().astype(np.float64)  # volts, [N, T]
+    data = plan.matrix @ raw.get_data(picks=kept).astype(np.float64)  # volts, [N, T]
     if not np.all(np.isfinite(data)):
         notes.append("non-finite samples in the file: windows containing them are rejected")
-        data = np.where(np.isfinite(data), data, np.nan)
     nyquist = sfreq / 2.0
     h_freq = params.h_freq if params.h_freq and params.h_freq < nyquist else None
     if params.h_freq and h_freq is None:
@@ -131,7 +173,7 @@ def preprocess(raw: mne.io.BaseRaw, params: Params, aliases: Mapping[str, str] |
     if params.clip_uv:
         limit = params.clip_uv / UV_PER_UNIT
         np.clip(out, -limit, limit, out=out)
-    return Prepared(out, mapping.names, mapping.rows, dropped, sfreq, notes, timings)
+    return Prepared(out, plan.names, plan.rows, dropped, sfreq, notes, timings, plan.mapping, plan.positions)
 
 
 def window_starts(num_samples: int, params: Params) -> np.ndarray:

@@ -1,0 +1,136 @@
+"""Is placing channels by electrode position sound? Measured on real 10-10 recordings.
+
+    python -m benchmarks.montage_soundness [--files '../shared/eeg/eegmmidb/*/*.edf'] [--out runs/montage]
+        [--model runs/transfer/mmidb_mi/none-spectrum/heldout/seed0 --mi-data data/transfer/mmidb_mi]
+
+EEGMMIDB records 64 electrodes with 10-10 names. Each recording is copied as a position-only
+cap would store it: channels renamed ``E1..E64`` (no vocabulary name), the electrodes'
+template positions kept as the file's digitisation (a FIF file), optionally only every
+second electrode. ``labram_jax.preprocess`` then maps the copy onto the vocabulary by
+position, exactly as data_prep does, and every vocabulary channel it produces is compared
+with the original channel of that name (both preprocessed identically):
+
+- ``all 64, nearest``: every electrode at its own position: must come back unchanged.
+- ``all 64, interpolate``: spherical splines through the electrodes themselves.
+- ``32 of 64, interpolate``: the other 32 are interpolated from their neighbours (a sparser
+  cap): how well a missing 10-10 electrode is recovered.
+
+Figures: Pearson correlation and relative RMS error per channel (median, 10th percentile).
+With ``--model`` (a fine-tuned workdir of ``benchmarks.transfer --task mmidb_mi``), also the
+model's balanced accuracy and AUROC on the held-out motor-imagery windows with named,
+all-64-interpolated and 32-of-64-interpolated input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import pathlib
+import tempfile
+
+import mne
+import numpy as np
+
+from labram_jax import channels, montage, preprocess, reading
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_FILES = str(ROOT.parent / "shared" / "eeg" / "eegmmidb" / "*" / "*.edf")
+
+
+def position_only_copy(raw: mne.io.BaseRaw, keep_every: int = 1) -> tuple[mne.io.BaseRaw, dict[str, str]]:
+    """A copy of a named 10-10 recording as a position-only cap stores it: EEG channels renamed
+    ``X1, X2, ...`` with their template positions as digitisation, every ``keep_every``-th one
+    kept. Returns (the copy, new name -> the original vocabulary name)."""
+    vocab = montage.vocabulary_positions()
+    names = {}
+    for name in raw.ch_names:
+        mapped = channels.normalize(name).name
+        if mapped in vocab:
+            names[name] = mapped
+    kept = list(names)[::keep_every]
+    copy = raw.copy().pick(kept)
+    renamed = {old: f"X{i + 1}" for i, old in enumerate(kept)}
+    copy.rename_channels(renamed)
+    positions = {renamed[old]: vocab[names[old]] * montage.HEAD_RADIUS_MM / 1000.0 for old in kept}
+    copy.set_montage(mne.channels.make_dig_montage(positions, coord_frame="head"), verbose="error")
+    return copy, {renamed[old]: names[old] for old in kept}
+
+
+def compare(original: preprocess.Prepared, placed: preprocess.Prepared) -> dict[str, tuple[float, float]]:
+    """Vocabulary channel -> (Pearson r, RMS error / RMS of the original) for every channel the
+    placed copy produced that the original has, over the whole recording."""
+    index = {n: i for i, n in enumerate(original.names)}
+    out = {}
+    for k, name in enumerate(placed.names):
+        if name in index:
+            a, b = original.data[index[name]].astype(np.float64), placed.data[k].astype(np.float64)
+            ok = np.isfinite(a) & np.isfinite(b)
+            a, b = a[ok], b[ok]
+            out[name] = (float(np.corrcoef(a, b)[0, 1]), float(np.sqrt(np.mean((a - b) ** 2) / np.mean(a ** 2))))
+    return out
+
+
+VARIANTS = {"all 64, nearest": (1, "nearest"), "all 64, interpolate": (1, "interpolate"),
+            "32 of 64, interpolate": (2, "interpolate")}
+
+
+def _placed(raw: mne.io.BaseRaw, keep_every: int, method: str, params: preprocess.Params,
+            held_out_only: bool) -> tuple[preprocess.Prepared, set[str]]:
+    copy, origin = position_only_copy(raw, keep_every)
+    options = montage.Options(method=method)
+    with tempfile.TemporaryDirectory() as tmp:  # through a file, as data_prep reads it
+        path = pathlib.Path(tmp) / "copy_raw.fif"
+        copy.save(path, verbose="error")
+        placed = preprocess.preprocess(reading.read_raw(path), params, options=options)
+    return placed, (set(channels.VOCABULARY) - set(origin.values())) if held_out_only else set(origin.values())
+
+
+def soundness(files: list[str], notch: float = 60.0) -> dict:
+    """Per variant: correlation and relative error of every produced channel over ``files``."""
+    params = preprocess.Params(notch=notch, window_s=4, stride_s=4.0)
+    results: dict[str, dict[str, list]] = {name: {"r": [], "rel_rms": [], "channels": []} for name in VARIANTS}
+    for path in files:
+        raw = reading.read_raw(path)
+        original = preprocess.preprocess(raw, params)
+        for name, (keep_every, method) in VARIANTS.items():
+            placed, judged = _placed(raw, keep_every, method, params, held_out_only=keep_every > 1)
+            for channel, (r, err) in compare(original, placed).items():
+                if channel in judged:
+                    results[name]["r"].append(r)
+                    results[name]["rel_rms"].append(err)
+                    results[name]["channels"].append(channel)
+    summary = {}
+    for name, values in results.items():
+        r, err = np.asarray(values["r"]), np.asarray(values["rel_rms"])
+        summary[name] = {"channels_compared": int(r.size), "files": len(files),
+                         "r_median": float(np.median(r)), "r_p10": float(np.percentile(r, 10)),
+                         "rel_rms_median": float(np.median(err)), "rel_rms_p90": float(np.percentile(err, 90))}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.montage_soundness", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", default=DEFAULT_FILES, help="glob of named 10-10 recordings (EEGMMIDB)")
+    parser.add_argument("--max-files", type=int, default=20)
+    parser.add_argument("--out", default="runs/montage")
+    args = parser.parse_args(argv)
+    files = sorted(glob.glob(args.files))[: args.max_files]
+    if not files:
+        raise SystemExit(f"no file matches {args.files}")
+    summary = soundness(files)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soundness.json").write_text(json.dumps(summary, indent=1))
+    print("| variant | files | channels | r median | r 10th pct | rel. RMS error median | 90th pct |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in summary.items():
+        print(f"| {name} | {s['files']} | {s['channels_compared']} | {s['r_median']:.4f} | {s['r_p10']:.4f} | "
+              f"{s['rel_rms_median']:.4f} | {s['rel_rms_p90']:.4f} |")
+    print(f"\nwrote {out / 'soundness.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,337 @@
+"""Does pretraining transfer to subjects the recipe never saw? Subject-wise CV, several corpora.
+
+    python -m benchmarks.transfer --task eegmat --corpus none eegmat mmidb mmidb+eegmat \\
+        --stem spectrum temporal --seeds 0 1 2 [--folds 5] [--mmidb CORPUS_DIR] \\
+        [--data data/transfer] [--workdir runs/transfer] [--set STAGE:FIELD=VALUE ...] [--tag NAME]
+    python -m benchmarks.transfer --task mmidb_mi --corpus none mmidb --stem spectrum --seeds 0 1 2 --mmidb CORPUS_DIR
+
+Tasks (binary, balanced accuracy and AUROC at the last step; no step or checkpoint is picked
+on the subjects a number is reported on):
+
+- ``eegmat``: rest vs mental arithmetic, the 20 EEGMAT subjects of ``../shared/eeg/eegmat``
+  in ``--folds`` subject-wise folds (``data_prep.folds``, seed 0: 5 folds of 4 subjects).
+  In each fold LaBraM-Tiny is fine-tuned (``configs/eegmat.py``) on the other subjects'
+  5-s windows taken every second and scored on the fold's non-overlapping windows.
+- ``mmidb_mi``: EEGMMIDB imagined left vs right fist (runs 4, 8, 12), one 4-s window per
+  trial from its onset; subjects ``MI_TEST_SUBJECTS`` are held out (and never pretrained on),
+  the other 20 train (``configs/small_data.py``, 64 channels x 4 s).
+
+Pretraining corpora (``--corpus``; each is the tokenizer's and the masked model's training
+data, unlabelled): ``none`` (fine-tuning from random weights); ``eegmat`` (the fold's EEGMAT
+training subjects only); ``mmidb`` (every public EEGMMIDB run of ``--mmidb`` except the MI
+test subjects' runs: no EEGMAT at all, 64 channels at 160 Hz -> EEGMAT's 19); ``mmidb+eegmat``
+(both, mixed 1:1 in every batch: 64- and 19-channel samples padded to one grid). Pretraining
+reads 4-s windows (EEGMAT's every 2 s); every corpus gets the same budget of steps
+(``PRETRAIN_STEPS``, batch 64). Pretraining that sees no EEGMAT subject is shared by every
+fold, and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. ``--stem`` sets
+``model.patch_embed`` of every stage.
+
+The classical baselines (``labram_jax.baselines``) are fitted on the same training subjects'
+non-overlapping windows and scored on the same windows. The report gives, per row, the mean +-
+std over folds x seeds and each fold's mean; ``<workdir>/<task>.json`` keeps every number.
+Every run resumes (rerun the same command); finished runs are read back, not repeated.
+The public EEGMMIDB corpus is rebuilt by ``../shared/eeg/public/extract.py`` (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+
+import numpy as np
+
+from configs import eegmat as eegmat_config
+from configs import small_data
+from data_prep import __main__ as data_prep_cli
+from data_prep import folds as folds_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EEGMAT = ROOT.parent / "shared" / "eeg" / "eegmat"
+# Held-out motor-imagery subjects: the first 5 of the 25 with MI runs, shuffled with
+# np.random.default_rng(0) (chosen before any model was run).
+MI_TEST_SUBJECTS = ("S005", "S011", "S012", "S020", "S042")
+CORPORA = ("none", "eegmat", "mmidb", "mmidb+eegmat")
+STEMS = ("spectrum", "temporal")
+TASKS = ("eegmat", "mmidb_mi")
+PRETRAIN_STEPS = {"tokenizer": 200, "pretrain": 400}  # every corpus, batch 64
+PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
+TASK_BASELINES = {"eegmat": ("band_power_lr", "log_spectrum_lr", "csp_lda"),
+                  "mmidb_mi": ("csp_lda", "band_power_lr", "log_spectrum_lr")}
+log = logging.getLogger("labram_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One evaluation split: name, fine-tuning (train, val) manifests, pretraining spec of its
+    own subjects ('' if the task's subjects are not pretrained on)."""
+
+    name: str
+    train: str
+    val: str
+    baseline: str  # manifest whose train/val splits the classical baselines read
+    pretrain_own: str
+
+
+def _data_prep(inputs: list[str], out: pathlib.Path, args: list[str]) -> str:
+    manifest = out / "manifest.json"
+    if not manifest.exists():
+        code = data_prep_cli.main([*inputs, "--out", str(out), "--quiet", "--workers", "2", *args])
+        if code != 0:
+            raise SystemExit(f"data_prep failed for {out} (exit {code}); see {manifest}")
+    return str(manifest)
+
+
+EEGMAT_LABELS = ["--label-from", "filename", "--label-pattern", r"_1\.edf$=rest", "--label-pattern",
+                 r"_2\.edf$=arithmetic", "--subject-pattern", r"Subject(\d+)_", "--dataset", "eegmat", "--window", "5"]
+
+
+def eegmat_splits(eegmat: pathlib.Path, data: pathlib.Path, folds: int) -> list[Split]:
+    """The EEGMAT conversions (1-s and 5-s strides, every subject) and their fold manifests."""
+    if len(list(eegmat.glob("Subject*_[12].edf"))) < 4:
+        raise SystemExit(f"{eegmat} holds no EEGMAT recordings (SubjectNN_1.edf, _2.edf): pass --eegmat")
+    overlapping = _data_prep([str(eegmat)], data / "eegmat_s1", [*EEGMAT_LABELS, "--stride", "1"])
+    plain = _data_prep([str(eegmat)], data / "eegmat", EEGMAT_LABELS)
+    # Pretraining reads 4-s windows every 2 s, like the 4-s EEGMMIDB windows it is mixed with.
+    unlabelled = _data_prep([str(eegmat)], data / "eegmat_pre", [*EEGMAT_LABELS, "--window", "4", "--stride", "2"])
+    by_fold = [folds_lib.write_folds(m, folds) for m in (overlapping, plain, unlabelled)]
+    out = []
+    for i, ((train, subjects), (val, same), (pre, too)) in enumerate(zip(*by_fold)):
+        assert subjects == same == too, (subjects, same, too)
+        out.append(Split(f"fold{i}", str(train), str(val), str(val), str(pre)))
+    return out
+
+
+def mmidb_corpus(mmidb: pathlib.Path | None, data: pathlib.Path) -> str:
+    """The unlabelled EEGMMIDB pretraining corpus (4-s windows); MI test subjects in ``val``."""
+    if mmidb is None or not mmidb.is_dir():
+        raise SystemExit("the mmidb corpus needs --mmidb: the folder written by ../shared/eeg/public/extract.py "
+                         "(SNNN/SNNNRkk.edf), see BENCHMARKS.md")
+    return _data_prep([str(mmidb)], data / "mmidb", ["--dataset", "eegmmidb", "--window", "4", "--notch", "60",
+                                                     "--subject-pattern", r"(S\d{3})R",
+                                                     "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
+
+
+def mi_splits(mmidb: pathlib.Path | None, data: pathlib.Path) -> list[Split]:
+    """Imagined left vs right fist, one 4-s window per trial; the MI test subjects validate."""
+    if mmidb is None or not mmidb.is_dir():
+        raise SystemExit("--task mmidb_mi needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
+    runs = [str(p) for p in sorted(mmidb.glob("S*/S*R*.edf")) if p.stem[-3:] in ("R04", "R08", "R12")]
+    manifest = _data_prep(runs, data / "mmidb_mi", [
+        "--dataset", "mmidb_mi", "--window", "4", "--notch", "60", "--label-from", "annotations",
+        "--annotation-labels", "T1=left,T2=right", "--event-windows", "--subject-pattern", r"(S\d{3})R",
+        "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
+    return [Split("heldout", manifest, manifest, manifest, "")]
+
+
+def set_field(config, assignment: str) -> None:
+    """``FIELD=VALUE`` (dotted field, e.g. optim.lr=5e-4) into a ConfigDict, typed as the field."""
+    field, _, value = assignment.partition("=")
+    if not value:
+        raise SystemExit(f"--set {assignment!r}: use STAGE:FIELD=VALUE, e.g. finetune:optim.lr=5e-4")
+    *path, node = field.split(".")
+    parent = config
+    for part in path:
+        parent = parent[part]
+    current = parent[node]
+    parent[node] = (value.lower() in ("1", "true")) if isinstance(current, bool) else type(current)(value)
+
+
+def stage_config(task: str, stage: str, stem: str, seed: int):
+    """The task's recipe for ``stage`` with the stem and seed."""
+    config = (eegmat_config if task == "eegmat" else small_data).get_config(stage)
+    config.seed = seed
+    config.model.patch_embed = stem
+    if task == "mmidb_mi":
+        config.data.max_channels, config.data.max_windows = 64, 4
+    return config
+
+
+def apply_overrides(config, overrides: list[str]):
+    """The ``--set STAGE:FIELD=VALUE``s of ``config.stage``, last (they win over the harness's settings)."""
+    for item in overrides:
+        where, _, assignment = item.partition(":")
+        if where not in ("tokenizer", "pretrain", "finetune"):
+            raise SystemExit(f"--set {item!r}: STAGE must be tokenizer, pretrain or finetune")
+        if where == config.stage:
+            set_field(config, assignment)
+    return config
+
+
+def pretrain(corpus: str, spec: str, stem: str, seed: int, root: pathlib.Path, overrides: list[str]) -> dict:
+    """Tokenizer then masked pretraining on ``spec``; returns timings and the codebook usage."""
+    from labram_jax import train
+    from labram_jax.tasks import tokenizer as tokenizer_task
+
+    info_file = root / "pretraining.json"
+    if info_file.exists():  # finished earlier
+        return json.loads(info_file.read_text())
+    channels, windows = PRETRAIN_GRID[corpus]
+    info = {"spec": spec}
+    for stage in ("tokenizer", "pretrain"):
+        config = stage_config("eegmat", stage, stem, seed)
+        config.data.train = spec
+        config.data.max_channels, config.data.max_windows = channels, windows
+        config.optim.total_steps = PRETRAIN_STEPS[stage]
+        config.optim.warmup_steps = PRETRAIN_STEPS[stage] // 10
+        if stage == "pretrain":
+            config.pretrain.tokenizer_checkpoint = str(root / "tokenizer")
+        apply_overrides(config, overrides)
+        t0 = time.perf_counter()
+        out = train.run(config, str(root / stage))
+        info[f"{stage}_wall_s"] = time.perf_counter() - t0
+        info[f"{stage}_loss"] = out.get("loss")
+    info["codebook"] = tokenizer_task.corpus_code_usage(str(root / "tokenizer"), spec, "train", channels, windows)
+    info_file.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def finetune(task: str, split: Split, stem: str, seed: int, init: str, workdir: pathlib.Path,
+             overrides: list[str]) -> dict:
+    """One fine-tuning; its last-step validation metrics."""
+    from labram_jax import train
+
+    result_file = workdir / "result.json"
+    if result_file.exists():  # finished earlier
+        return json.loads(result_file.read_text())
+    config = stage_config(task, "finetune", stem, seed)
+    config.data.train, config.data.val = split.train, split.val
+    config.finetune.init_checkpoint = init
+    config.eval_every = 10**9  # the last step only: nothing is picked on the reported subjects
+    apply_overrides(config, overrides)
+    t0 = time.perf_counter()
+    out = train.run(config, str(workdir))
+    scores = {k[4:]: float(v) for k, v in out.items() if k.startswith("val/")} or last_validation(workdir)
+    result = {**scores, "wall_s": time.perf_counter() - t0}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def last_validation(workdir: pathlib.Path) -> dict[str, float]:
+    """The last validation metrics in ``workdir/metrics.jsonl`` (a finished run only reloads)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if any(k.startswith("val/") for k in row)]
+    if not rows:
+        raise SystemExit(f"{workdir} holds no validation metrics: delete it and rerun")
+    return {k[4:]: float(v) for k, v in rows[-1].items() if k.startswith("val/")}
+
+
+def summarise(values: list[list[float]]) -> dict:
+    """values[fold][seed] -> mean, std over all, and each fold's mean."""
+    flat = np.asarray([v for fold in values for v in fold], np.float64)
+    return {"mean": float(flat.mean()), "std": float(flat.std()), "n": int(flat.size),
+            "fold_means": [float(np.mean(fold)) for fold in values]}
+
+
+def table(report: dict) -> str:
+    """Markdown: one row per baseline and per (corpus, stem); mean +- std over folds x seeds."""
+    splits = report["splits"]
+    head = ["model", "BAcc mean +- std", "AUROC mean +- std", "n"] + [f"{s} BAcc / AUROC" for s in splits]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def row(name, bacc, auroc):
+        cells = [name, f"{bacc['mean']:.3f} +- {bacc['std']:.3f}", f"{auroc['mean']:.3f} +- {auroc['std']:.3f}",
+                 str(bacc["n"])] + [f"{b:.3f} / {a:.3f}" for b, a in zip(bacc["fold_means"], auroc["fold_means"])]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for name, per_split in report["baselines"].items():
+        if not all(s in per_split for s in splits):
+            continue  # incomplete rows are not summarised
+        row(name, summarise([[per_split[s]["balanced_accuracy"]] for s in splits]),
+            summarise([[per_split[s]["auroc"]] for s in splits]))
+    for key, runs in report["rows"].items():
+        seeds = sorted({seed for s in splits for seed in runs.get(s, {})})
+        if not all(str(seed) in runs.get(s, {}) for s in splits for seed in map(str, seeds)) or not seeds:
+            continue  # incomplete rows are not summarised
+        row(key, summarise([[runs[s][str(seed)]["balanced_accuracy"] for seed in seeds] for s in splits]),
+            summarise([[runs[s][str(seed)]["auroc"] for seed in seeds] for s in splits]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, default="eegmat")
+    parser.add_argument("--corpus", nargs="+", default=["none", "eegmat"], choices=CORPORA)
+    parser.add_argument("--stem", nargs="+", default=["spectrum"], choices=STEMS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--pretrain-seed", type=int, default=0, help="seed of the tokenizer and pretraining runs "
+                        "(one per corpus, stem and fold, shared by the fine-tuning seeds)")
+    parser.add_argument("--folds", type=int, default=5, help="EEGMAT: subject-wise folds of the 20 subjects")
+    parser.add_argument("--only-folds", type=int, nargs="+", default=None, help="run only these folds (a part of "
+                        "the grid; the table summarises complete rows only)")
+    parser.add_argument("--eegmat", default=str(EEGMAT), help="the EEGMAT EDF folder")
+    parser.add_argument("--mmidb", default=None, help="the public EEGMMIDB folder (../shared/eeg/public/extract.py)")
+    parser.add_argument("--data", default="data/transfer", help="where data_prep writes the conversions")
+    parser.add_argument("--workdir", default="runs/transfer")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:FIELD=VALUE",
+                        help="override a recipe field of one stage, e.g. finetune:optim.lr=5e-4")
+    parser.add_argument("--tag", default="", help="a name for this recipe variant (its runs and rows are kept apart)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the classical baselines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from labram_jax import baselines
+
+    data, workdir = pathlib.Path(args.data), pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mmidb = pathlib.Path(args.mmidb) if args.mmidb else None
+    all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds) if args.task == "eegmat" else \
+        mi_splits(mmidb, data)
+    splits = all_splits if args.only_folds is None else [all_splits[i] for i in args.only_folds]
+    corpus_spec = mmidb_corpus(mmidb, data) if any(c.startswith("mmidb") for c in args.corpus) else ""
+
+    report_path = workdir / f"{args.task}.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"rows": {}, "pretraining": {},
+                                                                                 "baselines": {}}
+    report.update(task=args.task, splits=[s.name for s in all_splits])
+
+    def save():
+        report_path.write_text(json.dumps(report, indent=1))
+
+    if not args.no_baselines:
+        for split in splits:
+            results = baselines.run(split.baseline, TASK_BASELINES[args.task])
+            for name, metrics in results.items():
+                report["baselines"].setdefault(baselines.BASELINES[name].description, {})[split.name] = metrics
+                print(f"{split.name} {baselines.BASELINES[name].description}: BAcc {metrics['balanced_accuracy']:.3f} "
+                      f"AUROC {metrics['auroc']:.3f}", flush=True)
+        save()
+
+    suffix = f"-{args.tag}" if args.tag else ""
+    for seed in args.seeds:
+        for stem in args.stem:
+            for corpus in args.corpus:
+                key = f"{corpus}/{stem}{suffix}"
+                for split in splits:
+                    init = ""
+                    if corpus != "none":
+                        own = corpus.endswith("eegmat")
+                        if own and not split.pretrain_own:
+                            raise SystemExit(f"--corpus {corpus}: the {args.task} task's own subjects are not "
+                                             "pretrained on (they are the test); use none or mmidb")
+                        spec = "+".join(p for p in (corpus_spec if corpus.startswith("mmidb") else "",
+                                                    split.pretrain_own if own else "") if p)
+                        scope = split.name if own else "shared"
+                        root = workdir / "pretrain" / f"{corpus}-{stem}{suffix}" / scope / f"seed{args.pretrain_seed}"
+                        info = pretrain(corpus, spec, stem, args.pretrain_seed, root, args.overrides)
+                        report["pretraining"].setdefault(f"{corpus}/{stem}{suffix}", {}).setdefault(
+                            scope, {})[str(args.pretrain_seed)] = info
+                        init = str(root / "pretrain")
+                    run_dir = workdir / args.task / f"{corpus}-{stem}{suffix}" / split.name / f"seed{seed}"
+                    scores = finetune(args.task, split, stem, seed, init, run_dir, args.overrides)
+                    report["rows"].setdefault(key, {}).setdefault(split.name, {})[str(seed)] = scores
+                    report.setdefault("overrides", {})[key] = args.overrides
+                    save()
+                    print(f"{key} {split.name} seed {seed}: BAcc {scores['balanced_accuracy']:.3f} "
+                          f"AUROC {scores['auroc']:.3f} ({scores['wall_s']:.0f} s)", flush=True)
+    print("\n" + table(report))
+    print(f"\nwrote {report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""LaBraM-Tiny on a small labelled dataset, on a CPU: `--config=configs/small_data.py:<stage>`.
+
+The recipe chosen by subject-wise cross-validation on EEGMAT (BENCHMARKS.md "Transfer"):
+decisions were made on 5-fold CV means, never on one split. Point it at your data with
+``--config.data.train=.../manifest.json`` (and ``data.val``), and set the batch grid
+(``data.max_channels``, ``data.max_windows``) to your montage and window length.
+
+Every stage embeds each 1-s patch by the log amplitudes of its 1-45 Hz FFT bins
+(``model.patch_embed=spectrum``): the paper's temporal encoder normalises each sample's band
+powers away before the transformer, and with tens of subjects the model does not learn them
+back. Fine-tuning keeps the pretrained encoder close to where pretraining left it (a low
+learning rate and a strong layer decay): otherwise it drifts towards the training subjects.
+The tokenizer has no commitment loss: on little data the reference's collapses the codebook.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    stage = common.parse_arg(arg)
+    c = common.get_config("tiny", stage)
+    c.data.batch_size = 64
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.model.patch_embed = "spectrum"  # every stage: log 1-45 Hz amplitudes, not the temporal encoder
+    if stage == "tokenizer":
+        c.tokenizer.code_dim = 16
+        # With weight 1 (or 0.1) every encoder output collapses onto one code within 20 steps on
+        # EEGMAT's 16 subjects (perplexity 1.0; restarts of dead codes do not help).
+        c.tokenizer.commitment_weight = 0.0
+        c.optim.lr = 1e-3
+        c.optim.epochs, c.optim.warmup_epochs = 5, 1
+    if stage == "pretrain":
+        c.optim.lr = 1e-3
+        c.optim.epochs, c.optim.warmup_epochs = 10, 1
+    if stage == "finetune":
+        c.optim.lr = 1e-4
+        c.optim.layer_decay = 0.3  # blocks 0.3 and 0.09, patch embedding 0.027 of the head's rate
+        c.optim.epochs, c.optim.warmup_epochs = 10, 1
+        c.finetune.class_weight = "balanced"  # imbalanced classes; balanced accuracy is the metric
+        c.eval_every = 100
+    return c

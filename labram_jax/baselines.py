@@ -1,0 +1,192 @@
+"""Classical EEG baselines on the same records a model sees: what a deep model must beat.
+
+    python -m labram_jax.baselines --data data/eegmat/manifest.json [--train-split train] [--val-split val] \\
+        [--baselines band_power_lr log_spectrum_lr csp_lda]
+
+Each baseline is a feature map of the windows (``x [n, channels, samples]`` at 200 Hz in
+units of 100 uV, exactly as data_prep stored them) and a scikit-learn classifier, fitted on
+one split's windows and scored on another's with the fine-tuning metrics
+(:func:`labram_jax.tasks.finetune.compute_metrics`, binary tasks):
+
+- ``band_power_lr``: log band power (Welch, 2-s segments) in delta, theta, alpha, beta and
+  low gamma (1-4, 4-8, 8-13, 13-30, 30-45 Hz) of every channel, standardised, logistic
+  regression (C = 1, class-balanced).
+- ``log_spectrum_lr``: the log power spectrum of every channel in 1-Hz bins from 1 to 45 Hz,
+  standardised, strongly regularised logistic regression (C = 0.001, class-balanced).
+- ``csp_lda``: the motor-imagery standard: windows band-passed to 8-30 Hz, 4 common spatial
+  patterns (``mne.decoding.CSP``, log variance) and linear discriminant analysis with equal
+  class priors (class-balanced, like the others).
+
+Every window of both splits must have the same channels (one montage): the features are per
+channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from labram_jax import input_pipeline, records
+from labram_jax.tasks import finetune
+
+BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
+CSP_BAND_HZ = (8.0, 30.0)
+
+
+def log_band_power(x: np.ndarray) -> np.ndarray:
+    """[n, C, T] at 200 Hz -> [n, C * 5] log mean Welch power (2-s segments) per band."""
+    from scipy.signal import welch
+
+    freqs, power = welch(x, fs=records.SAMPLE_RATE, nperseg=min(x.shape[-1], 2 * records.SAMPLE_RATE), axis=-1)
+    bands = [power[..., (freqs >= lo) & (freqs < hi)].mean(-1) for lo, hi in BANDS_HZ]
+    return np.log(np.stack(bands, -1)).reshape(len(x), -1)
+
+
+def log_spectrum(x: np.ndarray) -> np.ndarray:
+    """[n, C, T] at 200 Hz -> [n, C * 44] log Welch power (1-s segments, 1-Hz bins), 1-45 Hz."""
+    from scipy.signal import welch
+
+    freqs, power = welch(x, fs=records.SAMPLE_RATE, nperseg=records.SAMPLE_RATE, axis=-1)
+    return np.log(power[..., (freqs >= 1) & (freqs < 45)]).reshape(len(x), -1)
+
+
+def band_passed(x: np.ndarray, band: tuple[float, float] = CSP_BAND_HZ) -> np.ndarray:
+    """[n, C, T] -> the same, zero-phase 4th-order Butterworth band-pass (Hz)."""
+    from scipy.signal import butter, sosfiltfilt
+
+    sos = butter(4, band, btype="bandpass", fs=records.SAMPLE_RATE, output="sos")
+    return sosfiltfilt(sos, x, axis=-1)
+
+
+def _band_power_lr():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced"))
+
+
+def _log_spectrum_lr():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.001, max_iter=5000, class_weight="balanced"))
+
+
+def _csp_lda():
+    from mne.decoding import CSP
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(CSP(n_components=4, reg=None, log=True, norm_trace=False),
+                         LinearDiscriminantAnalysis(priors=[0.5, 0.5]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A feature map ``[n, C, T] -> features`` and a factory of an unfitted classifier."""
+
+    name: str
+    description: str
+    features: Callable[[np.ndarray], np.ndarray]
+    classifier: Callable[[], object]
+
+
+BASELINES = {b.name: b for b in (
+    Baseline("band_power_lr", "log band power + LR", log_band_power, _band_power_lr),
+    Baseline("log_spectrum_lr", "log spectrum + LR (C = 0.001)", log_spectrum, _log_spectrum_lr),
+    Baseline("csp_lda", "CSP + LDA (8-30 Hz)", band_passed, _csp_lda),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Every window of a split: ``x [n, C, T]`` (100 uV, 200 Hz), ``labels [n]``, ``subjects [n]``."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    subjects: np.ndarray
+    channel_ids: np.ndarray
+
+
+def load_windows(spec: str, split: str) -> Windows:
+    """All labelled windows of ``split`` of a data spec, in file order (one montage)."""
+    x, labels, subjects, montage = [], [], [], None
+    for rec in input_pipeline.iter_records(spec, split):
+        if rec.label < 0:
+            continue
+        if montage is None:
+            montage = rec.channel_ids
+        elif not np.array_equal(rec.channel_ids, montage):
+            raise ValueError(f"{rec.dataset}/{rec.recording} has other channels than the first record of {spec!r} "
+                             f"({split}): classical baselines need one montage")
+        signal = rec.signal.reshape(rec.num_channels, -1)
+        if x and signal.shape != x[0].shape:
+            raise ValueError(f"{rec.dataset}/{rec.recording}@{rec.start_s}s has shape {signal.shape}, the first "
+                             f"window {x[0].shape}: classical baselines need windows of one length")
+        x.append(signal)
+        labels.append(rec.label)
+        subjects.append(rec.subject)
+    if not x:
+        raise ValueError(f"no labelled window in split {split!r} of {spec!r}")
+    return Windows(np.stack(x), np.asarray(labels), np.asarray(subjects), np.asarray(montage))
+
+
+def fit_and_score(baseline: Baseline, train: Windows, val: Windows) -> dict[str, float]:
+    """Fits on ``train``, returns the binary metrics on ``val``."""
+    if not np.array_equal(train.channel_ids, val.channel_ids):
+        raise ValueError("the training and validation windows have different channels: classical baselines need "
+                         "one montage")
+    if len(np.unique(train.labels)) != 2:
+        raise ValueError(f"classical baselines are binary; the training windows have labels "
+                         f"{np.unique(train.labels).tolist()}")
+    import mne
+
+    with mne.utils.use_log_level("error"):  # CSP logs its rank estimation
+        model = baseline.classifier().fit(baseline.features(train.x), train.labels)
+        score = model.predict_proba(baseline.features(val.x))[:, 1]
+    return {k: float(v) for k, v in finetune.compute_metrics("binary", score, val.labels).items()}
+
+
+def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "train",
+        val_split: str = "val", val_spec: str | None = None) -> dict[str, dict[str, float]]:
+    """Each named baseline fitted on ``train_split`` of ``spec`` and scored on ``val_split`` of
+    ``val_spec`` (default: ``spec``)."""
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
+    train, val = load_windows(spec, train_split), load_windows(val_spec or spec, val_split)
+    return {name: fit_and_score(BASELINES[name], train, val) for name in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labram_jax.baselines", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--data", required=True, help="a data spec (manifest.json) with labelled windows")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--val-split", default="val")
+    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=sorted(BASELINES))
+    parser.add_argument("--out", default="", help="also write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        results = run(args.data, args.baselines, args.train_split, args.val_split)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, metrics in results.items():
+        print(f"{BASELINES[name].description:<32} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
