@@ -46,9 +46,9 @@ def param(name, default):
     return type(default)(os.environ.get(f"LABRAM_NB_{name}", default))
 
 DATA_DIR = param("DATA_DIR", str(pathlib.Path(labram_jax.__file__).parent / "demo_data"))  # bundled EEGMAT excerpts
-LABELS = {r"_1_raw\\.fif$": "rest", r"_2_raw\\.fif$": "arithmetic"}
+LABELS = {r"_1_raw\\.fif(\\.gz)?$": "rest", r"_2_raw\\.fif(\\.gz)?$": "arithmetic"}
 SUBJECT_PATTERN = r"Subject(\\d+)_"
-VAL_SUBJECTS = param("VAL_SUBJECTS", "16,17")
+VAL_SUBJECTS = param("VAL_SUBJECTS", "16,17,18,19")
 WINDOW_S = param("WINDOW_S", 5)          # seconds per sample (1..16)
 PRETRAINED = param("PRETRAINED", "")     # labram-base.pth, model.npz, a pretraining workdir, or "" (from scratch)
 SIZE = param("SIZE", "base")             # must match PRETRAINED: tiny, base, large or huge
