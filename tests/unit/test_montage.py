@@ -143,3 +143,24 @@ def test_biosemi_names_are_placed_by_the_recognised_layout(mmidb):
     produced = montage_soundness.compare(original, placed)
     assert len(produced) >= 55
     assert np.median([r for r, _ in produced.values()]) > 0.9
+
+
+def test_data_prep_records_the_mapping_in_the_manifest(mmidb, tmp_path):
+    import json
+
+    from data_prep import __main__ as cli
+
+    raw, params, original = mmidb
+    copy, origin = montage_soundness.position_only_copy(raw, keep_every=2)
+    copy.save(tmp_path / "S001R04_cap_raw.fif", verbose="error")
+    out = tmp_path / "out"
+    assert cli.main([str(tmp_path / "S001R04_cap_raw.fif"), "--out", str(out), "--window", "4", "--notch", "60",
+                     "--channel-method", "nearest", "--quiet"]) == 0
+    entry = json.loads((out / "manifest.json").read_text())["files"][0]
+    assert len(entry["channels_kept"]) == 32 and entry["notes"] == [
+        "32 vocabulary channels placed by electrode position (the file's digitisation)"]
+    assert [m["name"] for m in entry["channel_mapping"]] == entry["channels_kept"]
+    assert all(m["method"] == "nearest" and origin[m["sources"][0]] == m["name"] and m["distance_mm"] < 0.1
+               for m in entry["channel_mapping"])
+    assert json.loads((out / "manifest.json").read_text())["montage"]["method"] == "nearest"
+    assert cli.main([str(tmp_path / "S001R04_cap_raw.fif"), "--out", str(out / "x"), "--montage", "nope"]) == 2
