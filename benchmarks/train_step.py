@@ -9,7 +9,7 @@ For each (stage, size): compile time, median step time over ``--steps`` steps af
 step (benchmarks/flops.py) and XLA's own count, MFU against ``--peak-tflops`` (``auto``:
 the datasheet table for GPUs/TPUs; on a CPU a measured float32 matmul rate, said so in
 the table), and memory (the compiled step's analysis; the runtime peak where the backend
-reports one). It runs the very step ``labram_jax.train`` runs (``train.make_train_step``)
+reports one). It runs the very step ``labram_jax.train`` runs (``steps.build``)
 on random EEG-like batches, and asserts the step was traced once.
 
 Shapes default to the reference's: fine-tuning 23 channels x 10 s, pretraining and the
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops as flops_lib
-from configs import common
-from labram_jax import host_memory, input_pipeline, sharding, train
+from labram_jax_configs import common
+from labram_jax import host_memory, input_pipeline, sharding, steps
 from labram_jax.tasks import pretrain
 
 # The original PyTorch implementation on this project's 2-core CPU machine, float32, batch 8,
@@ -97,13 +97,13 @@ def peak_tflops(arg: str, dtype_name: str) -> tuple[float | None, str]:
     if peak is not None:
         return peak, f"datasheet {device.device_kind}"
     if device.platform == "cpu":
-        return measured_matmul_tflops(train.compute_dtype(dtype_name)), "measured 2048^3 matmul (all cores)"
+        return measured_matmul_tflops(steps.compute_dtype(dtype_name)), "measured 2048^3 matmul (all cores)"
     return None, "unknown (pass --peak-tflops)"
 
 
 def memory_figures(compiled) -> dict:
     mib = 1 << 20
-    out = {f"compiled_{k}_mib": v / mib for k, v in (train.compiled_memory(compiled) or {}).items()}
+    out = {f"compiled_{k}_mib": v / mib for k, v in (steps.compiled_memory(compiled) or {}).items()}
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["runtime_peak_mib"] = stats["peak_bytes_in_use"] / mib
@@ -127,32 +127,32 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
     config.model.remat = args.remat
     config.model.attention = args.attention
     config.model.scan_blocks = args.scan_blocks
-    dtype = train.compute_dtype(args.dtype)
+    dtype = steps.compute_dtype(args.dtype)
     if stage == "pretrain":
         frozen_tokenizer = pretrain.random_tokenizer(config, dtype)
         stage_obj = pretrain.build(config, dtype, tokenizer=frozen_tokenizer)
         tokenizer_cfg = frozen_tokenizer[0].cfg
     else:
-        stage_obj = train.STAGES[stage](config, dtype)
+        stage_obj = steps.build_stage(config, dtype)
         tokenizer_cfg = stage_obj.model.cfg if stage == "tokenizer" else None
     devices = jax.devices()[:args.devices] if args.devices else None
     mesh = sharding.make_mesh(tuple(args.mesh), devices)
-    rules = sharding.rules_from_config()
-    dummy = train.dummy_batch(grid)
+    rules = sharding.rules_from_config(config)
     key = jax.random.key(0)
-    spec = train.state_spec(config, stage_obj, mesh, rules, dummy, key, total_steps=10_000, warmup_steps=10)
     traces = []
-    step_fn = train.make_train_step(stage_obj, spec.tx, spec.schedule, key)
 
-    def counted(state, batch, frozen):
-        traces.append(1)
-        return step_fn(state, batch, frozen)
+    def counting(step_fn):
+        def counted(state, batch, frozen):
+            traces.append(1)
+            return step_fn(state, batch, frozen)
+        return counted
 
+    t0 = time.perf_counter()
+    built = steps.build(config, stage_obj, mesh, rules, grid, args.batch, key, key, 10_000, 10, wrap=counting)
+    compile_s = time.perf_counter() - t0
+    spec, compiled = built.spec, built.compiled
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(spec.init, out_shardings=spec.shardings)(key)
-        t0 = time.perf_counter()
-        compiled = train.compile_train_step(counted, spec, stage_obj, mesh, dummy, args.batch)
-        compile_s = time.perf_counter() - t0
         frozen = jax.device_put(stage_obj.frozen, sharding.replicated(mesh)) if stage_obj.frozen is not None else None
         batches = [sharding.to_global(b, mesh) for b in synthetic_batches(grid, args.batch, 3)]
         times, metrics = [], {"loss": float("nan")}

@@ -44,8 +44,8 @@ import time
 
 import numpy as np
 
-from configs import eegmat as eegmat_config
-from configs import small_data
+from labram_jax_configs import eegmat as eegmat_config
+from labram_jax_configs import small_data
 from data_prep import __main__ as data_prep_cli
 from data_prep import folds as folds_lib
 

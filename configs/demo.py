@@ -8,7 +8,7 @@ held-out subjects 16-19 next to classical baselines. About three minutes on 2 CP
 
 import ml_collections
 
-from configs import small_data
+from labram_jax_configs import small_data
 
 STEPS = {"tokenizer": 100, "pretrain": 150, "finetune": 300}
 

@@ -19,7 +19,7 @@ the same recordings without labels), subjects 16-19 validate:
 subjects, several seeds and pretraining corpora, next to the classical baselines.
 """
 
-from configs import common, small_data
+from labram_jax_configs import common, small_data
 
 TRAIN = "data/eegmat_s1/manifest.json"  # 5-s windows every 1 s (training split used)
 VAL = "data/eegmat/manifest.json"  # non-overlapping 5-s windows (validation split used)

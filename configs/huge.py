@@ -1,6 +1,6 @@
 """LaBraM-Huge: `--config=configs/huge.py:<tokenizer|pretrain|finetune>`."""
 
-from configs import common
+from labram_jax_configs import common
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ learning rate and a strong layer decay): otherwise it drifts towards the trainin
 The tokenizer has no commitment loss: on little data the reference's collapses the codebook.
 """
 
-from configs import common
+from labram_jax_configs import common
 
 
 def get_config(arg=None):

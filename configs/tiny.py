@@ -4,7 +4,7 @@ A 2-block, 100-wide model and a 256 x 16 codebook; seconds per stage on a CPU.
 Point it at data with --config.data.train=.../manifest.json (and data.val).
 """
 
-from configs import common
+from labram_jax_configs import common
 
 
 def get_config(arg=None):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import mne
 import numpy as np
 
-from labram_jax import convert
+from labram_jax import convert, model_file
 from labram_jax import montage as montage_lib
 from labram_jax import preprocess as prep_lib
 from labram_jax import reading
@@ -161,17 +161,13 @@ def load(path: str, *, window_s: int | None = None, notch: float | None = None, 
     (embeddings only).
     """
     config = None
-    if os.path.isdir(path):
-        config_path = os.path.join(path, "config.json")
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
-        path = os.path.join(path, "model.npz")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: the run has not finished (model.npz is written at the end)")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    path = model_file.resolve(path)
     try:
-        kind, model, variables = convert.load_variables(path)
-    except convert.ConversionError:
+        kind, model, variables = model_file.load(path)
+    except model_file.ModelFileError:
         try:
             model, variables = convert.load_official(path, "finetune")
             kind = "finetune"

@@ -45,9 +45,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def best_step(self) -> int | None:
-        return self.manager.best_step()
-
     def save(self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False,
              metrics: dict | None = None) -> bool:
         """Starts an asynchronous save; returns whether one was started."""

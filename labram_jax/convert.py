@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pickle  # only for the exception type raised by torch's weights-only loader
 import re
@@ -33,13 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from labram_jax import model_file
 from labram_jax.models import config as config_lib
-from labram_jax.models import stacking
 from labram_jax.models import tokenizer as tokenizer_lib
 from labram_jax.models import transformer
 
-KINDS = ("finetune", "pretrain", "tokenizer")
-UNUSED = "reference_unused"
+KINDS = model_file.KINDS
+UNUSED = model_file.UNUSED
 # Attention heads cannot be read from the shapes of a model without q/k norm (the
 # tokenizer): the published widths (and our tiny preset) use these, any other width
 # falls back to 20 per head.
@@ -334,7 +333,7 @@ def load_official(source: str | os.PathLike | Mapping[str, Any], kind: str,
     problems += [f"unknown: {k} {tuple(sd[k].shape)}" for k in unknown]
     if problems:
         raise ConversionError(f"the {kind} state dict does not fit the inferred model "
-                              f"({_describe(model)}):\n  " + "\n  ".join(problems))
+                              f"({model_file.describe(model)}):\n  " + "\n  ".join(problems))
     if unused:
         variables[UNUSED] = unused
     return model, variables
@@ -383,79 +382,6 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def _describe(model: nn.Module) -> str:
-    cfg = model.cfg
-    if isinstance(cfg, config_lib.TokenizerConfig):
-        return (f"tokenizer: encoder depth {cfg.encoder.depth}, decoder depth {cfg.decoder.depth}, "
-                f"width {cfg.encoder.embed_dim}, codebook {cfg.codebook_size} x {cfg.code_dim}")
-    extra = f", {model.num_outputs} outputs" if hasattr(model, "num_outputs") else f", vocab {model.vocab_size}"
-    return (f"depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_heads} heads, "
-            f"temporal channels {cfg.temporal_channels}{extra}")
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def model_spec(kind: str, model: nn.Module) -> dict:
-    """A JSON-able description from which :func:`module_from_spec` rebuilds the module."""
-    def as_dict(cfg):
-        out = dataclasses.asdict(cfg)
-        out["dtype"] = jnp.dtype(cfg.dtype).name
-        out["scan_blocks"] = False  # files hold the per-block layout (save_variables unstacks)
-        return out
-
-    cfg = model.cfg
-    if kind == "tokenizer":
-        spec = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        spec["encoder"], spec["decoder"] = as_dict(cfg.encoder), as_dict(cfg.decoder)
-        return {"kind": kind, "config": spec}
-    extra = {"num_outputs": model.num_outputs} if kind == "finetune" else {"vocab_size": model.vocab_size}
-    return {"kind": kind, "config": as_dict(cfg), **extra}
-
-
-def module_from_spec(spec: Mapping) -> nn.Module:
-    def transformer_cfg(d):
-        return config_lib.TransformerConfig(**{**d, "dtype": jnp.dtype(d["dtype"])})
-
-    kind, cfg = spec["kind"], dict(spec["config"])
-    if kind == "finetune":
-        return transformer.LaBraM(transformer_cfg(cfg), num_outputs=spec["num_outputs"])
-    if kind == "pretrain":
-        return transformer.LaBraMPretrain(transformer_cfg(cfg), vocab_size=spec["vocab_size"])
-    cfg["encoder"], cfg["decoder"] = transformer_cfg(cfg["encoder"]), transformer_cfg(cfg["decoder"])
-    return tokenizer_lib.VQNSP(config_lib.TokenizerConfig(**cfg))
-
-
-def save_variables(path: str, kind: str, model: nn.Module, variables: Mapping) -> None:
-    """Writes Flax variables and the module spec to one ``.npz`` (no pickle), blocks per block
-    (a model trained with ``scan_blocks`` is stored as if trained without)."""
-    variables = stacking.unstack_blocks(nn.unbox(flax.core.unfreeze(variables)))
-    flat = flax.traverse_util.flatten_dict(variables, sep="/")
-    arrays = {k: np.asarray(v) for k, v in flat.items()}
-    arrays["__spec__"] = np.asarray(json.dumps(model_spec(kind, model)))
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def load_variables(path: str) -> tuple[str, nn.Module, dict]:
-    """Reads a file written by :func:`save_variables`: ``(kind, module, variables)``."""
-    with np.load(path, allow_pickle=False) as data:
-        if "__spec__" not in data.files:
-            raise ConversionError(f"{path} is not a labram_jax variables file (no __spec__ entry); "
-                                  "official checkpoints are read with load_official()")
-        spec = json.loads(str(data["__spec__"]))
-        flat = {k: data[k] for k in data.files if k != "__spec__"}
-    variables: dict = {}
-    for key, value in flat.items():
-        collection, _, rest = key.partition("/")
-        if collection == UNUSED:  # official names contain dots, never slashes
-            variables.setdefault(UNUSED, {})[rest] = value
-        else:
-            _set(variables, tuple(key.split("/")), value)
-    return spec["kind"], module_from_spec(spec), variables
-
-
 def save_official(path: str, sd: Mapping[str, np.ndarray]) -> None:
     """Writes an official-style state dict: ``.pth`` (needs torch, under ``model``) or ``.npz``."""
     if path.endswith(".npz"):
@@ -489,15 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("import", "inspect"):
             model, variables = load_official(args.source, args.kind, args.num_heads)
             n = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables.get("params", {})))
-            print(f"{args.kind}: {_describe(model)}; {n:,} parameters")
+            print(f"{args.kind}: {model_file.describe(model)}; {n:,} parameters")
             if args.command == "import":
-                save_variables(args.out, args.kind, model, variables)
+                model_file.save(args.out, args.kind, model, variables)
                 print(f"wrote {args.out}")
         else:
-            kind, model, variables = load_variables(args.source)
+            kind, model, variables = model_file.load(args.source)
             save_official(args.out, to_official(kind, model, variables))
-            print(f"wrote {args.out} ({kind}: {_describe(model)})")
-    except (ConversionError, FileNotFoundError, ImportError) as err:
+            print(f"wrote {args.out} ({kind}: {model_file.describe(model)})")
+    except (ConversionError, model_file.ModelFileError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

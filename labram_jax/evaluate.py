@@ -21,18 +21,18 @@ import os
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 from sklearn import metrics as skm
 
-from labram_jax import input_pipeline, records, sharding
+from labram_jax import config_schema, input_pipeline, records, sharding, steps
 from labram_jax.tasks import finetune
 
 log = logging.getLogger("labram_jax")
 
 
-def predict_split(predict_fn, state, spec: str, split: str, grid, mesh, batch_size: int, task: str):
-    """Scores, targets and global positions of every real sample of a split, in order."""
+def predict_split(predict_fn, state, spec, split: str, grid, mesh, batch_size: int, target: str = "label"):
+    """Scores, targets (the batch field ``target``: ``label`` or ``value``) and global positions
+    of every real sample of a split of ``spec`` (a data spec or its sources), in order."""
     scores, targets, positions = [], [], []
     guard = input_pipeline.InputGuard(spec, split)  # bad records arrive as invalid samples, and are reported
     for local in input_pipeline.eval_batches(spec, grid, batch_size, split, jax.process_index(),
@@ -41,9 +41,9 @@ def predict_split(predict_fn, state, spec: str, split: str, grid, mesh, batch_si
         batch = sharding.to_global(local, mesh)
         out = sharding.to_host(predict_fn(state.params, state.extra, batch))
         valid = sharding.to_host(batch["valid"])
-        target = sharding.to_host(batch["value"] if task == "regression" else batch["label"])
+        truth = sharding.to_host(batch[target])
         scores.append(out[valid])
-        targets.append(target[valid])
+        targets.append(truth[valid])
         positions.append(position[valid])
     return np.concatenate(scores), np.concatenate(targets), np.concatenate(positions)
 
@@ -125,9 +125,9 @@ def plot_roc(scores: np.ndarray, targets: np.ndarray, path: str) -> None:
 
 
 def _label_names(spec: str) -> list[str] | None:
-    path = spec.split("+")[0].partition("@")[0]
-    if path.endswith(".json") and os.path.exists(path):
-        with open(path) as f:
+    manifests = [m for pattern in input_pipeline.DataSpec.parse(spec).manifests for m in input_pipeline.expand(pattern)]
+    if manifests:
+        with open(manifests[0]) as f:
             return json.load(f).get("labels", {}).get("names")
     return None
 
@@ -145,22 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON output (default: WORKDIR/eval_<split>_<checkpoint>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from labram_jax import train  # train imports this module for validation: import it late
-
     try:
         config_path = os.path.join(args.workdir, "config.json")
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{config_path} not found: --workdir must be a fine-tuning run's directory")
         with open(config_path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+            config = config_schema.from_saved(json.load(f))
         if config.stage != "finetune":
             raise ValueError(f"{args.workdir} is a {config.stage} run; evaluation needs a fine-tuning run")
         config.finetune.init_checkpoint = ""  # the checkpoint holds every weight
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-        restored = train.restore_for_inference(config, args.workdir, args.checkpoint)
+        restored = steps.restore_for_inference(config, args.workdir, args.checkpoint)
         task = config.finetune.task
         scores, targets, positions = predict_split(restored.predict_fn, restored.state, args.data, args.split,
-                                                   restored.grid, restored.mesh, config.data.batch_size, task)
+                                                   restored.grid, restored.mesh, config.data.batch_size,
+                                                   restored.stage.target)
         fields = ["recording"] * args.per_recording + ["subject"] * args.by_subject
         provenance = dict(zip(fields, input_pipeline.provenance_at(args.data, args.split, positions, *fields)))
         subjects = provenance.get("subject", [])

@@ -86,42 +86,80 @@ def _read_manifest(path: str, split: str) -> Source:
     return Source(shards, 1.0, manifest.get("dataset", path))
 
 
-def resolve(spec: str, split: str = "train") -> list[Source]:
-    """Sources from a spec: ``manifest.json`` (its ``split``), a glob of manifests (one dataset
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """A data spec, parsed once: ``manifest.json`` (its split), a glob of manifests (one dataset
     each), a shard glob, or several separated by ``+``, each optionally followed by ``@weight``.
     Paths may be local or URLs (``gs://...``, see :func:`expand`).
 
     Example: ``data/tuh/manifest.json@3+data/eegmat/manifest.json@1``,
     ``gs://bucket/shards/*/manifest.json``.
     """
-    sources = []
-    for part in [p for p in spec.split("+") if p]:
-        path, _, weight = part.partition("@")
-        if path.endswith(".json"):
-            manifests = expand(path)
-            if not manifests:
-                raise FileNotFoundError(f"manifest {path} not found: run python -m data_prep first")
-            found = [_read_manifest(m, split) for m in manifests]
-        else:
-            found = [Source(tuple(expand(path)), 1.0, path)]
-        for source in found:
-            if not source.shards:
-                raise FileNotFoundError(f"no shards for {part!r} (split {split!r})")
-            sources.append(dataclasses.replace(source, weight=float(weight or 1.0)))
-    if not sources:
-        raise ValueError("empty data spec: set config.data.train / config.data.val")
-    return sources
+
+    parts: tuple[tuple[str, float], ...]  # (path or glob, sampling weight)
+
+    @classmethod
+    def parse(cls, spec: "str | DataSpec") -> "DataSpec":
+        if isinstance(spec, DataSpec):
+            return spec
+        parts = []
+        for part in [p for p in str(spec).split("+") if p]:
+            path, _, weight = part.partition("@")
+            try:
+                value = float(weight or 1.0)
+            except ValueError:
+                raise ValueError(f"data spec {spec!r}: the weight {weight!r} of {path} is not a number") from None
+            if not value > 0:
+                raise ValueError(f"data spec {spec!r}: the weight of {path} must be positive, got {weight}")
+            parts.append((path, value))
+        if not parts:
+            raise ValueError("empty data spec: set config.data.train / config.data.val")
+        return cls(tuple(parts))
+
+    def __str__(self) -> str:
+        return "+".join(f"{path}@{weight:g}" if weight != 1.0 else path for path, weight in self.parts)
+
+    @property
+    def manifests(self) -> list[str]:
+        """The manifest paths (or globs) of the spec."""
+        return [path for path, _ in self.parts if path.endswith(".json")]
+
+    def sources(self, split: str = "train") -> list[Source]:
+        """The datasets of ``split``: their shards and weights."""
+        sources = []
+        for path, weight in self.parts:
+            if path.endswith(".json"):
+                manifests = expand(path)
+                if not manifests:
+                    raise FileNotFoundError(f"manifest {path} not found: run python -m data_prep first")
+                found = [_read_manifest(m, split) for m in manifests]
+            else:
+                found = [Source(tuple(expand(path)), 1.0, path)]
+            for source in found:
+                if not source.shards:
+                    raise FileNotFoundError(f"no shards for {path!r} (split {split!r})")
+                sources.append(dataclasses.replace(source, weight=weight))
+        return sources
 
 
-def label_frequencies(spec: str, split: str = "train") -> tuple[list[str], np.ndarray]:
+Data = str | DataSpec | Sequence[Source]  # a data spec, as text or parsed, or its sources
+
+
+def resolve(data: Data, split: str = "train") -> list[Source]:
+    """The sources of a data spec (text or parsed), or the sources themselves."""
+    if isinstance(data, (list, tuple)) and all(isinstance(s, Source) for s in data):
+        return list(data)
+    return DataSpec.parse(data).sources(split)
+
+
+def label_frequencies(spec: "str | DataSpec", split: str = "train") -> tuple[list[str], np.ndarray]:
     """(label names, frequency of each label in the training stream) from the manifests'
     ``by_label`` counts, with datasets mixed by their ``@weight`` as :class:`GlobalOrder` does.
 
     Needs manifests (not bare shard globs) that share one label list.
     """
     names, mix = None, []
-    for part in [p for p in spec.split("+") if p]:
-        path, _, weight = part.partition("@")
+    for path, weight in DataSpec.parse(spec).parts:
         if not path.endswith(".json"):
             raise ValueError(f"class weights need label counts from a manifest; {path!r} is not one: point "
                              "config.data.train at data_prep's manifest.json, or give explicit weights")
@@ -140,9 +178,9 @@ def label_frequencies(spec: str, split: str = "train") -> tuple[list[str], np.nd
             counts = manifest["splits"].get(split, {}).get("by_label", {})
             total = sum(counts.values())
             if total:
-                mix.append((float(weight or 1.0), np.asarray([counts.get(n, 0) for n in found], np.float64) / total))
+                mix.append((weight, np.asarray([counts.get(n, 0) for n in found], np.float64) / total))
     if not names or not mix:
-        raise ValueError(f"no labelled {split!r} windows in the manifests of {spec!r}")
+        raise ValueError(f"no labelled {split!r} windows in the manifests of {spec!s}")
     weights = np.asarray([w for w, _ in mix])
     return names, sum(w * f for w, f in zip(weights / weights.sum(), (f for _, f in mix)))
 
@@ -323,7 +361,7 @@ def _iterate(positions: grain.MapDataset, element: _Element, batch: int, num_wor
     return iter(it)
 
 
-def train_iterator(spec: str, grid: Grid, global_batch: int, seed: int, start_step: int = 0,
+def train_iterator(spec: Data, grid: Grid, global_batch: int, seed: int, start_step: int = 0,
                    process_index: int = 0, process_count: int = 1, num_workers: int = 0) -> Iterator[dict]:
     """This process's slices of the global training batches, from ``start_step`` on (infinite)."""
     if global_batch % process_count:
@@ -339,7 +377,7 @@ def train_iterator(spec: str, grid: Grid, global_batch: int, seed: int, start_st
     return _iterate(positions, _Element(reader, order, grid), local, num_workers)
 
 
-def iter_records(spec: str, split: str) -> Iterator[records.Record]:
+def iter_records(spec: Data, split: str) -> Iterator[records.Record]:
     """Every record of a split, dataset by dataset in file order (for host-side analyses of
     small data; undecodable records raise RecordError)."""
     reader = _Reader(resolve(spec, split))
@@ -348,11 +386,11 @@ def iter_records(spec: str, split: str) -> Iterator[records.Record]:
             yield reader.read(d, i)
 
 
-def count_records(spec: str, split: str = "train") -> int:
+def count_records(spec: Data, split: str = "train") -> int:
     return sum(_Reader(resolve(spec, split)).sizes())
 
 
-def provenance_at(spec: str, split: str, positions: Sequence[int], *fields: str) -> list[list[str]]:
+def provenance_at(spec: Data, split: str, positions: Sequence[int], *fields: str) -> list[list[str]]:
     """For each of ``fields`` (``recording``, ``subject`` ...), the ``dataset/<value>`` of every
     evaluation position of :func:`eval_batches`; one pass that re-reads the records."""
     reader = _Reader(resolve(spec, split))
@@ -366,7 +404,7 @@ def provenance_at(spec: str, split: str, positions: Sequence[int], *fields: str)
     return out
 
 
-def eval_batches(spec: str, grid: Grid, global_batch: int, split: str = "val", process_index: int = 0,
+def eval_batches(spec: Data, grid: Grid, global_batch: int, split: str = "val", process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict]:
     """One pass over a split in file order; the last batch is padded with invalid samples."""
     local = global_batch // process_count
@@ -385,7 +423,7 @@ def eval_batches(spec: str, grid: Grid, global_batch: int, split: str = "val", p
 class InputGuard:
     """Takes the guard fields off local batches and reports every skipped record once."""
 
-    def __init__(self, spec: str, split: str):
+    def __init__(self, spec: Data, split: str):
         self.spec, self.split = spec, split
         self.count = 0
         self._reader = None
@@ -413,7 +451,7 @@ class InputGuard:
                     self.count)
 
 
-def batch_provenance(spec: str, seed: int, global_batch: int, step: int) -> list[dict]:
+def batch_provenance(spec: Data, seed: int, global_batch: int, step: int) -> list[dict]:
     """Where the samples of training step ``step`` (0-based) came from: dataset, recording,
     subject, start (s) and peak amplitude (uV) of each, re-derived from the global order."""
     sources = resolve(spec, "train")

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from labram_jax import input_pipeline, sharding, train
+from labram_jax import input_pipeline, sharding, steps
 from labram_jax.models import config as model_config
 from labram_jax.tasks import pretrain as pretrain_task
 
@@ -109,14 +109,14 @@ def encoder_activation_bytes(cfg: model_config.TransformerConfig, tokens: int, d
 
 def stage_models(config):
     """(stage object, encoder cfgs with their pass count per sample, extra activation bytes per sample)."""
-    dtype = train.compute_dtype(config.model.dtype)
+    dtype = steps.compute_dtype(config.model.dtype)
     grid_tokens = config.data.max_channels * config.data.max_windows + 1
     if config.stage == "pretrain":
         stage = pretrain_task.build(config, dtype, tokenizer=pretrain_task.random_tokenizer(config, dtype, abstract=True))
         vocab = config.model.vocab_size
         logits = (grid_tokens - 1) * vocab * 4 * 3  # float32 logits, softmax and its gradient
         return stage, [(stage.model.cfg, 2)], logits, grid_tokens
-    stage = train.STAGES[config.stage](config, dtype)
+    stage = steps.build_stage(config, dtype)
     if config.stage == "tokenizer":
         return stage, [(stage.model.cfg.encoder, 1), (stage.model.cfg.decoder, 1)], \
             (grid_tokens - 1) * 200 * 4 * 6, grid_tokens
@@ -129,11 +129,11 @@ def _grid(config):
 
 def estimate(config, stage, encoders, extra_per_sample: int, tokens: int, mesh: Mesh, global_batch: int) -> dict:
     """Per-device bytes of one training step's state and activations on ``mesh``."""
-    rules = sharding.rules_from_config()
-    abstract = jax.eval_shape(stage.init, jax.random.key(0), train.dummy_batch(_grid(config)))
+    rules = sharding.rules_from_config(config)
+    abstract = jax.eval_shape(stage.init, jax.random.key(0), steps.dummy_batch(_grid(config)))
     params_total, params = sharded_bytes(abstract["params"], mesh, rules, dtype_bytes=4)
     local_batch = global_batch / (mesh.data * mesh.fsdp)
-    act_bytes = jnp.dtype(train.compute_dtype(config.model.dtype)).itemsize
+    act_bytes = jnp.dtype(steps.compute_dtype(config.model.dtype)).itemsize
     per_sample = sum(n * encoder_activation_bytes(cfg, tokens, act_bytes, mesh.tensor, config.model.remat)
                      for cfg, n in encoders) + extra_per_sample / mesh.tensor
     activations = per_sample * local_batch
@@ -161,13 +161,10 @@ def compiled_gib(config, stage, mesh: Mesh, global_batch: int) -> float | None:
     if mesh.devices != jax.device_count():
         return None
     real = sharding.make_mesh((mesh.data, mesh.fsdp, mesh.tensor))
-    rules = sharding.rules_from_config()
-    dummy = train.dummy_batch(_grid(config))
-    spec = train.state_spec(config, stage, real, rules, dummy, jax.random.key(0), 1000, 10)
-    with jax.set_mesh(real), nn.logical_axis_rules(rules):
-        compiled = train.compile_train_step(train.make_train_step(stage, spec.tx, spec.schedule, jax.random.key(0)),
-                                            spec, stage, real, dummy, global_batch)
-    memory = train.compiled_memory(compiled)
+    key = jax.random.key(0)
+    built = steps.build(config, stage, real, sharding.rules_from_config(config), _grid(config), global_batch, key,
+                        key, 1000, 10)
+    memory = steps.compiled_memory(built.compiled)
     return memory["total"] / GIB if memory else None
 
 

@@ -1,7 +1,8 @@
 """Device mesh, logical-axis rules, and the shardings of state and batches.
 
 Parameters and activations carry logical axis names (see ``models/layers.py``);
-the rules below, overridable from the config, map them onto the mesh axes
+the rules below are the defaults of ``config.sharding_rules`` (``labram_jax.config_schema``)
+and map them onto the mesh axes
 ``("data", "fsdp", "tensor")``. One set of rules serves pure data parallelism
 (fsdp = tensor = 1), FSDP (parameters sharded along ``embed``) and tensor
 parallelism (heads, MLP and vocabulary split over ``tensor``).
@@ -78,12 +79,25 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
                          devices=devices)
 
 
-def rules_from_config(overrides: dict | None = None) -> tuple:
-    """Default rules with per-name overrides ({name: axis or None or [axes]})."""
-    rules = dict(DEFAULT_RULES)
-    for name, axes in (overrides or {}).items():
-        rules[name] = tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    return tuple(rules.items())
+def axes_text(axes: str | tuple[str, ...] | None) -> str:
+    """A rule's mesh axes as the config writes them: ``fsdp``, ``data+fsdp``, or ``""`` (replicated)."""
+    if axes is None:
+        return ""
+    return axes if isinstance(axes, str) else "+".join(axes)
+
+
+def parse_axes(text: str) -> str | tuple[str, ...] | None:
+    """The inverse of :func:`axes_text`: ``""`` -> None, ``fsdp`` -> ``"fsdp"``, ``data+fsdp`` -> a tuple."""
+    parts = tuple(a for a in text.split("+") if a)
+    return None if not parts else parts[0] if len(parts) == 1 else parts
+
+
+def rules_from_config(config=None) -> tuple:
+    """The logical axis rules of ``config.sharding_rules`` (logical name -> mesh axes as text,
+    e.g. ``--config.sharding_rules.embed=tensor``), in the order of ``DEFAULT_RULES``; the
+    defaults for a config without that group (or None)."""
+    table = (config.get("sharding_rules") if config is not None else None) or {}
+    return tuple((name, parse_axes(table[name]) if name in table else axes) for name, axes in DEFAULT_RULES)
 
 
 def logical_shardings(abstract_boxed, mesh, rules):
@@ -144,5 +158,5 @@ def check_large_params_sharded(rows, mesh, threshold: int = LARGE_PARAM) -> None
     bad = [(n, s) for n, s, _, spec in rows if int(np.prod(s)) >= threshold and all(a is None for a in spec)]
     if bad:
         raise ValueError(f"large parameters are replicated on mesh {dict(mesh.shape)}: {bad[:5]}; "
-                         "check the logical axis rules (config.sharding_rules)")
+                         "check the logical axis rules (--config.sharding_rules.<logical name>=<mesh axes>)")
 

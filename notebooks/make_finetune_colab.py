@@ -74,23 +74,23 @@ print({split: (s["windows"], s["by_label"]) for split, s in manifest["splits"].i
     ("md", """## 4. Pretrained weights
 Official PyTorch checkpoints are converted once to a `.npz` of Flax variables (no pickle is
 executed: `torch.load(weights_only=True)`). Our own pretraining runs are used as they are."""),
-    ("code", """from labram_jax import convert
+    ("code", """from labram_jax import convert, model_file
 
 INIT = ""
 if PRETRAINED.endswith(".pth") or (PRETRAINED.endswith(".npz") and "__spec__" not in __import__("numpy").load(PRETRAINED)):
     model, variables = convert.load_official(PRETRAINED, "pretrain")
     INIT = str(WORKDIR / "pretrained.npz")
-    convert.save_variables(INIT, "pretrain", model, variables)
+    model_file.save(INIT, "pretrain", model, variables)
     print("converted", PRETRAINED, "->", INIT)
 elif PRETRAINED:
     INIT = PRETRAINED
 if INIT:
-    kind, model, _ = convert.load_variables(INIT if INIT.endswith(".npz") else os.path.join(INIT, "model.npz"))
+    kind, model, _ = model_file.load(INIT)
     print(kind, "model: depth", model.cfg.depth, "width", model.cfg.embed_dim)
 else:
     print("no pretrained weights: training from scratch")"""),
     ("md", "## 5. Fine-tune"),
-    ("code", """from configs import common
+    ("code", """from labram_jax_configs import common
 from labram_jax import train
 
 config = common.get_config(SIZE, "finetune")

@@ -13,6 +13,7 @@ REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")  # labram_jax.models.attention
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
+DTYPES = ("float32", "bfloat16")  # computation dtypes (parameters stay float32)
 # How a transformer reads its signal: TransformerConfig fields an encoder must share with any
 # model that reuses it, and their values in the reference (and its official weights).
 REFERENCE_INPUTS = {"input_norm": "none", "temporal_groups": 4, "patch_embed": "temporal"}

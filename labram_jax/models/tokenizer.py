@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from labram_jax.models import config as config_lib
 from labram_jax.models import layers
+from labram_jax.models import transformer
 
 CODEBOOK = "codebook"
 
@@ -258,11 +259,11 @@ class VQNSP(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.encoder = layers.NeuralTransformer(cfg.encoder)
+        self.encoder = transformer.NeuralTransformer(cfg.encoder)
         self.encoder_norm = layers.layer_norm(name="encoder_norm")
         self.encode_task_layer = TaskHead(cfg.encoder.embed_dim, cfg.code_dim, "code")
         self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_code_threshold)
-        self.decoder = layers.NeuralTransformer(cfg.decoder)
+        self.decoder = transformer.NeuralTransformer(cfg.decoder)
         self.decoder_norm = layers.layer_norm(name="decoder_norm")
         self.amplitude_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")
         self.phase_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import functools
 
 import flax
 import flax.linen as nn
@@ -13,14 +13,13 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
-from labram_jax import convert, input_pipeline
+from labram_jax import config_schema, convert, input_pipeline, model_file
 from labram_jax.models import config as model_config
 from labram_jax.models import stacking
 from labram_jax.models import transformer
 from labram_jax.tasks import stage as stage_lib
 
-TASKS = ("binary", "multiclass", "regression")
-MODES = ("full", "linear_probe", "last_k", "lora")
+TASKS, MODES = config_schema.TASKS, config_schema.MODES
 
 
 def num_outputs(task: str, num_classes: int) -> int:
@@ -164,12 +163,12 @@ def load_encoder(path: str, kind: str, **options):
         except convert.ConversionError:
             _, variables = convert.load_official(path, "finetune")
     else:
-        if os.path.isdir(path):
-            path = os.path.join(path, "model.npz")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"fine-tuning init checkpoint {path} does not exist: pretrain first, or "
-                                    "set --config.finetune.init_checkpoint='' to train from scratch")
-        _, module, variables = convert.load_variables(path)
+        try:
+            path = model_file.resolve(path, "the fine-tuning init checkpoint")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}: pretrain first, or set --config.finetune.init_checkpoint='' to train "
+                                    "from scratch") from None
+        _, module, variables = model_file.load(path)
         trained = getattr(module.cfg, "encoder", module.cfg)
         for field, value in ours.items():
             theirs = getattr(trained, field)
@@ -199,8 +198,7 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
             variables = _with_encoder(variables, pretrained)
         return variables
 
-    mixup_alpha = ft.get("mixup_alpha", 0.0)
-    gain_std, drop_rate = ft.get("channel_gain_std", 0.0), ft.get("channel_drop", 0.0)
+    mixup_alpha, gain_std, drop_rate = ft.mixup_alpha, ft.channel_gain_std, ft.channel_drop
 
     def loss_fn(params, extra, batch, key, frozen):
         del frozen
@@ -220,7 +218,7 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
                      + (1 - lam) * partner_weight * task_loss(ft.task, out, partner, ft.label_smoothing))
             loss = mixed.sum() / jnp.maximum((lam * weight + (1 - lam) * partner_weight).sum(), 1.0)
         else:
-            loss = stage_lib.masked_mean(per_sample, weight)
+            loss = stage_lib.weighted_mean(per_sample, weight)
         return loss, ({"loss": loss}, extra)
 
     def predict(params, extra, batch):
@@ -229,8 +227,9 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         return scores(ft.task, out)
 
     return stage_lib.Stage(name="finetune", model=model, init=init, loss_fn=loss_fn, depth=cfg.depth,
-                           predict=predict, trainable=lambda params: trainable_mask(params, ft.mode, ft.last_k, cfg.depth),
-                           export_kind="finetune")
+                           predict=predict, target="value" if ft.task == "regression" else "label",
+                           metrics=functools.partial(compute_metrics, ft.task), best_metric=ft.best_metric,
+                           trainable=lambda params: trainable_mask(params, ft.mode, ft.last_k, cfg.depth))
 
 
 def trainable_mask(params, mode: str, last_k: int, depth: int):

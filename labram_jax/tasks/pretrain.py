@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import flax.linen as nn
 import jax
@@ -10,10 +9,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from labram_jax import convert, input_pipeline
+from labram_jax import config_schema, input_pipeline, model_file
 from labram_jax.models import config as model_config
 from labram_jax.models import transformer
 from labram_jax.tasks import stage as stage_lib
+from labram_jax.tasks import tokenizer as tokenizer_task
 
 
 def sample_mask(key: jax.Array, valid: jax.Array, ratio: float = 0.5) -> jax.Array:
@@ -33,15 +33,13 @@ def sample_mask(key: jax.Array, valid: jax.Array, ratio: float = 0.5) -> jax.Arr
 
 def load_tokenizer(path: str):
     """The frozen tokenizer: a ``model.npz`` written by the tokenizer stage (or its workdir)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.npz")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"pretraining needs a trained tokenizer: {path} does not exist. Train one with "
+    try:
+        path = model_file.resolve(path, "the tokenizer")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"pretraining needs a trained tokenizer: {err}. Train one with "
                                 "--config=configs/<size>.py:tokenizer and set "
-                                "--config.pretrain.tokenizer_checkpoint=<that workdir>")
-    kind, model, variables = convert.load_variables(path)
-    if kind != "tokenizer":
-        raise ValueError(f"{path} holds a {kind} model, not a tokenizer")
+                                "--config.pretrain.tokenizer_checkpoint=<that workdir>") from None
+    _, model, variables = model_file.load(path, kind="tokenizer")
     return model, {k: v for k, v in variables.items() if k in ("params", "codebook")}
 
 
@@ -49,10 +47,7 @@ def random_tokenizer(config: ml_collections.ConfigDict, dtype, abstract: bool = 
     """A VQ-NSP of ``config.model.tokenizer_size`` with random weights, as (model, variables):
     a stand-in for the trained tokenizer where only shapes or speed matter (benchmarks, the
     memory planner). ``abstract``: ShapeDtypeStructs instead of arrays."""
-    from configs import common  # the tokenizer stage's defaults (code_dim, EMA, ...)
-    from labram_jax.tasks import tokenizer as tokenizer_task
-
-    tok_config = common.get_config(config.model.size, "tokenizer")
+    tok_config = config_schema.defaults(config.model.size, "tokenizer")
     for field in ("tokenizer_size", "vocab_size", "remat", "attention"):
         tok_config.model[field] = config.model[field]
     model = tokenizer_task.model_from_config(tok_config, dtype)
@@ -98,11 +93,11 @@ def build(config: ml_collections.ConfigDict, dtype, tokenizer=None) -> stage_lib
         logits = model.apply({"params": params}, hidden, method=model.logits)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         correct = jnp.argmax(logits, axis=-1) == targets
-        loss_1, loss_2 = stage_lib.masked_mean(ce, masked), stage_lib.masked_mean(ce, complement)
+        loss_1, loss_2 = stage_lib.weighted_mean(ce, masked), stage_lib.weighted_mean(ce, complement)
         metrics = {"loss": loss_1 + loss_2, "loss_masked": loss_1, "loss_symmetric": loss_2,
-                   "accuracy_masked": stage_lib.masked_mean(correct, masked),
-                   "accuracy_symmetric": stage_lib.masked_mean(correct, complement)}
+                   "accuracy_masked": stage_lib.weighted_mean(correct, masked),
+                   "accuracy_symmetric": stage_lib.weighted_mean(correct, complement)}
         return loss_1 + loss_2, (metrics, {})
 
     return stage_lib.Stage(name="pretrain", model=model, init=init, loss_fn=loss_fn, depth=cfg.depth,
-                           frozen=tok_vars, export_kind="pretrain")
+                           frozen=tok_vars)

@@ -10,6 +10,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from labram_jax.models import config as model_config
 
@@ -45,7 +46,12 @@ class Stage:
       prepare: optional ``prepare(state, batch, key) -> state`` run once before the first
         step when ``needs_prepare(state)`` (the tokenizer's k-means initialisation).
       predict: optional ``predict(params, extra, batch) -> [b, ...]`` for evaluation.
+      target: the batch field predictions are scored against (``label`` or ``value``).
+      metrics: ``metrics(scores, targets) -> {name: float}`` of a split's predictions.
+      best_metric: the metric the best checkpoint maximises (None: no best checkpoint).
       trainable: optional ``trainable(params) -> tree of bools`` (frozen parts get no update).
+      artefacts: optional ``artefacts(state, workdir)`` writing end-of-run files (plots);
+        called on process 0 with host copies of the state.
     """
 
     name: str
@@ -57,15 +63,17 @@ class Stage:
     prepare: Callable | None = None
     needs_prepare: Callable[[TrainState], bool] | None = None
     predict: Callable | None = None
+    target: str = "label"
+    metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
+    best_metric: str | None = None
     trainable: Callable | None = None
-    export_kind: str = ""
+    artefacts: Callable[[TrainState, str], None] | None = None
 
 
 def model_options(config) -> dict:
     """TransformerConfig fields that come from ``config.model`` (memory, speed and input scaling)."""
-    return {"remat": config.model.remat, "attention": config.model.attention,
-            "scan_blocks": config.model.get("scan_blocks", False),
-            **{k: config.model.get(k, v) for k, v in model_config.REFERENCE_INPUTS.items()}}
+    return {"remat": config.model.remat, "attention": config.model.attention, "scan_blocks": config.model.scan_blocks,
+            **{k: config.model[k] for k in model_config.REFERENCE_INPUTS}}
 
 
 def effective_patch_mask(batch: dict) -> jax.Array:
@@ -73,7 +81,8 @@ def effective_patch_mask(batch: dict) -> jax.Array:
     return batch["patch_mask"] & batch["valid"][:, None, None]
 
 
-def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(values * weights) / sum(weights) over all entries (0 when every weight is 0)."""
     weights = weights.astype(jnp.float32)
     return (values.astype(jnp.float32) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 

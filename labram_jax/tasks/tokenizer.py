@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from labram_jax import convert, input_pipeline
+from labram_jax import input_pipeline, model_file
+from labram_jax import metrics as metrics_lib
 from labram_jax.models import config as model_config
 from labram_jax.models import tokenizer as tokenizer_lib
 from labram_jax.tasks import stage as stage_lib
@@ -23,7 +24,7 @@ def model_from_config(config: ml_collections.ConfigDict, dtype) -> tokenizer_lib
         codebook_size=config.model.vocab_size, ema_decay=config.tokenizer.ema_decay,
         kmeans_iters=config.tokenizer.kmeans_iters, commitment_weight=config.tokenizer.commitment_weight,
         dead_code_threshold=config.tokenizer.dead_code_threshold,
-        log_amplitude=config.tokenizer.get("log_amplitude", False))
+        log_amplitude=config.tokenizer.log_amplitude)
     return tokenizer_lib.VQNSP(cfg)
 
 
@@ -49,11 +50,7 @@ def corpus_code_usage(path: str, spec: str, split: str, max_channels: int, max_w
       ``perplexity`` (exp of the entropy of the code distribution: 1 when collapsed onto one
       code, the codebook size when uniform).
     """
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.npz")
-    kind, model, variables = convert.load_variables(path)
-    if kind != "tokenizer":
-        raise ValueError(f"{path} holds a {kind} model, not a tokenizer")
+    _, model, variables = model_file.load(path, kind="tokenizer")
     variables = {k: v for k, v in variables.items() if k in ("params", "codebook")}
     num_codes = model.cfg.codebook_size
     tokenize = jax.jit(lambda v, b: model.apply(v, b["x"], b["channel_ids"], stage_lib.effective_patch_mask(b),
@@ -104,6 +101,11 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         codebook["initted"] = jnp.ones_like(codebook["initted"])
         return state.replace(extra={**state.extra, "codebook": {"quantizer": codebook}})
 
+    def artefacts(state, workdir):
+        """The codebook's usage (EMA of code counts) as a plot."""
+        usage = state.extra["codebook"]["quantizer"]["cluster_size"]
+        metrics_lib.plot_codebook_usage(usage, os.path.join(workdir, "codebook_usage.png"))
+
     return stage_lib.Stage(name="tokenizer", model=model, init=init, loss_fn=loss_fn,
                            depth=model.cfg.encoder.depth, prepare=prepare, needs_prepare=needs_prepare,
-                           export_kind="tokenizer")
+                           artefacts=artefacts)

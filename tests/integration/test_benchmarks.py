@@ -44,52 +44,60 @@ def test_reexec_sets_the_hugepage_tunable_once(tmp_path):
     assert merged["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
-def test_eegmat_anchor_reproduces_the_issue_figures(eeg_dir, tmp_path):
-    from benchmarks import eegmat
+def test_eegmat_anchor_reproduces_the_issue_figures_and_folds_are_by_subject(eeg_dir, tmp_path):
+    from benchmarks import transfer
+    from labram_jax import baselines
 
-    train_manifest, val_manifest = eegmat.prepare(eeg_dir / "eegmat", tmp_path)
-    by_split = json.loads(open(val_manifest).read())["splits"]
-    assert by_split["val"]["subjects"] == ["16", "17", "18", "19"] and len(by_split["train"]["subjects"]) == 16
-    overlapping = json.loads(open(train_manifest).read())["splits"]["train"]["windows"]
-    assert overlapping > 4 * by_split["train"]["windows"]  # 5-s windows every second
-    with pytest.raises(SystemExit, match="band-passed to 0.1-75 Hz, but --band asks for 1-45 Hz"):
-        eegmat.prepare(eeg_dir / "eegmat", tmp_path, (1.0, 45.0))  # never reuses records of another band
-    inner = [json.loads(open(m).read())["splits"] for m in eegmat.prepare_inner(eeg_dir / "eegmat", tmp_path)]
-    for splits in inner:  # the training subjects split again; the validation subjects never read
-        assert splits["train"]["subjects"] == [f"{i:02d}" for i in range(12)]
-        assert splits["val"]["subjects"] == ["12", "13", "14", "15"]
-    assert inner[0]["train"]["windows"] > 4 * inner[1]["train"]["windows"]
-    results = eegmat.classical(val_manifest)
-    anchor = results[eegmat.ANCHOR]
-    # issue 5: balanced accuracy 0.733, AUROC 0.659 on subjects 16-19
+    splits = transfer.eegmat_splits(eeg_dir / "eegmat", tmp_path, folds=5)
+    assert [s.name for s in splits] == [f"fold{i}" for i in range(5)]
+    seen = []
+    for split in splits:
+        by_split = {name: json.loads(open(m).read())["splits"] for name, m in
+                    (("train", split.train), ("val", split.val), ("pretrain", split.pretrain_own))}
+        val = by_split["val"]["val"]["subjects"]
+        assert len(val) == 4 and not set(val) & set(by_split["val"]["train"]["subjects"])
+        for other in ("train", "pretrain"):  # the same subjects in every conversion of the fold
+            assert by_split[other]["val"]["subjects"] == val
+            assert by_split[other]["train"]["subjects"] == by_split["val"]["train"]["subjects"]
+        assert by_split["train"]["train"]["windows"] > 4 * by_split["val"]["train"]["windows"]  # every second
+        seen += val
+    assert sorted(seen) == [f"{i:02d}" for i in range(20)]  # every subject validated once
+    # issue 5's anchor on EEGMAT's documented split: balanced accuracy 0.733, AUROC 0.659 on subjects 16-19
+    manifest = json.loads((tmp_path / "eegmat" / "manifest.json").read_text())
+    from data_prep import folds
+    fixed = folds.fold_manifest(manifest, ["16", "17", "18", "19"])
+    (tmp_path / "eegmat" / "fixed.json").write_text(json.dumps(fixed))
+    results = baselines.run(str(tmp_path / "eegmat" / "fixed.json"))
+    anchor = results["band_power_lr"]
     assert abs(anchor["balanced_accuracy"] - 0.733) < 0.01 and abs(anchor["auroc"] - 0.659) < 0.01
-    assert len(results) == 6 and all(0 <= r["auroc"] <= 1 for r in results.values())
     # the task is linear in the whole log spectrum (measured 0.819 / 0.819)
-    assert results[eegmat.LOG_SPECTRUM]["balanced_accuracy"] > 0.8 and results[eegmat.LOG_SPECTRUM]["auroc"] > 0.8
+    assert results["log_spectrum_lr"]["balanced_accuracy"] > 0.8 and results["log_spectrum_lr"]["auroc"] > 0.8
+    assert 0 <= results["csp_lda"]["auroc"] <= 1
 
 
-def test_eegmat_reads_a_finished_runs_last_validation(tmp_path):
-    from benchmarks import eegmat
+def test_transfer_reads_a_finished_runs_last_validation(tmp_path):
+    from benchmarks import transfer
 
     rows = [{"step": 10, "train/loss": 0.5}, {"step": 20, "val/auroc": 0.6, "val/balanced_accuracy": 0.55},
             {"step": 30, "val/auroc": 0.7, "val/balanced_accuracy": 0.65}, {"step": 30, "train/loss": 0.1}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert eegmat.last_validation(tmp_path) == {"auroc": 0.7, "balanced_accuracy": 0.65}
+    assert transfer.last_validation(tmp_path) == {"auroc": 0.7, "balanced_accuracy": 0.65}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(SystemExit, match="no validation metrics"):
-        eegmat.last_validation(tmp_path)
+        transfer.last_validation(tmp_path)
 
 
-def test_eegmat_picks_the_step_of_the_inner_runs_best_auroc(tmp_path):
-    from benchmarks import eegmat
+def test_transfer_table_summarises_folds_and_seeds():
+    from benchmarks import transfer
 
-    rows = [{"step": s, "val/auroc": a, "val/balanced_accuracy": 0.5} for s, a in ((20, 0.6), (40, 0.8), (60, 0.8),
-                                                                                  (440, 0.5))]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows + [{"step": 440, "train/loss": 1}]))
-    inner = eegmat.validation_curve(tmp_path)
-    assert sorted(inner) == [20, 40, 60, 440] and inner[40]["auroc"] == 0.8
-    final = list(range(20, 600, 20)) + [590]
-    # the first best inner step (40 of 440) is 9 % of training: step 54 of 590, evaluated at 60
-    assert eegmat.pick_step(inner, final) == (40, 60)
-    assert eegmat.pick_step({20: {"auroc": 0.9}, 440: {"auroc": 0.1}}, final) == (20, 20)
-    assert eegmat.pick_step({20: {"auroc": 0.1}, 440: {"auroc": 0.9}}, final) == (440, 590)
+    report = {"splits": ["fold0", "fold1"],
+              "baselines": {"anchor": {"fold0": {"balanced_accuracy": 0.6, "auroc": 0.7},
+                                       "fold1": {"balanced_accuracy": 0.8, "auroc": 0.9}}},
+              "rows": {"none/spectrum": {s: {str(seed): {"balanced_accuracy": b + seed / 10, "auroc": b}
+                                             for seed in (0, 1)} for s, b in (("fold0", 0.5), ("fold1", 0.7))},
+                       "partial/spectrum": {"fold0": {"0": {"balanced_accuracy": 0.5, "auroc": 0.5}}}}}
+    lines = transfer.table(report).splitlines()
+    assert lines[2] == "| anchor | 0.700 +- 0.100 | 0.800 +- 0.100 | 2 | 0.600 / 0.700 | 0.800 / 0.900 |"
+    # four runs: 0.5, 0.6, 0.7, 0.8 -> mean 0.65, std 0.112; fold means 0.55 and 0.75
+    assert lines[3] == "| none/spectrum | 0.650 +- 0.112 | 0.600 +- 0.100 | 4 | 0.550 / 0.500 | 0.750 / 0.700 |"
+    assert len(lines) == 4  # the incomplete row is not summarised

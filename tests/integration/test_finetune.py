@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import __main__ as data_prep_cli
-from labram_jax import convert, evaluate, input_pipeline, metrics, train
+from labram_jax import convert, evaluate, input_pipeline, metrics, model_file, steps, train
 from tests.integration.test_train import tiny_config
 
 
@@ -23,7 +23,7 @@ def pretrained(eegmat_shards, tmp_path_factory):
 
 
 def _encoder(path):
-    _, _, variables = convert.load_variables(str(path))
+    _, _, variables = model_file.load(str(path))
     enc = dict(variables["params"]["encoder"])
     enc.pop("mask_token", None)
     return enc
@@ -47,7 +47,7 @@ def test_linear_probe_from_our_pretrained_model_keeps_the_encoder(eegmat_shards,
 
 
 def test_init_from_an_official_checkpoint(eegmat_shards, pretrained, tmp_path):
-    kind, model, variables = convert.load_variables(str(pretrained / "model.npz"))
+    kind, model, variables = model_file.load(str(pretrained / "model.npz"))
     official = tmp_path / "labram-official.npz"
     convert.save_official(str(official), convert.to_official(kind, model, variables))
     cfg = tiny_config("finetune", eegmat_shards, **{
@@ -64,7 +64,7 @@ def test_lora_trains_only_adapters_and_head_and_the_export_reloads(eegmat_shards
         "optim.total_steps": 4, "data.val": str(eegmat_shards), "eval_every": 4, "finetune.mode": "lora",
         "finetune.lora_rank": 4, "finetune.init_checkpoint": str(pretrained), "finetune.class_weight": "balanced"})
     result = train.run(cfg, str(tmp_path))
-    kind, model, variables = convert.load_variables(str(tmp_path / "model.npz"))
+    kind, model, variables = model_file.load(str(tmp_path / "model.npz"))
     assert model.cfg.lora_rank == 4
     got, want = _encoder(tmp_path / "model.npz"), _encoder(pretrained / "model.npz")
     flat_got = flax.traverse_util.flatten_dict(got)
@@ -108,7 +108,7 @@ def test_scanned_blocks_in_the_other_stages(eegmat_shards, pretrained, tmp_path,
     cfg = tiny_config(stage, eegmat_shards, **{"optim.total_steps": 2, "model.scan_blocks": True, **extra})
     result = train.run(cfg, str(tmp_path))
     assert np.isfinite(result["loss"])
-    kind, model, _ = convert.load_variables(str(tmp_path / "model.npz"))
+    kind, model, _ = model_file.load(str(tmp_path / "model.npz"))
     assert kind == stage and not (model.cfg.encoder if stage == "tokenizer" else model.cfg).scan_blocks
 
 
@@ -192,9 +192,9 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     assert probs.shape == (15,) and emb.windows.shape == (15, 100) and emb.patches.shape == (15, 19, 4, 100)
     assert {"EEG A2-A1", "ECG ECG"} == {n for n, _ in emb.dropped}
     # The same windows through data_prep's records and the trained state give the same probabilities.
-    restored = train.restore_for_inference(cfg, str(tmp_path), "latest")
+    restored = steps.restore_for_inference(cfg, str(tmp_path), "latest")
     scores, _, positions = evaluate.predict_split(restored.predict_fn, restored.state, str(eegmat_shards), "val",
-                                                  restored.grid, restored.mesh, 8, "binary")
+                                                  restored.grid, restored.mesh, 8, restored.stage.target)
     recordings = input_pipeline.provenance_at(str(eegmat_shards), "val", positions, "recording")[0]
     mine = scores[[r.endswith("Subject16_2") for r in recordings]]
     np.testing.assert_allclose(probs, mine, atol=1e-5)

@@ -7,7 +7,7 @@ import pathlib
 import nbformat
 import pytest
 
-from labram_jax import convert, train
+from labram_jax import convert, model_file, train
 from tests.integration.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def test_notebook_runs_end_to_end_from_official_weights(eegmat_shards, tmp_path)
     train.run(tiny_config("tokenizer", eegmat_shards, **{"optim.total_steps": 2}), str(tok))
     train.run(tiny_config("pretrain", eegmat_shards, **{"optim.total_steps": 2,
                                                         "pretrain.tokenizer_checkpoint": str(tok)}), str(pre))
-    kind, model, variables = convert.load_variables(str(pre / "model.npz"))
+    kind, model, variables = model_file.load(str(pre / "model.npz"))
     official = tmp_path / "labram-tiny-official.npz"  # the official state-dict layout (what a .pth holds)
     convert.save_official(str(official), convert.to_official(kind, model, variables))
 
@@ -58,7 +58,7 @@ def test_notebook_runs_end_to_end_from_official_weights(eegmat_shards, tmp_path)
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) == 3  # curves, confusion matrix, ROC
-    _, tuned, _ = convert.load_variables(str(workdir / "finetune" / "model.npz"))
+    _, tuned, _ = model_file.load(str(workdir / "finetune" / "model.npz"))
     assert tuned.cfg.lora_rank > 0
 
 

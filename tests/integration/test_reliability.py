@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from labram_jax import config_validation, convert, input_pipeline, records, train
+from labram_jax import config_schema, input_pipeline, model_file, records, train
 from tests.integration.test_train import tiny_config
 
 
@@ -72,7 +72,7 @@ def test_nonfinite_skip_counts_and_keeps_parameters_finite(poisoned, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     flags = [r["train/finite"] for r in rows if "train/finite" in r]
     assert flags.count(0.0) == result["skipped_steps"] and flags.count(1.0) == 8 - result["skipped_steps"]
-    _, _, variables = convert.load_variables(str(tmp_path / "model.npz"))
+    _, _, variables = model_file.load(str(tmp_path / "model.npz"))
     assert all(np.isfinite(v).all() for v in _leaves(variables["params"]))
     # Over the limit, skipping turns into stopping.
     cfg = tiny_config("finetune", poisoned, **{"optim.total_steps": 8, "nonfinite_policy": "skip",
@@ -142,8 +142,8 @@ def test_training_over_damaged_records_runs(damaged, tmp_path):
 def _config_error(stage="finetune", devices=8, **overrides):
     cfg = tiny_config(stage, "", **overrides)
     cfg.unlock()
-    with pytest.raises(config_validation.ConfigError) as err:
-        config_validation.validate(cfg, devices)
+    with pytest.raises(config_schema.ConfigError) as err:
+        config_schema.validate(cfg, devices)
     return str(err.value)
 
 
@@ -173,21 +173,21 @@ def test_config_shape_errors(eegmat_shards):
     d["optim"].update(lr="fast", learning_rate=1e-3)
     d["data"]["batch_size"] = 8.5
     cfg = ml_collections.ConfigDict(d)
-    message = str(pytest.raises(config_validation.ConfigError, config_validation.validate, cfg, 8).value)
+    message = str(pytest.raises(config_schema.ConfigError, config_schema.validate, cfg, 8).value)
     assert "3 problems" in message
     assert "config.optim.lr must be float, got str 'fast'" in message
     assert "unknown field config.optim.learning_rate" in message
     assert "config.data.batch_size must be int, got float 8.5" in message
     cfg = tiny_config("pretrain", eegmat_shards)
     assert "needs config.pretrain.tokenizer_checkpoint" in str(
-        pytest.raises(config_validation.ConfigError, config_validation.validate, cfg, 8).value)
+        pytest.raises(config_schema.ConfigError, config_schema.validate, cfg, 8).value)
     cfg.pretrain.tokenizer_checkpoint = "/tmp/no_such_tokenizer_run"
-    assert "no model.npz there" in str(pytest.raises(config_validation.ConfigError, config_validation.validate,
+    assert "no model.npz there" in str(pytest.raises(config_schema.ConfigError, config_schema.validate,
                                                      cfg, 8).value)
 
 
 def test_run_rejects_a_bad_config_before_doing_anything(eegmat_shards, tmp_path):
     cfg = tiny_config("finetune", eegmat_shards, **{"data.batch_size": 12})
-    with pytest.raises(config_validation.ConfigError, match="not divisible"):
+    with pytest.raises(config_schema.ConfigError, match="not divisible"):
         train.run(cfg, str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()

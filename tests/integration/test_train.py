@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from labram_jax import convert, metrics, sharding, train
+from labram_jax import metrics, model_file, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -95,8 +95,8 @@ def test_resume_equals_uninterrupted(stage, eegmat_shards, tokenizer_dir, tmp_pa
     assert first["step"] == 4 and not (resumed / "model.npz").exists()
     train.run(tiny_config(stage, eegmat_shards, **extra), str(resumed))
     assert losses(resumed) == losses(straight)  # bitwise on CPU
-    _, _, a = convert.load_variables(str(straight / "model.npz"))
-    _, _, b = convert.load_variables(str(resumed / "model.npz"))
+    _, _, a = model_file.load(str(straight / "model.npz"))
+    _, _, b = model_file.load(str(resumed / "model.npz"))
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
 

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from configs import common
+from labram_jax_configs import common
 from labram_jax.models import config as model_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -44,7 +44,7 @@ def test_unknown_stage_is_a_clear_error():
 def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp_path):
     # Every stage of the EEGMAT recipe must run, and embed patches the same way, or the
     # fine-tuning would refuse the pretrained encoder (model_config.REFERENCE_INPUTS).
-    from labram_jax import config_validation
+    from labram_jax import config_schema
 
     configs = {}
     for stage in common.STAGES:
@@ -55,7 +55,7 @@ def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp
             c.pretrain.tokenizer_checkpoint = str(tmp_path)
         if stage == "finetune":
             c.data.val = str(eegmat_shards)
-        config_validation.validate(c, 1)
+        config_schema.validate(c, 1)
         configs[stage] = c
     for field in model_config.REFERENCE_INPUTS:
         assert len({c.model[field] for c in configs.values()}) == 1, field

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labram_jax import convert
+from labram_jax import convert, model_file
 from labram_jax.models import config as config_lib
 from labram_jax.models import tokenizer as tokenizer_lib
 from labram_jax.models import transformer
@@ -79,7 +79,7 @@ def test_pth_round_trip_and_cli(reference_dir, tmp_path):
     assert convert.main(["import", str(pth), "--kind", "pretrain", "--out", str(ours)]) == 0
     assert convert.main(["export", str(ours), "--out", str(back)]) == 0
     _assert_same_state_dict(convert.read_state_dict(back), sd)
-    kind, model2, variables2 = convert.load_variables(str(ours))
+    kind, model2, variables2 = model_file.load(str(ours))
     assert kind == "pretrain" and model2.cfg == model.cfg
 
 

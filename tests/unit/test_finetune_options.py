@@ -135,7 +135,7 @@ def test_mixup_mixes_only_partners_of_the_same_grid():
 
 
 def test_mixup_loss_mixes_the_two_targets():
-    from configs import common
+    from labram_jax_configs import common
 
     config = common.get_config("tiny", "finetune")
     config.finetune.mixup_alpha = 0.4
@@ -163,7 +163,7 @@ def test_mixup_loss_mixes_the_two_targets():
 def test_mixup_comes_before_channel_augmentation():
     # Dropping channels first would leave partners with different grids, and mixup would
     # (correctly) refuse to mix them: the loss must equal mixup -> augmentation by hand.
-    from configs import common
+    from labram_jax_configs import common
 
     config = common.get_config("tiny", "finetune")
     config.finetune.mixup_alpha, config.finetune.channel_drop, config.finetune.channel_gain_std = 0.4, 0.5, 0.2

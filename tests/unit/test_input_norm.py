@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labram_jax import convert
+from labram_jax import model_file
 from labram_jax.models import config as model_config
 from labram_jax.models import layers
 from labram_jax.models import transformer
@@ -59,7 +59,7 @@ def test_fine_tuning_refuses_an_encoder_trained_with_another_input_norm(tmp_path
     variables = nn.unbox(model.init(jax.random.key(0), x, IDS, jnp.zeros((2, 12), bool),
                                     method=transformer.LaBraMPretrain.logits_of))
     path = str(tmp_path / "model.npz")
-    convert.save_variables(path, "pretrain", model, variables)
+    model_file.save(path, "pretrain", model, variables)
     assert "patch_embed" in finetune.load_encoder(path, "ours", input_norm="channel")
     with pytest.raises(ValueError, match="input_norm='channel'"):
         finetune.load_encoder(path, "ours", input_norm="none")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import common
+from labram_jax_configs import common
 from labram_jax import plan, sharding
 from tests.conftest import ROOT
 
@@ -22,7 +22,7 @@ def test_sharded_bytes_follow_the_rules():
 
     c = _config("base", "finetune")
     stage, _, _, _ = plan.stage_models(c)
-    abstract = jax.eval_shape(stage.init, jax.random.key(0), plan.train.dummy_batch(plan._grid(c)))["params"]
+    abstract = jax.eval_shape(stage.init, jax.random.key(0), plan.steps.dummy_batch(plan._grid(c)))["params"]
     rules = sharding.rules_from_config()
     total, replicated = plan.sharded_bytes(abstract, plan.Mesh(8, 1, 1), rules)
     assert total == replicated and 5.5e6 * 4 < total < 6.5e6 * 4  # LaBraM-Base: ~5.8 M parameters

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labram_jax import convert
+from labram_jax import convert, model_file
 from labram_jax.models import config as model_config
 from labram_jax.models import layers
 from labram_jax.models import transformer
@@ -70,8 +70,8 @@ def test_fine_tuning_refuses_an_encoder_with_another_embedding_and_export_refuse
     variables = nn.unbox(model.init(jax.random.key(0), x, IDS, jnp.zeros((2, 12), bool),
                                     method=transformer.LaBraMPretrain.logits_of))
     path = str(tmp_path / "model.npz")
-    convert.save_variables(path, "pretrain", model, variables)
-    assert convert.load_variables(path)[1].cfg.patch_embed == "spectrum"  # stored in the file's spec
+    model_file.save(path, "pretrain", model, variables)
+    assert model_file.load(path)[1].cfg.patch_embed == "spectrum"  # stored in the file's spec
     assert "proj" in finetune.load_encoder(path, "ours", patch_embed="spectrum")["patch_embed"]
     with pytest.raises(ValueError, match="patch_embed='spectrum'"):
         finetune.load_encoder(path, "ours")
@@ -82,7 +82,7 @@ def test_fine_tuning_refuses_an_encoder_with_another_embedding_and_export_refuse
 
 
 def test_the_tokenizer_stage_embeds_with_the_spectrum_and_its_decoder_is_unchanged():
-    from configs import common
+    from labram_jax_configs import common
     from labram_jax.tasks import tokenizer as tokenizer_task
 
     c = common.get_config("tiny", "tokenizer")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labram_jax import convert
+from labram_jax import convert, model_file
 from labram_jax.models import config as model_config
 from labram_jax.models import layers
 from labram_jax.models import transformer
@@ -46,8 +46,8 @@ def test_fine_tuning_refuses_an_encoder_trained_with_other_groups(tmp_path):
     variables = nn.unbox(model.init(jax.random.key(0), x, IDS, jnp.zeros((2, 12), bool),
                                     method=transformer.LaBraMPretrain.logits_of))
     path = str(tmp_path / "model.npz")
-    convert.save_variables(path, "pretrain", model, variables)
-    assert convert.load_variables(path)[1].cfg.temporal_groups == 1  # stored in the file's spec
+    model_file.save(path, "pretrain", model, variables)
+    assert model_file.load(path)[1].cfg.temporal_groups == 1  # stored in the file's spec
     assert "patch_embed" in finetune.load_encoder(path, "ours", temporal_groups=1)
     with pytest.raises(ValueError, match="temporal_groups=1"):
         finetune.load_encoder(path, "ours", temporal_groups=4)
