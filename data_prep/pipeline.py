@@ -107,11 +107,12 @@ def process(job: Job) -> dict:
            "timings": {}, **({"companions": list(job.companions)} if job.companions else {})}
     tmp = job.shard.with_suffix(".arrayrecord.tmp")
     try:
+        fmt = reading.format_of(pathlib.Path(job.path))
+        out["format"] = fmt.name if fmt else ""
         out["sha256"] = sha256_of(job.path)
         t0 = time.perf_counter()
         recording = reading.read(job.path)
         raw = recording.raw
-        out["format"] = recording.format
         out["notes"] = list(recording.notes)
         out["timings"]["read"] = time.perf_counter() - t0
         out["sfreq_in"] = float(raw.info["sfreq"])
