@@ -30,6 +30,7 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.stage = "demo"
+    c.seed = 0  # every stage's seed (--config.seed=1 reruns the whole demo with another)
     c.data_dir = ""  # default: the recordings bundled in labram_jax/demo_data
     c.stages = ml_collections.ConfigDict({name: _stage(name) for name in STEPS})
     c.lock()

@@ -66,6 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for i, name in enumerate(("tokenizer", "pretrain", "finetune"), start=2):
         stage_cfg = config.stages[name]
         with stage_cfg.unlocked():
+            stage_cfg.seed = config.seed
             stage_cfg.data.train = str(train_manifest)
             if name == "pretrain":
                 stage_cfg.pretrain.tokenizer_checkpoint = str(root / "tokenizer")
@@ -80,7 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics = {k[4:]: v for k, v in [r for r in rows if "val/auroc" in r][-1].items() if k.startswith("val/")}
     log.info("demo 5/5: classical baselines on the same windows")
     anchors = baselines.run(str(val_manifest), BASELINES)
-    summary = {"validation": metrics, "baselines": anchors, "wall_s": time.perf_counter() - t0,
+    summary = {"validation": metrics, "baselines": anchors, "wall_s": time.perf_counter() - t0, "seed": config.seed,
                "held_out_subjects": list(VAL_SUBJECTS), "tokenizer_loss": results["tokenizer"].get("loss"),
                "pretrain_loss": results["pretrain"].get("loss")}
     (root / "demo_result.json").write_text(json.dumps(summary, indent=1))
