@@ -141,6 +141,15 @@ class Predictor:
         return Embeddings(pooled, tokens.reshape(n, c, a, -1), tuple(prepared.names), np.asarray(starts),
                           tuple(prepared.dropped), tuple(prepared.mapping))
 
+    def windows(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
+                unit: str = "V", window_s: int | None = None,
+                montage: montage_lib.Options | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """What the model sees: ``(x [n, channels, windows, 200] float32 in units of 100 uV,
+        channel rows [channels] int32)``; ``signals`` as for :meth:`embed`. The input of an
+        exported model (``python -m labram_jax.export_model``)."""
+        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage)
+        return x.astype(np.float32), np.asarray(prepared.rows, np.int32)
+
     def predict(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
                 unit: str = "V", window_s: int | None = None, batch_size: int = 32,
                 montage: montage_lib.Options | None = None) -> np.ndarray:

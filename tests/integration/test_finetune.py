@@ -1,6 +1,8 @@
 """Fine-tuning variants: init from ours or official weights, frozen modes, tasks, bfloat16."""
 
 import json
+import subprocess
+import sys
 
 import flax
 import jax
@@ -180,7 +182,7 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     import mne
 
     from benchmarks import montage_soundness
-    from labram_jax import api, evaluate, montage
+    from labram_jax import api, evaluate, export_model, montage
 
     cfg = tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 2, "data.val": str(eegmat_shards),
                                                      "eval_every": 2})
@@ -213,5 +215,23 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     assert all(origin[m["sources"][0]] == m["name"] for m in placed.mapping)
     np.testing.assert_allclose(model.predict(copy, montage=montage.Options(method="nearest", targets="1020")), probs,
                                atol=1e-5)
+    # The exported artefact runs with jax and numpy alone and gives the same probabilities.
+    assert export_model.main([str(tmp_path), str(tmp_path / "exported"), "--platforms", "cpu", "cuda"]) == 0
+    x, rows = model.windows(raw)
+    np.save(tmp_path / "windows.npy", x)
+    blocker = ("import runpy, sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('labram_jax', 'flax', 'optax', 'orbax', 'grain', 'mne', 'sklearn'):\n"
+               "            raise ImportError(f'{name} is not allowed here')\n"
+               "sys.meta_path.insert(0, Block())\n"
+               f"sys.argv = ['predict.py', {str(tmp_path / 'windows.npy')!r}, {str(tmp_path / 'scores.npy')!r}]\n"
+               f"runpy.run_path({str(tmp_path / 'exported' / 'predict.py')!r}, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), probs, atol=1e-5)
+    spec = json.loads((tmp_path / "exported" / "preprocessing.json").read_text())
+    np.testing.assert_array_equal(spec["channel_rows"], rows)
+    assert spec["window_s"] == 4 and spec["labels"] == ["rest", "arithmetic"]
     with pytest.raises(ValueError, match="shorter than one"):
         model.predict(raw.copy().crop(0, 2))
