@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import mne
 import numpy as np
 
-from labram_jax import convert, model_file
+from labram_jax import convert, hub, model_file
 from labram_jax import montage as montage_lib
 from labram_jax import preprocess as prep_lib
 from labram_jax import reading
@@ -162,32 +162,40 @@ class Predictor:
         return np.asarray(finetune.scores(self.task, jnp.asarray(logits)))
 
 
-def load(path: str, *, window_s: int | None = None, notch: float | None = None, task: str | None = None) -> Predictor:
-    """Loads a fine-tuning workdir, a ``model.npz`` of any stage, or official PyTorch weights.
+def load(path: str, *, window_s: int | None = None, notch: float | None = None, task: str | None = None,
+         **download) -> Predictor:
+    """Loads a fine-tuning workdir, a ``model.npz`` of any stage, a Hub folder written by
+    ``hub.save_pretrained`` (or its repository id ``owner/name``; ``download``:
+    ``huggingface_hub.snapshot_download`` options such as ``local_files_only=True``), or
+    official PyTorch weights.
 
-    For a workdir, the window length, notch and task come from its ``config.json``.
+    For a workdir or a Hub folder, the window length and task come from its ``config.json``.
     Official ``.pth``/``.npz`` files are tried as a fine-tuned model, then as ``labram-base.pth``
     (embeddings only).
     """
-    config = None
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    path = model_file.resolve(path)
-    try:
-        kind, model, variables = model_file.load(path)
-    except model_file.ModelFileError:
+    path = str(path)
+    facts = {}
+    if hub.is_pretrained_dir(path) or (not os.path.exists(path) and path.count("/") == 1):
+        kind, model, variables, facts = hub.load_variables(path, **download)
+    else:
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as f:
+                run = json.load(f)
+            facts = {"window_s": run["data"]["max_windows"], "task": run.get("finetune", {}).get("task")}
+        path = model_file.resolve(path)
         try:
-            model, variables = convert.load_official(path, "finetune")
-            kind = "finetune"
-        except convert.ConversionError:
-            model, variables = convert.load_official(path, "pretrain")
-            kind = "pretrain"
+            kind, model, variables = model_file.load(path)
+        except model_file.ModelFileError:
+            try:
+                model, variables = convert.load_official(path, "finetune")
+                kind = "finetune"
+            except convert.ConversionError:
+                model, variables = convert.load_official(path, "pretrain")
+                kind = "pretrain"
     if kind == "tokenizer":
         raise ValueError(f"{path} is a tokenizer; load a pretrained or fine-tuned model")
-    if config is not None:
-        window_s = window_s or config["data"]["max_windows"]
-        task = task or config.get("finetune", {}).get("task")
+    window_s = window_s or facts.get("window_s")
+    task = task or facts.get("task")
     if kind == "finetune" and task is None:
         task = "binary" if model.num_outputs == 1 else "multiclass"
     return Predictor(kind, model, variables, task, window_s or 4, 50.0 if notch is None else notch)

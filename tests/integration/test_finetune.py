@@ -235,3 +235,47 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     assert spec["window_s"] == 4 and spec["labels"] == ["rest", "arithmetic"]
     with pytest.raises(ValueError, match="shorter than one"):
         model.predict(raw.copy().crop(0, 2))
+
+
+def test_hub_folder_round_trips_and_loads_offline_by_repository_id(eeg_dir, eegmat_shards, tmp_path):
+    import shutil
+
+    from labram_jax import api, hub
+
+    run = tmp_path / "run"
+    cfg = tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 2, "data.val": str(eegmat_shards),
+                                                     "eval_every": 2})
+    train.run(cfg, str(run))
+    folder = tmp_path / "labram-tiny-eegmat"
+    hub.save_pretrained(str(run), str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (folder / "README.md").read_text()
+    assert "library_name: labram_jax" in card and "4 training subjects" in card and "balanced_accuracy" in card
+    recording = eeg_dir / "eegmat" / "Subject16_2.edf"
+    want = api.load(str(run)).predict(recording)
+    np.testing.assert_array_equal(api.load(str(folder)).predict(recording), want)
+    # The weights load in PyTorch bit for bit, and come back the same way.
+    torch = pytest.importorskip("torch", reason="the torch round trip needs PyTorch (pip install '.[torch]')")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    _, _, variables = model_file.load(str(run))
+    flat = flax.traverse_util.flatten_dict(variables, sep="/")
+    assert set(tensors) == set(flat)
+    for key, value in flat.items():
+        np.testing.assert_array_equal(tensors[key].numpy(), value)
+    save_file({k: v.clone() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "labram_jax", "kind": "finetune"})
+    np.testing.assert_array_equal(api.load(str(folder)).predict(recording), want)
+    assert isinstance(tensors[next(iter(tensors))], torch.Tensor)
+    # A Hub repository id resolves through huggingface_hub's cache, offline.
+    snapshot = tmp_path / "cache" / "models--someone--labram-tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    by_id = api.load("someone/labram-tiny", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+    np.testing.assert_array_equal(by_id.predict(recording), want)
+    with pytest.raises(FileNotFoundError, match="did not give it"):
+        api.load("someone/missing", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        api.load(str(tmp_path / "nothing" / "here" / "x"))
