@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 from labram_jax import model_file
 from labram_jax.models import config as config_lib
@@ -54,14 +55,16 @@ class ConversionError(ValueError):
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A flat name -> float32/int NumPy array dict from a .pth, .npz or mapping."""
+    """A flat name -> float32/int NumPy array dict from a .pth, .safetensors, .npz or mapping."""
     if isinstance(source, Mapping):
         sd = dict(source)
     else:
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such checkpoint file: {path}")
-        if path.endswith(".npz"):
+        if path.endswith(".safetensors"):  # e.g. a Hub repository's model.safetensors
+            sd = safetensors.numpy.load_file(path)
+        elif path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:
                 keys = list(data.files)
                 if any(k.startswith("sd/") for k in keys):
@@ -149,9 +152,9 @@ def infer_transformer(sd: Mapping[str, np.ndarray], prefix: str, num_heads: int 
 
 def build_model(kind: str, sd: Mapping[str, np.ndarray], num_heads: int | None = None) -> nn.Module:
     """The Flax module whose sizes match the official state dict ``sd``."""
-    if kind == "finetune":
+    if kind == "finetune":  # without head.*: an encoder for embeddings (num_outputs 0)
         cfg = infer_transformer(sd, "", num_heads)
-        return transformer.LaBraM(cfg, num_outputs=_need(sd, "head.weight").shape[0])
+        return transformer.LaBraM(cfg, num_outputs=sd["head.weight"].shape[0] if "head.weight" in sd else 0)
     if kind == "pretrain":
         cfg = infer_transformer(sd, "student.", num_heads)
         return transformer.LaBraMPretrain(cfg, vocab_size=_need(sd, "lm_head.weight").shape[0])
@@ -247,7 +250,7 @@ def _rules(kind: str, model: nn.Module) -> list[_Rule]:
     P = ("params",)
     if kind == "finetune":
         return (_transformer_rules(model.cfg, "", P + ("encoder",), mask_token=False)
-                + _norm("fc_norm", P + ("fc_norm",)) + _linear("head", P + ("head",)))
+                + _norm("fc_norm", P + ("fc_norm",)) + (_linear("head", P + ("head",)) if model.num_outputs else []))
     if kind == "pretrain":
         return (_transformer_rules(model.cfg, "student.", P + ("encoder",), mask_token=True)
                 + _norm("student.norm", P + ("norm",)) + _linear("lm_head", P + ("lm_head",)))
@@ -380,6 +383,62 @@ def _set(tree, path, value):
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- braindecode
+
+# braindecode's Labram (braindecode.models.Labram; what its from_pretrained gives) holds the
+# tensors of the original's fine-tuning model under other names: (original, braindecode).
+BRAINDECODE_NAMES = (("pos_embed", "position_embedding"), ("time_embed", "temporal_embedding"),
+                     ("patch_embed.", "patch_embed.temporal_conv."), (".mlp.fc1.", ".mlp.0."),
+                     (".mlp.fc2.", ".mlp.2."), ("head.", "final_layer."))
+
+
+def _rename(key: str, pairs) -> str:
+    for old, new in pairs:
+        if key.startswith(old) or (old.startswith(".") and old in key):
+            return key.replace(old, new, 1)
+    return key
+
+
+def from_braindecode(source: str | os.PathLike | Mapping[str, Any]) -> tuple[nn.Module, dict]:
+    """``(module, variables)`` of a braindecode ``Labram`` state dict (a mapping, ``.pth`` or
+    ``.safetensors``-read dict): a fine-tuning model, or an encoder without head
+    (``num_outputs`` 0) when the state dict has none.
+
+    Differences from the original that matter (docs/README "braindecode"): the time table has
+    ``n_times // patch_size + 1`` rows instead of 16 (kept: the imported model takes at most
+    that many windows); ``use_mean_pooling=False`` (braindecode's default) classifies the cls
+    token after a LayerNorm ``norm`` over all tokens, where the original (and labram_jax) pools
+    the patch tokens through ``fc_norm``, so such a head is refused; ``qkv_bias=True`` adds q/v
+    biases the original fine-tuning model does not have (refused likewise).
+    """
+    sd = read_state_dict(source)
+    if "norm.weight" in sd and "fc_norm.weight" not in sd:
+        raise ConversionError("this braindecode Labram pools the cls token (use_mean_pooling=False: a LayerNorm "
+                              "'norm' over all tokens, then the cls token), which neither the original LaBraM "
+                              "fine-tuning model nor labram_jax has; create it with use_mean_pooling=True (the "
+                              "original's pooling) to convert it")
+    if any(k.endswith("attn.q_bias") for k in sd):
+        raise ConversionError("this braindecode Labram has q/v biases (qkv_bias=True), which the original LaBraM "
+                              "fine-tuning model has not; only qkv_bias=False models convert")
+    inverse = tuple((new, old) for old, new in BRAINDECODE_NAMES)
+    official = {_rename(k, inverse): v for k, v in sd.items() if not k.startswith("final_layer.")
+                or sd[k].size}  # an Identity head (n_outputs=0) has no tensors
+    return load_official(official, "finetune")
+
+
+def to_braindecode(model: nn.Module, variables: Mapping, n_times: int) -> dict[str, np.ndarray]:
+    """A braindecode ``Labram`` state dict of a fine-tuned (or headless) model, for
+    ``Labram(n_times=n_times, n_outputs=..., use_mean_pooling=True, ...)``: the time table cut
+    to its ``n_times // 200 + 1`` rows."""
+    rows = n_times // config_lib.PATCH_SIZE + 1
+    sd = to_official("finetune", model, variables)
+    if sd["time_embed"].shape[1] < rows:
+        raise ConversionError(f"braindecode's Labram with n_times={n_times} has {rows} time rows, this model "
+                              f"{sd['time_embed'].shape[1]}: use n_times <= {(sd['time_embed'].shape[1] - 1) * 200}")
+    sd["time_embed"] = sd["time_embed"][:, :rows]
+    return {_rename(k, BRAINDECODE_NAMES): v for k, v in sd.items()}
 
 
 def save_official(path: str, sd: Mapping[str, np.ndarray]) -> None:

@@ -1,7 +1,10 @@
 """Test set-up: 8 fake CPU devices and the paths of the shared fixtures."""
 
+import importlib.util
 import os
 import pathlib
+import sys
+import types
 
 # Must be set before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -46,3 +49,32 @@ def eegmat_shards(eeg_dir, tmp_path_factory):
                                        "--subject-pattern", r"Subject(\d+)_", "--val-subjects", "16,17", "--quiet"])
     assert code == 0
     return out / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def braindecode_models():
+    """``braindecode.models`` (the real package from PyPI, pip install '.[braindecode]'), or a
+    skip. torchaudio's PyPI wheels are CUDA builds whose extension does not load against the
+    CPU torch wheel; braindecode imports torchaudio only for filter layers and audio models,
+    never for Labram, so where it cannot load, a stand-in that raises on use takes its place."""
+    pytest.importorskip("torch", reason="braindecode needs PyTorch (pip install '.[braindecode]')")
+    if importlib.util.find_spec("braindecode") is None:
+        pytest.skip("braindecode is not installed (pip install '.[braindecode]')")
+    try:
+        import torchaudio  # noqa: F401
+    except (ImportError, OSError):
+        def unavailable(*args, **kwargs):
+            raise NotImplementedError("torchaudio cannot load against this torch build")
+
+        stand_in, functional, transforms = (types.ModuleType(n) for n in
+                                            ("torchaudio", "torchaudio.functional", "torchaudio.transforms"))
+        functional.fftconvolve = functional.filtfilt = functional.lfilter = unavailable
+        transforms.Resample = transforms.Spectrogram = type("Unavailable", (), {"__init__": unavailable})
+        stand_in.functional, stand_in.transforms = functional, transforms
+        for name in [n for n in sys.modules if n.startswith("torchaudio")]:
+            del sys.modules[name]
+        sys.modules.update({"torchaudio": stand_in, "torchaudio.functional": functional,
+                            "torchaudio.transforms": transforms})
+    import braindecode.models
+
+    return braindecode.models

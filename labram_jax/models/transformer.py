@@ -139,9 +139,10 @@ class LaBraM(nn.Module):
     def __call__(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
                  *, train: bool = False) -> jax.Array:
         """x: [B, N, A, 200] (units of 100 uV); channel_ids [B, N] or [N]; patch_mask
-        [B, N, A] bool -> [B, num_outputs] float32 logits (or values)."""
+        [B, N, A] bool -> [B, num_outputs] float32 logits (or values); without a head
+        (``num_outputs`` 0) the pooled embedding [B, D]."""
         pooled = self.embed(x, channel_ids, patch_mask, train=train)["pooled"]
-        return self.head(pooled).astype(jnp.float32)
+        return (self.head(pooled) if self.num_outputs else pooled).astype(jnp.float32)
 
     def embed(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
               *, train: bool = False) -> dict[str, jax.Array]:
@@ -166,7 +167,7 @@ class LaBraMPretrain(nn.Module):
 
     def setup(self):
         self.encoder = NeuralTransformer(self.cfg, use_mask_token=True,
-                                                cls_uses_first_channel=self.cls_uses_first_channel)
+                                         cls_uses_first_channel=self.cls_uses_first_channel)
         self.norm = layers.layer_norm(name="norm", dtype=self.cfg.dtype)
         self.lm_head = layers.dense(self.vocab_size, ("embed", "vocab"), "lm_head", dtype=self.cfg.dtype)
 
