@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_prep import pipeline
+from labram_jax import manifest as manifest_lib
 
 
 def subject_folds(subjects: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
@@ -49,7 +49,7 @@ def fold_manifest(manifest: dict, val_subjects: Sequence[str], from_splits: Sequ
     extra = {k: v for k, v in manifest.items() if k not in ("schema_version", "tool", "created", "splits", "totals",
                                                              "files")}
     extra["subject_splits"] = {o["subject"]: o["split"] for o in outcomes}
-    return pipeline.build_manifest(outcomes, extra)
+    return manifest_lib.build(outcomes, extra, manifest["tool"])
 
 
 def write_folds(manifest_path: str | pathlib.Path, folds: int, seed: int = 0,

@@ -13,7 +13,6 @@ run never leaves a partial shard that looks valid.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ from array_record.python import array_record_module
 
 from data_prep import labels as labels_lib
 from data_prep import supervisor
+from labram_jax import manifest as manifest_lib
 from labram_jax import montage as montage_lib
 from labram_jax import preprocess as prep_lib
 from labram_jax import reading
@@ -262,48 +262,6 @@ def run(jobs: list[Job], out_dir: pathlib.Path, workers: int, manifest_extra: di
                                          failed_outcome):
             finish(i, outcome)
     bar.close()
-    manifest = build_manifest([outcomes[i] for i in range(len(jobs))], manifest_extra)
+    manifest = manifest_lib.build([outcomes[i] for i in range(len(jobs))], manifest_extra, TOOL_VERSION)
     _atomic_json(out_dir / "manifest.json", manifest)
     return manifest
-
-
-def build_manifest(outcomes: list[dict], extra: dict) -> dict:
-    splits: dict[str, dict] = {}
-    for o in outcomes:
-        if o["status"] != "ok":
-            continue
-        s = splits.setdefault(o["split"], {"shards": [], "windows": 0, "by_label": {}, "recordings": 0,
-                                           "subjects": set()})
-        s["shards"].append(o["shard"])
-        s["windows"] += o["windows"]
-        s["recordings"] += 1
-        s["subjects"].add(o["subject"])
-    by_label = _count_labels(outcomes)
-    for name, s in splits.items():
-        s["subjects"] = sorted(s["subjects"])
-        s["by_label"] = by_label.get(name, {})
-    status = [o["status"] for o in outcomes]
-    return {
-        "schema_version": records.SCHEMA_VERSION,
-        "tool": TOOL_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-        "splits": splits,
-        "totals": {"files": len(outcomes), "not_read": len(extra.get("not_read", ())),
-                   "ok": status.count("ok"), "skipped": status.count("skipped"),
-                   "failed": status.count("failed"), "windows": sum(o["windows"] for o in outcomes),
-                   "hours_in": sum(o.get("duration_s", 0.0) for o in outcomes if o["status"] == "ok") / 3600},
-        "files": outcomes,
-    }
-
-
-def _count_labels(outcomes: list[dict]) -> dict[str, dict[str, int]]:
-    """Windows per split and label, read back from the written shards."""
-    counts: dict[str, dict[str, int]] = {}
-    for o in outcomes:
-        if o["status"] != "ok" or "label_counts" not in o:
-            continue
-        split = counts.setdefault(o["split"], {})
-        for name, n in o["label_counts"].items():
-            split[name] = split.get(name, 0) + n
-    return counts

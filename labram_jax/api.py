@@ -78,45 +78,9 @@ class Predictor:
 
     # -- inputs ------------------------------------------------------------------------
     def _windows(self, signals, ch_names, sfreq, unit, window_s, montage):
-        window_s = int(window_s or self.window_s)
-        montage = montage or self.montage
-        params = prep_lib.Params(window_s=window_s, stride_s=float(window_s), notch=self.notch)
-        if isinstance(signals, (str, os.PathLike)):
-            try:
-                signals = reading.read_raw(signals)
-            except reading.ReadError as err:
-                raise ValueError(f"{signals}: {err}") from None
-        if isinstance(signals, mne.BaseEpochs):
-            pieces = []
-            for i, epoch in enumerate(signals.get_data()):
-                raw = mne.io.RawArray(epoch, signals.info, verbose="error")
-                win = max(1, min(16, int(raw.n_times / raw.info["sfreq"])))
-                prepared = prep_lib.preprocess(raw, prep_lib.Params(window_s=win, stride_s=float(win), notch=self.notch),
-                                               options=montage)
-                pieces.append((prepared, prepared.data[:, :win * 200].reshape(len(prepared.names), win, 200)[None],
-                               np.array([float(i)])))
-            lengths = {p[1].shape[2] for p in pieces}
-            if len(lengths) != 1:
-                raise ValueError("epochs of different lengths: crop them to one length first")
-            prepared = pieces[0][0]
-            return prepared, np.concatenate([p[1] for p in pieces]), np.concatenate([p[2] for p in pieces])
-        if not isinstance(signals, mne.io.BaseRaw):
-            data = np.asarray(signals, np.float64)
-            if data.ndim != 2 or ch_names is None or sfreq is None:
-                raise ValueError("pass an mne.io.Raw, mne.Epochs, or an array [channels, samples] with ch_names "
-                                 "and sfreq")
-            scale = {"V": 1.0, "mV": 1e-3, "uV": 1e-6}.get(unit)
-            if scale is None:
-                raise ValueError(f"unit must be 'V', 'mV' or 'uV', got {unit!r}")
-            info = mne.create_info(list(ch_names), float(sfreq), "eeg")
-            signals = mne.io.RawArray(data * scale, info, verbose="error")
-        prepared = prep_lib.preprocess(signals, params, options=montage)
-        starts = prep_lib.window_starts(prepared.data.shape[1], params)
-        if starts.size == 0:
-            raise ValueError(f"the recording is shorter than one {window_s}-s window")
-        length = window_s * 200
-        x = np.stack([prepared.data[:, s:s + length].reshape(len(prepared.names), window_s, 200) for s in starts])
-        return prepared, x, starts / 200.0
+        w = prepare_windows(signals, ch_names, sfreq, unit=unit, window_s=int(window_s or self.window_s),
+                            notch=self.notch, montage=montage or self.montage)
+        return w.prepared, w.x, w.start_s
 
     def _run(self, fn, x, rows, batch_size):
         outs = [jax.device_get(fn(self.variables, jnp.asarray(x[i:i + batch_size]), jnp.asarray(rows)))
@@ -158,8 +122,78 @@ class Predictor:
         if self._logits is None:
             raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
         prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage)
-        logits = self._run(self._logits, x, prepared.rows, batch_size)
+        return self.predict_windows(x, prepared.rows, batch_size)
+
+    def predict_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """:meth:`predict` of windows already prepared (:meth:`windows`): x [n, channels,
+        windows, 200] in units of 100 uV, channel_rows [channels]."""
+        if self._logits is None:
+            raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
+        logits = self._run(self._logits, np.asarray(x, np.float32), channel_rows, batch_size)
         return np.asarray(finetune.scores(self.task, jnp.asarray(logits)))
+
+    def embed_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """The pooled embedding [n, D] of windows already prepared (:meth:`windows`)."""
+        return self._run(self._embed, np.asarray(x, np.float32), channel_rows, batch_size)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Prepared input: ``x [n, channels, windows, 200]`` float32 in units of 100 uV, the
+    preprocessed recording (``prepared.rows``, ``.names``, ``.dropped``, ``.mapping``) and the
+    start of each window (s; the epoch index for epochs)."""
+
+    x: np.ndarray
+    prepared: prep_lib.Prepared
+    start_s: np.ndarray
+
+
+def prepare_windows(signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *, unit: str = "V",
+                    window_s: int = 4, notch: float = 50.0,
+                    montage: montage_lib.Options = montage_lib.Options()) -> Windows:
+    """LaBraM's preprocessing (as data_prep's) of a recording's path, an ``mne.io.Raw``, an
+    ``mne.Epochs``, an array ``[channels, samples]`` or epochs ``[n, channels, samples]`` (arrays
+    in ``unit`` with ``ch_names`` and ``sfreq``), cut into windows of ``window_s`` seconds.
+    Each epoch is one sample of ``floor(its duration)`` seconds (1..16)."""
+    scale = {"V": 1.0, "mV": 1e-3, "uV": 1e-6}.get(unit)
+    if scale is None:
+        raise ValueError(f"unit must be 'V', 'mV' or 'uV', got {unit!r}")
+    if isinstance(signals, (str, os.PathLike)):
+        try:
+            signals = reading.read_raw(signals)
+        except reading.ReadError as err:
+            raise ValueError(f"{signals}: {err}") from None
+    if isinstance(signals, np.ndarray) and signals.ndim == 3:
+        if ch_names is None or sfreq is None:
+            raise ValueError("epochs given as an array [n, channels, samples] need ch_names and sfreq")
+        signals = mne.EpochsArray(signals * scale, mne.create_info(list(ch_names), float(sfreq), "eeg"),
+                                  verbose="error")
+    if isinstance(signals, mne.BaseEpochs):
+        pieces = []
+        for epoch in signals.get_data():
+            raw = mne.io.RawArray(epoch, signals.info, verbose="error")
+            win = max(1, min(16, int(raw.n_times / raw.info["sfreq"])))
+            prepared = prep_lib.preprocess(raw, prep_lib.Params(window_s=win, stride_s=float(win), notch=notch),
+                                           options=montage)
+            pieces.append((prepared, prepared.data[:, :win * 200].reshape(len(prepared.names), win, 200)))
+        if len({p[1].shape for p in pieces}) != 1:
+            raise ValueError("epochs of different lengths or channels: crop them to one length first")
+        return Windows(np.stack([p[1] for p in pieces]), pieces[0][0], np.arange(len(pieces), dtype=np.float64))
+    if not isinstance(signals, mne.io.BaseRaw):
+        data = np.asarray(signals, np.float64)
+        if data.ndim != 2 or ch_names is None or sfreq is None:
+            raise ValueError("pass a file path, an mne.io.Raw, mne.Epochs, or an array [channels, samples] (or "
+                             "[epochs, channels, samples]) with ch_names and sfreq")
+        signals = mne.io.RawArray(data * scale, mne.create_info(list(ch_names), float(sfreq), "eeg"),
+                                  verbose="error")
+    params = prep_lib.Params(window_s=window_s, stride_s=float(window_s), notch=notch)
+    prepared = prep_lib.preprocess(signals, params, options=montage)
+    starts = prep_lib.window_starts(prepared.data.shape[1], params)
+    if starts.size == 0:
+        raise ValueError(f"the recording is shorter than one {window_s}-s window")
+    length = window_s * 200
+    x = np.stack([prepared.data[:, s:s + length].reshape(len(prepared.names), window_s, 200) for s in starts])
+    return Windows(x, prepared, starts / 200.0)
 
 
 def load(path: str, *, window_s: int | None = None, notch: float | None = None, task: str | None = None,
