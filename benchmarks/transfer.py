@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="a name for this recipe variant (its runs and rows are kept apart)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the classical baselines")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # grain and orbax give the root logger a handler when imported: replace it
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     from labram_jax import baselines
 
