@@ -1,7 +1,7 @@
 """Is placing channels by electrode position sound? Measured on real 10-10 recordings.
 
     python -m benchmarks.montage_soundness [--files '../shared/eeg/eegmmidb/*/*.edf'] [--out runs/montage]
-        [--model runs/transfer/mmidb_mi/none-spectrum/heldout/seed0 --mi-data data/transfer/mmidb_mi]
+        [--model runs/transfer/mmidb_mi/none-spectrum-cn-e3/heldout/seed0 --mi-files 'CORPUS/S005/*R0[48].edf' ...]
 
 EEGMMIDB records 64 electrodes with 10-10 names. Each recording is copied as a position-only
 cap would store it: channels renamed ``E1..E64`` (no vocabulary name), the electrodes'
@@ -109,12 +109,49 @@ def soundness(files: list[str], notch: float = 60.0) -> dict:
     return summary
 
 
+def model_on_placed_caps(model_dir: str, files: list[str], notch: float = 60.0) -> dict:
+    """A fine-tuned motor-imagery model (``benchmarks.transfer --task mmidb_mi``) on its held-out
+    trials (one 4-s window per T1/T2 annotation, as data_prep --event-windows makes them), with
+    the electrodes named, all 64 placed by position (interpolated), and 32 of 64 interpolated."""
+    from data_prep import labels as labels_lib
+    from labram_jax import api
+    from labram_jax.tasks import finetune
+
+    predictor = api.load(model_dir)
+    window = predictor.window_s
+    spec = labels_lib.LabelSpec(source="annotations", annotation_map=(("T1", "left"), ("T2", "right")))
+    params = preprocess.Params(notch=notch, window_s=window, stride_s=float(window))
+    scores: dict[str, list] = {"named": [], "all 64, interpolate": [], "32 of 64, interpolate": []}
+    targets = []
+    for path in files:
+        raw = reading.read_raw(path)
+        intervals = labels_lib.recording_labels(spec, pathlib.Path(path), raw.annotations, raw.first_time)
+        variants = {"named": (raw, montage.Options(positions="none"))}
+        for name, keep_every in (("all 64, interpolate", 1), ("32 of 64, interpolate", 2)):
+            variants[name] = (position_only_copy(raw, keep_every)[0], montage.Options())
+        for name, (signal, options) in variants.items():
+            prepared = preprocess.preprocess(signal, params, options=options)
+            starts = labels_lib.event_starts(intervals, 0.0, window, prepared.data.shape[1], 200)
+            x = np.stack([prepared.data[:, s:s + window * 200].reshape(len(prepared.names), window, 200)
+                          for s in starts])
+            scores[name].append(predictor.predict_windows(x, prepared.rows))
+            if name == "named":
+                targets += [1 if labels_lib.window_label(intervals, s / 200, window, "majority") == "right" else 0
+                            for s in starts]
+    y = np.asarray(targets)
+    return {name: {k: float(v) for k, v in finetune.compute_metrics("binary", np.concatenate(s), y).items()}
+            for name, s in scores.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.montage_soundness", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", default=DEFAULT_FILES, help="glob of named 10-10 recordings (EEGMMIDB)")
     parser.add_argument("--max-files", type=int, default=20)
     parser.add_argument("--out", default="runs/montage")
+    parser.add_argument("--model", default="", help="a fine-tuned motor-imagery workdir (benchmarks.transfer --task "
+                        "mmidb_mi) to score on named and placed caps")
+    parser.add_argument("--mi-files", nargs="+", default=[], help="globs of its held-out imagery runs (R04, R08, R12)")
     args = parser.parse_args(argv)
     files = sorted(glob.glob(args.files))[: args.max_files]
     if not files:
@@ -128,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summary.items():
         print(f"| {name} | {s['files']} | {s['channels_compared']} | {s['r_median']:.4f} | {s['r_p10']:.4f} | "
               f"{s['rel_rms_median']:.4f} | {s['rel_rms_p90']:.4f} |")
-    print(f"\nwrote {out / 'soundness.json'}")
+    if args.model:
+        accuracy = model_on_placed_caps(args.model, sorted(f for pattern in args.mi_files for f in glob.glob(pattern)))
+        (out / "model_on_placed_caps.json").write_text(json.dumps(accuracy, indent=1))
+        print("\n| input of the held-out trials | balanced accuracy | AUROC |\n|---|---|---|")
+        for name, m in accuracy.items():
+            print(f"| {name} | {m['balanced_accuracy']:.3f} | {m['auroc']:.3f} |")
+    print(f"\nwrote {out}")
     return 0
 
 
