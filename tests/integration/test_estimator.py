@@ -15,12 +15,12 @@ from labram_jax.estimator import LabramClassifier, LabramEmbedder
 
 @pytest.fixture(scope="module")
 def eegmat_epochs(eeg_dir):
-    """4-s epochs of subjects 00-03 (rest = 0, arithmetic = 1), their labels and subjects."""
+    """4-s epochs of the first 24 s of subjects 00-03 (rest = 0, arithmetic = 1), labels, subjects."""
     pieces, labels, subjects = [], [], []
     for subject in ("00", "01", "02", "03"):
         for condition in (1, 2):
             raw = mne.io.read_raw_edf(eeg_dir / "eegmat" / f"Subject{subject}_{condition}.edf", preload=True,
-                                      verbose="error").crop(0, 40)
+                                      verbose="error").crop(0, 24)
             epochs = mne.make_fixed_length_epochs(raw, duration=4.0, preload=True, verbose="error")
             pieces.append(epochs)
             labels += [condition - 1] * len(epochs)
@@ -44,11 +44,12 @@ def test_fit_predict_clone_and_cross_validation(eegmat_epochs, tmp_path):
     np.testing.assert_allclose(array_clf.predict_proba(epochs.get_data()), proba, atol=1e-5)
     # cross-validation by subject, as scikit-learn runs it (on arrays, which it can index)
     cv_clf = LabramClassifier(steps=8, batch_size=16, ch_names=epochs.ch_names, sfreq=epochs.info["sfreq"])
+    cv_clf.set_params(steps=4)
     scores = cross_val_score(cv_clf, epochs.get_data(), y, groups=subjects, cv=GroupKFold(n_splits=2),
                              scoring="roc_auc")
     assert scores.shape == (2,) and np.all((0 <= scores) & (scores <= 1))
     # a linear probe: the embeddings of a fine-tuned model in a Pipeline
-    LabramClassifier(steps=8, batch_size=16, workdir=str(tmp_path / "kept")).fit(epochs, y)
+    LabramClassifier(steps=4, batch_size=16, workdir=str(tmp_path / "kept")).fit(epochs, y)
     probe = make_pipeline(LabramEmbedder(model=str(tmp_path / "kept" / "finetune")), LogisticRegression())
     assert probe.fit(epochs, y).predict(epochs).shape == y.shape
     with pytest.raises(ValueError, match="at least two classes"):
@@ -65,10 +66,10 @@ def test_moabb_evaluation_next_to_csp_lda(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MNE_DATA", str(tmp_path / "mne_data"))
     dataset = FakeDataset(event_list=("left_hand", "right_hand"), n_sessions=1, n_runs=1, n_subjects=3,
-                          paradigm="imagery", duration=60, seed=0)
+                          paradigm="imagery", duration=30, n_events=20, seed=0)
     evaluation = CrossSubjectEvaluation(paradigm=LeftRightImagery(), datasets=[dataset], overwrite=True,
                                         hdf5_path=str(tmp_path / "moabb"), return_epochs=True, n_jobs=1)
-    pipelines = {"LaBraM": make_pipeline(LabramClassifier(steps=8, batch_size=16)),
+    pipelines = {"LaBraM": make_pipeline(LabramClassifier(steps=4, batch_size=16)),
                  "CSP+LDA": make_pipeline(_EpochsData(), CSP(n_components=2), LinearDiscriminantAnalysis())}
     results = evaluation.process(pipelines)
     assert set(results["pipeline"]) == {"LaBraM", "CSP+LDA"} and len(results) == 6  # 3 subjects x 2
