@@ -68,8 +68,8 @@ def predict(x, channel_rows=None):
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
-    rows = np.load(sys.argv[3]) if len(sys.argv) == 4 else None
-    np.save(sys.argv[2], predict(np.load(sys.argv[1]), rows))
+    rows = np.load(sys.argv[3], allow_pickle=False) if len(sys.argv) == 4 else None
+    np.save(sys.argv[2], predict(np.load(sys.argv[1], allow_pickle=False), rows))
 '''
 
 
