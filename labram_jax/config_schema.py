@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from labram_jax import input_pipeline, model_file, sharding
+from labram_jax import data_spec, model_file, sharding
 from labram_jax.models import config as model_config
 
 STAGES = ("tokenizer", "pretrain", "finetune")
@@ -89,10 +89,10 @@ def _data_spec(path, v, c):
     if not v:
         return (f"{path} is empty: pass --{path}=<manifest.json or shard glob>" if path.endswith("train") else None)
     try:
-        spec = input_pipeline.DataSpec.parse(v)
+        spec = data_spec.DataSpec.parse(v)
     except ValueError as err:
         return f"{path}: {err}"
-    missing = [m for m in spec.manifests if not input_pipeline.expand(m)]
+    missing = [m for m in spec.manifests if not data_spec.expand(m)]
     return f"{path}: manifest {missing[0]} not found (run python -m data_prep)" if missing else None
 
 

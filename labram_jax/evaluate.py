@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from sklearn import metrics as skm
 
-from labram_jax import config_schema, input_pipeline, records, sharding, steps
+from labram_jax import config_schema, data_spec, input_pipeline, records, sharding, steps
 from labram_jax.tasks import finetune
 
 log = logging.getLogger("labram_jax")
@@ -125,7 +125,7 @@ def plot_roc(scores: np.ndarray, targets: np.ndarray, path: str) -> None:
 
 
 def _label_names(spec: str) -> list[str] | None:
-    manifests = [m for pattern in input_pipeline.DataSpec.parse(spec).manifests for m in input_pipeline.expand(pattern)]
+    manifests = [m for pattern in data_spec.DataSpec.parse(spec).manifests for m in data_spec.expand(pattern)]
     if manifests:
         with open(manifests[0]) as f:
             return json.load(f).get("labels", {}).get("names")

@@ -30,7 +30,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from labram_jax import api, channels, input_pipeline, model_file
+from labram_jax import api, channels, data_spec, model_file
 from labram_jax.models import config as model_config
 from labram_jax.tasks import finetune
 
@@ -96,8 +96,8 @@ def preprocessing(workdir: str, predictor: api.Predictor) -> dict:
     """The inputs the model expects, from its fine-tuning run (config and training manifest)."""
     config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     names, rows, labels, band, notch = [], [], [], (0.1, 75.0), predictor.notch
-    manifests = [m for pattern in input_pipeline.DataSpec.parse(config["data"]["train"]).manifests
-                 for m in input_pipeline.expand(pattern)]
+    manifests = [m for pattern in data_spec.DataSpec.parse(config["data"]["train"]).manifests
+                 for m in data_spec.expand(pattern)]
     if manifests:
         manifest = json.loads(pathlib.Path(manifests[0]).read_text())
         params = manifest.get("parameters", {})

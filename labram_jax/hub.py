@@ -28,7 +28,7 @@ import numpy as np
 
 from safetensors.numpy import load_file, save_file
 
-from labram_jax import input_pipeline, model_file
+from labram_jax import data_spec, model_file
 from labram_jax.models import stacking
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -108,8 +108,8 @@ def _run_facts(workdir: str | None) -> dict:
     facts = {"stage": run.get("stage"), "window_s": run["data"]["max_windows"],
              "task": run.get("finetune", {}).get("task"), "training_data": run["data"]["train"]}
     datasets = []
-    for pattern in input_pipeline.DataSpec.parse(run["data"]["train"]).manifests:
-        for manifest_path in input_pipeline.expand(pattern):
+    for pattern in data_spec.DataSpec.parse(run["data"]["train"]).manifests:
+        for manifest_path in data_spec.expand(pattern):
             manifest = json.loads(pathlib.Path(manifest_path).read_text())
             train = manifest["splits"].get("train", {})
             datasets.append({"dataset": manifest.get("dataset"), "subjects": len(train.get("subjects", [])),

@@ -25,164 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
 from absl import flags
-from etils import epath
 
-from labram_jax import records
+from labram_jax import data_spec, records
+from labram_jax.data_spec import Data, Source
 
 _BLOCK = 1024  # positions per mixing block
 _MAX_SUBSTITUTES = 64  # consecutive bad records tolerated before a dataset is declared corrupt
 GUARD_FIELDS = ("position", "bad_records", "bad_dataset", "bad_index")  # host-only fields of a batch
 log = logging.getLogger("labram_jax")
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One dataset: its shard files and sampling weight."""
-
-    shards: tuple[str, ...]
-    weight: float = 1.0
-    name: str = ""
-
-
-_GLOB_CHARS = "*?["
-
-
-def expand(pattern: str) -> list[str]:
-    """Paths matching ``pattern`` (sorted): local (``**`` recursive) or a remote URL such as
-    ``gs://bucket/shards/*/manifest.json``, listed through ``etils.epath`` (the filesystem layer
-    Grain uses; remote schemes need their backend installed, e.g. ``gcsfs`` for gs://). A pattern
-    without wildcards is returned as is if it exists."""
-    if "://" not in pattern:
-        if not any(c in pattern for c in _GLOB_CHARS):
-            return [pattern] if os.path.exists(pattern) else []
-        return sorted(glob.glob(pattern, recursive=True))
-    if not any(c in pattern for c in _GLOB_CHARS):
-        return [pattern] if epath.Path(pattern).exists() else []
-    scheme, rest = pattern.split("://", 1)
-    parts = rest.split("/")
-    first = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
-    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
-    return sorted(str(p) for p in base.glob("/".join(parts[first:])))
-
-
-def _read_manifest(path: str, split: str) -> Source:
-    manifest = json.loads(epath.Path(path).read_text())
-    if manifest.get("schema_version") != records.SCHEMA_VERSION:
-        raise ValueError(f"{path} has record schema {manifest.get('schema_version')}, this labram_jax "
-                         f"reads {records.SCHEMA_VERSION}: re-run data_prep")
-    if split not in manifest["splits"]:
-        raise ValueError(f"{path} has no split {split!r} (it has {sorted(manifest['splits'])})")
-    root = epath.Path(path if "://" in path else os.path.abspath(path)).parent
-    shards = tuple(str(root / s) for s in manifest["splits"][split]["shards"])
-    return Source(shards, 1.0, manifest.get("dataset", path))
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """A data spec, parsed once: ``manifest.json`` (its split), a glob of manifests (one dataset
-    each), a shard glob, or several separated by ``+``, each optionally followed by ``@weight``.
-    Paths may be local or URLs (``gs://...``, see :func:`expand`).
-
-    Example: ``data/tuh/manifest.json@3+data/eegmat/manifest.json@1``,
-    ``gs://bucket/shards/*/manifest.json``.
-    """
-
-    parts: tuple[tuple[str, float], ...]  # (path or glob, sampling weight)
-
-    @classmethod
-    def parse(cls, spec: "str | DataSpec") -> "DataSpec":
-        if isinstance(spec, DataSpec):
-            return spec
-        parts = []
-        for part in [p for p in str(spec).split("+") if p]:
-            path, _, weight = part.partition("@")
-            try:
-                value = float(weight or 1.0)
-            except ValueError:
-                raise ValueError(f"data spec {spec!r}: the weight {weight!r} of {path} is not a number") from None
-            if not value > 0:
-                raise ValueError(f"data spec {spec!r}: the weight of {path} must be positive, got {weight}")
-            parts.append((path, value))
-        if not parts:
-            raise ValueError("empty data spec: set config.data.train / config.data.val")
-        return cls(tuple(parts))
-
-    def __str__(self) -> str:
-        return "+".join(f"{path}@{weight:g}" if weight != 1.0 else path for path, weight in self.parts)
-
-    @property
-    def manifests(self) -> list[str]:
-        """The manifest paths (or globs) of the spec."""
-        return [path for path, _ in self.parts if path.endswith(".json")]
-
-    def sources(self, split: str = "train") -> list[Source]:
-        """The datasets of ``split``: their shards and weights."""
-        sources = []
-        for path, weight in self.parts:
-            if path.endswith(".json"):
-                manifests = expand(path)
-                if not manifests:
-                    raise FileNotFoundError(f"manifest {path} not found: run python -m data_prep first")
-                found = [_read_manifest(m, split) for m in manifests]
-            else:
-                found = [Source(tuple(expand(path)), 1.0, path)]
-            for source in found:
-                if not source.shards:
-                    raise FileNotFoundError(f"no shards for {path!r} (split {split!r})")
-                sources.append(dataclasses.replace(source, weight=weight))
-        return sources
-
-
-Data = str | DataSpec | Sequence[Source]  # a data spec, as text or parsed, or its sources
-
-
-def resolve(data: Data, split: str = "train") -> list[Source]:
-    """The sources of a data spec (text or parsed), or the sources themselves."""
-    if isinstance(data, (list, tuple)) and all(isinstance(s, Source) for s in data):
-        return list(data)
-    return DataSpec.parse(data).sources(split)
-
-
-def label_frequencies(spec: "str | DataSpec", split: str = "train") -> tuple[list[str], np.ndarray]:
-    """(label names, frequency of each label in the training stream) from the manifests'
-    ``by_label`` counts, with datasets mixed by their ``@weight`` as :class:`GlobalOrder` does.
-
-    Needs manifests (not bare shard globs) that share one label list.
-    """
-    names, mix = None, []
-    for path, weight in DataSpec.parse(spec).parts:
-        if not path.endswith(".json"):
-            raise ValueError(f"class weights need label counts from a manifest; {path!r} is not one: point "
-                             "config.data.train at data_prep's manifest.json, or give explicit weights")
-        paths = expand(path)
-        if not paths:
-            raise FileNotFoundError(f"class weights need the manifest {path!r}, which does not exist: run data_prep "
-                                    "first or fix config.data.train (relative paths are from the working directory)")
-        for manifest_path in paths:
-            manifest = json.loads(epath.Path(manifest_path).read_text())
-            found = manifest.get("labels", {}).get("names") or []
-            if names is None:
-                names = found
-            elif found != names:
-                raise ValueError(f"{manifest_path} labels {found} differ from {names}: class weights need one "
-                                 "label list across the datasets of config.data.train")
-            counts = manifest["splits"].get(split, {}).get("by_label", {})
-            total = sum(counts.values())
-            if total:
-                mix.append((weight, np.asarray([counts.get(n, 0) for n in found], np.float64) / total))
-    if not names or not mix:
-        raise ValueError(f"no labelled {split!r} windows in the manifests of {spec!s}")
-    weights = np.asarray([w for w, _ in mix])
-    return names, sum(w * f for w, f in zip(weights / weights.sum(), (f for _, f in mix)))
 
 
 class GlobalOrder:
@@ -368,7 +224,7 @@ def train_iterator(spec: Data, grid: Grid, global_batch: int, seed: int, start_s
         raise ValueError(f"config.data.batch_size {global_batch} is not divisible by the {process_count} "
                          "processes: make it a multiple of the process count")
     local = global_batch // process_count
-    sources = resolve(spec, "train")
+    sources = data_spec.resolve(spec, "train")
     reader = _Reader(sources)
     order = GlobalOrder(reader.sizes(), [s.weight for s in sources], seed)
     total_steps = 2**40 // global_batch  # "infinite"
@@ -380,20 +236,20 @@ def train_iterator(spec: Data, grid: Grid, global_batch: int, seed: int, start_s
 def iter_records(spec: Data, split: str) -> Iterator[records.Record]:
     """Every record of a split, dataset by dataset in file order (for host-side analyses of
     small data; undecodable records raise RecordError)."""
-    reader = _Reader(resolve(spec, split))
+    reader = _Reader(data_spec.resolve(spec, split))
     for d, size in enumerate(reader.sizes()):
         for i in range(size):
             yield reader.read(d, i)
 
 
 def count_records(spec: Data, split: str = "train") -> int:
-    return sum(_Reader(resolve(spec, split)).sizes())
+    return sum(_Reader(data_spec.resolve(spec, split)).sizes())
 
 
 def provenance_at(spec: Data, split: str, positions: Sequence[int], *fields: str) -> list[list[str]]:
     """For each of ``fields`` (``recording``, ``subject`` ...), the ``dataset/<value>`` of every
     evaluation position of :func:`eval_batches`; one pass that re-reads the records."""
-    reader = _Reader(resolve(spec, split))
+    reader = _Reader(data_spec.resolve(spec, split))
     order = _Concatenation(np.cumsum([0] + reader.sizes()))
     out = [[] for _ in fields]
     for position in positions:
@@ -408,7 +264,7 @@ def eval_batches(spec: Data, grid: Grid, global_batch: int, split: str = "val", 
                  process_count: int = 1) -> Iterator[dict]:
     """One pass over a split in file order; the last batch is padded with invalid samples."""
     local = global_batch // process_count
-    sources = resolve(spec, split)
+    sources = data_spec.resolve(spec, split)
     reader = _Reader(sources)
     sizes = reader.sizes()
     offsets = np.cumsum([0] + sizes)
@@ -439,7 +295,7 @@ class InputGuard:
 
     def _report(self, n: int, dataset: int, index: int) -> None:
         if self._reader is None:
-            self._reader = _Reader(resolve(self.spec, self.split))
+            self._reader = _Reader(data_spec.resolve(self.spec, self.split))
         shard, local = self._reader.locate(dataset, index)
         try:
             self._reader.read(dataset, index)
@@ -454,7 +310,7 @@ class InputGuard:
 def batch_provenance(spec: Data, seed: int, global_batch: int, step: int) -> list[dict]:
     """Where the samples of training step ``step`` (0-based) came from: dataset, recording,
     subject, start (s) and peak amplitude (uV) of each, re-derived from the global order."""
-    sources = resolve(spec, "train")
+    sources = data_spec.resolve(spec, "train")
     reader = _Reader(sources)
     order = GlobalOrder(reader.sizes(), [s.weight for s in sources], seed)
     out = []

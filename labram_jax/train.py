@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from labram_jax import (checkpointing, config_schema, evaluate, input_pipeline, metrics as metrics_lib,
+from labram_jax import (checkpointing, config_schema, data_spec, evaluate, input_pipeline, metrics as metrics_lib,
                         model_file, sharding, steps)
 from labram_jax.tasks import stage as stage_lib
 
@@ -115,8 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
 
     # ------------------------------------------------------------------ data
     grid = input_pipeline.Grid(config.data.max_channels, config.data.max_windows)
-    train_spec = input_pipeline.DataSpec.parse(config.data.train)
-    val_sources = input_pipeline.DataSpec.parse(config.data.val).sources("val") if config.data.val else None
+    train_spec = data_spec.DataSpec.parse(config.data.train)
+    val_sources = data_spec.DataSpec.parse(config.data.val).sources("val") if config.data.val else None
     num_train = input_pipeline.count_records(train_spec, "train")
     total_steps, warmup_steps = steps.schedule_lengths(config, num_train)
     log.info("%d training records, global batch %d, %d steps (%d warmup)", num_train, config.data.batch_size,
@@ -281,7 +281,7 @@ def _write_error(ckpt: checkpointing.Checkpointer, step: int | None, err: Except
 
 def _describe_batch(config, workdir: str, step_index: int, is_main: bool) -> str:
     """Provenance of training step ``step_index``'s global batch: summary, and a JSON file."""
-    samples = input_pipeline.batch_provenance(input_pipeline.DataSpec.parse(config.data.train), config.seed,
+    samples = input_pipeline.batch_provenance(data_spec.DataSpec.parse(config.data.train), config.seed,
                                               config.data.batch_size, step_index)
     path = os.path.join(workdir, f"nonfinite_step_{step_index + 1}.json")
     if is_main:

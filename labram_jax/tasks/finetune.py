@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
-from labram_jax import config_schema, convert, input_pipeline, model_file
+from labram_jax import config_schema, convert, data_spec, model_file
 from labram_jax.models import config as model_config
 from labram_jax.models import stacking
 from labram_jax.models import transformer
@@ -120,7 +120,7 @@ def class_weights(setting: str, spec: str, num_classes: int) -> np.ndarray | Non
     if setting in ("", "none"):
         return None
     if setting == "balanced":
-        names, freq = input_pipeline.label_frequencies(spec, "train")
+        names, freq = data_spec.label_frequencies(spec, "train")
         if len(names) != num_classes:
             raise ValueError(f"the training manifest has {len(names)} labels {names}, the task {num_classes}: set "
                              "config.model.num_outputs to the number of classes")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labram_jax import input_pipeline
+from labram_jax import data_spec
 from labram_jax.models import config as model_config
 from labram_jax.models import transformer
 from labram_jax.tasks import finetune
@@ -24,12 +24,12 @@ def _manifest(path, names, by_label):
 def test_balanced_weights_follow_the_mixed_label_frequencies(tmp_path):
     a = _manifest(tmp_path / "a.json", ["rest", "task"], {"rest": 300, "task": 100})
     b = _manifest(tmp_path / "b.json", ["rest", "task"], {"rest": 50, "task": 50})
-    names, freq = input_pipeline.label_frequencies(a)
+    names, freq = data_spec.label_frequencies(a)
     assert names == ["rest", "task"]
     np.testing.assert_allclose(freq, [0.75, 0.25])
     np.testing.assert_allclose(finetune.class_weights("balanced", a, 2), [1 / 1.5, 1 / 0.5])
     # Mixed 3:1 by weight: 0.75 * [0.75, 0.25] + 0.25 * [0.5, 0.5].
-    np.testing.assert_allclose(input_pipeline.label_frequencies(f"{a}@3+{b}@1")[1], [0.6875, 0.3125])
+    np.testing.assert_allclose(data_spec.label_frequencies(f"{a}@3+{b}@1")[1], [0.6875, 0.3125])
     np.testing.assert_allclose(finetune.class_weights("1,4", a, 2), [1.0, 4.0])
     assert finetune.class_weights("none", a, 2) is None
 
@@ -40,11 +40,11 @@ def test_class_weight_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="no training windows"):
         finetune.class_weights("balanced", a, 2)
     with pytest.raises(ValueError, match="one label list"):
-        input_pipeline.label_frequencies(f"{a}+{c}")
+        data_spec.label_frequencies(f"{a}+{c}")
     with pytest.raises(ValueError, match="num_outputs"):
         finetune.class_weights("balanced", c, 3)
     with pytest.raises(ValueError, match="not one"):
-        input_pipeline.label_frequencies(str(tmp_path / "*.arrayrecord"))
+        data_spec.label_frequencies(str(tmp_path / "*.arrayrecord"))
     with pytest.raises(FileNotFoundError, match="run data_prep first"):
         finetune.class_weights("balanced", str(tmp_path / "missing" / "manifest.json"), 2)
     with pytest.raises(ValueError, match="give 2 positive"):

@@ -12,7 +12,7 @@ import os
 import pytest
 from etils.epath import testing
 
-from labram_jax import input_pipeline, records
+from labram_jax import data_spec, records
 
 
 @pytest.fixture
@@ -36,21 +36,21 @@ def bucket(tmp_path):
 
 
 def test_manifest_glob_on_a_bucket_gives_one_source_per_dataset(bucket):
-    sources = input_pipeline.resolve("gs://bucket/shards/*/manifest.json@2")
+    sources = data_spec.resolve("gs://bucket/shards/*/manifest.json@2")
     assert [s.name for s in sources] == ["eegmat", "tuh"] and all(s.weight == 2.0 for s in sources)
     assert sources[1].shards == tuple(f"gs://bucket/shards/tuh/shards/train-{i:05d}.arrayrecord" for i in range(3))
 
 
 def test_single_remote_manifest_and_shard_glob(bucket):
-    (source,) = input_pipeline.resolve("gs://bucket/shards/eegmat/manifest.json")
+    (source,) = data_spec.resolve("gs://bucket/shards/eegmat/manifest.json")
     assert source.shards[0] == "gs://bucket/shards/eegmat/shards/train-00000.arrayrecord"
-    (by_glob,) = input_pipeline.resolve("gs://bucket/shards/tuh/shards/*.arrayrecord")
+    (by_glob,) = data_spec.resolve("gs://bucket/shards/tuh/shards/*.arrayrecord")
     assert len(by_glob.shards) == 3 and all(s.startswith("gs://bucket/") for s in by_glob.shards)
     with pytest.raises(FileNotFoundError, match="run python -m data_prep"):
-        input_pipeline.resolve("gs://bucket/shards/missing/manifest.json")
+        data_spec.resolve("gs://bucket/shards/missing/manifest.json")
 
 
 def test_local_manifest_glob(bucket):
-    sources = input_pipeline.resolve(f"{bucket}/shards/*/manifest.json+{bucket}/shards/tuh/manifest.json@3")
+    sources = data_spec.resolve(f"{bucket}/shards/*/manifest.json+{bucket}/shards/tuh/manifest.json@3")
     assert [(s.name, s.weight) for s in sources] == [("eegmat", 1.0), ("tuh", 1.0), ("tuh", 3.0)]
     assert sources[0].shards[0] == f"{bucket}/shards/eegmat/shards/train-00000.arrayrecord"
