@@ -115,9 +115,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
 
     # ------------------------------------------------------------------ data
     grid = input_pipeline.Grid(config.data.max_channels, config.data.max_windows)
-    train_spec = data_spec.DataSpec.parse(config.data.train)
+    train_sources = data_spec.DataSpec.parse(config.data.train).sources("train")  # resolved once
     val_sources = data_spec.DataSpec.parse(config.data.val).sources("val") if config.data.val else None
-    num_train = input_pipeline.count_records(train_spec, "train")
+    num_train = input_pipeline.count_records(train_sources)
     total_steps, warmup_steps = steps.schedule_lengths(config, num_train)
     log.info("%d training records, global batch %d, %d steps (%d warmup)", num_train, config.data.batch_size,
              total_steps, warmup_steps)
@@ -160,11 +160,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     # ------------------------------------------------------------------ loop
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     progress = metrics_lib.Progress(total_steps, config.data.batch_size, start_step)
-    batches = input_pipeline.train_iterator(train_spec, grid, config.data.batch_size, config.seed,
+    batches = input_pipeline.train_iterator(train_sources, grid, config.data.batch_size, config.seed,
                                             start_step, jax.process_index(), jax.process_count(),
                                             config.data.num_workers)
     preemption = _Preemption()
-    input_guard = input_pipeline.InputGuard(train_spec, "train")
+    input_guard = input_pipeline.InputGuard(train_sources, "train")
     nonfinite = _NonFiniteGuard(config.nonfinite_policy, config.max_skipped_steps,
                                 int(data_state.get("skipped_steps", 0)) if latest is not None else 0,
                                 lambda s: _describe_batch(config, workdir, s, is_main))
@@ -281,8 +281,7 @@ def _write_error(ckpt: checkpointing.Checkpointer, step: int | None, err: Except
 
 def _describe_batch(config, workdir: str, step_index: int, is_main: bool) -> str:
     """Provenance of training step ``step_index``'s global batch: summary, and a JSON file."""
-    samples = input_pipeline.batch_provenance(data_spec.DataSpec.parse(config.data.train), config.seed,
-                                              config.data.batch_size, step_index)
+    samples = input_pipeline.batch_provenance(config.data.train, config.seed, config.data.batch_size, step_index)
     path = os.path.join(workdir, f"nonfinite_step_{step_index + 1}.json")
     if is_main:
         with open(path, "w") as f:
