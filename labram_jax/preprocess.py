@@ -86,12 +86,11 @@ def pick_eeg(raw: mne.io.BaseRaw, aliases: Mapping[str, str] | None, keep_ref_di
     """(indices of the EEG candidates of ``raw``, their vocabulary plan, every dropped channel
     with its reason). Non-EEG types and channels with a constant signal are dropped first."""
     types = raw.get_channel_types()
-    data = raw.get_data()
     dropped, candidates = [], []
     for i, (name, kind) in enumerate(zip(raw.ch_names, types)):
         if kind in _NON_EEG_TYPES:
             dropped.append((name, f"channel type {kind}"))
-        elif issue := reading.signal_issue(data[i]):
+        elif issue := reading.signal_issue(raw.get_data(picks=[i])[0]):  # one channel at a time: no full copy
             dropped.append((name, issue))
         else:
             candidates.append(i)
