@@ -161,17 +161,19 @@ def apply_overrides(config, overrides: list[str]):
     return config
 
 
-def pretrain(corpus: str, spec: str, stem: str, seed: int, root: pathlib.Path, overrides: list[str]) -> dict:
-    """Tokenizer then masked pretraining on ``spec``; returns timings and the codebook usage."""
+def pretrain(corpus: str, spec: str, stem: str, seed: int, root: pathlib.Path, overrides: list[str],
+             stages: tuple[str, ...] = ("tokenizer", "pretrain")) -> dict:
+    """Tokenizer then masked pretraining on ``spec`` (or the tokenizer alone); returns timings
+    and the tokenizer's codebook usage on ``spec``."""
     from labram_jax import train
     from labram_jax.tasks import tokenizer as tokenizer_task
 
-    info_file = root / "pretraining.json"
+    info_file = root / ("pretraining.json" if "pretrain" in stages else "tokenizer_only.json")
     if info_file.exists():  # finished earlier
         return json.loads(info_file.read_text())
     channels, windows = PRETRAIN_GRID[corpus]
     info = {"spec": spec}
-    for stage in ("tokenizer", "pretrain"):
+    for stage in stages:
         config = stage_config("eegmat", stage, stem, seed)
         config.data.train = spec
         config.data.max_channels, config.data.max_windows = channels, windows
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a recipe field of one stage, e.g. finetune:optim.lr=5e-4")
     parser.add_argument("--tag", default="", help="a name for this recipe variant (its runs and rows are kept apart)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the classical baselines")
+    parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
+                        "and report their codebook usage (no pretraining, no fine-tuning)")
     args = parser.parse_args(argv)
     # grain and orbax give the root logger a handler when imported: replace it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
@@ -318,10 +322,14 @@ def main(argv: list[str] | None = None) -> int:
                                                     split.pretrain_own if own else "") if p)
                         scope = split.name if own else "shared"
                         root = workdir / "pretrain" / f"{corpus}-{stem}{suffix}" / scope / f"seed{args.pretrain_seed}"
-                        info = pretrain(corpus, spec, stem, args.pretrain_seed, root, args.overrides)
+                        stages = ("tokenizer",) if args.tokenizer_only else ("tokenizer", "pretrain")
+                        info = pretrain(corpus, spec, stem, args.pretrain_seed, root, args.overrides, stages)
                         report["pretraining"].setdefault(f"{corpus}/{stem}{suffix}", {}).setdefault(
                             scope, {})[str(args.pretrain_seed)] = info
                         init = str(root / "pretrain")
+                    if args.tokenizer_only:
+                        save()
+                        continue
                     run_dir = workdir / args.task / f"{corpus}-{stem}{suffix}" / split.name / f"seed{seed}"
                     scores = finetune(args.task, split, stem, seed, init, run_dir, args.overrides)
                     report["rows"].setdefault(key, {}).setdefault(split.name, {})[str(seed)] = scores
