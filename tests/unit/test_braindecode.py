@@ -40,10 +40,13 @@ def test_import_and_export_match_braindecode(braindecode_models, n_outputs):
     assert model.num_outputs == n_outputs and model.cfg.num_time_rows == 5  # 800 samples: 4 patches + 1 row
     ours = np.asarray(model.apply(variables, x.reshape(2, len(NAMES), 4, 200), channels.map_channels(NAMES).rows))
     np.testing.assert_allclose(ours, ref, atol=1e-4)
+    print(f"braindecode -> labram_jax ({n_outputs} outputs): max abs difference {np.abs(ours - ref).max():.2e}")
     back = _braindecode(braindecode_models, n_outputs)
     back.load_state_dict({k: torch.from_numpy(v) for k, v in convert.to_braindecode(model, variables, 800).items()},
                          strict=True)
-    np.testing.assert_allclose(_outputs(back, x), ref, atol=1e-4)
+    exported = _outputs(back, x)
+    np.testing.assert_allclose(exported, ref, atol=1e-4)
+    print(f"labram_jax -> braindecode ({n_outputs} outputs): max abs difference {np.abs(exported - ref).max():.2e}")
 
 
 def test_a_headless_encoder_imports_for_embeddings(braindecode_models):
