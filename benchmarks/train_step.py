@@ -34,13 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops as flops_lib
+from benchmarks import machine as machine_lib
 from labram_jax_configs import common
 from labram_jax import host_memory, input_pipeline, sharding, steps
 from labram_jax.tasks import pretrain
 
 # The original PyTorch implementation on this project's 2-core CPU machine, float32, batch 8,
-# Base (issue 6): samples/s.
+# Base (issue 6): samples/s. Measured once, on that machine, not in this run: a ratio to it holds
+# only on the same CPU class (issue 22 measured 0.67-1.00x on an AVX2-only machine).
 REFERENCE_CPU_BASE = {"finetune": 8.35, "pretrain": 5.44, "tokenizer": 8.38}
+REFERENCE_MACHINE = "2-core AMD EPYC with AVX-512, PyTorch 2.x float32 (issue 6), not this run"
 DEFAULT_SHAPES = {"finetune": (23, 10), "pretrain": (23, 8), "tokenizer": (23, 8)}
 
 
@@ -239,6 +242,8 @@ def main(argv=None):
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    machine = machine_lib.describe()
+    print(machine_lib.summary(machine), flush=True)
     peak, peak_note = peak_tflops(args.peak_tflops, args.dtype)
     if peak is not None and args.peak_tflops == "auto" and jax.default_backend() != "cpu":
         peak *= args.devices or jax.device_count()
@@ -250,10 +255,14 @@ def main(argv=None):
             print(f"... {stage} {size}", flush=True)
             rows.append(bench_one(stage, size, args, peak))
     print_table(rows, f"{peak:.3f} TFLOP/s ({peak_note})" if peak else peak_note)
+    if any("vs_reference" in r for r in rows):
+        print(f"vs ref: against the reference's samples/s measured on a {REFERENCE_MACHINE}; "
+              f"this run: {machine_lib.summary(machine)}")
     device = jax.devices()[0]
     result = {"backend": jax.default_backend(), "device_kind": device.device_kind, "devices": jax.device_count(),
               "jax": jax.__version__, "python": platform.python_version(), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "peak_tflops": peak, "peak_source": peak_note,
+              "cpus": os.cpu_count(), "machine_detail": machine, "peak_tflops": peak, "peak_source": peak_note,
+              "reference_machine": REFERENCE_MACHINE,
               "command": "python -m benchmarks.train_step " + " ".join(argv if argv is not None else os.sys.argv[1:]),
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)

@@ -17,7 +17,9 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
                               "--devices", "2", "--mesh", "-1", "1", "1", "--out", str(tmp_path), "--tag", "t"])
     printed = capsys.readouterr().out
     assert "samples/s" in printed and "MFU peak" in printed
+    assert "machine: " in printed and "XLA uses " in printed
     saved = json.loads((tmp_path / "train_step_cpu_t.json").read_text())
+    assert saved["machine_detail"]["threads"] >= 1 and saved["machine_detail"]["cpu_widest_isa"]
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     for row in saved["rows"]:
         assert row["traces"] == 1 and row["steps"] == 2 and row["mesh"]["data"] == 2

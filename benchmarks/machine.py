@@ -1,0 +1,52 @@
+"""What a benchmark ran on: CPU model, vector instruction sets, the one XLA was held to, threads.
+
+XLA:CPU's speed depends on the widest vector instructions it may use (AVX-512 against AVX2
+halved some of our step rates), so every benchmark prints and stores this next to its figures.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import re
+
+# Widest first: the first one the CPU has is what XLA uses unless XLA_FLAGS holds it lower.
+VECTOR_ISAS = ("amx_tile", "avx512f", "avx2", "avx", "sse4_2", "neon", "asimd")
+ISA_NAMES = {"amx_tile": "AMX", "avx512f": "AVX-512", "avx2": "AVX2", "avx": "AVX", "sse4_2": "SSE4.2",
+             "neon": "NEON", "asimd": "NEON"}
+
+
+def cpu_flags(cpuinfo: str) -> tuple[str, set[str]]:
+    """(model name, instruction-set flags) from the text of /proc/cpuinfo."""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", cpuinfo, re.M)
+    return (model.group(1).strip() if model else platform.processor() or platform.machine(),
+            set(flags.group(1).split()) if flags else set())
+
+
+def xla_isa_limit(xla_flags: str) -> str | None:
+    """The ``--xla_cpu_max_isa=`` value in XLA_FLAGS (e.g. AVX2), or None."""
+    found = re.search(r"--xla_cpu_max_isa=(\S+)", xla_flags)
+    return found.group(1).upper() if found else None
+
+
+def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> dict:
+    """The machine as a dict: cpu, widest vector ISA, the ISA XLA may use, threads, library limits."""
+    env = os.environ if env is None else env
+    path = pathlib.Path(cpuinfo_path)
+    model, flags = cpu_flags(path.read_text() if path.exists() else "")
+    widest = next((ISA_NAMES[f] for f in VECTOR_ISAS if f in flags), "unknown")
+    limit = xla_isa_limit(env.get("XLA_FLAGS", ""))
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cpu_widest_isa": widest, "fma": "fma" in flags,
+            "xla_isa": f"{limit} (XLA_FLAGS)" if limit else f"{widest} (no limit set)",
+            "threads": threads, "torch_isa": env.get("ATEN_CPU_CAPABILITY", "default"),
+            "mkl_isa": env.get("MKL_ENABLE_INSTRUCTIONS", "default"), "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def summary(machine: dict) -> str:
+    """One line for a benchmark's output."""
+    return (f"machine: {machine['cpu']}, {machine['threads']} threads, widest vector ISA "
+            f"{machine['cpu_widest_isa']}{' + FMA' if machine['fma'] else ''}; XLA uses {machine['xla_isa']}")

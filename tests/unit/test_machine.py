@@ -1,0 +1,31 @@
+"""benchmarks.machine: what a benchmark ran on, read from /proc/cpuinfo and XLA_FLAGS."""
+
+from benchmarks import machine
+
+AVX512_CPU = """processor\t: 0
+model name\t: AMD EPYC 9B14
+flags\t\t: fpu sse4_2 avx fma avx2 avx512f avx512dq avx512bw
+"""
+AVX2_CPU = """processor\t: 0
+model name\t: Intel(R) Xeon(R) CPU @ 2.20GHz
+flags\t\t: fpu sse4_2 avx fma avx2
+"""
+
+
+def test_the_widest_isa_and_the_xla_limit(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(AVX512_CPU)
+    m = machine.describe(str(info), env={})
+    assert m["cpu"] == "AMD EPYC 9B14" and m["cpu_widest_isa"] == "AVX-512" and m["fma"]
+    assert m["xla_isa"] == "AVX-512 (no limit set)" and m["torch_isa"] == "default"
+    held = machine.describe(str(info), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+                                                         "--xla_cpu_max_isa=avx2", "ATEN_CPU_CAPABILITY": "avx2"})
+    assert held["xla_isa"] == "AVX2 (XLA_FLAGS)" and held["torch_isa"] == "avx2"
+    assert "XLA uses AVX2 (XLA_FLAGS)" in machine.summary(held)
+    info.write_text(AVX2_CPU)
+    assert machine.describe(str(info), env={})["cpu_widest_isa"] == "AVX2"
+
+
+def test_an_unreadable_cpuinfo_still_describes_the_machine(tmp_path):
+    m = machine.describe(str(tmp_path / "missing"), env={})
+    assert m["cpu_widest_isa"] == "unknown" and m["threads"] >= 1 and m["cpu"]
