@@ -1,7 +1,7 @@
 """Is placing channels by electrode position sound? Measured on real 10-10 recordings.
 
     python -m benchmarks.montage_soundness [--files '../shared/eeg/eegmmidb/*/*.edf'] [--out runs/montage]
-        [--model runs/transfer/mmidb_mi/none-spectrum-cn-e3/heldout/seed0 --mi-files 'CORPUS/S005/*R0[48].edf' ...]
+        [--model runs/transfer/mmidb_eyes/none-spectrum-cn-e3/heldout/seed0]
 
 EEGMMIDB records 64 electrodes with 10-10 names. Each recording is copied as a position-only
 cap would store it: channels renamed ``E1..E64`` (no vocabulary name), the electrodes'
@@ -16,8 +16,9 @@ with the original channel of that name (both preprocessed identically):
   cap): how well a missing 10-10 electrode is recovered.
 
 Figures: Pearson correlation and relative RMS error per channel (median, 10th percentile).
-With ``--model`` (a fine-tuned workdir of ``benchmarks.transfer --task mmidb_mi``), also the
-model's balanced accuracy and AUROC on the held-out motor-imagery windows with named,
+With ``--model`` (a fine-tuned workdir of ``benchmarks.transfer --task mmidb_eyes`` or
+``mmidb_mi``), also the model's balanced accuracy and AUROC on its held-out recordings (the
+validation files of its manifest, windowed and labelled the same way) with named,
 all-64-interpolated and 32-of-64-interpolated input.
 """
 
@@ -109,18 +110,40 @@ def soundness(files: list[str], notch: float = 60.0) -> dict:
     return summary
 
 
-def model_on_placed_caps(model_dir: str, files: list[str], notch: float = 60.0) -> dict:
-    """A fine-tuned motor-imagery model (``benchmarks.transfer --task mmidb_mi``) on its held-out
-    trials (one 4-s window per T1/T2 annotation, as data_prep --event-windows makes them), with
-    the electrodes named, all 64 placed by position (interpolated), and 32 of 64 interpolated."""
+def held_out_task(model_dir: str) -> tuple[list[str], dict, dict]:
+    """(held-out recordings, label settings, window settings) of a fine-tuned workdir: read from
+    the manifest it was trained on (its ``val`` files, as data_prep recorded them)."""
+    from labram_jax import data_spec
+
+    config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+    manifests = [m for pattern in data_spec.DataSpec.parse(config["data"]["val"]).manifests
+                 for m in data_spec.expand(pattern)]
+    if not manifests:
+        raise SystemExit(f"{model_dir}: its config names no validation manifest to take held-out recordings from")
+    manifest = json.loads(pathlib.Path(manifests[0]).read_text())
+    files = [f["path"] for f in manifest["files"] if f.get("split") == "val" and f.get("status") == "ok"]
+    return files, manifest["labels"], manifest["parameters"]
+
+
+def model_on_placed_caps(model_dir: str, max_files: int | None = None) -> dict:
+    """A fine-tuned EEGMMIDB model (``benchmarks.transfer --task mmidb_eyes`` or ``mmidb_mi``) on
+    its held-out recordings, windowed and labelled as data_prep did for its validation split,
+    with the electrodes named, all 64 placed by position (interpolated), and 32 of 64
+    interpolated from their neighbours."""
     from data_prep import labels as labels_lib
     from labram_jax import api
     from labram_jax.tasks import finetune
 
     predictor = api.load(model_dir)
-    window = predictor.window_s
-    spec = labels_lib.LabelSpec(source="annotations", annotation_map=(("T1", "left"), ("T2", "right")))
-    params = preprocess.Params(notch=notch, window_s=window, stride_s=float(window))
+    files, label_info, window_info = held_out_task(model_dir)
+    files = files[:max_files]
+    spec = labels_lib.LabelSpec(source=label_info["source"],
+                                patterns=tuple(tuple(p) for p in label_info["patterns"]),
+                                annotation_map=tuple(tuple(p) for p in label_info["annotation_map"]),
+                                straddle=label_info["straddle"])
+    positive = label_info["names"][1]
+    window, stride = int(window_info["window_s"]), float(window_info["stride_s"])
+    params = preprocess.Params(notch=window_info["notch"], window_s=window, stride_s=stride)
     scores: dict[str, list] = {"named": [], "all 64, interpolate": [], "32 of 64, interpolate": []}
     targets = []
     for path in files:
@@ -131,16 +154,22 @@ def model_on_placed_caps(model_dir: str, files: list[str], notch: float = 60.0) 
             variants[name] = (position_only_copy(raw, keep_every)[0], montage.Options())
         for name, (signal, options) in variants.items():
             prepared = preprocess.preprocess(signal, params, options=options)
-            starts = labels_lib.event_starts(intervals, 0.0, window, prepared.data.shape[1], 200)
-            x = np.stack([prepared.data[:, s:s + window * 200].reshape(len(prepared.names), window, 200)
-                          for s in starts])
+            length = window * 200
+            if window_info.get("event_windows"):
+                starts = labels_lib.event_starts(intervals, window_info.get("event_offset_s", 0.0), window,
+                                                 prepared.data.shape[1], 200)
+            else:
+                starts = np.arange(0, prepared.data.shape[1] - length + 1, int(round(stride * 200)))
+            labels = [labels_lib.window_label(intervals, s / 200, window, spec.straddle) for s in starts]
+            starts = [s for s, label in zip(starts, labels) if label]
+            x = np.stack([prepared.data[:, s:s + length].reshape(len(prepared.names), window, 200) for s in starts])
             scores[name].append(predictor.predict_windows(x, prepared.rows))
             if name == "named":
-                targets += [1 if labels_lib.window_label(intervals, s / 200, window, "majority") == "right" else 0
-                            for s in starts]
+                targets += [int(label == positive) for label in labels if label]
     y = np.asarray(targets)
-    return {name: {k: float(v) for k, v in finetune.compute_metrics("binary", np.concatenate(s), y).items()}
-            for name, s in scores.items()}
+    out = {name: {k: float(v) for k, v in finetune.compute_metrics("binary", np.concatenate(s), y).items()}
+           for name, s in scores.items()}
+    return {"files": len(files), "windows": int(y.size), **out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", default=DEFAULT_FILES, help="glob of named 10-10 recordings (EEGMMIDB)")
     parser.add_argument("--max-files", type=int, default=20)
     parser.add_argument("--out", default="runs/montage")
-    parser.add_argument("--model", default="", help="a fine-tuned motor-imagery workdir (benchmarks.transfer --task "
-                        "mmidb_mi) to score on named and placed caps")
-    parser.add_argument("--mi-files", nargs="+", default=[], help="globs of its held-out imagery runs (R04, R08, R12)")
+    parser.add_argument("--model", default="", help="a fine-tuned EEGMMIDB workdir (benchmarks.transfer --task "
+                        "mmidb_eyes or mmidb_mi) to score on its held-out recordings with named and placed caps")
     args = parser.parse_args(argv)
     files = sorted(glob.glob(args.files))[: args.max_files]
     if not files:
@@ -166,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {s['files']} | {s['channels_compared']} | {s['r_median']:.4f} | {s['r_p10']:.4f} | "
               f"{s['rel_rms_median']:.4f} | {s['rel_rms_p90']:.4f} |")
     if args.model:
-        accuracy = model_on_placed_caps(args.model, sorted(f for pattern in args.mi_files for f in glob.glob(pattern)))
+        accuracy = model_on_placed_caps(args.model)
         (out / "model_on_placed_caps.json").write_text(json.dumps(accuracy, indent=1))
-        print("\n| input of the held-out trials | balanced accuracy | AUROC |\n|---|---|---|")
+        print(f"\n{args.model} on its held-out recordings ({accuracy['files']} files, {accuracy['windows']} windows)")
+        print("| input | balanced accuracy | AUROC |\n|---|---|---|")
         for name, m in accuracy.items():
-            print(f"| {name} | {m['balanced_accuracy']:.3f} | {m['auroc']:.3f} |")
+            if isinstance(m, dict):
+                print(f"| {name} | {m['balanced_accuracy']:.3f} | {m['auroc']:.3f} |")
     print(f"\nwrote {out}")
     return 0
 

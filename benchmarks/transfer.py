@@ -4,6 +4,7 @@
         --stem spectrum temporal --seeds 0 1 2 [--folds 5] [--mmidb CORPUS_DIR] \\
         [--data data/transfer] [--workdir runs/transfer] [--set STAGE:FIELD=VALUE ...] [--tag NAME]
     python -m benchmarks.transfer --task mmidb_mi --corpus none mmidb --stem spectrum --seeds 0 1 2 --mmidb CORPUS_DIR
+    python -m benchmarks.transfer --task mmidb_eyes --corpus none --stem spectrum --seeds 0 --mmidb CORPUS_DIR
 
 Tasks (binary, balanced accuracy and AUROC at the last step; no step or checkpoint is picked
 on the subjects a number is reported on):
@@ -14,7 +15,10 @@ on the subjects a number is reported on):
   5-s windows taken every second and scored on the fold's non-overlapping windows.
 - ``mmidb_mi``: EEGMMIDB imagined left vs right fist (runs 4, 8, 12), one 4-s window per
   trial from its onset; subjects ``MI_TEST_SUBJECTS`` are held out (and never pretrained on),
-  the other 20 train (``configs/small_data.py``, 64 channels x 4 s, ``MI_FINETUNE_STEPS``).
+  the other 20 train (``configs/small_data.py``, 64 channels x 4 s, ``EEGMMIDB_FINETUNE_STEPS``).
+- ``mmidb_eyes``: EEGMMIDB eyes open vs eyes closed (baseline runs 1 and 2, 4-s windows),
+  the same held-out subjects: a task with a strong, known signal (alpha), used to check that
+  channels placed by position keep what a model learnt (``benchmarks.montage_soundness``).
 
 Pretraining corpora (``--corpus``; each is the tokenizer's and the masked model's training
 data, unlabelled): ``none`` (fine-tuning from random weights); ``eegmat`` (the fold's EEGMAT
@@ -54,17 +58,18 @@ EEGMAT = ROOT.parent / "shared" / "eeg" / "eegmat"
 # Held-out motor-imagery subjects: the first 5 of the 25 with MI runs, shuffled with
 # np.random.default_rng(0) (chosen before any model was run).
 MI_TEST_SUBJECTS = ("S005", "S011", "S012", "S020", "S042")
-# Motor-imagery fine-tuning runs as many steps as the EEGMAT recipe's 3 epochs (about 180 of batch
-# 64, 60 warming up): 3 epochs of the 885 MI training trials are 42 steps, after which the training
+# EEGMMIDB fine-tuning runs as many steps as the EEGMAT recipe's 3 epochs (about 180 of batch 64,
+# 60 warming up): 3 epochs of the 885 MI training trials are 42 steps, after which the training
 # loss was still ln 2 (0.6931; decided on that loss, not on held-out scores).
-MI_FINETUNE_STEPS = (180, 60)
+EEGMMIDB_FINETUNE_STEPS = (180, 60)
 CORPORA = ("none", "eegmat", "mmidb", "mmidb+eegmat")
 STEMS = ("spectrum", "temporal")
-TASKS = ("eegmat", "mmidb_mi")
+TASKS = ("eegmat", "mmidb_mi", "mmidb_eyes")
 PRETRAIN_STEPS = {"tokenizer": 200, "pretrain": 400}  # every corpus, batch 64
 PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
 TASK_BASELINES = {"eegmat": ("band_power_lr", "log_spectrum_lr", "csp_lda"),
-                  "mmidb_mi": ("csp_lda", "band_power_lr", "log_spectrum_lr")}
+                  "mmidb_mi": ("csp_lda", "band_power_lr", "log_spectrum_lr"),
+                  "mmidb_eyes": ("band_power_lr", "log_spectrum_lr")}
 log = logging.getLogger("labram_jax")
 
 
@@ -131,6 +136,18 @@ def mi_splits(mmidb: pathlib.Path | None, data: pathlib.Path) -> list[Split]:
     return [Split("heldout", manifest, manifest, manifest, "")]
 
 
+def eyes_splits(mmidb: pathlib.Path | None, data: pathlib.Path) -> list[Split]:
+    """Eyes open (run 1) vs closed (run 2), 4-s windows; the MI test subjects validate."""
+    if mmidb is None or not mmidb.is_dir():
+        raise SystemExit("--task mmidb_eyes needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
+    runs = [str(p) for p in sorted(mmidb.glob("S*/S*R*.edf")) if p.stem[-3:] in ("R01", "R02")]
+    manifest = _data_prep(runs, data / "mmidb_eyes", [
+        "--dataset", "mmidb_eyes", "--window", "4", "--notch", "60", "--label-from", "filename",
+        "--label-pattern", r"R01\.edf$=open", "--label-pattern", r"R02\.edf$=closed",
+        "--subject-pattern", r"(S\d{3})R", "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
+    return [Split("heldout", manifest, manifest, manifest, "")]
+
+
 def set_field(config, assignment: str) -> None:
     """``FIELD=VALUE`` (dotted field, e.g. optim.lr=5e-4) into a ConfigDict, typed as the field."""
     field, _, value = assignment.partition("=")
@@ -149,10 +166,10 @@ def stage_config(task: str, stage: str, stem: str, seed: int):
     config = (eegmat_config if task == "eegmat" else small_data).get_config(stage)
     config.seed = seed
     config.model.patch_embed = stem
-    if task == "mmidb_mi":
+    if task in ("mmidb_mi", "mmidb_eyes"):
         config.data.max_channels, config.data.max_windows = 64, 4
         if stage == "finetune":
-            config.optim.total_steps, config.optim.warmup_steps = MI_FINETUNE_STEPS
+            config.optim.total_steps, config.optim.warmup_steps = EEGMMIDB_FINETUNE_STEPS
     return config
 
 
@@ -290,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     data, workdir = pathlib.Path(args.data), pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mmidb = pathlib.Path(args.mmidb) if args.mmidb else None
-    all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds) if args.task == "eegmat" else \
-        mi_splits(mmidb, data)
+    if args.task == "eegmat":
+        all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds)
+    else:
+        all_splits = (mi_splits if args.task == "mmidb_mi" else eyes_splits)(mmidb, data)
     splits = all_splits if args.only_folds is None else [all_splits[i] for i in args.only_folds]
     corpus_spec = mmidb_corpus(mmidb, data) if any(c.startswith("mmidb") for c in args.corpus) else ""
 
