@@ -125,11 +125,16 @@ def held_out_task(model_dir: str) -> tuple[list[str], dict, dict]:
     return files, manifest["labels"], manifest["parameters"]
 
 
-def model_on_placed_caps(model_dir: str, max_files: int | None = None) -> dict:
+PLACED_CAPS = {"all 64, interpolate": 1, "32 of 64, interpolate": 2}  # name -> keep every k-th electrode
+
+
+def model_on_placed_caps(model_dir: str, max_files: int | None = None, placed: dict[str, int] = PLACED_CAPS,
+                         options: montage.Options = montage.Options()) -> dict:
     """A fine-tuned EEGMMIDB model (``benchmarks.transfer --task mmidb_eyes`` or ``mmidb_mi``) on
     its held-out recordings, windowed and labelled as data_prep did for its validation split,
     with the electrodes named, all 64 placed by position (interpolated), and 32 of 64
-    interpolated from their neighbours."""
+    interpolated from their neighbours (``options``: how the placed caps are mapped; by default
+    splines onto every 10-10 site within 35 mm, as data_prep does)."""
     from data_prep import labels as labels_lib
     from labram_jax import api
     from labram_jax.tasks import finetune
@@ -144,14 +149,14 @@ def model_on_placed_caps(model_dir: str, max_files: int | None = None) -> dict:
     positive = label_info["names"][1]
     window, stride = int(window_info["window_s"]), float(window_info["stride_s"])
     params = preprocess.Params(notch=window_info["notch"], window_s=window, stride_s=stride)
-    scores: dict[str, list] = {"named": [], "all 64, interpolate": [], "32 of 64, interpolate": []}
+    scores: dict[str, list] = {"named": [], **{name: [] for name in placed}}
     targets = []
     for path in files:
         raw = reading.read_raw(path)
         intervals = labels_lib.recording_labels(spec, pathlib.Path(path), raw.annotations, raw.first_time)
         variants = {"named": (raw, montage.Options(positions="none"))}
-        for name, keep_every in (("all 64, interpolate", 1), ("32 of 64, interpolate", 2)):
-            variants[name] = (position_only_copy(raw, keep_every)[0], montage.Options())
+        for name, keep_every in placed.items():
+            variants[name] = (position_only_copy(raw, keep_every)[0], options)
         for name, (signal, options) in variants.items():
             prepared = preprocess.preprocess(signal, params, options=options)
             length = window * 200

@@ -235,6 +235,12 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     assert spec["window_s"] == 4 and spec["labels"] == ["rest", "arithmetic"]
     with pytest.raises(ValueError, match="shorter than one"):
         model.predict(raw.copy().crop(0, 2))
+    # The montage benchmark finds the held-out recordings, labels and windows in the run's manifest;
+    # splines through every electrode onto the 10-20 sites give the named cap's scores.
+    placed = montage_soundness.model_on_placed_caps(str(tmp_path), max_files=2, placed={"all 19, interpolate": 1},
+                                                    options=montage.Options(targets="1020"))
+    assert placed["files"] == 2 and placed["windows"] == 60  # Subject16_1 (rest, 180 s) and _2 (arithmetic, 60 s)
+    assert placed["named"] == pytest.approx(placed["all 19, interpolate"], abs=1e-3)
 
 
 def test_hub_folder_round_trips_and_loads_offline_by_repository_id(eeg_dir, eegmat_shards, tmp_path):
