@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import logging
 import pathlib
@@ -235,6 +236,21 @@ def finetune(task: str, split: Split, stem: str, seed: int, init: str, workdir: 
     return result
 
 
+def record(report_path: pathlib.Path, keys: tuple[str, ...], value) -> None:
+    """Sets ``report[k0][k1]...[kn] = value`` in the JSON report, read and written under a file
+    lock, so several harness processes (other rows of the grid) can share one report."""
+    with open(report_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        node = report
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+        tmp = report_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(report_path)
+
+
 def last_validation(workdir: pathlib.Path) -> dict[str, float]:
     """The last validation metrics in ``workdir/metrics.jsonl`` (a finished run only reloads)."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -262,12 +278,12 @@ def table(report: dict) -> str:
                  str(bacc["n"])] + [f"{b:.3f} / {a:.3f}" for b, a in zip(bacc["fold_means"], auroc["fold_means"])]
         lines.append("| " + " | ".join(cells) + " |")
 
-    for name, per_split in report["baselines"].items():
+    for name, per_split in report.get("baselines", {}).items():
         if not all(s in per_split for s in splits):
             continue  # incomplete rows are not summarised
         row(name, summarise([[per_split[s]["balanced_accuracy"]] for s in splits]),
             summarise([[per_split[s]["auroc"]] for s in splits]))
-    for key, runs in report["rows"].items():
+    for key, runs in report.get("rows", {}).items():
         seeds = sorted({seed for s in splits for seed in runs.get(s, {})})
         if not all(str(seed) in runs.get(s, {}) for s in splits for seed in map(str, seeds)) or not seeds:
             continue  # incomplete rows are not summarised
@@ -315,21 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     corpus_spec = mmidb_corpus(mmidb, data) if any(c.startswith("mmidb") for c in args.corpus) else ""
 
     report_path = workdir / f"{args.task}.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {"rows": {}, "pretraining": {},
-                                                                                 "baselines": {}}
-    report.update(task=args.task, splits=[s.name for s in all_splits])
-
-    def save():
-        report_path.write_text(json.dumps(report, indent=1))
+    record(report_path, ("task",), args.task)
+    record(report_path, ("splits",), [s.name for s in all_splits])
 
     if not args.no_baselines:
         for split in splits:
             results = baselines.run(split.baseline, TASK_BASELINES[args.task])
             for name, metrics in results.items():
-                report["baselines"].setdefault(baselines.BASELINES[name].description, {})[split.name] = metrics
+                record(report_path, ("baselines", baselines.BASELINES[name].description, split.name), metrics)
                 print(f"{split.name} {baselines.BASELINES[name].description}: BAcc {metrics['balanced_accuracy']:.3f} "
                       f"AUROC {metrics['auroc']:.3f}", flush=True)
-        save()
 
     suffix = f"-{args.tag}" if args.tag else ""
     for seed in args.seeds:
@@ -349,20 +360,17 @@ def main(argv: list[str] | None = None) -> int:
                         root = workdir / "pretrain" / f"{corpus}-{stem}{suffix}" / scope / f"seed{args.pretrain_seed}"
                         stages = ("tokenizer",) if args.tokenizer_only else ("tokenizer", "pretrain")
                         info = pretrain(corpus, spec, stem, args.pretrain_seed, root, args.overrides, stages)
-                        report["pretraining"].setdefault(f"{corpus}/{stem}{suffix}", {}).setdefault(
-                            scope, {})[str(args.pretrain_seed)] = info
+                        record(report_path, ("pretraining", key, scope, str(args.pretrain_seed)), info)
                         init = str(root / "pretrain")
                     if args.tokenizer_only:
-                        save()
                         continue
                     run_dir = workdir / args.task / f"{corpus}-{stem}{suffix}" / split.name / f"seed{seed}"
                     scores = finetune(args.task, split, stem, seed, init, run_dir, args.overrides)
-                    report["rows"].setdefault(key, {}).setdefault(split.name, {})[str(seed)] = scores
-                    report.setdefault("overrides", {})[key] = args.overrides
-                    save()
+                    record(report_path, ("rows", key, split.name, str(seed)), scores)
+                    record(report_path, ("overrides", key), args.overrides)
                     print(f"{key} {split.name} seed {seed}: BAcc {scores['balanced_accuracy']:.3f} "
                           f"AUROC {scores['auroc']:.3f} ({scores['wall_s']:.0f} s)", flush=True)
-    print("\n" + table(report))
+    print("\n" + table(json.loads(report_path.read_text())))
     print(f"\nwrote {report_path}")
     return 0
 

@@ -103,3 +103,17 @@ def test_transfer_table_summarises_folds_and_seeds():
     # four runs: 0.5, 0.6, 0.7, 0.8 -> mean 0.65, std 0.112; fold means 0.55 and 0.75
     assert lines[3] == "| none/spectrum | 0.650 +- 0.112 | 0.600 +- 0.100 | 4 | 0.550 / 0.500 | 0.750 / 0.700 |"
     assert len(lines) == 4  # the incomplete row is not summarised
+
+
+def test_transfer_report_keeps_what_concurrent_processes_record(tmp_path):
+    # Two harness processes (two rows of the grid) record into one report: nothing is lost.
+    script = ("import pathlib, sys\n"
+              "from benchmarks import transfer\n"
+              "for i in range(25):\n"
+              "    transfer.record(pathlib.Path(sys.argv[1]), ('rows', sys.argv[2], f'fold{i}', '0'), {'auroc': i})\n")
+    report = tmp_path / "eegmat.json"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(report), row], cwd=ROOT) for row in ("a", "b")]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    rows = json.loads(report.read_text())["rows"]
+    assert {row: len(folds) for row, folds in rows.items()} == {"a": 25, "b": 25}
+    assert rows["b"]["fold24"]["0"] == {"auroc": 24}
