@@ -172,8 +172,13 @@ def model_on_placed_caps(model_dir: str, max_files: int | None = None, placed: d
             if name == "named":
                 targets += [int(label == positive) for label in labels if label]
     y = np.asarray(targets)
-    out = {name: {k: float(v) for k, v in finetune.compute_metrics("binary", np.concatenate(s), y).items()}
-           for name, s in scores.items()}
+    probs = {name: np.concatenate(s) for name, s in scores.items()}
+    out = {}
+    for name, p in probs.items():
+        out[name] = {k: float(v) for k, v in finetune.compute_metrics("binary", p, y).items()}
+        # how far the placed cap moves the model's answers on the same windows
+        out[name]["same_class_as_named"] = float(np.mean((p > 0.5) == (probs["named"] > 0.5)))
+        out[name]["mean_abs_prob_change"] = float(np.mean(np.abs(p - probs["named"])))
     return {"files": len(files), "windows": int(y.size), **out}
 
 
@@ -202,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = model_on_placed_caps(args.model)
         (out / "model_on_placed_caps.json").write_text(json.dumps(accuracy, indent=1))
         print(f"\n{args.model} on its held-out recordings ({accuracy['files']} files, {accuracy['windows']} windows)")
-        print("| input | balanced accuracy | AUROC |\n|---|---|---|")
+        print("| input | balanced accuracy | AUROC | same class as named | mean abs probability change |")
+        print("|---|---|---|---|---|")
         for name, m in accuracy.items():
             if isinstance(m, dict):
-                print(f"| {name} | {m['balanced_accuracy']:.3f} | {m['auroc']:.3f} |")
+                print(f"| {name} | {m['balanced_accuracy']:.3f} | {m['auroc']:.3f} | {m['same_class_as_named']:.3f} | "
+                      f"{m['mean_abs_prob_change']:.4f} |")
     print(f"\nwrote {out}")
     return 0
 

@@ -241,6 +241,7 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
                                                     options=montage.Options(targets="1020"))
     assert placed["files"] == 2 and placed["windows"] == 60  # Subject16_1 (rest, 180 s) and _2 (arithmetic, 60 s)
     assert placed["named"] == pytest.approx(placed["all 19, interpolate"], abs=1e-3)
+    assert placed["all 19, interpolate"]["same_class_as_named"] == 1.0
 
 
 def test_hub_folder_round_trips_and_loads_offline_by_repository_id(eeg_dir, eegmat_shards, tmp_path):
