@@ -57,6 +57,7 @@ def save_pretrained(source, directory: str, *, kind: str | None = None, license:
                                            sep="/")
     save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(out / WEIGHTS),
               metadata={"format": FORMAT, "kind": kind})
+    os.chmod(out / WEIGHTS, 0o644)  # safetensors writes it readable by its owner only, unlike the rest of the folder
     config = {"format": FORMAT, "model": model_file.spec(kind, module), **_run_facts(run)}
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     (out / CARD).write_text(model_card(config, kind, module, flat, license))

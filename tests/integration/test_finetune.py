@@ -258,6 +258,8 @@ def test_hub_folder_round_trips_and_loads_offline_by_repository_id(eeg_dir, eegm
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     card = (folder / "README.md").read_text()
     assert "library_name: labram_jax" in card and "4 training subjects" in card and "balanced_accuracy" in card
+    assert "temporal encoder with 4 channels" in card  # the tiny config's stem, as the card must say
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
     recording = eeg_dir / "eegmat" / "Subject16_2.edf"
     want = api.load(str(run)).predict(recording)
     np.testing.assert_array_equal(api.load(str(folder)).predict(recording), want)
