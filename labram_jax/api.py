@@ -83,8 +83,17 @@ class Predictor:
         return w.prepared, w.x, w.start_s
 
     def _run(self, fn, x, rows, batch_size):
-        outs = [jax.device_get(fn(self.variables, jnp.asarray(x[i:i + batch_size]), jnp.asarray(rows)))
-                for i in range(0, len(x), batch_size)]
+        """``fn`` over x in batches of ``batch_size``; a last, shorter batch is zero-padded to a
+        power of two (at most ``batch_size``) and its padding dropped from the outputs, so
+        recordings of any length reuse a few compiled shapes instead of compiling one more each."""
+        outs = []
+        for i in range(0, len(x), batch_size):
+            chunk = x[i:i + batch_size]
+            size = min(batch_size, 1 << (len(chunk) - 1).bit_length())
+            if size > len(chunk):
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            out = jax.device_get(fn(self.variables, jnp.asarray(chunk), jnp.asarray(rows)))
+            outs.append(jax.tree_util.tree_map(lambda a: a[:min(batch_size, len(x) - i)], out))
         return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
 
     # -- public ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import train_step
@@ -117,3 +118,36 @@ def test_transfer_report_keeps_what_concurrent_processes_record(tmp_path):
     rows = json.loads(report.read_text())["rows"]
     assert {row: len(folds) for row, folds in rows.items()} == {"a": 25, "b": 25}
     assert rows["b"]["fold24"]["0"] == {"auroc": 24}
+
+
+def test_cost_curves_fit_and_plot(tmp_path, capsys):
+    from benchmarks import cost_curves
+
+    result = cost_curves.main(["--stages", "finetune", "--sizes", "tiny", "--grids", "4x2", "8x4", "16x8",
+                               "--batches", "1", "4", "--batch", "2", "--batch-grid", "4x2", "--steps", "2",
+                               "--warmup", "1", "--inference-sizes", "tiny", "--inference-hours", "0.02",
+                               "--out", str(tmp_path), "--tag", "t"])
+    curve = result["curves"]["finetune tiny"]
+    assert [r["tokens_per_sample"] for r in curve["tokens"]] == [8, 32, 128]
+    assert [r["batch"] for r in curve["batch"]] == [1, 4]
+    for fit in (curve["time_fit"], curve["memory_fit"]):
+        assert min(fit["a"], fit["b"], fit["c"]) >= 0 and fit["a"] + fit["b"] + fit["c"] > 0
+    assert curve["memory_fit"]["b"] + curve["memory_fit"]["c"] > 0  # activations grow with the tokens
+    (inf,) = result["inference"]
+    assert inf["windows"] == 18 and inf["hours_per_s"] > 0 and inf["model_s"] <= inf["total_s"]  # 72 s, 4-s windows
+    assert (tmp_path / "cost_curves_cpu_t.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "cost_curves_cpu_t.json").read_text())
+    assert saved["machine"]["cpu_widest_isa"] and saved["curves"]["finetune tiny"]["time_fit"] == curve["time_fit"]
+    assert "hours of EEG per s" in capsys.readouterr().out
+
+
+def test_cost_curves_pure_fits_recover_known_coefficients():
+    from benchmarks import cost_curves
+
+    x = np.array([95.0, 184, 256, 512, 1024, 2048])
+    fit = cost_curves.fit_quadratic(x, 2.0 + 0.5 * x + 0.001 * x ** 2)
+    assert fit["a"] == pytest.approx(2.0, rel=1e-6) and fit["crossover"] == pytest.approx(500.0, rel=1e-6)
+    line = cost_curves.fit_linear([1, 2, 4, 8], [3.0, 5.0, 9.0, 17.0])
+    assert line["t0"] == pytest.approx(1.0) and line["t1"] == pytest.approx(2.0)
+    with pytest.raises(SystemExit):
+        cost_curves.main(["--grids", "23x8", "64x4"])  # fewer grids than coefficients

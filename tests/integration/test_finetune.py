@@ -192,6 +192,9 @@ def test_api_embed_and_predict_match_the_records(eeg_dir, eegmat_shards, tmp_pat
     probs = model.predict(raw)
     emb = model.embed(raw)
     assert probs.shape == (15,) and emb.windows.shape == (15, 100) and emb.patches.shape == (15, 19, 4, 100)
+    # Batches of 4 (the last of 3 windows padded to 4) give the same answers from one more compiled shape.
+    np.testing.assert_allclose(model.predict(raw, batch_size=4), probs, atol=1e-6)
+    assert model._logits._cache_size() == 2  # 15 windows padded to 16, and batches of 4
     assert {"EEG A2-A1", "ECG ECG"} == {n for n, _ in emb.dropped}
     # The same windows through data_prep's records and the trained state give the same probabilities.
     restored = steps.restore_for_inference(cfg, str(tmp_path), "latest")
