@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:FIELD=VALUE",
                         help="override a recipe field of one stage, e.g. finetune:optim.lr=5e-4")
     parser.add_argument("--tag", default="", help="a name for this recipe variant (its runs and rows are kept apart)")
+    parser.add_argument("--pretrain-tag", default=None, help="take the pretraining runs of this tag (default: --tag), "
+                        "e.g. to fine-tune differently from the same pretrained encoders")
     parser.add_argument("--no-baselines", action="store_true", help="skip the classical baselines")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
@@ -343,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"AUROC {metrics['auroc']:.3f}", flush=True)
 
     suffix = f"-{args.tag}" if args.tag else ""
+    pretrain_tag = args.tag if args.pretrain_tag is None else args.pretrain_tag
+    pretrain_suffix = f"-{pretrain_tag}" if pretrain_tag else ""
+    if args.pretrain_tag is not None and any(o.split(":")[0] in ("tokenizer", "pretrain") for o in args.overrides):
+        raise SystemExit("--pretrain-tag reuses pretraining runs made without your tokenizer/pretrain --set's; "
+                         "drop one or the other")
     for seed in args.seeds:
         for stem in args.stem:
             for corpus in args.corpus:
@@ -357,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                         spec = "+".join(p for p in (corpus_spec if corpus.startswith("mmidb") else "",
                                                     split.pretrain_own if own else "") if p)
                         scope = split.name if own else "shared"
-                        root = workdir / "pretrain" / f"{corpus}-{stem}{suffix}" / scope / f"seed{args.pretrain_seed}"
+                        root = (workdir / "pretrain" / f"{corpus}-{stem}{pretrain_suffix}" / scope /
+                                f"seed{args.pretrain_seed}")
                         stages = ("tokenizer",) if args.tokenizer_only else ("tokenizer", "pretrain")
                         info = pretrain(corpus, spec, stem, args.pretrain_seed, root, args.overrides, stages)
                         record(report_path, ("pretraining", key, scope, str(args.pretrain_seed)), info)
