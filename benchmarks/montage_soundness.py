@@ -151,15 +151,15 @@ def model_on_placed_caps(model_dir: str, max_files: int | None = None, placed: d
     params = preprocess.Params(notch=window_info["notch"], window_s=window, stride_s=stride)
     scores: dict[str, list] = {"named": [], **{name: [] for name in placed}}
     targets = []
+    length = window * 200
     for path in files:
         raw = reading.read_raw(path)
         intervals = labels_lib.recording_labels(spec, pathlib.Path(path), raw.annotations, raw.first_time)
         variants = {"named": (raw, montage.Options(positions="none"))}
         for name, keep_every in placed.items():
             variants[name] = (position_only_copy(raw, keep_every)[0], options)
-        for name, (signal, options) in variants.items():
-            prepared = preprocess.preprocess(signal, params, options=options)
-            length = window * 200
+        for name, (signal, mapping) in variants.items():
+            prepared = preprocess.preprocess(signal, params, options=mapping)
             if window_info.get("event_windows"):
                 starts = labels_lib.event_starts(intervals, window_info.get("event_offset_s", 0.0), window,
                                                  prepared.data.shape[1], 200)

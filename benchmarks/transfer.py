@@ -125,27 +125,25 @@ def mmidb_corpus(mmidb: pathlib.Path | None, data: pathlib.Path) -> str:
                                                      "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
 
 
-def mi_splits(mmidb: pathlib.Path | None, data: pathlib.Path) -> list[Split]:
-    """Imagined left vs right fist, one 4-s window per trial; the MI test subjects validate."""
+# EEGMMIDB tasks: the runs they read and how data_prep labels and windows them (4-s windows,
+# 60 Hz notch; the MI test subjects validate).
+EEGMMIDB_TASKS = {
+    "mmidb_mi": (("R04", "R08", "R12"), ["--label-from", "annotations", "--annotation-labels", "T1=left,T2=right",
+                                         "--event-windows"]),  # one window per trial, from its onset
+    "mmidb_eyes": (("R01", "R02"), ["--label-from", "filename", "--label-pattern", r"R01\.edf$=open",
+                                    "--label-pattern", r"R02\.edf$=closed"]),
+}
+
+
+def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path) -> list[Split]:
+    """The held-out split of an EEGMMIDB task (``EEGMMIDB_TASKS``)."""
     if mmidb is None or not mmidb.is_dir():
-        raise SystemExit("--task mmidb_mi needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
-    runs = [str(p) for p in sorted(mmidb.glob("S*/S*R*.edf")) if p.stem[-3:] in ("R04", "R08", "R12")]
-    manifest = _data_prep(runs, data / "mmidb_mi", [
-        "--dataset", "mmidb_mi", "--window", "4", "--notch", "60", "--label-from", "annotations",
-        "--annotation-labels", "T1=left,T2=right", "--event-windows", "--subject-pattern", r"(S\d{3})R",
+        raise SystemExit(f"--task {task} needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
+    wanted, label_args = EEGMMIDB_TASKS[task]
+    runs = [str(p) for p in sorted(mmidb.glob("S*/S*R*.edf")) if p.stem[-3:] in wanted]
+    manifest = _data_prep(runs, data / task, [
+        "--dataset", task, "--window", "4", "--notch", "60", *label_args, "--subject-pattern", r"(S\d{3})R",
         "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
-    return [Split("heldout", manifest, manifest, manifest, "")]
-
-
-def eyes_splits(mmidb: pathlib.Path | None, data: pathlib.Path) -> list[Split]:
-    """Eyes open (run 1) vs closed (run 2), 4-s windows; the MI test subjects validate."""
-    if mmidb is None or not mmidb.is_dir():
-        raise SystemExit("--task mmidb_eyes needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
-    runs = [str(p) for p in sorted(mmidb.glob("S*/S*R*.edf")) if p.stem[-3:] in ("R01", "R02")]
-    manifest = _data_prep(runs, data / "mmidb_eyes", [
-        "--dataset", "mmidb_eyes", "--window", "4", "--notch", "60", "--label-from", "filename",
-        "--label-pattern", r"R01\.edf$=open", "--label-pattern", r"R02\.edf$=closed",
-        "--subject-pattern", r"(S\d{3})R", "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
     return [Split("heldout", manifest, manifest, manifest, "")]
 
 
@@ -328,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "eegmat":
         all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds)
     else:
-        all_splits = (mi_splits if args.task == "mmidb_mi" else eyes_splits)(mmidb, data)
+        all_splits = eegmmidb_splits(args.task, mmidb, data)
     splits = all_splits if args.only_folds is None else [all_splits[i] for i in args.only_folds]
     corpus_spec = mmidb_corpus(mmidb, data) if any(c.startswith("mmidb") for c in args.corpus) else ""
 
