@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import mne
 import numpy as np
 
-from labram_jax import convert, hub, model_file
+from labram_jax import compile_options, convert, hub, model_file
 from labram_jax import montage as montage_lib
 from labram_jax import preprocess as prep_lib
 from labram_jax import reading
@@ -62,8 +62,8 @@ class Predictor:
         self.window_s, self.notch, self.montage = window_s, notch, montage
         self.variables = jax.tree_util.tree_map(jnp.asarray, {k: v for k, v in variables.items()
                                                               if k in ("params", "codebook")})
-        self._embed = jax.jit(self._embed_fn)
-        self._logits = jax.jit(self._logits_fn) if kind == "finetune" else None
+        self._embed = compile_options.jit(self._embed_fn)
+        self._logits = compile_options.jit(self._logits_fn) if kind == "finetune" else None
 
     # -- model calls -----------------------------------------------------------------
     def _embed_fn(self, variables, x, channel_ids):

@@ -122,7 +122,7 @@ def describe(model: nn.Module) -> str:
         return (f"tokenizer: encoder depth {cfg.encoder.depth}, decoder depth {cfg.decoder.depth}, "
                 f"width {cfg.encoder.embed_dim}, codebook {cfg.codebook_size} x {cfg.code_dim}")
     extra = f", {model.num_outputs} outputs" if hasattr(model, "num_outputs") else f", vocab {model.vocab_size}"
-    stem = (f"patches embedded by their log spectrum" if cfg.patch_embed == "spectrum"
+    stem = ("patches embedded by their log spectrum" if cfg.patch_embed == "spectrum"
             else f"temporal encoder with {cfg.temporal_channels} channels")
     norm = ", each channel standardised" if cfg.input_norm == "channel" else ""
     return f"depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_heads} heads, {stem}{norm}{extra}"

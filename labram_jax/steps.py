@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from labram_jax import checkpointing, input_pipeline, optim, sharding
+from labram_jax import checkpointing, compile_options, input_pipeline, optim, sharding
 from labram_jax.models import config as model_config
 from labram_jax.tasks import finetune, pretrain, tokenizer
 from labram_jax.tasks import stage as stage_lib
@@ -132,8 +132,9 @@ def compile_train_step(train_step: Callable, spec: StateSpec, stage: stage_lib.S
     frozen_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), stage.frozen)
     abstract_frozen = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                              stage.frozen, frozen_shardings) if stage.frozen is not None else None
-    jitted = jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings, frozen_shardings),
-                     out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    jitted = compile_options.jit(train_step, tuned=stage.xla_options,
+                                 in_shardings=(spec.shardings, batch_shardings, frozen_shardings),
+                                 out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     return jitted.lower(checkpointing.abstract_with_shardings(spec.abstract, spec.shardings), abstract_batch,
                         abstract_frozen).compile()
 
@@ -218,5 +219,5 @@ def restore_for_inference(config, workdir: str, which: str = "latest", devices=N
     finally:
         ckpt.close()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        predict_fn = jax.jit(stage.predict)
+        predict_fn = compile_options.jit(stage.predict)
     return Restored(state, stage, predict_fn, grid, mesh, step)

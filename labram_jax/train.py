@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from labram_jax import (checkpointing, config_schema, data_spec, evaluate, input_pipeline, metrics as metrics_lib,
-                        model_file, sharding, steps)
+from labram_jax import (checkpointing, compile_options, config_schema, data_spec, evaluate, input_pipeline,
+                        metrics as metrics_lib, model_file, sharding, steps)
 from labram_jax.tasks import stage as stage_lib
 
 log = logging.getLogger("labram_jax")
@@ -154,8 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         start_step = 0
     frozen = jax.device_put(stage.frozen, sharding.replicated(mesh)) if stage.frozen is not None else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        predict_fn = jax.jit(stage.predict) if evaluating else None
-        prepare_fn = jax.jit(stage.prepare, out_shardings=spec.shardings) if stage.prepare else None
+        predict_fn = compile_options.jit(stage.predict) if evaluating else None
+        prepare_fn = compile_options.jit(stage.prepare, out_shardings=spec.shardings) if stage.prepare else None
 
     # ------------------------------------------------------------------ loop
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)

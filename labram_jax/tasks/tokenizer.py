@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from labram_jax import input_pipeline, model_file
+from labram_jax import compile_options, input_pipeline, model_file
 from labram_jax import metrics as metrics_lib
 from labram_jax.models import config as model_config
 from labram_jax.models import tokenizer as tokenizer_lib
@@ -53,7 +53,7 @@ def corpus_code_usage(path: str, spec: str, split: str, max_channels: int, max_w
     _, model, variables = model_file.load(path, kind="tokenizer")
     variables = {k: v for k, v in variables.items() if k in ("params", "codebook")}
     num_codes = model.cfg.codebook_size
-    tokenize = jax.jit(lambda v, b: model.apply(v, b["x"], b["channel_ids"], stage_lib.effective_patch_mask(b),
+    tokenize = compile_options.jit(lambda v, b: model.apply(v, b["x"], b["channel_ids"], stage_lib.effective_patch_mask(b),
                                                 method=model.tokenize))
     counts = np.zeros((num_codes,), np.int64)
     grid = input_pipeline.Grid(max_channels, max_windows)
@@ -106,6 +106,8 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         usage = state.extra["codebook"]["quantizer"]["cluster_size"]
         metrics_lib.plot_codebook_usage(usage, os.path.join(workdir, "codebook_usage.png"))
 
+    # YNNPACK for products only (labram_jax.compile_options) made this step 0.84-0.87x on CPU
+    # (paired runs, AVX2 and AVX-512; BENCHMARKS.md), so it keeps XLA's defaults.
     return stage_lib.Stage(name="tokenizer", model=model, init=init, loss_fn=loss_fn,
                            depth=model.cfg.encoder.depth, prepare=prepare, needs_prepare=needs_prepare,
-                           artefacts=artefacts)
+                           artefacts=artefacts, xla_options=False)
