@@ -2,7 +2,8 @@
 
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
-        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] [--out benchmarks/results]
+        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] [--out benchmarks/results] \
+        [--reference PATH/TO/LaBraM] [--vs-xla-defaults]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -13,19 +14,26 @@ reports one). It runs the very step ``labram_jax.train`` runs (``steps.build``)
 on random EEG-like batches, and asserts the step was traced once.
 
 Shapes default to the reference's: fine-tuning 23 channels x 10 s, pretraining and the
-tokenizer 23 channels x 8 s. The tokenizer has one size (the Base-width VQ-NSP; ``tiny``
-for tests), so ``large``/``huge`` skip it. Results go to ``<out>/train_step_<backend>.json``.
+tokenizer 23 channels x 8 s. ``--reference``: the original PyTorch code's steps timed right after
+ours on this machine, held to the same instruction set (``benchmarks.reference_step``), and the
+ratio. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
+(``labram_jax.compile_options``), steps alternated, and the paired speed-up. The tokenizer has
+one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to ``<out>/train_step_<backend>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -36,14 +44,9 @@ import numpy as np
 from benchmarks import flops as flops_lib
 from benchmarks import machine as machine_lib
 from labram_jax_configs import common
-from labram_jax import host_memory, input_pipeline, sharding, steps
+from labram_jax import compile_options, host_memory, input_pipeline, sharding, steps
 from labram_jax.tasks import pretrain
 
-# The original PyTorch implementation on this project's 2-core CPU machine, float32, batch 8,
-# Base (issue 6): samples/s. Measured once, on that machine, not in this run: a ratio to it holds
-# only on the same CPU class (issue 22 measured 0.67-1.00x on an AVX2-only machine).
-REFERENCE_CPU_BASE = {"finetune": 8.35, "pretrain": 5.44, "tokenizer": 8.38}
-REFERENCE_MACHINE = "2-core AMD EPYC with AVX-512, PyTorch 2.x float32 (issue 6), not this run"
 DEFAULT_SHAPES = {"finetune": (23, 10), "pretrain": (23, 8), "tokenizer": (23, 8)}
 
 
@@ -123,7 +126,38 @@ def xla_flops(compiled) -> float | None:
         return None
 
 
-def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
+@dataclasses.dataclass
+class Prepared:
+    """One stage's compiled step with its state and batches, ready to run (see :func:`prepare`)."""
+    config: object
+    stage_obj: object
+    tokenizer_cfg: object
+    grid: input_pipeline.Grid
+    mesh: object
+    rules: object
+    compiled: object
+    compile_s: float
+    traces: list
+    state: object = None
+    frozen: object = None
+    batches: list = dataclasses.field(default_factory=list)
+    metrics: dict = dataclasses.field(default_factory=lambda: {"loss": float("nan")})
+
+    def run(self, n: int) -> list[float]:
+        """Run ``n`` steps on the prepared batches, each waited for; returns their seconds."""
+        times = []
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            for i in range(n):
+                t0 = time.perf_counter()
+                self.state, self.metrics = self.compiled(self.state, self.batches[i % len(self.batches)], self.frozen)
+                jax.block_until_ready((self.state, self.metrics))
+                times.append(time.perf_counter() - t0)
+        return times
+
+
+def prepare(stage: str, size: str, args) -> Prepared:
+    """Compile ``stage`` at ``size`` with the command line's settings (the very step ``labram_jax.train``
+    runs) and initialise its state and three random batches."""
     shape = DEFAULT_SHAPES[stage] if args.channels is None else (args.channels, args.windows)
     grid = input_pipeline.Grid(*shape)
     config = stage_config(stage, size, args.batch, grid.channels, grid.windows, args.dtype)
@@ -152,20 +186,29 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
 
     t0 = time.perf_counter()
     built = steps.build(config, stage_obj, mesh, rules, grid, args.batch, key, key, 10_000, 10, wrap=counting)
-    compile_s = time.perf_counter() - t0
-    spec, compiled = built.spec, built.compiled
+    out = Prepared(config, stage_obj, tokenizer_cfg, grid, mesh, rules, built.compiled, time.perf_counter() - t0,
+                   traces)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(spec.init, out_shardings=spec.shardings)(key)
-        frozen = jax.device_put(stage_obj.frozen, sharding.replicated(mesh)) if stage_obj.frozen is not None else None
-        batches = [sharding.to_global(b, mesh) for b in synthetic_batches(grid, args.batch, 3)]
-        times, metrics = [], {"loss": float("nan")}
-        for i in range(0 if args.compile_only else args.warmup + args.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batches[i % len(batches)], frozen)
-            jax.block_until_ready((state, metrics))
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        loss = float(metrics["loss"])
+        out.state = jax.jit(built.spec.init, out_shardings=built.spec.shardings)(key)
+        out.frozen = (jax.device_put(stage_obj.frozen, sharding.replicated(mesh))
+                      if stage_obj.frozen is not None else None)
+        out.batches = [sharding.to_global(b, mesh) for b in synthetic_batches(grid, args.batch, 3)]
+    return out
+
+
+def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
+    bench = prepare(stage, size, args)
+    config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
+    mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
+    baseline = None
+    if args.vs_xla_defaults and not args.compile_only and bench.stage_obj.xla_options:
+        with compile_options.xla_defaults():
+            baseline = prepare(stage, size, args)
+        times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
+        times, base_times = times[args.warmup:], base_times[args.warmup:]
+    else:
+        times = [] if args.compile_only else bench.run(args.warmup + args.steps)[args.warmup:]
+    loss = float(bench.metrics["loss"])
     if len(traces) != 1:
         raise AssertionError(f"the {stage} step was traced {len(traces)} times: it recompiled between steps")
     step_s = statistics.median(times) if times else float("nan")
@@ -180,12 +223,72 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
            model_flops / 1e12, "xla_tflops_per_step": (xla_flops(compiled) or float("nan")) / 1e12,
            "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
            "loss": loss, "traces": len(traces), **memory_figures(compiled)}
-    reference = REFERENCE_CPU_BASE.get(stage)
-    if jax.default_backend() == "cpu" and size == "base" and args.batch == 8 and args.dtype == "float32" \
-            and shape == DEFAULT_SHAPES[stage] and reference and times:
-        row["reference_samples_per_s"] = reference
-        row["vs_reference"] = row["samples_per_s"] / reference
+    if baseline is not None:
+        row["xla_defaults"] = {"options": compile_options.compiler_options(),
+                               "step_s_median": statistics.median(base_times),
+                               "speedup_paired_median": statistics.median(b / t for b, t in zip(base_times, times)),
+                               **{k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}}
     return row
+
+
+def interleaved(bench: Prepared, baseline: Prepared, n: int) -> tuple[list[float], list[float]]:
+    """``n`` steps of each, alternating (this one, then the baseline), so that a noisy machine
+    slows both alike; returns the two lists of step seconds."""
+    times, base_times = [], []
+    for _ in range(n):
+        times += bench.run(1)
+        base_times += baseline.run(1)
+    return times, base_times
+
+
+def comparable_to_reference(row: dict) -> bool:
+    """Whether ``row`` ran what ``benchmarks.reference_step`` runs: Base, float32, the reference's shapes."""
+    return (row["size"] == "base" and row["dtype"] == "float32" and row["steps"] > 0
+            and (row["channels"], row["windows"]) == DEFAULT_SHAPES[row["stage"]])
+
+
+def reference_env(machine: dict, env: dict | None = None) -> dict:
+    """The environment for the reference's subprocess: PyTorch, MKL and oneDNN held to the instruction
+    set XLA is held to (``--xla_cpu_max_isa=AVX2`` -> ``ATEN_CPU_CAPABILITY=avx2``,
+    ``MKL_ENABLE_INSTRUCTIONS=AVX2``, ``ONEDNN_MAX_CPU_ISA=AVX2``), unless already set."""
+    env = dict(os.environ if env is None else env)
+    limit = machine_lib.xla_isa_limit(env.get("XLA_FLAGS", "")) or ""
+    if limit.startswith(("AVX512", "AMX")) or not limit:
+        return env  # XLA may use AVX-512: so may PyTorch (its default on such a CPU)
+    wide = limit == "AVX2"
+    env.setdefault("ATEN_CPU_CAPABILITY", "avx2" if wide else "default")
+    env.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2" if wide else "SSE4_2")
+    env.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2" if wide else "SSE41")
+    return env
+
+
+def run_reference(path: str, rows: list[dict], args, machine: dict) -> dict | None:
+    """Time the original's steps (``benchmarks.reference_step``) for the stages of the comparable rows,
+    in a subprocess on the same machine right after ours, and add the ratio to those rows."""
+    stages = [r["stage"] for r in rows if comparable_to_reference(r)]
+    if not stages:
+        print("--reference: no Base float32 row at the reference's shapes to compare", flush=True)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "reference.json")
+        cmd = [sys.executable, "-m", "benchmarks.reference_step", "--reference", path, "--stages", *stages,
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", out]
+        env = reference_env(machine)
+        print(f"... the reference ({' '.join(stages)}), torch ISA {env.get('ATEN_CPU_CAPABILITY', 'default')}",
+              flush=True)
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, cwd=pathlib.Path(__file__).parent.parent)
+        if done.returncode != 0:
+            raise SystemExit(f"the reference run failed (exit {done.returncode}): {' '.join(cmd)}")
+        with open(out) as f:
+            reference = json.load(f)
+    by_stage = {r["stage"]: r for r in reference["rows"]}
+    for row in rows:
+        if comparable_to_reference(row) and row["stage"] in by_stage:
+            row["reference_samples_per_s"] = by_stage[row["stage"]]["samples_per_s"]
+            row["vs_reference"] = row["samples_per_s"] / row["reference_samples_per_s"]
+    reference["env"] = {k: env[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                        if k in env}
+    return reference
 
 
 def print_table(rows: list[dict], peak_note: str) -> None:
@@ -200,12 +303,19 @@ def print_table(rows: list[dict], peak_note: str) -> None:
               f"{r['compile_s']:>9.1f} {1e3 * r['step_s_median']:>8.1f} {r['samples_per_s']:>9.2f} "
               f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_step']:>10.4f} {r['achieved_tflops']:>8.3f} "
               f"{mfu:>6} {mem:>8.0f} {ref:>6}")
+    for r in rows:
+        if "xla_defaults" in r:
+            d = r["xla_defaults"]
+            print(f"{r['stage']:<9} {r['size']:<5} with XLA's defaults instead of {d['options'] or 'no options'}: "
+                  f"{1e3 * d['step_s_median']:.1f} ms/step, {d.get('compiled_total_mib', float('nan')):.0f} MiB; "
+                  f"the options make it {d['speedup_paired_median']:.2f}x (paired median, steps alternated)")
     print(f"MFU peak: {peak_note}")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line (also what tests pass to :func:`bench_one`); ``--dtype auto`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line (also what tests pass to :func:`bench_one`); ``--dtype auto`` resolved.
+    ``parser``: another tool's parser to add these options to (``benchmarks.profile_step``)."""
+    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "finetune"],
                         choices=["tokenizer", "pretrain", "finetune"])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base", "large", "huge"])
@@ -222,6 +332,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scan-blocks", action="store_true",
                         help="nn.scan over stacked blocks (compiles one block instead of depth)")
     parser.add_argument("--mesh", nargs=3, type=int, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
+    parser.add_argument("--vs-xla-defaults", action="store_true",
+                        help="also compile each step with XLA's default options (labram_jax.compile_options) "
+                             "and time the two alternately: what the options buy on this machine (stages that keep "
+                             "XLA's defaults, the tokenizer, are not compared)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory and FLOPs without running steps (sizes too big to run here)")
     parser.add_argument("--compilation-cache", default="", help="persistent XLA compilation cache directory")
@@ -229,6 +343,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", default="auto", help="peak TFLOP/s of all devices together, or auto")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    parser.add_argument("--reference", default="",
+                        help="checkout of the original LaBraM code: time its steps right after ours on this machine "
+                             "(benchmarks.reference_step, held to XLA's instruction set) and report the ratio")
     args = parser.parse_args(argv)
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
@@ -254,15 +371,16 @@ def main(argv=None):
                 continue  # one tokenizer size: see the docstring
             print(f"... {stage} {size}", flush=True)
             rows.append(bench_one(stage, size, args, peak))
+    reference = run_reference(args.reference, rows, args, machine) if args.reference else None
     print_table(rows, f"{peak:.3f} TFLOP/s ({peak_note})" if peak else peak_note)
-    if any("vs_reference" in r for r in rows):
-        print(f"vs ref: against the reference's samples/s measured on a {REFERENCE_MACHINE}; "
-              f"this run: {machine_lib.summary(machine)}")
+    if reference:
+        print(f"vs ref: the original PyTorch code in this run, torch {reference['torch']} on "
+              f"{reference['torch_isa']}, {reference['torch_threads']} threads")
     device = jax.devices()[0]
     result = {"backend": jax.default_backend(), "device_kind": device.device_kind, "devices": jax.device_count(),
               "jax": jax.__version__, "python": platform.python_version(), "machine": platform.platform(),
               "cpus": os.cpu_count(), "machine_detail": machine, "peak_tflops": peak, "peak_source": peak_note,
-              "reference_machine": REFERENCE_MACHINE,
+              "reference": reference,
               "command": "python -m benchmarks.train_step " + " ".join(argv if argv is not None else os.sys.argv[1:]),
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)

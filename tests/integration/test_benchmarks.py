@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import train_step
+from benchmarks import profile_step, train_step
 from labram_jax import host_memory
 from tests.conftest import ROOT
 
@@ -26,6 +26,41 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
         assert row["traces"] == 1 and row["steps"] == 2 and row["mesh"]["data"] == 2
         assert row["samples_per_s"] > 0 and row["model_tflops_per_step"] > 0 and row["compile_s"] > 0
         assert row["compiled_total_mib"] > 0 and 0 < row["mfu"] < 1
+
+
+def test_profile_step_attributes_the_step_time_to_model_parts(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    result = profile_step.main(["--stage", "finetune", "--size", "tiny", "--steps", "2", "--warmup", "1",
+                                "--channels", "4", "--windows", "3", "--top", "5", "--devices", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "model part" in printed and "slowest 5 operations" in printed
+    saved = json.loads(out.read_text())
+    assert saved["by_part"] == pytest.approx(result["by_part"]) and saved["steps"] == 2
+    parts = result["by_part"]
+    assert parts["attention"] > 0 and parts["mlp"] > 0  # the transformer's own operations are found
+    assert sum(parts.values()) == pytest.approx(result["total_ms_per_step"])
+    assert 0.2 * 1e3 * result["step_s_median"] < result["total_ms_per_step"] < 5 * 1e3 * result["step_s_median"]
+
+
+def test_profile_parts_come_from_op_name_scopes():
+    text = """HloModule m
+ENTRY %main {
+  %p = f32[8,4]{1,0} parameter(0)
+  %fusion.1 = f32[8,4]{1,0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(step)/jvp(LaBraM)/encoder/blocks_0/attn/exp"}
+  ROOT %dot.2 = f32[8,8]{1,0} dot(%p, %p), metadata={op_name="jit(step)/transpose(jvp(LaBraM))/blocks_3/mlp/fc1/dot_general"}
+}"""
+    index = profile_step.hlo_index(text)
+    assert index["fusion.1"] == ("fusion", "jit(step)/jvp(LaBraM)/encoder/blocks_0/attn/exp")
+    assert index["dot.2"][0] == "dot" and index["p"] == ("parameter", "")
+    assert profile_step.part_of(index["fusion.1"][1]) == "attention"
+    assert profile_step.part_of(index["dot.2"][1]) == "mlp"
+    assert profile_step.part_of("jit(step)/jvp(VQNSP.tokenize)/encoder/blocks_1/attn/exp") == "tokenizer (frozen targets)"
+    assert profile_step.part_of("jit(step)/jvp(VQNSP)/quantizer/reduce") == "quantizer"
+    assert profile_step.part_of("") == "unattributed"
+    table = profile_step.breakdown({"fusion.1": 0.3, "dot.2": 0.1}, index, steps=2)
+    assert table["by_part"] == pytest.approx({"attention": 150.0, "mlp": 50.0})
+    assert table["by_kind"] == pytest.approx({"fusion": 150.0, "dot": 50.0})
+    assert [op["name"] for op in table["ops"]] == ["fusion.1", "dot.2"] and table["total_ms_per_step"] == 200.0
 
 
 def test_reexec_sets_the_hugepage_tunable_once(tmp_path):

@@ -1,0 +1,219 @@
+"""Benchmark: the original PyTorch LaBraM's training steps, for a ratio measured in the same run.
+
+    python -m benchmarks.reference_step --reference PATH [--stages tokenizer pretrain finetune] \
+        [--batch 8] [--steps 20] [--warmup 3] [--json OUT.json]
+
+``PATH`` is a checkout of the original code (https://github.com/935963004/LaBraM: its
+``modeling_vqnsp.py``, ``modeling_pretrain.py``, ``modeling_finetune.py``,
+``norm_ema_quantizer.py``). It needs torch and einops (``pip install 'labram_jax[reference]'``);
+timm 0.4.12 is used when it imports, otherwise the four timm helpers those files import are
+provided here (timm imports torchvision, which a CPU-only torch may lack; see
+:func:`install_timm_helpers`).
+
+Each stage runs the step of the original training scripts with the settings of its README
+commands, Base size, float32, on random EEG-like batches of the reference's shapes (23 channels;
+8 s for the tokenizer and pretraining, 10 s for fine-tuning, as ``benchmarks.train_step``):
+
+- tokenizer: ``vqnsp_encoder_base_decoder_3x200x12`` (8192 x 64 codebook, k-means init in the
+  warm-up), ``loss, _ = model(x, input_chans)``, backward, gradient norm, AdamW (0.9, 0.99);
+- pretrain: ``labram_base_patch200_1600_8k_vocab`` with a frozen VQ-NSP giving the targets under
+  ``no_grad``, 50 % random masking, both cross-entropies, backward, clip 3.0, AdamW (0.9, 0.98);
+- finetune: ``labram_base_patch200_200`` (one output, drop path 0.1, absolute positions, no
+  relative bias, no q/k/v bias), BCE with logits, backward, gradient norm, AdamW.
+
+``benchmarks.train_step --reference PATH`` runs this in a subprocess with PyTorch held to the
+instruction set XLA was held to, and divides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import types
+
+import numpy as np
+
+SHAPES = {"finetune": (23, 10), "pretrain": (23, 8), "tokenizer": (23, 8)}
+
+
+def install_timm_helpers() -> str:
+    """Make ``timm.models.layers`` and ``timm.models.registry`` importable for the reference's model
+    files. Returns ``"timm <version>"`` when the real timm imports, else ``"helpers"`` after putting
+    minimal modules with the four names those files use in ``sys.modules``: ``trunc_normal_``
+    (``torch.nn.init.trunc_normal_``), ``to_2tuple``, ``drop_path`` (per-sample stochastic depth:
+    keep with probability 1 - p, scale kept samples by 1 / (1 - p)) and ``register_model``
+    (returns the function). Only ``drop_path`` runs inside a training step."""
+    try:
+        import timm.models.layers  # noqa: F401
+        import timm.models.registry  # noqa: F401
+        import timm
+        return f"timm {timm.__version__}"
+    except (ImportError, RuntimeError):  # a torchvision built for another torch fails with RuntimeError
+        for name in [m for m in sys.modules if m == "timm" or m.startswith(("timm.", "torchvision"))]:
+            del sys.modules[name]
+    import torch
+
+    def drop_path(x, drop_prob: float = 0.0, training: bool = False):
+        if drop_prob == 0.0 or not training:
+            return x
+        keep = 1.0 - drop_prob
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device) < keep
+        return x * mask / keep
+
+    layers = types.ModuleType("timm.models.layers")
+    layers.trunc_normal_ = lambda tensor, mean=0.0, std=1.0, a=-2.0, b=2.0: torch.nn.init.trunc_normal_(
+        tensor, mean, std, a, b)
+    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    layers.drop_path = drop_path
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    models = types.ModuleType("timm.models")
+    models.layers, models.registry = layers, registry
+    timm = types.ModuleType("timm")
+    timm.models = models
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
+                        "timm.models.registry": registry})
+    return "helpers"
+
+
+def import_reference(path: str) -> dict:
+    """The reference's three model modules, imported from the checkout at ``path``."""
+    import os
+    missing = [f for f in ("modeling_vqnsp.py", "modeling_pretrain.py", "modeling_finetune.py",
+                           "norm_ema_quantizer.py") if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise SystemExit(f"--reference {path}: missing {', '.join(missing)}; pass a checkout of "
+                         "https://github.com/935963004/LaBraM")
+    sys.path.insert(0, os.path.abspath(path))
+    return {name: importlib.import_module(f"modeling_{name}") for name in ("vqnsp", "pretrain", "finetune")}
+
+
+def random_masking(batch: int, tokens: int, ratio: float, torch):
+    """The reference's per-sample masking: (batch, tokens) bool, ``tokens - int(tokens * (1 - ratio))``
+    True per row."""
+    keep = int(tokens * (1 - ratio))
+    order = torch.argsort(torch.rand(batch, tokens), dim=1)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[:, :keep] = False
+    return torch.gather(mask, 1, torch.argsort(order, dim=1))
+
+
+def build_step(stage: str, modules: dict, batch: int, torch):
+    """(step function of one batch, list of batches) for ``stage``, as the original scripts run it."""
+    channels, windows = SHAPES[stage]
+    input_chans = list(range(channels + 1))  # cls row first, then the first spatial-table rows
+    gen = torch.Generator().manual_seed(0)
+    batches = [0.5 * torch.randn(batch, channels, windows, 200, generator=gen) for _ in range(3)]
+    if stage == "tokenizer":
+        model = modules["vqnsp"].vqnsp_encoder_base_decoder_3x200x12(n_code=8192, code_dim=64,
+                                                                     quantize_kmeans_init=True)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.99), weight_decay=1e-4)
+
+        def loss_of(x):  # the original's tokenizer loop passes (batch, channels, samples)
+            return model(x.flatten(2), input_chans=input_chans)[0]
+        clip = None
+    elif stage == "pretrain":
+        tokenizer = modules["vqnsp"].vqnsp_encoder_base_decoder_3x200x12(n_code=8192, code_dim=64).eval()
+        tokenizer.quantize.embedding.initted.fill_(1.0)  # as loaded from a trained checkpoint
+        model = modules["pretrain"].labram_base_patch200_1600_8k_vocab(
+            drop_path_rate=0.0, use_shared_rel_pos_bias=False, use_abs_pos_emb=True, init_values=0.1,
+            vocab_size=8192)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05)
+        ce = torch.nn.CrossEntropyLoss()
+
+        def loss_of(x):
+            mask = random_masking(x.shape[0], channels * windows, 0.5, torch)
+            with torch.no_grad():
+                ids = tokenizer.get_codebook_indices(x, input_chans)
+            rec, rec_sym = model(x, input_chans, bool_masked_pos=mask)
+            return ce(rec, ids[mask]) + ce(rec_sym, ids[~mask])
+        clip = 3.0
+    elif stage == "finetune":
+        model = modules["finetune"].labram_base_patch200_200(
+            num_classes=1, drop_rate=0.0, drop_path_rate=0.1, attn_drop_rate=0.0, use_mean_pooling=True,
+            init_scale=0.001, use_rel_pos_bias=False, use_abs_pos_emb=True, init_values=0.1, qkv_bias=False)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+        bce = torch.nn.BCEWithLogitsLoss()
+        labels = [torch.randint(0, 2, (batch,), generator=gen).float() for _ in batches]
+        label_of = {id(x): y for x, y in zip(batches, labels)}
+
+        def loss_of(x):
+            return bce(model(x, input_chans=input_chans).squeeze(-1), label_of[id(x)])
+        clip = None
+    else:
+        raise ValueError(f"unknown stage {stage!r}: tokenizer, pretrain or finetune")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x):
+        loss = loss_of(x)
+        opt.zero_grad()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        else:  # the original's loss scaler computes the norm for its log either way
+            torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]), 2.0)
+        opt.step()
+        return float(loss.detach())
+    return step, batches
+
+
+def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dict:
+    import torch
+    step, batches = build_step(stage, modules, batch, torch)
+    times = []
+    loss = float("nan")
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = step(batches[i % len(batches)])
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    channels, windows = SHAPES[stage]
+    return {"stage": stage, "size": "base", "batch": batch, "channels": channels, "windows": windows,
+            "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
+            "samples_per_s": batch / median, "loss": loss}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", required=True, help="checkout of https://github.com/935963004/LaBraM")
+    parser.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "finetune"], choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default="", help="also write the result here")
+    args = parser.parse_args(argv)
+    missing = [m for m in ("torch", "einops") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"the reference needs {' and '.join(missing)}: pip install 'labram_jax[reference]'")
+    import torch
+    timm_source = install_timm_helpers()
+    modules = import_reference(args.reference)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    result = {"torch": torch.__version__, "torch_isa": torch.backends.cpu.get_cpu_capability(),
+              "torch_threads": torch.get_num_threads(), "timm": timm_source, "reference": args.reference,
+              "rows": []}
+    for stage in args.stages:
+        print(f"... reference {stage} base", file=sys.stderr, flush=True)
+        result["rows"].append(bench(stage, modules, args.batch, args.steps, args.warmup))
+    for r in result["rows"]:
+        print(f"reference {r['stage']:<9} base B={r['batch']} {r['channels']}x{r['windows']}: "
+              f"{1e3 * r['step_s_median']:.0f} ms/step, {r['samples_per_s']:.2f} samples/s", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

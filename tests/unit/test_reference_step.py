@@ -1,0 +1,162 @@
+"""benchmarks.reference_step and train_step --reference: the original's steps timed in the same run.
+
+The original code is not in CI (it is fetched from GitHub); a stand-in checkout with the same
+entry points and call signatures checks the plumbing: the subprocess, the instruction-set
+environment, the JSON and the ratio.
+"""
+
+import sys
+import textwrap
+import types
+
+import pytest
+
+from benchmarks import train_step
+
+FAKE_MODELS = '''
+import torch
+
+class _Tokenizer(torch.nn.Module):
+    def __init__(self, n_code, code_dim):
+        super().__init__()
+        self.proj = torch.nn.Linear(200, code_dim)
+        self.codebook = torch.nn.Parameter(torch.randn(n_code, code_dim))
+        self.quantize = torch.nn.Module()
+        self.quantize.embedding = torch.nn.Module()
+        self.quantize.embedding.register_buffer("initted", torch.zeros(1))
+
+    def forward(self, x, input_chans=None):
+        assert x.ndim == 3 and x.shape[-1] % 200 == 0 and len(input_chans) == x.shape[1] + 1
+        z = self.proj(x.reshape(x.shape[0], -1, 200))
+        return ((z @ self.codebook.T) ** 2).mean(), {}
+
+    def get_codebook_indices(self, x, input_chans=None):
+        assert x.ndim == 4 and not torch.is_grad_enabled()
+        return (self.proj(x.flatten(1, 2)) @ self.codebook.T).argmax(-1)
+
+def vqnsp_encoder_base_decoder_3x200x12(n_code=8192, code_dim=32, **kwargs):
+    return _Tokenizer(n_code, code_dim)
+'''
+FAKE_PRETRAIN = '''
+import torch
+
+class _Masked(torch.nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.head = torch.nn.Linear(200, vocab_size)
+
+    def forward(self, x, input_chans, bool_masked_pos):
+        t = self.head(x.flatten(1, 2))
+        return t[bool_masked_pos], t[~bool_masked_pos]
+
+def labram_base_patch200_1600_8k_vocab(vocab_size=8192, **kwargs):
+    assert kwargs["use_abs_pos_emb"] and kwargs["init_values"] == 0.1
+    return _Masked(vocab_size)
+'''
+FAKE_FINETUNE = '''
+import torch
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.head = torch.nn.Linear(23 * 10 * 200, num_classes)
+
+    def forward(self, x, input_chans=None):
+        return self.head(x.flatten(1))
+
+def labram_base_patch200_200(num_classes=1000, **kwargs):
+    assert num_classes == 1 and kwargs["qkv_bias"] is False and kwargs["drop_path_rate"] == 0.1
+    return _Classifier(num_classes)
+'''
+
+
+@pytest.fixture
+def fake_reference(tmp_path):
+    ref = tmp_path / "LaBraM"
+    ref.mkdir()
+    (ref / "modeling_vqnsp.py").write_text(textwrap.dedent(FAKE_MODELS))
+    (ref / "modeling_pretrain.py").write_text(textwrap.dedent(FAKE_PRETRAIN))
+    (ref / "modeling_finetune.py").write_text(textwrap.dedent(FAKE_FINETUNE))
+    (ref / "norm_ema_quantizer.py").write_text("")
+    return ref
+
+
+def base_row(stage, samples_per_s, **over):
+    channels, windows = train_step.DEFAULT_SHAPES[stage]
+    row = {"stage": stage, "size": "base", "dtype": "float32", "steps": 2, "channels": channels,
+           "windows": windows, "samples_per_s": samples_per_s}
+    return {**row, **over}
+
+
+def test_the_reference_is_held_to_the_instruction_set_xla_is_held_to():
+    held = train_step.reference_env({}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2"})
+    assert (held["ATEN_CPU_CAPABILITY"], held["MKL_ENABLE_INSTRUCTIONS"], held["ONEDNN_MAX_CPU_ISA"]) == \
+        ("avx2", "AVX2", "AVX2")
+    assert "ATEN_CPU_CAPABILITY" not in train_step.reference_env({}, {"XLA_FLAGS": ""})
+    assert "ATEN_CPU_CAPABILITY" not in train_step.reference_env({}, {"XLA_FLAGS": "--xla_cpu_max_isa=AVX512"})
+    assert train_step.reference_env({}, {"XLA_FLAGS": "--xla_cpu_max_isa=AVX"})["ATEN_CPU_CAPABILITY"] == "default"
+    mine = train_step.reference_env({}, {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "ATEN_CPU_CAPABILITY": "default"})
+    assert mine["ATEN_CPU_CAPABILITY"] == "default"  # what the user set wins
+
+
+def test_only_base_float32_rows_at_the_reference_shapes_compare():
+    assert train_step.comparable_to_reference(base_row("pretrain", 1.0))
+    assert not train_step.comparable_to_reference(base_row("pretrain", 1.0, size="tiny"))
+    assert not train_step.comparable_to_reference(base_row("pretrain", 1.0, dtype="bfloat16"))
+    assert not train_step.comparable_to_reference(base_row("finetune", 1.0, windows=4))
+    assert not train_step.comparable_to_reference(base_row("tokenizer", 1.0, steps=0))
+
+
+def test_timm_helpers_drop_whole_samples_and_keep_the_mean(monkeypatch):
+    torch = pytest.importorskip("torch", reason="the reference harness needs torch")
+    from benchmarks import reference_step
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm (or its torchvision) would not import
+    assert reference_step.install_timm_helpers() == "helpers"
+    layers = sys.modules["timm.models.layers"]
+    for name in ("timm", "timm.models", "timm.models.layers", "timm.models.registry"):
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # undone after the test
+    x = torch.ones(4000, 3, 5)
+    out = layers.drop_path(x, 0.25, training=True)
+    per_sample = out.reshape(4000, -1)
+    values = per_sample.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.75)
+    assert bool((per_sample == per_sample[:, :1]).all())  # a whole sample is kept or dropped
+    assert abs(float(out.mean()) - 1.0) < 0.05
+    assert layers.drop_path(x, 0.25, training=False) is x
+    assert layers.to_2tuple(3) == (3, 3) and sys.modules["timm.models.registry"].register_model(len) is len
+    t = layers.trunc_normal_(torch.empty(10000), std=0.02)
+    assert float(t.abs().max()) <= 2.0 and abs(float(t.std()) - 0.02) < 0.002
+
+
+def test_masking_masks_the_reference_count_per_sample():
+    torch = pytest.importorskip("torch", reason="the reference harness needs torch")
+    from benchmarks import reference_step
+    mask = reference_step.random_masking(5, 184, 0.5, torch)
+    assert mask.shape == (5, 184) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [92] * 5 and len({tuple(m.tolist()) for m in mask}) == 5
+
+
+def test_train_step_times_the_reference_in_the_same_run(fake_reference, monkeypatch):
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    pytest.importorskip("einops", reason="the reference's model files import einops")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    rows = [base_row("tokenizer", 4.0), base_row("finetune", 2.0), base_row("pretrain", 1.0, size="tiny")]
+    args = types.SimpleNamespace(batch=2, steps=2, warmup=1)
+    reference = train_step.run_reference(str(fake_reference), rows, args, {})
+    assert [r["stage"] for r in reference["rows"]] == ["tokenizer", "finetune"]  # Tiny is not compared
+    assert reference["torch_isa"] == "AVX2" or reference["torch_isa"] == "DEFAULT"
+    assert reference["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and reference["timm"]
+    for row, ref in zip(rows[:2], reference["rows"]):
+        assert ref["samples_per_s"] > 0 and ref["steps"] == 2 and ref["batch"] == 2
+        assert row["reference_samples_per_s"] == ref["samples_per_s"]
+        assert row["vs_reference"] == pytest.approx(row["samples_per_s"] / ref["samples_per_s"])
+    assert "vs_reference" not in rows[2]
+
+
+def test_a_checkout_without_the_model_files_is_refused(tmp_path):
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    from benchmarks import reference_step
+    with pytest.raises(SystemExit, match="missing modeling_vqnsp.py.*935963004/LaBraM"):
+        reference_step.import_reference(str(tmp_path))
