@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from labram_jax import input_pipeline, sharding, steps
+from labram_jax import compile_options, input_pipeline, sharding, steps
 from labram_jax.models import config as model_config
 from labram_jax.tasks import pretrain as pretrain_task
 
@@ -157,13 +157,16 @@ def estimate(config, stage, encoders, extra_per_sample: int, tokens: int, mesh: 
 
 def compiled_gib(config, stage, mesh: Mesh, global_batch: int) -> float | None:
     """XLA's per-device memory of the compiled step on this machine's devices (None when the
-    mesh does not match the local device count)."""
+    mesh does not match the local device count), compiled with XLA's default options: the plan
+    is for accelerators, where the CPU-only options of ``labram_jax.compile_options`` (which cut
+    CPU temporaries by about a fifth) do not apply."""
     if mesh.devices != jax.device_count():
         return None
     real = sharding.make_mesh((mesh.data, mesh.fsdp, mesh.tensor))
     key = jax.random.key(0)
-    built = steps.build(config, stage, real, sharding.rules_from_config(config), _grid(config), global_batch, key,
-                        key, 1000, 10)
+    with compile_options.xla_defaults():
+        built = steps.build(config, stage, real, sharding.rules_from_config(config), _grid(config), global_batch,
+                            key, key, 1000, 10)
     memory = steps.compiled_memory(built.compiled)
     return memory["total"] / GIB if memory else None
 
