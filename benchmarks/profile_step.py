@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
         devices = bench.mesh.devices.size  # every device runs the program: report per device
         result = breakdown(op_times(trace_dir, set(index)), index, args.steps * devices)
     result.update(stage=stage, size=size, batch=args.batch, channels=bench.grid.channels,
-                  windows=bench.grid.windows, steps=args.steps, step_s_median=sorted(times)[len(times) // 2],
+                  windows=bench.grid.windows, steps=args.steps, step_s_median=statistics.median(times),
                   machine=machine, command="python -m benchmarks.profile_step " + " ".join(
                       sys.argv[1:] if argv is None else argv))
     print_breakdown(result, args.top)
