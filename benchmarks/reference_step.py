@@ -54,8 +54,8 @@ def install_timm_helpers() -> str:
         import timm
         return f"timm {timm.__version__}"
     except (ImportError, RuntimeError):  # a torchvision built for another torch fails with RuntimeError
-        for name in [m for m in sys.modules if m == "timm" or m.startswith(("timm.", "torchvision"))]:
-            del sys.modules[name]
+        for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+            del sys.modules[name]  # a half-imported timm
     import torch
 
     def drop_path(x, drop_prob: float = 0.0, training: bool = False):

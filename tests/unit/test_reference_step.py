@@ -107,16 +107,26 @@ def test_only_base_float32_rows_at_the_reference_shapes_compare():
     assert not train_step.comparable_to_reference(base_row("tokenizer", 1.0, steps=0))
 
 
-def test_timm_helpers_drop_whole_samples_and_keep_the_mean(monkeypatch):
+def _timm_modules():
+    return [m for m in sys.modules if m == "timm" or m.startswith("timm.")]
+
+
+@pytest.fixture
+def without_timm():
+    """sys.modules as if timm would not import; every timm entry as it was afterwards."""
+    saved = {m: sys.modules.pop(m) for m in _timm_modules()}
+    sys.modules["timm"] = None
+    yield
+    for m in _timm_modules():
+        del sys.modules[m]
+    sys.modules.update(saved)
+
+
+def test_timm_helpers_drop_whole_samples_and_keep_the_mean(without_timm):
     torch = pytest.importorskip("torch", reason="the reference harness needs torch")
     from benchmarks import reference_step
-    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm (or its torchvision) would not import
     assert reference_step.install_timm_helpers() == "helpers"
     layers = sys.modules["timm.models.layers"]
-    for name in ("timm", "timm.models", "timm.models.layers", "timm.models.registry"):
-        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # undone after the test
     x = torch.ones(4000, 3, 5)
     out = layers.drop_path(x, 0.25, training=True)
     per_sample = out.reshape(4000, -1)
