@@ -2,8 +2,8 @@
 
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
-        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] [--out benchmarks/results] \
-        [--reference PATH/TO/LaBraM] [--vs-xla-defaults]
+        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] \
+        [--out benchmarks/results] [--reference PATH/TO/LaBraM] [--vs-xla-defaults]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -18,7 +18,8 @@ tokenizer 23 channels x 8 s. ``--reference``: the original PyTorch code's steps 
 ours on this machine, held to the same instruction set (``benchmarks.reference_step``), and the
 ratio. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
 (``labram_jax.compile_options``), steps alternated, and the paired speed-up. The tokenizer has
-one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to ``<out>/train_step_<backend>.json``.
+one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
+``<out>/train_step_<backend>.json``.
 """
 
 from __future__ import annotations
@@ -224,10 +225,11 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
            "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
            "loss": loss, "traces": len(traces), **memory_figures(compiled)}
     if baseline is not None:
+        base_memory = {k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}
         row["xla_defaults"] = {"options": compile_options.compiler_options(),
                                "step_s_median": statistics.median(base_times),
                                "speedup_paired_median": statistics.median(b / t for b, t in zip(base_times, times)),
-                               **{k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}}
+                               **base_memory}
     return row
 
 
@@ -265,6 +267,9 @@ def reference_env(machine: dict, env: dict | None = None) -> dict:
 def run_reference(path: str, rows: list[dict], args, machine: dict) -> dict | None:
     """Time the original's steps (``benchmarks.reference_step``) for the stages of the comparable rows,
     in a subprocess on the same machine right after ours, and add the ratio to those rows."""
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"--reference times the original on this machine's CPU; this run's steps ran on "
+                         f"{jax.default_backend()}: compare on a CPU run (JAX_PLATFORMS=cpu), or drop --reference")
     stages = [r["stage"] for r in rows if comparable_to_reference(r)]
     if not stages:
         print("--reference: no Base float32 row at the reference's shapes to compare", flush=True)

@@ -53,8 +53,8 @@ def corpus_code_usage(path: str, spec: str, split: str, max_channels: int, max_w
     _, model, variables = model_file.load(path, kind="tokenizer")
     variables = {k: v for k, v in variables.items() if k in ("params", "codebook")}
     num_codes = model.cfg.codebook_size
-    tokenize = compile_options.jit(lambda v, b: model.apply(v, b["x"], b["channel_ids"], stage_lib.effective_patch_mask(b),
-                                                method=model.tokenize))
+    tokenize = compile_options.jit(lambda v, b: model.apply(v, b["x"], b["channel_ids"],
+                                                            stage_lib.effective_patch_mask(b), method=model.tokenize))
     counts = np.zeros((num_codes,), np.int64)
     grid = input_pipeline.Grid(max_channels, max_windows)
     for batch in input_pipeline.eval_batches(spec, grid, batch_size, split):
