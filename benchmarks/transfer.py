@@ -30,6 +30,11 @@ reads 4-s windows (EEGMAT's every 2 s); every corpus gets the same budget of ste
 fold, and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. ``--stem`` sets
 ``model.patch_embed`` of every stage.
 
+``--probe mean channel`` replaces fine-tuning by linear probes: the encoder stays frozen
+(random weights for corpus ``none``, one per seed; the pretrained encoder otherwise), its
+embeddings are pooled over every token or per channel (``api.Predictor.embed_windows``) and
+the log-spectrum anchor's standardised logistic regression is fitted on the anchors' windows.
+
 The classical baselines (``labram_jax.baselines``) are fitted on the same training subjects'
 non-overlapping windows and scored on the same windows. The report gives, per row, the mean +-
 std over folds x seeds and each fold's mean; ``<workdir>/<task>.json`` keeps every number.
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import pathlib
@@ -53,6 +59,7 @@ from labram_jax_configs import eegmat as eegmat_config
 from labram_jax_configs import small_data
 from data_prep import __main__ as data_prep_cli
 from data_prep import folds as folds_lib
+from labram_jax import records as records_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EEGMAT = ROOT.parent / "shared" / "eeg" / "eegmat"
@@ -234,6 +241,47 @@ def finetune(task: str, split: Split, stem: str, seed: int, init: str, workdir: 
     return result
 
 
+PROBE_C = 1e-3  # the log-spectrum anchor's C: the probe and that anchor differ only in their features
+
+
+def random_encoder(task: str, stem: str, seed: int, overrides: list[str]):
+    """The task's fine-tuning model (with the ``finetune:`` overrides) with random weights
+    (``seed``), as an ``api.Predictor``: the control of a linear probe (what the architecture
+    alone gives, before any training)."""
+    import jax
+    import jax.numpy as jnp
+
+    from labram_jax import api
+    from labram_jax.models import config as model_config, transformer
+    from labram_jax.tasks import stage as stage_lib
+
+    config = apply_overrides(stage_config(task, "finetune", stem, seed), overrides)
+    model = transformer.LaBraM(model_config.labram(config.model.size, **stage_lib.model_options(config)))
+    channels, windows = config.data.max_channels, config.data.max_windows
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, channels, windows, records_lib.SAMPLE_RATE)),
+                           jnp.arange(1, channels + 1))
+    return api.Predictor("finetune", model, dict(variables), "binary", windows)
+
+
+def linear_probe(split: Split, predictor, pooling: str) -> dict:
+    """The frozen encoder's embeddings (``pooling``) of the split's non-overlapping windows ->
+    standardised L2 logistic regression (``PROBE_C``), fitted on the training subjects and
+    scored on the held-out ones: the classical anchors' windows and classifier."""
+    from labram_jax import baselines
+
+    def embed(x):  # [n, C, T] at 200 Hz -> features
+        patches = x.reshape(len(x), x.shape[1], -1, records_lib.SAMPLE_RATE)
+        return predictor.embed_windows(patches, rows, 64, pooling)
+
+    train = baselines.load_windows(split.baseline, "train")
+    rows = train.channel_ids
+    probe = baselines.Baseline("probe", f"linear probe ({pooling})", embed,
+                               functools.partial(baselines.standardised_lr, PROBE_C))
+    t0 = time.perf_counter()
+    scores = baselines.fit_and_score(probe, train, baselines.load_windows(split.baseline, "val"))
+    return {**scores, "wall_s": time.perf_counter() - t0}
+
+
 def record(report_path: pathlib.Path, keys: tuple[str, ...], value) -> None:
     """Sets ``report[k0][k1]...[kn] = value`` in the JSON report, read and written under a file
     lock, so several harness processes (other rows of the grid) can share one report."""
@@ -312,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-tag", default=None, help="take the pretraining runs of this tag (default: --tag), "
                         "e.g. to fine-tune differently from the same pretrained encoders")
     parser.add_argument("--no-baselines", action="store_true", help="skip the classical baselines")
+    parser.add_argument("--probe", nargs="+", default=None, choices=("mean", "channel"),
+                        help="linear probes instead of fine-tuning: the encoder stays frozen (random weights for "
+                        "corpus none, one per seed; the pretrained encoder otherwise, its --pretrain-seed), its "
+                        "embeddings pooled over all tokens (mean) or per channel, then the log-spectrum anchor's "
+                        "standardised LR on the same windows")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
     args = parser.parse_args(argv)
@@ -369,6 +422,21 @@ def main(argv: list[str] | None = None) -> int:
                         record(report_path, ("pretraining", key, scope, str(args.pretrain_seed)), info)
                         init = str(root / "pretrain")
                     if args.tokenizer_only:
+                        continue
+                    if args.probe:
+                        if corpus != "none" and seed != args.seeds[0]:
+                            continue  # one probe per pretrained encoder: it is deterministic
+                        from labram_jax import api
+
+                        predictor = (random_encoder(args.task, stem, seed, args.overrides) if corpus == "none"
+                                     else api.load(init))
+                        for pooling in args.probe:
+                            probe_key = f"{corpus}/{stem}-probe-{pooling}{suffix}"
+                            probe_seed = str(seed if corpus == "none" else args.pretrain_seed)
+                            scores = linear_probe(split, predictor, pooling)
+                            record(report_path, ("rows", probe_key, split.name, probe_seed), scores)
+                            print(f"{probe_key} {split.name} encoder seed {probe_seed}: BAcc "
+                                  f"{scores['balanced_accuracy']:.3f} AUROC {scores['auroc']:.3f}", flush=True)
                         continue
                     run_dir = workdir / args.task / f"{corpus}-{stem}{suffix}" / split.name / f"seed{seed}"
                     scores = finetune(args.task, split, stem, seed, init, run_dir, args.overrides)

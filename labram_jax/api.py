@@ -31,6 +31,9 @@ from labram_jax import reading
 from labram_jax.tasks import finetune
 
 
+POOLINGS = ("mean", "channel")  # how embed_windows pools a window's patch tokens
+
+
 @dataclasses.dataclass(frozen=True)
 class Embeddings:
     """Per-window and per-patch embeddings of one recording (or of epochs).
@@ -51,6 +54,12 @@ class Embeddings:
     start_s: np.ndarray
     dropped: tuple[tuple[str, str], ...]
     mapping: tuple[dict, ...] = ()
+
+    @property
+    def per_channel(self) -> np.ndarray:
+        """[n, N, D]: each channel's patch embeddings averaged over the window's 1-s patches
+        (``pooling="channel"`` of :meth:`Predictor.embed_windows`, before flattening)."""
+        return self.patches.mean(axis=2)
 
 
 class Predictor:
@@ -141,9 +150,26 @@ class Predictor:
         logits = self._run(self._logits, np.asarray(x, np.float32), channel_rows, batch_size)
         return np.asarray(finetune.scores(self.task, jnp.asarray(logits)))
 
-    def embed_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """The pooled embedding [n, D] of windows already prepared (:meth:`windows`)."""
-        return self._run(self._embed, np.asarray(x, np.float32), channel_rows, batch_size)[0]
+    def embed_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32,
+                      pooling: str = "mean") -> np.ndarray:
+        """Embeddings of windows already prepared (:meth:`windows`), pooled by ``pooling``:
+
+        - ``"mean"``: [n, D], the mean over every patch token (the classifier head's input);
+        - ``"channel"``: [n, N * D], each channel's tokens averaged over the window's 1-s
+          patches, channels concatenated in the order of ``channel_rows``. It keeps which
+          electrode carries what, which the mean over channels averages away: the input of a
+          linear probe on a fixed montage (BENCHMARKS.md "Transfer": on EEGMAT +0.01-0.03
+          balanced accuracy and AUROC over ``"mean"`` for random and EEGMAT-pretrained
+          encoders, level for an EEGMMIDB-pretrained one).
+        """
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}: choose one of {POOLINGS}")
+        x = np.asarray(x, np.float32)
+        pooled, tokens = self._run(self._embed, x, channel_rows, batch_size)
+        if pooling == "mean":
+            return pooled
+        n, c, a = x.shape[:3]
+        return tokens.reshape(n, c, a, -1).mean(axis=2).reshape(n, -1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -63,20 +64,15 @@ def band_passed(x: np.ndarray, band: tuple[float, float] = CSP_BAND_HZ) -> np.nd
     return sosfiltfilt(sos, x, axis=-1)
 
 
-def _band_power_lr():
+def standardised_lr(C: float):
+    """Standardised features -> L2 logistic regression with inverse regularisation ``C`` and
+    class-balanced weights: the classifier of the LR anchors and of LaBraM's linear probe
+    (``estimator.linear_probe``), so the two differ only in their features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced"))
-
-
-def _log_spectrum_lr():
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.001, max_iter=5000, class_weight="balanced"))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, class_weight="balanced"))
 
 
 def _csp_lda():
@@ -99,8 +95,10 @@ class Baseline:
 
 
 BASELINES = {b.name: b for b in (
-    Baseline("band_power_lr", "log band power + LR", log_band_power, _band_power_lr),
-    Baseline("log_spectrum_lr", "log spectrum + LR (C = 0.001)", log_spectrum, _log_spectrum_lr),
+    Baseline("band_power_lr", "log band power + LR", log_band_power,
+             functools.partial(standardised_lr, 1.0)),
+    Baseline("log_spectrum_lr", "log spectrum + LR (C = 0.001)", log_spectrum,
+             functools.partial(standardised_lr, 0.001)),
     Baseline("csp_lda", "CSP + LDA (8-30 Hz)", band_passed, _csp_lda),
 )}
 

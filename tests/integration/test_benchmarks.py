@@ -111,6 +111,14 @@ def test_eegmat_anchor_reproduces_the_issue_figures_and_folds_are_by_subject(eeg
     # the task is linear in the whole log spectrum (measured 0.819 / 0.819)
     assert results["log_spectrum_lr"]["balanced_accuracy"] > 0.8 and results["log_spectrum_lr"]["auroc"] > 0.8
     assert 0 <= results["csp_lda"]["auroc"] <= 1
+    # linear probes of a LaBraM-Tiny with random weights on the same windows: its embeddings carry
+    # the spectrum (measured AUROC 0.910 pooled over all tokens, 0.834 per channel)
+    split = transfer.Split("fixed", "", "", str(tmp_path / "eegmat" / "fixed.json"), "")
+    for pooling in ("mean", "channel"):
+        encoder = transfer.random_encoder("eegmat", "spectrum", 0, [])
+        assert transfer.linear_probe(split, encoder, pooling)["auroc"] > 0.75
+    raw = transfer.random_encoder("eegmat", "spectrum", 0, ["finetune:model.input_norm=none"])
+    assert raw.model.cfg.input_norm == "none"  # the harness's --set reaches the probe's encoder
 
 
 def test_transfer_reads_a_finished_runs_last_validation(tmp_path):

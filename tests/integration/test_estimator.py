@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 
-from labram_jax.estimator import LabramClassifier, LabramEmbedder
+from labram_jax.estimator import LabramClassifier, LabramEmbedder, linear_probe
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,15 @@ def test_fit_predict_clone_and_cross_validation(eegmat_epochs, tmp_path):
     LabramClassifier(steps=4, batch_size=16, workdir=str(tmp_path / "kept")).fit(epochs, y)
     probe = make_pipeline(LabramEmbedder(model=str(tmp_path / "kept" / "finetune")), LogisticRegression())
     assert probe.fit(epochs, y).predict(epochs).shape == y.shape
+    # the packaged probe: per-channel embeddings, standardised, regularised LR; the encoder stays as saved
+    channel_probe = linear_probe(str(tmp_path / "kept" / "finetune"), batch_size=16).fit(epochs, y)
+    features = channel_probe[0].transform(epochs)
+    assert features.shape == (len(y), len(channel_probe[0].rows_) * 100) and len(channel_probe[0].rows_) > 1
+    assert channel_probe.predict_proba(epochs).shape == (len(y), 2)
+    with pytest.raises(ValueError, match="same montage"):
+        channel_probe[0].transform(epochs.copy().drop_channels([epochs.ch_names[0]]))
+    with pytest.raises(ValueError, match="choose one of"):
+        LabramEmbedder(model=str(tmp_path / "kept" / "finetune"), pooling="max").fit(epochs)
     with pytest.raises(ValueError, match="at least two classes"):
         LabramClassifier(steps=2).fit(epochs, np.zeros(len(y)))
 
