@@ -5,6 +5,7 @@
         [--grids 19x5 23x8 32x8 64x4 64x8 128x8 128x16] [--batches 1 2 4 8 16] [--batch 8] \
         [--batch-grid 23x8] [--steps 5] [--warmup 2] [--inference-sizes tiny base] \
         [--inference-hours 1] [--devices 1] [--out benchmarks/results] [--tag NAME]
+    python -m benchmarks.cost_curves --refit benchmarks/results/cost_curves_cpu_base.json
 
 Every point is one compiled training step of ``benchmarks.train_step`` (the step
 ``labram_jax.train`` runs, on random EEG-like batches), timed as the median of ``--steps``.
@@ -175,7 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inference-hours", type=float, default=1.0)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--refit", metavar="JSON", help="measure nothing: recompute the fits, tables and plot of a "
+                        "result written earlier (rewrites that JSON and its PNG)")
     args = parser.parse_args(argv)
+    if args.refit:
+        result = json.loads(pathlib.Path(args.refit).read_text())
+        result["curves"] = {key: fit_curve(c["tokens"], c["batch"]) for key, c in result["curves"].items()}
+        return write(result, pathlib.Path(args.refit).with_suffix(""))
     if len(args.grids) < 3:
         parser.error("--grids: at least 3 grids (the fit has 3 coefficients)")
     if args.dtype == "auto":
@@ -192,36 +199,48 @@ def main(argv: list[str] | None = None) -> dict:
                 continue  # one tokenizer size (benchmarks.train_step)
             tokens = [measure(stage, size, grid, args.batch, args) for grid in args.grids]
             batches = [measure(stage, size, args.batch_grid, b, args) for b in args.batches]
-            x = [r["tokens_per_sample"] for r in tokens]
-            result["curves"][f"{stage} {size}"] = {
-                "tokens": tokens, "batch": batches,
-                "time_fit": fit_quadratic(x, [r["step_s_per_sample"] for r in tokens]),
-                "memory_fit": fit_quadratic(x, [r["memory_mib"] for r in tokens]),
-                "batch_fit": fit_linear([r["batch"] for r in batches], [r["step_s_median"] for r in batches])}
+            result["curves"][f"{stage} {size}"] = fit_curve(tokens, batches)
     for size in args.inference_sizes:
         result["inference"].append(inference(size, args.inference_hours))
-    print("\n| stage size | ms/sample at fewest tokens | at most | time fit a + b L + c L^2 (ms) | crossover L* | "
-          "memory fit (MiB) | step vs batch t0 + t1 B (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    return write(result, pathlib.Path(args.out) / f"cost_curves_{result['backend']}{'_' + args.tag if args.tag else ''}")
+
+
+def fit_curve(tokens: list[dict], batches: list[dict]) -> dict:
+    """The fits of one (stage, size): time, compiled memory and model FLOPs per sample against
+    tokens per sample, step time against batch. The FLOP fit's crossover is where attention's
+    arithmetic equals the rest; the time fit's is where its time does (they differ when the
+    attention runs at a lower FLOP rate than the matrix products, as on XLA:CPU)."""
+    x = [r["tokens_per_sample"] for r in tokens]
+    return {"tokens": tokens, "batch": batches,
+            "time_fit": fit_quadratic(x, [r["step_s_per_sample"] for r in tokens]),
+            "memory_fit": fit_quadratic(x, [r["memory_mib"] for r in tokens]),
+            "flop_fit": fit_quadratic(x, [1e12 * r["model_tflops_per_step"] / r["batch"] for r in tokens]),
+            "batch_fit": fit_linear([r["batch"] for r in batches], [r["step_s_median"] for r in batches])}
+
+
+def write(result: dict, stem: pathlib.Path) -> dict:
+    """Prints the tables, writes ``<stem>.json`` and ``<stem>.png``."""
+    print("\n| stage size | ms/sample at fewest tokens | at most | time fit a + b L + c L^2 (ms) | time crossover L* | "
+          "FLOP crossover | achieved GFLOP/s, fewest -> most tokens | memory fit (MiB) | step vs batch t0 + t1 B (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, curve in result["curves"].items():
-        t, m, b = curve["time_fit"], curve["memory_fit"], curve["batch_fit"]
+        t, m, b, f = curve["time_fit"], curve["memory_fit"], curve["batch_fit"], curve["flop_fit"]
+        rates = [1e3 * r["model_tflops_per_step"] / r["step_s_median"] for r in (curve["tokens"][0], curve["tokens"][-1])]
         print(f"| {key} | {1e3 * curve['tokens'][0]['step_s_per_sample']:.2f} | "
               f"{1e3 * curve['tokens'][-1]['step_s_per_sample']:.1f} | {1e3 * t['a']:.3g} + {1e3 * t['b']:.3g} L + "
-              f"{1e3 * t['c']:.3g} L^2 | {t['crossover']:.0f} | {m['a']:.0f} + {m['b']:.3g} L + {m['c']:.3g} L^2 | "
-              f"{1e3 * b['t0']:.1f} + {1e3 * b['t1']:.1f} B |")
+              f"{1e3 * t['c']:.3g} L^2 | {t['crossover']:.0f} | {f['crossover']:.0f} | {rates[0]:.0f} -> {rates[1]:.0f} | "
+              f"{m['a']:.0f} + {m['b']:.3g} L + {m['c']:.3g} L^2 | {1e3 * b['t0']:.1f} + {1e3 * b['t1']:.1f} B |")
     if result["inference"]:
         print("\n| inference (embed) | windows | total s | hours of EEG per s | model alone: hours per s |")
         print("|---|---|---|---|---|")
         for r in result["inference"]:
             print(f"| {r['size']}, {r['hours']:g} h, {r['channels']} ch at {r['sfreq_in']:g} Hz | {r['windows']} | "
                   f"{r['total_s']:.1f} | {r['hours_per_s']:.3g} | {r['model_hours_per_s']:.3g} |")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cost_curves_{jax.default_backend()}{'_' + args.tag if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     if result["curves"]:
-        plot(result, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json and .png")
+        plot(result, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and .png")
     return result
 
 

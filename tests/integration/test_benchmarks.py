@@ -182,6 +182,12 @@ def test_cost_curves_fit_and_plot(tmp_path, capsys):
     saved = json.loads((tmp_path / "cost_curves_cpu_t.json").read_text())
     assert saved["machine"]["cpu_widest_isa"] and saved["curves"]["finetune tiny"]["time_fit"] == curve["time_fit"]
     assert "hours of EEG per s" in capsys.readouterr().out
+    # model FLOPs per sample: linear part and attention's quadratic part, crossover between them
+    flops = curve["flop_fit"]
+    assert flops["b"] > 0 and flops["c"] > 0 and flops["max_rel_residual"] < 0.05
+    refit = cost_curves.main(["--refit", str(tmp_path / "cost_curves_cpu_t.json")])  # measures nothing
+    assert refit["curves"]["finetune tiny"]["flop_fit"] == flops and refit["inference"] == result["inference"]
+    assert "FLOP crossover" in capsys.readouterr().out
 
 
 def test_cost_curves_pure_fits_recover_known_coefficients():
