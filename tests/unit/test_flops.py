@@ -3,6 +3,7 @@
 import pytest
 
 from benchmarks import flops, train_step
+from labram_jax import compile_options
 from labram_jax.models import config as model_config
 
 
@@ -10,7 +11,11 @@ from labram_jax.models import config as model_config
 def test_analytic_flops_match_xla_cost_analysis(stage):
     args = train_step.parse_args(["--channels", "4", "--windows", "3", "--batch", "8", "--dtype", "float32",
                                   "--mesh", "1", "1", "1", "--devices", "1", "--steps", "1", "--warmup", "0"])
-    row = train_step.bench_one(stage, "tiny", args, peak=None)
+    # XLA's own count is read from a step compiled with XLA's defaults: with the CPU option of
+    # labram_jax.compile_options, jax 0.12's XLA counts its YNNPACK library fusions differently
+    # (fine-tuning 1.141x the analytic count there, 0.98-1.12x with the defaults; jax 0.10: both).
+    with compile_options.xla_defaults():
+        row = train_step.bench_one(stage, "tiny", args, peak=None)
     ratio = row["xla_tflops_per_step"] / row["model_tflops_per_step"]
     # XLA also counts norms, softmax, GELU and the optimizer: a few per cent more, never less.
     assert 0.98 < ratio < 1.12, (stage, row["model_tflops_per_step"], row["xla_tflops_per_step"])
