@@ -258,7 +258,7 @@ def random_encoder(task: str, stem: str, seed: int, overrides: list[str]):
     config = apply_overrides(stage_config(task, "finetune", stem, seed), overrides)
     model = transformer.LaBraM(model_config.labram(config.model.size, **stage_lib.model_options(config)))
     channels, windows = config.data.max_channels, config.data.max_windows
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, channels, windows, records_lib.SAMPLE_RATE)),
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, channels, windows, records_lib.SAMPLE_RATE)),
                            jnp.arange(1, channels + 1))
     return api.Predictor("finetune", model, dict(variables), "binary", windows)
 

@@ -12,7 +12,7 @@ from labram_jax.models import config as model_config, transformer
 @pytest.fixture(scope="module")
 def predictor():
     model = transformer.LaBraM(model_config.labram("tiny", patch_embed="spectrum", input_norm="channel"))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 2, 200)), jnp.arange(1, 4))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 3, 2, 200)), jnp.arange(1, 4))
     return api.Predictor("finetune", model, dict(variables), "binary", 2)
 
 
