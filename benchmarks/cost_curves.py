@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.refit:
         result = json.loads(pathlib.Path(args.refit).read_text())
         result["curves"] = {key: fit_curve(c["tokens"], c["batch"]) for key, c in result["curves"].items()}
-        return write(result, pathlib.Path(args.refit).with_suffix(""))
+        refit = pathlib.Path(args.refit)
+        return write(result, refit.parent / refit.name.removesuffix(".json"))
     if len(args.grids) < 3:
         parser.error("--grids: at least 3 grids (the fit has 3 coefficients)")
     if args.dtype == "auto":
@@ -237,9 +238,9 @@ def write(result: dict, stem: pathlib.Path) -> dict:
             print(f"| {r['size']}, {r['hours']:g} h, {r['channels']} ch at {r['sfreq_in']:g} Hz | {r['windows']} | "
                   f"{r['total_s']:.1f} | {r['hours_per_s']:.3g} | {r['model_hours_per_s']:.3g} |")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(result, indent=1))  # a tag may hold dots
     if result["curves"]:
-        plot(result, stem.with_suffix(".png"))
+        plot(result, stem.parent / (stem.name + ".png"))
     print(f"wrote {stem}.json and .png")
     return result
 

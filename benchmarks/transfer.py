@@ -269,12 +269,12 @@ def linear_probe(split: Split, predictor, pooling: str) -> dict:
     scored on the held-out ones: the classical anchors' windows and classifier."""
     from labram_jax import baselines
 
+    train = baselines.load_windows(split.baseline, "train")
+
     def embed(x):  # [n, C, T] at 200 Hz -> features
         patches = x.reshape(len(x), x.shape[1], -1, records_lib.SAMPLE_RATE)
-        return predictor.embed_windows(patches, rows, 64, pooling)
+        return predictor.embed_windows(patches, train.channel_ids, 64, pooling)
 
-    train = baselines.load_windows(split.baseline, "train")
-    rows = train.channel_ids
     probe = baselines.Baseline("probe", f"linear probe ({pooling})", embed,
                                functools.partial(baselines.standardised_lr, PROBE_C))
     t0 = time.perf_counter()
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     # grain and orbax give the root logger a handler when imported: replace it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from labram_jax import baselines
+    from labram_jax import api, baselines
 
     data, workdir = pathlib.Path(args.data), pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -426,8 +426,6 @@ def main(argv: list[str] | None = None) -> int:
                     if args.probe:
                         if corpus != "none" and seed != args.seeds[0]:
                             continue  # one probe per pretrained encoder: it is deterministic
-                        from labram_jax import api
-
                         predictor = (random_encoder(args.task, stem, seed, args.overrides) if corpus == "none"
                                      else api.load(init))
                         for pooling in args.probe:

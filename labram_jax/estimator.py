@@ -188,12 +188,12 @@ class LabramEmbedder(_Prepares, TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         check_is_fitted(self, "predictor_")
         x, rows = self._windows(X)
-        first = getattr(self, "rows_", None)
-        if self.pooling == "channel" and first is not None and not np.array_equal(rows, first):
+        if self.rows_ is None:
+            self.rows_ = rows  # the montage of the first epochs transformed
+        elif self.pooling == "channel" and not np.array_equal(rows, self.rows_):
             raise ValueError("pooling='channel' concatenates channels in a fixed order, but these epochs map to other "
                              f"channels ({len(rows)}) than the first ones transformed ({len(self.rows_)}): give every "
                              "epoch the same montage, or use pooling='mean'")
-        self.rows_ = rows if first is None else first
         return self.predictor_.embed_windows(x, rows, self.batch_size, self.pooling)
 
 

@@ -32,7 +32,7 @@ def test_channel_pooling_keeps_each_channel_apart(predictor):
     # each channel keeps its own embedding, which the mean over all tokens averages away
     gaps = [np.abs(expected[:, i] - expected[:, j]).mean() for i, j in ((0, 1), (0, 2), (1, 2))]
     assert min(gaps) > 0.1
-    # the per-channel means of the same tokens give back the token mean (before fc_norm)
+    # "mean" is the head's input, fc_norm of the token mean: not the mean of the per-channel embeddings
     assert not np.allclose(per_channel.reshape(5, 3, d).mean(1), mean)
 
 
