@@ -34,6 +34,8 @@ fold, and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. `
 (random weights for corpus ``none``, one per seed; the pretrained encoder otherwise), its
 embeddings are pooled over every token or per channel (``api.Predictor.embed_windows``) and
 the log-spectrum anchor's standardised logistic regression is fitted on the anchors' windows.
+``--centring subject`` centres each subject's features on its own mean (no labels) in the
+probes and the feature anchors (``labram_jax.subject_centring``).
 
 The classical baselines (``labram_jax.baselines``) are fitted on the same training subjects'
 non-overlapping windows and scored on the same windows. The report gives, per row, the mean +-
@@ -263,10 +265,11 @@ def random_encoder(task: str, stem: str, seed: int, overrides: list[str]):
     return api.Predictor("finetune", model, dict(variables), "binary", windows)
 
 
-def linear_probe(split: Split, predictor, pooling: str) -> dict:
+def linear_probe(split: Split, predictor, pooling: str, centring: str = "none") -> dict:
     """The frozen encoder's embeddings (``pooling``) of the split's non-overlapping windows ->
     standardised L2 logistic regression (``PROBE_C``), fitted on the training subjects and
-    scored on the held-out ones: the classical anchors' windows and classifier."""
+    scored on the held-out ones: the classical anchors' windows and classifier (and their
+    ``centring``, ``baselines.fit_and_score``)."""
     from labram_jax import baselines
 
     train = baselines.load_windows(split.baseline, "train")
@@ -278,7 +281,7 @@ def linear_probe(split: Split, predictor, pooling: str) -> dict:
     probe = baselines.Baseline("probe", f"linear probe ({pooling})", embed,
                                functools.partial(baselines.standardised_lr, PROBE_C))
     t0 = time.perf_counter()
-    scores = baselines.fit_and_score(probe, train, baselines.load_windows(split.baseline, "val"))
+    scores = baselines.fit_and_score(probe, train, baselines.load_windows(split.baseline, "val"), centring)
     return {**scores, "wall_s": time.perf_counter() - t0}
 
 
@@ -365,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                         "corpus none, one per seed; the pretrained encoder otherwise, its --pretrain-seed), its "
                         "embeddings pooled over all tokens (mean) or per channel, then the log-spectrum anchor's "
                         "standardised LR on the same windows")
+    parser.add_argument("--centring", choices=("none", "subject"), default="none",
+                        help="subject: centre each subject's features on its own mean before the classifier, in the "
+                        "classical feature anchors and the linear probes (labram_jax.subject_centring); their rows "
+                        "get '+centred'. Fine-tuning is not changed by it")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
     args = parser.parse_args(argv)
@@ -387,12 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     record(report_path, ("task",), args.task)
     record(report_path, ("splits",), [s.name for s in all_splits])
 
+    centred = " + subject centring" if args.centring == "subject" else ""
     if not args.no_baselines:
+        names = [n for n in TASK_BASELINES[args.task] if not centred or n != "csp_lda"]  # CSP reads signals
         for split in splits:
-            results = baselines.run(split.baseline, TASK_BASELINES[args.task])
+            results = baselines.run(split.baseline, names, centring=args.centring)
             for name, metrics in results.items():
-                record(report_path, ("baselines", baselines.BASELINES[name].description, split.name), metrics)
-                print(f"{split.name} {baselines.BASELINES[name].description}: BAcc {metrics['balanced_accuracy']:.3f} "
+                description = baselines.BASELINES[name].description + centred
+                record(report_path, ("baselines", description, split.name), metrics)
+                print(f"{split.name} {description}: BAcc {metrics['balanced_accuracy']:.3f} "
                       f"AUROC {metrics['auroc']:.3f}", flush=True)
 
     suffix = f"-{args.tag}" if args.tag else ""
@@ -429,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                         predictor = (random_encoder(args.task, stem, seed, args.overrides) if corpus == "none"
                                      else api.load(init))
                         for pooling in args.probe:
-                            probe_key = f"{corpus}/{stem}-probe-{pooling}{suffix}"
+                            probe_key = f"{corpus}/{stem}-probe-{pooling}{suffix}{'+centred' if centred else ''}"
                             probe_seed = str(seed if corpus == "none" else args.pretrain_seed)
-                            scores = linear_probe(split, predictor, pooling)
+                            scores = linear_probe(split, predictor, pooling, args.centring)
                             record(report_path, ("rows", probe_key, split.name, probe_seed), scores)
                             print(f"{probe_key} {split.name} encoder seed {probe_seed}: BAcc "
                                   f"{scores['balanced_accuracy']:.3f} AUROC {scores['auroc']:.3f}", flush=True)

@@ -18,7 +18,8 @@ one split's windows and scored on another's with the fine-tuning metrics
   class priors (class-balanced, like the others).
 
 Every window of both splits must have the same channels (one montage): the features are per
-channel.
+channel. ``--centring subject`` centres each subject's features on its own mean before the
+classifier (``labram_jax.subject_centring``: unsupervised adaptation to new subjects).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from labram_jax import input_pipeline, records
+from labram_jax import input_pipeline, records, subject_centring
 from labram_jax.tasks import finetune
 
 BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
@@ -136,8 +137,11 @@ def load_windows(spec: str, split: str) -> Windows:
     return Windows(np.stack(x), np.asarray(labels), np.asarray(subjects), np.asarray(montage))
 
 
-def fit_and_score(baseline: Baseline, train: Windows, val: Windows) -> dict[str, float]:
-    """Fits on ``train``, returns the binary metrics on ``val``."""
+def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: str = "none") -> dict[str, float]:
+    """Fits on ``train``, returns the binary metrics on ``val``. ``centring="subject"`` centres
+    each subject's features on its own mean first (``labram_jax.subject_centring``), in both
+    splits; feature baselines only (not ``csp_lda``, whose input is the signal)."""
+    subject_centring.check_centring(centring, train.subjects)
     if not np.array_equal(train.channel_ids, val.channel_ids):
         raise ValueError("the training and validation windows have different channels: classical baselines need "
                          "one montage")
@@ -146,21 +150,27 @@ def fit_and_score(baseline: Baseline, train: Windows, val: Windows) -> dict[str,
                          f"{np.unique(train.labels).tolist()}")
     import mne
 
+    x_train, x_val = baseline.features(train.x), baseline.features(val.x)
+    if centring == "subject":
+        if x_train.ndim != 2:
+            raise ValueError(f"{baseline.name} classifies signals, not feature vectors: subject centring applies to "
+                             "the feature baselines (band_power_lr, log_spectrum_lr)")
+        x_train = subject_centring.centre_per_subject(x_train, train.subjects)
+        x_val = subject_centring.centre_per_subject(x_val, val.subjects)
     with mne.utils.use_log_level("error"):  # CSP logs its rank estimation
-        model = baseline.classifier().fit(baseline.features(train.x), train.labels)
-        score = model.predict_proba(baseline.features(val.x))[:, 1]
+        score = baseline.classifier().fit(x_train, train.labels).predict_proba(x_val)[:, 1]
     return {k: float(v) for k, v in finetune.compute_metrics("binary", score, val.labels).items()}
 
 
 def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "train",
-        val_split: str = "val", val_spec: str | None = None) -> dict[str, dict[str, float]]:
+        val_split: str = "val", val_spec: str | None = None, centring: str = "none") -> dict[str, dict[str, float]]:
     """Each named baseline fitted on ``train_split`` of ``spec`` and scored on ``val_split`` of
-    ``val_spec`` (default: ``spec``)."""
+    ``val_spec`` (default: ``spec``); ``centring`` as in :func:`fit_and_score`."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
     train, val = load_windows(spec, train_split), load_windows(val_spec or spec, val_split)
-    return {name: fit_and_score(BASELINES[name], train, val) for name in names}
+    return {name: fit_and_score(BASELINES[name], train, val, centring) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--val-split", default="val")
     parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=sorted(BASELINES))
+    parser.add_argument("--centring", choices=subject_centring.CENTRINGS, default="none",
+                        help="subject: centre each subject's features on its own mean (both splits; feature "
+                        "baselines only), see labram_jax.subject_centring")
     parser.add_argument("--out", default="", help="also write the metrics as JSON here")
     args = parser.parse_args(argv)
     try:
-        results = run(args.data, args.baselines, args.train_split, args.val_split)
+        results = run(args.data, args.baselines, args.train_split, args.val_split, centring=args.centring)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ from array_record.python import array_record_module
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from labram_jax import api, config_schema, manifest as manifest_lib, records, train
+from labram_jax import api, config_schema, manifest as manifest_lib, records, subject_centring, train
 
 log = logging.getLogger("labram_jax")
 
@@ -167,7 +167,7 @@ class LabramClassifier(_Prepares, ClassifierMixin, BaseEstimator):
 class LabramEmbedder(_Prepares, TransformerMixin, BaseEstimator):
     """``transform``: LaBraM embeddings of epochs, from a pretrained or fine-tuned model
     (``model``: a workdir, ``model.npz``, Hub folder or official weights); ``fit`` learns
-    nothing. Put any scikit-learn classifier after it (a linear probe: :func:`linear_probe`).
+    nothing. Put any scikit-learn classifier after it (a packaged linear probe: :class:`LinearProbe`).
     ``pooling``: ``"mean"`` gives [n, D] (the head's input), ``"channel"`` [n, channels * D]
     (each channel's tokens averaged over time; one montage for every epoch)."""
 
@@ -197,22 +197,48 @@ class LabramEmbedder(_Prepares, TransformerMixin, BaseEstimator):
         return self.predictor_.embed_windows(x, rows, self.batch_size, self.pooling)
 
 
-def linear_probe(model: str, pooling: str = "channel", C: float = 1e-3, **embedder_options):
-    """A linear probe of a LaBraM model as one scikit-learn Pipeline: :class:`LabramEmbedder`
-    (``pooling``), standardised features, and an L2 logistic regression with class-balanced
-    weights and inverse regularisation ``C``. The encoder stays frozen: ``fit`` only fits the
-    scaler and the regression (seconds on a CPU, no accelerator needed).
+class LinearProbe(_Prepares, ClassifierMixin, BaseEstimator):
+    """A linear probe of a LaBraM model: the frozen encoder's embeddings (:class:`LabramEmbedder`,
+    ``pooling``), optionally centred per subject (``centring="subject"``), standardised, then an
+    L2 logistic regression with class-balanced weights and inverse regularisation ``C``. ``fit``
+    only fits the scaler and the regression (seconds on a CPU, no accelerator needed).
 
-    The classifier is the log-spectrum anchor's (``baselines.standardised_lr``). In the 5-fold
-    subject-wise CV on EEGMAT (BENCHMARKS.md "Transfer", 16 training subjects, LaBraM-Tiny) this
-    probe reached 0.63-0.65 balanced accuracy / 0.69-0.70 AUROC with random or pretrained
-    encoders: above fine-tuning's balanced accuracy (0.600), level with its AUROC (0.689), below
-    the log-spectrum anchor (0.653 / 0.718). ``embedder_options`` go to :class:`LabramEmbedder`
-    (``ch_names``, ``sfreq``, ``unit``, ``notch``, ``batch_size``).
+    The classifier is the log-spectrum anchor's (``baselines.standardised_lr``), so a probe and
+    that anchor differ only in their features. ``centring="subject"``
+    (:mod:`labram_jax.subject_centring`) subtracts each subject's mean embedding, computed on its
+    own epochs without labels: pass ``groups`` (one subject id per epoch) to ``fit``,
+    ``predict`` and ``predict_proba``; every subject's epochs should mix the conditions alike.
+
+    In the 5-fold subject-wise CV on EEGMAT (BENCHMARKS.md "Transfer", 16 training subjects,
+    LaBraM-Tiny) the probe reached 0.63-0.65 balanced accuracy / 0.69-0.70 AUROC with random or
+    pretrained encoders, below the log-spectrum anchor (0.653 / 0.718); with subject centring
+    probe and anchor both rise by about 0.07 / 0.09 (BENCHMARKS.md, "Subject centring").
     """
-    from sklearn.pipeline import Pipeline
 
-    from labram_jax import baselines
+    def __init__(self, model: str = "", pooling: str = "channel", C: float = 1e-3, centring: str = "none",
+                 ch_names=None, sfreq=None, unit: str = "V", notch: float = 50.0, batch_size: int = 32):
+        self.model, self.pooling, self.C, self.centring = model, pooling, C, centring
+        self.ch_names, self.sfreq, self.unit, self.notch, self.batch_size = ch_names, sfreq, unit, notch, batch_size
 
-    return Pipeline([("labramembedder", LabramEmbedder(model=model, pooling=pooling, **embedder_options)),
-                     *baselines.standardised_lr(C).steps])
+    def fit(self, X, y, groups=None):
+        from labram_jax import baselines
+
+        subject_centring.check_centring(self.centring, groups)
+        self.embedder_ = LabramEmbedder(model=self.model, ch_names=self.ch_names, sfreq=self.sfreq, unit=self.unit,
+                                        notch=self.notch, batch_size=self.batch_size, pooling=self.pooling).fit(X)
+        self.classifier_ = baselines.standardised_lr(self.C).fit(self._features(X, groups), y)
+        self.classes_ = self.classifier_.classes_
+        return self
+
+    def _features(self, X, groups) -> np.ndarray:
+        subject_centring.check_centring(self.centring, groups)
+        features = self.embedder_.transform(X)
+        return subject_centring.centre_per_subject(features, groups) if self.centring == "subject" else features
+
+    def predict_proba(self, X, groups=None) -> np.ndarray:
+        """[n, classes] probabilities (``groups``: one subject id per epoch, with subject centring)."""
+        check_is_fitted(self, "classifier_")
+        return self.classifier_.predict_proba(self._features(X, groups))
+
+    def predict(self, X, groups=None) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X, groups), axis=1)]

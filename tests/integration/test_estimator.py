@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 
-from labram_jax.estimator import LabramClassifier, LabramEmbedder, linear_probe
+from labram_jax.estimator import LabramClassifier, LabramEmbedder, LinearProbe
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,24 @@ def test_fit_predict_clone_and_cross_validation(eegmat_epochs, tmp_path):
     probe = make_pipeline(LabramEmbedder(model=str(tmp_path / "kept" / "finetune")), LogisticRegression())
     assert probe.fit(epochs, y).predict(epochs).shape == y.shape
     # the packaged probe: per-channel embeddings, standardised, regularised LR; the encoder stays as saved
-    channel_probe = linear_probe(str(tmp_path / "kept" / "finetune"), batch_size=16).fit(epochs, y)
-    features = channel_probe[0].transform(epochs)
-    assert features.shape == (len(y), len(channel_probe[0].rows_) * 100) and len(channel_probe[0].rows_) > 1
-    assert channel_probe.predict_proba(epochs).shape == (len(y), 2)
+    channel_probe = LinearProbe(str(tmp_path / "kept" / "finetune"), batch_size=16).fit(epochs, y)
+    features = channel_probe.embedder_.transform(epochs)
+    rows = channel_probe.embedder_.rows_
+    assert features.shape == (len(y), len(rows) * 100) and len(rows) > 1
+    proba = channel_probe.predict_proba(epochs)
+    assert proba.shape == (len(y), 2)
     with pytest.raises(ValueError, match="same montage"):
-        channel_probe[0].transform(epochs.copy().drop_channels([epochs.ch_names[0]]))
+        channel_probe.embedder_.transform(epochs.copy().drop_channels([epochs.ch_names[0]]))
+    # with subject centring the subjects' mean embeddings are removed before the regression
+    centred = LinearProbe(str(tmp_path / "kept" / "finetune"), batch_size=16, centring="subject")
+    with pytest.raises(ValueError, match="pass groups="):
+        centred.fit(epochs, y)
+    centred.fit(epochs, y, groups=subjects)
+    assert np.abs(centred.predict_proba(epochs, groups=subjects) - proba).max() > 0.02
+    one_subject = np.full(len(y), "all")  # one group: centring is a shift the standardisation undoes
+    np.testing.assert_allclose(LinearProbe(str(tmp_path / "kept" / "finetune"), batch_size=16, centring="subject")
+                               .fit(epochs, y, groups=one_subject).predict_proba(epochs, groups=one_subject),
+                               proba, atol=2e-3)  # float64 centred features against float32: the solver's tolerance
     with pytest.raises(ValueError, match="choose one of"):
         LabramEmbedder(model=str(tmp_path / "kept" / "finetune"), pooling="max").fit(epochs)
     with pytest.raises(ValueError, match="at least two classes"):
