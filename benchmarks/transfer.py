@@ -34,8 +34,10 @@ fold, and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. `
 (random weights for corpus ``none``, one per seed; the pretrained encoder otherwise), its
 embeddings are pooled over every token or per channel (``api.Predictor.embed_windows``) and
 the log-spectrum anchor's standardised logistic regression is fitted on the anchors' windows.
-``--centring subject`` centres each subject's features on its own mean (no labels) in the
-probes and the feature anchors (``labram_jax.subject_centring``).
+``--centring features`` centres each subject's features on its own mean (no labels) in the
+probes and the feature anchors; ``--centring signals`` runs everything (pretraining, fine-tuning,
+probes, anchors) on subject-centred copies of the records (``data_prep.centring``); see
+``labram_jax.subject_centring``.
 
 The classical baselines (``labram_jax.baselines``) are fitted on the same training subjects'
 non-overlapping windows and scored on the same windows. The report gives, per row, the mean +-
@@ -60,6 +62,7 @@ import numpy as np
 from labram_jax_configs import eegmat as eegmat_config
 from labram_jax_configs import small_data
 from data_prep import __main__ as data_prep_cli
+from data_prep import centring as centring_lib
 from data_prep import folds as folds_lib
 from labram_jax import records as records_lib
 
@@ -77,6 +80,9 @@ STEMS = ("spectrum", "temporal")
 TASKS = ("eegmat", "mmidb_mi", "mmidb_eyes")
 PRETRAIN_STEPS = {"tokenizer": 200, "pretrain": 400}  # every corpus, batch 64
 PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
+CENTRINGS = ("none", "features", "signals")  # --centring: none, subject-centred features, subject-centred records
+CENTRED_SUFFIX = {"none": "", "features": "+centred-features", "signals": "+centred-signals"}
+CENTRED_ANCHOR = {"none": "", "features": " + centred features", "signals": " (subject-centred records)"}
 TASK_BASELINES = {"eegmat": ("band_power_lr", "log_spectrum_lr", "csp_lda"),
                   "mmidb_mi": ("csp_lda", "band_power_lr", "log_spectrum_lr"),
                   "mmidb_eyes": ("band_power_lr", "log_spectrum_lr")}
@@ -108,15 +114,28 @@ EEGMAT_LABELS = ["--label-from", "filename", "--label-pattern", r"_1\.edf$=rest"
                  r"_2\.edf$=arithmetic", "--subject-pattern", r"Subject(\d+)_", "--dataset", "eegmat", "--window", "5"]
 
 
-def eegmat_splits(eegmat: pathlib.Path, data: pathlib.Path, folds: int) -> list[Split]:
-    """The EEGMAT conversions (1-s and 5-s strides, every subject) and their fold manifests."""
+def _centred(manifest: str, centring: str) -> str:
+    """``manifest`` itself, or (``centring="signals"``) its subject-centred copy
+    (``data_prep.centring``, written once beside it as ``<folder>_centred``)."""
+    if centring != "signals":
+        return manifest
+    source = pathlib.Path(manifest)
+    out = source.parent.with_name(source.parent.name + "_centred")
+    if not (out / "manifest.json").exists():
+        centring_lib.centre_manifest(source, out, progress=False)
+    return str(out / "manifest.json")
+
+
+def eegmat_splits(eegmat: pathlib.Path, data: pathlib.Path, folds: int, centring: str = "none") -> list[Split]:
+    """The EEGMAT conversions (1-s and 5-s strides, every subject; subject-centred copies with
+    ``centring="signals"``) and their fold manifests."""
     if len(list(eegmat.glob("Subject*_[12].edf"))) < 4:
         raise SystemExit(f"{eegmat} holds no EEGMAT recordings (SubjectNN_1.edf, _2.edf): pass --eegmat")
     overlapping = _data_prep([str(eegmat)], data / "eegmat_s1", [*EEGMAT_LABELS, "--stride", "1"])
     plain = _data_prep([str(eegmat)], data / "eegmat", EEGMAT_LABELS)
     # Pretraining reads 4-s windows every 2 s, like the 4-s EEGMMIDB windows it is mixed with.
     unlabelled = _data_prep([str(eegmat)], data / "eegmat_pre", [*EEGMAT_LABELS, "--window", "4", "--stride", "2"])
-    by_fold = [folds_lib.write_folds(m, folds) for m in (overlapping, plain, unlabelled)]
+    by_fold = [folds_lib.write_folds(_centred(m, centring), folds) for m in (overlapping, plain, unlabelled)]
     out = []
     for i, ((train, subjects), (val, same), (pre, too)) in enumerate(zip(*by_fold)):
         assert subjects == same == too, (subjects, same, too)
@@ -124,14 +143,14 @@ def eegmat_splits(eegmat: pathlib.Path, data: pathlib.Path, folds: int) -> list[
     return out
 
 
-def mmidb_corpus(mmidb: pathlib.Path | None, data: pathlib.Path) -> str:
+def mmidb_corpus(mmidb: pathlib.Path | None, data: pathlib.Path, centring: str = "none") -> str:
     """The unlabelled EEGMMIDB pretraining corpus (4-s windows); MI test subjects in ``val``."""
     if mmidb is None or not mmidb.is_dir():
         raise SystemExit("the mmidb corpus needs --mmidb: the folder written by ../shared/eeg/public/extract.py "
                          "(SNNN/SNNNRkk.edf), see BENCHMARKS.md")
-    return _data_prep([str(mmidb)], data / "mmidb", ["--dataset", "eegmmidb", "--window", "4", "--notch", "60",
-                                                     "--subject-pattern", r"(S\d{3})R",
-                                                     "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
+    return _centred(_data_prep([str(mmidb)], data / "mmidb", [
+        "--dataset", "eegmmidb", "--window", "4", "--notch", "60", "--subject-pattern", r"(S\d{3})R",
+        "--val-subjects", ",".join(MI_TEST_SUBJECTS)]), centring)
 
 
 # EEGMMIDB tasks: the runs they read and how data_prep labels and windows them (4-s windows,
@@ -144,7 +163,7 @@ EEGMMIDB_TASKS = {
 }
 
 
-def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path) -> list[Split]:
+def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, centring: str = "none") -> list[Split]:
     """The held-out split of an EEGMMIDB task (``EEGMMIDB_TASKS``)."""
     if mmidb is None or not mmidb.is_dir():
         raise SystemExit(f"--task {task} needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
@@ -153,6 +172,7 @@ def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path) -
     manifest = _data_prep(runs, data / task, [
         "--dataset", task, "--window", "4", "--notch", "60", *label_args, "--subject-pattern", r"(S\d{3})R",
         "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
+    manifest = _centred(manifest, centring)
     return [Split("heldout", manifest, manifest, manifest, "")]
 
 
@@ -368,10 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                         "corpus none, one per seed; the pretrained encoder otherwise, its --pretrain-seed), its "
                         "embeddings pooled over all tokens (mean) or per channel, then the log-spectrum anchor's "
                         "standardised LR on the same windows")
-    parser.add_argument("--centring", choices=("none", "subject"), default="none",
-                        help="subject: centre each subject's features on its own mean before the classifier, in the "
-                        "classical feature anchors and the linear probes (labram_jax.subject_centring); their rows "
-                        "get '+centred'. Fine-tuning is not changed by it")
+    parser.add_argument("--centring", choices=CENTRINGS, default="none",
+                        help="features: centre each subject's features on its own mean before the classifier, in the "
+                        "classical feature anchors and the linear probes (fine-tuning is not changed by it); "
+                        "signals: every stage, probe and anchor reads subject-centred records "
+                        "(python -m data_prep.centring). See labram_jax.subject_centring; rows get '+centred-<how>'")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
     args = parser.parse_args(argv)
@@ -384,30 +405,32 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     mmidb = pathlib.Path(args.mmidb) if args.mmidb else None
     if args.task == "eegmat":
-        all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds)
+        all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds, args.centring)
     else:
-        all_splits = eegmmidb_splits(args.task, mmidb, data)
+        all_splits = eegmmidb_splits(args.task, mmidb, data, args.centring)
     splits = all_splits if args.only_folds is None else [all_splits[i] for i in args.only_folds]
-    corpus_spec = mmidb_corpus(mmidb, data) if any(c.startswith("mmidb") for c in args.corpus) else ""
+    corpus_spec = (mmidb_corpus(mmidb, data, args.centring) if any(c.startswith("mmidb") for c in args.corpus)
+                   else "")
 
     report_path = workdir / f"{args.task}.json"
     record(report_path, ("task",), args.task)
     record(report_path, ("splits",), [s.name for s in all_splits])
 
-    centred = " + subject centring" if args.centring == "subject" else ""
+    centred = CENTRED_SUFFIX[args.centring]
+    feature_centring = "subject" if args.centring == "features" else "none"  # the classifiers' input
     if not args.no_baselines:
-        names = [n for n in TASK_BASELINES[args.task] if not centred or n != "csp_lda"]  # CSP reads signals
+        names = [n for n in TASK_BASELINES[args.task] if args.centring != "features" or n != "csp_lda"]  # CSP: signals
         for split in splits:
-            results = baselines.run(split.baseline, names, centring=args.centring)
+            results = baselines.run(split.baseline, names, centring=feature_centring)
             for name, metrics in results.items():
-                description = baselines.BASELINES[name].description + centred
+                description = baselines.BASELINES[name].description + CENTRED_ANCHOR[args.centring]
                 record(report_path, ("baselines", description, split.name), metrics)
                 print(f"{split.name} {description}: BAcc {metrics['balanced_accuracy']:.3f} "
                       f"AUROC {metrics['auroc']:.3f}", flush=True)
 
-    suffix = f"-{args.tag}" if args.tag else ""
+    suffix = (f"-{args.tag}" if args.tag else "") + (centred if args.centring == "signals" else "")
     pretrain_tag = args.tag if args.pretrain_tag is None else args.pretrain_tag
-    pretrain_suffix = f"-{pretrain_tag}" if pretrain_tag else ""
+    pretrain_suffix = (f"-{pretrain_tag}" if pretrain_tag else "") + (centred if args.centring == "signals" else "")
     if args.pretrain_tag is not None and any(o.split(":")[0] in ("tokenizer", "pretrain") for o in args.overrides):
         raise SystemExit("--pretrain-tag reuses pretraining runs made without your tokenizer/pretrain --set's; "
                          "drop one or the other")
@@ -439,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
                         predictor = (random_encoder(args.task, stem, seed, args.overrides) if corpus == "none"
                                      else api.load(init))
                         for pooling in args.probe:
-                            probe_key = f"{corpus}/{stem}-probe-{pooling}{suffix}{'+centred' if centred else ''}"
+                            features = centred if args.centring == "features" else ""
+                            probe_key = f"{corpus}/{stem}-probe-{pooling}{suffix}{features}"
                             probe_seed = str(seed if corpus == "none" else args.pretrain_seed)
-                            scores = linear_probe(split, predictor, pooling, args.centring)
+                            scores = linear_probe(split, predictor, pooling, feature_centring)
                             record(report_path, ("rows", probe_key, split.name, probe_seed), scores)
                             print(f"{probe_key} {split.name} encoder seed {probe_seed}: BAcc "
                                   f"{scores['balanced_accuracy']:.3f} AUROC {scores['auroc']:.3f}", flush=True)

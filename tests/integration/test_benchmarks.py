@@ -124,6 +124,13 @@ def test_eegmat_anchor_reproduces_the_issue_figures_and_folds_are_by_subject(eeg
     assert transfer.linear_probe(split, encoder, "channel", "subject")["auroc"] > 0.9
     with pytest.raises(ValueError, match="feature baselines"):
         baselines.run(str(tmp_path / "eegmat" / "fixed.json"), ["csp_lda"], centring="subject")
+    # --centring signals reads subject-centred copies, made once beside each conversion
+    plain = str(tmp_path / "eegmat" / "manifest.json")
+    assert transfer._centred(plain, "none") == plain
+    centred_copy = transfer._centred(plain, "signals")
+    assert centred_copy == str(tmp_path / "eegmat_centred" / "manifest.json")
+    assert json.loads(open(centred_copy).read())["subject_centring"]["subjects"] == 20
+    assert transfer._centred(plain, "signals") == centred_copy  # not centred twice
     raw = transfer.random_encoder("eegmat", "spectrum", 0, ["finetune:model.input_norm=none"])
     assert raw.model.cfg.input_norm == "none"  # the harness's --set reaches the probe's encoder
 
