@@ -68,7 +68,7 @@ def band_passed(x: np.ndarray, band: tuple[float, float] = CSP_BAND_HZ) -> np.nd
 def standardised_lr(C: float):
     """Standardised features -> L2 logistic regression with inverse regularisation ``C`` and
     class-balanced weights: the classifier of the LR anchors and of LaBraM's linear probe
-    (``estimator.linear_probe``), so the two differ only in their features."""
+    (``estimator.LinearProbe``), so the two differ only in their features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler

@@ -30,9 +30,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from labram_jax.records import PATCH  # samples per 1-s patch at 200 Hz
+
 CENTRINGS = ("none", "subject")
 BAND_HZ = (1, 45)  # signal centring keeps these 1-Hz bins of each 1-s patch (the spectrum stem's)
-PATCH = 200  # samples per 1-s patch at 200 Hz
 FLOOR = 1e-8  # added to |FFT| before the log (units of 100 uV x samples)
 
 
