@@ -80,8 +80,7 @@ def centre_manifest(manifest_path: str | pathlib.Path, out: str | pathlib.Path,
                 writer.write(records.encode(dataclasses.replace(rec, signal=centred)))
         finally:
             writer.close()
-    extra = {k: v for k, v in manifest.items() if k not in ("schema_version", "tool", "created", "splits", "totals",
-                                                             "files")}
+    extra = manifest_lib.extra_of(manifest)
     extra["subject_centring"] = {"band_hz": [lo, hi], "source": str(manifest_path.resolve()),
                                  "subjects": len({e["subject"] for e in entries})}
     centred_manifest = manifest_lib.build(manifest["files"], extra, TOOL)

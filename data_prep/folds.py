@@ -46,8 +46,7 @@ def fold_manifest(manifest: dict, val_subjects: Sequence[str], from_splits: Sequ
             outcomes.append({**entry, "split": "val" if entry["subject"] in val else "train"})
     if not any(o["split"] == "val" for o in outcomes):
         raise ValueError(f"no converted recording of the validation subjects {sorted(val)}")
-    extra = {k: v for k, v in manifest.items() if k not in ("schema_version", "tool", "created", "splits", "totals",
-                                                             "files")}
+    extra = manifest_lib.extra_of(manifest)
     extra["subject_splits"] = {o["subject"]: o["split"] for o in outcomes}
     return manifest_lib.build(outcomes, extra, manifest["tool"])
 

@@ -46,6 +46,15 @@ def build(outcomes: list[dict], extra: dict, tool: str) -> dict:
     }
 
 
+BUILT = ("schema_version", "tool", "created", "splits", "totals", "files")  # what build() writes itself
+
+
+def extra_of(manifest: dict) -> dict:
+    """The ``extra`` a manifest was built with (dataset, parameters, labels ...): what a tool
+    that rewrites a manifest from its ``files`` (folds, centring) passes on to :func:`build`."""
+    return {k: v for k, v in manifest.items() if k not in BUILT}
+
+
 def count_labels(outcomes: list[dict]) -> dict[str, dict[str, int]]:
     """Windows per split and label, read back from the written shards."""
     counts: dict[str, dict[str, int]] = {}
