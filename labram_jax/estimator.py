@@ -197,7 +197,7 @@ class LabramEmbedder(_Prepares, TransformerMixin, BaseEstimator):
         return self.predictor_.embed_windows(x, rows, self.batch_size, self.pooling)
 
 
-class LinearProbe(_Prepares, ClassifierMixin, BaseEstimator):
+class LinearProbe(ClassifierMixin, BaseEstimator):
     """A linear probe of a LaBraM model: the frozen encoder's embeddings (:class:`LabramEmbedder`,
     ``pooling``), optionally centred per subject (``centring="subject"``), standardised, then an
     L2 logistic regression with class-balanced weights and inverse regularisation ``C``. ``fit``
@@ -212,7 +212,7 @@ class LinearProbe(_Prepares, ClassifierMixin, BaseEstimator):
     In the 5-fold subject-wise CV on EEGMAT (BENCHMARKS.md "Transfer", 16 training subjects,
     LaBraM-Tiny) the probe reached 0.63-0.65 balanced accuracy / 0.69-0.70 AUROC with random or
     pretrained encoders, below the log-spectrum anchor (0.653 / 0.718); with subject centring
-    probe and anchor both rise by about 0.07 / 0.09 (BENCHMARKS.md, "Subject centring").
+    probe and anchor both rise by about 0.08 / 0.08-0.10 (BENCHMARKS.md, "Subject centring").
     """
 
     def __init__(self, model: str = "", pooling: str = "channel", C: float = 1e-3, centring: str = "none",
