@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
 
     centred = CENTRED_SUFFIX[args.centring]
     feature_centring = "subject" if args.centring == "features" else "none"  # the classifiers' input
+    records_suffix = centred if args.centring == "signals" else ""  # runs on centred records are kept apart
+    probe_suffix = centred if args.centring == "features" else ""
     if not args.no_baselines:
         names = [n for n in TASK_BASELINES[args.task] if args.centring != "features" or n != "csp_lda"]  # CSP: signals
         for split in splits:
@@ -428,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{split.name} {description}: BAcc {metrics['balanced_accuracy']:.3f} "
                       f"AUROC {metrics['auroc']:.3f}", flush=True)
 
-    suffix = (f"-{args.tag}" if args.tag else "") + (centred if args.centring == "signals" else "")
+    suffix = (f"-{args.tag}" if args.tag else "") + records_suffix
     pretrain_tag = args.tag if args.pretrain_tag is None else args.pretrain_tag
-    pretrain_suffix = (f"-{pretrain_tag}" if pretrain_tag else "") + (centred if args.centring == "signals" else "")
+    pretrain_suffix = (f"-{pretrain_tag}" if pretrain_tag else "") + records_suffix
     if args.pretrain_tag is not None and any(o.split(":")[0] in ("tokenizer", "pretrain") for o in args.overrides):
         raise SystemExit("--pretrain-tag reuses pretraining runs made without your tokenizer/pretrain --set's; "
                          "drop one or the other")
@@ -462,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                         predictor = (random_encoder(args.task, stem, seed, args.overrides) if corpus == "none"
                                      else api.load(init))
                         for pooling in args.probe:
-                            features = centred if args.centring == "features" else ""
-                            probe_key = f"{corpus}/{stem}-probe-{pooling}{suffix}{features}"
+                            probe_key = f"{corpus}/{stem}-probe-{pooling}{suffix}{probe_suffix}"
                             probe_seed = str(seed if corpus == "none" else args.pretrain_seed)
                             scores = linear_probe(split, predictor, pooling, feature_centring)
                             record(report_path, ("rows", probe_key, split.name, probe_seed), scores)
