@@ -5,9 +5,10 @@ on the 19 channels of EEGMAT, 5-s samples (19 x 5 patches), on **subject-centred
 (``python -m data_prep.centring``: each patch's spectrum divided by its subject's mean
 amplitude spectrum per channel, no labels used) and therefore without the per-sample channel
 standardisation (``model.input_norm=none``). In the 5-fold subject-wise CV (BENCHMARKS.md
-"Subject centring") this lifted fine-tuning from 0.600 / 0.689 to 0.68 / 0.76 balanced accuracy /
+"Subject centring") this lifted fine-tuning from 0.600 / 0.689 to 0.664 / 0.761 balanced accuracy /
 AUROC (3 seeds each); the classical anchors gain as much from centring. New subjects need
-centred input too: convert their recordings, then centre them (each subject on its own windows).
+centred input too: convert their recordings, then centre them (each subject on its own windows),
+or through the API: ``model.predict(raw, reference=model.subject_reference([rest, task]))``.
 Training reads 5-s windows taken every second (data_prep --stride 1), validation the
 non-overlapping ones, so the validation windows equal the classical baselines'. Subjects 00-15
 train every stage (pretraining uses the same recordings without labels), subjects 16-19 validate:

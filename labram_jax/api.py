@@ -10,6 +10,16 @@ Reading and preprocessing are data_prep's (``labram_jax.reading``, ``labram_jax.
 any format MNE reads, EEG channels mapped onto the vocabulary by name or, for caps without
 10-20 names, by electrode position (``montage=labram_jax.montage.Options(...)``), 0.1-75 Hz
 band-pass, notch, 200 Hz, units of 100 uV, non-overlapping windows of ``window_s`` seconds.
+A model trained on subject-centred records (``python -m data_prep.centring``; its model file
+says so, ``Predictor.subject_centring``) needs its input centred the same way, on a reference
+taken from all of the subject's unlabelled recordings together (they must cover the conditions
+the model tells apart: a rest file and a task file, not one of them):
+
+    ref = model.subject_reference([rest_raw, task_raw])   # once per subject, no labels
+    probs = model.predict(task_raw, reference=ref)
+
+or, for windows of many subjects at once, ``centre(x, subjects)`` on ``windows(...)`` before
+``predict_windows``/``embed_windows``.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import numpy as np
 from labram_jax import compile_options, convert, hub, model_file
 from labram_jax import montage as montage_lib
 from labram_jax import preprocess as prep_lib
-from labram_jax import reading
+from labram_jax import reading, subject_centring
 from labram_jax.tasks import finetune
 
 
@@ -63,12 +73,17 @@ class Embeddings:
 
 
 class Predictor:
-    """A loaded model: ``embed`` always works; ``predict`` needs a fine-tuned head."""
+    """A loaded model: ``embed`` always works; ``predict`` needs a fine-tuned head.
+
+    ``subject_centring``: ``{"band_hz": [lo, hi]}`` for a model trained on subject-centred
+    records (then its inputs are centred the same way, see the module docstring), else None."""
 
     def __init__(self, kind: str, model, variables: dict, task: str | None = None, window_s: int = 4,
-                 notch: float = 50.0, montage: montage_lib.Options = montage_lib.Options()):
+                 notch: float = 50.0, montage: montage_lib.Options = montage_lib.Options(),
+                 subject_centring: dict | None = None):
         self.kind, self.model, self.task = kind, model, task
         self.window_s, self.notch, self.montage = window_s, notch, montage
+        self.subject_centring = subject_centring
         self.variables = jax.tree_util.tree_map(jnp.asarray, {k: v for k, v in variables.items()
                                                               if k in ("params", "codebook")})
         self._embed = compile_options.jit(self._embed_fn)
@@ -86,10 +101,52 @@ class Predictor:
         return self.model.apply(variables, x, channel_ids)
 
     # -- inputs ------------------------------------------------------------------------
-    def _windows(self, signals, ch_names, sfreq, unit, window_s, montage):
+    def _windows(self, signals, ch_names, sfreq, unit, window_s, montage, reference=None):
         w = prepare_windows(signals, ch_names, sfreq, unit=unit, window_s=int(window_s or self.window_s),
                             notch=self.notch, montage=montage or self.montage)
-        return w.prepared, w.x, w.start_s
+        if reference is None:
+            return w.prepared, w.x, w.start_s
+        self._check_centring(reference)
+        if not np.array_equal(reference.rows, w.prepared.rows):
+            raise ValueError(f"the reference holds channels {list(reference.names)}, this recording maps to "
+                             f"{list(w.prepared.names)}: take the reference from recordings of the same montage")
+        band = tuple(self.subject_centring["band_hz"])
+        return w.prepared, subject_centring.centre_signal(w.x, reference.log_amplitude, band), w.start_s
+
+    def _check_centring(self, reference) -> None:
+        if reference is not None and not self.subject_centring:
+            raise ValueError("this model was not trained on subject-centred records: call it without reference=")
+        if reference is None and self.subject_centring:
+            raise ValueError(f"this model was trained on subject-centred records ({self.subject_centring['band_hz']} "
+                             "Hz): pass reference=model.subject_reference([...all of the subject's recordings, "
+                             "covering its conditions...]), or centre(x, subjects) windows yourself")
+
+    def subject_reference(self, recordings: Sequence, ch_names: Sequence[str] | None = None,
+                          sfreq: float | None = None, *, unit: str = "V", window_s: int | None = None,
+                          montage: montage_lib.Options | None = None) -> "SubjectReference":
+        """One subject's reference for a centred model: the mean log amplitude spectrum per
+        channel over all windows of ``recordings`` (each as ``signals`` of :meth:`embed`; one
+        montage). No labels are used, but the recordings must cover the conditions the model
+        compares in a usual mix (a subject seen in one condition only is centred onto it)."""
+        if not self.subject_centring:
+            raise ValueError("this model was not trained on subject-centred records: it needs no reference")
+        if isinstance(recordings, (str, os.PathLike, np.ndarray, mne.io.BaseRaw, mne.BaseEpochs)):
+            recordings = [recordings]
+        prepared = [self._windows(r, ch_names, sfreq, unit, window_s, montage) for r in recordings]
+        if not prepared or any(not np.array_equal(p[0].rows, prepared[0][0].rows) for p in prepared):
+            raise ValueError("subject_reference needs one or more recordings that map to the same channels")
+        x = np.concatenate([p[1] for p in prepared])
+        return SubjectReference(np.asarray(prepared[0][0].rows), tuple(prepared[0][0].names),
+                                subject_centring.reference_log_amplitude(x))
+
+    def centre(self, x: np.ndarray, subjects: Sequence) -> np.ndarray:
+        """Windows ``x [n, channels, windows, 200]`` (one montage, uncentred, as :meth:`windows`
+        gives them) centred per subject as this model's training records were (``subjects [n]``:
+        one id per window; each subject's reference is the mean log spectrum of all its windows
+        here, so pass all of a subject's windows at once)."""
+        if not self.subject_centring:
+            raise ValueError("this model was not trained on subject-centred records: give it windows as they are")
+        return subject_centring.centre_signals_per_subject(x, subjects, tuple(self.subject_centring["band_hz"]))
 
     def _run(self, fn, x, rows, batch_size):
         """``fn`` over x in batches of ``batch_size``; a last, shorter batch is zero-padded to a
@@ -108,43 +165,47 @@ class Predictor:
     # -- public ------------------------------------------------------------------------
     def embed(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
               unit: str = "V", window_s: int | None = None, batch_size: int = 32,
-              montage: montage_lib.Options | None = None) -> Embeddings:
+              montage: montage_lib.Options | None = None, reference: "SubjectReference | None" = None) -> Embeddings:
         """Embeddings of every window.
 
         ``signals``: a recording's path (any format data_prep reads), an ``mne.io.Raw``,
         ``mne.Epochs``, or an array ``[channels, samples]`` in ``unit`` (MNE's volts by default)
         with ``ch_names`` and ``sfreq``. ``montage`` places channels without 10-20 names by
         position (default: as data_prep does). Epochs are filtered one at a time, so the 0.1 Hz
-        high-pass sees only each epoch: pass the continuous Raw when you have it.
+        high-pass sees only each epoch: pass the continuous Raw when you have it. ``reference``:
+        the subject's :meth:`subject_reference`, needed by (only) a model trained on centred records.
         """
-        prepared, x, starts = self._windows(signals, ch_names, sfreq, unit, window_s, montage)
+        self._check_centring(reference)
+        prepared, x, starts = self._windows(signals, ch_names, sfreq, unit, window_s, montage, reference)
         pooled, tokens = self._run(self._embed, x, prepared.rows, batch_size)
         n, c, a = x.shape[:3]
         return Embeddings(pooled, tokens.reshape(n, c, a, -1), tuple(prepared.names), np.asarray(starts),
                           tuple(prepared.dropped), tuple(prepared.mapping))
 
     def windows(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
-                unit: str = "V", window_s: int | None = None,
-                montage: montage_lib.Options | None = None) -> tuple[np.ndarray, np.ndarray]:
+                unit: str = "V", window_s: int | None = None, montage: montage_lib.Options | None = None,
+                reference: "SubjectReference | None" = None) -> tuple[np.ndarray, np.ndarray]:
         """What the model sees: ``(x [n, channels, windows, 200] float32 in units of 100 uV,
         channel rows [channels] int32)``; ``signals`` as for :meth:`embed`. The input of an
-        exported model (``python -m labram_jax.export_model``)."""
-        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage)
+        exported model (``python -m labram_jax.export_model``). With ``reference`` (a centred
+        model's) they come centred (dimensionless); without, as recorded, for :meth:`centre`."""
+        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage, reference)
         return x.astype(np.float32), np.asarray(prepared.rows, np.int32)
 
     def predict(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
                 unit: str = "V", window_s: int | None = None, batch_size: int = 32,
-                montage: montage_lib.Options | None = None) -> np.ndarray:
+                montage: montage_lib.Options | None = None, reference: "SubjectReference | None" = None) -> np.ndarray:
         """Class probabilities (binary: P(label 1) [n]; multi-class: [n, K]) or values [n];
-        ``signals`` as for :meth:`embed`."""
+        ``signals`` and ``reference`` as for :meth:`embed`."""
         if self._logits is None:
             raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
-        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage)
+        self._check_centring(reference)
+        prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage, reference)
         return self.predict_windows(x, prepared.rows, batch_size)
 
     def predict_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """:meth:`predict` of windows already prepared (:meth:`windows`): x [n, channels,
-        windows, 200] in units of 100 uV, channel_rows [channels]."""
+        """:meth:`predict` of windows already prepared (:meth:`windows`, centred when the model
+        needs it): x [n, channels, windows, 200] in units of 100 uV, channel_rows [channels]."""
         if self._logits is None:
             raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
         logits = self._run(self._logits, np.asarray(x, np.float32), channel_rows, batch_size)
@@ -152,7 +213,8 @@ class Predictor:
 
     def embed_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32,
                       pooling: str = "mean") -> np.ndarray:
-        """Embeddings of windows already prepared (:meth:`windows`), pooled by ``pooling``:
+        """Embeddings of windows already prepared (:meth:`windows`, centred when the model needs
+        it), pooled by ``pooling``:
 
         - ``"mean"``: [n, D], the mean over every patch token (the classifier head's input);
         - ``"channel"``: [n, N * D], each channel's tokens averaged over the window's 1-s
@@ -170,6 +232,17 @@ class Predictor:
             return pooled
         n, c, a = x.shape[:3]
         return tokens.reshape(n, c, a, -1).mean(axis=2).reshape(n, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectReference:
+    """One subject's reference for a model trained on centred records
+    (:meth:`Predictor.subject_reference`): ``rows [C]`` vocabulary rows and ``names`` of its
+    channels, ``log_amplitude [C, 101]`` mean log |FFT| of its 1-s patches per 1-Hz bin."""
+
+    rows: np.ndarray
+    names: tuple[str, ...]
+    log_amplitude: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +316,10 @@ def load(path: str, *, window_s: int | None = None, notch: float | None = None, 
     (embeddings only).
     """
     path = str(path)
-    facts = {}
+    facts, centring = {}, None
     if hub.is_pretrained_dir(path) or (not os.path.exists(path) and path.count("/") == 1):
         kind, model, variables, facts = hub.load_variables(path, **download)
+        centring = facts["model"].get("subject_centring")
     else:
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
             with open(os.path.join(path, "config.json")) as f:
@@ -254,6 +328,7 @@ def load(path: str, *, window_s: int | None = None, notch: float | None = None, 
         path = model_file.resolve(path)
         try:
             kind, model, variables = model_file.load(path)
+            centring = model_file.centring_of(path)
         except model_file.ModelFileError:
             try:
                 model, variables = convert.load_official(path, "finetune")
@@ -267,4 +342,5 @@ def load(path: str, *, window_s: int | None = None, notch: float | None = None, 
     task = task or facts.get("task")
     if kind == "finetune" and task is None:
         task = "binary" if model.num_outputs == 1 else "multiclass"
-    return Predictor(kind, model, variables, task, window_s or 4, 50.0 if notch is None else notch)
+    return Predictor(kind, model, variables, task, window_s or 4, 50.0 if notch is None else notch,
+                     subject_centring=centring)

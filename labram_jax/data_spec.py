@@ -4,7 +4,8 @@ A spec names ``manifest.json`` files (their split), globs of manifests (one data
 shard globs, or several of these joined by ``+``, each optionally weighted with ``@w``;
 paths may be local or URLs (``gs://...``, listed through ``etils.epath``). ``DataSpec.parse``
 turns the text into parts, ``resolve`` into sources (shards and weights of a split), and
-``label_frequencies`` reads the label counts that class weights need.
+``label_frequencies`` reads the label counts that class weights need, ``subject_centring``
+whether the records are subject-centred (``python -m data_prep.centring``).
 """
 
 from __future__ import annotations
@@ -160,3 +161,24 @@ def label_frequencies(spec: "str | DataSpec", split: str = "train") -> tuple[lis
         raise ValueError(f"no labelled {split!r} windows in the manifests of {spec!s}")
     weights = np.asarray([w for w, _ in mix])
     return names, sum(w * f for w, f in zip(weights / weights.sum(), (f for _, f in mix)))
+
+
+def subject_centring(spec: "str | DataSpec") -> dict | None:
+    """The ``subject_centring`` entry (``{"band_hz": [lo, hi], ...}``) that every manifest of
+    ``spec`` shares, or None when none is centred. Bare shard globs carry no manifest and are
+    not counted. Raises a ValueError naming the manifests when centred and uncentred records (or
+    two bands) would be mixed: a model must see one kind of input."""
+    found: dict[str, tuple | None] = {}
+    for path, _ in DataSpec.parse(spec).parts:
+        if path.endswith(".json"):
+            for manifest_path in expand(path):
+                entry = json.loads(epath.Path(manifest_path).read_text()).get("subject_centring")
+                found[manifest_path] = tuple(entry["band_hz"]) if entry else None
+    kinds = set(found.values())
+    if len(kinds) > 1:
+        described = ", ".join(f"{path}: " + (f"centred {list(band)} Hz" if band else "not centred")
+                              for path, band in found.items())
+        raise ValueError(f"{spec!s} mixes subject-centred and uncentred records ({described}); centre every "
+                         "conversion the same way (python -m data_prep.centring MANIFEST --out DIR) or none")
+    band = kinds.pop() if kinds else None
+    return {"band_hz": list(band)} if band else None

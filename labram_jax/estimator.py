@@ -183,6 +183,9 @@ class LabramEmbedder(_Prepares, TransformerMixin, BaseEstimator):
             raise ValueError(f"pooling={self.pooling!r}: choose one of {api.POOLINGS}")
         self.rows_ = None
         self.predictor_ = api.load(self.model, notch=self.notch)
+        if self.predictor_.subject_centring:
+            raise ValueError(f"{self.model} was trained on subject-centred records, and epochs reach it uncentred "
+                             "here: embed them with labram_jax.api (subject_reference, centre) instead")
         return self
 
     def transform(self, X) -> np.ndarray:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from sklearn import metrics as skm
 
-from labram_jax import config_schema, data_spec, input_pipeline, records, sharding, steps
+from labram_jax import config_schema, data_spec, input_pipeline, model_file, records, sharding, steps
 from labram_jax.tasks import finetune
 
 log = logging.getLogger("labram_jax")
@@ -153,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             config = config_schema.from_saved(json.load(f))
         if config.stage != "finetune":
             raise ValueError(f"{args.workdir} is a {config.stage} run; evaluation needs a fine-tuning run")
+        finished = os.path.exists(os.path.join(args.workdir, model_file.FILENAME))
+        trained_on = model_file.centring_of(args.workdir) if finished else data_spec.subject_centring(config.data.train)
+        if data_spec.subject_centring(args.data) != trained_on:
+            raise ValueError(f"{args.workdir} was trained on {'subject-centred' if trained_on else 'uncentred'} "
+                             f"records and {args.data} is {'not ' if trained_on else ''}centred: evaluate on records "
+                             "prepared the same way (python -m data_prep.centring)")
         config.finetune.init_checkpoint = ""  # the checkpoint holds every weight
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
         restored = steps.restore_for_inference(config, args.workdir, args.checkpoint)

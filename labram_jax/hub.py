@@ -48,8 +48,10 @@ def save_pretrained(source, directory: str, *, kind: str | None = None, license:
         module, variables = source
         if kind not in model_file.KINDS:
             raise ValueError(f"save_pretrained of a (module, variables) pair needs kind= one of {model_file.KINDS}")
+        centring = None
     else:
         kind, module, variables = model_file.load(str(source))
+        centring = model_file.centring_of(str(source))
         run = str(source) if os.path.isdir(str(source)) else None
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,10 @@ def save_pretrained(source, directory: str, *, kind: str | None = None, license:
     save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(out / WEIGHTS),
               metadata={"format": FORMAT, "kind": kind})
     os.chmod(out / WEIGHTS, 0o644)  # safetensors writes it readable by its owner only, unlike the rest of the folder
-    config = {"format": FORMAT, "model": model_file.spec(kind, module), **_run_facts(run)}
+    described = model_file.spec(kind, module)
+    if centring:
+        described["subject_centring"] = centring
+    config = {"format": FORMAT, "model": described, **_run_facts(run)}
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     (out / CARD).write_text(model_card(config, kind, module, flat, license))
     return str(out)
@@ -146,5 +151,9 @@ def model_card(config: Mapping, kind: str, module: nn.Module, flat: Mapping, lic
         lines += [f"- {k}: {v:.4f}" for k, v in config["validation"].items() if k != "step"]
         lines.append("")
     lines += ["## Input", "", f"- {config.get('window_s', '?')}-s windows of 1-s patches at 200 Hz, units of 100 uV, "
-              "channels named by the LaBraM vocabulary (labram_jax.channels)", ""]
-    return "\n".join(lines)
+              "channels named by the LaBraM vocabulary (labram_jax.channels)"]
+    centring = config["model"].get("subject_centring")
+    if centring:
+        lines.append(f"- subject-centred (python -m data_prep.centring, {centring['band_hz']} Hz): give each subject's "
+                     "reference, `model.predict(raw, reference=model.subject_reference([...its recordings...]))`")
+    return "\n".join(lines + [""])

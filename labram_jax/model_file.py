@@ -2,7 +2,8 @@
 
 One ``.npz`` (no pickle): every variable under its ``/``-joined path, and ``__spec__``, a
 JSON description from which the module is rebuilt (kind, TransformerConfig / TokenizerConfig
-fields, outputs or vocabulary). Blocks are stored per block whatever the training layout
+fields, outputs or vocabulary) and, for a model trained on subject-centred records, the
+``subject_centring`` its inputs need (:func:`centring_of`). Blocks are stored per block whatever the training layout
 (``models/stacking.py``). Every stage writes one at its end; fine-tuning, pretraining, the
 API and the converter read it. :func:`resolve` turns "a workdir or a model file" into the file.
 """
@@ -75,15 +76,20 @@ def module_from_spec(described: Mapping) -> nn.Module:
     return tokenizer_lib.VQNSP(config_lib.TokenizerConfig(**cfg))
 
 
-def save(path: str, kind: str, model: nn.Module, variables: Mapping) -> None:
+def save(path: str, kind: str, model: nn.Module, variables: Mapping, subject_centring: dict | None = None) -> None:
     """Writes Flax variables and the module spec to one ``.npz`` (no pickle), blocks per block
-    (a model trained with ``scan_blocks`` is stored as if trained without)."""
+    (a model trained with ``scan_blocks`` is stored as if trained without). ``subject_centring``:
+    the manifests' entry (``{"band_hz": [lo, hi]}``) when the model was trained on
+    subject-centred records, so that whoever loads it centres its inputs the same way."""
     if kind not in KINDS:
         raise ValueError(f"model kind {kind!r}: one of {KINDS}")
     variables = stacking.unstack_blocks(nn.unbox(flax.core.unfreeze(variables)))
     flat = flax.traverse_util.flatten_dict(variables, sep="/")
     arrays = {k: np.asarray(v) for k, v in flat.items()}
-    arrays["__spec__"] = np.asarray(json.dumps(spec(kind, model)))
+    described = spec(kind, model)
+    if subject_centring:
+        described["subject_centring"] = {"band_hz": list(subject_centring["band_hz"])}
+    arrays["__spec__"] = np.asarray(json.dumps(described))
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -113,6 +119,15 @@ def load(path: str, kind: str | None = None) -> tuple[str, nn.Module, dict]:
                 node = node.setdefault(part, {})
             node[leaf] = value
     return described["kind"], module_from_spec(described), variables
+
+
+def centring_of(path: str) -> dict | None:
+    """``{"band_hz": [lo, hi]}`` when the model in ``path`` (a file or workdir) was trained on
+    subject-centred records (``python -m data_prep.centring``), else None."""
+    with np.load(resolve(path), allow_pickle=False) as data:
+        if "__spec__" not in data.files:
+            return None
+        return json.loads(str(data["__spec__"])).get("subject_centring")
 
 
 def describe(model: nn.Module) -> str:

@@ -291,3 +291,47 @@ def test_hub_folder_round_trips_and_loads_offline_by_repository_id(eeg_dir, eegm
         api.load("someone/missing", cache_dir=str(tmp_path / "cache"), local_files_only=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         api.load(str(tmp_path / "nothing" / "here" / "x"))
+
+
+def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_dir, eegmat_shards, tmp_path):
+    from data_prep import centring
+    from labram_jax import api, data_spec, hub
+
+    centred = tmp_path / "centred"
+    assert centring.main([str(eegmat_shards), "--out", str(centred), "--quiet"]) == 0
+    manifest = str(centred / "manifest.json")
+    assert data_spec.subject_centring(manifest) == {"band_hz": [1, 45]}
+    assert data_spec.subject_centring(str(eegmat_shards)) is None
+    with pytest.raises(ValueError, match="mixes subject-centred and uncentred"):
+        data_spec.subject_centring(f"{manifest}+{eegmat_shards}")
+    with pytest.raises(ValueError, match="validate on records prepared like the training ones"):
+        train.run(tiny_config("finetune", manifest, **{"optim.total_steps": 2, "data.val": str(eegmat_shards)}),
+                  str(tmp_path / "mixed"))
+    cfg = tiny_config("finetune", manifest, **{"optim.total_steps": 2, "data.val": manifest, "eval_every": 2})
+    run = tmp_path / "run"
+    train.run(cfg, str(run))
+    assert model_file.centring_of(str(run)) == {"band_hz": [1, 45]}  # the model file says what input it needs
+    model = api.load(str(run))
+    rest, task = (eeg_dir / "eegmat" / f"Subject16_{i}.edf" for i in (1, 2))
+    with pytest.raises(ValueError, match="subject_reference"):
+        model.predict(task)
+    reference = model.subject_reference([rest, task])  # the subject's two recordings, no labels
+    probs = model.predict(task, reference=reference)
+    # data_prep.centring's records of the same windows, through the trained state, score the same
+    restored = steps.restore_for_inference(cfg, str(run), "latest")
+    scores, _, positions = evaluate.predict_split(restored.predict_fn, restored.state, manifest, "val",
+                                                  restored.grid, restored.mesh, 8, restored.stage.target)
+    recordings = input_pipeline.provenance_at(manifest, "val", positions, "recording")[0]
+    np.testing.assert_allclose(probs, scores[[r.endswith("Subject16_2") for r in recordings]], atol=1e-4)
+    assert evaluate.main(["--workdir", str(run), "--data", str(eegmat_shards), "--out", str(tmp_path / "e.json")]) == 2
+    # centring by hand on windows of both recordings gives the same; a reference of the task file
+    # alone (one condition) gives other scores: it is centred onto that condition
+    x = np.concatenate([model.windows(rest)[0], model.windows(task)[0]])
+    by_hand = model.predict_windows(model.centre(x, np.zeros(len(x))), model.windows(task)[1])
+    np.testing.assert_allclose(by_hand[-len(probs):], probs, atol=1e-5)
+    both, alone = (model.windows(task, reference=r)[0] for r in (reference, model.subject_reference(task)))
+    assert np.abs(alone - both).mean() > 0.05 * np.abs(both).mean()
+    # a Hub folder keeps the requirement
+    folder = hub.save_pretrained(str(run), str(tmp_path / "hub"))
+    assert api.load(folder).subject_centring == {"band_hz": [1, 45]}
+    assert "subject_reference" in (tmp_path / "hub" / "README.md").read_text()
