@@ -235,6 +235,7 @@ def pretrain(corpus: str, spec: str, stem: str, seed: int, root: pathlib.Path, o
         apply_overrides(config, overrides)
         t0 = time.perf_counter()
         out = train.run(config, str(root / stage))
+        finished_or_exit(root / stage)
         info[f"{stage}_wall_s"] = time.perf_counter() - t0
         info[f"{stage}_loss"] = out.get("loss")
     info["codebook"] = tokenizer_task.corpus_code_usage(str(root / "tokenizer"), spec, "train", channels, windows)
@@ -257,10 +258,20 @@ def finetune(task: str, split: Split, stem: str, seed: int, init: str, workdir: 
     apply_overrides(config, overrides)
     t0 = time.perf_counter()
     out = train.run(config, str(workdir))
+    finished_or_exit(workdir)
     scores = {k[4:]: float(v) for k, v in out.items() if k.startswith("val/")} or last_validation(workdir)
     result = {**scores, "wall_s": time.perf_counter() - t0}
     result_file.write_text(json.dumps(result, indent=1))
     return result
+
+
+def finished_or_exit(workdir: pathlib.Path) -> None:
+    """Stops the harness when a run ended before its last step (SIGTERM, ``stop_after``): what
+    it holds then is not a result, and the next stage has nothing to start from."""
+    from labram_jax import model_file
+
+    if not (workdir / model_file.FILENAME).exists():
+        raise SystemExit(f"{workdir} stopped before its last step: rerun the same command to resume it")
 
 
 PROBE_C = 1e-3  # the log-spectrum anchor's C: the probe and that anchor differ only in their features

@@ -214,3 +214,16 @@ def test_cost_curves_pure_fits_recover_known_coefficients():
     assert line["t0"] == pytest.approx(1.0) and line["t1"] == pytest.approx(2.0)
     with pytest.raises(SystemExit):
         cost_curves.main(["--grids", "23x8", "64x4"])  # fewer grids than coefficients
+
+
+def test_transfer_stops_on_a_run_stopped_early_and_resumes_it(eegmat_shards, tmp_path):
+    from benchmarks import transfer
+
+    split = transfer.Split("fixed", str(eegmat_shards), str(eegmat_shards), "", "")
+    run = ["finetune:model.size=tiny", "finetune:optim.total_steps=3", "finetune:optim.warmup_steps=1",
+           "finetune:data.batch_size=8", "finetune:model.input_norm=channel"]
+    with pytest.raises(SystemExit, match="rerun the same command"):  # not a result: no result.json
+        transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path, run + ["finetune:stop_after=1"])
+    assert not (tmp_path / "result.json").exists()
+    result = transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path, run)
+    assert json.loads((tmp_path / "result.json").read_text())["auroc"] == result["auroc"]
