@@ -355,6 +355,10 @@ def to_official(kind: str, model: nn.Module, variables: Mapping) -> dict[str, np
                               + ", which the reference implementation does not have: only models trained with "
                               + ", ".join(f"{k}={config_lib.REFERENCE_INPUTS[k]!r}" for k in changed)
                               + " convert to its format; use this model through labram_jax (its model.npz) instead")
+    if getattr(model.cfg, "head_pooling", "mean") != "mean":
+        raise ConversionError(f"this model's head reads model.head_pooling={model.cfg.head_pooling!r}, which the "
+                              "reference implementation does not have: only mean-pooled heads convert to its format; "
+                              "use this model through labram_jax (its model.npz) instead")
     variables = flax.core.unfreeze(nn.unbox(variables)) if hasattr(variables, "unfreeze") else nn.unbox(variables)
     sd = {}
     for rule in _rules(kind, model):

@@ -42,6 +42,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("code", None),
     ("freq", None),
     ("classes", None),
+    ("electrodes", None),  # the electrode head's input (rows x width: no mesh axis divides it)
     ("spatial", None),
     ("time", None),
     ("norm", None),

@@ -13,6 +13,7 @@ REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")  # labram_jax.models.attention
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
+HEAD_POOLINGS = ("mean", "electrode")  # what the fine-tuning head reads: layers.masked_mean, layers.electrode_rows
 DTYPES = ("float32", "bfloat16")  # computation dtypes (parameters stay float32)
 # How a transformer reads its signal: TransformerConfig fields an encoder must share with any
 # model that reuses it, and their values in the reference (and its official weights).
@@ -62,6 +63,11 @@ class TransformerConfig:
         amplitudes of the patch's 1-45 Hz FFT bins through one Linear layer; not in the
         reference, so official weights need ``temporal``). With ``spectrum``,
         ``temporal_groups`` is unused and ``temporal_channels`` only fixes D = 25 * C.
+      head_pooling: what a fine-tuning head reads: ``mean`` (the paper: every patch token
+        averaged, [D]) or ``electrode`` (each electrode's tokens averaged over its patches, put
+        in that electrode's row of the spatial table, [num_spatial_rows * D]; absent electrodes
+        are zeros, so any montage fits, and the head sees where a signal is, which the mean over
+        channels averages away). Encoders and official weights do not depend on it.
     """
 
     embed_dim: int = 200
@@ -85,6 +91,7 @@ class TransformerConfig:
     input_norm: str = "none"
     temporal_groups: int = 4
     patch_embed: str = "temporal"
+    head_pooling: str = "mean"
 
     def __post_init__(self):
         if self.temporal_channels and (self.temporal_groups < 1 or self.temporal_channels % self.temporal_groups):
@@ -92,6 +99,8 @@ class TransformerConfig:
                              f"{self.temporal_channels}: use 4 (the paper) or 1")
         if self.patch_embed not in PATCH_EMBEDS:
             raise ValueError(f"patch_embed={self.patch_embed!r}: choose one of {PATCH_EMBEDS}")
+        if self.head_pooling not in HEAD_POOLINGS:
+            raise ValueError(f"head_pooling={self.head_pooling!r}: choose one of {HEAD_POOLINGS}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm={self.input_norm!r}: choose one of {INPUT_NORMS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:

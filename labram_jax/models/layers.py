@@ -282,6 +282,18 @@ def normalize_channels(x: jax.Array, patch_mask: jax.Array, eps: float = 1e-6) -
     return (x - mean) * jax.lax.rsqrt(var + eps) * w
 
 
+def electrode_rows(per_channel: jax.Array, present: jax.Array, channel_ids: jax.Array, rows: int) -> jax.Array:
+    """Channels' vectors placed in their electrodes' spatial-table rows.
+
+    per_channel [B, N, D], present [B, N] bool, channel_ids [B, N] int rows (1..rows-1) ->
+    [B, rows, D] float32: row ``channel_ids[b, n]`` holds ``per_channel[b, n]`` where the
+    channel is present; rows of absent electrodes (and padding channels) are zeros. The result
+    does not depend on the order of the channels.
+    """
+    slots = jax.nn.one_hot(channel_ids, rows, dtype=jnp.float32) * present.astype(jnp.float32)[..., None]
+    return jnp.einsum("bnr,bnd->brd", slots, per_channel.astype(jnp.float32))
+
+
 def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
     """Mean over axis 1 of x [B, P, D] using only valid [B, P] entries -> [B, D]."""
     w = valid.astype(jnp.float32)[..., None]

@@ -118,7 +118,9 @@ def _patch_valid(x: jax.Array, patch_mask: jax.Array | None) -> jax.Array:
 
 
 class LaBraM(nn.Module):
-    """Encoder + mean pooling + ``fc_norm`` + linear head (LABRAM.md 3.4).
+    """Encoder + mean pooling + ``fc_norm`` + linear head (LABRAM.md 3.4); with
+    ``cfg.head_pooling="electrode"`` the head reads each electrode's pooled, ``fc_norm``-ed
+    tokens in its spatial-table row instead (``layers.electrode_rows``).
 
     ``num_outputs`` is 1 for binary tasks (one logit) and regression, the class count
     for multi-class tasks, and 0 for an encoder without head (embeddings only).
@@ -131,9 +133,10 @@ class LaBraM(nn.Module):
         self.encoder = NeuralTransformer(self.cfg)
         self.fc_norm = layers.layer_norm(name="fc_norm")
         if self.num_outputs:
+            head_in = "embed" if self.cfg.head_pooling == "mean" else "electrodes"
             self.head = nn.Dense(
                 self.num_outputs, name="head",
-                kernel_init=layers.logical(lambda *a: layers.trunc_normal()(*a) * 0.001, ("embed", "classes")),
+                kernel_init=layers.logical(lambda *a: layers.trunc_normal()(*a) * 0.001, (head_in, "classes")),
                 bias_init=layers.logical(nn.initializers.zeros, ("classes",)))
 
     def __call__(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
@@ -141,8 +144,10 @@ class LaBraM(nn.Module):
         """x: [B, N, A, 200] (units of 100 uV); channel_ids [B, N] or [N]; patch_mask
         [B, N, A] bool -> [B, num_outputs] float32 logits (or values); without a head
         (``num_outputs`` 0) the pooled embedding [B, D]."""
-        pooled = self.embed(x, channel_ids, patch_mask, train=train)["pooled"]
-        return (self.head(pooled) if self.num_outputs else pooled).astype(jnp.float32)
+        out = self.embed(x, channel_ids, patch_mask, train=train)
+        if not self.num_outputs:
+            return out["pooled"].astype(jnp.float32)
+        return self.head(out.get("electrodes", out["pooled"])).astype(jnp.float32)
 
     def embed(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
               *, train: bool = False) -> dict[str, jax.Array]:
@@ -150,12 +155,22 @@ class LaBraM(nn.Module):
 
         Returns a dict with ``pooled`` [B, D] (fc_norm of the mean of valid patch
         tokens: the head's input), ``tokens`` [B, 1 + N*A, D] (fc_norm of every token,
-        cls first, as the reference's ``return_all_tokens``) and ``patch_valid`` [B, N*A].
+        cls first, as the reference's ``return_all_tokens``) and ``patch_valid`` [B, N*A];
+        with ``head_pooling="electrode"`` also ``electrodes`` [B, num_spatial_rows * D], the
+        head's input then (fc_norm of each electrode's mean token, in its spatial row).
         """
         tokens = self.encoder(x, channel_ids, patch_mask, deterministic=not train)
         valid = _patch_valid(x, patch_mask)
         pooled = self.fc_norm(layers.masked_mean(tokens[:, 1:], valid))
-        return {"pooled": pooled, "tokens": self.fc_norm(tokens), "patch_valid": valid}
+        out = {"pooled": pooled, "tokens": self.fc_norm(tokens), "patch_valid": valid}
+        if self.cfg.head_pooling == "electrode":
+            b, n, a = x.shape[:3]
+            ids = jnp.broadcast_to(jnp.asarray(channel_ids, jnp.int32), (b, n))
+            per_channel = layers.masked_mean(tokens[:, 1:].reshape(b * n, a, -1), valid.reshape(b * n, a))
+            slots = layers.electrode_rows(self.fc_norm(per_channel).reshape(b, n, -1),
+                                          valid.reshape(b, n, a).any(-1), ids, self.cfg.num_spatial_rows)
+            out["electrodes"] = slots.reshape(b, -1)
+        return out
 
 
 class LaBraMPretrain(nn.Module):

@@ -39,3 +39,37 @@ def test_channel_pooling_keeps_each_channel_apart(predictor):
 def test_unknown_pooling_is_refused(predictor):
     with pytest.raises(ValueError, match="choose one of"):
         predictor.embed_windows(np.zeros((1, 3, 2, 200), np.float32), np.arange(1, 4), pooling="max")
+
+
+def test_the_electrode_head_reads_each_electrode_in_its_own_row_whatever_the_montage():
+    from labram_jax.models import layers
+
+    cfg = model_config.labram("tiny", patch_embed="spectrum", head_pooling="electrode")
+    model = transformer.LaBraM(cfg, num_outputs=1)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 3, 200)), jnp.float32)
+    ids = jnp.array([3, 7, 20, 40, 5])
+    mask = jnp.ones((2, 5, 3), bool).at[1, 4].set(False)  # sample 1 lacks electrode row 5
+    variables = model.init(jax.random.key(1), x, ids, mask)
+    assert variables["params"]["head"]["kernel"].value.shape == (cfg.num_spatial_rows * cfg.embed_dim, 1)
+    out = model.apply(variables, x, ids, mask, method=model.embed)
+    rows = out["electrodes"].reshape(2, cfg.num_spatial_rows, cfg.embed_dim)
+    occupied = np.flatnonzero(np.abs(np.asarray(rows)).sum(-1).sum(0))
+    np.testing.assert_array_equal(occupied, [3, 5, 7, 20, 40])
+    assert not np.asarray(rows[1, 5]).any() and np.asarray(rows[0, 5]).any()
+    # each row is the fc_norm of that channel's mean token
+    tokens = np.asarray(model.apply(variables, x, ids, mask, method=lambda m, *a: m.encoder(*a)))[:, 1:]
+    mean_token = jnp.asarray(tokens.reshape(2, 5, 3, -1)[0, 1].mean(0))
+    fc = variables["params"]["fc_norm"]
+    expected = layers.layer_norm(name="n").apply({"params": fc}, mean_token)
+    np.testing.assert_allclose(rows[0, 7], expected, atol=1e-5)
+    # the same electrodes in another channel order give the same logits
+    perm = jnp.array([2, 0, 4, 1, 3])
+    np.testing.assert_allclose(model.apply(variables, x[:, perm], ids[perm], mask[:, perm]),
+                               model.apply(variables, x, ids, mask), rtol=1e-5)
+    with pytest.raises(ValueError, match="head_pooling"):
+        model_config.labram("tiny", head_pooling="channel")
+    from labram_jax import convert  # the reference has no such head: no official file of it
+
+    with pytest.raises(convert.ConversionError, match="head_pooling='electrode'"):
+        convert.to_official("finetune", model, variables)
