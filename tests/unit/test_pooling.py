@@ -72,4 +72,4 @@ def test_the_electrode_head_reads_each_electrode_in_its_own_row_whatever_the_mon
     from labram_jax import convert  # the reference has no such head: no official file of it
 
     with pytest.raises(convert.ConversionError, match="head_pooling='electrode'"):
-        convert.to_official("finetune", model, variables)
+        convert.to_official("finetune", transformer.LaBraM(cfg.replace(patch_embed="temporal")), variables)
