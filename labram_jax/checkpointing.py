@@ -60,6 +60,9 @@ class Checkpointer:
                                           data=ocp.args.JsonRestore()))
         return restored.state, restored.data
 
+    def saved_config(self, step: int) -> dict:
+        """The config (JSON) saved with checkpoint ``step``."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

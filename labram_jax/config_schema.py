@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -334,6 +335,23 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------------------------- validation
+# model.* fields that change how a step is computed, not what is learned: free to change on resume
+RUNTIME_MODEL_FIELDS = ("dtype", "remat", "scan_blocks", "attention")
+
+
+def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """The ``stage`` and ``model.*`` settings (other than ``RUNTIME_MODEL_FIELDS``) in which
+    ``config`` differs from the config ``saved`` with a checkpoint, as ``"model.x: saved -> now"``.
+    Resuming across such a change would pair trained weights with another model."""
+    now = json.loads(config.to_json_best_effort())
+    conflicts = [f"stage: {saved.get('stage')!r} -> {now['stage']!r}"] if saved.get("stage") != now["stage"] else []
+    before, after = saved.get("model", {}), now["model"]
+    for key in sorted(set(before) | set(after)):
+        if key not in RUNTIME_MODEL_FIELDS and before.get(key) != after.get(key):
+            conflicts.append(f"model.{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return conflicts
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     """Raises ConfigError listing every problem of ``config`` for ``device_count`` devices."""
     stage = config.get("stage")

@@ -99,9 +99,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     config_schema.validate(config, len(devices) if devices is not None else jax.device_count())
     _probe_workdir(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     dtype = steps.compute_dtype(config.model.dtype)
@@ -149,6 +146,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         best_ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints_best"), 1, 1,
                                                best_metric=stage.best_metric, async_save=False)
     latest = ckpt.latest_step()
+    conflicts = config_schema.resume_conflicts(ckpt.saved_config(latest), config) if latest is not None else []
+    if conflicts:
+        raise ValueError(f"{workdir} holds a run trained with other settings ({'; '.join(conflicts)}): resume it "
+                         "with the config it was started with, or give this config a new --workdir")
+    if is_main:  # after the check: a refused resume leaves the run's own config.json
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
     if latest is not None:
         state, data_state = ckpt.restore(latest, checkpointing.abstract_with_shardings(spec.abstract, spec.shardings))
         start_step = int(data_state["step"])

@@ -1,6 +1,7 @@
 """The trainer on 8 fake CPU devices: mesh equivalence, resume, mesh change, learning."""
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -93,6 +94,11 @@ def test_resume_equals_uninterrupted(stage, eegmat_shards, tokenizer_dir, tmp_pa
     train.run(tiny_config(stage, eegmat_shards, **extra), str(straight))
     first = train.run(tiny_config(stage, eegmat_shards, **extra, stop_after=4), str(resumed))
     assert first["step"] == 4 and not (resumed / "model.npz").exists()
+    # a resume with another model setting is refused, and the run's config.json kept
+    other = "channel" if json.loads((resumed / "config.json").read_text())["model"]["input_norm"] == "none" else "none"
+    with pytest.raises(ValueError, match=f"model.input_norm: .* -> '{other}'"):
+        train.run(tiny_config(stage, eegmat_shards, **extra, **{"model.input_norm": other}), str(resumed))
+    assert json.loads((resumed / "config.json").read_text())["model"]["input_norm"] != other
     train.run(tiny_config(stage, eegmat_shards, **extra), str(resumed))
     assert losses(resumed) == losses(straight)  # bitwise on CPU
     _, _, a = model_file.load(str(straight / "model.npz"))
