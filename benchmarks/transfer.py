@@ -233,6 +233,7 @@ def pretrain(corpus: str, spec: str, stem: str, seed: int, root: pathlib.Path, o
         if stage == "pretrain":
             config.pretrain.tokenizer_checkpoint = str(root / "tokenizer")
         apply_overrides(config, overrides)
+        same_recipe_or_exit(config, root.parent.parent.glob(f"*/*/{stage}/config.json"))
         t0 = time.perf_counter()
         out = train.run(config, str(root / stage))
         finished_or_exit(root / stage)
@@ -256,6 +257,7 @@ def finetune(task: str, split: Split, stem: str, seed: int, init: str, workdir: 
     config.finetune.init_checkpoint = init
     config.eval_every = 10**9  # the last step only: nothing is picked on the reported subjects
     apply_overrides(config, overrides)
+    same_recipe_or_exit(config, workdir.parent.parent.glob("*/*/config.json"))
     t0 = time.perf_counter()
     out = train.run(config, str(workdir))
     finished_or_exit(workdir)
@@ -263,6 +265,19 @@ def finetune(task: str, split: Split, stem: str, seed: int, init: str, workdir: 
     result = {**scores, "wall_s": time.perf_counter() - t0}
     result_file.write_text(json.dumps(result, indent=1))
     return result
+
+
+def same_recipe_or_exit(config, siblings) -> None:
+    """Stops the harness when another fold or seed of the same row (``siblings``: their
+    config.json files) ran with other model settings: a row is one recipe, and a recipe file
+    that changed since (``configs/eegmat.py``) must not slip into it under the old tag."""
+    from labram_jax import config_schema
+
+    for path in sorted(siblings):
+        conflicts = config_schema.resume_conflicts(json.loads(path.read_text()), config)
+        if conflicts:
+            raise SystemExit(f"{path.parent} belongs to the same row but ran with other settings "
+                             f"({'; '.join(conflicts)}): give this recipe its own --tag, or --set those settings")
 
 
 def finished_or_exit(workdir: pathlib.Path) -> None:

@@ -223,7 +223,12 @@ def test_transfer_stops_on_a_run_stopped_early_and_resumes_it(eegmat_shards, tmp
     run = ["finetune:model.size=tiny", "finetune:optim.total_steps=3", "finetune:optim.warmup_steps=1",
            "finetune:data.batch_size=8", "finetune:model.input_norm=channel"]
     with pytest.raises(SystemExit, match="rerun the same command"):  # not a result: no result.json
-        transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path, run + ["finetune:stop_after=1"])
-    assert not (tmp_path / "result.json").exists()
-    result = transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path, run)
-    assert json.loads((tmp_path / "result.json").read_text())["auroc"] == result["auroc"]
+        transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path / "row" / "fold0" / "seed0",
+                          run + ["finetune:stop_after=1"])
+    assert not (tmp_path / "row" / "fold0" / "seed0" / "result.json").exists()
+    result = transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path / "row" / "fold0" / "seed0", run)
+    assert json.loads((tmp_path / "row" / "fold0" / "seed0" / "result.json").read_text())["auroc"] == result["auroc"]
+    # another fold of the same row with other model settings (a recipe file changed since) is refused
+    with pytest.raises(SystemExit, match="same row but ran with other settings.*model.input_norm"):
+        transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path / "row" / "fold1" / "seed0",
+                          run + ["finetune:model.input_norm=none"])
