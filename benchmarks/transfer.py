@@ -387,6 +387,25 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def paired(report: dict, first: str, second: str) -> str:
+    """Rows ``second`` against ``first`` over the fold x seed runs both have: each metric's
+    mean of both, the mean difference and in how many runs ``second`` is higher."""
+    rows = report.get("rows", {})
+    for name in (first, second):
+        if name not in rows:
+            raise SystemExit(f"--compare: no row {name!r} in the report (rows: {', '.join(sorted(rows))})")
+    runs = [(rows[first][s][seed], rows[second][s][seed]) for s in rows[first] for seed in rows[first][s]
+            if seed in rows[second].get(s, {})]
+    if not runs:
+        raise SystemExit(f"--compare: {first} and {second} share no fold x seed run")
+    lines = [f"{second} against {first}, {len(runs)} paired fold x seed runs:"]
+    for metric in ("balanced_accuracy", "auroc"):
+        a, b = (np.asarray([run[i][metric] for run in runs]) for i in (0, 1))
+        lines.append(f"  {metric}: {a.mean():.3f} -> {b.mean():.3f} ({np.mean(b - a):+.3f}), "
+                     f"higher in {int((b > a).sum())} of {len(runs)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(python -m data_prep.centring). See labram_jax.subject_centring; rows get '+centred-<how>'")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
+    parser.add_argument("--compare", nargs=2, metavar=("ROW_A", "ROW_B"), help="only print ROW_B against ROW_A "
+                        "(e.g. none/spectrum-cn) over the fold x seed runs both finished, from the report")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(paired(json.loads((pathlib.Path(args.workdir) / f"{args.task}.json").read_text()), *args.compare))
+        return 0
     # grain and orbax give the root logger a handler when imported: replace it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -161,6 +161,17 @@ def test_transfer_table_summarises_folds_and_seeds():
     # four runs: 0.5, 0.6, 0.7, 0.8 -> mean 0.65, std 0.112; fold means 0.55 and 0.75
     assert lines[3] == "| none/spectrum | 0.650 +- 0.112 | 0.600 +- 0.100 | 4 | 0.550 / 0.500 | 0.750 / 0.700 |"
     assert len(lines) == 4  # the incomplete row is not summarised
+    # --compare pairs the runs two rows share: here only fold0 seed 0 (0.5 -> 0.5, auroc 0.5 -> 0.5)
+    compared = transfer.paired(report, "partial/spectrum", "none/spectrum").splitlines()
+    assert compared[1:] == ["  balanced_accuracy: 0.500 -> 0.500 (+0.000), higher in 0 of 1",
+                            "  auroc: 0.500 -> 0.500 (+0.000), higher in 0 of 1"]
+    better = json.loads(json.dumps(report["rows"]["none/spectrum"]))
+    better["fold1"]["1"]["auroc"] += 0.1  # one run of four better by 0.1
+    report["rows"]["better/spectrum"] = better
+    assert transfer.paired(report, "none/spectrum", "better/spectrum").splitlines()[2] == \
+        "  auroc: 0.600 -> 0.625 (+0.025), higher in 1 of 4"
+    with pytest.raises(SystemExit, match="no row 'missing'"):
+        transfer.paired(report, "missing", "none/spectrum")
 
 
 def test_transfer_report_keeps_what_concurrent_processes_record(tmp_path):
