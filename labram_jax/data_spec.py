@@ -182,3 +182,13 @@ def subject_centring(spec: "str | DataSpec") -> dict | None:
                          "conversion the same way (python -m data_prep.centring MANIFEST --out DIR) or none")
     band = kinds.pop() if kinds else None
     return {"band_hz": list(band)} if band else None
+
+
+def check_centring_matches(trained_on: dict | None, spec: "str | DataSpec", what: str) -> None:
+    """Raises a ValueError saying what to do unless the records of ``spec`` (``what`` names
+    them: "config.data.val", "--data") are subject-centred exactly when the model's training
+    records were (``trained_on``: their :func:`subject_centring`)."""
+    if subject_centring(spec) != trained_on:
+        raise ValueError(f"the training records are {'' if trained_on else 'not '}subject-centred but {what} "
+                         f"({spec!s}) {'is not' if trained_on else 'is'}: use records prepared like the training ones "
+                         "(python -m data_prep.centring on both, or on neither)")

@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.workdir} is a {config.stage} run; evaluation needs a fine-tuning run")
         finished = os.path.exists(os.path.join(args.workdir, model_file.FILENAME))
         trained_on = model_file.centring_of(args.workdir) if finished else data_spec.subject_centring(config.data.train)
-        if data_spec.subject_centring(args.data) != trained_on:
-            raise ValueError(f"{args.workdir} was trained on {'subject-centred' if trained_on else 'uncentred'} "
-                             f"records and {args.data} is {'not ' if trained_on else ''}centred: evaluate on records "
-                             "prepared the same way (python -m data_prep.centring)")
+        data_spec.check_centring_matches(trained_on, args.data, "--data")
         config.finetune.init_checkpoint = ""  # the checkpoint holds every weight
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
         restored = steps.restore_for_inference(config, args.workdir, args.checkpoint)

@@ -115,10 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     train_sources = data_spec.DataSpec.parse(config.data.train).sources("train")  # resolved once
     val_sources = data_spec.DataSpec.parse(config.data.val).sources("val") if config.data.val else None
     centring = data_spec.subject_centring(config.data.train)  # the input the model learns; saved with it
-    if config.data.val and data_spec.subject_centring(config.data.val) != centring:
-        raise ValueError(f"config.data.train is {'subject-centred' if centring else 'not subject-centred'} but "
-                         f"config.data.val ({config.data.val}) is {'not ' if centring else ''}: validate on records "
-                         "prepared like the training ones (python -m data_prep.centring on both, or on neither)")
+    if config.data.val:
+        data_spec.check_centring_matches(centring, config.data.val, "config.data.val")
     num_train = input_pipeline.count_records(train_sources)
     total_steps, warmup_steps = steps.schedule_lengths(config, num_train)
     log.info("%d training records, global batch %d, %d steps (%d warmup)", num_train, config.data.batch_size,

@@ -304,7 +304,7 @@ def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_
     assert data_spec.subject_centring(str(eegmat_shards)) is None
     with pytest.raises(ValueError, match="mixes subject-centred and uncentred"):
         data_spec.subject_centring(f"{manifest}+{eegmat_shards}")
-    with pytest.raises(ValueError, match="validate on records prepared like the training ones"):
+    with pytest.raises(ValueError, match="but config.data.val .* is not: use records prepared like the training ones"):
         train.run(tiny_config("finetune", manifest, **{"optim.total_steps": 2, "data.val": str(eegmat_shards)}),
                   str(tmp_path / "mixed"))
     cfg = tiny_config("finetune", manifest, **{"optim.total_steps": 2, "data.val": manifest, "eval_every": 2})
