@@ -342,10 +342,13 @@ RUNTIME_MODEL_FIELDS = ("dtype", "remat", "scan_blocks", "attention")
 def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """The ``stage`` and ``model.*`` settings (other than ``RUNTIME_MODEL_FIELDS``) in which
     ``config`` differs from the config ``saved`` with a checkpoint, as ``"model.x: saved -> now"``.
-    Resuming across such a change would pair trained weights with another model."""
+    Resuming across such a change would pair trained weights with another model. A setting that
+    ``saved`` lacks (added to the schema after that run started) counts as its default, which is
+    what that run's code did."""
     now = json.loads(config.to_json_best_effort())
     conflicts = [f"stage: {saved.get('stage')!r} -> {now['stage']!r}"] if saved.get("stage") != now["stage"] else []
-    before, after = saved.get("model", {}), now["model"]
+    defaults = {k: f.default for k, f in schema(now["model"]["size"], now["stage"])["model"].items()}
+    before, after = {**defaults, **saved.get("model", {})}, now["model"]
     for key in sorted(set(before) | set(after)):
         if key not in RUNTIME_MODEL_FIELDS and before.get(key) != after.get(key):
             conflicts.append(f"model.{key}: {before.get(key)!r} -> {after.get(key)!r}")

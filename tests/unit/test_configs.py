@@ -59,3 +59,21 @@ def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp
         configs[stage] = c
     for field in model_config.REFERENCE_INPUTS:
         assert len({c.model[field] for c in configs.values()}) == 1, field
+
+
+def test_resume_conflicts_name_changed_model_settings_and_read_missing_ones_as_defaults():
+    import json
+
+    from labram_jax import config_schema
+
+    cfg = _load("tiny").get_config("pretrain")
+    saved = json.loads(cfg.to_json_best_effort())
+    assert config_schema.resume_conflicts(saved, cfg) == []
+    # a run saved before head_pooling existed ran the default: resuming it is the same model
+    del saved["model"]["head_pooling"]
+    assert config_schema.resume_conflicts(saved, cfg) == []
+    cfg.model.head_pooling = "electrode"
+    assert config_schema.resume_conflicts(saved, cfg) == ["model.head_pooling: 'mean' -> 'electrode'"]
+    cfg.model.head_pooling, cfg.model.dtype = "mean", "bfloat16"  # a runtime setting: free to change
+    saved["model"]["input_norm"] = "channel"
+    assert config_schema.resume_conflicts(saved, cfg) == ["model.input_norm: 'channel' -> 'none'"]
