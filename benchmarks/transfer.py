@@ -39,6 +39,10 @@ probes and the feature anchors; ``--centring signals`` runs everything (pretrain
 probes, anchors) on subject-centred copies of the records (``data_prep.centring``); see
 ``labram_jax.subject_centring``.
 
+``--ensemble ROW`` scores a row's finished runs again, the seeds of each fold as one model
+(probabilities averaged), and prints each held-out subject's AUROC; ``--compare ROW_A ROW_B``
+prints paired differences run by run. Both only read finished runs.
+
 The classical baselines (``labram_jax.baselines``) are fitted on the same training subjects'
 non-overlapping windows and scored on the same windows. The report gives, per row, the mean +-
 std over folds x seeds and each fold's mean; ``<workdir>/<task>.json`` keeps every number.
@@ -355,6 +359,34 @@ def last_validation(workdir: pathlib.Path) -> dict[str, float]:
     return {k[4:]: float(v) for k, v in rows[-1].items() if k.startswith("val/")}
 
 
+def seed_ensemble(row_dir: pathlib.Path) -> dict[str, dict]:
+    """Per fold of one row's finished fine-tuning runs (``row_dir/<fold>/seed<k>/``): the seeds'
+    last-step probabilities averaged window by window and scored (binary metrics), with the
+    seeds used and each held-out subject's AUROC (how evenly the row transfers across people).
+    Nothing is picked: every finished seed of the fold counts."""
+    from labram_jax import evaluate
+    from labram_jax.tasks import finetune as finetune_task
+
+    out = {}
+    for fold_dir in sorted(p for p in row_dir.iterdir() if p.is_dir()):
+        runs = sorted(path.parent for path in fold_dir.glob("seed*/model.npz"))
+        if not runs:
+            continue
+        scored = [evaluate.score_run(str(run), json.loads((run / "config.json").read_text())["data"]["val"],
+                                     "val", "latest", ("subject",)) for run in runs]
+        targets, subjects = scored[0].targets, np.asarray(scored[0].provenance["subject"])
+        if any(not np.array_equal(s.targets, targets) or list(subjects) != s.provenance["subject"] for s in scored):
+            raise SystemExit(f"{fold_dir}: the seeds were scored on different windows; an ensemble needs the same")
+        mean = np.mean([s.scores for s in scored], axis=0)
+        by_subject = evaluate.by_group("binary", mean, targets, list(subjects))
+        out[fold_dir.name] = {"seeds": [run.name for run in runs],
+                              **finetune_task.compute_metrics("binary", mean, targets),
+                              "by_subject_auroc": {k: v["auroc"] for k, v in by_subject.items()}}
+    if not out:
+        raise SystemExit(f"{row_dir} holds no finished fine-tuning run (fold*/seed*/model.npz)")
+    return out
+
+
 def summarise(values: list[list[float]]) -> dict:
     """values[fold][seed] -> mean, std over all, and each fold's mean."""
     flat = np.asarray([v for fold in values for v in fold], np.float64)
@@ -406,6 +438,29 @@ def paired(report: dict, first: str, second: str) -> str:
     return "\n".join(lines)
 
 
+def print_ensemble(workdir: pathlib.Path, task: str, row: str) -> int:
+    """``--ensemble ROW``: scores and records the seed ensemble of ``row`` fold by fold."""
+    logging.basicConfig(level=logging.WARNING, force=True)
+    row_dir = workdir / task / row.replace("/", "-", 1)
+    if not row_dir.is_dir():
+        raise SystemExit(f"--ensemble: no runs of {row!r} under {row_dir}")
+    report_path = workdir / f"{task}.json"
+    singles = json.loads(report_path.read_text()).get("rows", {}).get(row, {}) if report_path.exists() else {}
+    for fold, result in seed_ensemble(row_dir).items():
+        record(report_path, ("rows", f"{row}+seed-ensemble", fold, "ensemble"),
+               {k: v for k, v in result.items() if k not in ("seeds", "by_subject_auroc")})
+        alone = " ".join(f"{seed}: {singles[fold][seed[4:]]['balanced_accuracy']:.3f} / "
+                         f"{singles[fold][seed[4:]]['auroc']:.3f}" for seed in result["seeds"]
+                         if seed[4:] in singles.get(fold, {}))
+        subjects = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in result["by_subject_auroc"].items())
+        print(f"{fold}: ensemble of {len(result['seeds'])} BAcc {result['balanced_accuracy']:.3f} AUROC "
+              f"{result['auroc']:.3f} (alone {alone or 'not in the report'}); AUROC by subject: {subjects}")
+    report = json.loads(report_path.read_text())
+    if "splits" in report:  # written by a grid run: the ensemble's row among the others
+        print("\n" + table(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -440,12 +495,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(python -m data_prep.centring). See labram_jax.subject_centring; rows get '+centred-<how>'")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
+    parser.add_argument("--ensemble", metavar="ROW", help="only score ROW's finished runs (e.g. "
+                        "none/spectrum-cn) as one model per fold, the seeds' probabilities averaged; recorded as "
+                        "the row ROW+seed-ensemble, with each held-out subject's AUROC")
     parser.add_argument("--compare", nargs=2, metavar=("ROW_A", "ROW_B"), help="only print ROW_B against ROW_A "
                         "(e.g. none/spectrum-cn) over the fold x seed runs both finished, from the report")
     args = parser.parse_args(argv)
     if args.compare:
         print(paired(json.loads((pathlib.Path(args.workdir) / f"{args.task}.json").read_text()), *args.compare))
         return 0
+    if args.ensemble:
+        return print_ensemble(pathlib.Path(args.workdir), args.task, args.ensemble)
     # grain and orbax give the root logger a handler when imported: replace it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)

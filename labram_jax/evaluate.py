@@ -15,10 +15,12 @@ across people (AUROC is NaN for a subject with one class).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -132,6 +134,43 @@ def _label_names(spec: str) -> list[str] | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class RunScores:
+    """A fine-tuned run's scores on every real sample of a split, in record order:
+    ``scores [n]`` (binary: probability of class 1) or ``[n, K]``, ``targets [n]``, the
+    checkpoint's step, the task, and ``provenance`` (field -> one value per sample)."""
+
+    task: str
+    step: int
+    scores: np.ndarray
+    targets: np.ndarray
+    provenance: dict[str, list]
+
+
+def score_run(workdir: str, data: str, split: str = "val", checkpoint: str = "best",
+              fields: Sequence[str] = ()) -> RunScores:
+    """Restores the fine-tuning run in ``workdir`` (its ``checkpoint``: best, latest or a step)
+    and scores ``split`` of ``data``; ``fields`` (recording, subject, ...) name the provenance
+    to return. Refuses centred input to an uncentred model and the reverse."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found: --workdir must be a fine-tuning run's directory")
+    with open(config_path) as f:
+        config = config_schema.from_saved(json.load(f))
+    if config.stage != "finetune":
+        raise ValueError(f"{workdir} is a {config.stage} run; evaluation needs a fine-tuning run")
+    finished = os.path.exists(os.path.join(workdir, model_file.FILENAME))
+    trained_on = model_file.centring_of(workdir) if finished else data_spec.subject_centring(config.data.train)
+    data_spec.check_centring_matches(trained_on, data, "--data")
+    config.finetune.init_checkpoint = ""  # the checkpoint holds every weight
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    restored = steps.restore_for_inference(config, workdir, checkpoint)
+    scores, targets, positions = predict_split(restored.predict_fn, restored.state, data, split, restored.grid,
+                                               restored.mesh, config.data.batch_size, restored.stage.target)
+    provenance = dict(zip(fields, input_pipeline.provenance_at(data, split, positions, *fields))) if fields else {}
+    return RunScores(config.finetune.task, restored.step, scores, targets, provenance)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labram_jax.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -146,32 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        config_path = os.path.join(args.workdir, "config.json")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{config_path} not found: --workdir must be a fine-tuning run's directory")
-        with open(config_path) as f:
-            config = config_schema.from_saved(json.load(f))
-        if config.stage != "finetune":
-            raise ValueError(f"{args.workdir} is a {config.stage} run; evaluation needs a fine-tuning run")
-        finished = os.path.exists(os.path.join(args.workdir, model_file.FILENAME))
-        trained_on = model_file.centring_of(args.workdir) if finished else data_spec.subject_centring(config.data.train)
-        data_spec.check_centring_matches(trained_on, args.data, "--data")
-        config.finetune.init_checkpoint = ""  # the checkpoint holds every weight
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-        restored = steps.restore_for_inference(config, args.workdir, args.checkpoint)
-        task = config.finetune.task
-        scores, targets, positions = predict_split(restored.predict_fn, restored.state, args.data, args.split,
-                                                   restored.grid, restored.mesh, config.data.batch_size,
-                                                   restored.stage.target)
         fields = ["recording"] * args.per_recording + ["subject"] * args.by_subject
-        provenance = dict(zip(fields, input_pipeline.provenance_at(args.data, args.split, positions, *fields)))
+        run = score_run(args.workdir, args.data, args.split, args.checkpoint, fields)
+        task, scores, targets, provenance = run.task, run.scores, run.targets, run.provenance
         subjects = provenance.get("subject", [])
         if args.per_recording:
             subject_of = dict(zip(provenance["recording"], subjects))
             scores, targets, names = per_recording(task, scores, targets, provenance["recording"])
             subjects = [subject_of[n] for n in names] if args.by_subject else []
         report = full_report(task, scores, targets, _label_names(args.data))
-        report.update(checkpoint_step=restored.step, split=args.split, data=args.data,
+        report.update(checkpoint_step=run.step, split=args.split, data=args.data,
                       per_recording=args.per_recording)
         if args.by_subject:
             report["by_subject"] = by_group(task, scores, targets, subjects)
@@ -186,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if task == "binary" and len(np.unique(targets)) == 2:
         plot_roc(scores, targets, os.path.splitext(out)[0] + "_roc.png")
     shown = {k: v for k, v in report.items() if isinstance(v, float)}
-    print(f"{args.workdir} step {restored.step} on {args.split} ({report['samples']} "
+    print(f"{args.workdir} step {run.step} on {args.split} ({report['samples']} "
           f"{'recordings' if args.per_recording else 'windows'}):")
     for key, value in shown.items():
         print(f"  {key:<18} {value:.4f}")

@@ -243,3 +243,15 @@ def test_transfer_stops_on_a_run_stopped_early_and_resumes_it(eegmat_shards, tmp
     with pytest.raises(SystemExit, match="same row but ran with other settings.*model.input_norm"):
         transfer.finetune("eegmat", split, "spectrum", 0, "", tmp_path / "row" / "fold1" / "seed0",
                           run + ["finetune:model.input_norm=none"])
+    # the seed ensemble of a fold with one finished seed is that run, scored again from its checkpoint
+    (tmp_path / "eegmat").mkdir()
+    (tmp_path / "eegmat" / "none-spectrum").symlink_to(tmp_path / "row")
+    assert transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--ensemble", "none/spectrum"]) == 0
+    ensemble = json.loads((tmp_path / "eegmat.json").read_text())["rows"]["none/spectrum+seed-ensemble"]
+    assert list(ensemble) == ["fold0"]  # fold1 holds no finished run
+    assert ensemble["fold0"]["ensemble"]["auroc"] == pytest.approx(result["auroc"], abs=1e-6)
+    assert ensemble["fold0"]["ensemble"]["balanced_accuracy"] == pytest.approx(result["balanced_accuracy"], abs=1e-6)
+    by_subject = transfer.seed_ensemble(tmp_path / "row")["fold0"]["by_subject_auroc"]
+    assert len(by_subject) > 1 and all(0 <= v <= 1 and "/" in k for k, v in by_subject.items())
+    with pytest.raises(SystemExit, match="no runs of"):
+        transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--ensemble", "none/temporal"])
