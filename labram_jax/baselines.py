@@ -137,10 +137,13 @@ def load_windows(spec: str, split: str) -> Windows:
     return Windows(np.stack(x), np.asarray(labels), np.asarray(subjects), np.asarray(montage))
 
 
-def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: str = "none") -> dict[str, float]:
+def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: str = "none",
+                  by_subject: bool = False) -> dict:
     """Fits on ``train``, returns the binary metrics on ``val``. ``centring="subject"`` centres
     each subject's features on its own mean first (``labram_jax.subject_centring``), in both
-    splits; feature baselines only (not ``csp_lda``, whose input is the signal)."""
+    splits; feature baselines only (not ``csp_lda``, whose input is the signal).
+    ``by_subject`` adds ``by_subject_auroc``: each ``val`` subject's windows scored alone
+    (NaN for a subject with one class)."""
     subject_centring.check_centring(centring, train.subjects)
     if not np.array_equal(train.channel_ids, val.channel_ids):
         raise ValueError("the training and validation windows have different channels: classical baselines need "
@@ -159,18 +162,24 @@ def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: st
         x_val = subject_centring.centre_per_subject(x_val, val.subjects)
     with mne.utils.use_log_level("error"):  # CSP logs its rank estimation
         score = baseline.classifier().fit(x_train, train.labels).predict_proba(x_val)[:, 1]
-    return {k: float(v) for k, v in finetune.compute_metrics("binary", score, val.labels).items()}
+    out = {k: float(v) for k, v in finetune.compute_metrics("binary", score, val.labels).items()}
+    if by_subject:
+        out["by_subject_auroc"] = {str(subject): float(finetune.compute_metrics(
+            "binary", score[val.subjects == subject], val.labels[val.subjects == subject])["auroc"])
+            for subject in np.unique(val.subjects)}
+    return out
 
 
 def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "train",
-        val_split: str = "val", val_spec: str | None = None, centring: str = "none") -> dict[str, dict[str, float]]:
+        val_split: str = "val", val_spec: str | None = None, centring: str = "none",
+        by_subject: bool = False) -> dict[str, dict]:
     """Each named baseline fitted on ``train_split`` of ``spec`` and scored on ``val_split`` of
-    ``val_spec`` (default: ``spec``); ``centring`` as in :func:`fit_and_score`."""
+    ``val_spec`` (default: ``spec``); ``centring`` and ``by_subject`` as in :func:`fit_and_score`."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
     train, val = load_windows(spec, train_split), load_windows(val_spec or spec, val_split)
-    return {name: fit_and_score(BASELINES[name], train, val, centring) for name in names}
+    return {name: fit_and_score(BASELINES[name], train, val, centring, by_subject) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,15 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--centring", choices=subject_centring.CENTRINGS, default="none",
                         help="subject: centre each subject's features on its own mean (both splits; feature "
                         "baselines only), see labram_jax.subject_centring")
+    parser.add_argument("--by-subject", action="store_true", help="also score each validation subject's windows "
+                        "alone (AUROC): how evenly a baseline transfers across people")
     parser.add_argument("--out", default="", help="also write the metrics as JSON here")
     args = parser.parse_args(argv)
     try:
-        results = run(args.data, args.baselines, args.train_split, args.val_split, centring=args.centring)
+        results = run(args.data, args.baselines, args.train_split, args.val_split, centring=args.centring,
+                      by_subject=args.by_subject)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, metrics in results.items():
+        subjects = metrics.pop("by_subject_auroc", {})
         print(f"{BASELINES[name].description:<32} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if subjects:
+            print(f"{'':<32} AUROC by subject: " + " ".join(f"{k} {v:.2f}" for k, v in subjects.items()))
+            metrics["by_subject_auroc"] = subjects
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

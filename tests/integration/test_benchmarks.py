@@ -111,6 +111,14 @@ def test_eegmat_anchor_reproduces_the_issue_figures_and_folds_are_by_subject(eeg
     # the task is linear in the whole log spectrum (measured 0.819 / 0.819)
     assert results["log_spectrum_lr"]["balanced_accuracy"] > 0.8 and results["log_spectrum_lr"]["auroc"] > 0.8
     assert 0 <= results["csp_lda"]["auroc"] <= 1
+    # --by-subject: the same fit, each held-out subject's windows scored alone
+    assert baselines.main(["--data", str(tmp_path / "eegmat" / "fixed.json"), "--baselines", "band_power_lr",
+                           "--by-subject", "--out", str(tmp_path / "by_subject.json")]) == 0
+    alone = json.loads((tmp_path / "by_subject.json").read_text())["band_power_lr"]
+    assert alone["auroc"] == pytest.approx(anchor["auroc"])
+    assert sorted(alone["by_subject_auroc"]) == ["16", "17", "18", "19"]
+    assert all(0 <= v <= 1 for v in alone["by_subject_auroc"].values())
+    assert len(set(alone["by_subject_auroc"].values())) > 1
     # linear probes of a LaBraM-Tiny with random weights on the same windows: its embeddings carry
     # the spectrum (measured AUROC 0.910 pooled over all tokens, 0.834 per channel)
     split = transfer.Split("fixed", "", "", str(tmp_path / "eegmat" / "fixed.json"), "")
