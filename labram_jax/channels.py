@@ -200,6 +200,25 @@ def _looks_like_biosemi_abc(names: Sequence[str]) -> bool:
     return len(abc) >= 32 and any(n[0] in _BIOSEMI_ONLY_LETTERS for n in abc)
 
 
+def _mirror_name(name: str) -> str:
+    """The left-right mirror of a vocabulary name: odd electrode numbers (left) and even ones
+    (right) swap, every number of a bipolar pair alike (C3 -> C4, FP2-F8 -> FP1-F7,
+    FTT9h -> FTT10h); midline names (no number) are their own mirror."""
+    return re.sub(r"\d+", lambda m: str(int(m.group()) + (1 if int(m.group()) % 2 else -1)), name)
+
+
+def mirrored_rows() -> np.ndarray:
+    """Spatial-table row -> the row of its left-right mirror electrode, int32 ``[129]``.
+
+    Row 0 (cls, and padding in batches) stays 0, midline electrodes keep their row, and a
+    name whose mirror is not in the vocabulary (TTP7h, TPP8h) maps to -1.
+    """
+    rows = np.zeros((NUM_SPATIAL_ROWS,), np.int32)
+    for i, name in enumerate(VOCABULARY):
+        rows[i + 1] = _ROW_BY_KEY.get(_mirror_name(name).upper(), -1)
+    return rows
+
+
 def input_rows(names: Sequence[str]) -> np.ndarray:
     """Spatial-table rows of vocabulary names with the cls row first, like the
     reference's ``input_chans``: int32 ``[1 + len(names)]``."""

@@ -161,6 +161,14 @@ def _num_outputs(path, v, c):
     return None if v >= 1 else f"{path}={v} must be >= 1"
 
 
+def _mirror_label(path, v, c):
+    if v not in ("keep", "swap"):
+        return f"{path}={v!r}: choose one of ('keep', 'swap')"
+    if v == "swap" and c.finetune.task != "binary":
+        return f"{path}='swap' swaps the two classes of a binary task; config.finetune.task is {c.finetune.task!r}"
+    return None
+
+
 def _class_weight(path, v, c):
     if v not in ("", "none") and c.finetune.task == "regression":
         return f"{path} applies to classification; set it to none"
@@ -287,6 +295,10 @@ def schema(size: str, stage: str) -> dict:
                                       at_least(0, " (0: no gain jitter)")),
             "channel_drop": Field(0.0, "> 0: drop each channel of each training sample with this probability",
                                   within(0.0, 1.0, high_open=True)),
+            "mirror": Field(0.0, "> 0: present each training sample left-right mirrored with this probability "
+                            "(each electrode's signal under its mirror's id: C3 <-> C4)", within(0.0, 1.0)),
+            "mirror_label": Field("keep", "keep, or swap (binary classes that are the two sides, e.g. left vs right "
+                                  "hand imagery: a mirrored sample's label becomes 1 - label)", _mirror_label),
             "class_weight": Field("none", "none, balanced (1 / (K x label frequency)) or 'w0,w1,...'", _class_weight),
             "init_checkpoint": Field("", "pretrain workdir / model.npz, or an official .pth with init_kind=official",
                                      _init_checkpoint),

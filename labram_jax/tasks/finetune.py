@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
-from labram_jax import config_schema, convert, data_spec, model_file
+from labram_jax import channels, config_schema, convert, data_spec, model_file
 from labram_jax.models import config as model_config
 from labram_jax.models import stacking
 from labram_jax.models import transformer
@@ -56,6 +56,24 @@ def mixup(batch: dict, key: jax.Array, alpha: float) -> tuple[dict, jax.Array, j
     lam = jnp.where(same_grid, jax.random.beta(lam_key, alpha, alpha, (b,)), 1.0)
     w = lam.reshape((b,) + (1,) * (batch["x"].ndim - 1)).astype(batch["x"].dtype)
     return {**batch, "x": w * batch["x"] + (1 - w) * batch["x"][perm]}, lam, perm
+
+
+def mirror(batch: dict, key: jax.Array, rate: float, swap_label: bool) -> dict:
+    """Each training sample, with probability ``rate``, presented left-right mirrored: every
+    electrode's signal under its mirror electrode's id (C3's under C4's, midline unchanged;
+    :func:`labram_jax.channels.mirrored_rows`). ``swap_label``: binary classes that are the
+    two sides (left vs right hand imagery) swap, label -> 1 - label. A sample with an electrode
+    that has no mirror in the vocabulary, and a padding sample, stay as they are.
+    channel_ids [b, C] int32 (0 = padding)."""
+    table = jnp.asarray(channels.mirrored_rows())
+    ids = batch["channel_ids"]
+    mirrored = table[ids]
+    flip = (jax.random.bernoulli(key, rate, ids.shape[:1]) & (mirrored >= 0).all(-1)
+            & batch["valid"].astype(bool))
+    out = {**batch, "channel_ids": jnp.where(flip[:, None], mirrored, ids)}
+    if swap_label:
+        out["label"] = jnp.where(flip, 1 - batch["label"], batch["label"])
+    return out
 
 
 def augment_channels(batch: dict, key: jax.Array, gain_std: float, drop_rate: float) -> dict:
@@ -199,9 +217,13 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         return variables
 
     mixup_alpha, gain_std, drop_rate = ft.mixup_alpha, ft.channel_gain_std, ft.channel_drop
+    mirror_rate, swap_label = ft.mirror, ft.mirror_label == "swap"
 
     def loss_fn(params, extra, batch, key, frozen):
         del frozen
+        if mirror_rate > 0:  # first: mixup pairs and swapped labels then agree
+            key, mirror_key = jax.random.split(key)
+            batch = mirror(batch, mirror_key, mirror_rate, swap_label)
         if mixup_alpha > 0:  # before channel dropout, which would give partners different grids
             key, mix_key = jax.random.split(key)
             batch, lam, perm = mixup(batch, mix_key, mixup_alpha)

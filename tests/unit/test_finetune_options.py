@@ -212,6 +212,50 @@ def test_channel_augmentation_scales_whole_channels_and_drops_some():
     np.testing.assert_array_equal(np.asarray(same["patch_mask"]), mask)
 
 
+def test_mirrored_rows_swap_left_and_right_electrodes():
+    from labram_jax import channels
+
+    rows, row = channels.mirrored_rows(), channels.spatial_row
+    pairs = [("C3", "C4"), ("FP1", "FP2"), ("T3", "T4"), ("FP1-F7", "FP2-F8"), ("FTT9h", "FTT10h"), ("O9", "O10")]
+    for left, right in pairs:
+        assert rows[row(left)] == row(right) and rows[row(right)] == row(left)
+    assert rows[row("CZ")] == row("CZ") and rows[0] == 0
+    assert rows[row("TTP7h")] == -1  # TTP8h is not in the vocabulary
+    defined = rows[rows > 0]
+    assert np.array_equal(rows[defined], np.flatnonzero(rows > 0))  # an involution where defined
+
+
+def test_mirror_presents_samples_under_their_mirror_ids_and_swaps_sides():
+    from labram_jax import channels
+
+    row = channels.spatial_row
+    ids = jnp.asarray([[row("C3"), row("CZ"), row("C4"), 0],
+                       [row("C3"), row("TTP7h"), row("C4"), 0],  # an electrode without a mirror
+                       [0, 0, 0, 0]], jnp.int32)  # padding sample
+    batch = {"channel_ids": ids, "label": jnp.asarray([0, 1, -1]), "valid": jnp.asarray([True, True, False]),
+             "x": jnp.ones((3, 4, 2, 200))}
+    out = finetune.mirror(batch, jax.random.key(0), 1.0, swap_label=True)
+    assert np.asarray(out["channel_ids"]).tolist() == [[row("C4"), row("CZ"), row("C3"), 0],
+                                                       np.asarray(ids[1]).tolist(), [0, 0, 0, 0]]
+    assert np.asarray(out["label"]).tolist() == [1, 1, -1] and out["x"] is batch["x"]
+    kept = finetune.mirror(batch, jax.random.key(0), 1.0, swap_label=False)
+    assert np.asarray(kept["label"]).tolist() == [0, 1, -1]
+    flips = [int(np.asarray(finetune.mirror(batch, jax.random.key(s), 0.5, True)["label"])[0]) for s in range(40)]
+    assert 10 < sum(flips) < 30  # about half the draws mirror sample 0
+
+
+def test_mirror_label_swap_needs_a_binary_task():
+    from labram_jax import config_schema
+    from labram_jax_configs import tiny
+
+    cfg = tiny.get_config("finetune")
+    cfg.data.train = cfg.data.val = ""
+    cfg.finetune.mirror, cfg.finetune.mirror_label = 0.5, "swap"
+    cfg.finetune.task, cfg.model.num_outputs = "multiclass", 3
+    with pytest.raises(config_schema.ConfigError, match="mirror_label='swap' swaps the two classes"):
+        config_schema.validate(cfg, 1)
+
+
 def test_metrics_by_group_are_the_metrics_of_each_subset():
     from labram_jax import evaluate
 
