@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from labram_jax import input_pipeline, records, subject_centring
+from labram_jax import evaluate, input_pipeline, records, subject_centring
 from labram_jax.tasks import finetune
 
 BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
@@ -164,9 +164,8 @@ def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: st
         score = baseline.classifier().fit(x_train, train.labels).predict_proba(x_val)[:, 1]
     out = {k: float(v) for k, v in finetune.compute_metrics("binary", score, val.labels).items()}
     if by_subject:
-        out["by_subject_auroc"] = {str(subject): float(finetune.compute_metrics(
-            "binary", score[val.subjects == subject], val.labels[val.subjects == subject])["auroc"])
-            for subject in np.unique(val.subjects)}
+        out["by_subject_auroc"] = {subject: float(m["auroc"]) for subject, m in
+                                   evaluate.by_group("binary", score, val.labels, val.subjects.tolist()).items()}
     return out
 
 
