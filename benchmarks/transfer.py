@@ -376,7 +376,8 @@ def seed_ensemble(row_dir: pathlib.Path) -> dict[str, dict]:
                                      "val", "latest", ("subject",)) for run in runs]
         targets, subjects = scored[0].targets, np.asarray(scored[0].provenance["subject"])
         if any(not np.array_equal(s.targets, targets) or list(subjects) != s.provenance["subject"] for s in scored):
-            raise SystemExit(f"{fold_dir}: the seeds were scored on different windows; an ensemble needs the same")
+            raise SystemExit(f"{fold_dir}: its seeds validated on different windows (data.val in their config.json "
+                             "differ): an ensemble averages window by window; rerun the odd seed on the row's records")
         mean = np.mean([s.scores for s in scored], axis=0)
         by_subject = evaluate.by_group("binary", mean, targets, list(subjects))
         out[fold_dir.name] = {"seeds": [run.name for run in runs],
@@ -443,7 +444,8 @@ def print_ensemble(workdir: pathlib.Path, task: str, row: str) -> int:
     logging.basicConfig(level=logging.WARNING, force=True)
     row_dir = workdir / task / row.replace("/", "-", 1)
     if not row_dir.is_dir():
-        raise SystemExit(f"--ensemble: no runs of {row!r} under {row_dir}")
+        rows = sorted(p.name.replace("-", "/", 1) for p in (workdir / task).glob("*") if p.is_dir())
+        raise SystemExit(f"--ensemble: no runs of {row!r} under {row_dir}; rows with runs: {', '.join(rows) or 'none'}")
     report_path = workdir / f"{task}.json"
     singles = json.loads(report_path.read_text()).get("rows", {}).get(row, {}) if report_path.exists() else {}
     for fold, result in seed_ensemble(row_dir).items():
