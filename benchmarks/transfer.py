@@ -36,7 +36,8 @@ embeddings are pooled over every token or per channel (``api.Predictor.embed_win
 the log-spectrum anchor's standardised logistic regression is fitted on the anchors' windows.
 ``--centring features`` centres each subject's features on its own mean (no labels) in the
 probes and the feature anchors; ``--centring signals`` runs everything (pretraining, fine-tuning,
-probes, anchors) on subject-centred copies of the records (``data_prep.centring``); see
+probes, anchors) on subject-centred copies of the records (``data_prep.centring``), and
+``--centring aligned`` on Euclidean-aligned copies (``data_prep.centring --method euclidean``); see
 ``labram_jax.subject_centring``.
 
 ``--ensemble ROW`` scores a row's finished runs again, the seeds of each fold as one model
@@ -84,9 +85,13 @@ STEMS = ("spectrum", "temporal")
 TASKS = ("eegmat", "mmidb_mi", "mmidb_eyes")
 PRETRAIN_STEPS = {"tokenizer": 200, "pretrain": 400}  # every corpus, batch 64
 PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
-CENTRINGS = ("none", "features", "signals")  # --centring: none, subject-centred features, subject-centred records
-CENTRED_SUFFIX = {"none": "", "features": "+centred-features", "signals": "+centred-signals"}
-CENTRED_ANCHOR = {"none": "", "features": " + centred features", "signals": " (subject-centred records)"}
+# --centring: none, subject-centred features, subject-centred records, Euclidean-aligned records
+CENTRINGS = ("none", "features", "signals", "aligned")
+CENTRED_SUFFIX = {"none": "", "features": "+centred-features", "signals": "+centred-signals",
+                  "aligned": "+aligned-signals"}
+CENTRED_ANCHOR = {"none": "", "features": " + centred features", "signals": " (subject-centred records)",
+                  "aligned": " (Euclidean-aligned records)"}
+RECORD_CENTRINGS = {"signals": ("spectrum", "_centred"), "aligned": ("euclidean", "_aligned")}  # method, folder suffix
 TASK_BASELINES = {"eegmat": ("band_power_lr", "log_spectrum_lr", "csp_lda"),
                   "mmidb_mi": ("csp_lda", "band_power_lr", "log_spectrum_lr"),
                   "mmidb_eyes": ("band_power_lr", "log_spectrum_lr")}
@@ -119,14 +124,16 @@ EEGMAT_LABELS = ["--label-from", "filename", "--label-pattern", r"_1\.edf$=rest"
 
 
 def _centred(manifest: str, centring: str) -> str:
-    """``manifest`` itself, or (``centring="signals"``) its subject-centred copy
-    (``data_prep.centring``, written once beside it as ``<folder>_centred``)."""
-    if centring != "signals":
+    """``manifest`` itself, or its subject-centred (``centring="signals"``) or Euclidean-aligned
+    (``"aligned"``) copy (``data_prep.centring``, written once beside it as ``<folder>_centred`` or
+    ``<folder>_aligned``)."""
+    if centring not in RECORD_CENTRINGS:
         return manifest
+    method, suffix = RECORD_CENTRINGS[centring]
     source = pathlib.Path(manifest)
-    out = source.parent.with_name(source.parent.name + "_centred")
+    out = source.parent.with_name(source.parent.name + suffix)
     if not (out / "manifest.json").exists():
-        centring_lib.centre_manifest(source, out, progress=False)
+        centring_lib.centre_manifest(source, out, progress=False, method=method)
     return str(out / "manifest.json")
 
 
@@ -494,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="features: centre each subject's features on its own mean before the classifier, in the "
                         "classical feature anchors and the linear probes (fine-tuning is not changed by it); "
                         "signals: every stage, probe and anchor reads subject-centred records "
-                        "(python -m data_prep.centring). See labram_jax.subject_centring; rows get '+centred-<how>'")
+                        "(python -m data_prep.centring); aligned: the same on Euclidean-aligned records (--method "
+                        "euclidean). See labram_jax.subject_centring; rows get '+centred-<how>' or '+aligned-signals'")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
     parser.add_argument("--ensemble", metavar="ROW", help="only score ROW's finished runs (e.g. "
@@ -530,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
     centred = CENTRED_SUFFIX[args.centring]
     feature_centring = "subject" if args.centring == "features" else "none"  # the classifiers' input
-    records_suffix = centred if args.centring == "signals" else ""  # runs on centred records are kept apart
+    records_suffix = centred if args.centring in RECORD_CENTRINGS else ""  # runs on centred records are kept apart
     probe_suffix = centred if args.centring == "features" else ""
     if not args.no_baselines:
         names = [n for n in TASK_BASELINES[args.task] if args.centring != "features" or n != "csp_lda"]  # CSP: signals

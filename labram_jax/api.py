@@ -10,10 +10,11 @@ Reading and preprocessing are data_prep's (``labram_jax.reading``, ``labram_jax.
 any format MNE reads, EEG channels mapped onto the vocabulary by name or, for caps without
 10-20 names, by electrode position (``montage=labram_jax.montage.Options(...)``), 0.1-75 Hz
 band-pass, notch, 200 Hz, units of 100 uV, non-overlapping windows of ``window_s`` seconds.
-A model trained on subject-centred records (``python -m data_prep.centring``; its model file
-says so, ``Predictor.subject_centring``) needs its input centred the same way, on a reference
-taken from all of the subject's unlabelled recordings together (they must cover the conditions
-the model tells apart: a rest file and a task file, not one of them):
+A model trained on subject-centred records (``python -m data_prep.centring``, spectrum centring
+or Euclidean alignment; its model file says which, ``Predictor.subject_centring``) needs its input
+centred the same way, on a reference taken from all of the subject's unlabelled recordings
+together (they must cover the conditions the model tells apart: a rest file and a task file, not
+one of them):
 
     ref = model.subject_reference([rest_raw, task_raw])   # once per subject, no labels
     probs = model.predict(task_raw, reference=ref)
@@ -75,8 +76,9 @@ class Embeddings:
 class Predictor:
     """A loaded model: ``embed`` always works; ``predict`` needs a fine-tuned head.
 
-    ``subject_centring``: ``{"band_hz": [lo, hi]}`` for a model trained on subject-centred
-    records (then its inputs are centred the same way, see the module docstring), else None."""
+    ``subject_centring``: ``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}`` for a model
+    trained on subject-centred records (then its inputs are centred the same way, see the module
+    docstring), else None."""
 
     def __init__(self, kind: str, model, variables: dict, task: str | None = None, window_s: int = 4,
                  notch: float = 50.0, montage: montage_lib.Options = montage_lib.Options(),
@@ -110,24 +112,24 @@ class Predictor:
         if not np.array_equal(reference.rows, w.prepared.rows):
             raise ValueError(f"the reference holds channels {list(reference.names)}, this recording maps to "
                              f"{list(w.prepared.names)}: take the reference from recordings of the same montage")
-        band = tuple(self.subject_centring["band_hz"])
-        return w.prepared, subject_centring.centre_signal(w.x, reference.log_amplitude, band), w.start_s
+        return w.prepared, subject_centring.apply(self.subject_centring, w.x, reference.values), w.start_s
 
     def _check_centring(self, reference) -> None:
         if reference is not None and not self.subject_centring:
             raise ValueError("this model was not trained on subject-centred records: call it without reference=")
         if reference is None and self.subject_centring:
-            raise ValueError(f"this model was trained on subject-centred records ({self.subject_centring['band_hz']} "
-                             "Hz): pass reference=model.subject_reference([...all of the subject's recordings, "
+            raise ValueError(f"this model was trained on {subject_centring.describe(self.subject_centring)} records: "
+                             "pass reference=model.subject_reference([...all of the subject's recordings, "
                              "covering its conditions...]), or centre(x, subjects) windows yourself")
 
     def subject_reference(self, recordings: Sequence, ch_names: Sequence[str] | None = None,
                           sfreq: float | None = None, *, unit: str = "V", window_s: int | None = None,
                           montage: montage_lib.Options | None = None) -> "SubjectReference":
-        """One subject's reference for a centred model: the mean log amplitude spectrum per
-        channel over all windows of ``recordings`` (each as ``signals`` of :meth:`embed`; one
-        montage). No labels are used, but the recordings must cover the conditions the model
-        compares in a usual mix (a subject seen in one condition only is centred onto it)."""
+        """One subject's reference for a centred model, over all windows of ``recordings`` (each
+        as ``signals`` of :meth:`embed`; one montage): the mean log amplitude spectrum per
+        channel (spectrum centring) or the inverse square root of the mean spatial covariance
+        (Euclidean alignment). No labels are used, but the recordings must cover the conditions
+        the model compares in a usual mix (a subject seen in one condition only is centred onto it)."""
         if not self.subject_centring:
             raise ValueError("this model was not trained on subject-centred records: it needs no reference")
         if isinstance(recordings, (str, os.PathLike, np.ndarray, mne.io.BaseRaw, mne.BaseEpochs)):
@@ -137,16 +139,16 @@ class Predictor:
             raise ValueError("subject_reference needs one or more recordings that map to the same channels")
         x = np.concatenate([p[1] for p in prepared])
         return SubjectReference(np.asarray(prepared[0][0].rows), tuple(prepared[0][0].names),
-                                subject_centring.reference_log_amplitude(x))
+                                subject_centring.reference(self.subject_centring, x))
 
     def centre(self, x: np.ndarray, subjects: Sequence) -> np.ndarray:
         """Windows ``x [n, channels, windows, 200]`` (one montage, uncentred, as :meth:`windows`
         gives them) centred per subject as this model's training records were (``subjects [n]``:
-        one id per window; each subject's reference is the mean log spectrum of all its windows
-        here, so pass all of a subject's windows at once)."""
+        one id per window; each subject's reference is taken from all of its windows here, so
+        pass all of a subject's windows at once)."""
         if not self.subject_centring:
             raise ValueError("this model was not trained on subject-centred records: give it windows as they are")
-        return subject_centring.centre_signals_per_subject(x, subjects, tuple(self.subject_centring["band_hz"]))
+        return subject_centring.per_subject(self.subject_centring, x, subjects)
 
     def _run(self, fn, x, rows, batch_size):
         """``fn`` over x in batches of ``batch_size``; a last, shorter batch is zero-padded to a
@@ -238,11 +240,12 @@ class Predictor:
 class SubjectReference:
     """One subject's reference for a model trained on centred records
     (:meth:`Predictor.subject_reference`): ``rows [C]`` vocabulary rows and ``names`` of its
-    channels, ``log_amplitude [C, 101]`` mean log |FFT| of its 1-s patches per 1-Hz bin."""
+    channels; ``values``: ``[C, 101]`` mean log |FFT| of its 1-s patches per 1-Hz bin (spectrum
+    centring) or ``[C, C]`` whitening ``R^-1/2`` (Euclidean alignment)."""
 
     rows: np.ndarray
     names: tuple[str, ...]
-    log_amplitude: np.ndarray
+    values: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 
 from labram_jax import records
+from labram_jax import subject_centring as centring_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,24 +165,26 @@ def label_frequencies(spec: "str | DataSpec", split: str = "train") -> tuple[lis
 
 
 def subject_centring(spec: "str | DataSpec") -> dict | None:
-    """The ``subject_centring`` entry (``{"band_hz": [lo, hi], ...}``) that every manifest of
-    ``spec`` shares, or None when none is centred. Bare shard globs carry no manifest and are
-    not counted. Raises a ValueError naming the manifests when centred and uncentred records (or
-    two bands) would be mixed: a model must see one kind of input."""
-    found: dict[str, tuple | None] = {}
+    """The ``subject_centring`` setting (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``,
+    :func:`labram_jax.subject_centring.canonical`) that every manifest of ``spec`` shares, or None
+    when none is centred. Bare shard globs carry no manifest and are not counted. Raises a
+    ValueError naming the manifests when differently prepared records would be mixed: a model
+    must see one kind of input."""
+    found: dict[str, str] = {}
+    settings: dict[str, dict | None] = {}
     for path, _ in DataSpec.parse(spec).parts:
         if path.endswith(".json"):
             for manifest_path in expand(path):
                 entry = json.loads(epath.Path(manifest_path).read_text()).get("subject_centring")
-                found[manifest_path] = tuple(entry["band_hz"]) if entry else None
-    kinds = set(found.values())
-    if len(kinds) > 1:
-        described = ", ".join(f"{path}: " + (f"centred {list(band)} Hz" if band else "not centred")
-                              for path, band in found.items())
-        raise ValueError(f"{spec!s} mixes subject-centred and uncentred records ({described}); centre every "
-                         "conversion the same way (python -m data_prep.centring MANIFEST --out DIR) or none")
-    band = kinds.pop() if kinds else None
-    return {"band_hz": list(band)} if band else None
+                setting = centring_lib.canonical(entry)
+                found[manifest_path] = json.dumps(setting)
+                settings[found[manifest_path]] = setting
+    if len(settings) > 1:
+        described = ", ".join(f"{path}: " + (centring_lib.describe(settings[key]) if settings[key] else "not centred")
+                              for path, key in found.items())
+        raise ValueError(f"{spec!s} mixes records prepared differently ({described}); centre every conversion the same "
+                         "way (python -m data_prep.centring MANIFEST --out DIR [--method ...]) or none")
+    return next(iter(settings.values())) if settings else None
 
 
 def check_centring_matches(trained_on: dict | None, spec: "str | DataSpec", what: str) -> None:
@@ -189,6 +192,8 @@ def check_centring_matches(trained_on: dict | None, spec: "str | DataSpec", what
     them: "config.data.val", "--data") are subject-centred exactly when the model's training
     records were (``trained_on``: their :func:`subject_centring`)."""
     if subject_centring(spec) != trained_on:
-        raise ValueError(f"the training records are {'' if trained_on else 'not '}subject-centred but {what} "
-                         f"({spec!s}) {'is not' if trained_on else 'is'}: use records prepared like the training ones "
-                         "(python -m data_prep.centring on both, or on neither)")
+        found = subject_centring(spec)
+        raise ValueError(f"the training records are {centring_lib.describe(trained_on) if trained_on else 'not centred'} "
+                         f"but {what} ({spec!s}) {'is ' + centring_lib.describe(found) if found else 'is not'}: use "
+                         "records prepared like the training ones (python -m data_prep.centring with the same "
+                         "--method on both, or on neither)")

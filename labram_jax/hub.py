@@ -28,7 +28,7 @@ import numpy as np
 
 from safetensors.numpy import load_file, save_file
 
-from labram_jax import data_spec, model_file
+from labram_jax import data_spec, model_file, subject_centring
 from labram_jax.models import stacking
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -154,6 +154,6 @@ def model_card(config: Mapping, kind: str, module: nn.Module, flat: Mapping, lic
               "channels named by the LaBraM vocabulary (labram_jax.channels)"]
     centring = config["model"].get("subject_centring")
     if centring:
-        lines.append(f"- subject-centred (python -m data_prep.centring, {centring['band_hz']} Hz): give each subject's "
+        lines.append(f"- {subject_centring.describe(centring)} (python -m data_prep.centring): give each subject's "
                      "reference, `model.predict(raw, reference=model.subject_reference([...its recordings...]))`")
     return "\n".join(lines + [""])

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from labram_jax import subject_centring as centring_lib
 from labram_jax.models import config as config_lib
 from labram_jax.models import stacking
 from labram_jax.models import tokenizer as tokenizer_lib
@@ -79,8 +80,8 @@ def module_from_spec(described: Mapping) -> nn.Module:
 def save(path: str, kind: str, model: nn.Module, variables: Mapping, subject_centring: dict | None = None) -> None:
     """Writes Flax variables and the module spec to one ``.npz`` (no pickle), blocks per block
     (a model trained with ``scan_blocks`` is stored as if trained without). ``subject_centring``:
-    the manifests' entry (``{"band_hz": [lo, hi]}``) when the model was trained on
-    subject-centred records, so that whoever loads it centres its inputs the same way."""
+    the manifests' setting (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``) when the model
+    was trained on subject-centred records, so that whoever loads it centres its inputs the same way."""
     if kind not in KINDS:
         raise ValueError(f"model kind {kind!r}: one of {KINDS}")
     variables = stacking.unstack_blocks(nn.unbox(flax.core.unfreeze(variables)))
@@ -88,7 +89,7 @@ def save(path: str, kind: str, model: nn.Module, variables: Mapping, subject_cen
     arrays = {k: np.asarray(v) for k, v in flat.items()}
     described = spec(kind, model)
     if subject_centring:
-        described["subject_centring"] = {"band_hz": list(subject_centring["band_hz"])}
+        described["subject_centring"] = centring_lib.canonical(subject_centring)
     arrays["__spec__"] = np.asarray(json.dumps(described))
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
@@ -122,8 +123,9 @@ def load(path: str, kind: str | None = None) -> tuple[str, nn.Module, dict]:
 
 
 def centring_of(path: str) -> dict | None:
-    """``{"band_hz": [lo, hi]}`` when the model in ``path`` (a file or workdir) was trained on
-    subject-centred records (``python -m data_prep.centring``), else None."""
+    """The centring setting (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``) when the
+    model in ``path`` (a file or workdir) was trained on subject-centred records
+    (``python -m data_prep.centring``), else None."""
     with np.load(resolve(path), allow_pickle=False) as data:
         if "__spec__" not in data.files:
             return None

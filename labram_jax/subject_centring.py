@@ -17,11 +17,22 @@ Two places to centre:
 
 - features (:func:`centre_per_subject`): a classifier's input vectors, e.g. a linear probe's
   embeddings or a log spectrum (``baselines --centring subject``, ``estimator.LinearProbe``);
-- signals (:func:`centre_signals_per_subject`, ``python -m data_prep.centring``): each 1-s patch's
-  FFT divided by the subject's mean amplitude spectrum of that channel (geometric mean over all
-  its patches), inside ``BAND_HZ``, and zero outside it. The log amplitude spectrum of every patch
-  is then centred per subject and channel: what the spectrum stem (``model.patch_embed=spectrum``)
-  reads. Models trained on such records expect inputs centred the same way.
+- signals, two ways (``python -m data_prep.centring --method``); a manifest's ``subject_centring``
+  entry says which (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``), and models trained
+  on such records expect inputs prepared the same way (:func:`reference`, :func:`apply`):
+
+  - ``spectrum`` (:func:`centre_signals_per_subject`): each 1-s patch's FFT divided by the
+    subject's mean amplitude spectrum of that channel (geometric mean over all its patches),
+    inside ``BAND_HZ``, and zero outside it. The log amplitude spectrum of every patch is then
+    centred per subject and channel: what the spectrum stem (``model.patch_embed=spectrum``) reads.
+  - ``euclidean`` (:func:`align_signals_per_subject`): Euclidean alignment proper. Every window is
+    multiplied by ``R^-1/2``, ``R`` the subject's mean spatial covariance (channels x channels,
+    over all its windows), so each subject's windows have the identity as their mean covariance.
+    It removes gains and the spatial mixing a head and a cap put between sources and electrodes,
+    which per-channel spectra cannot: on EEGMMIDB motor imagery it lifts every classical anchor on
+    held-out subjects (BENCHMARKS.md, "Motor imagery"). ``R^-1/2`` is symmetric, so each output
+    channel stays dominated by its own electrode, with its neighbours' common part subtracted
+    (like a surface Laplacian); the values are dimensionless (unit variance per channel).
 """
 
 from __future__ import annotations
@@ -33,8 +44,10 @@ import numpy as np
 from labram_jax.records import PATCH  # samples per 1-s patch at 200 Hz
 
 CENTRINGS = ("none", "subject")
+METHODS = ("spectrum", "euclidean")  # how records are centred (data_prep.centring --method)
 BAND_HZ = (1, 45)  # signal centring keeps these 1-Hz bins of each 1-s patch (the spectrum stem's)
 FLOOR = 1e-8  # added to |FFT| before the log (units of 100 uV x samples)
+RANK_TOL = 1e-6  # Euclidean alignment drops covariance directions below this fraction of the largest
 
 
 def centre_per_subject(features: np.ndarray, subjects: Sequence) -> np.ndarray:
@@ -103,3 +116,98 @@ def centre_signals_per_subject(signals: np.ndarray, subjects: Sequence,
         rows = subjects == subject
         out[rows] = centre_signal(signals[rows], reference_log_amplitude(signals[rows]), band_hz)
     return out
+
+
+def align_signal(signal: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """``signal [..., C, W, 200]`` -> ``whitening [C, C]`` applied to its channels at every sample,
+    float32, same shape."""
+    return np.einsum("cd,...dwt->...cwt", np.asarray(whitening, np.float64),
+                     np.asarray(signal, np.float64)).astype(np.float32)
+
+
+def covariance(signals: np.ndarray) -> np.ndarray:
+    """``signals [n, C, W, 200]`` -> ``[C, C]``: the mean over windows of each window's spatial
+    covariance (channels demeaned within the window; units of (100 uV)^2)."""
+    signals = np.asarray(signals, np.float64)
+    if signals.ndim != 4 or signals.shape[-1] != PATCH:
+        raise ValueError(f"signals must be [n, channels, windows, {PATCH}], got {signals.shape}")
+    x = signals.reshape(signals.shape[0], signals.shape[1], -1)
+    x = x - x.mean(-1, keepdims=True)
+    return np.einsum("nct,ndt->cd", x, x) / (x.shape[0] * x.shape[-1])
+
+
+def whitening_matrix(covariance_: np.ndarray) -> np.ndarray:
+    """``[C, C]`` spatial covariance ``R`` -> ``R^-1/2`` ``[C, C]`` (symmetric). Directions with
+    variance below ``RANK_TOL`` of the largest (a common average reference, a duplicated or flat
+    channel) are dropped, not blown up. Raises a ValueError for a covariance without signal."""
+    values, vectors = np.linalg.eigh(np.asarray(covariance_, np.float64))
+    if not values.max() > 0:
+        raise ValueError("the spatial covariance is zero: these windows carry no signal to align")
+    kept = values > RANK_TOL * values.max()
+    inverse_root = np.where(kept, 1.0 / np.sqrt(np.where(kept, values, 1.0)), 0.0)
+    return (vectors * inverse_root) @ vectors.T
+
+
+def align_signals_per_subject(signals: np.ndarray, subjects: Sequence) -> np.ndarray:
+    """``signals [n, C, W, 200]`` (one montage) -> each subject's windows multiplied by the
+    inverse square root of that subject's mean spatial covariance (:func:`covariance`)."""
+    signals, subjects = np.asarray(signals), np.asarray(subjects)
+    if subjects.shape != signals.shape[:1]:
+        raise ValueError(f"one subject per window: {signals.shape[0]} windows, subjects {subjects.shape}")
+    out = np.empty(signals.shape, np.float32)
+    for subject in np.unique(subjects):
+        rows = subjects == subject
+        out[rows] = align_signal(signals[rows], whitening_matrix(covariance(signals[rows])))
+    return out
+
+
+def method_of(entry: dict) -> str:
+    """The method of a manifest's (or model's) ``subject_centring`` entry; entries written before
+    Euclidean alignment existed hold only ``band_hz`` and are ``spectrum``."""
+    method = entry.get("method", "spectrum")
+    if method not in METHODS:
+        raise ValueError(f"unknown subject centring {method!r} (known: {METHODS}); this labram_jax is older than the "
+                         "records or model: upgrade it")
+    return method
+
+
+def canonical(entry: dict | None) -> dict | None:
+    """What a ``subject_centring`` entry says about the input, nothing else (no provenance):
+    ``{"band_hz": [lo, hi]}`` for spectrum centring, ``{"method": "euclidean"}``, or None."""
+    if not entry:
+        return None
+    if method_of(entry) == "euclidean":
+        return {"method": "euclidean"}
+    return {"band_hz": [int(b) for b in entry["band_hz"]]}
+
+
+def describe(entry: dict) -> str:
+    """A short phrase for errors and model cards: "subject-centred spectra (1-45 Hz)" or
+    "Euclidean-aligned (per subject)"."""
+    if method_of(entry) == "euclidean":
+        return "Euclidean-aligned (per subject)"
+    lo, hi = entry["band_hz"]
+    return f"subject-centred spectra ({lo}-{hi} Hz)"
+
+
+def reference(entry: dict, signals: np.ndarray) -> np.ndarray:
+    """One subject's reference for ``entry``'s method from its windows ``[n, C, W, 200]``:
+    the mean log amplitude spectrum ``[C, 101]`` (spectrum) or the whitening ``[C, C]`` (euclidean)."""
+    if method_of(entry) == "euclidean":
+        return whitening_matrix(covariance(signals))
+    return reference_log_amplitude(signals)
+
+
+def apply(entry: dict, signals: np.ndarray, reference_: np.ndarray) -> np.ndarray:
+    """``signals [..., C, W, 200]`` prepared with one subject's :func:`reference` as ``entry`` says."""
+    if method_of(entry) == "euclidean":
+        return align_signal(signals, reference_)
+    return centre_signal(signals, reference_, tuple(entry["band_hz"]))
+
+
+def per_subject(entry: dict, signals: np.ndarray, subjects: Sequence) -> np.ndarray:
+    """``signals [n, C, W, 200]`` (one montage) prepared per subject as ``entry`` says, each
+    subject's reference taken from all of its windows here."""
+    if method_of(entry) == "euclidean":
+        return align_signals_per_subject(signals, subjects)
+    return centre_signals_per_subject(signals, subjects, tuple(entry["band_hz"]))

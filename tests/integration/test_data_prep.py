@@ -262,3 +262,41 @@ def test_subject_centring_puts_every_subject_on_one_footing(eegmat, tmp_path):
     assert centring.main([str(out / "manifest.json"), "--out", str(out), "--quiet"]) == 2
     assert centring.main([str(out / "manifest.json"), "--out", str(tmp_path / "b"), "--band", "0", "45",
                           "--quiet"]) == 2
+
+
+def test_euclidean_alignment_whitens_each_subject_and_keeps_the_records(eegmat, tmp_path):
+    from data_prep import centring
+    from labram_jax import data_spec, input_pipeline, subject_centring
+
+    out, manifest = eegmat
+    aligned_path = tmp_path / "a" / "manifest.json"
+    assert centring.main([str(out / "manifest.json"), "--out", str(tmp_path / "a"), "--method", "euclidean",
+                          "--quiet"]) == 0
+    aligned = json.loads(aligned_path.read_text())
+    assert aligned["subject_centring"]["method"] == "euclidean" and aligned["subject_centring"]["subjects"] == 20
+    assert data_spec.subject_centring(str(aligned_path)) == {"method": "euclidean"}
+    assert aligned["splits"] == manifest["splits"]
+    by_subject: dict[str, list] = {}
+    raw: dict[str, list] = {}
+    for split in ("train", "val"):
+        for before, after in zip(input_pipeline.iter_records(str(out / "manifest.json"), split),
+                                 input_pipeline.iter_records(str(aligned_path), split)):
+            assert (after.label, after.subject, after.recording, after.start_s) == \
+                (before.label, before.subject, before.recording, before.start_s)
+            np.testing.assert_array_equal(after.channel_ids, before.channel_ids)
+            by_subject.setdefault(after.subject, []).append(after.signal)
+            raw.setdefault(before.subject, []).append(before.signal)
+    assert len(by_subject) == 20
+    for subject, windows in by_subject.items():
+        # every subject's windows, over all its recordings, now have the identity as mean covariance
+        cov = subject_centring.covariance(np.stack(windows))
+        np.testing.assert_allclose(cov, np.eye(len(cov)), atol=2e-3, err_msg=subject)
+    # the records differ in level between subjects before (mean channel variance, in (100 uV)^2)
+    levels = [np.trace(subject_centring.covariance(np.stack(w))) for w in raw.values()]
+    assert max(levels) > 2 * min(levels), levels
+    # spectrum-centred and aligned records are not one kind of input
+    assert centring.main([str(out / "manifest.json"), "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    with pytest.raises(ValueError, match="mixes records prepared differently.*Euclidean"):
+        data_spec.subject_centring(f"{aligned_path}+{tmp_path / 'c' / 'manifest.json'}")
+    assert centring.main([str(aligned_path), "--out", str(tmp_path / "aa"), "--method", "euclidean",
+                          "--quiet"]) == 2  # already aligned: align the original

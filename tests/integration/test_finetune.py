@@ -295,14 +295,14 @@ def test_hub_folder_round_trips_and_loads_offline_by_repository_id(eeg_dir, eegm
 
 def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_dir, eegmat_shards, tmp_path):
     from data_prep import centring
-    from labram_jax import api, data_spec, hub
+    from labram_jax import api, data_spec, hub, subject_centring
 
     centred = tmp_path / "centred"
     assert centring.main([str(eegmat_shards), "--out", str(centred), "--quiet"]) == 0
     manifest = str(centred / "manifest.json")
     assert data_spec.subject_centring(manifest) == {"band_hz": [1, 45]}
     assert data_spec.subject_centring(str(eegmat_shards)) is None
-    with pytest.raises(ValueError, match="mixes subject-centred and uncentred"):
+    with pytest.raises(ValueError, match="mixes records prepared differently"):
         data_spec.subject_centring(f"{manifest}+{eegmat_shards}")
     with pytest.raises(ValueError, match="but config.data.val .* is not: use records prepared like the training ones"):
         train.run(tiny_config("finetune", manifest, **{"optim.total_steps": 2, "data.val": str(eegmat_shards)}),
@@ -335,3 +335,18 @@ def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_
     folder = hub.save_pretrained(str(run), str(tmp_path / "hub"))
     assert api.load(folder).subject_centring == {"band_hz": [1, 45]}
     assert "subject_reference" in (tmp_path / "hub" / "README.md").read_text()
+    # the same weights saved as a model of Euclidean-aligned records: the API aligns its input
+    kind, module, variables = model_file.load(str(run))
+    model_file.save(str(tmp_path / "aligned.npz"), kind, module, variables, {"method": "euclidean", "subjects": 20})
+    aligned = api.load(str(tmp_path / "aligned.npz"))
+    assert aligned.subject_centring == {"method": "euclidean"}
+    with pytest.raises(ValueError, match="Euclidean-aligned"):
+        aligned.predict(task)
+    reference = aligned.subject_reference([rest, task])
+    assert reference.values.shape == (len(reference.rows),) * 2  # the subject's whitening R^-1/2
+    windows = aligned.windows(task, reference=reference)[0]
+    np.testing.assert_allclose(windows, subject_centring.align_signal(model.windows(task)[0], reference.values))
+    by_hand = aligned.predict_windows(aligned.centre(x, np.zeros(len(x))), model.windows(task)[1])
+    np.testing.assert_allclose(by_hand[-len(probs):], aligned.predict(task, reference=reference), atol=1e-5)
+    hub.save_pretrained(str(tmp_path / "aligned.npz"), str(tmp_path / "hub2"))
+    assert "Euclidean-aligned" in (tmp_path / "hub2" / "README.md").read_text()

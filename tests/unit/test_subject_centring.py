@@ -59,3 +59,51 @@ def test_signal_centring_removes_a_subjects_gain_and_keeps_its_conditions():
         subject_centring.centre_signals_per_subject(a, ["a"])
     with pytest.raises(ValueError, match="windows, 200"):
         subject_centring.reference_log_amplitude(a[:, :, 0])
+
+
+def _mixed(rng, n, mixing, gain):
+    """``n`` windows [n, C, 2, 200] of independent sources seen through ``gain * mixing``."""
+    sources = rng.normal(size=(n, mixing.shape[1], 400))
+    return (gain * np.einsum("cs,nst->nct", mixing, sources)).reshape(n, mixing.shape[0], 2, 200)
+
+
+def test_euclidean_alignment_gives_each_subject_the_identity_as_mean_covariance():
+    rng = np.random.default_rng(3)
+    a = _mixed(rng, 20, rng.normal(size=(4, 4)), 1.0)
+    b = _mixed(rng, 30, rng.normal(size=(4, 4)), 50.0)  # another head and cap, through a 50x gain
+    subjects = np.array(["a"] * 20 + ["b"] * 30)
+    aligned = subject_centring.align_signals_per_subject(np.concatenate([a, b]), subjects)
+    assert aligned.dtype == np.float32 and aligned.shape == (50, 4, 2, 200)
+    for rows in (subjects == "a", subjects == "b"):
+        np.testing.assert_allclose(subject_centring.covariance(aligned[rows]), np.eye(4), atol=1e-4)
+    whitening = subject_centring.whitening_matrix(subject_centring.covariance(a))
+    np.testing.assert_allclose(whitening, whitening.T, atol=1e-10)  # symmetric: channels keep their places
+    # one window's own alignment and the per-subject function agree; the generic entry dispatches to it
+    entry = {"method": "euclidean", "source": "x"}
+    np.testing.assert_allclose(subject_centring.apply(entry, a[:1], subject_centring.reference(entry, a)),
+                               aligned[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(subject_centring.per_subject(entry, np.concatenate([a, b]), subjects), aligned)
+    with pytest.raises(ValueError, match="one subject per window"):
+        subject_centring.align_signals_per_subject(a, ["a"])
+
+
+def test_euclidean_alignment_drops_directions_without_variance():
+    rng = np.random.default_rng(4)
+    x = _mixed(rng, 10, rng.normal(size=(3, 3)), 1.0)
+    x = x - x.mean(axis=1, keepdims=True)  # a common average reference: rank 2 of 3
+    aligned = subject_centring.align_signals_per_subject(x, ["s"] * 10)
+    values = np.linalg.eigvalsh(subject_centring.covariance(aligned))
+    np.testing.assert_allclose(np.sort(values), [0.0, 1.0, 1.0], atol=1e-4)  # not 1e6 of amplified rounding
+    with pytest.raises(ValueError, match="no signal"):
+        subject_centring.whitening_matrix(np.zeros((3, 3)))
+
+
+def test_centring_entries_name_their_method():
+    old = {"band_hz": [1, 45], "source": "/x/manifest.json", "subjects": 20}  # written before --method existed
+    assert subject_centring.canonical(old) == {"band_hz": [1, 45]}
+    assert subject_centring.canonical({"method": "euclidean", "subjects": 3}) == {"method": "euclidean"}
+    assert subject_centring.canonical(None) is None
+    assert subject_centring.describe(old) == "subject-centred spectra (1-45 Hz)"
+    assert "Euclidean" in subject_centring.describe({"method": "euclidean"})
+    with pytest.raises(ValueError, match="upgrade"):
+        subject_centring.method_of({"method": "riemann"})
