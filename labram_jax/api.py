@@ -109,6 +109,10 @@ class Predictor:
         if reference is None:
             return w.prepared, w.x, w.start_s
         self._check_centring(reference)
+        if reference.method != subject_centring.method_of(self.subject_centring):
+            raise ValueError(f"this reference is for a {reference.method} model; this one is "
+                             f"{subject_centring.describe(self.subject_centring)}: take the reference with this "
+                             "model's subject_reference")
         if not np.array_equal(reference.rows, w.prepared.rows):
             raise ValueError(f"the reference holds channels {list(reference.names)}, this recording maps to "
                              f"{list(w.prepared.names)}: take the reference from recordings of the same montage")
@@ -139,7 +143,8 @@ class Predictor:
             raise ValueError("subject_reference needs one or more recordings that map to the same channels")
         x = np.concatenate([p[1] for p in prepared])
         return SubjectReference(np.asarray(prepared[0][0].rows), tuple(prepared[0][0].names),
-                                subject_centring.reference(self.subject_centring, x))
+                                subject_centring.reference(self.subject_centring, x),
+                                subject_centring.method_of(self.subject_centring))
 
     def centre(self, x: np.ndarray, subjects: Sequence) -> np.ndarray:
         """Windows ``x [n, channels, windows, 200]`` (one montage, uncentred, as :meth:`windows`
@@ -241,11 +246,12 @@ class SubjectReference:
     """One subject's reference for a model trained on centred records
     (:meth:`Predictor.subject_reference`): ``rows [C]`` vocabulary rows and ``names`` of its
     channels; ``values``: ``[C, 101]`` mean log |FFT| of its 1-s patches per 1-Hz bin (spectrum
-    centring) or ``[C, C]`` whitening ``R^-1/2`` (Euclidean alignment)."""
+    centring) or ``[C, C]`` whitening ``R^-1/2`` (Euclidean alignment); ``method`` says which."""
 
     rows: np.ndarray
     names: tuple[str, ...]
     values: np.ndarray
+    method: str
 
 
 @dataclasses.dataclass(frozen=True)

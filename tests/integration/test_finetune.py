@@ -342,6 +342,8 @@ def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_
     assert aligned.subject_centring == {"method": "euclidean"}
     with pytest.raises(ValueError, match="Euclidean-aligned"):
         aligned.predict(task)
+    with pytest.raises(ValueError, match="this reference is for a spectrum model"):
+        aligned.predict(task, reference=model.subject_reference([rest, task]))
     reference = aligned.subject_reference([rest, task])
     assert reference.values.shape == (len(reference.rows),) * 2  # the subject's whitening R^-1/2
     windows = aligned.windows(task, reference=reference)[0]
