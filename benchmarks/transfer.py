@@ -37,7 +37,8 @@ the log-spectrum anchor's standardised logistic regression is fitted on the anch
 ``--centring features`` centres each subject's features on its own mean (no labels) in the
 probes and the feature anchors; ``--centring signals`` runs everything (pretraining, fine-tuning,
 probes, anchors) on subject-centred copies of the records (``data_prep.centring``), and
-``--centring aligned`` on Euclidean-aligned copies (``data_prep.centring --method euclidean``); see
+``--centring aligned`` on Euclidean-aligned copies (``data_prep.centring --method euclidean``),
+``--centring aligned-signals`` on copies aligned and then centred (``--method euclidean+spectrum``); see
 ``labram_jax.subject_centring``.
 
 ``--ensemble ROW`` scores a row's finished runs again, the seeds of each fold as one model
@@ -86,12 +87,14 @@ TASKS = ("eegmat", "mmidb_mi", "mmidb_eyes")
 PRETRAIN_STEPS = {"tokenizer": 200, "pretrain": 400}  # every corpus, batch 64
 PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
 # --centring: none, subject-centred features, subject-centred records, Euclidean-aligned records
-CENTRINGS = ("none", "features", "signals", "aligned")
+CENTRINGS = ("none", "features", "signals", "aligned", "aligned-signals")
 CENTRED_SUFFIX = {"none": "", "features": "+centred-features", "signals": "+centred-signals",
-                  "aligned": "+aligned-signals"}
+                  "aligned": "+aligned-signals", "aligned-signals": "+aligned-centred-signals"}
 CENTRED_ANCHOR = {"none": "", "features": " + centred features", "signals": " (subject-centred records)",
-                  "aligned": " (Euclidean-aligned records)"}
-RECORD_CENTRINGS = {"signals": ("spectrum", "_centred"), "aligned": ("euclidean", "_aligned")}  # method, folder suffix
+                  "aligned": " (Euclidean-aligned records)",
+                  "aligned-signals": " (Euclidean-aligned, then subject-centred records)"}
+RECORD_CENTRINGS = {"signals": ("spectrum", "_centred"), "aligned": ("euclidean", "_aligned"),
+                    "aligned-signals": ("euclidean+spectrum", "_aligned_centred")}  # method, folder suffix
 TASK_BASELINES = {"eegmat": ("band_power_lr", "log_spectrum_lr", "csp_lda"),
                   "mmidb_mi": ("csp_lda", "band_power_lr", "log_spectrum_lr"),
                   "mmidb_eyes": ("band_power_lr", "log_spectrum_lr")}
@@ -502,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                         "classical feature anchors and the linear probes (fine-tuning is not changed by it); "
                         "signals: every stage, probe and anchor reads subject-centred records "
                         "(python -m data_prep.centring); aligned: the same on Euclidean-aligned records (--method "
-                        "euclidean). See labram_jax.subject_centring; rows get '+centred-<how>' or '+aligned-signals'")
+                        "euclidean); aligned-signals: aligned, then centred (--method euclidean+spectrum). See labram_jax.subject_centring; rows get '+centred-<how>' or '+aligned-signals'")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
     parser.add_argument("--ensemble", metavar="ROW", help="only score ROW's finished runs (e.g. "

@@ -10,7 +10,8 @@ splits), prepared per subject (``labram_jax.subject_centring``):
   spectrum on that channel (the geometric mean over every patch of the subject in the manifest,
   all splits) inside ``--band`` and zeroed outside it;
 - ``--method euclidean``: Euclidean alignment, every window multiplied by ``R^-1/2``, ``R`` the
-  subject's mean spatial covariance over all its windows with that montage (all splits).
+  subject's mean spatial covariance over all its windows with that montage (all splits);
+- ``--method euclidean+spectrum``: alignment, then spectrum centring of the aligned signals.
 
 The references use no labels. Fold manifests (``python -m data_prep.folds``) are made from the
 centred manifest like from any other.
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -43,13 +45,19 @@ def _read(path: pathlib.Path):
     return (records.decode(source[i]) for i in range(len(source)))
 
 
-def subject_references(root: pathlib.Path, entries: list[dict], progress: bool = True) -> dict:
-    """``{(subject, channel_id): [101] mean log |rfft|}`` over every patch of the entries' shards."""
+def _montage(rec) -> tuple:
+    return rec.subject, tuple(int(c) for c in rec.channel_ids)
+
+
+def subject_references(root: pathlib.Path, entries: list[dict], progress: bool = True,
+                       signal_of: Callable = lambda rec: rec.signal) -> dict:
+    """``{(subject, channel_id): [101] mean log |rfft|}`` over every patch of the entries' shards
+    (of ``signal_of(record)``: the record's signal, or its aligned signal)."""
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = {}
     for entry in tqdm.tqdm(entries, desc="references", unit="file", disable=not progress, file=sys.stderr):
         for rec in _read(root / entry["shard"]):
-            log_amplitude = subject_centring.log_amplitude(rec.signal)  # [C, W, 101]
+            log_amplitude = subject_centring.log_amplitude(signal_of(rec))  # [C, W, 101]
             for row, channel in enumerate(rec.channel_ids):
                 key = (rec.subject, int(channel))
                 sums[key] = sums.get(key, 0.0) + log_amplitude[row].sum(0)
@@ -64,7 +72,7 @@ def subject_whitenings(root: pathlib.Path, entries: list[dict], progress: bool =
     counts: dict[tuple, int] = {}
     for entry in tqdm.tqdm(entries, desc="covariances", unit="file", disable=not progress, file=sys.stderr):
         for rec in _read(root / entry["shard"]):
-            key = (rec.subject, tuple(int(c) for c in rec.channel_ids))
+            key = _montage(rec)
             sums[key] = sums.get(key, 0.0) + subject_centring.covariance(rec.signal[None])
             counts[key] = counts.get(key, 0) + 1
     return {key: subject_centring.whitening_matrix(sums[key] / counts[key]) for key in sums}
@@ -91,24 +99,24 @@ def centre_manifest(manifest_path: str | pathlib.Path, out: str | pathlib.Path,
     entries = [e for e in manifest["files"] if e["status"] == "ok"]
     if not entries:
         raise ValueError(f"{manifest_path} lists no converted recording")
-    if method == "euclidean":
-        whitenings = subject_whitenings(root, entries, progress)
-        setting = {"method": "euclidean"}
-    else:
-        references = subject_references(root, entries, progress)
-        setting = {"band_hz": [lo, hi]}
+    setting = subject_centring.canonical({"method": method, "band_hz": [lo, hi]})
+    steps = subject_centring.steps(setting)
+    whitenings = subject_whitenings(root, entries, progress) if "euclidean" in steps else {}
+
+    def aligned(rec) -> np.ndarray:
+        return subject_centring.align_signal(rec.signal, whitenings[_montage(rec)]) if whitenings else rec.signal
+
+    references = subject_references(root, entries, progress, aligned) if "spectrum" in steps else {}
     for entry in tqdm.tqdm(entries, desc="centring", unit="file", disable=not progress, file=sys.stderr):
         target = out / entry["shard"]
         target.parent.mkdir(parents=True, exist_ok=True)
         writer = array_record_module.ArrayRecordWriter(str(target), "group_size:1")
         try:
             for rec in _read(root / entry["shard"]):
-                if method == "euclidean":
-                    whitening = whitenings[(rec.subject, tuple(int(c) for c in rec.channel_ids))]
-                    centred = subject_centring.align_signal(rec.signal, whitening)
-                else:
+                centred = aligned(rec)
+                if references:
                     reference = np.stack([references[(rec.subject, int(c))] for c in rec.channel_ids])
-                    centred = subject_centring.centre_signal(rec.signal, reference, band_hz)
+                    centred = subject_centring.centre_signal(centred, reference, band_hz)
                 writer.write(records.encode(dataclasses.replace(rec, signal=centred)))
         finally:
             writer.close()
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="spectrum centring: 1-Hz bins kept, in Hz (default 1 45: the spectrum stem's)")
     parser.add_argument("--method", choices=subject_centring.METHODS, default="spectrum",
                         help="spectrum: each channel's spectrum over the subject's mean (default); euclidean: "
-                        "Euclidean alignment, each window times the subject's R^-1/2 (spatial covariance)")
+                        "Euclidean alignment, each window times the subject's R^-1/2 (spatial covariance); "
+                        "euclidean+spectrum: the one, then the other")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:

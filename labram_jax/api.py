@@ -245,12 +245,13 @@ class Predictor:
 class SubjectReference:
     """One subject's reference for a model trained on centred records
     (:meth:`Predictor.subject_reference`): ``rows [C]`` vocabulary rows and ``names`` of its
-    channels; ``values``: ``[C, 101]`` mean log |FFT| of its 1-s patches per 1-Hz bin (spectrum
-    centring) or ``[C, C]`` whitening ``R^-1/2`` (Euclidean alignment); ``method`` says which."""
+    channels; ``values``: ``{"log_amplitude": [C, 101]}`` mean log |FFT| of its 1-s patches per
+    1-Hz bin (spectrum centring) and/or ``{"whitening": [C, C]}`` ``R^-1/2`` (Euclidean
+    alignment); ``method`` says which."""
 
     rows: np.ndarray
     names: tuple[str, ...]
-    values: np.ndarray
+    values: dict[str, np.ndarray]
     method: str
 
 

@@ -33,6 +33,9 @@ Two places to centre:
     held-out subjects (BENCHMARKS.md, "Motor imagery"). ``R^-1/2`` is symmetric, so each output
     channel stays dominated by its own electrode, with its neighbours' common part subtracted
     (like a surface Laplacian); the values are dimensionless (unit variance per channel).
+  - ``euclidean+spectrum``: the two in turn, alignment first, then the aligned signals' spectra
+    centred per subject and channel. On EEGMAT it gives the classical anchors far more than
+    either alone (BENCHMARKS.md, "Euclidean alignment").
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import numpy as np
 from labram_jax.records import PATCH  # samples per 1-s patch at 200 Hz
 
 CENTRINGS = ("none", "subject")
-METHODS = ("spectrum", "euclidean")  # how records are centred (data_prep.centring --method)
+METHODS = ("spectrum", "euclidean", "euclidean+spectrum")  # how records are centred (data_prep.centring --method)
 BAND_HZ = (1, 45)  # signal centring keeps these 1-Hz bins of each 1-s patch (the spectrum stem's)
 FLOOR = 1e-8  # added to |FFT| before the log (units of 100 uV x samples)
 RANK_TOL = 1e-6  # Euclidean alignment drops covariance directions below this fraction of the largest
@@ -171,43 +174,67 @@ def method_of(entry: dict) -> str:
     return method
 
 
+def steps(entry: dict) -> list[str]:
+    """The operations of ``entry``'s method, in order: ``["spectrum"]``, ``["euclidean"]`` or
+    ``["euclidean", "spectrum"]`` (align, then centre the aligned signals' spectra)."""
+    return method_of(entry).split("+")
+
+
 def canonical(entry: dict | None) -> dict | None:
     """What a ``subject_centring`` entry says about the input, nothing else (no provenance):
-    ``{"band_hz": [lo, hi]}`` for spectrum centring, ``{"method": "euclidean"}``, or None."""
+    ``{"band_hz": [lo, hi]}`` for spectrum centring, ``{"method": "euclidean"}``,
+    ``{"method": "euclidean+spectrum", "band_hz": [lo, hi]}``, or None."""
     if not entry:
         return None
-    if method_of(entry) == "euclidean":
-        return {"method": "euclidean"}
-    return {"band_hz": [int(b) for b in entry["band_hz"]]}
+    method = method_of(entry)
+    out = {} if method == "spectrum" else {"method": method}
+    if "spectrum" in steps(entry):
+        out["band_hz"] = [int(b) for b in entry["band_hz"]]
+    return out
 
 
 def describe(entry: dict) -> str:
-    """A short phrase for errors and model cards: "subject-centred spectra (1-45 Hz)" or
+    """A short phrase for errors and model cards, e.g. "subject-centred spectra (1-45 Hz)",
     "Euclidean-aligned (per subject)"."""
-    if method_of(entry) == "euclidean":
-        return "Euclidean-aligned (per subject)"
-    lo, hi = entry["band_hz"]
-    return f"subject-centred spectra ({lo}-{hi} Hz)"
+    words = {"euclidean": "Euclidean-aligned (per subject)"}
+    if "band_hz" in entry:
+        lo, hi = entry["band_hz"]
+        words["spectrum"] = f"subject-centred spectra ({lo}-{hi} Hz)"
+    return ", then ".join(words[step] for step in steps(entry))
 
 
-def reference(entry: dict, signals: np.ndarray) -> np.ndarray:
+def reference(entry: dict, signals: np.ndarray) -> dict[str, np.ndarray]:
     """One subject's reference for ``entry``'s method from its windows ``[n, C, W, 200]``:
-    the mean log amplitude spectrum ``[C, 101]`` (spectrum) or the whitening ``[C, C]`` (euclidean)."""
-    if method_of(entry) == "euclidean":
-        return whitening_matrix(covariance(signals))
-    return reference_log_amplitude(signals)
+    ``{"whitening": [C, C]}`` (euclidean) and/or ``{"log_amplitude": [C, 101]}`` (spectrum; of the
+    aligned signals when it follows alignment)."""
+    out = {}
+    for step in steps(entry):
+        if step == "euclidean":
+            out["whitening"] = whitening_matrix(covariance(signals))
+            signals = align_signal(signals, out["whitening"])
+        else:
+            out["log_amplitude"] = reference_log_amplitude(signals)
+    return out
 
 
-def apply(entry: dict, signals: np.ndarray, reference_: np.ndarray) -> np.ndarray:
+def apply(entry: dict, signals: np.ndarray, reference_: dict[str, np.ndarray]) -> np.ndarray:
     """``signals [..., C, W, 200]`` prepared with one subject's :func:`reference` as ``entry`` says."""
-    if method_of(entry) == "euclidean":
-        return align_signal(signals, reference_)
-    return centre_signal(signals, reference_, tuple(entry["band_hz"]))
+    for step in steps(entry):
+        if step == "euclidean":
+            signals = align_signal(signals, reference_["whitening"])
+        else:
+            signals = centre_signal(signals, reference_["log_amplitude"], tuple(entry["band_hz"]))
+    return signals
 
 
 def per_subject(entry: dict, signals: np.ndarray, subjects: Sequence) -> np.ndarray:
     """``signals [n, C, W, 200]`` (one montage) prepared per subject as ``entry`` says, each
     subject's reference taken from all of its windows here."""
-    if method_of(entry) == "euclidean":
-        return align_signals_per_subject(signals, subjects)
-    return centre_signals_per_subject(signals, subjects, tuple(entry["band_hz"]))
+    signals, subjects = np.asarray(signals), np.asarray(subjects)
+    if subjects.shape != signals.shape[:1]:
+        raise ValueError(f"one subject per window: {signals.shape[0]} windows, subjects {subjects.shape}")
+    out = np.empty(signals.shape, np.float32)
+    for subject in np.unique(subjects):
+        rows = subjects == subject
+        out[rows] = apply(entry, signals[rows], reference(entry, signals[rows]))
+    return out

@@ -300,3 +300,14 @@ def test_euclidean_alignment_whitens_each_subject_and_keeps_the_records(eegmat, 
         data_spec.subject_centring(f"{aligned_path}+{tmp_path / 'c' / 'manifest.json'}")
     assert centring.main([str(aligned_path), "--out", str(tmp_path / "aa"), "--method", "euclidean",
                           "--quiet"]) == 2  # already aligned: align the original
+    # aligned, then spectrum-centred: the records equal the two steps done on a subject's windows in memory
+    assert centring.main([str(out / "manifest.json"), "--out", str(tmp_path / "ac"), "--method",
+                          "euclidean+spectrum", "--quiet"]) == 0
+    both_path = str(tmp_path / "ac" / "manifest.json")
+    assert data_spec.subject_centring(both_path) == {"method": "euclidean+spectrum", "band_hz": [1, 45]}
+    subject = sorted(raw)[0]
+    done = [r.signal for split in ("train", "val") for r in input_pipeline.iter_records(both_path, split)
+            if r.subject == subject]
+    np.testing.assert_allclose(np.stack(done), subject_centring.per_subject(
+        {"method": "euclidean+spectrum", "band_hz": [1, 45]}, np.stack(raw[subject]), [subject] * len(done)),
+        rtol=1e-3, atol=1e-4)

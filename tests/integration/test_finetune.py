@@ -345,9 +345,10 @@ def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_
     with pytest.raises(ValueError, match="this reference is for a spectrum model"):
         aligned.predict(task, reference=model.subject_reference([rest, task]))
     reference = aligned.subject_reference([rest, task])
-    assert reference.values.shape == (len(reference.rows),) * 2  # the subject's whitening R^-1/2
+    assert reference.values["whitening"].shape == (len(reference.rows),) * 2  # the subject's R^-1/2
     windows = aligned.windows(task, reference=reference)[0]
-    np.testing.assert_allclose(windows, subject_centring.align_signal(model.windows(task)[0], reference.values))
+    np.testing.assert_allclose(windows, subject_centring.align_signal(model.windows(task)[0],
+                                                                      reference.values["whitening"]))
     by_hand = aligned.predict_windows(aligned.centre(x, np.zeros(len(x))), model.windows(task)[1])
     np.testing.assert_allclose(by_hand[-len(probs):], aligned.predict(task, reference=reference), atol=1e-5)
     hub.save_pretrained(str(tmp_path / "aligned.npz"), str(tmp_path / "hub2"))

@@ -98,11 +98,29 @@ def test_euclidean_alignment_drops_directions_without_variance():
         subject_centring.whitening_matrix(np.zeros((3, 3)))
 
 
+def test_alignment_then_spectrum_centring_is_the_one_after_the_other():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([_mixed(rng, 12, rng.normal(size=(3, 3)), 1.0), _mixed(rng, 8, rng.normal(size=(3, 3)), 9.0)])
+    subjects = np.array(["a"] * 12 + ["b"] * 8)
+    entry = {"method": "euclidean+spectrum", "band_hz": [1, 45]}
+    both = subject_centring.per_subject(entry, x, subjects)
+    by_hand = subject_centring.centre_signals_per_subject(subject_centring.align_signals_per_subject(x, subjects),
+                                                          subjects)
+    np.testing.assert_allclose(both, by_hand, rtol=1e-4, atol=1e-5)
+    reference = subject_centring.reference(entry, x[:12])
+    assert set(reference) == {"whitening", "log_amplitude"}  # the spectrum is the aligned signals'
+    np.testing.assert_allclose(subject_centring.apply(entry, x[:12], reference), both[:12], rtol=1e-4, atol=1e-5)
+
+
 def test_centring_entries_name_their_method():
     old = {"band_hz": [1, 45], "source": "/x/manifest.json", "subjects": 20}  # written before --method existed
     assert subject_centring.canonical(old) == {"band_hz": [1, 45]}
     assert subject_centring.canonical({"method": "euclidean", "subjects": 3}) == {"method": "euclidean"}
     assert subject_centring.canonical(None) is None
+    assert subject_centring.canonical({"method": "euclidean+spectrum", "band_hz": [2, 40], "subjects": 3}) == \
+        {"method": "euclidean+spectrum", "band_hz": [2, 40]}
+    assert subject_centring.describe({"method": "euclidean+spectrum", "band_hz": [2, 40]}) == \
+        "Euclidean-aligned (per subject), then subject-centred spectra (2-40 Hz)"
     assert subject_centring.describe(old) == "subject-centred spectra (1-45 Hz)"
     assert "Euclidean" in subject_centring.describe({"method": "euclidean"})
     with pytest.raises(ValueError, match="upgrade"):
