@@ -111,14 +111,7 @@ def centre_signals_per_subject(signals: np.ndarray, subjects: Sequence,
                                band_hz: tuple[int, int] = BAND_HZ) -> np.ndarray:
     """``signals [n, C, W, 200]`` (one montage) -> each subject's windows centred on that
     subject's own reference (:func:`reference_log_amplitude`, :func:`centre_signal`)."""
-    signals, subjects = np.asarray(signals), np.asarray(subjects)
-    if subjects.shape != signals.shape[:1]:
-        raise ValueError(f"one subject per window: {signals.shape[0]} windows, subjects {subjects.shape}")
-    out = np.empty(signals.shape, np.float32)
-    for subject in np.unique(subjects):
-        rows = subjects == subject
-        out[rows] = centre_signal(signals[rows], reference_log_amplitude(signals[rows]), band_hz)
-    return out
+    return per_subject({"band_hz": list(band_hz)}, signals, subjects)
 
 
 def align_signal(signal: np.ndarray, whitening: np.ndarray) -> np.ndarray:
@@ -154,14 +147,7 @@ def whitening_matrix(covariance_: np.ndarray) -> np.ndarray:
 def align_signals_per_subject(signals: np.ndarray, subjects: Sequence) -> np.ndarray:
     """``signals [n, C, W, 200]`` (one montage) -> each subject's windows multiplied by the
     inverse square root of that subject's mean spatial covariance (:func:`covariance`)."""
-    signals, subjects = np.asarray(signals), np.asarray(subjects)
-    if subjects.shape != signals.shape[:1]:
-        raise ValueError(f"one subject per window: {signals.shape[0]} windows, subjects {subjects.shape}")
-    out = np.empty(signals.shape, np.float32)
-    for subject in np.unique(subjects):
-        rows = subjects == subject
-        out[rows] = align_signal(signals[rows], whitening_matrix(covariance(signals[rows])))
-    return out
+    return per_subject({"method": "euclidean"}, signals, subjects)
 
 
 def method_of(entry: dict) -> str:
