@@ -86,7 +86,7 @@ STEMS = ("spectrum", "temporal")
 TASKS = ("eegmat", "mmidb_mi", "mmidb_eyes")
 PRETRAIN_STEPS = {"tokenizer": 200, "pretrain": 400}  # every corpus, batch 64
 PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
-# --centring: none, subject-centred features, subject-centred records, Euclidean-aligned records
+# --centring: none, subject-centred features, subject-centred records, Euclidean-aligned records, aligned then centred
 CENTRINGS = ("none", "features", "signals", "aligned", "aligned-signals")
 CENTRED_SUFFIX = {"none": "", "features": "+centred-features", "signals": "+centred-signals",
                   "aligned": "+aligned-signals", "aligned-signals": "+aligned-centred-signals"}
@@ -127,9 +127,9 @@ EEGMAT_LABELS = ["--label-from", "filename", "--label-pattern", r"_1\.edf$=rest"
 
 
 def _centred(manifest: str, centring: str) -> str:
-    """``manifest`` itself, or its subject-centred (``centring="signals"``) or Euclidean-aligned
-    (``"aligned"``) copy (``data_prep.centring``, written once beside it as ``<folder>_centred`` or
-    ``<folder>_aligned``)."""
+    """``manifest`` itself, or its copy prepared by ``data_prep.centring`` as ``RECORD_CENTRINGS``
+    says (subject-centred, Euclidean-aligned, or both), written once beside it as
+    ``<folder>_centred``, ``<folder>_aligned`` or ``<folder>_aligned_centred``."""
     if centring not in RECORD_CENTRINGS:
         return manifest
     method, suffix = RECORD_CENTRINGS[centring]
@@ -505,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                         "classical feature anchors and the linear probes (fine-tuning is not changed by it); "
                         "signals: every stage, probe and anchor reads subject-centred records "
                         "(python -m data_prep.centring); aligned: the same on Euclidean-aligned records (--method "
-                        "euclidean); aligned-signals: aligned, then centred (--method euclidean+spectrum). See labram_jax.subject_centring; rows get '+centred-<how>' or '+aligned-signals'")
+                        "euclidean); aligned-signals: aligned, then centred (--method euclidean+spectrum). See "
+                        "labram_jax.subject_centring; rows get '+centred-<how>', '+aligned-signals' or "
+                        "'+aligned-centred-signals'")
     parser.add_argument("--tokenizer-only", action="store_true", help="train only the tokenizers of the corpora "
                         "and report their codebook usage (no pretraining, no fine-tuning)")
     parser.add_argument("--ensemble", metavar="ROW", help="only score ROW's finished runs (e.g. "

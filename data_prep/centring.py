@@ -89,7 +89,7 @@ def centre_manifest(manifest_path: str | pathlib.Path, out: str | pathlib.Path,
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("subject_centring"):
         raise ValueError(f"{manifest_path} is already subject-centred ({manifest['subject_centring']}): centre the "
-                         "original conversion")
+                         "original conversion (--method euclidean+spectrum does alignment and centring in one go)")
     if out.resolve() == manifest_path.parent.resolve():
         raise ValueError("--out must be a new folder: the centred records do not replace the originals")
     lo, hi = band_hz

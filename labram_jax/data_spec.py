@@ -191,9 +191,10 @@ def check_centring_matches(trained_on: dict | None, spec: "str | DataSpec", what
     """Raises a ValueError saying what to do unless the records of ``spec`` (``what`` names
     them: "config.data.val", "--data") are subject-centred exactly when the model's training
     records were (``trained_on``: their :func:`subject_centring`)."""
-    if subject_centring(spec) != trained_on:
-        found = subject_centring(spec)
-        raise ValueError(f"the training records are {centring_lib.describe(trained_on) if trained_on else 'not centred'} "
+    found = subject_centring(spec)
+    if found != trained_on:
+        trained = centring_lib.describe(trained_on) if trained_on else "not centred"
+        raise ValueError(f"the training records are {trained} "
                          f"but {what} ({spec!s}) {'is ' + centring_lib.describe(found) if found else 'is not'}: use "
                          "records prepared like the training ones (python -m data_prep.centring with the same "
                          "--method on both, or on neither)")
