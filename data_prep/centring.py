@@ -75,7 +75,13 @@ def subject_whitenings(root: pathlib.Path, entries: list[dict], progress: bool =
             key = _montage(rec)
             sums[key] = sums.get(key, 0.0) + subject_centring.covariance(rec.signal[None])
             counts[key] = counts.get(key, 0) + 1
-    return {key: subject_centring.whitening_matrix(sums[key] / counts[key]) for key in sums}
+    whitenings = {}
+    for key in sums:
+        try:
+            whitenings[key] = subject_centring.whitening_matrix(sums[key] / counts[key])
+        except ValueError as err:
+            raise ValueError(f"subject {key[0]}: {err}") from None
+    return whitenings
 
 
 def centre_manifest(manifest_path: str | pathlib.Path, out: str | pathlib.Path,

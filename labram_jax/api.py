@@ -76,7 +76,7 @@ class Embeddings:
 class Predictor:
     """A loaded model: ``embed`` always works; ``predict`` needs a fine-tuned head.
 
-    ``subject_centring``: ``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}`` for a model
+    ``subject_centring``: ``{"band_hz": [lo, hi]}``, ``{"method": ...}`` (``subject_centring.canonical``) for a model
     trained on subject-centred records (then its inputs are centred the same way, see the module
     docstring), else None."""
 

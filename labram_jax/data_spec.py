@@ -165,8 +165,8 @@ def label_frequencies(spec: "str | DataSpec", split: str = "train") -> tuple[lis
 
 
 def subject_centring(spec: "str | DataSpec") -> dict | None:
-    """The ``subject_centring`` setting (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``,
-    :func:`labram_jax.subject_centring.canonical`) that every manifest of ``spec`` shares, or None
+    """The ``subject_centring`` setting (:func:`labram_jax.subject_centring.canonical`, e.g.
+    ``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``) that every manifest of ``spec`` shares, or None
     when none is centred. Bare shard globs carry no manifest and are not counted. Raises a
     ValueError naming the manifests when differently prepared records would be mixed: a model
     must see one kind of input."""

@@ -80,8 +80,9 @@ def module_from_spec(described: Mapping) -> nn.Module:
 def save(path: str, kind: str, model: nn.Module, variables: Mapping, subject_centring: dict | None = None) -> None:
     """Writes Flax variables and the module spec to one ``.npz`` (no pickle), blocks per block
     (a model trained with ``scan_blocks`` is stored as if trained without). ``subject_centring``:
-    the manifests' setting (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``) when the model
-    was trained on subject-centred records, so that whoever loads it centres its inputs the same way."""
+    the manifests' setting (``subject_centring.canonical``: ``{"band_hz": [lo, hi]}``,
+    ``{"method": ...}``) when the model was trained on subject-centred records, so that whoever
+    loads it centres its inputs the same way."""
     if kind not in KINDS:
         raise ValueError(f"model kind {kind!r}: one of {KINDS}")
     variables = stacking.unstack_blocks(nn.unbox(flax.core.unfreeze(variables)))
@@ -123,7 +124,7 @@ def load(path: str, kind: str | None = None) -> tuple[str, nn.Module, dict]:
 
 
 def centring_of(path: str) -> dict | None:
-    """The centring setting (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``) when the
+    """The centring setting (``subject_centring.canonical``: ``{"band_hz": [lo, hi]}``, ``{"method": ...}``) when the
     model in ``path`` (a file or workdir) was trained on subject-centred records
     (``python -m data_prep.centring``), else None."""
     with np.load(resolve(path), allow_pickle=False) as data:

@@ -17,8 +17,9 @@ Two places to centre:
 
 - features (:func:`centre_per_subject`): a classifier's input vectors, e.g. a linear probe's
   embeddings or a log spectrum (``baselines --centring subject``, ``estimator.LinearProbe``);
-- signals, two ways (``python -m data_prep.centring --method``); a manifest's ``subject_centring``
-  entry says which (``{"band_hz": [lo, hi]}`` or ``{"method": "euclidean"}``), and models trained
+- signals (``python -m data_prep.centring --method``); a manifest's ``subject_centring`` entry
+  says how (:func:`canonical`: ``{"band_hz": [lo, hi]}``, ``{"method": "euclidean"}`` or
+  ``{"method": "euclidean+spectrum", "band_hz": [lo, hi]}``), and models trained
   on such records expect inputs prepared the same way (:func:`reference`, :func:`apply`):
 
   - ``spectrum`` (:func:`centre_signals_per_subject`): each 1-s patch's FFT divided by the
@@ -30,7 +31,7 @@ Two places to centre:
     over all its windows), so each subject's windows have the identity as their mean covariance.
     It removes gains and the spatial mixing a head and a cap put between sources and electrodes,
     which per-channel spectra cannot: on EEGMMIDB motor imagery it lifts every classical anchor on
-    held-out subjects (BENCHMARKS.md, "Motor imagery"). ``R^-1/2`` is symmetric, so each output
+    held-out subjects (BENCHMARKS.md, "Euclidean alignment"). ``R^-1/2`` is symmetric, so each output
     channel stays dominated by its own electrode, with its neighbours' common part subtracted
     (like a surface Laplacian); the values are dimensionless (unit variance per channel).
   - ``euclidean+spectrum``: the two in turn, alignment first, then the aligned signals' spectra
@@ -138,7 +139,8 @@ def whitening_matrix(covariance_: np.ndarray) -> np.ndarray:
     channel) are dropped, not blown up. Raises a ValueError for a covariance without signal."""
     values, vectors = np.linalg.eigh(np.asarray(covariance_, np.float64))
     if not values.max() > 0:
-        raise ValueError("the spatial covariance is zero: these windows carry no signal to align")
+        raise ValueError("the spatial covariance is zero: these windows carry no signal to align; check the "
+                         "recordings (flat channels, wrong units) or leave them out")
     kept = values > RANK_TOL * values.max()
     inverse_root = np.where(kept, 1.0 / np.sqrt(np.where(kept, values, 1.0)), 0.0)
     return (vectors * inverse_root) @ vectors.T
