@@ -143,4 +143,5 @@ def describe(model: nn.Module) -> str:
     stem = ("patches embedded by their log spectrum" if cfg.patch_embed == "spectrum"
             else f"temporal encoder with {cfg.temporal_channels} channels")
     norm = ", each channel standardised" if cfg.input_norm == "channel" else ""
-    return f"depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_heads} heads, {stem}{norm}{extra}"
+    mix = ", learned spatial filters first" if cfg.spatial_mix else ""
+    return f"depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_heads} heads, {stem}{norm}{mix}{extra}"

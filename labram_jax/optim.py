@@ -66,7 +66,8 @@ def weight_decay_mask(params):
 
 def layer_id(path_names: list[str], depth: int) -> int:
     """The reference's layer id: 0 for the cls/mask tokens, spatial table and temporal
-    encoder; i + 1 for block i; depth + 1 for everything else (incl. the time table)."""
+    encoder; i + 1 for block i; depth + 1 for everything else (incl. the time table, and the
+    spatial-mix table, which is not in the reference: it learns at the head's rate)."""
     for name in path_names:
         m = _BLOCK.match(name)
         if m:

@@ -17,7 +17,7 @@ HEAD_POOLINGS = ("mean", "electrode")  # what the fine-tuning head reads: layers
 DTYPES = ("float32", "bfloat16")  # computation dtypes (parameters stay float32)
 # How a transformer reads its signal: TransformerConfig fields an encoder must share with any
 # model that reuses it, and their values in the reference (and its official weights).
-REFERENCE_INPUTS = {"input_norm": "none", "temporal_groups": 4, "patch_embed": "temporal"}
+REFERENCE_INPUTS = {"input_norm": "none", "temporal_groups": 4, "patch_embed": "temporal", "spatial_mix": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,10 @@ class TransformerConfig:
         amplitudes of the patch's 1-45 Hz FFT bins through one Linear layer; not in the
         reference, so official weights need ``temporal``). With ``spectrum``,
         ``temporal_groups`` is unused and ``temporal_channels`` only fixes D = 25 * C.
+      spatial_mix: learned spatial filters ahead of the patch embedding (``layers.SpatialMix``:
+        each electrode plus a learned, zero-initialised combination of the others, indexed by
+        electrode name); not in the reference, so official weights need False. Its table learns at
+        the head's rate under layer decay (``optim.layer_id``).
       head_pooling: what a fine-tuning head reads: ``mean`` (the paper: every patch token
         averaged, [D]) or ``electrode`` (each electrode's tokens averaged over its patches, put
         in that electrode's row of the spatial table, [num_spatial_rows * D]; absent electrodes
@@ -91,6 +95,7 @@ class TransformerConfig:
     input_norm: str = "none"
     temporal_groups: int = 4
     patch_embed: str = "temporal"
+    spatial_mix: bool = False
     head_pooling: str = "mean"
 
     def __post_init__(self):

@@ -147,6 +147,32 @@ class SpectrumEncoder(nn.Module):
                         bias_init=logical(nn.initializers.zeros, ("embed",)))(log_amplitude.astype(self.dtype))
 
 
+class SpatialMix(nn.Module):
+    """Learned spatial filters ahead of the patch embedding (not in the reference).
+
+    Each electrode's signal becomes itself plus a learned combination of the sample's other
+    electrodes: ``x_i + sum_j W[id_i, id_j] x_j``, with ``W`` [rows, rows] indexed by spatial-table
+    row (electrode name), so any montage, and a batch of mixed montages, reads the same table.
+    ``W`` starts at zero (the identity: the model begins as without it) and can learn what CSP's
+    filters do: combine electrodes linearly before a patch's power is taken (the spectrum stem
+    takes each electrode's log amplitude first, which loses the cross-electrode covariance).
+    """
+
+    num_rows: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array) -> jax.Array:
+        """x: [B, N, A, T] signal; channel_ids: [B, N] spatial rows; patch_mask: [B, N, A] bool ->
+        [B, N, A, T] float32 mixed signal; padding patches are neither read nor changed."""
+        table = self.param("kernel", logical(nn.initializers.zeros, ("spatial", None)), (self.num_rows, self.num_rows))
+        rows = jnp.take(table, channel_ids, axis=0)  # [B, N, rows]
+        weights = jnp.take_along_axis(rows, channel_ids[:, None, :], axis=2)  # [B, N, N]: W[id_i, id_j]
+        real = patch_mask[..., None]
+        x = x.astype(jnp.float32)
+        mixed = x + jnp.einsum("bij,bjat->biat", weights, jnp.where(real, x, 0.0))
+        return jnp.where(real, mixed, x)
+
+
 class LoRA(nn.Module):
     """A low-rank update ``(alpha / r) * x A B`` added to a frozen projection (Hu et al., 2022).
 

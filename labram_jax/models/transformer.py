@@ -56,6 +56,8 @@ class NeuralTransformer(nn.Module):
         if cfg.temporal_channels:
             if cfg.input_norm == "channel":
                 x = layers.normalize_channels(x, patch_mask)
+            if cfg.spatial_mix:
+                x = layers.SpatialMix(cfg.num_spatial_rows, name="spatial_mix")(x, channel_ids, patch_mask)
             patches = x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype)
             if cfg.patch_embed == "spectrum":
                 h = layers.SpectrumEncoder(cfg.embed_dim, cfg.dtype, name="patch_embed")(patches)
