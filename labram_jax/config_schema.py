@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from labram_jax import data_spec, model_file, sharding
+from labram_jax import data_spec, model_file, optim, sharding
 from labram_jax.models import config as model_config
 
 STAGES = ("tokenizer", "pretrain", "finetune")
@@ -84,6 +84,14 @@ def _temporal_groups(path, v, c):
     if v >= 1 and filters % v == 0:
         return None
     return f"{path}={v} must divide the {filters} temporal-encoder filters of size {c.model.size} (4, the paper, or 1)"
+
+
+def _lr_scales(path, v, c):
+    try:
+        optim.parse_lr_scales(v)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _data_spec(path, v, c):
@@ -249,6 +257,8 @@ def schema(size: str, stage: str) -> dict:
         "weight_decay": Field(0.05, "AdamW weight decay (not on 1-D parameters and tables)", at_least(0)),
         "grad_clip": Field(0.0, "global-norm gradient clipping (0: none)", at_least(0)),
         "layer_decay": Field(1.0, "layer-wise learning-rate decay", within(0.0, 1.0, low_open=True)),
+        "lr_scales": Field("", "NAME=FACTOR,...: parameters with that module or parameter name on their path learn "
+                           "at FACTOR x their rate (e.g. spatial_mix=30)", _lr_scales),
         "total_steps": Field(0, "0: epochs x steps per epoch", _total_steps),
         "warmup_steps": Field(-1, "-1: warmup_epochs x steps per epoch", at_least(-1)),
     }

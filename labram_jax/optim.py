@@ -31,6 +31,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     grad_clip: float = 0.0  # global-norm clip; 0 = none
     layer_decay: float = 1.0  # 1 = no layer-wise decay
+    lr_scales: tuple[tuple[str, float], ...] = ()  # (name, factor): see parse_lr_scales
 
 
 def warmup_cosine(lr: float, min_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -90,6 +91,45 @@ def layer_decay_scales(params, depth: int, decay: float):
     return jax.tree_util.tree_map_with_path(scale, params)
 
 
+def parse_lr_scales(text: str) -> tuple[tuple[str, float], ...]:
+    """``"spatial_mix=30,head=2"`` -> ``(("spatial_mix", 30.0), ("head", 2.0))``: each parameter with a
+    module or parameter of that name on its path learns (and decays) at that multiple of its rate,
+    on top of layer-wise decay. ``""``: none."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, factor = item.partition("=")
+        try:
+            value = float(factor) if sep and name.strip() else None
+        except ValueError:
+            value = None
+        if value is None or value < 0:
+            raise ValueError(f"optim.lr_scales item {item!r}: write NAME=FACTOR with a factor >= 0, "
+                             "e.g. spatial_mix=30 (comma-separated)")
+        out.append((name.strip(), value))
+    return tuple(out)
+
+
+def lr_scales_tree(params, lr_scales: tuple[tuple[str, float], ...]):
+    """Per-parameter lr multipliers of ``lr_scales`` (1 where no name matches). Raises ValueError
+    for a name no parameter has (a misspelt name would otherwise change nothing)."""
+    unused = {name for name, _ in lr_scales}
+
+    def scale(path, leaf):
+        names = _names(path)
+        factor = 1.0
+        for name, value in lr_scales:
+            if name in names:
+                factor *= value
+                unused.discard(name)
+        return factor
+
+    tree = jax.tree_util.tree_map_with_path(scale, params)
+    if unused:
+        raise ValueError(f"optim.lr_scales names {sorted(unused)}, which no parameter of this model has on its path "
+                         "(names are module or parameter names, e.g. spatial_mix, patch_embed, head)")
+    return tree
+
+
 def scale_by_tree(scales) -> optax.GradientTransformation:
     """Multiplies each update by a fixed per-parameter factor."""
     def update(updates, state, params=None):
@@ -101,7 +141,8 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
 
 def make_optimizer(cfg: OptimConfig, params, depth: int | None = None,
                    trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW(schedule) with clipping, decay mask, optional layer-wise decay and frozen parts.
+    """AdamW(schedule) with clipping, decay mask, optional layer-wise decay, per-name lr scales
+    (``cfg.lr_scales``) and frozen parts.
 
     Args:
       params: the parameter tree (shapes suffice).
@@ -120,6 +161,9 @@ def make_optimizer(cfg: OptimConfig, params, depth: int | None = None,
         if depth is None:
             raise ValueError("layer-wise lr decay needs the model depth")
         scales = layer_decay_scales(params, depth, cfg.layer_decay)
+    if cfg.lr_scales:
+        extra = lr_scales_tree(params, cfg.lr_scales)
+        scales = extra if scales is None else jax.tree_util.tree_map(lambda s, e: s * e, scales, extra)
     if trainable is not None:  # frozen parameters: updates (and weight decay) scaled to zero
         scales = jax.tree_util.tree_map(lambda t, s: np.asarray(t, np.float32) * s, trainable,
                                         scales if scales is not None else jax.tree_util.tree_map(lambda _: 1.0, trainable))

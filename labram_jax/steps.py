@@ -78,7 +78,8 @@ def state_spec(config, stage: stage_lib.Stage, mesh, rules, dummy: dict, init_ke
     opt_cfg = optim.OptimConfig(lr=config.optim.lr, min_lr=config.optim.min_lr, total_steps=total_steps,
                                 warmup_steps=warmup_steps, b1=config.optim.b1, b2=config.optim.b2,
                                 weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip,
-                                layer_decay=config.optim.layer_decay)
+                                layer_decay=config.optim.layer_decay,
+                                lr_scales=optim.parse_lr_scales(config.optim.lr_scales))
     trainable = stage.trainable(abstract_params) if stage.trainable else None
     tx, schedule = optim.make_optimizer(opt_cfg, abstract_params, stage.depth, trainable)
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from labram_jax import optim
 from labram_jax.models import config as model_config
@@ -55,3 +56,37 @@ def test_frozen_parameters_do_not_move():
     tx, _ = optim.make_optimizer(cfg, params, trainable={"a": False, "b": True})
     updates, _ = tx.update({"a": jnp.ones((2, 2)), "b": jnp.ones((2,))}, tx.init(params), params)
     assert float(jnp.abs(updates["a"]).max()) == 0.0 and float(jnp.abs(updates["b"]).min()) > 0
+
+
+def test_lr_scales_multiply_the_named_parameters_steps_on_top_of_layer_decay():
+    assert optim.parse_lr_scales("spatial_mix=30, head=2") == (("spatial_mix", 30.0), ("head", 2.0))
+    assert optim.parse_lr_scales("") == ()
+    for bad in ("spatial_mix", "spatial_mix=fast", "=3", "head=-1"):
+        with pytest.raises(ValueError, match="NAME=FACTOR"):
+            optim.parse_lr_scales(bad)
+    params = {"encoder": {"spatial_mix": {"kernel": jnp.ones((3, 3))}, "blocks_0": {"w": jnp.ones((3, 3))}},
+              "head": {"kernel": jnp.ones((3, 1))}}
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    steps = {}
+    for scales in ((), (("spatial_mix", 30.0),)):
+        cfg = optim.OptimConfig(lr=0.01, min_lr=0.01, total_steps=10, warmup_steps=0, weight_decay=0.0,
+                                layer_decay=0.5, lr_scales=scales)
+        tx, _ = optim.make_optimizer(cfg, params, depth=1)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        steps[scales] = _flat(jax.tree_util.tree_map(lambda u: float(jnp.abs(u).max()), updates))
+    plain, scaled = steps[()], steps[(("spatial_mix", 30.0),)]
+    assert np.isclose(scaled["encoder/spatial_mix/kernel"], 30 * plain["encoder/spatial_mix/kernel"])
+    assert scaled["encoder/blocks_0/w"] == plain["encoder/blocks_0/w"] and scaled["head/kernel"] == plain["head/kernel"]
+    assert np.isclose(plain["encoder/blocks_0/w"], 0.5 * plain["head/kernel"])  # layer decay still applies
+    with pytest.raises(ValueError, match=r"\['spatial_mx'\].*no parameter"):
+        optim.make_optimizer(optim.OptimConfig(lr=0.01, min_lr=0.01, total_steps=10, warmup_steps=0,
+                                               lr_scales=(("spatial_mx", 2.0),)), params)
+
+
+def test_lr_scales_are_checked_in_the_config():
+    from labram_jax import config_schema
+    from labram_jax_configs import common
+    c = common.get_config("tiny", "finetune")
+    c.optim.lr_scales = "spatial_mix:30"
+    with pytest.raises(config_schema.ConfigError, match="lr_scales.*NAME=FACTOR"):
+        config_schema.validate(c, device_count=1)
