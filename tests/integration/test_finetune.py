@@ -353,3 +353,30 @@ def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_
     np.testing.assert_allclose(by_hand[-len(probs):], aligned.predict(task, reference=reference), atol=1e-5)
     hub.save_pretrained(str(tmp_path / "aligned.npz"), str(tmp_path / "hub2"))
     assert "Euclidean-aligned" in (tmp_path / "hub2" / "README.md").read_text()
+
+
+def test_spatial_filters_learn_at_their_own_rate_on_aligned_records_and_serve_through_the_api(
+        eeg_dir, eegmat_shards, tmp_path):
+    # configs/eegmat.py's shape: aligned-then-centred records, model.spatial_mix, optim.lr_scales
+    from data_prep import centring
+    from labram_jax import api
+
+    records = tmp_path / "aligned_centred"
+    assert centring.main([str(eegmat_shards), "--out", str(records), "--method", "euclidean+spectrum", "--quiet"]) == 0
+    manifest = str(records / "manifest.json")
+    tables = {}
+    for scale in ("", "spatial_mix=30"):
+        cfg = tiny_config("finetune", manifest, **{
+            "optim.total_steps": 3, "optim.warmup_steps": 0, "data.val": manifest, "eval_every": 3,
+            "model.patch_embed": "spectrum", "model.spatial_mix": True, "model.head_pooling": "electrode",
+            "optim.lr_scales": scale})
+        run = tmp_path / (scale or "plain")
+        train.run(cfg, str(run))
+        kind, module, variables = model_file.load(str(run))
+        assert module.cfg.spatial_mix
+        tables[scale] = np.abs(np.asarray(variables["params"]["encoder"]["spatial_mix"]["kernel"])).max()
+    assert 0 < tables[""] and tables["spatial_mix=30"] > 10 * tables[""]  # AdamW's steps, 30 x larger
+    model = api.load(str(run))
+    rest, task = (eeg_dir / "eegmat" / f"Subject16_{i}.edf" for i in (1, 2))
+    probs = model.predict(task, reference=model.subject_reference([rest, task]))
+    assert len(probs) > 0 and np.all((probs >= 0) & (probs <= 1))
