@@ -20,7 +20,9 @@ With tens of subjects, a frozen encoder and a logistic regression on its per-cha
 / 0.69-0.70 against 0.600 / 0.689), in seconds; neither passed a log-spectrum logistic regression.
 Where every subject's recordings mix the conditions, subject-centred records
 (``python -m data_prep.centring``) with ``model.input_norm=none`` did better still (0.664 / 0.761
-in the same CV, 3 seeds; ``configs/eegmat.py``), and so did the anchors given the same centring.
+in the same CV, 3 seeds), and so did the anchors given the same centring; Euclidean alignment
+first and learned spatial filters (``model.spatial_mix``) took it to 0.773 / 0.876 (``configs/eegmat.py``:
+they did not help without the alignment, so this general recipe does not take them).
 The tokenizer has no commitment loss (on little data the reference's collapses the codebook),
 restarts dead codes and reconstructs the log amplitude spectrum.
 """
