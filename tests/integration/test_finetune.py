@@ -364,18 +364,18 @@ def test_spatial_filters_learn_at_their_own_rate_on_aligned_records_and_serve_th
     records = tmp_path / "aligned_centred"
     assert centring.main([str(eegmat_shards), "--out", str(records), "--method", "euclidean+spectrum", "--quiet"]) == 0
     manifest = str(records / "manifest.json")
-    tables = {}
-    for scale in ("", "spatial_mix=30"):
-        cfg = tiny_config("finetune", manifest, **{
-            "optim.total_steps": 3, "optim.warmup_steps": 0, "data.val": manifest, "eval_every": 3,
-            "model.patch_embed": "spectrum", "model.spatial_mix": True, "model.head_pooling": "electrode",
-            "optim.lr_scales": scale})
-        run = tmp_path / (scale or "plain")
-        train.run(cfg, str(run))
-        kind, module, variables = model_file.load(str(run))
-        assert module.cfg.spatial_mix
-        tables[scale] = np.abs(np.asarray(variables["params"]["encoder"]["spatial_mix"]["kernel"])).max()
-    assert 0 < tables[""] and tables["spatial_mix=30"] > 10 * tables[""]  # AdamW's steps, 30 x larger
+    cfg = tiny_config("finetune", manifest, **{
+        "optim.total_steps": 3, "optim.warmup_steps": 0, "data.val": manifest, "eval_every": 3,
+        "model.patch_embed": "spectrum", "model.spatial_mix": True, "model.head_pooling": "electrode",
+        "optim.lr_scales": "spatial_mix=30"})
+    run = tmp_path / "run"
+    train.run(cfg, str(run))
+    kind, module, variables = model_file.load(str(run))
+    assert module.cfg.spatial_mix
+    table = np.abs(np.asarray(variables["params"]["encoder"]["spatial_mix"]["kernel"])).max()
+    # AdamW's first step moves every entry with a gradient by the rate itself, here 30 x lr; without the
+    # scale three steps move an entry by at most about 3 x lr
+    assert table > 25 * cfg.optim.lr
     model = api.load(str(run))
     rest, task = (eeg_dir / "eegmat" / f"Subject16_{i}.edf" for i in (1, 2))
     probs = model.predict(task, reference=model.subject_reference([rest, task]))
