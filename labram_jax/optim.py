@@ -126,7 +126,8 @@ def lr_scales_tree(params, lr_scales: tuple[tuple[str, float], ...]):
     tree = jax.tree_util.tree_map_with_path(scale, params)
     if unused:
         raise ValueError(f"optim.lr_scales names {sorted(unused)}, which no parameter of this model has on its path "
-                         "(names are module or parameter names, e.g. spatial_mix, patch_embed, head)")
+                         "(names are module or parameter names, e.g. spatial_mix, patch_embed, head): fix the spelling, "
+                         "or drop the item if this model has no such part (model.spatial_mix=false has no spatial_mix)")
     return tree
 
 
