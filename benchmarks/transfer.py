@@ -84,7 +84,7 @@ EEGMMIDB_FINETUNE_STEPS = (180, 60)
 CORPORA = ("none", "eegmat", "mmidb", "mmidb+eegmat")
 STEMS = ("spectrum", "temporal")
 TASKS = ("eegmat", "mmidb_mi", "mmidb_eyes")
-PRETRAIN_STEPS = {"tokenizer": 200, "pretrain": 400}  # every corpus, batch 64
+PRETRAIN_STEPS = eegmat_config.PRETRAIN_STEPS  # every corpus, batch 64 (configs/eegmat.py pretrains the same)
 PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
 # --centring: none, subject-centred features, subject-centred records, Euclidean-aligned records, aligned then centred
 CENTRINGS = ("none", "features", "signals", "aligned", "aligned-signals")

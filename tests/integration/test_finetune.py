@@ -11,7 +11,7 @@ import pytest
 
 from data_prep import __main__ as data_prep_cli
 from labram_jax import convert, evaluate, input_pipeline, metrics, model_file, steps, train
-from tests.integration.test_train import tiny_config
+from tests.integration.test_train import ROOT, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +380,46 @@ def test_spatial_filters_learn_at_their_own_rate_on_aligned_records_and_serve_th
     rest, task = (eeg_dir / "eegmat" / f"Subject16_{i}.edf" for i in (1, 2))
     probs = model.predict(task, reference=model.subject_reference([rest, task]))
     assert len(probs) > 0 and np.all((probs >= 0) & (probs <= 1))
+
+
+def test_eegmat_recipe_pretrains_on_4s_windows_and_fine_tunes_that_encoder_on_5s(eeg_dir, eegmat_shards, tmp_path):
+    # configs/eegmat.py as its docstring runs it, shortened: tokenizer and masked model on aligned-then-centred
+    # 4-s windows (19 x 4), fine-tuning of that very encoder on 5-s windows (19 x 5)
+    import importlib.util
+
+    from data_prep import centring
+
+    spec = importlib.util.spec_from_file_location("eegmat_cfg", ROOT / "configs" / "eegmat.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    files = [str(p) for p in sorted((eeg_dir / "eegmat").glob("Subject*.edf")) if p.name[7:9] in ("00", "01", "16")]
+    assert data_prep_cli.main(files + ["--out", str(tmp_path / "five"), "--window", "5", "--label-from", "filename",
+                                       "--label-pattern", r"_1\.edf$=rest", "--label-pattern", r"_2\.edf$=arithmetic",
+                                       "--subject-pattern", r"Subject(\d+)_", "--val-subjects", "16", "--quiet"]) == 0
+    records = {}
+    for name, manifest in (("four", eegmat_shards), ("five", tmp_path / "five" / "manifest.json")):
+        out = tmp_path / f"{name}_aligned_centred"
+        assert centring.main([str(manifest), "--out", str(out), "--method", "euclidean+spectrum", "--quiet"]) == 0
+        records[name] = str(out / "manifest.json")
+    runs = {stage: tmp_path / stage for stage in ("tokenizer", "pretrain", "finetune")}
+    for stage, workdir in runs.items():
+        cfg = recipe.get_config(stage)
+        assert (cfg.data.max_channels, cfg.data.max_windows) == ((19, 5) if stage == "finetune" else (19, 4))
+        assert cfg.model.spatial_mix and cfg.model.input_norm == "none"
+        cfg.data.train = records["five" if stage == "finetune" else "four"]
+        cfg.data.batch_size, cfg.optim.total_steps, cfg.optim.warmup_steps = 16, 2, 0
+        if stage == "pretrain":
+            cfg.pretrain.tokenizer_checkpoint = str(runs["tokenizer"])
+        if stage == "finetune":
+            cfg.data.val, cfg.eval_every = records["five"], 2
+            cfg.finetune.init_checkpoint = str(runs["pretrain"])
+            cfg.seed = 1  # its own random initialisation would differ from the pretraining's
+        train.run(cfg, str(workdir))
+    _, _, pretrained = model_file.load(str(runs["pretrain"]))
+    _, _, tuned = model_file.load(str(runs["finetune"]))
+    # two fine-tuning steps at lr 1e-4 leave every block within ~1e-3 of the pretrained encoder (a fresh
+    # initialisation would differ by the weights' own scale, ~0.02)
+    first, second = (flax.traverse_util.flatten_dict(v["params"]["encoder"], sep="/") for v in (pretrained, tuned))
+    blocks = [name for name in first if name.startswith("blocks")]
+    assert blocks and set(blocks) <= set(second)
+    assert max(float(np.abs(np.asarray(first[n]) - np.asarray(second[n])).max()) for n in blocks) < 1e-2
