@@ -21,8 +21,9 @@ With tens of subjects, a frozen encoder and a logistic regression on its per-cha
 Where every subject's recordings mix the conditions, subject-centred records
 (``python -m data_prep.centring``) with ``model.input_norm=none`` did better still (0.664 / 0.761
 in the same CV, 3 seeds), and so did the anchors given the same centring; Euclidean alignment
-first and learned spatial filters (``model.spatial_mix``) took it to 0.773 / 0.876 (``configs/eegmat.py``:
-they did not help without the alignment, so this general recipe does not take them).
+first and learned spatial filters (``model.spatial_mix``) took it to 0.773 / 0.876, and pretraining on
+the training subjects' records to 0.820 / 0.909 (``configs/eegmat.py``: the filters did not help
+without the alignment, so this general recipe does not take them).
 The tokenizer has no commitment loss (on little data the reference's collapses the codebook),
 restarts dead codes and reconstructs the log amplitude spectrum.
 """
