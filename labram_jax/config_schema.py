@@ -86,6 +86,25 @@ def _temporal_groups(path, v, c):
     return f"{path}={v} must divide the {filters} temporal-encoder filters of size {c.model.size} (4, the paper, or 1)"
 
 
+def parse_target_band(value: str) -> tuple[int, int]:
+    """``tokenizer.target_band_hz``: '' -> (0, 100) (every bin of a 1-s, 200-point DFT), 'LOW-HIGH' -> (LOW, HIGH)."""
+    if not value:
+        return 0, 100
+    low, sep, high = value.partition("-")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit() and int(low) <= int(high) <= 100):
+        raise ValueError(f"{value!r} is not LOW-HIGH in whole Hz with LOW <= HIGH <= 100 (e.g. 1-45), or '' for "
+                         "every bin")
+    return int(low), int(high)
+
+
+def _target_band(path, v, c):
+    try:
+        parse_target_band(v)
+    except ValueError as err:
+        return f"{path}: {err}"
+    return None
+
+
 def _lr_scales(path, v, c):
     try:
         optim.parse_lr_scales(v)
@@ -291,6 +310,9 @@ def schema(size: str, stage: str) -> dict:
             "dead_code_threshold": Field(0.0, "> 0: restart codes whose usage EMA falls below it (not in the "
                                               "reference)", at_least(0)),
             "log_amplitude": Field(False, "log(|X| + 0.01) amplitude target (not in the reference)"),
+            "target_band_hz": Field("", "LOW-HIGH: amplitude and phase targets z-scored and scored on the 1-Hz DFT "
+                                    "bins of LOW..HIGH Hz only, e.g. 1-45 on subject-centred records (zero outside "
+                                    "their band); '' = every bin (the reference)", _target_band),
         }
     if stage == "pretrain":
         fields["pretrain"] = {

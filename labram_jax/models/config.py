@@ -155,6 +155,10 @@ class TokenizerConfig:
     kmeans_iters: int = 10
     dead_code_threshold: float = 0.0  # not in the reference: restart codes used less than this (EMA count)
     log_amplitude: bool = False  # not in the reference: the amplitude target is log(|X| + 0.01)
+    # not in the reference: amplitude and phase targets only on the 1-Hz DFT bins in [low, high] Hz (both
+    # halves of the spectrum); (0, 100) is every bin, the reference
+    target_low_hz: int = 0
+    target_high_hz: int = 100
 
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)

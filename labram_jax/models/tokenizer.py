@@ -64,8 +64,16 @@ def dft_phase(spectrum: jax.Array) -> jax.Array:
     return jnp.arctan2(imag, jnp.real(spectrum))
 
 
+def band_bins(low_hz: int = 0, high_hz: int = 100, length: int = 200) -> jax.Array:
+    """[length] bool: the bins of a 1-s, ``length``-point DFT at 1 Hz per bin whose frequency
+    lies in [low_hz, high_hz], in both halves (bin k and its mirror length - k). (0, 100): all."""
+    k = jnp.arange(length)
+    hz = jnp.minimum(k, length - k)
+    return (hz >= low_hz) & (hz <= high_hz)
+
+
 def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None,
-                    log_amplitude: bool = False) -> tuple[jax.Array, jax.Array]:
+                    log_amplitude: bool = False, bins: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Amplitude and phase targets of each patch's full 200-point DFT.
 
     Args:
@@ -74,9 +82,14 @@ def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None,
       log_amplitude: amplitude target log(|X| + 0.01) instead of |X| (not in the reference:
         a log spectrum weighs relative changes in every band alike, where |X| is dominated
         by the largest low-frequency bins).
+      bins: [T] bool, the bins the targets are z-scored over (:func:`band_bins`; None: all, the
+        reference). Records band-limited by subject centring are exactly zero outside their
+        band: z-scored over every bin, the target is then ~98 % the same in-band/out-of-band step
+        for every patch, and a decoder predicts it without reading any code.
     Returns:
       (amplitude, phase), each [B, N, A, T] float32, z-scored per sample over all
-      valid channels x windows x bins. Phase is ``atan2(imag, real)`` in (-pi, pi]
+      valid channels x windows x ``bins`` (other bins hold values to be ignored: score with
+      ``masked_mse(..., bins)``). Phase is ``atan2(imag, real)`` in (-pi, pi]
       (:func:`dft_phase`): a negative DC or Nyquist bin gets +pi, never -pi.
     """
     spectrum = jnp.fft.fft(x.astype(jnp.float32), axis=-1)
@@ -86,14 +99,20 @@ def fourier_targets(x: jax.Array, patch_mask: jax.Array | None = None,
     phase = dft_phase(spectrum)
     valid = jnp.ones(x.shape[:3], bool) if patch_mask is None else patch_mask
     valid = valid[..., None]
+    if bins is not None:
+        valid = valid & bins
     return masked_zscore(amplitude, valid), masked_zscore(phase, valid)
 
 
-def masked_mse(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
-    """Mean squared error over valid rows: pred, target [B, P, F]; valid [B, P] -> []."""
+def masked_mse(pred: jax.Array, target: jax.Array, valid: jax.Array, features: jax.Array | None = None) -> jax.Array:
+    """Mean squared error over valid rows (and ``features``): pred, target [B, P, F]; valid [B, P];
+    features [F] bool (None: all) -> []."""
     w = valid.astype(jnp.float32)[..., None]
+    if features is not None:
+        w = w * features.astype(jnp.float32)
+    w = jnp.broadcast_to(w, pred.shape)
     err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)) * w
-    return err.sum() / jnp.maximum(w.sum() * pred.shape[-1], 1.0)
+    return err.sum() / jnp.maximum(w.sum(), 1.0)
 
 
 def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -308,18 +327,20 @@ class VQNSP(nn.Module):
           x: [B, N, A, 200] float32, units of 100 uV; channel_ids [B, N] or [N];
           patch_mask: [B, N, A] bool (None: all real).
           update_codebook: one EMA step on the codebook (training).
-        Returns a dict: ``loss`` (amplitude + phase + commitment), ``amplitude_loss``,
-        ``phase_loss``, ``commitment_loss``, ``codes`` [B, N*A] int32, ``quantized``
-        [B, N*A, d], ``rec_amplitude`` and ``rec_phase`` [B, N*A, 200].
+        Returns a dict: ``loss`` (amplitude + phase + commitment), ``amplitude_loss`` and
+        ``phase_loss`` (over the bins of ``cfg.target_low_hz``-``target_high_hz`` Hz),
+        ``commitment_loss``, ``codes`` [B, N*A] int32, ``quantized`` [B, N*A, d],
+        ``rec_amplitude`` and ``rec_phase`` [B, N*A, 200].
         """
         b, n, a = x.shape[:3]
         valid = jnp.ones((b, n * a), bool) if patch_mask is None else patch_mask.reshape(b, n * a)
-        amp_target, phase_target = fourier_targets(x, patch_mask, self.cfg.log_amplitude)
+        bins = band_bins(self.cfg.target_low_hz, self.cfg.target_high_hz, x.shape[-1])
+        amp_target, phase_target = fourier_targets(x, patch_mask, self.cfg.log_amplitude, bins)
         z = self.encode(x, channel_ids, patch_mask, train=train)
         z_q, codes, commitment = self.quantizer(z, valid, update=update_codebook)
         rec_amp, rec_phase = self.decode(z_q, channel_ids, patch_mask, (b, n, a), train=train)
-        amp_loss = masked_mse(rec_amp, amp_target.reshape(b, n * a, -1), valid)
-        phase_loss = masked_mse(rec_phase, phase_target.reshape(b, n * a, -1), valid)
+        amp_loss = masked_mse(rec_amp, amp_target.reshape(b, n * a, -1), valid, bins)
+        phase_loss = masked_mse(rec_phase, phase_target.reshape(b, n * a, -1), valid, bins)
         return {
             "loss": amp_loss + phase_loss + self.cfg.commitment_weight * commitment,
             "amplitude_loss": amp_loss,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from labram_jax import compile_options, input_pipeline, model_file
+from labram_jax import compile_options, config_schema, input_pipeline, model_file
 from labram_jax import metrics as metrics_lib
 from labram_jax.models import config as model_config
 from labram_jax.models import tokenizer as tokenizer_lib
@@ -25,6 +25,8 @@ def model_from_config(config: ml_collections.ConfigDict, dtype) -> tokenizer_lib
         kmeans_iters=config.tokenizer.kmeans_iters, commitment_weight=config.tokenizer.commitment_weight,
         dead_code_threshold=config.tokenizer.dead_code_threshold,
         log_amplitude=config.tokenizer.log_amplitude)
+    cfg = cfg.replace(**dict(zip(("target_low_hz", "target_high_hz"),
+                                 config_schema.parse_target_band(config.tokenizer.target_band_hz))))
     return tokenizer_lib.VQNSP(cfg)
 
 

@@ -134,3 +134,36 @@ def test_loss_goes_down_on_real_eeg(stage, steps, eegmat_shards, tokenizer_dir, 
     assert (tmp_path / "curves.png").stat().st_size > 1000
     if stage == "tokenizer":
         assert (tmp_path / "codebook_usage.png").stat().st_size > 1000
+
+
+def test_band_limited_tokenizer_targets_carry_what_centred_records_hold(eegmat_shards, tmp_path):
+    # Subject-centred records are zero outside 1-45 Hz: z-scored over every DFT bin, the log-amplitude target
+    # is nearly the same step for every patch (a decoder reads it without a code); over the band it is not.
+    import jax.numpy as jnp
+
+    from data_prep import centring
+    from labram_jax import input_pipeline
+    from labram_jax.models import tokenizer as tokenizer_lib
+    from labram_jax.tasks import stage as stage_lib
+
+    records = tmp_path / "aligned_centred"
+    assert centring.main([str(eegmat_shards), "--out", str(records), "--method", "euclidean+spectrum", "--quiet"]) == 0
+    manifest = str(records / "manifest.json")
+    batch = next(iter(input_pipeline.eval_batches(manifest, input_pipeline.Grid(19, 4), 32, "train")))
+    real = np.asarray(stage_lib.effective_patch_mask(batch))
+
+    def left_after_the_mean_target(bins):  # the share of the target a code-blind decoder cannot predict
+        amp, _ = tokenizer_lib.fourier_targets(jnp.asarray(batch["x"]), jnp.asarray(real), True, bins)
+        amp = np.asarray(amp)[real][:, np.ones(200, bool) if bins is None else np.asarray(bins)]
+        return ((amp - amp.mean(0)) ** 2).mean() / (amp ** 2).mean()
+
+    assert left_after_the_mean_target(None) < 0.05
+    assert left_after_the_mean_target(tokenizer_lib.band_bins(1, 45)) > 0.5
+    cfg = tiny_config("tokenizer", manifest, **{"optim.total_steps": 3, "optim.warmup_steps": 0,
+                                                 "model.patch_embed": "spectrum", "model.input_norm": "none",
+                                                 "tokenizer.log_amplitude": True, "tokenizer.target_band_hz": "1-45"})
+    train.run(cfg, str(tmp_path / "run"))
+    _, model, _ = model_file.load(str(tmp_path / "run"), kind="tokenizer")
+    assert (model.cfg.target_low_hz, model.cfg.target_high_hz) == (1, 45)
+    logged = losses(tmp_path / "run", "train/amplitude_loss")
+    assert logged and all(np.isfinite(v) for v in logged.values())

@@ -77,3 +77,13 @@ def test_resume_conflicts_name_changed_model_settings_and_read_missing_ones_as_d
     cfg.model.head_pooling, cfg.model.dtype = "mean", "bfloat16"  # a runtime setting: free to change
     saved["model"]["input_norm"] = "channel"
     assert config_schema.resume_conflicts(saved, cfg) == ["model.input_norm: 'channel' -> 'none'"]
+
+
+def test_tokenizer_target_band_is_parsed_and_a_bad_band_is_refused():
+    from labram_jax import config_schema
+
+    assert config_schema.parse_target_band("") == (0, 100)
+    assert config_schema.parse_target_band("1-45") == (1, 45)
+    for bad in ("45-1", "1-120", "alpha", "8"):
+        with pytest.raises(ValueError, match="LOW-HIGH"):
+            config_schema.parse_target_band(bad)

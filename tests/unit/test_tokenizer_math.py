@@ -31,6 +31,26 @@ def test_log_amplitude_target_is_the_zscored_log_spectrum():
     np.testing.assert_array_equal(phase, tk.fourier_targets(x)[1])  # the phase target is unchanged
 
 
+def test_band_targets_are_zscored_and_scored_on_the_band_bins_only():
+    bins = np.asarray(tk.band_bins(1, 45))
+    assert bins.sum() == 90 and bins[1] and bins[45] and bins[199] and bins[155]
+    assert not (bins[0] or bins[46] or bins[100] or bins[154])
+    assert np.asarray(tk.band_bins()).all()  # (0, 100): every bin, the reference
+    rng = np.random.default_rng(2)
+    x = (0.2 * rng.normal(size=(2, 3, 4, 200))).astype(np.float32)
+    amp, _ = tk.fourier_targets(x, log_amplitude=True, bins=jnp.asarray(bins))
+    ref = np.log(np.abs(np.fft.fft(x.astype(np.float64), axis=-1)) + tk.LOG_AMPLITUDE_FLOOR)[..., bins]
+    ref = (ref - ref.mean(axis=(1, 2, 3), keepdims=True)) / ref.std(axis=(1, 2, 3), ddof=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(amp)[..., bins], ref, atol=2e-4)
+    # the loss reads the band only: predictions outside it change nothing
+    target = jnp.asarray(amp).reshape(2, 12, 200)
+    valid = jnp.ones((2, 12), bool)
+    pred = target + 0.5 * jnp.asarray(~bins, jnp.float32)
+    assert float(tk.masked_mse(pred, target, valid, jnp.asarray(bins))) == 0.0
+    assert float(tk.masked_mse(pred + 0.1, target, valid, jnp.asarray(bins))) == pytest.approx(0.01, rel=1e-4)
+    assert float(tk.masked_mse(pred, target, valid)) == pytest.approx(0.25 * 110 / 200, rel=1e-5)
+
+
 def test_negative_real_bin_has_phase_plus_pi():
     x = -np.ones((1, 1, 1, 200), np.float32)  # DC bin = -200 + 0j
     phase = tk.dft_phase(jnp.fft.fft(x, axis=-1))
