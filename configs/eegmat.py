@@ -18,8 +18,9 @@ accuracy / AUROC went 0.600 / 0.689 (channel-standardised records) -> 0.719 / 0.
 (spatial filters, from random weights) -> 0.820 / 0.909 (pretrained on each fold's 16 training
 subjects: +0.047 / +0.033 over the same 15 runs). CSP + LDA on the same aligned-then-centred
 records gets 0.807 / 0.881: the means are above it, by less than the folds' spread (CSP is ahead
-on two of the five folds). Pretraining on EEGMMIDB with these settings is not a choice yet: its
-tokenizer keeps one code on those records.
+on two of the five folds). Pretraining on EEGMMIDB instead collapses this tokenizer onto one code;
+with ``tokenizer.target_band_hz=1-45`` it keeps 77, and fine-tuning from that encoder is level
+with random weights (0.785 / 0.876, seed 0); on EEGMAT itself the band-limited tokenizer did worse.
 New subjects need the same preparation: convert their recordings, then align and centre them
 (each subject on its own unlabelled windows), or through the API:
 ``model.predict(raw, reference=model.subject_reference([rest, task]))``.
