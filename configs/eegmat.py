@@ -60,18 +60,15 @@ VAL = "data/eegmat_aligned_centred/manifest.json"  # non-overlapping 5-s windows
 
 def get_config(arg=None):
     c = small_data.get_config(common.parse_arg(arg))
-    c.data.train = TRAIN
-    c.data.max_channels = 19
-    c.data.max_windows = 5
     c.model.input_norm = "none"  # centred records: each subject's gain is already divided out, keep the rest
     c.model.spatial_mix = True  # every stage (an encoder and its fine-tuned model read their input alike)
-    if c.stage in PRETRAIN_STEPS:
-        c.data.train = PRETRAIN
-        c.data.max_windows = PRETRAIN_WINDOWS
+    c.data.max_channels = 19
+    if c.stage in PRETRAIN_STEPS:  # tokenizer and masked model: unlabelled 4-s windows, the CV's budget
+        c.data.train, c.data.max_windows = PRETRAIN, PRETRAIN_WINDOWS
         c.optim.total_steps = PRETRAIN_STEPS[c.stage]
         c.optim.warmup_steps = PRETRAIN_STEPS[c.stage] // 10
     if c.stage == "finetune":
-        c.data.val = VAL
+        c.data.train, c.data.val, c.data.max_windows = TRAIN, VAL, 5
         c.model.head_pooling = "electrode"  # chosen on the 5-fold CV (3 seeds) over the mean over channels
         # the spatial-filter table starts at the identity; at the recipe's lr (1e-4) it barely moves and
         # changes nothing (5-fold CV, seed 0: 0.712 / 0.809 with the filters, 0.712 / 0.811 without; 10 x:

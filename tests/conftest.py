@@ -52,6 +52,17 @@ def eegmat_shards(eeg_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def eegmat_aligned_centred(eegmat_shards, tmp_path_factory):
+    """``eegmat_shards`` Euclidean-aligned, then subject-centred (``data_prep.centring --method
+    euclidean+spectrum``, configs/eegmat.py's records): the manifest."""
+    from data_prep import centring
+
+    out = tmp_path_factory.mktemp("eegmat_aligned_centred") / "records"
+    assert centring.main([str(eegmat_shards), "--out", str(out), "--method", "euclidean+spectrum", "--quiet"]) == 0
+    return out / "manifest.json"
+
+
+@pytest.fixture(scope="session")
 def braindecode_models():
     """``braindecode.models`` (the real package from PyPI, pip install '.[braindecode]'), or a
     skip. torchaudio's PyPI wheels are CUDA builds whose extension does not load against the

@@ -356,14 +356,11 @@ def test_a_model_trained_on_centred_records_gets_centred_input_from_the_api(eeg_
 
 
 def test_spatial_filters_learn_at_their_own_rate_on_aligned_records_and_serve_through_the_api(
-        eeg_dir, eegmat_shards, tmp_path):
+        eeg_dir, eegmat_aligned_centred, tmp_path):
     # configs/eegmat.py's shape: aligned-then-centred records, model.spatial_mix, optim.lr_scales
-    from data_prep import centring
     from labram_jax import api
 
-    records = tmp_path / "aligned_centred"
-    assert centring.main([str(eegmat_shards), "--out", str(records), "--method", "euclidean+spectrum", "--quiet"]) == 0
-    manifest = str(records / "manifest.json")
+    manifest = str(eegmat_aligned_centred)
     cfg = tiny_config("finetune", manifest, **{
         "optim.total_steps": 3, "optim.warmup_steps": 0, "data.val": manifest, "eval_every": 3,
         "model.patch_embed": "spectrum", "model.spatial_mix": True, "model.head_pooling": "electrode",
@@ -382,7 +379,8 @@ def test_spatial_filters_learn_at_their_own_rate_on_aligned_records_and_serve_th
     assert len(probs) > 0 and np.all((probs >= 0) & (probs <= 1))
 
 
-def test_eegmat_recipe_pretrains_on_4s_windows_and_fine_tunes_that_encoder_on_5s(eeg_dir, eegmat_shards, tmp_path):
+def test_eegmat_recipe_pretrains_on_4s_windows_and_fine_tunes_that_encoder_on_5s(eeg_dir, eegmat_aligned_centred,
+                                                                                 tmp_path):
     # configs/eegmat.py as its docstring runs it, shortened: tokenizer and masked model on aligned-then-centred
     # 4-s windows (19 x 4), fine-tuning of that very encoder on 5-s windows (19 x 5)
     import importlib.util
@@ -396,11 +394,10 @@ def test_eegmat_recipe_pretrains_on_4s_windows_and_fine_tunes_that_encoder_on_5s
     assert data_prep_cli.main(files + ["--out", str(tmp_path / "five"), "--window", "5", "--label-from", "filename",
                                        "--label-pattern", r"_1\.edf$=rest", "--label-pattern", r"_2\.edf$=arithmetic",
                                        "--subject-pattern", r"Subject(\d+)_", "--val-subjects", "16", "--quiet"]) == 0
-    records = {}
-    for name, manifest in (("four", eegmat_shards), ("five", tmp_path / "five" / "manifest.json")):
-        out = tmp_path / f"{name}_aligned_centred"
-        assert centring.main([str(manifest), "--out", str(out), "--method", "euclidean+spectrum", "--quiet"]) == 0
-        records[name] = str(out / "manifest.json")
+    five = tmp_path / "five_aligned_centred"
+    assert centring.main([str(tmp_path / "five" / "manifest.json"), "--out", str(five), "--method",
+                          "euclidean+spectrum", "--quiet"]) == 0
+    records = {"four": str(eegmat_aligned_centred), "five": str(five / "manifest.json")}
     runs = {stage: tmp_path / stage for stage in ("tokenizer", "pretrain", "finetune")}
     for stage, workdir in runs.items():
         cfg = recipe.get_config(stage)

@@ -136,19 +136,16 @@ def test_loss_goes_down_on_real_eeg(stage, steps, eegmat_shards, tokenizer_dir, 
         assert (tmp_path / "codebook_usage.png").stat().st_size > 1000
 
 
-def test_band_limited_tokenizer_targets_carry_what_centred_records_hold(eegmat_shards, tmp_path):
+def test_band_limited_tokenizer_targets_carry_what_centred_records_hold(eegmat_aligned_centred, tmp_path):
     # Subject-centred records are zero outside 1-45 Hz: z-scored over every DFT bin, the log-amplitude target
     # is nearly the same step for every patch (a decoder reads it without a code); over the band it is not.
     import jax.numpy as jnp
 
-    from data_prep import centring
     from labram_jax import input_pipeline
     from labram_jax.models import tokenizer as tokenizer_lib
     from labram_jax.tasks import stage as stage_lib
 
-    records = tmp_path / "aligned_centred"
-    assert centring.main([str(eegmat_shards), "--out", str(records), "--method", "euclidean+spectrum", "--quiet"]) == 0
-    manifest = str(records / "manifest.json")
+    manifest = str(eegmat_aligned_centred)
     batch = next(iter(input_pipeline.eval_batches(manifest, input_pipeline.Grid(19, 4), 32, "train")))
     real = np.asarray(stage_lib.effective_patch_mask(batch))
 
