@@ -4,6 +4,7 @@
         --stem spectrum temporal --seeds 0 1 2 [--folds 5] [--mmidb CORPUS_DIR] \\
         [--data data/transfer] [--workdir runs/transfer] [--set STAGE:FIELD=VALUE ...] [--tag NAME]
     python -m benchmarks.transfer --task mmidb_mi --corpus none mmidb --stem spectrum --seeds 0 1 2 --mmidb CORPUS_DIR
+    python -m benchmarks.transfer --task mmidb_mi --folds 5 --corpus none mmidb --seeds 0 --mmidb CORPUS_DIR
     python -m benchmarks.transfer --task mmidb_eyes --corpus none --stem spectrum --seeds 0 --mmidb CORPUS_DIR
 
 Tasks (binary, balanced accuracy and AUROC at the last step; no step or checkpoint is picked
@@ -16,6 +17,8 @@ on the subjects a number is reported on):
 - ``mmidb_mi``: EEGMMIDB imagined left vs right fist (runs 4, 8, 12), one 4-s window per
   trial from its onset; subjects ``MI_TEST_SUBJECTS`` are held out (and never pretrained on),
   the other 20 train (``configs/small_data.py``, 64 channels x 4 s, ``EEGMMIDB_FINETUNE_STEPS``).
+  With ``--folds K``: subject-wise K-fold CV over all 25 subjects instead (fold 0 of 5 is the
+  held-out split); reported apart, in ``<workdir>/mmidb_mi-cv<K>.json``.
 - ``mmidb_eyes``: EEGMMIDB eyes open vs eyes closed (baseline runs 1 and 2, 4-s windows),
   the same held-out subjects: a task with a strong, known signal (alpha), used to check that
   channels placed by position keep what a model learnt (``benchmarks.montage_soundness``).
@@ -23,11 +26,12 @@ on the subjects a number is reported on):
 Pretraining corpora (``--corpus``; each is the tokenizer's and the masked model's training
 data, unlabelled): ``none`` (fine-tuning from random weights); ``eegmat`` (the fold's EEGMAT
 training subjects only); ``mmidb`` (every public EEGMMIDB run of ``--mmidb`` except the MI
-test subjects' runs: no EEGMAT at all, 64 channels at 160 Hz -> EEGMAT's 19); ``mmidb+eegmat``
+test subjects' runs, or with ``--folds`` the fold's test subjects' runs: no EEGMAT at all, 64
+channels at 160 Hz -> EEGMAT's 19); ``mmidb+eegmat``
 (both, mixed 1:1 in every batch: 64- and 19-channel samples padded to one grid). Pretraining
 reads 4-s windows (EEGMAT's every 2 s); every corpus gets the same budget of steps
 (``PRETRAIN_STEPS``, batch 64). Pretraining that sees no EEGMAT subject is shared by every
-fold, and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. ``--stem`` sets
+fold (on an EEGMMIDB task's CV, each fold has its own), and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. ``--stem`` sets
 ``model.patch_embed`` of every stage.
 
 ``--probe mean channel`` replaces fine-tuning by linear probes: the encoder stays frozen
@@ -47,7 +51,8 @@ prints paired differences run by run. Both only read finished runs.
 
 The classical baselines (``labram_jax.baselines``) are fitted on the same training subjects'
 non-overlapping windows and scored on the same windows. The report gives, per row, the mean +-
-std over folds x seeds and each fold's mean; ``<workdir>/<task>.json`` keeps every number.
+std over folds x seeds and each fold's mean; ``<workdir>/<task>.json`` keeps every number
+(``<task>-cv<K>.json`` for an EEGMMIDB task's CV).
 Every run resumes (rerun the same command); finished runs are read back, not repeated.
 The public EEGMMIDB corpus is rebuilt by ``../shared/eeg/public/extract.py`` (BENCHMARKS.md).
 """
@@ -104,13 +109,15 @@ log = logging.getLogger("labram_jax")
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One evaluation split: name, fine-tuning (train, val) manifests, pretraining spec of its
-    own subjects ('' if the task's subjects are not pretrained on)."""
+    own subjects ('' if the task's subjects are not pretrained on), and the EEGMMIDB corpus
+    without this split's test subjects when it is not the shared one ('': ``mmidb_corpus``)."""
 
     name: str
     train: str
     val: str
     baseline: str  # manifest whose train/val splits the classical baselines read
     pretrain_own: str
+    mmidb_corpus: str = ""
 
 
 def _data_prep(inputs: list[str], out: pathlib.Path, args: list[str]) -> str:
@@ -177,8 +184,10 @@ EEGMMIDB_TASKS = {
 }
 
 
-def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, centring: str = "none") -> list[Split]:
-    """The held-out split of an EEGMMIDB task (``EEGMMIDB_TASKS``)."""
+def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, centring: str = "none",
+                    folds: int | None = None) -> list[Split]:
+    """The held-out split of an EEGMMIDB task (``EEGMMIDB_TASKS``), or with ``folds`` its
+    subject-wise folds (``cv_splits``)."""
     if mmidb is None or not mmidb.is_dir():
         raise SystemExit(f"--task {task} needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
     wanted, label_args = EEGMMIDB_TASKS[task]
@@ -187,7 +196,33 @@ def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, c
         "--dataset", task, "--window", "4", "--notch", "60", *label_args, "--subject-pattern", r"(S\d{3})R",
         "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
     manifest = _centred(manifest, centring)
-    return [Split("heldout", manifest, manifest, manifest, "")]
+    if folds is None:
+        return [Split("heldout", manifest, manifest, manifest, "")]
+    return cv_splits(manifest, mmidb_corpus(mmidb, data, centring), folds)
+
+
+def cv_splits(task_manifest: str, corpus_manifest: str, folds: int) -> list[Split]:
+    """Subject-wise folds of a task (``data_prep.folds``, seed 0) and, for each, a copy of the
+    unlabelled corpus manifest whose ``val`` split holds that fold's test subjects (every
+    other corpus subject trains, subjects without the task's recordings too): pretraining on
+    it never sees a subject the fold is scored on. Written beside the corpus manifest as
+    ``manifest_<task folder>_fold<i>.json``."""
+    corpus_path = pathlib.Path(corpus_manifest)
+    corpus = json.loads(corpus_path.read_text())
+    out = []
+    for i, (fold, val) in enumerate(folds_lib.write_folds(task_manifest, folds)):
+        pretraining = folds_lib.fold_manifest(corpus, val)
+        pretraining["fold"] = {"index": i, "folds": folds, "val_subjects": val, "source": corpus_path.name,
+                               "folded_with": str(fold)}
+        target = corpus_path.with_name(f"manifest_{pathlib.Path(task_manifest).parent.name}_fold{i}.json")
+        target.write_text(json.dumps(pretraining, indent=1))
+        out.append(Split(f"fold{i}", str(fold), str(fold), str(fold), "", str(target)))
+    return out
+
+
+def report_name(task: str, folds: int | None) -> str:
+    """The report's (and run folder's) name: the task, ``-cv<K>`` for an EEGMMIDB task's CV."""
+    return task if task == "eegmat" or folds is None else f"{task}-cv{folds}"
 
 
 def set_field(config, assignment: str) -> None:
@@ -449,14 +484,15 @@ def paired(report: dict, first: str, second: str) -> str:
     return "\n".join(lines)
 
 
-def print_ensemble(workdir: pathlib.Path, task: str, row: str) -> int:
-    """``--ensemble ROW``: scores and records the seed ensemble of ``row`` fold by fold."""
+def print_ensemble(workdir: pathlib.Path, report: str, row: str) -> int:
+    """``--ensemble ROW``: scores and records the seed ensemble of ``row`` fold by fold (``report``:
+    ``report_name``, the runs' folder and the report's name)."""
     logging.basicConfig(level=logging.WARNING, force=True)
-    row_dir = workdir / task / row.replace("/", "-", 1)
+    row_dir = workdir / report / row.replace("/", "-", 1)
     if not row_dir.is_dir():
-        rows = sorted(p.name.replace("-", "/", 1) for p in (workdir / task).glob("*") if p.is_dir())
+        rows = sorted(p.name.replace("-", "/", 1) for p in (workdir / report).glob("*") if p.is_dir())
         raise SystemExit(f"--ensemble: no runs of {row!r} under {row_dir}; rows with runs: {', '.join(rows) or 'none'}")
-    report_path = workdir / f"{task}.json"
+    report_path = workdir / f"{report}.json"
     singles = json.loads(report_path.read_text()).get("rows", {}).get(row, {}) if report_path.exists() else {}
     for fold, result in seed_ensemble(row_dir).items():
         record(report_path, ("rows", f"{row}+seed-ensemble", fold, "ensemble"),
@@ -482,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--pretrain-seed", type=int, default=0, help="seed of the tokenizer and pretraining runs "
                         "(one per corpus, stem and fold, shared by the fine-tuning seeds)")
-    parser.add_argument("--folds", type=int, default=5, help="EEGMAT: subject-wise folds of the 20 subjects")
+    parser.add_argument("--folds", type=int, default=None, help="subject-wise folds: EEGMAT's 20 subjects (default "
+                        "5); an EEGMMIDB task's 25 subjects (default: none, the fixed held-out split)")
     parser.add_argument("--only-folds", type=int, nargs="+", default=None, help="run only these folds (a part of "
                         "the grid; the table summarises complete rows only)")
     parser.add_argument("--eegmat", default=str(EEGMAT), help="the EEGMAT EDF folder")
@@ -516,11 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", nargs=2, metavar=("ROW_A", "ROW_B"), help="only print ROW_B against ROW_A "
                         "(e.g. none/spectrum-cn) over the fold x seed runs both finished, from the report")
     args = parser.parse_args(argv)
+    report = report_name(args.task, args.folds)
     if args.compare:
-        print(paired(json.loads((pathlib.Path(args.workdir) / f"{args.task}.json").read_text()), *args.compare))
+        print(paired(json.loads((pathlib.Path(args.workdir) / f"{report}.json").read_text()), *args.compare))
         return 0
     if args.ensemble:
-        return print_ensemble(pathlib.Path(args.workdir), args.task, args.ensemble)
+        return print_ensemble(pathlib.Path(args.workdir), report, args.ensemble)
     # grain and orbax give the root logger a handler when imported: replace it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -530,14 +568,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     mmidb = pathlib.Path(args.mmidb) if args.mmidb else None
     if args.task == "eegmat":
-        all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds, args.centring)
+        all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds or 5, args.centring)
     else:
-        all_splits = eegmmidb_splits(args.task, mmidb, data, args.centring)
+        all_splits = eegmmidb_splits(args.task, mmidb, data, args.centring, args.folds)
     splits = all_splits if args.only_folds is None else [all_splits[i] for i in args.only_folds]
     corpus_spec = (mmidb_corpus(mmidb, data, args.centring) if any(c.startswith("mmidb") for c in args.corpus)
                    else "")
 
-    report_path = workdir / f"{args.task}.json"
+    report_path = workdir / f"{report}.json"
     record(report_path, ("task",), args.task)
     record(report_path, ("splits",), [s.name for s in all_splits])
 
@@ -572,9 +610,12 @@ def main(argv: list[str] | None = None) -> int:
                         if own and not split.pretrain_own:
                             raise SystemExit(f"--corpus {corpus}: the {args.task} task's own subjects are not "
                                              "pretrained on (they are the test); use none or mmidb")
-                        spec = "+".join(p for p in (corpus_spec if corpus.startswith("mmidb") else "",
+                        spec = "+".join(p for p in ((split.mmidb_corpus or corpus_spec)
+                                                    if corpus.startswith("mmidb") else "",
                                                     split.pretrain_own if own else "") if p)
-                        scope = split.name if own else "shared"
+                        # shared by every split, unless the split pretrains on subjects of its own
+                        scope = (split.name if own else f"{report}-{split.name}" if split.mmidb_corpus
+                                 else "shared")
                         root = (workdir / "pretrain" / f"{corpus}-{stem}{pretrain_suffix}" / scope /
                                 f"seed{args.pretrain_seed}")
                         stages = ("tokenizer",) if args.tokenizer_only else ("tokenizer", "pretrain")
@@ -596,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"{probe_key} {split.name} encoder seed {probe_seed}: BAcc "
                                   f"{scores['balanced_accuracy']:.3f} AUROC {scores['auroc']:.3f}", flush=True)
                         continue
-                    run_dir = workdir / args.task / f"{corpus}-{stem}{suffix}" / split.name / f"seed{seed}"
+                    run_dir = workdir / report / f"{corpus}-{stem}{suffix}" / split.name / f"seed{seed}"
                     scores = finetune(args.task, split, stem, seed, init, run_dir, args.overrides)
                     record(report_path, ("rows", key, split.name, str(seed)), scores)
                     record(report_path, ("overrides", key), args.overrides)

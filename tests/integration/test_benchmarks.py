@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -141,6 +142,38 @@ def test_eegmat_anchor_reproduces_the_issue_figures_and_folds_are_by_subject(eeg
     assert transfer._centred(plain, "signals") == centred_copy  # not centred twice
     raw = transfer.random_encoder("eegmat", "spectrum", 0, ["finetune:model.input_norm=none"])
     assert raw.model.cfg.input_norm == "none"  # the harness's --set reaches the probe's encoder
+
+
+def test_motor_imagery_cv_pretrains_each_fold_without_its_test_subjects(eegmat_shards, tmp_path):
+    from benchmarks import transfer
+    from data_prep import folds
+
+    corpus = json.loads(eegmat_shards.read_text())  # stands in for the unlabelled EEGMMIDB corpus
+    corpus_path = tmp_path / "corpus" / "manifest.json"
+    corpus_path.parent.mkdir()
+    corpus_path.write_text(json.dumps(corpus))
+    # the labelled task: 5 of the corpus's 6 subjects (subject 17 has no task recordings)
+    task = folds.fold_manifest({**corpus, "files": [e for e in corpus["files"] if e["subject"] != "17"]}, ["16"])
+    task_path = tmp_path / "task" / "manifest.json"
+    task_path.parent.mkdir()
+    task_path.write_text(json.dumps(task))
+    splits = transfer.cv_splits(str(task_path), str(corpus_path), 5)
+    assert [s.name for s in splits] == [f"fold{i}" for i in range(5)]
+    seen = []
+    for split in splits:
+        assert split.train == split.val == split.baseline and split.pretrain_own == ""
+        tuning = json.loads(pathlib.Path(split.train).read_text())["splits"]
+        pretraining = json.loads(pathlib.Path(split.mmidb_corpus).read_text())["splits"]
+        val = tuning["val"]["subjects"]
+        assert len(val) == 1 and pretraining["val"]["subjects"] == val  # never pretrained on
+        assert sorted(pretraining["train"]["subjects"]) == sorted({"00", "01", "02", "03", "16", "17"} - set(val))
+        seen += val
+    assert sorted(seen) == ["00", "01", "02", "03", "16"]
+    # fold 0 of the 5-fold CV over the 25 motor-imagery subjects is the fixed held-out split
+    subjects = [f"S{i:03d}" for i in range(1, 25)] + ["S042"]
+    assert folds.subject_folds(subjects, 5)[0] == sorted(transfer.MI_TEST_SUBJECTS)
+    assert [transfer.report_name(*a) for a in (("mmidb_mi", 5), ("mmidb_mi", None), ("eegmat", 5))] == \
+        ["mmidb_mi-cv5", "mmidb_mi", "eegmat"]
 
 
 def test_transfer_reads_a_finished_runs_last_validation(tmp_path):
