@@ -19,6 +19,10 @@ on the subjects a number is reported on):
   the other 20 train (``configs/small_data.py``, 64 channels x 4 s, ``EEGMMIDB_FINETUNE_STEPS``).
   With ``--folds K``: subject-wise K-fold CV over all 25 subjects instead (fold 0 of 5 is the
   held-out split); reported apart, in ``<workdir>/mmidb_mi-cv<K>.json``.
+- ``mmidb_mi_exec``: the same test (imagery runs of the same held-out subjects or folds), the
+  training subjects' executed left/right fist runs (3, 7, 11) training too: twice the labelled
+  trials, for fine-tuning and anchors alike (each subject's records are aligned and centred over
+  all six runs, the test subjects' executed runs included: no labels are read for it).
 - ``mmidb_eyes``: EEGMMIDB eyes open vs eyes closed (baseline runs 1 and 2, 4-s windows),
   the same held-out subjects: a task with a strong, known signal (alpha), used to check that
   channels placed by position keep what a model learnt (``benchmarks.montage_soundness``).
@@ -27,11 +31,11 @@ Pretraining corpora (``--corpus``; each is the tokenizer's and the masked model'
 data, unlabelled): ``none`` (fine-tuning from random weights); ``eegmat`` (the fold's EEGMAT
 training subjects only); ``mmidb`` (every public EEGMMIDB run of ``--mmidb`` except the MI
 test subjects' runs, or with ``--folds`` the fold's test subjects' runs: no EEGMAT at all, 64
-channels at 160 Hz -> EEGMAT's 19); ``mmidb+eegmat``
-(both, mixed 1:1 in every batch: 64- and 19-channel samples padded to one grid). Pretraining
-reads 4-s windows (EEGMAT's every 2 s); every corpus gets the same budget of steps
-(``PRETRAIN_STEPS``, batch 64). Pretraining that sees no EEGMAT subject is shared by every
-fold (on an EEGMMIDB task's CV, each fold has its own), and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. ``--stem`` sets
+channels at 160 Hz -> EEGMAT's 19); ``mmidb+eegmat`` (both, mixed 1:1 in every batch: 64- and
+19-channel samples padded to one grid). Pretraining reads 4-s windows (EEGMAT's every 2 s);
+every corpus gets the same budget of steps (``PRETRAIN_STEPS``, batch 64). Pretraining that
+sees no EEGMAT subject is shared by every fold (on an EEGMMIDB task's CV each fold has its
+own), and one pretraining (``--pretrain-seed``) serves every fine-tuning seed. ``--stem`` sets
 ``model.patch_embed`` of every stage.
 
 ``--probe mean channel`` replaces fine-tuning by linear probes: the encoder stays frozen
@@ -66,6 +70,7 @@ import functools
 import json
 import logging
 import pathlib
+import re
 import time
 
 import numpy as np
@@ -75,6 +80,7 @@ from labram_jax_configs import small_data
 from data_prep import __main__ as data_prep_cli
 from data_prep import centring as centring_lib
 from data_prep import folds as folds_lib
+from labram_jax import manifest as manifest_lib
 from labram_jax import records as records_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,7 +94,7 @@ MI_TEST_SUBJECTS = ("S005", "S011", "S012", "S020", "S042")
 EEGMMIDB_FINETUNE_STEPS = (180, 60)
 CORPORA = ("none", "eegmat", "mmidb", "mmidb+eegmat")
 STEMS = ("spectrum", "temporal")
-TASKS = ("eegmat", "mmidb_mi", "mmidb_eyes")
+TASKS = ("eegmat", "mmidb_mi", "mmidb_mi_exec", "mmidb_eyes")
 PRETRAIN_STEPS = eegmat_config.PRETRAIN_STEPS  # every corpus, batch 64 (configs/eegmat.py pretrains the same)
 PRETRAIN_GRID = {"eegmat": (19, 4), "mmidb": (64, 4), "mmidb+eegmat": (64, 4)}  # channels x 4-s windows
 # --centring: none, subject-centred features, subject-centred records, Euclidean-aligned records, aligned then centred
@@ -102,6 +108,7 @@ RECORD_CENTRINGS = {"signals": ("spectrum", "_centred"), "aligned": ("euclidean"
                     "aligned-signals": ("euclidean+spectrum", "_aligned_centred")}  # method, folder suffix
 TASK_BASELINES = {"eegmat": ("band_power_lr", "log_spectrum_lr", "csp_lda"),
                   "mmidb_mi": ("csp_lda", "band_power_lr", "log_spectrum_lr"),
+                  "mmidb_mi_exec": ("csp_lda", "band_power_lr", "log_spectrum_lr"),
                   "mmidb_eyes": ("band_power_lr", "log_spectrum_lr")}
 log = logging.getLogger("labram_jax")
 
@@ -176,12 +183,17 @@ def mmidb_corpus(mmidb: pathlib.Path | None, data: pathlib.Path, centring: str =
 
 # EEGMMIDB tasks: the runs they read and how data_prep labels and windows them (4-s windows,
 # 60 Hz notch; the MI test subjects validate).
+_MOTOR_LABELS = ["--label-from", "annotations", "--annotation-labels", "T1=left,T2=right",
+                 "--event-windows"]  # one window per trial, from its onset
 EEGMMIDB_TASKS = {
-    "mmidb_mi": (("R04", "R08", "R12"), ["--label-from", "annotations", "--annotation-labels", "T1=left,T2=right",
-                                         "--event-windows"]),  # one window per trial, from its onset
+    "mmidb_mi": (("R04", "R08", "R12"), _MOTOR_LABELS),
+    # the same test, the training subjects' executed left/right fist runs (3, 7, 11) training too
+    "mmidb_mi_exec": (("R03", "R04", "R07", "R08", "R11", "R12"), _MOTOR_LABELS),
     "mmidb_eyes": (("R01", "R02"), ["--label-from", "filename", "--label-pattern", r"R01\.edf$=open",
                                     "--label-pattern", r"R02\.edf$=closed"]),
 }
+# Recordings (regex on the manifest's recording name) a task is scored on, when it trains on more.
+SCORED_RECORDINGS = {"mmidb_mi_exec": r"R(04|08|12)$"}
 
 
 def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, centring: str = "none",
@@ -197,8 +209,27 @@ def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, c
         "--val-subjects", ",".join(MI_TEST_SUBJECTS)])
     manifest = _centred(manifest, centring)
     if folds is None:
-        return [Split("heldout", manifest, manifest, manifest, "")]
-    return cv_splits(manifest, mmidb_corpus(mmidb, data, centring), folds)
+        splits = [Split("heldout", manifest, manifest, manifest, "")]
+    else:
+        splits = cv_splits(manifest, mmidb_corpus(mmidb, data, centring), folds)
+    if task not in SCORED_RECORDINGS:
+        return splits
+    scored = []
+    for split in splits:
+        target = pathlib.Path(split.train).with_name(f"manifest_{split.name}_scored.json")
+        scored_only(split.train, SCORED_RECORDINGS[task], target)
+        scored.append(dataclasses.replace(split, train=str(target), val=str(target), baseline=str(target)))
+    return scored
+
+
+def scored_only(manifest_path: str | pathlib.Path, pattern: str, out: pathlib.Path) -> None:
+    """Writes to ``out`` a copy of a manifest whose ``val`` split keeps only the recordings whose
+    name matches ``pattern`` (``re.search``); the ``train`` split keeps every recording."""
+    manifest = json.loads(pathlib.Path(manifest_path).read_text())
+    files = [e for e in manifest["files"] if e["split"] != "val" or re.search(pattern, e["recording"])]
+    if not any(e["split"] == "val" and e["status"] == "ok" for e in files):
+        raise SystemExit(f"{manifest_path}: no validation recording matches {pattern!r}")
+    out.write_text(json.dumps(manifest_lib.build(files, manifest_lib.extra_of(manifest), manifest["tool"]), indent=1))
 
 
 def cv_splits(task_manifest: str, corpus_manifest: str, folds: int) -> list[Split]:
@@ -243,7 +274,7 @@ def stage_config(task: str, stage: str, stem: str, seed: int):
     config = (eegmat_config if task == "eegmat" else small_data).get_config(stage)
     config.seed = seed
     config.model.patch_embed = stem
-    if task in ("mmidb_mi", "mmidb_eyes"):
+    if task in EEGMMIDB_TASKS:
         config.data.max_channels, config.data.max_windows = 64, 4
         if stage == "finetune":
             config.optim.total_steps, config.optim.warmup_steps = EEGMMIDB_FINETUNE_STEPS

@@ -174,6 +174,14 @@ def test_motor_imagery_cv_pretrains_each_fold_without_its_test_subjects(eegmat_s
     assert folds.subject_folds(subjects, 5)[0] == sorted(transfer.MI_TEST_SUBJECTS)
     assert [transfer.report_name(*a) for a in (("mmidb_mi", 5), ("mmidb_mi", None), ("eegmat", 5))] == \
         ["mmidb_mi-cv5", "mmidb_mi", "eegmat"]
+    # mmidb_mi_exec trains on executed runs too and is scored on the imagery runs only
+    transfer.scored_only(eegmat_shards, r"_2$", tmp_path / "scored.json")
+    scored, whole = (json.loads(p.read_text())["splits"] for p in (tmp_path / "scored.json", eegmat_shards))
+    assert scored["train"] == whole["train"]
+    assert scored["val"]["recordings"] == 2
+    assert scored["val"]["by_label"] == {"arithmetic": whole["val"]["by_label"]["arithmetic"]}
+    with pytest.raises(SystemExit, match="no validation recording"):
+        transfer.scored_only(eegmat_shards, r"R04$", tmp_path / "none.json")
 
 
 def test_transfer_reads_a_finished_runs_last_validation(tmp_path):
