@@ -197,9 +197,10 @@ SCORED_RECORDINGS = {"mmidb_mi_exec": r"R(04|08|12)$"}
 
 
 def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, centring: str = "none",
-                    folds: int | None = None) -> list[Split]:
+                    folds: int | None = None, corpus: str = "") -> list[Split]:
     """The held-out split of an EEGMMIDB task (``EEGMMIDB_TASKS``), or with ``folds`` its
-    subject-wise folds (``cv_splits``)."""
+    subject-wise folds (``cv_splits``; ``corpus``: the EEGMMIDB pretraining manifest to fold
+    alike, '' when nothing is pretrained on it)."""
     if mmidb is None or not mmidb.is_dir():
         raise SystemExit(f"--task {task} needs --mmidb (the public EEGMMIDB folder, see BENCHMARKS.md)")
     wanted, label_args = EEGMMIDB_TASKS[task]
@@ -211,7 +212,7 @@ def eegmmidb_splits(task: str, mmidb: pathlib.Path | None, data: pathlib.Path, c
     if folds is None:
         splits = [Split("heldout", manifest, manifest, manifest, "")]
     else:
-        splits = cv_splits(manifest, mmidb_corpus(mmidb, data, centring), folds)
+        splits = cv_splits(manifest, corpus, folds)
     if task not in SCORED_RECORDINGS:
         return splits
     scored = []
@@ -237,12 +238,14 @@ def cv_splits(task_manifest: str, corpus_manifest: str, folds: int) -> list[Spli
     unlabelled corpus manifest whose ``val`` split holds that fold's test subjects (every
     other corpus subject trains, subjects without the task's recordings too): pretraining on
     it never sees a subject the fold is scored on. Written beside the corpus manifest as
-    ``manifest_<task folder>_fold<i>.json``."""
-    corpus_path = pathlib.Path(corpus_manifest)
-    corpus = json.loads(corpus_path.read_text())
+    ``manifest_<task folder>_fold<i>.json`` (none when ``corpus_manifest`` is '')."""
     out = []
     for i, (fold, val) in enumerate(folds_lib.write_folds(task_manifest, folds)):
-        pretraining = folds_lib.fold_manifest(corpus, val)
+        if not corpus_manifest:
+            out.append(Split(f"fold{i}", str(fold), str(fold), str(fold), ""))
+            continue
+        corpus_path = pathlib.Path(corpus_manifest)
+        pretraining = folds_lib.fold_manifest(json.loads(corpus_path.read_text()), val)
         pretraining["fold"] = {"index": i, "folds": folds, "val_subjects": val, "source": corpus_path.name,
                                "folded_with": str(fold)}
         target = corpus_path.with_name(f"manifest_{pathlib.Path(task_manifest).parent.name}_fold{i}.json")
@@ -598,13 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     data, workdir = pathlib.Path(args.data), pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mmidb = pathlib.Path(args.mmidb) if args.mmidb else None
+    corpus_spec = (mmidb_corpus(mmidb, data, args.centring) if any(c.startswith("mmidb") for c in args.corpus)
+                   else "")
     if args.task == "eegmat":
         all_splits = eegmat_splits(pathlib.Path(args.eegmat), data, args.folds or 5, args.centring)
     else:
-        all_splits = eegmmidb_splits(args.task, mmidb, data, args.centring, args.folds)
+        all_splits = eegmmidb_splits(args.task, mmidb, data, args.centring, args.folds, corpus_spec)
     splits = all_splits if args.only_folds is None else [all_splits[i] for i in args.only_folds]
-    corpus_spec = (mmidb_corpus(mmidb, data, args.centring) if any(c.startswith("mmidb") for c in args.corpus)
-                   else "")
 
     report_path = workdir / f"{report}.json"
     record(report_path, ("task",), args.task)

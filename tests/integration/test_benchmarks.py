@@ -169,6 +169,8 @@ def test_motor_imagery_cv_pretrains_each_fold_without_its_test_subjects(eegmat_s
         assert sorted(pretraining["train"]["subjects"]) == sorted({"00", "01", "02", "03", "16", "17"} - set(val))
         seen += val
     assert sorted(seen) == ["00", "01", "02", "03", "16"]
+    unpretrained = transfer.cv_splits(str(task_path), "", 5)  # no corpus run: no corpus folds
+    assert [(s.train, s.mmidb_corpus) for s in unpretrained] == [(s.train, "") for s in splits]
     # fold 0 of the 5-fold CV over the 25 motor-imagery subjects is the fixed held-out split
     subjects = [f"S{i:03d}" for i in range(1, 25)] + ["S042"]
     assert folds.subject_folds(subjects, 5)[0] == sorted(transfer.MI_TEST_SUBJECTS)
