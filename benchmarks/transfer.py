@@ -229,7 +229,9 @@ def scored_only(manifest_path: str | pathlib.Path, pattern: str, out: pathlib.Pa
     manifest = json.loads(pathlib.Path(manifest_path).read_text())
     files = [e for e in manifest["files"] if e["split"] != "val" or re.search(pattern, e["recording"])]
     if not any(e["split"] == "val" and e["status"] == "ok" for e in files):
-        raise SystemExit(f"{manifest_path}: no validation recording matches {pattern!r}")
+        raise SystemExit(f"{manifest_path}: no validation recording matches {pattern!r}, so nothing would be "
+                         f"scored: the conversion lacks the recordings the task is scored on; delete "
+                         f"{pathlib.Path(manifest_path).parent} to convert them again")
     out.write_text(json.dumps(manifest_lib.build(files, manifest_lib.extra_of(manifest), manifest["tool"]), indent=1))
 
 
