@@ -420,3 +420,35 @@ def test_eegmat_recipe_pretrains_on_4s_windows_and_fine_tunes_that_encoder_on_5s
     blocks = [name for name in first if name.startswith("blocks")]
     assert blocks and set(blocks) <= set(second)
     assert max(float(np.abs(np.asarray(first[n]) - np.asarray(second[n])).max()) for n in blocks) < 1e-2
+
+
+def test_motor_imagery_recipe_fine_tunes_mirrored_trials_of_real_eegmmidb(eeg_dir, tmp_path):
+    # configs/motor_imagery.py as its docstring runs it, shortened, on the bundled subject with imagery runs
+    # (S001: run 4 trains, run 8 validates; a run stands in for a subject, so each run is aligned and centred
+    # on its own): one 4-s window per T1/T2 trial, 64 channels, every one with a left-right mirror
+    import importlib.util
+
+    from data_prep import centring
+    from labram_jax import channels
+
+    spec = importlib.util.spec_from_file_location("mi_cfg", ROOT / "configs" / "motor_imagery.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    files = [str(eeg_dir / "eegmmidb" / "S001" / f"S001R0{run}.edf") for run in (4, 8)]
+    assert data_prep_cli.main(files + [
+        "--out", str(tmp_path / "mi"), "--window", "4", "--notch", "60", "--label-from", "annotations",
+        "--annotation-labels", "T1=left,T2=right", "--event-windows", "--subject-pattern", r"(S\d{3}R\d\d)",
+        "--val-subjects", "S001R08", "--quiet"]) == 0
+    records = tmp_path / "mi_aligned_centred"
+    assert centring.main([str(tmp_path / "mi" / "manifest.json"), "--out", str(records), "--method",
+                          "euclidean+spectrum", "--quiet"]) == 0
+    first = next(input_pipeline.iter_records(str(records / "manifest.json"), "train"))
+    assert len(first.channel_ids) == 64 and (channels.mirrored_rows()[first.channel_ids] >= 0).all()
+    cfg = recipe.get_config("finetune")
+    assert (cfg.data.max_channels, cfg.data.max_windows) == (64, 4) and cfg.finetune.mirror_label == "swap"
+    cfg.data.train = cfg.data.val = str(records / "manifest.json")
+    cfg.data.batch_size, cfg.optim.total_steps, cfg.optim.warmup_steps, cfg.eval_every = 8, 2, 0, 2
+    out = train.run(cfg, str(tmp_path / "run"))
+    assert 0.0 <= out["val/auroc"] <= 1.0 and np.isfinite(out["loss"])
+    kind, module, _ = model_file.load(str(tmp_path / "run"))
+    assert kind == "finetune" and module.cfg.spatial_mix and module.cfg.head_pooling == "electrode"

@@ -87,3 +87,35 @@ def test_tokenizer_target_band_is_parsed_and_a_bad_band_is_refused():
     for bad in ("45-1", "1-120", "alpha", "8"):
         with pytest.raises(ValueError, match="LOW-HIGH"):
             config_schema.parse_target_band(bad)
+
+
+# The motor-imagery CV rows of BENCHMARKS.md ("Motor imagery by subject-wise cross-validation"): the
+# harness's settings, spelled as there ($L $M $F for fine-tuning, $B for the tokenizer).
+MI_ROW_OVERRIDES = [f"finetune:{s}" for s in (
+    "optim.lr=1e-3", "optim.layer_decay=1.0", "optim.total_steps=900", "optim.warmup_steps=90", "eval_every=300",
+    "finetune.mirror=0.5", "finetune.mirror_label=swap", "model.head_pooling=electrode", "model.input_norm=none",
+    "model.spatial_mix=true")] + ["tokenizer:tokenizer.target_band_hz=1-45"]
+
+
+@pytest.mark.parametrize("stage", common.STAGES)
+def test_motor_imagery_recipe_is_the_cross_validated_row(stage):
+    # configs/motor_imagery.py ships what the MI CV measured: every model, optimiser and stage setting equals
+    # the harness's row (its pretraining: the corpus stages as benchmarks.transfer.pretrain builds them)
+    from benchmarks import transfer
+
+    shipped = _load("motor_imagery").get_config(stage)
+    if stage == "finetune":
+        row = transfer.stage_config("mmidb_mi", stage, "spectrum", 0)
+    else:
+        row = transfer.stage_config("eegmat", stage, "spectrum", 0)
+        row.data.max_channels, row.data.max_windows = transfer.PRETRAIN_GRID["mmidb"]
+        row.optim.total_steps = transfer.PRETRAIN_STEPS[stage]
+        row.optim.warmup_steps = transfer.PRETRAIN_STEPS[stage] // 10
+    transfer.apply_overrides(row, MI_ROW_OVERRIDES)
+    for section in ("model", "optim", stage, "data"):
+        ours, theirs = shipped[section].to_dict(), row[section].to_dict()
+        if section == "data":  # the paths differ; the grid and batch are the recipe
+            ours, theirs = ({k: d[k] for k in ("max_channels", "max_windows", "batch_size")} for d in (ours, theirs))
+        assert ours == theirs, section
+    assert shipped.seed == row.seed and shipped.eval_every == (300 if stage == "finetune" else row.eval_every)
+    assert shipped.data.train.startswith("data/") and (stage != "finetune" or shipped.data.val == shipped.data.train)
