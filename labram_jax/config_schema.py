@@ -245,7 +245,8 @@ def schema(size: str, stage: str) -> dict:
         "patch_embed": Field("temporal", "temporal (the paper's encoder) or spectrum (log 1-45 Hz amplitudes)",
                              one_of(model_config.PATCH_EMBEDS)),
         "spatial_mix": Field(False, "learned spatial filters (each electrode plus a learned combination of the others) "
-                             "ahead of the patch embedding; official weights need False"),
+                             "ahead of the patch embedding; fine-tuning may add them to an encoder pretrained "
+                             "without (official weights too): they start at the identity"),
         "head_pooling": Field("mean", "mean (the paper) or electrode: the head reads each electrode's pooled tokens "
                               "in its own slot (any montage)", one_of(model_config.HEAD_POOLINGS)),
         "attention": Field("auto", "auto (explicit on CPU, xla elsewhere), xla, cudnn (GPU, bf16) or explicit",

@@ -65,7 +65,8 @@ class TransformerConfig:
         ``temporal_groups`` is unused and ``temporal_channels`` only fixes D = 25 * C.
       spatial_mix: learned spatial filters ahead of the patch embedding (``layers.SpatialMix``:
         each electrode plus a learned, zero-initialised combination of the others, indexed by
-        electrode name); not in the reference, so official weights need False. Its table learns at
+        electrode name); not in the reference: a fine-tuned model may add it to an encoder
+        pretrained without (official weights too), where it starts as the identity. Its table learns at
         the head's rate under layer decay (``optim.layer_id``).
       head_pooling: what a fine-tuning head reads: ``mean`` (the paper: every patch token
         averaged, [D]) or ``electrode`` (each electrode's tokens averaged over its patches, put

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import flax
 import flax.linen as nn
@@ -18,6 +19,8 @@ from labram_jax.models import config as model_config
 from labram_jax.models import stacking
 from labram_jax.models import transformer
 from labram_jax.tasks import stage as stage_lib
+
+log = logging.getLogger("labram_jax")
 
 TASKS, MODES = config_schema.TASKS, config_schema.MODES
 
@@ -163,15 +166,25 @@ def sample_weights(batch: dict, weights: np.ndarray | None) -> jax.Array:
     return valid * jnp.asarray(weights, jnp.float32)[jnp.clip(batch["label"], 0, len(weights) - 1)]
 
 
+# Input settings a fine-tuned model may add to an encoder trained without them: their parameters
+# start at the identity (layers.SpatialMix's table at zero), so the model begins as the encoder.
+ADDABLE_INPUTS = {"spatial_mix": (False, True)}  # field: (the encoder's value, the fine-tuning's)
+
+
+def _addable(field: str, encoder_value, value) -> bool:
+    return ADDABLE_INPUTS.get(field) == (encoder_value, value)
+
+
 def load_encoder(path: str, kind: str, **options):
     """Encoder params of a pretrained model: our ``model.npz`` (or its workdir) or an
     official checkpoint (``kind='official'``: labram-base.pth style, or a fine-tuned one).
     ``options`` are the fine-tuning model's ``model_config.REFERENCE_INPUTS`` fields
-    (defaults: the reference's); they must be the ones the encoder was trained with."""
+    (defaults: the reference's); they must be the ones the encoder was trained with, but for
+    ``ADDABLE_INPUTS`` (spatial filters on an encoder pretrained without: the table starts at zero)."""
     reference = model_config.REFERENCE_INPUTS
     ours = {**reference, **options}
     if kind == "official":
-        changed = {k: v for k, v in ours.items() if v != reference[k]}
+        changed = {k: v for k, v in ours.items() if v != reference[k] and not _addable(k, reference[k], v)}
         if changed:
             wanted = ", ".join(f"model.{k}={reference[k]!r}" for k in changed)
             raise ValueError(f"official weights were trained with {wanted}, but fine-tuning uses "
@@ -190,7 +203,7 @@ def load_encoder(path: str, kind: str, **options):
         trained = getattr(module.cfg, "encoder", module.cfg)
         for field, value in ours.items():
             theirs = getattr(trained, field)
-            if theirs != value:
+            if theirs != value and not _addable(field, theirs, value):
                 raise ValueError(f"{path} was trained with model.{field}={theirs!r} but fine-tuning uses "
                                  f"{value!r}: set --config.model.{field}={theirs}")
     encoder = dict(variables["params"]["encoder"])
@@ -289,18 +302,23 @@ def _describe_encoder(flat: dict) -> str:
 
 def _with_encoder(variables, encoder):
     """Replaces the encoder params (keeping logical-axis boxes) with pretrained values; LoRA
-    adapters, which the pretrained model has none of, keep their initial values."""
+    adapters, which the pretrained model has none of, keep their initial values, and so does a
+    spatial-filter table the encoder was pretrained without (``ADDABLE_INPUTS``)."""
     params = variables["params"]
     target = flax.traverse_util.flatten_dict(params["encoder"], is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
     described = _describe_encoder(flax.traverse_util.flatten_dict(encoder))
     source = flax.traverse_util.flatten_dict(stacking.match_layout(encoder, params["encoder"]))
     shapes_differ = [k for k in target if k in source and np.shape(source[k]) != nn.unbox(target[k]).shape]
-    adapters = {k for k in target if any(str(n).endswith("_lora") for n in k)}
-    if set(target) - adapters != set(source) or shapes_differ:
+    added = {k for k in target if k[0] in ADDABLE_INPUTS and k not in source}
+    if added:
+        log.info("the encoder was pretrained without %s: it starts at the identity",
+                 ", ".join(sorted({k[0] for k in added})))
+    fresh = added | {k for k in target if any(str(n).endswith("_lora") for n in k)}  # keep their initial values
+    if set(target) - fresh != set(source) or shapes_differ:
         raise ValueError(f"the pretrained encoder ({described}) does not fit this model "
                          f"({_describe_encoder({k: nn.unbox(v) for k, v in target.items()})}): set config.model.size "
                          "to the pretrained model's size")
     merged = {k: box.replace_boxed(jnp.asarray(source[k], box.value.dtype)) if isinstance(box, nn.Partitioned)
-              else jnp.asarray(source[k], box.dtype) for k, box in target.items() if k not in adapters}
-    merged.update({k: target[k] for k in adapters})
+              else jnp.asarray(source[k], box.dtype) for k, box in target.items() if k not in fresh}
+    merged.update({k: target[k] for k in fresh})
     return {**variables, "params": {**params, "encoder": flax.traverse_util.unflatten_dict(merged)}}

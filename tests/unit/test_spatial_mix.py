@@ -89,3 +89,26 @@ def test_an_encoder_with_the_mix_is_stored_and_refused_where_it_does_not_fit(tmp
     assert encoder["spatial_mix"]["kernel"].shape == (129, 129)
     with pytest.raises(ValueError, match="spatial_mix=True"):
         finetune.load_encoder(path, "ours", patch_embed="spectrum")
+
+
+def test_filters_can_be_added_to_an_encoder_pretrained_without_them_and_start_at_the_identity(tmp_path):
+    # fine-tuning with spatial filters from an encoder without them: every pretrained weight is taken and
+    # the table starts at zero, so the model begins as the encoder (the identity, tested above); an encoder
+    # pretrained *with* the table still refuses a model without it (above), and other inputs must match
+    x = jax.random.normal(jax.random.key(3), (2, 3, 4, 200))
+    plain = model_config.labram("tiny", patch_embed="spectrum")
+    pretrain = transformer.LaBraMPretrain(plain, vocab_size=16)
+    variables = nn.unbox(pretrain.init(jax.random.key(0), x, IDS[0], jnp.zeros((2, 12), bool),
+                                       method=transformer.LaBraMPretrain.logits_of))
+    path = str(tmp_path / "model.npz")
+    model_file.save(path, "pretrain", pretrain, variables)
+    encoder = finetune.load_encoder(path, "ours", patch_embed="spectrum", spatial_mix=True)
+    assert "spatial_mix" not in encoder
+    with_mix = transformer.LaBraM(plain.replace(spatial_mix=True), num_outputs=1)
+    fresh = with_mix.init(jax.random.key(1), x, jnp.broadcast_to(IDS, (2, 3)))
+    merged = nn.unbox(finetune._with_encoder(fresh, encoder))["params"]["encoder"]
+    assert not np.any(merged["spatial_mix"]["kernel"])
+    taken = jax.tree_util.tree_map(np.asarray, {k: v for k, v in merged.items() if k != "spatial_mix"})
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, taken, encoder))
+    with pytest.raises(ValueError, match="set --config.model.patch_embed=spectrum"):
+        finetune.load_encoder(path, "ours", spatial_mix=True)
