@@ -402,7 +402,7 @@ def test_eegmat_recipe_pretrains_on_4s_windows_and_fine_tunes_that_encoder_on_5s
     for stage, workdir in runs.items():
         cfg = recipe.get_config(stage)
         assert (cfg.data.max_channels, cfg.data.max_windows) == ((19, 5) if stage == "finetune" else (19, 4))
-        assert cfg.model.spatial_mix and cfg.model.input_norm == "none"
+        assert cfg.model.spatial_mix == (stage == "finetune") and cfg.model.input_norm == "none"
         cfg.data.train = records["five" if stage == "finetune" else "four"]
         cfg.data.batch_size, cfg.optim.total_steps, cfg.optim.warmup_steps = 16, 2, 0
         if stage == "pretrain":

@@ -45,6 +45,7 @@ def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp
     # Every stage of the EEGMAT recipe must run, and embed patches the same way, or the
     # fine-tuning would refuse the pretrained encoder (model_config.REFERENCE_INPUTS).
     from labram_jax import config_schema
+    from labram_jax.tasks import finetune
 
     configs = {}
     for stage in common.STAGES:
@@ -58,7 +59,11 @@ def test_eegmat_stages_validate_and_share_the_patch_embedding(eegmat_shards, tmp
         config_schema.validate(c, 1)
         configs[stage] = c
     for field in model_config.REFERENCE_INPUTS:
-        assert len({c.model[field] for c in configs.values()}) == 1, field
+        if field in finetune.ADDABLE_INPUTS:  # pretrained without, fine-tuned with (the table starts at zero)
+            pretrained, tuned = finetune.ADDABLE_INPUTS[field]
+            assert [c.model[field] for c in configs.values()] == [pretrained, pretrained, tuned], field
+        else:
+            assert len({c.model[field] for c in configs.values()}) == 1, field
 
 
 def test_resume_conflicts_name_changed_model_settings_and_read_missing_ones_as_defaults():
@@ -94,7 +99,8 @@ def test_tokenizer_target_band_is_parsed_and_a_bad_band_is_refused():
 MI_ROW_OVERRIDES = [f"finetune:{s}" for s in (
     "optim.lr=1e-3", "optim.layer_decay=1.0", "optim.total_steps=900", "optim.warmup_steps=90", "eval_every=300",
     "finetune.mirror=0.5", "finetune.mirror_label=swap", "model.head_pooling=electrode", "model.input_norm=none",
-    "model.spatial_mix=true")] + ["tokenizer:tokenizer.target_band_hz=1-45"]
+    "model.spatial_mix=true")] + ["tokenizer:tokenizer.target_band_hz=1-45"] + [
+    f"{stage}:model.spatial_mix=true" for stage in ("tokenizer", "pretrain")]  # configs/eegmat.py's until session 12
 
 
 @pytest.mark.parametrize("stage", common.STAGES)
