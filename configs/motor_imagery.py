@@ -19,8 +19,8 @@ What it is worth, honestly: from random weights **0.657 +- 0.025 balanced accura
 (0.613 / 0.654) and log band power + LR (0.603 / 0.639). The model memorises its training
 subjects (training loss ~0.001). Pretraining on the EEGMMIDB recordings of the training subjects
 (``tokenizer`` and ``pretrain`` stages below: band-limited tokenizer targets, 200 + 400 steps of
-batch 64, the CV's budget) was level with none in that CV (see BENCHMARKS.md), so fine-tuning
-starts from random weights unless ``finetune.init_checkpoint`` is given.
+batch 64, the CV's budget) was level with none in that CV (0.656 +- 0.040 / 0.712 +- 0.045; higher on
+3 of 5 folds), so fine-tuning starts from random weights unless ``finetune.init_checkpoint`` is given.
 
     # one window per imagery trial; hold out subjects for validation (no subject in both)
     python -m data_prep 'EEGMMIDB/S*/S*R0[48].edf' 'EEGMMIDB/S*/S*R12.edf' --out data/mi --window 4 \\
