@@ -168,6 +168,7 @@ def sample_weights(batch: dict, weights: np.ndarray | None) -> jax.Array:
 
 # Input settings a fine-tuned model may add to an encoder trained without them: their parameters
 # start at the identity (layers.SpatialMix's table at zero), so the model begins as the encoder.
+# Each field also names the encoder's parameter subtree (params["encoder"][field]).
 ADDABLE_INPUTS = {"spatial_mix": (False, True)}  # field: (the encoder's value, the fine-tuning's)
 
 
