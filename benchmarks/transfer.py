@@ -297,6 +297,16 @@ def apply_overrides(config, overrides: list[str]):
     return config
 
 
+def pretrain_config(corpus: str, stage: str, stem: str, seed: int):
+    """The recipe of a corpus's tokenizer or masked-pretraining ``stage``: ``configs/eegmat.py``'s, on
+    the corpus's grid (``PRETRAIN_GRID``) for ``PRETRAIN_STEPS`` steps (a tenth warming up)."""
+    config = stage_config("eegmat", stage, stem, seed)
+    config.data.max_channels, config.data.max_windows = PRETRAIN_GRID[corpus]
+    config.optim.total_steps = PRETRAIN_STEPS[stage]
+    config.optim.warmup_steps = PRETRAIN_STEPS[stage] // 10
+    return config
+
+
 def pretrain(corpus: str, spec: str, stem: str, seed: int, root: pathlib.Path, overrides: list[str],
              stages: tuple[str, ...] = ("tokenizer", "pretrain")) -> dict:
     """Tokenizer then masked pretraining on ``spec`` (or the tokenizer alone); returns timings
@@ -310,11 +320,8 @@ def pretrain(corpus: str, spec: str, stem: str, seed: int, root: pathlib.Path, o
     channels, windows = PRETRAIN_GRID[corpus]
     info = {"spec": spec}
     for stage in stages:
-        config = stage_config("eegmat", stage, stem, seed)
+        config = pretrain_config(corpus, stage, stem, seed)
         config.data.train = spec
-        config.data.max_channels, config.data.max_windows = channels, windows
-        config.optim.total_steps = PRETRAIN_STEPS[stage]
-        config.optim.warmup_steps = PRETRAIN_STEPS[stage] // 10
         if stage == "pretrain":
             config.pretrain.tokenizer_checkpoint = str(root / "tokenizer")
         apply_overrides(config, overrides)

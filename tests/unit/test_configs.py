@@ -110,13 +110,8 @@ def test_motor_imagery_recipe_is_the_cross_validated_row(stage):
     from benchmarks import transfer
 
     shipped = _load("motor_imagery").get_config(stage)
-    if stage == "finetune":
-        row = transfer.stage_config("mmidb_mi", stage, "spectrum", 0)
-    else:
-        row = transfer.stage_config("eegmat", stage, "spectrum", 0)
-        row.data.max_channels, row.data.max_windows = transfer.PRETRAIN_GRID["mmidb"]
-        row.optim.total_steps = transfer.PRETRAIN_STEPS[stage]
-        row.optim.warmup_steps = transfer.PRETRAIN_STEPS[stage] // 10
+    row = (transfer.stage_config("mmidb_mi", stage, "spectrum", 0) if stage == "finetune"
+           else transfer.pretrain_config("mmidb", stage, "spectrum", 0))
     transfer.apply_overrides(row, MI_ROW_OVERRIDES)
     for section in ("model", "optim", stage, "data"):
         ours, theirs = shipped[section].to_dict(), row[section].to_dict()
