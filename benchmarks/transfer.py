@@ -50,7 +50,9 @@ probes, anchors) on subject-centred copies of the records (``data_prep.centring`
 ``labram_jax.subject_centring``.
 
 ``--ensemble ROW`` scores a row's finished runs again, the seeds of each fold as one model
-(probabilities averaged), and prints each held-out subject's AUROC; ``--compare ROW_A ROW_B``
+(probabilities averaged), and prints each held-out subject's AUROC (with ``--mirror swap`` each
+window's score is first averaged with its left-right mirror's, the two classes swapped: a
+one-seed row then gives that test-time averaging's figures); ``--compare ROW_A ROW_B``
 prints paired differences run by run. Both only read finished runs.
 
 The classical baselines (``labram_jax.baselines``) are fitted on the same training subjects'
@@ -447,11 +449,13 @@ def last_validation(workdir: pathlib.Path) -> dict[str, float]:
     return {k[4:]: float(v) for k, v in rows[-1].items() if k.startswith("val/")}
 
 
-def seed_ensemble(row_dir: pathlib.Path) -> dict[str, dict]:
+def seed_ensemble(row_dir: pathlib.Path, mirror: str = "none") -> dict[str, dict]:
     """Per fold of one row's finished fine-tuning runs (``row_dir/<fold>/seed<k>/``): the seeds'
     last-step probabilities averaged window by window and scored (binary metrics), with the
     seeds used and each held-out subject's AUROC (how evenly the row transfers across people).
-    Nothing is picked: every finished seed of the fold counts."""
+    Nothing is picked: every finished seed of the fold counts. ``mirror`` (keep, swap): each
+    run's scores are first averaged with the left-right mirrored windows' (``evaluate --mirror``);
+    ``each`` holds every run's own metrics."""
     from labram_jax import evaluate
     from labram_jax.tasks import finetune as finetune_task
 
@@ -461,7 +465,7 @@ def seed_ensemble(row_dir: pathlib.Path) -> dict[str, dict]:
         if not runs:
             continue
         scored = [evaluate.score_run(str(run), json.loads((run / "config.json").read_text())["data"]["val"],
-                                     "val", "latest", ("subject",)) for run in runs]
+                                     "val", "latest", ("subject",), mirror) for run in runs]
         targets, subjects = scored[0].targets, np.asarray(scored[0].provenance["subject"])
         if any(not np.array_equal(s.targets, targets) or list(subjects) != s.provenance["subject"] for s in scored):
             raise SystemExit(f"{fold_dir}: its seeds validated on different windows (data.val in their config.json "
@@ -469,6 +473,8 @@ def seed_ensemble(row_dir: pathlib.Path) -> dict[str, dict]:
         mean = np.mean([s.scores for s in scored], axis=0)
         by_subject = evaluate.by_group("binary", mean, targets, list(subjects))
         out[fold_dir.name] = {"seeds": [run.name for run in runs],
+                              "each": {run.name: finetune_task.compute_metrics("binary", one.scores, targets)
+                                       for run, one in zip(runs, scored)},
                               **finetune_task.compute_metrics("binary", mean, targets),
                               "by_subject_auroc": {k: v["auroc"] for k, v in by_subject.items()}}
     if not out:
@@ -527,9 +533,11 @@ def paired(report: dict, first: str, second: str) -> str:
     return "\n".join(lines)
 
 
-def print_ensemble(workdir: pathlib.Path, report: str, row: str) -> int:
+def print_ensemble(workdir: pathlib.Path, report: str, row: str, mirror: str = "none") -> int:
     """``--ensemble ROW``: scores and records the seed ensemble of ``row`` fold by fold (``report``:
-    ``report_name``, the runs' folder and the report's name)."""
+    ``report_name``, the runs' folder and the report's name); ``mirror`` as for :func:`seed_ensemble`,
+    recorded as the row ``ROW+seed-ensemble+mirror-<mirror>``, and each run alone as ``ROW+mirror-<mirror>``
+    (``--compare ROW ROW+mirror-swap`` pairs them)."""
     logging.basicConfig(level=logging.WARNING, force=True)
     row_dir = workdir / report / row.replace("/", "-", 1)
     if not row_dir.is_dir():
@@ -537,15 +545,22 @@ def print_ensemble(workdir: pathlib.Path, report: str, row: str) -> int:
         raise SystemExit(f"--ensemble: no runs of {row!r} under {row_dir}; rows with runs: {', '.join(rows) or 'none'}")
     report_path = workdir / f"{report}.json"
     singles = json.loads(report_path.read_text()).get("rows", {}).get(row, {}) if report_path.exists() else {}
-    for fold, result in seed_ensemble(row_dir).items():
-        record(report_path, ("rows", f"{row}+seed-ensemble", fold, "ensemble"),
-               {k: v for k, v in result.items() if k not in ("seeds", "by_subject_auroc")})
+    name = f"{row}+seed-ensemble" + (f"+mirror-{mirror}" if mirror != "none" else "")
+    for fold, result in seed_ensemble(row_dir, mirror).items():
+        record(report_path, ("rows", name, fold, "ensemble"),
+               {k: v for k, v in result.items() if k not in ("seeds", "each", "by_subject_auroc")})
+        mirrored = ""
+        if mirror != "none":
+            for seed, metrics in result["each"].items():
+                record(report_path, ("rows", f"{row}+mirror-{mirror}", fold, seed[4:]), metrics)
+            mirrored = "; each mirror-averaged " + " ".join(f"{seed}: {m['balanced_accuracy']:.3f} / {m['auroc']:.3f}"
+                                                            for seed, m in result["each"].items())
         alone = " ".join(f"{seed}: {singles[fold][seed[4:]]['balanced_accuracy']:.3f} / "
                          f"{singles[fold][seed[4:]]['auroc']:.3f}" for seed in result["seeds"]
                          if seed[4:] in singles.get(fold, {}))
         subjects = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in result["by_subject_auroc"].items())
         print(f"{fold}: ensemble of {len(result['seeds'])} BAcc {result['balanced_accuracy']:.3f} AUROC "
-              f"{result['auroc']:.3f} (alone {alone or 'not in the report'}); AUROC by subject: {subjects}")
+              f"{result['auroc']:.3f} (alone {alone or 'not in the report'}{mirrored}); AUROC by subject: {subjects}")
     report = json.loads(report_path.read_text())
     if "splits" in report:  # written by a grid run: the ensemble's row among the others
         print("\n" + table(report))
@@ -593,15 +608,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ensemble", metavar="ROW", help="only score ROW's finished runs (e.g. "
                         "none/spectrum-cn) as one model per fold, the seeds' probabilities averaged; recorded as "
                         "the row ROW+seed-ensemble, with each held-out subject's AUROC")
+    parser.add_argument("--mirror", default="none", choices=("none", "keep", "swap"),
+                        help="with --ensemble: each window's score averaged with its left-right mirror's first "
+                        "(swap: left vs right classes, the motor-imagery task); the row gets '+mirror-<how>'")
     parser.add_argument("--compare", nargs=2, metavar=("ROW_A", "ROW_B"), help="only print ROW_B against ROW_A "
                         "(e.g. none/spectrum-cn) over the fold x seed runs both finished, from the report")
     args = parser.parse_args(argv)
+    if args.mirror != "none" and not args.ensemble:
+        parser.error("--mirror rescores finished runs: give it with --ensemble ROW")
     report = report_name(args.task, args.folds)
     if args.compare:
         print(paired(json.loads((pathlib.Path(args.workdir) / f"{report}.json").read_text()), *args.compare))
         return 0
     if args.ensemble:
-        return print_ensemble(pathlib.Path(args.workdir), report, args.ensemble)
+        return print_ensemble(pathlib.Path(args.workdir), report, args.ensemble, args.mirror)
     # grain and orbax give the root logger a handler when imported: replace it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,7 +1,8 @@
 """Finite evaluation of a fine-tuned model over records; also the validation of training.
 
     python -m labram_jax.evaluate --workdir=DIR --data=data/eegmat/manifest.json \\
-        [--split val] [--checkpoint best|latest|STEP] [--per-recording] [--by-subject] [--out metrics.json]
+        [--split val] [--checkpoint best|latest|STEP] [--per-recording] [--by-subject] [--mirror keep|swap] \\
+        [--out metrics.json]
 
 Prints and writes JSON metrics (binary: balanced accuracy, AUROC, AUC-PR, accuracy at
 0.5; multi-class: balanced accuracy, Cohen's kappa, weighted F1, accuracy; regression:
@@ -9,7 +10,10 @@ MAE, RMSE, Pearson r), the confusion matrix (classification) and PNGs of it and 
 the ROC curve (binary).
 ``--per-recording`` averages window probabilities per recording first. ``--by-subject`` adds
 the metrics of each subject's windows (or recordings) alone: how evenly a model transfers
-across people (AUROC is NaN for a subject with one class).
+across people (AUROC is NaN for a subject with one class). ``--mirror`` averages each window's
+score with that of the same window left-right mirrored (each electrode's signal under its mirror's
+id, C3 <-> C4): ``swap`` for binary left vs right classes (a model fine-tuned with
+``finetune.mirror_label=swap``), ``keep`` where a mirrored window keeps its target.
 """
 
 from __future__ import annotations
@@ -32,16 +36,23 @@ from labram_jax.tasks import finetune
 log = logging.getLogger("labram_jax")
 
 
-def predict_split(predict_fn, state, spec, split: str, grid, mesh, batch_size: int, target: str = "label"):
+def predict_split(predict_fn, state, spec, split: str, grid, mesh, batch_size: int, target: str = "label",
+                  mirror: str = "none", task: str = "binary"):
     """Scores, targets (the batch field ``target``: ``label`` or ``value``) and global positions
-    of every real sample of a split of ``spec`` (a data spec or its sources), in order."""
+    of every real sample of a split of ``spec`` (a data spec or its sources), in order.
+    ``mirror`` (keep or swap; ``task`` says which scores they are): each sample's score averaged
+    with its left-right mirror's (:func:`labram_jax.tasks.finetune.mirror_average`)."""
     scores, targets, positions = [], [], []
     guard = input_pipeline.InputGuard(spec, split)  # bad records arrive as invalid samples, and are reported
     for local in input_pipeline.eval_batches(spec, grid, batch_size, split, jax.process_index(),
                                              jax.process_count()):
         position = sharding.to_host(sharding.to_global({"p": guard.take(local)["position"]}, mesh))["p"]
         batch = sharding.to_global(local, mesh)
-        out = sharding.to_host(predict_fn(state.params, state.extra, batch))
+        out = predict_fn(state.params, state.extra, batch)
+        if mirror != "none":
+            mirrored, flipped = finetune.mirror_all(batch)
+            out = finetune.mirror_average(task, out, predict_fn(state.params, state.extra, mirrored), flipped, mirror)
+        out = sharding.to_host(out)
         valid = sharding.to_host(batch["valid"])
         truth = sharding.to_host(batch[target])
         scores.append(out[valid])
@@ -148,10 +159,11 @@ class RunScores:
 
 
 def score_run(workdir: str, data: str, split: str = "val", checkpoint: str = "best",
-              fields: Sequence[str] = ()) -> RunScores:
+              fields: Sequence[str] = (), mirror: str = "none") -> RunScores:
     """Restores the fine-tuning run in ``workdir`` (its ``checkpoint``: best, latest or a step)
     and scores ``split`` of ``data``; ``fields`` (recording, subject, ...) name the provenance
-    to return. Refuses centred input to an uncentred model and the reverse."""
+    to return; ``mirror`` as for :func:`predict_split`. Refuses centred input to an uncentred
+    model and the reverse."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: --workdir must be a fine-tuning run's directory")
@@ -166,7 +178,8 @@ def score_run(workdir: str, data: str, split: str = "val", checkpoint: str = "be
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
     restored = steps.restore_for_inference(config, workdir, checkpoint)
     scores, targets, positions = predict_split(restored.predict_fn, restored.state, data, split, restored.grid,
-                                               restored.mesh, config.data.batch_size, restored.stage.target)
+                                               restored.mesh, config.data.batch_size, restored.stage.target,
+                                               mirror, config.finetune.task)
     provenance = dict(zip(fields, input_pipeline.provenance_at(data, split, positions, *fields))) if fields else {}
     return RunScores(config.finetune.task, restored.step, scores, targets, provenance)
 
@@ -181,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
     parser.add_argument("--per-recording", action="store_true", help="average window scores per recording first")
     parser.add_argument("--by-subject", action="store_true", help="also report the metrics of every subject alone")
+    parser.add_argument("--mirror", default="none", choices=finetune.MIRROR_AVERAGES,
+                        help="average each window's score with its left-right mirror's (C3 <-> C4): keep (same "
+                             "target) or swap (binary left vs right classes, as finetune.mirror_label=swap)")
     parser.add_argument("--out", default=None, help="JSON output (default: WORKDIR/eval_<split>_<checkpoint>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         fields = ["recording"] * args.per_recording + ["subject"] * args.by_subject
-        run = score_run(args.workdir, args.data, args.split, args.checkpoint, fields)
+        run = score_run(args.workdir, args.data, args.split, args.checkpoint, fields, args.mirror)
         task, scores, targets, provenance = run.task, run.scores, run.targets, run.provenance
         subjects = provenance.get("subject", [])
         if args.per_recording:
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             subjects = [subject_of[n] for n in names] if args.by_subject else []
         report = full_report(task, scores, targets, _label_names(args.data))
         report.update(checkpoint_step=run.step, split=args.split, data=args.data,
-                      per_recording=args.per_recording)
+                      per_recording=args.per_recording, mirror=args.mirror)
         if args.by_subject:
             report["by_subject"] = by_group(task, scores, targets, subjects)
     except (FileNotFoundError, ValueError, records.RecordError) as err:

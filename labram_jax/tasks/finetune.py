@@ -79,6 +79,35 @@ def mirror(batch: dict, key: jax.Array, rate: float, swap_label: bool) -> dict:
     return out
 
 
+MIRROR_AVERAGES = ("none", "keep", "swap")
+
+
+def mirror_all(batch: dict) -> tuple[dict, jax.Array]:
+    """Every sample of an evaluation batch left-right mirrored (:func:`mirror` at rate 1, labels
+    untouched), and which samples changed, bool [b]: not those with an electrode that has no
+    mirror, padding samples, or a montage that is all midline."""
+    out = mirror(batch, jax.random.key(0), 1.0, swap_label=False)
+    return out, (out["channel_ids"] != batch["channel_ids"]).any(-1)
+
+
+def mirror_average(task: str, scores: jax.Array, mirrored_scores: jax.Array, flipped: jax.Array,
+                   how: str) -> jax.Array:
+    """Test-time mirror averaging: each sample's score averaged with its mirror's (``mirrored_scores``,
+    the model's scores of :func:`mirror_all`'s batch), where ``flipped``; elsewhere the score alone.
+
+    ``how="keep"``: the mirror has the same target (any task): (s + s') / 2. ``how="swap"``: binary
+    classes that are the two sides (left vs right hand), the mirror of P(label 1) is P(label 0):
+    (p + 1 - p') / 2, as ``finetune.mirror_label=swap`` trains. scores [b] or [b, K]."""
+    if how not in MIRROR_AVERAGES[1:]:
+        raise ValueError(f"mirror averaging {how!r}: choose one of {MIRROR_AVERAGES[1:]}")
+    if how == "swap" and task != "binary":
+        raise ValueError(f"mirror averaging 'swap' swaps the two classes of a binary task, not of a {task} one: "
+                         "use 'keep' if a mirrored sample keeps its target")
+    partner = 1 - mirrored_scores if how == "swap" else mirrored_scores
+    where = flipped.reshape(flipped.shape + (1,) * (scores.ndim - 1))
+    return jnp.where(where, (scores + partner) / 2, scores)
+
+
 def augment_channels(batch: dict, key: jax.Array, gain_std: float, drop_rate: float) -> dict:
     """Per-sample, per-channel amplitude jitter and channel dropout of a training batch.
 

@@ -306,3 +306,12 @@ def test_transfer_stops_on_a_run_stopped_early_and_resumes_it(eegmat_shards, tmp
     assert len(by_subject) > 1 and all(0 <= v <= 1 and "/" in k for k, v in by_subject.items())
     with pytest.raises(SystemExit, match="no runs of"):
         transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--ensemble", "none/temporal"])
+    # the same runs rescored with test-time mirror averaging: each run alone, paired with the row by --compare
+    assert transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--ensemble", "none/spectrum",
+                          "--mirror", "keep"]) == 0
+    rows = json.loads((tmp_path / "eegmat.json").read_text())["rows"]
+    mirrored = rows["none/spectrum+mirror-keep"]["fold0"]["0"]
+    assert rows["none/spectrum+seed-ensemble+mirror-keep"]["fold0"]["ensemble"] == mirrored
+    assert 0 <= mirrored["auroc"] <= 1 and mirrored["auroc"] != pytest.approx(result["auroc"], abs=1e-9)
+    with pytest.raises(SystemExit):  # --mirror only rescores finished runs
+        transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--mirror", "swap"])

@@ -452,3 +452,21 @@ def test_motor_imagery_recipe_fine_tunes_mirrored_trials_of_real_eegmmidb(eeg_di
     assert 0.0 <= out["val/auroc"] <= 1.0 and np.isfinite(out["loss"])
     kind, module, _ = model_file.load(str(tmp_path / "run"))
     assert kind == "finetune" and module.cfg.spatial_mix and module.cfg.head_pooling == "electrode"
+
+    # test-time mirror averaging (evaluate --mirror swap) against the same model through the API on the
+    # same windows, with the electrode ids mirrored there by hand
+    from labram_jax import api, baselines
+
+    windows = baselines.load_windows(str(records / "manifest.json"), "val")
+    x = windows.x.reshape(len(windows.x), 64, 4, 200)
+    predictor = api.load(str(tmp_path / "run"))
+    plain = predictor.predict_windows(x, windows.channel_ids)
+    mirrored = predictor.predict_windows(x, channels.mirrored_rows()[windows.channel_ids])
+    report = tmp_path / "mirror.json"
+    assert evaluate.main(["--workdir", str(tmp_path / "run"), "--data", str(records / "manifest.json"),
+                          "--checkpoint", "latest", "--mirror", "swap", "--out", str(report)]) == 0
+    scored = evaluate.score_run(str(tmp_path / "run"), str(records / "manifest.json"), "val", "latest",
+                                mirror="swap")
+    np.testing.assert_allclose(scored.scores, (plain + 1 - mirrored) / 2, atol=1e-5)
+    assert np.abs(scored.scores - plain).max() > 1e-3  # the mirror moved the scores: the check can fail
+    assert json.loads(report.read_text())["mirror"] == "swap"

@@ -244,6 +244,32 @@ def test_mirror_presents_samples_under_their_mirror_ids_and_swaps_sides():
     assert 10 < sum(flips) < 30  # about half the draws mirror sample 0
 
 
+def test_mirror_averaging_pairs_each_score_with_its_mirrors_where_a_mirror_exists():
+    from labram_jax import channels
+
+    row = channels.spatial_row
+    ids = jnp.asarray([[row("C3"), row("CZ"), row("C4")],
+                       [row("C3"), row("TTP7h"), row("C4")],  # an electrode without a mirror
+                       [row("FZ"), row("CZ"), row("PZ")],  # all midline: its mirror is itself
+                       [0, 0, 0]], jnp.int32)  # padding sample
+    batch = {"channel_ids": ids, "label": jnp.asarray([0, 1, 1, -1]),
+             "valid": jnp.asarray([True, True, True, False]), "x": jnp.ones((4, 3, 2, 200))}
+    mirrored, flipped = finetune.mirror_all(batch)
+    assert np.asarray(flipped).tolist() == [True, False, False, False]
+    assert np.asarray(mirrored["channel_ids"])[0].tolist() == [row("C4"), row("CZ"), row("C3")]
+    assert np.asarray(mirrored["label"]).tolist() == [0, 1, 1, -1]  # targets are not touched
+    p, p_mirror = jnp.asarray([0.8, 0.3, 0.6, 0.5]), jnp.asarray([0.4, 0.9, 0.1, 0.2])
+    np.testing.assert_allclose(finetune.mirror_average("binary", p, p_mirror, flipped, "swap"), [0.7, 0.3, 0.6, 0.5])
+    np.testing.assert_allclose(finetune.mirror_average("binary", p, p_mirror, flipped, "keep"), [0.6, 0.3, 0.6, 0.5])
+    probs = jnp.asarray([[0.2, 0.8], [0.5, 0.5], [0.1, 0.9], [0.3, 0.7]])
+    kept = finetune.mirror_average("multiclass", probs, probs[::-1], flipped, "keep")
+    np.testing.assert_allclose(kept, [[0.25, 0.75], [0.5, 0.5], [0.1, 0.9], [0.3, 0.7]])
+    with pytest.raises(ValueError, match="use 'keep'"):
+        finetune.mirror_average("multiclass", probs, probs, flipped, "swap")
+    with pytest.raises(ValueError, match="choose one of"):
+        finetune.mirror_average("binary", p, p, flipped, "none")
+
+
 def test_mirror_label_swap_needs_a_binary_task():
     from labram_jax import config_schema
     from labram_jax_configs import tiny
