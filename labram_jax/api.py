@@ -201,22 +201,36 @@ class Predictor:
 
     def predict(self, signals, ch_names: Sequence[str] | None = None, sfreq: float | None = None, *,
                 unit: str = "V", window_s: int | None = None, batch_size: int = 32,
-                montage: montage_lib.Options | None = None, reference: "SubjectReference | None" = None) -> np.ndarray:
+                montage: montage_lib.Options | None = None, reference: "SubjectReference | None" = None,
+                mirror: str = "none") -> np.ndarray:
         """Class probabilities (binary: P(label 1) [n]; multi-class: [n, K]) or values [n];
-        ``signals`` and ``reference`` as for :meth:`embed`."""
+        ``signals`` and ``reference`` as for :meth:`embed`, ``mirror`` (test-time left-right
+        mirror averaging) as for :meth:`predict_windows`."""
         if self._logits is None:
             raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
         self._check_centring(reference)
         prepared, x, _ = self._windows(signals, ch_names, sfreq, unit, window_s, montage, reference)
-        return self.predict_windows(x, prepared.rows, batch_size)
+        return self.predict_windows(x, prepared.rows, batch_size, mirror)
 
-    def predict_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def predict_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32,
+                        mirror: str = "none") -> np.ndarray:
         """:meth:`predict` of windows already prepared (:meth:`windows`, centred when the model
-        needs it): x [n, channels, windows, 200] in units of 100 uV, channel_rows [channels]."""
+        needs it): x [n, channels, windows, 200] in units of 100 uV, channel_rows [channels].
+        ``mirror``: ``swap`` averages each window's P(label 1) with 1 - that of the window
+        left-right mirrored (each electrode's signal under its mirror's id: a left vs right model
+        fine-tuned with ``finetune.mirror_label=swap``), ``keep`` with the mirror's own score
+        (:func:`labram_jax.tasks.finetune.mirror_average`); a montage with an electrode that has
+        no mirror is scored as it is."""
         if self._logits is None:
             raise ValueError("this model has no task head (a pretrained encoder): fine-tune it first, or use embed()")
-        logits = self._run(self._logits, np.asarray(x, np.float32), channel_rows, batch_size)
-        return np.asarray(finetune.scores(self.task, jnp.asarray(logits)))
+        x = np.asarray(x, np.float32)
+        scores = finetune.scores(self.task, jnp.asarray(self._run(self._logits, x, channel_rows, batch_size)))
+        if mirror != "none":
+            mirrored, mirrorable = finetune.mirror_ids(jnp.asarray(channel_rows)[None])
+            flipped = jnp.broadcast_to(mirrorable & (mirrored != channel_rows).any(-1), scores.shape[:1])
+            other = finetune.scores(self.task, jnp.asarray(self._run(self._logits, x, mirrored[0], batch_size)))
+            scores = finetune.mirror_average(self.task, scores, other, flipped, mirror)
+        return np.asarray(scores)
 
     def embed_windows(self, x: np.ndarray, channel_rows: np.ndarray, batch_size: int = 32,
                       pooling: str = "mean") -> np.ndarray:

@@ -61,6 +61,13 @@ def mixup(batch: dict, key: jax.Array, alpha: float) -> tuple[dict, jax.Array, j
     return {**batch, "x": w * batch["x"] + (1 - w) * batch["x"][perm]}, lam, perm
 
 
+def mirror_ids(ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Spatial-table rows ``ids [b, C]`` (0 = padding) under their left-right mirrors' rows, and
+    whether each sample has a mirror, bool [b]: every electrode's mirror is in the vocabulary."""
+    mirrored = jnp.asarray(channels.mirrored_rows())[ids]
+    return mirrored, (mirrored >= 0).all(-1)
+
+
 def mirror(batch: dict, key: jax.Array, rate: float, swap_label: bool) -> dict:
     """Each training sample, with probability ``rate``, presented left-right mirrored: every
     electrode's signal under its mirror electrode's id (C3's under C4's, midline unchanged;
@@ -68,11 +75,9 @@ def mirror(batch: dict, key: jax.Array, rate: float, swap_label: bool) -> dict:
     two sides (left vs right hand imagery) swap, label -> 1 - label. A sample with an electrode
     that has no mirror in the vocabulary, and a padding sample, stay as they are.
     channel_ids [b, C] int32 (0 = padding)."""
-    table = jnp.asarray(channels.mirrored_rows())
     ids = batch["channel_ids"]
-    mirrored = table[ids]
-    flip = (jax.random.bernoulli(key, rate, ids.shape[:1]) & (mirrored >= 0).all(-1)
-            & batch["valid"].astype(bool))
+    mirrored, mirrorable = mirror_ids(ids)
+    flip = jax.random.bernoulli(key, rate, ids.shape[:1]) & mirrorable & batch["valid"].astype(bool)
     out = {**batch, "channel_ids": jnp.where(flip[:, None], mirrored, ids)}
     if swap_label:
         out["label"] = jnp.where(flip, 1 - batch["label"], batch["label"])

@@ -468,5 +468,6 @@ def test_motor_imagery_recipe_fine_tunes_mirrored_trials_of_real_eegmmidb(eeg_di
     scored = evaluate.score_run(str(tmp_path / "run"), str(records / "manifest.json"), "val", "latest",
                                 mirror="swap")
     np.testing.assert_allclose(scored.scores, (plain + 1 - mirrored) / 2, atol=1e-5)
+    np.testing.assert_allclose(predictor.predict_windows(x, windows.channel_ids, mirror="swap"), scored.scores, atol=1e-5)
     assert np.abs(scored.scores - plain).max() > 1e-3  # the mirror moved the scores: the check can fail
     assert json.loads(report.read_text())["mirror"] == "swap"
