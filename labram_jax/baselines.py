@@ -1,7 +1,7 @@
 """Classical EEG baselines on the same records a model sees: what a deep model must beat.
 
     python -m labram_jax.baselines --data data/eegmat/manifest.json [--train-split train] [--val-split val] \\
-        [--baselines band_power_lr log_spectrum_lr csp_lda]
+        [--baselines band_power_lr log_spectrum_lr csp_lda] [--C 0.01]
 
 Each baseline is a feature map of the windows (``x [n, channels, samples]`` at 200 Hz in
 units of 100 uV, exactly as data_prep stored them) and a scikit-learn classifier, fitted on
@@ -19,7 +19,9 @@ one split's windows and scored on another's with the fine-tuning metrics
 
 Every window of both splits must have the same channels (one montage): the features are per
 channel. ``--centring subject`` centres each subject's features on its own mean before the
-classifier (``labram_jax.subject_centring``: unsupervised adaptation to new subjects).
+classifier (``labram_jax.subject_centring``: unsupervised adaptation to new subjects). ``--C``
+fits the logistic regressions with that inverse regularisation strength instead of theirs (a
+sweep shows how much of an anchor is its regularisation; the named anchors keep theirs).
 """
 
 from __future__ import annotations
@@ -169,16 +171,31 @@ def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: st
     return out
 
 
+def _fits_lr(baseline: Baseline) -> bool:
+    return getattr(baseline.classifier, "func", None) is standardised_lr
+
+
+def with_C(baseline: Baseline, C: float) -> Baseline:
+    """``baseline`` with its logistic regression at inverse regularisation strength ``C``."""
+    if not _fits_lr(baseline):
+        raise ValueError(f"{baseline.name} has no logistic regression: --C applies to "
+                         f"{', '.join(n for n, b in BASELINES.items() if _fits_lr(b))}")
+    return dataclasses.replace(baseline, description=f"{baseline.description.split(' (C')[0]} (C = {C:g})",
+                               classifier=functools.partial(standardised_lr, C))
+
+
 def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "train",
         val_split: str = "val", val_spec: str | None = None, centring: str = "none",
-        by_subject: bool = False) -> dict[str, dict]:
+        by_subject: bool = False, C: float | None = None) -> dict[str, dict]:
     """Each named baseline fitted on ``train_split`` of ``spec`` and scored on ``val_split`` of
-    ``val_spec`` (default: ``spec``); ``centring`` and ``by_subject`` as in :func:`fit_and_score`."""
+    ``val_spec`` (default: ``spec``); ``centring`` and ``by_subject`` as in :func:`fit_and_score`;
+    ``C``: the logistic regressions' inverse regularisation strength instead of their own."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
+    chosen = {name: BASELINES[name] if C is None else with_C(BASELINES[name], C) for name in names}
     train, val = load_windows(spec, train_split), load_windows(val_spec or spec, val_split)
-    return {name: fit_and_score(BASELINES[name], train, val, centring, by_subject) for name in names}
+    return {name: fit_and_score(b, train, val, centring, by_subject) for name, b in chosen.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,17 +211,20 @@ def main(argv: list[str] | None = None) -> int:
                         "baselines only), see labram_jax.subject_centring")
     parser.add_argument("--by-subject", action="store_true", help="also score each validation subject's windows "
                         "alone (AUROC): how evenly a baseline transfers across people")
+    parser.add_argument("--C", type=float, default=None, help="inverse regularisation strength of the logistic "
+                        "regressions (default: each baseline's own: band power 1, log spectrum 0.001)")
     parser.add_argument("--out", default="", help="also write the metrics as JSON here")
     args = parser.parse_args(argv)
     try:
         results = run(args.data, args.baselines, args.train_split, args.val_split, centring=args.centring,
-                      by_subject=args.by_subject)
+                      by_subject=args.by_subject, C=args.C)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, metrics in results.items():
         subjects = metrics.pop("by_subject_auroc", {})
-        print(f"{BASELINES[name].description:<32} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        description = BASELINES[name].description if args.C is None else with_C(BASELINES[name], args.C).description
+        print(f"{description:<32} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if subjects:
             print(f"{'':<32} AUROC by subject: " + " ".join(f"{k} {v:.2f}" for k, v in subjects.items()))
             metrics["by_subject_auroc"] = subjects

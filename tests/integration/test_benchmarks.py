@@ -120,6 +120,14 @@ def test_eegmat_anchor_reproduces_the_issue_figures_and_folds_are_by_subject(eeg
     assert sorted(alone["by_subject_auroc"]) == ["16", "17", "18", "19"]
     assert all(0 <= v <= 1 for v in alone["by_subject_auroc"].values())
     assert len(set(alone["by_subject_auroc"].values())) > 1
+    # --C refits the logistic regressions at another strength: C = 1 is band power's own, so the same fit
+    assert baselines.main(["--data", str(tmp_path / "eegmat" / "fixed.json"), "--baselines", "band_power_lr",
+                           "log_spectrum_lr", "--C", "1", "--out", str(tmp_path / "c1.json")]) == 0
+    refit = json.loads((tmp_path / "c1.json").read_text())
+    assert refit["band_power_lr"]["auroc"] == pytest.approx(anchor["auroc"])
+    assert refit["log_spectrum_lr"]["auroc"] != pytest.approx(results["log_spectrum_lr"]["auroc"], abs=1e-6)
+    with pytest.raises(ValueError, match="no logistic regression: --C applies to band_power_lr, log_spectrum_lr"):
+        baselines.run(str(tmp_path / "eegmat" / "fixed.json"), ["csp_lda"], C=1.0)
     # linear probes of a LaBraM-Tiny with random weights on the same windows: its embeddings carry
     # the spectrum (measured AUROC 0.910 pooled over all tokens, 0.834 per channel)
     split = transfer.Split("fixed", "", "", str(tmp_path / "eegmat" / "fixed.json"), "")
