@@ -21,6 +21,9 @@ subjects (training loss ~0.001). Pretraining on the EEGMMIDB recordings of the t
 (``tokenizer`` and ``pretrain`` stages below: band-limited tokenizer targets, 200 + 400 steps of
 batch 64, the CV's budget) was level with none in that CV (0.656 +- 0.040 / 0.712 +- 0.045; higher on
 3 of 5 folds), so fine-tuning starts from random weights unless ``finetune.init_checkpoint`` is given.
+Regularising the fine-tuning harder did not close the gap in the same CV (session 13: weight decay 1.0,
+drop path 0.3, mixup 0.4; BENCHMARKS.md), and neither does scoring each trial together with its
+left-right mirror (``python -m labram_jax.evaluate ... --mirror swap``: +0.007 / +0.010 here).
 
     # one window per imagery trial; hold out subjects for validation (no subject in both)
     python -m data_prep 'EEGMMIDB/S*/S*R0[48].edf' 'EEGMMIDB/S*/S*R12.edf' --out data/mi --window 4 \\
