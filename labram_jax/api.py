@@ -226,8 +226,8 @@ class Predictor:
         x = np.asarray(x, np.float32)
         scores = finetune.scores(self.task, jnp.asarray(self._run(self._logits, x, channel_rows, batch_size)))
         if mirror != "none":
-            mirrored, mirrorable = finetune.mirror_ids(jnp.asarray(channel_rows)[None])
-            flipped = jnp.broadcast_to(mirrorable & (mirrored != channel_rows).any(-1), scores.shape[:1])
+            mirrored, flipped = finetune.mirror_for_scoring(jnp.asarray(channel_rows)[None])
+            flipped = jnp.broadcast_to(flipped, scores.shape[:1])
             other = finetune.scores(self.task, jnp.asarray(self._run(self._logits, x, mirrored[0], batch_size)))
             scores = finetune.mirror_average(self.task, scores, other, flipped, mirror)
         return np.asarray(scores)

@@ -87,12 +87,20 @@ def mirror(batch: dict, key: jax.Array, rate: float, swap_label: bool) -> dict:
 MIRROR_AVERAGES = ("none", "keep", "swap")
 
 
+def mirror_for_scoring(ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``ids [b, C]`` as scored mirrored at test time, and which samples that changes, bool [b]:
+    not those with an electrode that has no mirror (they keep their ids), nor padding or an
+    all-midline montage (their mirror is themselves)."""
+    mirrored, mirrorable = mirror_ids(ids)
+    flipped = mirrorable & (mirrored != ids).any(-1)
+    return jnp.where(flipped[:, None], mirrored, ids), flipped
+
+
 def mirror_all(batch: dict) -> tuple[dict, jax.Array]:
-    """Every sample of an evaluation batch left-right mirrored (:func:`mirror` at rate 1, labels
-    untouched), and which samples changed, bool [b]: not those with an electrode that has no
-    mirror, padding samples, or a montage that is all midline."""
-    out = mirror(batch, jax.random.key(0), 1.0, swap_label=False)
-    return out, (out["channel_ids"] != batch["channel_ids"]).any(-1)
+    """Every sample of an evaluation batch left-right mirrored (labels untouched), and which
+    samples changed, bool [b] (:func:`mirror_for_scoring`)."""
+    ids, flipped = mirror_for_scoring(batch["channel_ids"])
+    return {**batch, "channel_ids": ids}, flipped
 
 
 def mirror_average(task: str, scores: jax.Array, mirrored_scores: jax.Array, flipped: jax.Array,
