@@ -449,14 +449,16 @@ def last_validation(workdir: pathlib.Path) -> dict[str, float]:
     return {k[4:]: float(v) for k, v in rows[-1].items() if k.startswith("val/")}
 
 
-def seed_ensemble(row_dir: pathlib.Path, mirror: str = "none") -> dict[str, dict]:
+def seed_ensemble(row_dir: pathlib.Path, mirror: str = "none", anchor: str | None = None) -> dict[str, dict]:
     """Per fold of one row's finished fine-tuning runs (``row_dir/<fold>/seed<k>/``): the seeds'
     last-step probabilities averaged window by window and scored (binary metrics), with the
     seeds used and each held-out subject's AUROC (how evenly the row transfers across people).
     Nothing is picked: every finished seed of the fold counts. ``mirror`` (keep, swap): each
     run's scores are first averaged with the left-right mirrored windows' (``evaluate --mirror``);
+    ``anchor`` (a classical baseline): each run's scores, and the seeds' mean, are then blended with
+    that anchor's, fitted on the fold's training windows (``labram_jax.anchor_blend``);
     ``each`` holds every run's own metrics."""
-    from labram_jax import evaluate
+    from labram_jax import baselines, evaluate
     from labram_jax.tasks import finetune as finetune_task
 
     out = {}
@@ -470,11 +472,15 @@ def seed_ensemble(row_dir: pathlib.Path, mirror: str = "none") -> dict[str, dict
         if any(not np.array_equal(s.targets, targets) or list(subjects) != s.provenance["subject"] for s in scored):
             raise SystemExit(f"{fold_dir}: its seeds validated on different windows (data.val in their config.json "
                              "differ): an ensemble averages window by window; rerun the odd seed on the row's records")
-        mean = np.mean([s.scores for s in scored], axis=0)
+        each = [s.scores for s in scored]
+        mean = np.mean(each, axis=0)
+        if anchor:
+            spec = json.loads((runs[0] / "config.json").read_text())["data"]["val"]
+            (mean, *each), _ = baselines.blend_with_anchor(anchor, spec, "val", targets, [mean, *each])
         by_subject = evaluate.by_group("binary", mean, targets, list(subjects))
         out[fold_dir.name] = {"seeds": [run.name for run in runs],
-                              "each": {run.name: finetune_task.compute_metrics("binary", one.scores, targets)
-                                       for run, one in zip(runs, scored)},
+                              "each": {run.name: finetune_task.compute_metrics("binary", one, targets)
+                                       for run, one in zip(runs, each)},
                               **finetune_task.compute_metrics("binary", mean, targets),
                               "by_subject_auroc": {k: v["auroc"] for k, v in by_subject.items()}}
     if not out:
@@ -533,11 +539,13 @@ def paired(report: dict, first: str, second: str) -> str:
     return "\n".join(lines)
 
 
-def print_ensemble(workdir: pathlib.Path, report: str, row: str, mirror: str = "none") -> int:
+def print_ensemble(workdir: pathlib.Path, report: str, row: str, mirror: str = "none",
+                   anchor: str | None = None) -> int:
     """``--ensemble ROW``: scores and records the seed ensemble of ``row`` fold by fold (``report``:
-    ``report_name``, the runs' folder and the report's name); ``mirror`` as for :func:`seed_ensemble`,
-    recorded as the row ``ROW+seed-ensemble+mirror-<mirror>``, and each run alone as ``ROW+mirror-<mirror>``
-    (``--compare ROW ROW+mirror-swap`` pairs them)."""
+    ``report_name``, the runs' folder and the report's name); ``mirror`` and ``anchor`` as for
+    :func:`seed_ensemble`, recorded as the row ``ROW+seed-ensemble`` with ``+mirror-<mirror>`` and
+    ``+blend-<anchor>``, and each run alone as ``ROW+mirror-<mirror>+blend-<anchor>`` (``--compare
+    ROW ROW+blend-log_spectrum_lr`` pairs them)."""
     logging.basicConfig(level=logging.WARNING, force=True)
     row_dir = workdir / report / row.replace("/", "-", 1)
     if not row_dir.is_dir():
@@ -545,22 +553,22 @@ def print_ensemble(workdir: pathlib.Path, report: str, row: str, mirror: str = "
         raise SystemExit(f"--ensemble: no runs of {row!r} under {row_dir}; rows with runs: {', '.join(rows) or 'none'}")
     report_path = workdir / f"{report}.json"
     singles = json.loads(report_path.read_text()).get("rows", {}).get(row, {}) if report_path.exists() else {}
-    name = f"{row}+seed-ensemble" + (f"+mirror-{mirror}" if mirror != "none" else "")
-    for fold, result in seed_ensemble(row_dir, mirror).items():
-        record(report_path, ("rows", name, fold, "ensemble"),
+    rescored = (f"+mirror-{mirror}" if mirror != "none" else "") + (f"+blend-{anchor}" if anchor else "")
+    for fold, result in seed_ensemble(row_dir, mirror, anchor).items():
+        record(report_path, ("rows", f"{row}+seed-ensemble{rescored}", fold, "ensemble"),
                {k: v for k, v in result.items() if k not in ("seeds", "each", "by_subject_auroc")})
-        mirrored = ""
-        if mirror != "none":
+        each = ""
+        if rescored:
             for seed, metrics in result["each"].items():
-                record(report_path, ("rows", f"{row}+mirror-{mirror}", fold, seed[4:]), metrics)
-            mirrored = "; each mirror-averaged " + " ".join(f"{seed}: {m['balanced_accuracy']:.3f} / {m['auroc']:.3f}"
-                                                            for seed, m in result["each"].items())
+                record(report_path, ("rows", f"{row}{rescored}", fold, seed[4:]), metrics)
+            each = f"; each {rescored[1:]} " + " ".join(f"{seed}: {m['balanced_accuracy']:.3f} / {m['auroc']:.3f}"
+                                                       for seed, m in result["each"].items())
         alone = " ".join(f"{seed}: {singles[fold][seed[4:]]['balanced_accuracy']:.3f} / "
                          f"{singles[fold][seed[4:]]['auroc']:.3f}" for seed in result["seeds"]
                          if seed[4:] in singles.get(fold, {}))
         subjects = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in result["by_subject_auroc"].items())
         print(f"{fold}: ensemble of {len(result['seeds'])} BAcc {result['balanced_accuracy']:.3f} AUROC "
-              f"{result['auroc']:.3f} (alone {alone or 'not in the report'}{mirrored}); AUROC by subject: {subjects}")
+              f"{result['auroc']:.3f} (alone {alone or 'not in the report'}{each}); AUROC by subject: {subjects}")
     report = json.loads(report_path.read_text())
     if "splits" in report:  # written by a grid run: the ensemble's row among the others
         print("\n" + table(report))
@@ -611,17 +619,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", default="none", choices=("none", "keep", "swap"),
                         help="with --ensemble: each window's score averaged with its left-right mirror's first "
                         "(swap: left vs right classes, the motor-imagery task); the row gets '+mirror-<how>'")
+    parser.add_argument("--blend-anchor", default=None, choices=sorted({n for names in TASK_BASELINES.values() for n in names}),
+                        help="with --ensemble: each run's scores (after --mirror) blended with this classical "
+                        "anchor's, fitted on the fold's training windows (labram_jax.anchor_blend); the row gets "
+                        "'+blend-<anchor>'")
     parser.add_argument("--compare", nargs=2, metavar=("ROW_A", "ROW_B"), help="only print ROW_B against ROW_A "
                         "(e.g. none/spectrum-cn) over the fold x seed runs both finished, from the report")
     args = parser.parse_args(argv)
-    if args.mirror != "none" and not args.ensemble:
-        parser.error("--mirror rescores finished runs: give it with --ensemble ROW")
+    for flag, value in (("--mirror", args.mirror != "none"), ("--blend-anchor", args.blend_anchor)):
+        if value and not args.ensemble:
+            parser.error(f"{flag} rescores finished runs: give it with --ensemble ROW")
     report = report_name(args.task, args.folds)
     if args.compare:
         print(paired(json.loads((pathlib.Path(args.workdir) / f"{report}.json").read_text()), *args.compare))
         return 0
     if args.ensemble:
-        return print_ensemble(pathlib.Path(args.workdir), report, args.ensemble, args.mirror)
+        return print_ensemble(pathlib.Path(args.workdir), report, args.ensemble, args.mirror, args.blend_anchor)
     # grain and orbax give the root logger a handler when imported: replace it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -22,6 +22,8 @@ channel. ``--centring subject`` centres each subject's features on its own mean 
 classifier (``labram_jax.subject_centring``: unsupervised adaptation to new subjects). ``--C``
 fits the logistic regressions with that inverse regularisation strength instead of theirs (a
 sweep shows how much of an anchor is its regularisation; the named anchors keep theirs).
+``--blend-with NAME`` scores each baseline blended with NAME's scores, window by window, the way
+``evaluate --blend-anchor`` blends a fine-tuned model (``labram_jax.anchor_blend``).
 """
 
 from __future__ import annotations
@@ -139,13 +141,11 @@ def load_windows(spec: str, split: str) -> Windows:
     return Windows(np.stack(x), np.asarray(labels), np.asarray(subjects), np.asarray(montage))
 
 
-def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: str = "none",
-                  by_subject: bool = False) -> dict:
-    """Fits on ``train``, returns the binary metrics on ``val``. ``centring="subject"`` centres
-    each subject's features on its own mean first (``labram_jax.subject_centring``), in both
-    splits; feature baselines only (not ``csp_lda``, whose input is the signal).
-    ``by_subject`` adds ``by_subject_auroc``: each ``val`` subject's windows scored alone
-    (NaN for a subject with one class)."""
+def fit_and_predict(baseline: Baseline, train: Windows, val: Windows, centring: str = "none") -> np.ndarray:
+    """Fits on ``train``, returns the probability of label 1 of every ``val`` window, [n_val].
+    ``centring="subject"`` centres each subject's features on its own mean first
+    (``labram_jax.subject_centring``), in both splits; feature baselines only (not ``csp_lda``,
+    whose input is the signal)."""
     subject_centring.check_centring(centring, train.subjects)
     if not np.array_equal(train.channel_ids, val.channel_ids):
         raise ValueError("the training and validation windows have different channels: classical baselines need "
@@ -163,7 +163,19 @@ def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: st
         x_train = subject_centring.centre_per_subject(x_train, train.subjects)
         x_val = subject_centring.centre_per_subject(x_val, val.subjects)
     with mne.utils.use_log_level("error"):  # CSP logs its rank estimation
-        score = baseline.classifier().fit(x_train, train.labels).predict_proba(x_val)[:, 1]
+        return baseline.classifier().fit(x_train, train.labels).predict_proba(x_val)[:, 1]
+
+
+def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: str = "none",
+                  by_subject: bool = False) -> dict:
+    """Fits on ``train``, returns the binary metrics on ``val`` (:func:`fit_and_predict`).
+    ``by_subject`` adds ``by_subject_auroc``: each ``val`` subject's windows scored alone
+    (NaN for a subject with one class)."""
+    return metrics_of(fit_and_predict(baseline, train, val, centring), val, by_subject)
+
+
+def metrics_of(score: np.ndarray, val: Windows, by_subject: bool = False) -> dict:
+    """Binary metrics of scores [n] of the ``val`` windows; ``by_subject`` as in :func:`fit_and_score`."""
     out = {k: float(v) for k, v in finetune.compute_metrics("binary", score, val.labels).items()}
     if by_subject:
         out["by_subject_auroc"] = {subject: float(m["auroc"]) for subject, m in
@@ -186,16 +198,52 @@ def with_C(baseline: Baseline, C: float) -> Baseline:
 
 def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "train",
         val_split: str = "val", val_spec: str | None = None, centring: str = "none",
-        by_subject: bool = False, C: float | None = None) -> dict[str, dict]:
+        by_subject: bool = False, C: float | None = None, blend_with: str | None = None) -> dict[str, dict]:
     """Each named baseline fitted on ``train_split`` of ``spec`` and scored on ``val_split`` of
     ``val_spec`` (default: ``spec``); ``centring`` and ``by_subject`` as in :func:`fit_and_score`;
-    ``C``: the logistic regressions' inverse regularisation strength instead of their own."""
-    unknown = [n for n in names if n not in BASELINES]
+    ``C``: the logistic regressions' inverse regularisation strength instead of their own;
+    ``blend_with``: each one's scores blended with this baseline's (``labram_jax.anchor_blend``,
+    as a fine-tuned model's are with ``evaluate --blend-anchor``; its own C)."""
+    unknown = [n for n in (*names, *([blend_with] if blend_with else [])) if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
     chosen = {name: BASELINES[name] if C is None else with_C(BASELINES[name], C) for name in names}
     train, val = load_windows(spec, train_split), load_windows(val_spec or spec, val_split)
-    return {name: fit_and_score(b, train, val, centring, by_subject) for name, b in chosen.items()}
+    if not blend_with:
+        return {name: fit_and_score(b, train, val, centring, by_subject) for name, b in chosen.items()}
+    from labram_jax import anchor_blend
+
+    partner = fit_and_predict(BASELINES[blend_with], train, val, centring)
+    return {name: metrics_of(anchor_blend.blend(fit_and_predict(b, train, val, centring), partner), val, by_subject)
+            for name, b in chosen.items() if name != blend_with}
+
+
+def anchor_scores(name: str, spec: str, split: str = "val", train_split: str = "train") -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """The baseline ``name`` fitted on ``train_split`` of ``spec``: (probability of label 1 [n],
+    label [n]) of every labelled window of ``split``, in record order."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown anchor {name!r}; choose from {sorted(BASELINES)}")
+    if split == train_split:
+        raise ValueError(f"the anchor is fitted on split {train_split!r}: blend it on another split, not on the "
+                         "windows it was fitted on")
+    val = load_windows(spec, split)
+    return fit_and_predict(BASELINES[name], load_windows(spec, train_split), val), val.labels
+
+
+def blend_with_anchor(name: str, spec: str, split: str, targets: np.ndarray,
+                      model_ps: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Binary models' scores of ``split`` of ``spec`` (``model_ps``: each [n], in record order,
+    with their ``targets`` [n]) each blended with the baseline ``name``, fitted once on the
+    ``train`` split (``labram_jax.anchor_blend``): (the blended scores, each [n]; the anchor's own [n])."""
+    from labram_jax import anchor_blend
+
+    anchor_p, anchor_targets = anchor_scores(name, spec, split)
+    if len(anchor_targets) != len(targets) or not np.array_equal(anchor_targets, targets):
+        raise ValueError(f"the model scored {len(targets)} windows of {spec!r} ({split}) and the anchor "
+                         f"{len(anchor_targets)} labelled ones with other labels: blending needs every window "
+                         "labelled and read in the same order")
+    return [anchor_blend.blend(p, anchor_p) for p in model_ps], anchor_p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,17 +261,22 @@ def main(argv: list[str] | None = None) -> int:
                         "alone (AUROC): how evenly a baseline transfers across people")
     parser.add_argument("--C", type=float, default=None, help="inverse regularisation strength of the logistic "
                         "regressions (default: each baseline's own: band power 1, log spectrum 0.001)")
+    parser.add_argument("--blend-with", default=None, choices=sorted(BASELINES), help="score each baseline "
+                        "blended with this one (labram_jax.anchor_blend: standardised logits summed), as "
+                        "`evaluate --blend-anchor` blends a fine-tuned model: what two classical models give together")
     parser.add_argument("--out", default="", help="also write the metrics as JSON here")
     args = parser.parse_args(argv)
     try:
         results = run(args.data, args.baselines, args.train_split, args.val_split, centring=args.centring,
-                      by_subject=args.by_subject, C=args.C)
+                      by_subject=args.by_subject, C=args.C, blend_with=args.blend_with)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, metrics in results.items():
         subjects = metrics.pop("by_subject_auroc", {})
         description = BASELINES[name].description if args.C is None else with_C(BASELINES[name], args.C).description
+        if args.blend_with:
+            description += f" + {BASELINES[args.blend_with].description}"
         print(f"{description:<32} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if subjects:
             print(f"{'':<32} AUROC by subject: " + " ".join(f"{k} {v:.2f}" for k, v in subjects.items()))

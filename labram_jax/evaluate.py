@@ -2,7 +2,7 @@
 
     python -m labram_jax.evaluate --workdir=DIR --data=data/eegmat/manifest.json \\
         [--split val] [--checkpoint best|latest|STEP] [--per-recording] [--by-subject] [--mirror keep|swap] \\
-        [--out metrics.json]
+        [--blend-anchor log_spectrum_lr] [--out metrics.json]
 
 Prints and writes JSON metrics (binary: balanced accuracy, AUROC, AUC-PR, accuracy at
 0.5; multi-class: balanced accuracy, Cohen's kappa, weighted F1, accuracy; regression:
@@ -14,6 +14,10 @@ across people (AUROC is NaN for a subject with one class). ``--mirror`` averages
 score with that of the same window left-right mirrored (each electrode's signal under its mirror's
 id, C3 <-> C4): ``swap`` for binary left vs right classes (a model fine-tuned with
 ``finetune.mirror_label=swap``), ``keep`` where a mirrored window keeps its target.
+``--blend-anchor NAME`` (binary tasks) fits that classical anchor (``labram_jax.baselines``) on
+the ``train`` split of ``--data`` and blends its scores with the model's, window by window
+(``labram_jax.anchor_blend``: each model's logits standardised over the windows scored, summed);
+the report keeps each model's own metrics under ``alone``.
 """
 
 from __future__ import annotations
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", default="none", choices=finetune.MIRROR_AVERAGES,
                         help="average each window's score with its left-right mirror's (C3 <-> C4): keep (same "
                              "target) or swap (binary left vs right classes, as finetune.mirror_label=swap)")
+    parser.add_argument("--blend-anchor", default=None, metavar="ANCHOR",
+                        help="binary tasks: blend the model's scores with this classical anchor's (log_spectrum_lr, "
+                             "band_power_lr, csp_lda), fitted on the train split of --data (labram_jax.anchor_blend)")
     parser.add_argument("--out", default=None, help="JSON output (default: WORKDIR/eval_<split>_<checkpoint>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -204,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         fields = ["recording"] * args.per_recording + ["subject"] * args.by_subject
         run = score_run(args.workdir, args.data, args.split, args.checkpoint, fields, args.mirror)
         task, scores, targets, provenance = run.task, run.scores, run.targets, run.provenance
+        alone = {}
+        if args.blend_anchor:
+            from labram_jax import baselines  # baselines read this module
+
+            if task != "binary":
+                raise ValueError(f"--blend-anchor blends binary scores; this run's task is {task}")
+            (blended,), anchor = baselines.blend_with_anchor(args.blend_anchor, args.data, args.split, targets,
+                                                             [scores])
+            alone = {"model": finetune.compute_metrics(task, scores, targets),
+                     args.blend_anchor: finetune.compute_metrics(task, anchor, targets)}
+            scores = blended
         subjects = provenance.get("subject", [])
         if args.per_recording:
             subject_of = dict(zip(provenance["recording"], subjects))
@@ -211,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             subjects = [subject_of[n] for n in names] if args.by_subject else []
         report = full_report(task, scores, targets, _label_names(args.data))
         report.update(checkpoint_step=run.step, split=args.split, data=args.data,
-                      per_recording=args.per_recording, mirror=args.mirror)
+                      per_recording=args.per_recording, mirror=args.mirror, blend_anchor=args.blend_anchor)
+        if alone:
+            report["alone"] = {name: {k: float(v) for k, v in m.items()} for name, m in alone.items()}
         if args.by_subject:
             report["by_subject"] = by_group(task, scores, targets, subjects)
     except (FileNotFoundError, ValueError, records.RecordError) as err:
@@ -226,11 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         plot_roc(scores, targets, os.path.splitext(out)[0] + "_roc.png")
     shown = {k: v for k, v in report.items() if isinstance(v, float)}
     print(f"{args.workdir} step {run.step} on {args.split} ({report['samples']} "
-          f"{'recordings' if args.per_recording else 'windows'}):")
+          f"{'recordings' if args.per_recording else 'windows'}"
+          f"{', blended with ' + args.blend_anchor if args.blend_anchor else ''}):")
     for key, value in shown.items():
         print(f"  {key:<18} {value:.4f}")
     if "confusion_matrix" in report:
         print(f"  confusion matrix (rows true {report['labels']}): {report['confusion_matrix']}")
+    for name, row in report.get("alone", {}).items():
+        print(f"  {name} alone: " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
     for subject, row in report.get("by_subject", {}).items():
         print(f"  subject {subject:<12} " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "samples")
               + f" ({row['samples']} samples)")

@@ -120,6 +120,17 @@ def test_eegmat_anchor_reproduces_the_issue_figures_and_folds_are_by_subject(eeg
     assert sorted(alone["by_subject_auroc"]) == ["16", "17", "18", "19"]
     assert all(0 <= v <= 1 for v in alone["by_subject_auroc"].values())
     assert len(set(alone["by_subject_auroc"].values())) > 1
+    # --blend-with: each baseline's scores blended with another's, as a fine-tuned model's are
+    assert baselines.main(["--data", str(tmp_path / "eegmat" / "fixed.json"), "--baselines", "band_power_lr",
+                           "--blend-with", "log_spectrum_lr", "--out", str(tmp_path / "blend.json")]) == 0
+    from labram_jax import anchor_blend
+    from labram_jax.tasks import finetune as finetune_task
+
+    pair = [baselines.anchor_scores(name, str(tmp_path / "eegmat" / "fixed.json"))
+            for name in ("band_power_lr", "log_spectrum_lr")]
+    by_hand = finetune_task.compute_metrics("binary", anchor_blend.blend(pair[0][0], pair[1][0]), pair[0][1])
+    blended = json.loads((tmp_path / "blend.json").read_text())["band_power_lr"]
+    assert blended["auroc"] == pytest.approx(by_hand["auroc"]) and blended["auroc"] != pytest.approx(anchor["auroc"])
     # --C refits the logistic regressions at another strength: C = 1 is band power's own, so the same fit
     assert baselines.main(["--data", str(tmp_path / "eegmat" / "fixed.json"), "--baselines", "band_power_lr",
                            "log_spectrum_lr", "--C", "1", "--out", str(tmp_path / "c1.json")]) == 0
@@ -323,3 +334,20 @@ def test_transfer_stops_on_a_run_stopped_early_and_resumes_it(eegmat_shards, tmp
     assert 0 <= mirrored["auroc"] <= 1 and mirrored["auroc"] != pytest.approx(result["auroc"], abs=1e-9)
     with pytest.raises(SystemExit):  # --mirror only rescores finished runs
         transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--mirror", "swap"])
+    # ... and blended with a classical anchor fitted on the fold's training windows (after the mirror)
+    assert transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--ensemble", "none/spectrum",
+                          "--mirror", "keep", "--blend-anchor", "log_spectrum_lr"]) == 0
+    rows = json.loads((tmp_path / "eegmat.json").read_text())["rows"]
+    blended = rows["none/spectrum+mirror-keep+blend-log_spectrum_lr"]["fold0"]["0"]
+    assert rows["none/spectrum+seed-ensemble+mirror-keep+blend-log_spectrum_lr"]["fold0"]["ensemble"] == blended
+    from labram_jax import anchor_blend, baselines, evaluate
+    from labram_jax.tasks import finetune as finetune_task
+
+    scored = evaluate.score_run(str(tmp_path / "row" / "fold0" / "seed0"), str(eegmat_shards), "val", "latest",
+                                mirror="keep")
+    anchor, _ = baselines.anchor_scores("log_spectrum_lr", str(eegmat_shards))
+    by_hand = finetune_task.compute_metrics("binary", anchor_blend.blend(scored.scores, anchor), scored.targets)
+    assert blended["auroc"] == pytest.approx(by_hand["auroc"], abs=1e-9)
+    assert blended["auroc"] != pytest.approx(mirrored["auroc"], abs=1e-9)  # the anchor moved the scores
+    with pytest.raises(SystemExit):  # --blend-anchor only rescores finished runs
+        transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--blend-anchor", "csp_lda"])

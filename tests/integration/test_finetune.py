@@ -471,3 +471,31 @@ def test_motor_imagery_recipe_fine_tunes_mirrored_trials_of_real_eegmmidb(eeg_di
     np.testing.assert_allclose(predictor.predict_windows(x, windows.channel_ids, mirror="swap"), scored.scores, atol=1e-5)
     assert np.abs(scored.scores - plain).max() > 1e-3  # the mirror moved the scores: the check can fail
     assert json.loads(report.read_text())["mirror"] == "swap"
+
+    # blended with the log-spectrum anchor (evaluate --blend-anchor): the mirror-averaged scores and the
+    # anchor fitted on the training run's windows, each logit standardised over the windows, summed
+    from labram_jax import anchor_blend
+    from labram_jax.tasks import finetune
+
+    report = tmp_path / "blend.json"
+    assert evaluate.main(["--workdir", str(tmp_path / "run"), "--data", str(records / "manifest.json"),
+                          "--checkpoint", "latest", "--mirror", "swap", "--blend-anchor", "log_spectrum_lr",
+                          "--out", str(report)]) == 0
+    anchor = baselines.fit_and_predict(baselines.BASELINES["log_spectrum_lr"],
+                                       baselines.load_windows(str(records / "manifest.json"), "train"), windows)
+    by_hand = anchor_blend.blend(scored.scores, anchor)
+    blended = json.loads(report.read_text())
+    expected = finetune.compute_metrics("binary", by_hand, windows.labels)
+    assert blended["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+    assert blended["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"], abs=1e-6)
+    assert blended["alone"]["model"]["auroc"] == pytest.approx(
+        finetune.compute_metrics("binary", scored.scores, windows.labels)["auroc"], abs=1e-6)
+    assert blended["alone"]["log_spectrum_lr"]["auroc"] == pytest.approx(
+        finetune.compute_metrics("binary", anchor, windows.labels)["auroc"], abs=1e-6)
+    # the blend is neither model alone: both moved it (each standardised logit weighs 1)
+    z_model, z_anchor = anchor_blend.standardised_logits(scored.scores), anchor_blend.standardised_logits(anchor)
+    assert np.abs(z_model - z_anchor).max() > 0.1
+    # a single split cannot blend: the anchor would score its own training windows
+    assert evaluate.main(["--workdir", str(tmp_path / "run"), "--data", str(records / "manifest.json"),
+                          "--split", "train", "--checkpoint", "latest", "--blend-anchor", "log_spectrum_lr",
+                          "--out", str(tmp_path / "x.json")]) == 2
