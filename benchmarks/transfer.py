@@ -458,8 +458,7 @@ def seed_ensemble(row_dir: pathlib.Path, mirror: str = "none", anchor: str | Non
     ``anchor`` (a classical baseline): each run's scores, and the seeds' mean, are then blended with
     that anchor's, fitted on the fold's training windows (``labram_jax.anchor_blend``);
     ``each`` holds every run's own metrics."""
-    from labram_jax import baselines, evaluate
-    from labram_jax.tasks import finetune as finetune_task
+    from labram_jax import baselines, evaluate, task_metrics
 
     out = {}
     for fold_dir in sorted(p for p in row_dir.iterdir() if p.is_dir()):
@@ -477,11 +476,11 @@ def seed_ensemble(row_dir: pathlib.Path, mirror: str = "none", anchor: str | Non
         if anchor:
             spec = json.loads((runs[0] / "config.json").read_text())["data"]["val"]
             (mean, *each), _ = baselines.blend_with_anchor(anchor, spec, "val", targets, [mean, *each])
-        by_subject = evaluate.by_group("binary", mean, targets, list(subjects))
+        by_subject = task_metrics.by_group("binary", mean, targets, list(subjects))
         out[fold_dir.name] = {"seeds": [run.name for run in runs],
-                              "each": {run.name: finetune_task.compute_metrics("binary", one, targets)
+                              "each": {run.name: task_metrics.compute_metrics("binary", one, targets)
                                        for run, one in zip(runs, each)},
-                              **finetune_task.compute_metrics("binary", mean, targets),
+                              **task_metrics.compute_metrics("binary", mean, targets),
                               "by_subject_auroc": {k: v["auroc"] for k, v in by_subject.items()}}
     if not out:
         raise SystemExit(f"{row_dir} holds no finished fine-tuning run (fold*/seed*/model.npz)")

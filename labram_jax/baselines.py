@@ -6,7 +6,7 @@
 Each baseline is a feature map of the windows (``x [n, channels, samples]`` at 200 Hz in
 units of 100 uV, exactly as data_prep stored them) and a scikit-learn classifier, fitted on
 one split's windows and scored on another's with the fine-tuning metrics
-(:func:`labram_jax.tasks.finetune.compute_metrics`, binary tasks):
+(:func:`labram_jax.task_metrics.compute_metrics`, binary tasks):
 
 - ``band_power_lr``: log band power (Welch, 2-s segments) in delta, theta, alpha, beta and
   low gamma (1-4, 4-8, 8-13, 13-30, 30-45 Hz) of every channel, standardised, logistic
@@ -37,8 +37,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from labram_jax import evaluate, input_pipeline, records, subject_centring
-from labram_jax.tasks import finetune
+from labram_jax import input_pipeline, records, subject_centring, task_metrics
 
 BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
 CSP_BAND_HZ = (8.0, 30.0)
@@ -176,10 +175,10 @@ def fit_and_score(baseline: Baseline, train: Windows, val: Windows, centring: st
 
 def metrics_of(score: np.ndarray, val: Windows, by_subject: bool = False) -> dict:
     """Binary metrics of scores [n] of the ``val`` windows; ``by_subject`` as in :func:`fit_and_score`."""
-    out = {k: float(v) for k, v in finetune.compute_metrics("binary", score, val.labels).items()}
+    out = {k: float(v) for k, v in task_metrics.compute_metrics("binary", score, val.labels).items()}
     if by_subject:
         out["by_subject_auroc"] = {subject: float(m["auroc"]) for subject, m in
-                                   evaluate.by_group("binary", score, val.labels, val.subjects.tolist()).items()}
+                                   task_metrics.by_group("binary", score, val.labels, val.subjects.tolist()).items()}
     return out
 
 
@@ -218,32 +217,41 @@ def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "
             for name, b in chosen.items() if name != blend_with}
 
 
-def anchor_scores(name: str, spec: str, split: str = "val", train_split: str = "train") -> tuple[np.ndarray,
-                                                                                                   np.ndarray]:
-    """The baseline ``name`` fitted on ``train_split`` of ``spec``: (probability of label 1 [n],
-    label [n]) of every labelled window of ``split``, in record order."""
+def anchor_scores(name: str, spec: str, split: str = "val", train_split: str = "train",
+                  train_spec: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline ``name`` fitted on ``train_split`` of ``train_spec`` (default: ``spec``):
+    (probability of label 1 [n], label [n]) of every labelled window of ``split`` of ``spec``, in
+    record order."""
     if name not in BASELINES:
         raise ValueError(f"unknown anchor {name!r}; choose from {sorted(BASELINES)}")
     if split == train_split:
         raise ValueError(f"the anchor is fitted on split {train_split!r}: blend it on another split, not on the "
                          "windows it was fitted on")
     val = load_windows(spec, split)
-    return fit_and_predict(BASELINES[name], load_windows(spec, train_split), val), val.labels
+    return fit_and_predict(BASELINES[name], load_windows(train_spec or spec, train_split), val), val.labels
 
 
 def blend_with_anchor(name: str, spec: str, split: str, targets: np.ndarray,
-                      model_ps: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+                      model_ps: Sequence[np.ndarray], train_spec: str | None = None) -> tuple[list[np.ndarray],
+                                                                                               np.ndarray]:
     """Binary models' scores of ``split`` of ``spec`` (``model_ps``: each [n], in record order,
     with their ``targets`` [n]) each blended with the baseline ``name``, fitted once on the
-    ``train`` split (``labram_jax.anchor_blend``): (the blended scores, each [n]; the anchor's own [n])."""
+    ``train`` split of ``train_spec`` (default: ``spec``; ``labram_jax.anchor_blend``): (the
+    blended scores, each [n]; the anchor's own [n])."""
     from labram_jax import anchor_blend
 
-    anchor_p, anchor_targets = anchor_scores(name, spec, split)
-    if len(anchor_targets) != len(targets) or not np.array_equal(anchor_targets, targets):
-        raise ValueError(f"the model scored {len(targets)} windows of {spec!r} ({split}) and the anchor "
-                         f"{len(anchor_targets)} labelled ones with other labels: blending needs every window "
-                         "labelled and read in the same order")
+    anchor_p, anchor_targets = anchor_scores(name, spec, split, train_spec=train_spec)
+    check_same_windows(anchor_targets, targets, f"{spec!r} ({split})")
     return [anchor_blend.blend(p, anchor_p) for p in model_ps], anchor_p
+
+
+def check_same_windows(anchor_labels: np.ndarray, targets: np.ndarray, where: str) -> None:
+    """Refuses to blend a model's scores (``targets`` [n]) with an anchor's (``anchor_labels``
+    [m]) unless both read the same labelled windows of ``where`` in the same order."""
+    if len(anchor_labels) != len(targets) or not np.array_equal(anchor_labels, targets):
+        raise ValueError(f"the model scored {len(targets)} windows of {where} and the anchor {len(anchor_labels)} "
+                         "labelled ones with other labels: blending needs every window labelled and read in the "
+                         "same order")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,6 +196,17 @@ def _mirror_label(path, v, c):
     return None
 
 
+def _blend_anchor(path, v, c):
+    anchors = ("band_power_lr", "csp_lda", "log_spectrum_lr")  # labram_jax.baselines.BASELINES
+    if v and v not in anchors:
+        return f"{path}={v!r}: choose one of {anchors} or ''"
+    if v and c.finetune.task != "binary":
+        return f"{path}={v!r} blends binary scores; config.finetune.task is {c.finetune.task!r}"
+    if v and not c.data.val:
+        return f"{path}={v!r} blends the validation scores: set config.data.val"
+    return None
+
+
 def _class_weight(path, v, c):
     if v not in ("", "none") and c.finetune.task == "regression":
         return f"{path} applies to classification; set it to none"
@@ -344,6 +355,10 @@ def schema(size: str, stage: str) -> dict:
             "lora_alpha": Field(16.0, "the adapters are scaled by lora_alpha / lora_rank"),
             "best_metric": Field("balanced_accuracy", "the validation metric the best checkpoint maximises",
                                  _best_metric),
+            "blend_anchor": Field("", "binary tasks: validation also reports the scores blended with this "
+                                  "classical anchor, fitted on data.train's train split (blend_* metrics; "
+                                  "labram_jax.anchor_blend): log_spectrum_lr, band_power_lr or csp_lda; '' = none",
+                                  _blend_anchor),
         }
     return fields
 

@@ -34,7 +34,8 @@ import jax
 import numpy as np
 from sklearn import metrics as skm
 
-from labram_jax import config_schema, data_spec, input_pipeline, model_file, records, sharding, steps
+from labram_jax import baselines, config_schema, data_spec, input_pipeline, model_file, records, sharding, steps
+from labram_jax.task_metrics import by_group, compute_metrics
 from labram_jax.tasks import finetune
 
 log = logging.getLogger("labram_jax")
@@ -82,18 +83,8 @@ def per_recording(task: str, scores: np.ndarray, targets: np.ndarray, recordings
     return agg_scores, np.asarray(agg_targets), names
 
 
-def by_group(task: str, scores: np.ndarray, targets: np.ndarray, groups: list[str]) -> dict[str, dict]:
-    """The task's metrics over each group's samples alone (e.g. per subject), and the count."""
-    groups = np.asarray(groups)
-    out = {}
-    for name in sorted(set(groups.tolist())):
-        keep = groups == name
-        out[name] = {"samples": int(keep.sum()), **finetune.compute_metrics(task, scores[keep], targets[keep])}
-    return out
-
-
 def full_report(task: str, scores: np.ndarray, targets: np.ndarray, label_names: list[str] | None = None) -> dict:
-    report = {"task": task, "samples": int(len(targets)), **finetune.compute_metrics(task, scores, targets)}
+    report = {"task": task, "samples": int(len(targets)), **compute_metrics(task, scores, targets)}
     if task != "regression":
         pred = (scores >= 0.5).astype(int) if task == "binary" else scores.argmax(axis=1)
         k = 2 if task == "binary" else scores.shape[1]
@@ -213,14 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         task, scores, targets, provenance = run.task, run.scores, run.targets, run.provenance
         alone = {}
         if args.blend_anchor:
-            from labram_jax import baselines  # baselines read this module
-
             if task != "binary":
                 raise ValueError(f"--blend-anchor blends binary scores; this run's task is {task}")
             (blended,), anchor = baselines.blend_with_anchor(args.blend_anchor, args.data, args.split, targets,
                                                              [scores])
-            alone = {"model": finetune.compute_metrics(task, scores, targets),
-                     args.blend_anchor: finetune.compute_metrics(task, anchor, targets)}
+            alone = {"model": compute_metrics(task, scores, targets),
+                     args.blend_anchor: compute_metrics(task, anchor, targets)}
             scores = blended
         subjects = provenance.get("subject", [])
         if args.per_recording:

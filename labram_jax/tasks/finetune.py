@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from sklearn import metrics as skm
 
-from labram_jax import channels, config_schema, convert, data_spec, model_file
+from labram_jax import anchor_blend, baselines, channels, config_schema, convert, data_spec, model_file
+from labram_jax.task_metrics import compute_metrics
 from labram_jax.models import config as model_config
 from labram_jax.models import stacking
 from labram_jax.models import transformer
@@ -152,25 +152,22 @@ def scores(task: str, outputs: jax.Array) -> jax.Array:
     return outputs[:, 0]
 
 
-def compute_metrics(task: str, score: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """LABRAM.md section 7 metrics with scikit-learn (binary threshold 0.5)."""
-    score, target = np.asarray(score), np.asarray(target)
-    if task == "binary":
-        pred = (score >= 0.5).astype(int)
-        two_classes = len(np.unique(target)) == 2
-        return {"balanced_accuracy": skm.balanced_accuracy_score(target, pred),
-                "auroc": skm.roc_auc_score(target, score) if two_classes else float("nan"),
-                "auc_pr": skm.average_precision_score(target, score) if two_classes else float("nan"),
-                "accuracy": skm.accuracy_score(target, pred)}
-    if task == "multiclass":
-        pred = score.argmax(axis=1)
-        return {"balanced_accuracy": skm.balanced_accuracy_score(target, pred),
-                "cohen_kappa": skm.cohen_kappa_score(target, pred),
-                "weighted_f1": skm.f1_score(target, pred, average="weighted"),
-                "accuracy": skm.accuracy_score(target, pred)}
-    err = score - target
-    r = np.corrcoef(score, target)[0, 1] if len(score) > 1 and np.std(score) > 0 else float("nan")
-    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))), "pearson_r": float(r)}
+def blended_metrics(anchor: str, train_spec: str, val_spec: str):
+    """``metrics(scores [n], targets [n])`` of a binary task's validation windows (``val_spec``'s
+    val split, in record order): :func:`compute_metrics`, and the same of the scores blended with
+    the classical ``anchor`` fitted on ``train_spec``'s train split (``labram_jax.anchor_blend``)
+    as ``blend_<metric>``. The anchor is fitted at the first call, once."""
+    anchor_p = []
+
+    def metrics(score: np.ndarray, target: np.ndarray) -> dict[str, float]:
+        if not anchor_p:
+            anchor_p.append(baselines.anchor_scores(anchor, val_spec, "val", train_spec=train_spec))
+        p, labels = anchor_p[0]
+        baselines.check_same_windows(labels, target, f"data.val {val_spec!r}")
+        blended = compute_metrics("binary", anchor_blend.blend(score, p), target)
+        return {**compute_metrics("binary", score, target), **{f"blend_{k}": v for k, v in blended.items()}}
+
+    return metrics
 
 
 def class_weights(setting: str, spec: str, num_classes: int) -> np.ndarray | None:
@@ -304,9 +301,11 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
                           stage_lib.effective_patch_mask(batch))
         return scores(ft.task, out)
 
+    metrics = (blended_metrics(ft.blend_anchor, config.data.train, config.data.val) if ft.blend_anchor
+               else functools.partial(compute_metrics, ft.task))
     return stage_lib.Stage(name="finetune", model=model, init=init, loss_fn=loss_fn, depth=cfg.depth,
                            predict=predict, target="value" if ft.task == "regression" else "label",
-                           metrics=functools.partial(compute_metrics, ft.task), best_metric=ft.best_metric,
+                           metrics=metrics, best_metric=ft.best_metric,
                            trainable=lambda params: trainable_mask(params, ft.mode, ft.last_k, cfg.depth))
 
 

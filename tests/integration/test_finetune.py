@@ -469,20 +469,24 @@ def test_motor_imagery_recipe_fine_tunes_mirrored_trials_of_real_eegmmidb(eeg_di
                                 mirror="swap")
     np.testing.assert_allclose(scored.scores, (plain + 1 - mirrored) / 2, atol=1e-5)
     np.testing.assert_allclose(predictor.predict_windows(x, windows.channel_ids, mirror="swap"), scored.scores, atol=1e-5)
+    # the recipe's validation reports the final model blended with the anchor too (finetune.blend_anchor)
+    from labram_jax import anchor_blend
+    from labram_jax.tasks import finetune
+
+    anchor = baselines.fit_and_predict(baselines.BASELINES["log_spectrum_lr"],
+                                       baselines.load_windows(str(records / "manifest.json"), "train"), windows)
+    during = finetune.compute_metrics("binary", anchor_blend.blend(plain, anchor), windows.labels)
+    assert out["val/blend_auroc"] == pytest.approx(during["auroc"], abs=1e-4)
+    assert out["val/blend_balanced_accuracy"] == pytest.approx(during["balanced_accuracy"], abs=1e-4)
     assert np.abs(scored.scores - plain).max() > 1e-3  # the mirror moved the scores: the check can fail
     assert json.loads(report.read_text())["mirror"] == "swap"
 
     # blended with the log-spectrum anchor (evaluate --blend-anchor): the mirror-averaged scores and the
     # anchor fitted on the training run's windows, each logit standardised over the windows, summed
-    from labram_jax import anchor_blend
-    from labram_jax.tasks import finetune
-
     report = tmp_path / "blend.json"
     assert evaluate.main(["--workdir", str(tmp_path / "run"), "--data", str(records / "manifest.json"),
                           "--checkpoint", "latest", "--mirror", "swap", "--blend-anchor", "log_spectrum_lr",
                           "--out", str(report)]) == 0
-    anchor = baselines.fit_and_predict(baselines.BASELINES["log_spectrum_lr"],
-                                       baselines.load_windows(str(records / "manifest.json"), "train"), windows)
     by_hand = anchor_blend.blend(scored.scores, anchor)
     blended = json.loads(report.read_text())
     expected = finetune.compute_metrics("binary", by_hand, windows.labels)

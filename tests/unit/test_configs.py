@@ -117,6 +117,8 @@ def test_motor_imagery_recipe_is_the_cross_validated_row(stage):
         ours, theirs = shipped[section].to_dict(), row[section].to_dict()
         if section == "data":  # the paths differ; the grid and batch are the recipe
             ours, theirs = ({k: d[k] for k in ("max_channels", "max_windows", "batch_size")} for d in (ours, theirs))
+        if section == "finetune":  # validation only (no weight changes): the harness blends finished runs instead
+            assert ours.pop("blend_anchor") == "log_spectrum_lr" and theirs.pop("blend_anchor") == ""
         assert ours == theirs, section
     assert shipped.seed == row.seed and shipped.eval_every == (300 if stage == "finetune" else row.eval_every)
     assert shipped.data.train.startswith("data/") and (stage != "finetune" or shipped.data.val == shipped.data.train)
