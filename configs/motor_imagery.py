@@ -25,6 +25,17 @@ Regularising the fine-tuning harder did not close the gap in the same CV (sessio
 drop path 0.3, mixup 0.4; BENCHMARKS.md), and neither does scoring each trial together with its
 left-right mirror (``python -m labram_jax.evaluate ... --mirror swap``: +0.007 / +0.010 here).
 
+What beats the anchor is the network **blended with it** (session 14): each model's logits
+standardised over the trials scored and summed (``labram_jax.anchor_blend``; the anchor fitted on
+the same training trials). Over seeds 0-1 of the CV that is **0.694 +- 0.017 / 0.761 +- 0.027**
+against the anchor's 0.685 / 0.748 (above on both, by less than the fold spread; seed 1 alone by
++0.002 / +0.002), while blending the anchor with CSP + LDA instead lowers it (0.680 / 0.737): the
+network sees something in the trials the log spectrum does not. This recipe sets
+``finetune.blend_anchor = "log_spectrum_lr"``, so validation logs ``val/blend_*`` next to the
+network's own metrics; score new subjects the same way with ``python -m labram_jax.evaluate
+--workdir=runs/mi/finetune --data=data/mi_aligned_centred/manifest.json --checkpoint latest
+--blend-anchor log_spectrum_lr`` (a batch of trials at a time: the blend standardises over them).
+
     # one window per imagery trial; hold out subjects for validation (no subject in both)
     python -m data_prep 'EEGMMIDB/S*/S*R0[48].edf' 'EEGMMIDB/S*/S*R12.edf' --out data/mi --window 4 \\
         --notch 60 --label-from annotations --annotation-labels T1=left,T2=right --event-windows \\

@@ -13,8 +13,10 @@ equally. Like subject centring (``data_prep.centring``) it needs a batch of unla
 not one; the 0.5 threshold then assumes the scored windows hold both classes in similar
 numbers (AUROC does not depend on it).
 
-What it is worth on motor imagery, over the subject-wise cross-validation: BENCHMARKS.md
-"Session 14".
+On motor imagery (EEGMMIDB left vs right fist, 5-fold subject-wise CV, BENCHMARKS.md "Session
+14") LaBraM-Tiny alone stays below the log spectrum + LR, but blended with it is above it
+(0.694 / 0.761 against 0.685 / 0.748 balanced accuracy / AUROC, 10 runs): the two err on
+different trials. Blending two classical anchors the same way is not above the better one.
 """
 
 from __future__ import annotations
