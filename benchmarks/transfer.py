@@ -618,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", default="none", choices=("none", "keep", "swap"),
                         help="with --ensemble: each window's score averaged with its left-right mirror's first "
                         "(swap: left vs right classes, the motor-imagery task); the row gets '+mirror-<how>'")
-    parser.add_argument("--blend-anchor", default=None, choices=sorted({n for names in TASK_BASELINES.values() for n in names}),
+    parser.add_argument("--blend-anchor", default=None,
+                        choices=sorted({name for names in TASK_BASELINES.values() for name in names}),
                         help="with --ensemble: each run's scores (after --mirror) blended with this classical "
                         "anchor's, fitted on the fold's training windows (labram_jax.anchor_blend); the row gets "
                         "'+blend-<anchor>'")

@@ -4,9 +4,9 @@
 
 The anchor (``labram_jax.baselines``: ``log_spectrum_lr``, ``band_power_lr``, ``csp_lda``) is
 fitted on the ``train`` split of the same data spec (the windows the model was fine-tuned on)
-and scores the evaluated windows (``baselines.blend_with_anchor``). Each model's binary logit, ``log(p / (1 - p))``, is
-standardised over the windows scored (mean 0, std 1; no labels are used) and the two are
-summed; the blended probability of label 1 is the sigmoid of that sum. Standardising puts a
+and scores the evaluated windows (``baselines.blend_with_anchor``). Each model's binary logit,
+``log(p / (1 - p))``, is standardised over the windows scored (mean 0, std 1; no labels are
+used) and the two are summed; the blended probability of label 1 is the sigmoid of that sum. Standardising puts a
 fine-tuned network, whose logits grow large once it has memorised its training subjects, and a
 strongly regularised linear model, whose logits stay near 0, on one scale, so each counts
 equally. Like subject centring (``data_prep.centring``) it needs a batch of unlabelled windows,

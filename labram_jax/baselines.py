@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from labram_jax import input_pipeline, records, subject_centring, task_metrics
+from labram_jax import anchor_blend, input_pipeline, records, subject_centring, task_metrics
 
 BANDS_HZ = ((1, 4), (4, 8), (8, 13), (13, 30), (30, 45))
 CSP_BAND_HZ = (8.0, 30.0)
@@ -202,7 +202,7 @@ def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "
     ``val_spec`` (default: ``spec``); ``centring`` and ``by_subject`` as in :func:`fit_and_score`;
     ``C``: the logistic regressions' inverse regularisation strength instead of their own;
     ``blend_with``: each one's scores blended with this baseline's (``labram_jax.anchor_blend``,
-    as a fine-tuned model's are with ``evaluate --blend-anchor``; its own C)."""
+    as a fine-tuned model's are with ``evaluate --blend-anchor``; its own C; not itself)."""
     unknown = [n for n in (*names, *([blend_with] if blend_with else [])) if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
@@ -210,8 +210,6 @@ def run(spec: str, names: Sequence[str] = tuple(BASELINES), train_split: str = "
     train, val = load_windows(spec, train_split), load_windows(val_spec or spec, val_split)
     if not blend_with:
         return {name: fit_and_score(b, train, val, centring, by_subject) for name, b in chosen.items()}
-    from labram_jax import anchor_blend
-
     partner = fit_and_predict(BASELINES[blend_with], train, val, centring)
     return {name: metrics_of(anchor_blend.blend(fit_and_predict(b, train, val, centring), partner), val, by_subject)
             for name, b in chosen.items() if name != blend_with}
@@ -238,8 +236,6 @@ def blend_with_anchor(name: str, spec: str, split: str, targets: np.ndarray,
     with their ``targets`` [n]) each blended with the baseline ``name``, fitted once on the
     ``train`` split of ``train_spec`` (default: ``spec``; ``labram_jax.anchor_blend``): (the
     blended scores, each [n]; the anchor's own [n])."""
-    from labram_jax import anchor_blend
-
     anchor_p, anchor_targets = anchor_scores(name, spec, split, train_spec=train_spec)
     check_same_windows(anchor_targets, targets, f"{spec!r} ({split})")
     return [anchor_blend.blend(p, anchor_p) for p in model_ps], anchor_p

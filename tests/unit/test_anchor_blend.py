@@ -55,3 +55,29 @@ def test_two_models_that_err_on_different_windows_blend_above_each():
 def test_what_cannot_be_blended_is_refused_with_the_reason(model, anchor, match):
     with pytest.raises(ValueError, match=match):
         anchor_blend.blend(model, anchor)
+
+
+def _problems(config) -> str:
+    from labram_jax import config_schema
+
+    try:
+        config_schema.validate(config, 1)
+    except config_schema.ConfigError as err:
+        return str(err)  # every problem, listed (here also the recipe's data paths, absent in tests)
+    return ""
+
+
+def test_the_config_names_every_anchor_the_baselines_have():
+    from labram_jax import baselines
+    from labram_jax_configs import motor_imagery
+
+    c = motor_imagery.get_config("finetune")
+    assert c.finetune.blend_anchor == "log_spectrum_lr" and "blend_anchor" not in _problems(c)
+    for name in baselines.BASELINES:
+        c.finetune.blend_anchor = name
+        assert "blend_anchor" not in _problems(c)
+    c.finetune.blend_anchor = "svm"
+    assert "blend_anchor='svm': choose one of" in _problems(c)
+    c.finetune.blend_anchor, c.finetune.task, c.finetune.mirror_label = "csp_lda", "multiclass", "keep"
+    c.model.num_outputs = 3
+    assert "blends binary scores" in _problems(c)
