@@ -15,7 +15,7 @@ numbers (AUROC does not depend on it).
 
 On motor imagery (EEGMMIDB left vs right fist, 5-fold subject-wise CV, BENCHMARKS.md "Session
 14") LaBraM-Tiny alone stays below the log spectrum + LR, but blended with it is above it
-(0.694 / 0.761 against 0.685 / 0.748 balanced accuracy / AUROC, 10 runs): the two err on
+(0.693 / 0.763 against 0.685 / 0.748 balanced accuracy / AUROC, 15 runs): the two err on
 different trials. Blending two classical anchors the same way is not above the better one.
 """
 
