@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         alone = {}
         if args.blend_anchor:
             if task != "binary":
-                raise ValueError(f"--blend-anchor blends binary scores; this run's task is {task}")
+                raise ValueError(f"--blend-anchor blends binary scores; {args.workdir} is a {task} model: evaluate it "
+                                 "without --blend-anchor")
             (blended,), anchor = baselines.blend_with_anchor(args.blend_anchor, args.data, args.split, targets,
                                                              [scores])
             alone = {"model": compute_metrics(task, scores, targets),
