@@ -29,8 +29,9 @@ What beats the anchor is the network **blended with it** (session 14): each mode
 standardised over the trials scored and summed (``labram_jax.anchor_blend``; the anchor fitted on
 the same training trials). Over seeds 0-2 of the CV that is **0.693 +- 0.023 / 0.763 +- 0.025**
 against the anchor's 0.685 / 0.748 (15 runs; above on both, by less than the fold spread; seed 1
-alone by +0.002 / +0.002; the network alone 0.641 / 0.695), while blending the anchor with CSP + LDA instead lowers it (0.680 / 0.737): the
-network sees something in the trials the log spectrum does not. This recipe sets
+alone by +0.002 / +0.002; the network alone 0.641 / 0.695), while blending the anchor with CSP +
+LDA instead lowers it (0.680 / 0.737): the network sees something in the trials the log spectrum
+does not. This recipe sets
 ``finetune.blend_anchor = "log_spectrum_lr"``, so validation logs ``val/blend_*`` next to the
 network's own metrics; score new subjects the same way with ``python -m labram_jax.evaluate
 --workdir=runs/mi/finetune --data=data/mi_aligned_centred/manifest.json --checkpoint latest
