@@ -206,10 +206,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         h, hd, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
         w_qkv = self.param("qkv", logical(trunc_normal(), ("embed", "qkv", "heads", "kv")), (d, 3, h, hd))
-        qkv = jnp.einsum("bld,dthk->tbhlk", x, w_qkv.astype(cfg.dtype))  # heads-major q, k, v: [B, H, L, hd]
+        # One [B*L, D] x [D, 3D] product, then q, k, v split into heads: [3, B, H, L, hd]. A
+        # heads-major einsum straight from x was slower on XLA:CPU (its backward transposes the
+        # 5-D gradient inside the product; BENCHMARKS.md "What each optimisation bought").
+        qkv = jnp.einsum("bld,de->ble", x, w_qkv.reshape(d, 3 * d).astype(cfg.dtype))
         if cfg.lora_rank:
-            delta = LoRA(3 * d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="qkv_lora")(x)
-            qkv = qkv + delta.reshape(*x.shape[:2], 3, h, hd).transpose(2, 0, 3, 1, 4)
+            qkv = qkv + LoRA(3 * d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="qkv_lora")(x)
+        qkv = qkv.reshape(*x.shape[:2], 3, h, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
             q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
@@ -224,9 +227,9 @@ class Attention(nn.Module):
         std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
-        y = jnp.einsum("bhlk,hkd->bld", out, w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+        merged = out.transpose(0, 2, 1, 3).reshape(*x.shape[:2], d)  # [B, L, H*hd]
+        y = jnp.einsum("ble,ed->bld", merged, w_out.reshape(d, d).astype(cfg.dtype)) + b_out.astype(cfg.dtype)
         if cfg.lora_rank:
-            merged = out.transpose(0, 2, 1, 3).reshape(*y.shape[:2], h * hd)  # [B, L, H*hd]
             y = y + LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged)
         return y
 
