@@ -15,6 +15,10 @@ import re
 VECTOR_ISAS = ("amx_tile", "avx512f", "avx2", "avx", "sse4_2", "neon", "asimd")
 ISA_NAMES = {"amx_tile": "AMX", "avx512f": "AVX-512", "avx2": "AVX2", "avx": "AVX", "sse4_2": "SSE4.2",
              "neon": "NEON", "asimd": "NEON"}
+# The most float32 FLOP one x86 core can do per cycle held to an instruction set: two FMA pipes of
+# its vector width (16, 8, 8 or 4 lanes), 2 FLOP per lane (AVX has no FMA: one add and one multiply pipe).
+FP32_FLOP_PER_CYCLE = {"AVX512": 64, "AVX2": 32, "AVX": 16, "SSE4_2": 8}
+BOOST = 1.6  # the most any core's boost clock exceeds the nominal one that /proc/cpuinfo gives
 
 
 def cpu_flags(cpuinfo: str) -> tuple[str, set[str]]:
@@ -39,11 +43,32 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
     widest = next((ISA_NAMES[f] for f in VECTOR_ISAS if f in flags), "unknown")
     limit = xla_isa_limit(env.get("XLA_FLAGS", ""))
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cpu_widest_isa": widest, "fma": "fma" in flags,
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", path.read_text() if path.exists() else "", re.M)
+    return {"cpu": model, "cpu_widest_isa": widest, "fma": "fma" in flags, "cpu_mhz": float(mhz.group(1)) if mhz else None,
             "xla_isa": f"{limit} (XLA_FLAGS)" if limit else f"{widest} (no limit set)",
             "threads": threads, "torch_isa": env.get("ATEN_CPU_CAPABILITY", "default"),
             "mkl_isa": env.get("MKL_ENABLE_INSTRUCTIONS", "default"), "os": platform.platform(),
             "python": platform.python_version()}
+
+
+def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
+    """Why a run under ``--xla_cpu_max_isa`` is not what a CPU of that class would do, or None.
+
+    XLA_FLAGS caps the code XLA generates; its matrix kernels (YNNPACK, Eigen) pick theirs from
+    CPUID. A float32 matmul faster than ``threads x FP32_FLOP_PER_CYCLE[cap] x BOOST x cpu MHz``
+    cannot have run on the capped instruction set: then the products ran wider than the cap."""
+    if not machine["xla_isa"].endswith("(XLA_FLAGS)"):
+        return None
+    cap = machine["xla_isa"].split()[0]
+    if cap not in FP32_FLOP_PER_CYCLE or not machine.get("cpu_mhz"):
+        return None
+    ceiling = machine["threads"] * FP32_FLOP_PER_CYCLE[cap] * BOOST * machine["cpu_mhz"] * 1e6 / 1e12
+    if matmul_tflops <= ceiling:
+        return None
+    return (f"XLA was held to {cap} but its float32 matmul ran at {matmul_tflops:.3f} TFLOP/s, above the "
+            f"{ceiling:.3f} that {machine['threads']} cores held to {cap} can reach at {BOOST} x {machine['cpu_mhz']:.0f} "
+            "MHz: its matrix kernels chose a wider instruction set from CPUID, so this run is not an "
+            f"{cap}-machine measurement")
 
 
 def summary(machine: dict) -> str:

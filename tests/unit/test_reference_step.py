@@ -170,3 +170,43 @@ def test_a_checkout_without_the_model_files_is_refused(tmp_path):
     from benchmarks import reference_step
     with pytest.raises(SystemExit, match="missing modeling_vqnsp.py.*935963004/LaBraM"):
         reference_step.import_reference(str(tmp_path))
+
+
+def test_a_waiting_reference_process_runs_steps_when_asked(fake_reference, monkeypatch):
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    pytest.importorskip("einops", reason="the reference's model files import einops")
+    from benchmarks import reference_step
+    with reference_step.Alternating(str(fake_reference), "pretrain", batch=2, warmup=1) as ref:
+        assert ref.info["ready"] and ref.info["torch"] and ref.info["torch_threads"] >= 1
+        first, second = ref.run(2), ref.run(1)
+        assert len(first) == 2 and len(second) == 1 and min(first + second) > 0
+        assert ref.loss == ref.loss  # a finite loss came back
+        process = ref.process
+    assert process.returncode == 0  # an empty request ended it
+
+
+def test_a_failing_reference_process_says_so(tmp_path):
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    from benchmarks import reference_step
+    with pytest.raises(SystemExit, match="reference's finetune step process ended \\(exit [1-9]"):
+        reference_step.Alternating(str(tmp_path), "finetune", batch=2, warmup=1)
+
+
+def test_paired_steps_alternate_and_give_the_per_pair_ratio(fake_reference, tmp_path):
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    pytest.importorskip("einops", reason="the reference's model files import einops")
+    calls = []
+    ours = lambda n: calls.append("ours") or [1.0] * n  # noqa: E731
+    theirs = lambda n: calls.append("ref") or [2.0] * n  # noqa: E731
+    assert train_step.interleaved(ours, theirs, 2) == ([1.0, 1.0], [2.0, 2.0])
+    assert calls == ["ours", "ref", "ours", "ref"]
+    result = train_step.main(["--sizes", "base", "--stages", "finetune", "--batch", "1", "--steps", "2",
+                              "--warmup", "1", "--peak-tflops", "1", "--reference", str(fake_reference), "--paired",
+                              "--out", str(tmp_path)])
+    (row,) = result["rows"]
+    assert result["reference"]["paired"] and result["reference"]["rows"][0]["steps"] == 2
+    assert row["reference_run"]["steps"] == 2 and row["steps"] == 2
+    assert row["vs_reference"] == pytest.approx(row["samples_per_s"] / row["reference_samples_per_s"])
+    assert row["vs_reference_paired_median"] > 0
+    with pytest.raises(SystemExit):  # --paired needs --reference
+        train_step.parse_args(["--paired"])
