@@ -22,10 +22,7 @@ commands, Base size, float32, on random EEG-like batches of the reference's shap
   relative bias, no q/k/v bias), BCE with logits, backward, gradient norm, AdamW.
 
 ``benchmarks.train_step --reference PATH`` runs this in a subprocess with PyTorch held to the
-instruction set XLA was held to, and divides. With ``--paired`` it starts one ``--serve STAGE``
-process per stage instead (:class:`Alternating`): that process builds and warms the step, then
-runs steps only when asked, so the caller alternates its steps with the reference's and a
-noisy machine slows both alike.
+instruction set XLA was held to, and divides.
 """
 
 from __future__ import annotations
@@ -34,9 +31,7 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -187,76 +182,6 @@ def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dic
             "samples_per_s": batch / median, "loss": loss}
 
 
-def serve(stage: str, modules: dict, batch: int, warmup: int, requests, replies, about: dict) -> None:
-    """Build ``stage``'s step, run ``warmup`` steps, write ``about`` with ``"ready": true``, then answer each line of
-    ``requests`` (an integer n) by running n steps and writing ``{"times": [seconds, ...], "loss": x}``;
-    an empty line or the end of ``requests`` ends it. One JSON object per line of ``replies``."""
-    import torch
-    step, batches = build_step(stage, modules, batch, torch)
-    done = 0
-    for _ in range(warmup):
-        step(batches[done % len(batches)])
-        done += 1
-    replies.write(json.dumps({**about, "ready": True}) + "\n")
-    replies.flush()
-    for line in requests:
-        if not line.strip():
-            break
-        times, loss = [], float("nan")
-        for _ in range(int(line)):
-            t0 = time.perf_counter()
-            loss = step(batches[done % len(batches)])
-            times.append(time.perf_counter() - t0)
-            done += 1
-        replies.write(json.dumps({"times": times, "loss": loss}) + "\n")
-        replies.flush()
-
-
-class Alternating:
-    """The reference's step of one stage in a waiting subprocess (``--serve``): :meth:`run` times n of
-    its steps when called, so a caller can alternate them with its own. Use as a context manager.
-
-    Args:
-      path: the checkout of the original code. stage: tokenizer, pretrain or finetune.
-      batch, warmup: as for :func:`bench`. env: the subprocess's environment (the instruction set).
-    """
-
-    def __init__(self, path: str, stage: str, batch: int, warmup: int, env: dict | None = None):
-        cmd = [sys.executable, "-m", "benchmarks.reference_step", "--reference", path, "--serve", stage,
-               "--batch", str(batch), "--warmup", str(warmup)]
-        self.stage = stage
-        self.process = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.info = self._reply()  # the torch version, ISA and threads, sent after the warm-up
-
-    def _reply(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            raise SystemExit(f"the reference's {self.stage} step process ended (exit {code}); its messages are "
-                             "above")
-        return json.loads(line)
-
-    def run(self, n: int) -> list[float]:
-        """Seconds of each of ``n`` reference steps, run now."""
-        self.process.stdin.write(f"{n}\n")
-        self.process.stdin.flush()
-        reply = self._reply()
-        self.loss = reply["loss"]
-        return reply["times"]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=60)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="checkout of https://github.com/935963004/LaBraM")
@@ -265,8 +190,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default="", help="also write the result here")
-    parser.add_argument("--serve", default="", choices=["", *SHAPES],
-                        help="build this stage's step and run steps when asked on stdin (see Alternating)")
     args = parser.parse_args(argv)
     missing = [m for m in ("torch", "einops") if importlib.util.find_spec(m) is None]
     if missing:
@@ -279,10 +202,6 @@ def main(argv=None) -> dict:
     result = {"torch": torch.__version__, "torch_isa": torch.backends.cpu.get_cpu_capability(),
               "torch_threads": torch.get_num_threads(), "timm": timm_source, "reference": args.reference,
               "rows": []}
-    if args.serve:
-        replies, sys.stdout = sys.stdout, sys.stderr  # the model files' prints stay out of the replies
-        serve(args.serve, modules, args.batch, args.warmup, sys.stdin, replies, result)
-        return result
     for stage in args.stages:
         print(f"... reference {stage} base", file=sys.stderr, flush=True)
         result["rows"].append(bench(stage, modules, args.batch, args.steps, args.warmup))

@@ -3,7 +3,7 @@
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] \
-        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--paired]] [--vs-xla-defaults]
+        [--out benchmarks/results] [--reference PATH/TO/LaBraM] [--vs-xla-defaults]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -16,9 +16,7 @@ on random EEG-like batches, and asserts the step was traced once.
 Shapes default to the reference's: fine-tuning 23 channels x 10 s, pretraining and the
 tokenizer 23 channels x 8 s. ``--reference``: the original PyTorch code's steps timed right after
 ours on this machine, held to the same instruction set (``benchmarks.reference_step``), and the
-ratio; with ``--paired`` its steps alternate with ours instead (a waiting reference process per
-stage, ``reference_step.Alternating``), so the ratio is paired step by step and a noisy
-machine's drift hits both sides alike. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
+ratio. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
 (``labram_jax.compile_options``), steps alternated, and the paired speed-up. The tokenizer has
 one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
 ``<out>/train_step_<backend>.json``.
@@ -28,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -47,7 +44,6 @@ import numpy as np
 
 from benchmarks import flops as flops_lib
 from benchmarks import machine as machine_lib
-from benchmarks import reference_step
 from labram_jax_configs import common
 from labram_jax import compile_options, host_memory, input_pipeline, sharding, steps
 from labram_jax.tasks import pretrain
@@ -201,25 +197,16 @@ def prepare(stage: str, size: str, args) -> Prepared:
     return out
 
 
-def bench_one(stage: str, size: str, args, peak: float | None, reference=None) -> dict:
-    """One row of the table. ``reference``: ``stage -> reference_step.Alternating`` (``--paired``): the
-    reference's steps then alternate with ours and the row gets the paired ratio."""
+def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
     bench = prepare(stage, size, args)
     config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
     mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
-    baseline = reference_row = None
+    baseline = None
     if args.vs_xla_defaults and not args.compile_only and bench.stage_obj.xla_options:
         with compile_options.xla_defaults():
             baseline = prepare(stage, size, args)
-        times, base_times = interleaved(bench.run, baseline.run, args.warmup + args.steps)
+        times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
         times, base_times = times[args.warmup:], base_times[args.warmup:]
-    elif reference is not None and not args.compile_only and comparable(stage, size, args):
-        with reference(stage) as ref:
-            times, ref_times = interleaved(bench.run, ref.run, args.warmup + args.steps, settle_s=0.5)
-            times, ref_times = times[args.warmup:], ref_times[args.warmup:]
-            reference_row = {**ref.info, "stage": stage, "steps": len(ref_times), "loss": ref.loss,
-                             "step_s_median": statistics.median(ref_times), "step_s_min": min(ref_times),
-                             "step_s_max": max(ref_times), "samples_per_s": args.batch / statistics.median(ref_times)}
     else:
         times = [] if args.compile_only else bench.run(args.warmup + args.steps)[args.warmup:]
     loss = float(bench.metrics["loss"])
@@ -237,11 +224,6 @@ def bench_one(stage: str, size: str, args, peak: float | None, reference=None) -
            model_flops / 1e12, "xla_tflops_per_step": (xla_flops(compiled) or float("nan")) / 1e12,
            "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
            "loss": loss, "traces": len(traces), **memory_figures(compiled)}
-    if reference_row is not None:
-        row["reference_run"] = reference_row
-        row["reference_samples_per_s"] = reference_row["samples_per_s"]
-        row["vs_reference"] = row["samples_per_s"] / row["reference_samples_per_s"]
-        row["vs_reference_paired_median"] = statistics.median(r / t for r, t in zip(ref_times, times))
     if baseline is not None:
         base_memory = {k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}
         row["xla_defaults"] = {"options": compile_options.compiler_options(),
@@ -251,24 +233,14 @@ def bench_one(stage: str, size: str, args, peak: float | None, reference=None) -
     return row
 
 
-def interleaved(run, run_baseline, n: int, settle_s: float = 0.0) -> tuple[list[float], list[float]]:
-    """``n`` steps of each, alternating (``run(1)``, then ``run_baseline(1)``), so that a noisy machine
-    slows both alike; returns the two lists of step seconds. ``settle_s``: a pause before each step,
-    for when the two run in different processes: a thread pool that has just finished (PyTorch's
-    OpenMP threads wait busily for up to 200 ms) then no longer competes with the other's step."""
+def interleaved(bench: Prepared, baseline: Prepared, n: int) -> tuple[list[float], list[float]]:
+    """``n`` steps of each, alternating (this one, then the baseline), so that a noisy machine
+    slows both alike; returns the two lists of step seconds."""
     times, base_times = [], []
     for _ in range(n):
-        time.sleep(settle_s)
-        times += run(1)
-        time.sleep(settle_s)
-        base_times += run_baseline(1)
+        times += bench.run(1)
+        base_times += baseline.run(1)
     return times, base_times
-
-
-def comparable(stage: str, size: str, args) -> bool:
-    """Whether ``stage`` at ``size`` under the command line runs what ``benchmarks.reference_step`` runs."""
-    shape = DEFAULT_SHAPES[stage] if args.channels is None else (args.channels, args.windows)
-    return size == "base" and args.dtype == "float32" and shape == DEFAULT_SHAPES[stage]
 
 
 def comparable_to_reference(row: dict) -> bool:
@@ -322,19 +294,6 @@ def run_reference(path: str, rows: list[dict], args, machine: dict) -> dict | No
     reference["env"] = {k: env[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
                         if k in env}
     return reference
-
-
-def paired_reference(rows: list[dict], machine: dict) -> dict | None:
-    """The ``reference`` record of a ``--paired`` run, in the form :func:`run_reference` returns."""
-    runs = [r["reference_run"] for r in rows if "reference_run" in r]
-    if not runs:
-        print("--reference: no Base float32 row at the reference's shapes to compare", flush=True)
-        return None
-    env = reference_env(machine)
-    about = {k: runs[0][k] for k in ("torch", "torch_isa", "torch_threads", "timm", "reference")}
-    return {**about, "paired": True, "rows": runs,
-            "env": {k: env[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-                    if k in env}}
 
 
 def print_table(rows: list[dict], peak_note: str) -> None:
@@ -392,14 +351,7 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--reference", default="",
                         help="checkout of the original LaBraM code: time its steps right after ours on this machine "
                              "(benchmarks.reference_step, held to XLA's instruction set) and report the ratio")
-    parser.add_argument("--paired", action="store_true",
-                        help="with --reference: alternate the reference's steps with ours, one each, and report "
-                             "the median of the per-pair ratios too (a noisy machine slows both alike)")
     args = parser.parse_args(argv)
-    if args.paired and not args.reference:
-        parser.error("--paired times the reference's steps alternately with ours: give --reference PATH")
-    if args.paired and args.vs_xla_defaults:
-        parser.error("--paired and --vs-xla-defaults each alternate two steps: run them separately")
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
     if args.dtype == "auto":
@@ -421,30 +373,18 @@ def main(argv=None):
                    if peak is not None and args.peak_tflops == "auto" and jax.default_backend() == "cpu" else None)
     if isa_warning:
         print(f"warning: {isa_warning}", flush=True)
-    alternating = None
-    if args.reference and args.paired:
-        if jax.default_backend() != "cpu":
-            raise SystemExit("--paired times the original on this machine's CPU: run on CPU (JAX_PLATFORMS=cpu)")
-        alternating = functools.partial(reference_step.Alternating, args.reference, batch=args.batch,
-                                        warmup=args.warmup, env=reference_env(machine))
     rows = []
     for size in args.sizes:
         for stage in args.stages:
             if stage == "tokenizer" and size in ("large", "huge"):
                 continue  # one tokenizer size: see the docstring
             print(f"... {stage} {size}", flush=True)
-            rows.append(bench_one(stage, size, args, peak, alternating))
-    if alternating:
-        reference = paired_reference(rows, machine)
-    else:
-        reference = run_reference(args.reference, rows, args, machine) if args.reference else None
+            rows.append(bench_one(stage, size, args, peak))
+    reference = run_reference(args.reference, rows, args, machine) if args.reference else None
     print_table(rows, f"{peak:.3f} TFLOP/s ({peak_note})" if peak else peak_note)
     if reference:
         print(f"vs ref: the original PyTorch code in this run, torch {reference['torch']} on "
-              f"{reference['torch_isa']}, {reference['torch_threads']} threads"
-              + (", steps alternated with ours; median of the per-pair ratios: " + ", ".join(
-                  f"{r['stage']} {r['vs_reference_paired_median']:.2f}x" for r in rows
-                  if "vs_reference_paired_median" in r) if alternating else ""))
+              f"{reference['torch_isa']}, {reference['torch_threads']} threads")
     device = jax.devices()[0]
     result = {"backend": jax.default_backend(), "device_kind": device.device_kind, "devices": jax.device_count(),
               "jax": jax.__version__, "python": platform.python_version(), "machine": platform.platform(),
