@@ -39,12 +39,14 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
     """The machine as a dict: cpu, widest vector ISA, the ISA XLA may use, threads, library limits."""
     env = os.environ if env is None else env
     path = pathlib.Path(cpuinfo_path)
-    model, flags = cpu_flags(path.read_text() if path.exists() else "")
+    cpuinfo = path.read_text() if path.exists() else ""
+    model, flags = cpu_flags(cpuinfo)
     widest = next((ISA_NAMES[f] for f in VECTOR_ISAS if f in flags), "unknown")
     limit = xla_isa_limit(env.get("XLA_FLAGS", ""))
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", path.read_text() if path.exists() else "", re.M)
-    return {"cpu": model, "cpu_widest_isa": widest, "fma": "fma" in flags, "cpu_mhz": float(mhz.group(1)) if mhz else None,
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
+    return {"cpu": model, "cpu_widest_isa": widest, "fma": "fma" in flags,
+            "cpu_mhz": float(mhz.group(1)) if mhz else None,
             "xla_isa": f"{limit} (XLA_FLAGS)" if limit else f"{widest} (no limit set)",
             "threads": threads, "torch_isa": env.get("ATEN_CPU_CAPABILITY", "default"),
             "mkl_isa": env.get("MKL_ENABLE_INSTRUCTIONS", "default"), "os": platform.platform(),
@@ -66,9 +68,9 @@ def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
     if matmul_tflops <= ceiling:
         return None
     return (f"XLA was held to {cap} but its float32 matmul ran at {matmul_tflops:.3f} TFLOP/s, above the "
-            f"{ceiling:.3f} that {machine['threads']} cores held to {cap} can reach at {BOOST} x {machine['cpu_mhz']:.0f} "
-            "MHz: its matrix kernels chose a wider instruction set from CPUID, so this run is not an "
-            f"{cap}-machine measurement")
+            f"{ceiling:.3f} that {machine['threads']} cores held to {cap} can reach at {BOOST} x "
+            f"{machine['cpu_mhz']:.0f} MHz: its matrix kernels chose a wider instruction set from CPUID, so this "
+            f"run is not an {cap}-machine measurement")
 
 
 def summary(machine: dict) -> str:
