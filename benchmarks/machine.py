@@ -47,7 +47,7 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
     mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
     return {"cpu": model, "cpu_widest_isa": widest, "fma": "fma" in flags,
             "cpu_mhz": float(mhz.group(1)) if mhz else None,
-            "xla_isa": f"{limit} (XLA_FLAGS)" if limit else f"{widest} (no limit set)",
+            "xla_isa": f"{limit} (XLA_FLAGS)" if limit else f"{widest} (no limit set)", "xla_isa_cap": limit,
             "threads": threads, "torch_isa": env.get("ATEN_CPU_CAPABILITY", "default"),
             "mkl_isa": env.get("MKL_ENABLE_INSTRUCTIONS", "default"), "os": platform.platform(),
             "python": platform.python_version()}
@@ -59,9 +59,7 @@ def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
     XLA_FLAGS caps the code XLA generates; its matrix kernels (YNNPACK, Eigen) pick theirs from
     CPUID. A float32 matmul faster than ``threads x FP32_FLOP_PER_CYCLE[cap] x BOOST x cpu MHz``
     cannot have run on the capped instruction set: then the products ran wider than the cap."""
-    if not machine["xla_isa"].endswith("(XLA_FLAGS)"):
-        return None
-    cap = machine["xla_isa"].split()[0]
+    cap = machine.get("xla_isa_cap")
     if cap not in FP32_FLOP_PER_CYCLE or not machine.get("cpu_mhz"):
         return None
     ceiling = machine["threads"] * FP32_FLOP_PER_CYCLE[cap] * BOOST * machine["cpu_mhz"] * 1e6 / 1e12
@@ -70,7 +68,7 @@ def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
     return (f"XLA was held to {cap} but its float32 matmul ran at {matmul_tflops:.3f} TFLOP/s, above the "
             f"{ceiling:.3f} that {machine['threads']} cores held to {cap} can reach at {BOOST} x "
             f"{machine['cpu_mhz']:.0f} MHz: its matrix kernels chose a wider instruction set from CPUID, so this "
-            f"run is not an {cap}-machine measurement")
+            f"run is not an {cap}-machine measurement: run on a CPU without wider instructions to measure that class")
 
 
 def summary(machine: dict) -> str:
