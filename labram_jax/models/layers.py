@@ -9,6 +9,7 @@ a real token's output: it is excluded from GroupNorm statistics and attention.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -194,6 +195,30 @@ class LoRA(nn.Module):
         return jnp.einsum("...r,ro->...o", h, b.astype(self.dtype)) * jnp.asarray(self.alpha / self.rank, self.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_heads(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v [B, H, L, K] from the fused projection qkv [B, L, 3 * H * K].
+
+    Its gradient is one transpose of the three stacked gradients back to [B, L, 3 * H * K].
+    Autodiff of the slices pads each gradient to the stacked shape and adds the three: three
+    writes and reads of [3, B, H, L, K] per block before the transpose (BENCHMARKS.md)."""
+    b, length, width = qkv.shape
+    return tuple(qkv.reshape(b, length, 3, heads, width // (3 * heads)).transpose(2, 0, 3, 1, 4))
+
+
+def _split_heads_fwd(qkv, heads):
+    return split_heads(qkv, heads), None
+
+
+def _split_heads_bwd(heads, _, grads):
+    d_qkv = jnp.stack(grads)  # [3, B, H, L, K]
+    _, b, _, length, _ = d_qkv.shape
+    return (d_qkv.transpose(1, 3, 0, 2, 4).reshape(b, length, -1),)
+
+
+split_heads.defvjp(_split_heads_fwd, _split_heads_bwd)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and optional q/k LayerNorm."""
 
@@ -212,8 +237,7 @@ class Attention(nn.Module):
         qkv = jnp.einsum("bld,de->ble", x, w_qkv.reshape(d, 3 * d).astype(cfg.dtype))
         if cfg.lora_rank:
             qkv = qkv + LoRA(3 * d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="qkv_lora")(x)
-        qkv = qkv.reshape(*x.shape[:2], 3, h, hd).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = split_heads(qkv, h)
         if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
             q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
             v_bias = self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))

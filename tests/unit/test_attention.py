@@ -62,3 +62,29 @@ def test_gelu_is_exact():
     exact = 0.5 * x * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0)))
     np.testing.assert_allclose(layers.gelu(x), exact, atol=1e-6)
     np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+
+
+def test_row_max_is_the_max_and_skips_nothing_finite():
+    s = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 7, 11)), jnp.float32)
+    s = s.at[0, 0, 0].set(-1e30)  # a row of masked keys only
+    np.testing.assert_array_equal(attention._row_max(s), jnp.max(s, axis=-1, keepdims=True))
+    s_nan = s.at[1, 2, 3, 4].set(jnp.nan)
+    out = attention.dot_product_attention(s_nan[..., :4], s[..., :4], s[..., :4], jnp.ones((2, 7), bool), "explicit")
+    assert np.isnan(np.asarray(out)).any()  # a NaN score still poisons its row: nothing is silently dropped
+
+
+def test_split_heads_gradient_is_that_of_the_slices():
+    b, length, heads, head = 2, 5, 3, 4
+    rng = np.random.default_rng(5)
+    qkv = jnp.asarray(rng.standard_normal((b, length, 3 * heads * head)), jnp.float32)
+    gs = [jnp.asarray(rng.standard_normal((b, heads, length, head)), jnp.float32) for _ in range(3)]
+
+    def by_slices(x):
+        t = x.reshape(b, length, 3, heads, head).transpose(2, 0, 3, 1, 4)
+        return t[0], t[1], t[2]
+
+    for ours, theirs in zip(layers.split_heads(qkv, heads), by_slices(qkv)):
+        np.testing.assert_array_equal(ours, theirs)
+    ours = jax.grad(lambda x: sum(jnp.sum(o * g) for o, g in zip(layers.split_heads(x, heads), gs)))(qkv)
+    theirs = jax.grad(lambda x: sum(jnp.sum(o * g) for o, g in zip(by_slices(x), gs)))(qkv)
+    np.testing.assert_array_equal(ours, theirs)
