@@ -3,7 +3,7 @@
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] \
-        [--out benchmarks/results] [--reference PATH/TO/LaBraM] [--vs-xla-defaults]
+        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -14,9 +14,12 @@ reports one). It runs the very step ``labram_jax.train`` runs (``steps.build``)
 on random EEG-like batches, and asserts the step was traced once.
 
 Shapes default to the reference's: fine-tuning 23 channels x 10 s, pretraining and the
-tokenizer 23 channels x 8 s. ``--reference``: the original PyTorch code's steps timed right after
-ours on this machine, held to the same instruction set (``benchmarks.reference_step``), and the
-ratio. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
+tokenizer 23 channels x 8 s. ``--reference``: the original PyTorch code's steps of each stage timed
+right after ours on this machine (a subprocess per stage), held to the same instruction set
+(``benchmarks.reference_step``), and the ratio. ``--rounds N`` repeats each stage's pair N times,
+the order swapped every round (ours first, then the reference first, ...), and reports the median
+of the N ratios with their range: a machine whose speed drifts over minutes moves one round's
+ratio, not the median. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
 (``labram_jax.compile_options``), steps alternated, and the paired speed-up. The tokenizer has
 one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
 ``<out>/train_step_<backend>.json``.
@@ -197,16 +200,21 @@ def prepare(stage: str, size: str, args) -> Prepared:
     return out
 
 
-def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
+def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | None = None) -> dict:
+    """One row of the table; with ``args.reference`` (and a row the reference can run) the reference's
+    step of this stage is timed next to ours, ``args.rounds`` times (:func:`rounds_with_reference`)."""
     bench = prepare(stage, size, args)
     config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
     mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
-    baseline = None
+    baseline = rounds = None
     if args.vs_xla_defaults and not args.compile_only and bench.stage_obj.xla_options:
         with compile_options.xla_defaults():
             baseline = prepare(stage, size, args)
         times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
         times, base_times = times[args.warmup:], base_times[args.warmup:]
+    elif getattr(args, "reference", "") and not args.compile_only and comparable(stage, size, args):
+        times, rounds = rounds_with_reference(stage, lambda: bench.run(args.warmup + args.steps)[args.warmup:],
+                                              args, machine or {})
     else:
         times = [] if args.compile_only else bench.run(args.warmup + args.steps)[args.warmup:]
     loss = float(bench.metrics["loss"])
@@ -224,6 +232,8 @@ def bench_one(stage: str, size: str, args, peak: float | None) -> dict:
            model_flops / 1e12, "xla_tflops_per_step": (xla_flops(compiled) or float("nan")) / 1e12,
            "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
            "loss": loss, "traces": len(traces), **memory_figures(compiled)}
+    if rounds is not None:
+        add_reference(row, rounds)
     if baseline is not None:
         base_memory = {k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}
         row["xla_defaults"] = {"options": compile_options.compiler_options(),
@@ -243,10 +253,46 @@ def interleaved(bench: Prepared, baseline: Prepared, n: int) -> tuple[list[float
     return times, base_times
 
 
-def comparable_to_reference(row: dict) -> bool:
-    """Whether ``row`` ran what ``benchmarks.reference_step`` runs: Base, float32, the reference's shapes."""
-    return (row["size"] == "base" and row["dtype"] == "float32" and row["steps"] > 0
-            and (row["channels"], row["windows"]) == DEFAULT_SHAPES[row["stage"]])
+def comparable(stage: str, size: str, args) -> bool:
+    """Whether ``stage`` at ``size`` under the command line runs what ``benchmarks.reference_step``
+    runs: Base, float32, the reference's shapes."""
+    shape = DEFAULT_SHAPES[stage] if args.channels is None else (args.channels, args.windows)
+    return size == "base" and args.dtype == "float32" and shape == DEFAULT_SHAPES[stage]
+
+
+def rounds_with_reference(stage: str, run_ours, args, machine: dict) -> tuple[list[float], list[dict]]:
+    """``args.rounds`` rounds of ``run_ours()`` (a list of step seconds) and the reference's step of
+    ``stage`` (:func:`run_reference`, a fresh subprocess each), ours first in even rounds and second in
+    odd ones. Returns all our step seconds and one dict per round: its order, both medians, the
+    ratio (reference median / ours) and the reference's record."""
+    times, rounds = [], []
+    for r in range(args.rounds):
+        ours_first = r % 2 == 0
+        mine = run_ours() if ours_first else None
+        reference = run_reference(args.reference, [stage], args, machine)
+        if not ours_first:
+            mine = run_ours()
+        ref_row = reference["rows"][0]
+        times += mine
+        rounds.append({"order": "ours first" if ours_first else "reference first",
+                       "step_s_median": statistics.median(mine), "reference_step_s_median": ref_row["step_s_median"],
+                       "ratio": ref_row["step_s_median"] / statistics.median(mine), "reference": reference})
+        print(f"    round {r + 1}/{args.rounds} ({rounds[-1]['order']}): ours {1e3 * rounds[-1]['step_s_median']:.0f} "
+              f"ms, reference {1e3 * ref_row['step_s_median']:.0f} ms: {rounds[-1]['ratio']:.2f}x", flush=True)
+    return times, rounds
+
+
+def add_reference(row: dict, rounds: list[dict]) -> None:
+    """The reference's figures in ``row``: ``vs_reference`` (the median over rounds of the per-round
+    ratios), their range, the reference's median step over rounds, and the rounds themselves."""
+    ratios = [r["ratio"] for r in rounds]
+    ref_s = statistics.median(r["reference_step_s_median"] for r in rounds)
+    row["reference_samples_per_s"] = row["batch"] / ref_s
+    row["vs_reference"] = statistics.median(ratios)
+    row["vs_reference_range"] = [min(ratios), max(ratios)]
+    row["reference_rounds"] = [{k: v for k, v in r.items() if k != "reference"} for r in rounds]
+    first = rounds[0]["reference"]
+    row["reference_about"] = {k: first[k] for k in ("torch", "torch_isa", "torch_threads", "timm", "reference", "env")}
 
 
 def reference_env(machine: dict, env: dict | None = None) -> dict:
@@ -264,16 +310,9 @@ def reference_env(machine: dict, env: dict | None = None) -> dict:
     return env
 
 
-def run_reference(path: str, rows: list[dict], args, machine: dict) -> dict | None:
-    """Time the original's steps (``benchmarks.reference_step``) for the stages of the comparable rows,
-    in a subprocess on the same machine right after ours, and add the ratio to those rows."""
-    if jax.default_backend() != "cpu":
-        raise SystemExit(f"--reference times the original on this machine's CPU; this run's steps ran on "
-                         f"{jax.default_backend()}: compare on a CPU run (JAX_PLATFORMS=cpu), or drop --reference")
-    stages = [r["stage"] for r in rows if comparable_to_reference(r)]
-    if not stages:
-        print("--reference: no Base float32 row at the reference's shapes to compare", flush=True)
-        return None
+def run_reference(path: str, stages: list[str], args, machine: dict) -> dict:
+    """Time the original's steps of ``stages`` (``benchmarks.reference_step``) in a subprocess on this
+    machine's CPU, held to XLA's instruction set; returns its JSON record with the ``env`` it ran under."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "reference.json")
         cmd = [sys.executable, "-m", "benchmarks.reference_step", "--reference", path, "--stages", *stages,
@@ -286,14 +325,20 @@ def run_reference(path: str, rows: list[dict], args, machine: dict) -> dict | No
             raise SystemExit(f"the reference run failed (exit {done.returncode}): {' '.join(cmd)}")
         with open(out) as f:
             reference = json.load(f)
-    by_stage = {r["stage"]: r for r in reference["rows"]}
-    for row in rows:
-        if comparable_to_reference(row) and row["stage"] in by_stage:
-            row["reference_samples_per_s"] = by_stage[row["stage"]]["samples_per_s"]
-            row["vs_reference"] = row["samples_per_s"] / row["reference_samples_per_s"]
     reference["env"] = {k: env[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
                         if k in env}
     return reference
+
+
+def reference_summary(rows: list[dict]) -> dict | None:
+    """The run's ``reference`` record: PyTorch's version, instruction set and threads (from its first
+    subprocess) and, per compared stage, the reference's median step over the rounds."""
+    compared = [r for r in rows if "reference_rounds" in r]
+    if not compared:
+        return None
+    return {**compared[0]["reference_about"], "rows": [{"stage": r["stage"], "samples_per_s": r["reference_samples_per_s"],
+                               "step_s_median": r["batch"] / r["reference_samples_per_s"],
+                               "rounds": len(r["reference_rounds"])} for r in compared]}
 
 
 def print_table(rows: list[dict], peak_note: str) -> None:
@@ -351,7 +396,16 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--reference", default="",
                         help="checkout of the original LaBraM code: time its steps right after ours on this machine "
                              "(benchmarks.reference_step, held to XLA's instruction set) and report the ratio")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --reference: time each stage's pair this many times, the order swapped every "
+                             "round, and report the median ratio and its range")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.rounds > 1 and not args.reference:
+        parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
+    if args.reference and args.vs_xla_defaults:
+        parser.error("--reference and --vs-xla-defaults each time a second step next to ours: run them separately")
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
     if args.dtype == "auto":
@@ -373,18 +427,28 @@ def main(argv=None):
                    if peak is not None and args.peak_tflops == "auto" and jax.default_backend() == "cpu" else None)
     if isa_warning:
         print(f"warning: {isa_warning}", flush=True)
+    if args.reference and jax.default_backend() != "cpu":
+        raise SystemExit(f"--reference times the original on this machine's CPU; this run's steps would run on "
+                         f"{jax.default_backend()}: compare on a CPU run (JAX_PLATFORMS=cpu), or drop --reference")
     rows = []
     for size in args.sizes:
         for stage in args.stages:
             if stage == "tokenizer" and size in ("large", "huge"):
                 continue  # one tokenizer size: see the docstring
             print(f"... {stage} {size}", flush=True)
-            rows.append(bench_one(stage, size, args, peak))
-    reference = run_reference(args.reference, rows, args, machine) if args.reference else None
+            rows.append(bench_one(stage, size, args, peak, machine))
+    reference = reference_summary(rows) if args.reference else None
+    if args.reference and reference is None:
+        print("--reference: no Base float32 row at the reference's shapes to compare", flush=True)
     print_table(rows, f"{peak:.3f} TFLOP/s ({peak_note})" if peak else peak_note)
     if reference:
-        print(f"vs ref: the original PyTorch code in this run, torch {reference['torch']} on "
-              f"{reference['torch_isa']}, {reference['torch_threads']} threads")
+        print(f"vs ref: the original PyTorch code in this run (each stage's steps right next to ours), torch "
+              f"{reference['torch']} on {reference['torch_isa']}, {reference['torch_threads']} threads")
+        for r in rows:
+            if len(r.get("reference_rounds", [])) > 1:
+                print(f"{r['stage']:<9} {r['size']:<5} vs ref per round: "
+                      f"{', '.join(f'{x:.2f}x' for x in (q['ratio'] for q in r['reference_rounds']))} "
+                      f"(median {r['vs_reference']:.2f}x, orders alternated)")
     device = jax.devices()[0]
     result = {"backend": jax.default_backend(), "device_kind": device.device_kind, "devices": jax.device_count(),
               "jax": jax.__version__, "python": platform.python_version(), "machine": platform.platform(),

@@ -81,11 +81,8 @@ def fake_reference(tmp_path):
     return ref
 
 
-def base_row(stage, samples_per_s, **over):
-    channels, windows = train_step.DEFAULT_SHAPES[stage]
-    row = {"stage": stage, "size": "base", "dtype": "float32", "steps": 2, "channels": channels,
-           "windows": windows, "samples_per_s": samples_per_s}
-    return {**row, **over}
+def cli(*extra):
+    return train_step.parse_args(["--sizes", "base", "--dtype", "float32", *extra])
 
 
 def test_the_reference_is_held_to_the_instruction_set_xla_is_held_to():
@@ -99,12 +96,20 @@ def test_the_reference_is_held_to_the_instruction_set_xla_is_held_to():
     assert mine["ATEN_CPU_CAPABILITY"] == "default"  # what the user set wins
 
 
-def test_only_base_float32_rows_at_the_reference_shapes_compare():
-    assert train_step.comparable_to_reference(base_row("pretrain", 1.0))
-    assert not train_step.comparable_to_reference(base_row("pretrain", 1.0, size="tiny"))
-    assert not train_step.comparable_to_reference(base_row("pretrain", 1.0, dtype="bfloat16"))
-    assert not train_step.comparable_to_reference(base_row("finetune", 1.0, windows=4))
-    assert not train_step.comparable_to_reference(base_row("tokenizer", 1.0, steps=0))
+def test_only_base_float32_at_the_reference_shapes_compare():
+    assert train_step.comparable("pretrain", "base", cli())
+    assert not train_step.comparable("pretrain", "tiny", cli())
+    assert not train_step.comparable("pretrain", "base", cli("--dtype", "bfloat16"))
+    assert not train_step.comparable("finetune", "base", cli("--channels", "23", "--windows", "4"))
+    assert train_step.comparable("finetune", "base", cli("--channels", "23", "--windows", "10"))
+
+
+def test_rounds_need_the_reference_and_are_counted():
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--rounds", "3"])
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--reference", "x", "--rounds", "0"])
+    assert train_step.parse_args(["--reference", "x", "--rounds", "3"]).rounds == 3
 
 
 def _timm_modules():
@@ -148,21 +153,41 @@ def test_masking_masks_the_reference_count_per_sample():
     assert mask.sum(1).tolist() == [92] * 5 and len({tuple(m.tolist()) for m in mask}) == 5
 
 
-def test_train_step_times_the_reference_in_the_same_run(fake_reference, monkeypatch):
+def test_train_step_times_the_reference_next_to_ours_in_alternating_rounds(fake_reference, monkeypatch):
     pytest.importorskip("torch", reason="the reference harness needs torch")
     pytest.importorskip("einops", reason="the reference's model files import einops")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
-    rows = [base_row("tokenizer", 4.0), base_row("finetune", 2.0), base_row("pretrain", 1.0, size="tiny")]
-    args = types.SimpleNamespace(batch=2, steps=2, warmup=1)
-    reference = train_step.run_reference(str(fake_reference), rows, args, {})
-    assert [r["stage"] for r in reference["rows"]] == ["tokenizer", "finetune"]  # Tiny is not compared
-    assert reference["torch_isa"] == "AVX2" or reference["torch_isa"] == "DEFAULT"
-    assert reference["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and reference["timm"]
-    for row, ref in zip(rows[:2], reference["rows"]):
-        assert ref["samples_per_s"] > 0 and ref["steps"] == 2 and ref["batch"] == 2
-        assert row["reference_samples_per_s"] == ref["samples_per_s"]
-        assert row["vs_reference"] == pytest.approx(row["samples_per_s"] / ref["samples_per_s"])
-    assert "vs_reference" not in rows[2]
+    args = cli("--reference", str(fake_reference), "--rounds", "3", "--batch", "2", "--steps", "2", "--warmup", "1")
+    order = []
+    real_run = train_step.run_reference
+
+    def logged_run(*a, **k):
+        order.append("reference")
+        return real_run(*a, **k)
+    monkeypatch.setattr(train_step, "run_reference", logged_run)
+    ours = iter([[0.5, 0.7], [0.2, 0.2], [1.0, 3.0]])
+
+    def run_ours():
+        order.append("ours")
+        return next(ours)
+    times, rounds = train_step.rounds_with_reference("finetune", run_ours, args, {})
+    assert order == ["ours", "reference", "reference", "ours", "ours", "reference"]
+    assert times == [0.5, 0.7, 0.2, 0.2, 1.0, 3.0]
+    assert [r["order"] for r in rounds] == ["ours first", "reference first", "ours first"]
+    for r, mine in zip(rounds, (0.6, 0.2, 2.0)):
+        ref = r["reference"]
+        assert ref["rows"][0]["stage"] == "finetune" and ref["rows"][0]["steps"] == 2
+        assert ref["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and ref["timm"]
+        assert r["step_s_median"] == pytest.approx(mine)
+        assert r["ratio"] == pytest.approx(ref["rows"][0]["step_s_median"] / mine)
+    row = {"stage": "finetune", "size": "base", "batch": 2}
+    train_step.add_reference(row, rounds)
+    ratios = sorted(r["ratio"] for r in rounds)
+    assert row["vs_reference"] == pytest.approx(ratios[1]) and row["vs_reference_range"] == [ratios[0], ratios[2]]
+    assert len(row["reference_rounds"]) == 3 and "reference" not in row["reference_rounds"][0]
+    summary = train_step.reference_summary([row, {"stage": "pretrain", "size": "tiny"}])
+    assert summary["torch_isa"] in ("AVX2", "DEFAULT") and [r["stage"] for r in summary["rows"]] == ["finetune"]
+    assert train_step.reference_summary([{"stage": "pretrain"}]) is None
 
 
 def test_a_checkout_without_the_model_files_is_refused(tmp_path):
