@@ -336,9 +336,10 @@ def reference_summary(rows: list[dict]) -> dict | None:
     compared = [r for r in rows if "reference_rounds" in r]
     if not compared:
         return None
-    return {**compared[0]["reference_about"], "rows": [{"stage": r["stage"], "samples_per_s": r["reference_samples_per_s"],
-                               "step_s_median": r["batch"] / r["reference_samples_per_s"],
-                               "rounds": len(r["reference_rounds"])} for r in compared]}
+    per_stage = [{"stage": r["stage"], "samples_per_s": r["reference_samples_per_s"],
+                  "step_s_median": r["batch"] / r["reference_samples_per_s"], "rounds": len(r["reference_rounds"])}
+                 for r in compared]
+    return {**compared[0]["reference_about"], "rows": per_stage}
 
 
 def print_table(rows: list[dict], peak_note: str) -> None:
