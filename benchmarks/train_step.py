@@ -212,7 +212,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
             baseline = prepare(stage, size, args)
         times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
         times, base_times = times[args.warmup:], base_times[args.warmup:]
-    elif getattr(args, "reference", "") and not args.compile_only and comparable(stage, size, args):
+    elif args.reference and not args.compile_only and comparable(stage, size, args):
         times, rounds = rounds_with_reference(stage, lambda: bench.run(args.warmup + args.steps)[args.warmup:],
                                               args, machine or {})
     else:
