@@ -7,7 +7,6 @@ environment, the JSON and the ratio.
 
 import sys
 import textwrap
-import types
 
 import pytest
 
@@ -177,6 +176,7 @@ def test_train_step_times_the_reference_next_to_ours_in_alternating_rounds(fake_
     for r, mine in zip(rounds, (0.6, 0.2, 2.0)):
         ref = r["reference"]
         assert ref["rows"][0]["stage"] == "finetune" and ref["rows"][0]["steps"] == 2
+        assert ref["rows"][0]["batch"] == 2 and ref["rows"][0]["samples_per_s"] > 0
         assert ref["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and ref["timm"]
         assert r["step_s_median"] == pytest.approx(mine)
         assert r["ratio"] == pytest.approx(ref["rows"][0]["step_s_median"] / mine)
@@ -185,6 +185,8 @@ def test_train_step_times_the_reference_next_to_ours_in_alternating_rounds(fake_
     ratios = sorted(r["ratio"] for r in rounds)
     assert row["vs_reference"] == pytest.approx(ratios[1]) and row["vs_reference_range"] == [ratios[0], ratios[2]]
     assert len(row["reference_rounds"]) == 3 and "reference" not in row["reference_rounds"][0]
+    ref_medians = sorted(r["reference_step_s_median"] for r in rounds)
+    assert row["reference_samples_per_s"] == pytest.approx(2 / ref_medians[1])
     summary = train_step.reference_summary([row, {"stage": "pretrain", "size": "tiny"}])
     assert summary["torch_isa"] in ("AVX2", "DEFAULT") and [r["stage"] for r in summary["rows"]] == ["finetune"]
     assert train_step.reference_summary([{"stage": "pretrain"}]) is None
