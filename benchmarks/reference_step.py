@@ -1,7 +1,7 @@
 """Benchmark: the original PyTorch LaBraM's training steps, for a ratio measured in the same run.
 
     python -m benchmarks.reference_step --reference PATH [--stages tokenizer pretrain finetune] \
-        [--batch 8] [--steps 20] [--warmup 3] [--json OUT.json]
+        [--batch 8] [--steps 20] [--warmup 3] [--json OUT.json] [--profile [--top 25]]
 
 ``PATH`` is a checkout of the original code (https://github.com/935963004/LaBraM: its
 ``modeling_vqnsp.py``, ``modeling_pretrain.py``, ``modeling_finetune.py``,
@@ -23,6 +23,10 @@ commands, Base size, float32, on random EEG-like batches of the reference's shap
 
 ``benchmarks.train_step --reference PATH`` runs this in a subprocess with PyTorch held to the
 instruction set XLA was held to, and divides.
+
+``--profile`` runs the same steps under ``torch.profiler`` instead and prints where the
+reference's time goes, operator by operator (self CPU ms per step, calls per step): the
+counterpart of ``benchmarks.profile_step`` for our step, to read the two side by side.
 """
 
 from __future__ import annotations
@@ -182,6 +186,41 @@ def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dic
             "samples_per_s": batch / median, "loss": loss}
 
 
+def profile(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dict:
+    """``steps`` steps of ``stage`` under ``torch.profiler`` (after ``warmup`` unprofiled ones):
+    every operator's self CPU time and calls, per step, slowest first. Self times do not nest, so
+    their sum is the profiled CPU time of a step (the two threads' intra-op work counts once: it
+    is the operator's wall time on the calling thread)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    step, batches = build_step(stage, modules, batch, torch)
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+    wall = (time.perf_counter() - t0) / steps
+    ops = [{"name": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+           for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    ops.sort(key=lambda o: -o["self_ms_per_step"])
+    channels, windows = SHAPES[stage]
+    return {"stage": stage, "size": "base", "batch": batch, "channels": channels, "windows": windows,
+            "steps": steps, "profiled_step_s": wall,
+            "self_ms_per_step_total": sum(o["self_ms_per_step"] for o in ops), "ops": ops}
+
+
+def print_profile(row: dict, top: int) -> None:
+    print(f"reference {row['stage']} base B={row['batch']} {row['channels']}x{row['windows']}, profiled: "
+          f"{1e3 * row['profiled_step_s']:.0f} ms/step, operators' self time {row['self_ms_per_step_total']:.0f} "
+          f"ms/step; slowest {top}:", file=sys.stderr)
+    print(f"  {'operator':<48} {'ms/step':>9} {'share':>6} {'calls/step':>10}", file=sys.stderr)
+    for op in row["ops"][:top]:
+        print(f"  {op['name'][:48]:<48} {op['self_ms_per_step']:9.1f} "
+              f"{op['self_ms_per_step'] / row['self_ms_per_step_total']:6.1%} {op['calls_per_step']:10.1f}",
+              file=sys.stderr)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="checkout of https://github.com/935963004/LaBraM")
@@ -190,7 +229,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default="", help="also write the result here")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the steps with torch.profiler instead of timing them: where the time goes")
+    parser.add_argument("--top", type=int, default=25, help="with --profile: how many operators to print")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     missing = [m for m in ("torch", "einops") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"the reference needs {' and '.join(missing)}: pip install 'labram_jax[reference]'")
@@ -204,14 +248,20 @@ def main(argv=None) -> dict:
               "rows": []}
     for stage in args.stages:
         print(f"... reference {stage} base", file=sys.stderr, flush=True)
-        result["rows"].append(bench(stage, modules, args.batch, args.steps, args.warmup))
-    for r in result["rows"]:
-        print(f"reference {r['stage']:<9} base B={r['batch']} {r['channels']}x{r['windows']}: "
-              f"{1e3 * r['step_s_median']:.0f} ms/step, {r['samples_per_s']:.2f} samples/s", file=sys.stderr)
+        if args.profile:
+            result["rows"].append(profile(stage, modules, args.batch, args.steps, args.warmup))
+            print_profile(result["rows"][-1], args.top)
+        else:
+            result["rows"].append(bench(stage, modules, args.batch, args.steps, args.warmup))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    if args.profile:  # the tables are printed; every operator is in --json
+        return result
+    for r in result["rows"]:
+        print(f"reference {r['stage']:<9} base B={r['batch']} {r['channels']}x{r['windows']}: "
+              f"{1e3 * r['step_s_median']:.0f} ms/step, {r['samples_per_s']:.2f} samples/s", file=sys.stderr)
+    print(json.dumps(result))  # read by benchmarks.train_step --reference
     return result
 
 

@@ -197,3 +197,30 @@ def test_a_checkout_without_the_model_files_is_refused(tmp_path):
     from benchmarks import reference_step
     with pytest.raises(SystemExit, match="missing modeling_vqnsp.py.*935963004/LaBraM"):
         reference_step.import_reference(str(tmp_path))
+
+
+def test_profile_gives_the_reference_operators_per_step(fake_reference, tmp_path):
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    pytest.importorskip("einops", reason="the reference's model files import einops")
+    import json
+    import subprocess
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.reference_step", "--reference", str(fake_reference),
+                           "--stages", "pretrain", "--batch", "2", "--steps", "3", "--warmup", "1", "--profile",
+                           "--top", "5", "--json", str(out)], capture_output=True, text=True, check=True)
+    assert proc.stdout == ""  # the subprocess protocol of --reference (a JSON line) is for timing only
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["stage"] == "pretrain" and row["steps"] == 3 and row["profiled_step_s"] > 0
+    ops = {op["name"]: op for op in row["ops"]}
+    assert ops["aten::argmax"]["calls_per_step"] == 1.0  # the frozen tokenizer's codes, once a step
+    times = [op["self_ms_per_step"] for op in row["ops"]]
+    assert times == sorted(times, reverse=True) and min(times) > 0
+    assert row["self_ms_per_step_total"] == pytest.approx(sum(times))
+    table = [line.split() for line in proc.stderr.splitlines() if line.startswith("  ") and "ms/step" not in line]
+    assert len(row["ops"]) > 5 and len(table) == 5 and table[0][0] == row["ops"][0]["name"][:48].split()[0]
+
+
+def test_profile_needs_a_step():
+    with pytest.raises(SystemExit):
+        from benchmarks import reference_step
+        reference_step.main(["--reference", "x", "--steps", "0"])
