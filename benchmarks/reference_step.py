@@ -233,8 +233,8 @@ def main(argv=None) -> dict:
                         help="profile the steps with torch.profiler instead of timing them: where the time goes")
     parser.add_argument("--top", type=int, default=25, help="with --profile: how many operators to print")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
+    if args.steps < 1 or args.top < 1:
+        parser.error("--steps and --top must be at least 1")
     missing = [m for m in ("torch", "einops") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"the reference needs {' and '.join(missing)}: pip install 'labram_jax[reference]'")

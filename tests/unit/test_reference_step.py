@@ -220,7 +220,9 @@ def test_profile_gives_the_reference_operators_per_step(fake_reference, tmp_path
     assert len(row["ops"]) > 5 and len(table) == 5 and table[0][0] == row["ops"][0]["name"][:48].split()[0]
 
 
-def test_profile_needs_a_step():
+@pytest.mark.parametrize("flag", ["--steps", "--top"])
+def test_steps_and_top_below_one_are_refused(flag, capsys):
+    from benchmarks import reference_step
     with pytest.raises(SystemExit):
-        from benchmarks import reference_step
-        reference_step.main(["--reference", "x", "--steps", "0"])
+        reference_step.main(["--reference", "x", "--profile", flag, "0"])
+    assert "--steps and --top must be at least 1" in capsys.readouterr().err
