@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
-        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit] [--scan-blocks] \
+        [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit|cpu_kernel] [--scan-blocks] \
         [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
@@ -49,6 +49,7 @@ from benchmarks import flops as flops_lib
 from benchmarks import machine as machine_lib
 from labram_jax_configs import common
 from labram_jax import compile_options, host_memory, input_pipeline, sharding, steps
+from labram_jax.models import config as model_config
 from labram_jax.tasks import pretrain
 
 DEFAULT_SHAPES = {"finetune": (23, 10), "pretrain": (23, 8), "tokenizer": (23, 8)}
@@ -378,7 +379,7 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=["none", "block"],
                         help="rematerialise each transformer block in the backward pass")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "explicit"],
+    parser.add_argument("--attention", default="auto", choices=list(model_config.ATTENTION_IMPLEMENTATIONS),
                         help="attention implementation (labram_jax.models.attention)")
     parser.add_argument("--scan-blocks", action="store_true",
                         help="nn.scan over stacked blocks (compiles one block instead of depth)")

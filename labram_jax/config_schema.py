@@ -260,7 +260,8 @@ def schema(size: str, stage: str) -> dict:
                              "without (official weights too): they start at the identity"),
         "head_pooling": Field("mean", "mean (the paper) or electrode: the head reads each electrode's pooled tokens "
                               "in its own slot (any montage)", one_of(model_config.HEAD_POOLINGS)),
-        "attention": Field("auto", "auto (explicit on CPU, xla elsewhere), xla, cudnn (GPU, bf16) or explicit",
+        "attention": Field("auto", "auto (CPU: cpu_kernel on AVX2 CPUs without AVX-512 where it builds, else "
+                           "explicit; xla elsewhere), xla, cudnn (GPU, bf16), explicit or cpu_kernel (C++)",
                            one_of(model_config.ATTENTION_IMPLEMENTATIONS)),
         "drop_path": Field(0.0, "stochastic depth rate of the last block", within(0.0, 1.0, high_open=True)),
         "num_outputs": Field(1, "1: binary or regression; K: K classes", _num_outputs),

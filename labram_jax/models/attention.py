@@ -8,8 +8,14 @@
 - ``explicit``: the softmax written out with a hand-written backward pass
   (``dS = P * (dP - rowsum(dO * O))``), which XLA:CPU runs about twice as fast as the
   autodiff of the generic version (BENCHMARKS.md).
+- ``cpu_kernel``: the forward pass in one C++ kernel for AVX2 CPUs (``cpu_attention``), which
+  keeps each head's scores in cache and returns the rows' max and sum of exponentials; the
+  backward pass is ``explicit``'s, with the probabilities recomputed from those (nothing [L, L] is
+  kept between the passes).
 
-``auto`` picks ``explicit`` on CPU and ``xla`` elsewhere. All give the same function.
+``auto`` picks ``xla`` off CPU; on CPU ``cpu_kernel`` where the kernel works (float32, head size
+<= 32, one device) and the CPU has no AVX-512 (the class it was measured faster on; XLA's own
+AVX-512 products are twice as fast there), else ``explicit``. All give the same function.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from labram_jax.models import config as config_lib
+from labram_jax.models import cpu_attention
 
 IMPLEMENTATIONS = config_lib.ATTENTION_IMPLEMENTATIONS
 _NEG = -1e30  # additive bias of padding keys (finite: a row with no valid key stays finite)
@@ -38,7 +45,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
     if implementation == "auto":
-        implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
+        implementation = _auto(q)
     swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, H, L, K] <-> [B, L, H, K]
     if implementation == "xla":
         return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=key_valid[:, None, None, :],
@@ -46,7 +53,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
     if implementation == "cudnn":
         return swap(_cudnn(swap(q), swap(k), swap(v), key_valid))
     bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
-    return _explicit(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v, bias)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    if implementation == "cpu_kernel":
+        if not cpu_attention.supports(q):
+            raise ValueError(f"attention='cpu_kernel' cannot run here ({_kernel_refusal(q)}); use 'explicit'")
+        return _kernel(q, k, v, bias)
+    return _explicit(q, k, v, bias)
+
+
+def _auto(q):
+    if jax.default_backend() != "cpu":
+        return "xla"
+    if "avx512f" not in cpu_attention.cpu_flags() and cpu_attention.supports(q):
+        return "cpu_kernel"
+    return "explicit"
+
+
+def _kernel_refusal(q):
+    reason = cpu_attention.unavailable_reason()
+    if reason:
+        return reason
+    mesh = jax.sharding.get_abstract_mesh()
+    return (f"it computes float32 heads of at most {cpu_attention.MAX_HEAD} on one CPU device; got {q.dtype} "
+            f"heads of {q.shape[-1]} on {jax.default_backend()}, {1 if mesh.empty else mesh.size} device(s) in the mesh")
 
 
 def _cudnn(q, k, v, key_valid):
@@ -110,3 +139,24 @@ def _explicit_bwd(residuals, d_out):
 
 
 _explicit.defvjp(_explicit_fwd, _explicit_bwd)
+
+
+@jax.custom_vjp
+def _kernel(q, k, v, bias):
+    return cpu_attention.forward(q, k, v, bias)[0]
+
+
+def _kernel_fwd(q, k, v, bias):
+    out, row_max, row_sum = cpu_attention.forward(q, k, v, bias)
+    return out, (q, k, v, bias, row_max, row_sum, out)
+
+
+def _kernel_bwd(residuals, d_out):
+    """``_explicit_bwd`` with P = exp(q k^T + bias - max) / sum recomputed (one product more, no [L, L] kept)."""
+    q, k, v, bias, row_max, row_sum, out = residuals
+    s = jnp.einsum("bhlk,bhmk->bhlm", q, k) + bias[:, None, None, :]
+    p = jnp.exp(s - row_max[..., None]) * (1.0 / row_sum)[..., None]
+    return _explicit_bwd((q, k, v, p, out), d_out)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)

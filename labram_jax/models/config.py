@@ -10,7 +10,7 @@ import jax.numpy as jnp
 PATCH_SIZE = 200  # samples per patch: 1 s at 200 Hz
 NUM_TIME_ROWS = 16  # time-embedding table rows: at most 16 windows per sample
 REMAT_POLICIES = ("none", "block")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")  # labram_jax.models.attention
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit", "cpu_kernel")  # labram_jax.models.attention
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
 HEAD_POOLINGS = ("mean", "electrode")  # what the fine-tuning head reads: layers.masked_mean, layers.electrode_rows
@@ -42,7 +42,8 @@ class TransformerConfig:
       remat: ``none``, or ``block``: recompute each block's activations in the backward
         pass instead of keeping them (less memory, about a third more compute).
       attention: implementation of the attention core (labram_jax.models.attention):
-        auto, xla, cudnn or explicit; all compute the same function.
+        auto, xla, cudnn, explicit or cpu_kernel (a C++ forward pass for AVX2 CPUs, compiled on
+        first use); all compute the same function.
       lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every
         block (parameter-efficient fine-tuning); 0: none (the plain model).
       lora_alpha: the adapters' scale is lora_alpha / lora_rank.

@@ -1,0 +1,124 @@
+"""The C++ attention kernel for AVX2 CPUs: the same function as ``explicit``, its build, and when it is used."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from labram_jax import sharding
+from labram_jax.models import attention, cpu_attention
+
+needs_kernel = pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
+                                  reason=f"CPU attention kernel unavailable: {cpu_attention.unavailable_reason()}")
+
+
+def _inputs(seed, shape):
+    rng = np.random.default_rng(seed)
+    q, k, v, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
+    b, _, length, _ = shape
+    valid = np.ones((b, length), bool)
+    valid[-1, length // 2:] = False  # padding at the end
+    if b > 2:
+        valid[1, 1:length:3] = False  # padding in between
+        valid[0, :] = False  # no valid key at all: uniform weights, as explicit gives
+    return q, k, v, g, jnp.asarray(valid)
+
+
+def _run(impl, q, k, v, g, valid):
+    f = lambda q, k, v: attention.dot_product_attention(q, k, v, valid, impl)  # noqa: E731
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    return out, vjp(g)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 4, 37, 20), (2, 10, 231, 20), (3, 4, 9, 25), (2, 2, 17, 1), (3, 3, 50, 32),
+                                   (2, 2, 12, 8)])
+def test_kernel_matches_explicit_forward_and_gradients(shape):
+    q, k, v, g, valid = _inputs(sum(shape), shape)
+    out_e, grads_e = _run("explicit", q, k, v, g, valid)
+    out_c, grads_c = _run("cpu_kernel", q, k, v, g, valid)
+    np.testing.assert_allclose(out_c, out_e, rtol=1e-5, atol=2e-6)
+    for a, b in zip(grads_c, grads_e):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # padding keys get no weight
+    half = shape[2] // 2
+    k2, v2 = k.at[-1, :, half:].set(100.0), v.at[-1, :, half:].set(-100.0)
+    np.testing.assert_allclose(attention.dot_product_attention(q, k2, v2, valid, "cpu_kernel"), out_c, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_row_statistics_and_nan():
+    q, k, v, _, valid = _inputs(7, (3, 3, 21, 20))
+    bias = jnp.where(valid, 0.0, -1e30)
+    out, row_max, row_sum = jax.jit(cpu_attention.forward)(q, k, v, bias)
+    s = jnp.einsum("bhlk,bhmk->bhlm", q, k) + bias[:, None, None, :]
+    np.testing.assert_allclose(row_max, jnp.max(s, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(row_sum, jnp.sum(jnp.exp(s - row_max[..., None]), axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(row_sum[0], 21.0, rtol=1e-6)  # no valid key: every key weighs 1 / L
+    np.testing.assert_allclose(out, jax.nn.softmax(s, axis=-1) @ v, rtol=1e-5, atol=2e-6)
+    out_nan, _, _ = cpu_attention.forward(q.at[1, 2, 3, 4].set(jnp.nan), k, v, bias)
+    rows_with_nan = np.isnan(np.asarray(out_nan)).any(axis=-1)
+    assert rows_with_nan[1, 2, 3] and rows_with_nan.sum() == 1  # the NaN poisons its row and only its row
+
+
+@needs_kernel
+def test_kernel_under_vmap():
+    q, k, v, _, valid = _inputs(8, (2, 3, 10, 20))
+    stacked = [jnp.stack([x, 2 * x]) for x in (q, k, v)]
+    f = lambda q, k, v: attention.dot_product_attention(q, k, v, valid, "cpu_kernel")  # noqa: E731
+    batched = jax.vmap(f)(*stacked)
+    for i in range(2):
+        np.testing.assert_allclose(batched[i], f(*(x[i] for x in stacked)), rtol=1e-6, atol=1e-6)
+
+
+def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
+    q = jnp.zeros((1, 2, 5, 20), jnp.float32)
+    monkeypatch.setattr(cpu_attention, "supports", lambda q: True)
+    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2", "fma"})
+    assert attention._auto(q) == "cpu_kernel"
+    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert attention._auto(q) == "explicit"
+    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu_attention, "supports", lambda q: False)
+    assert attention._auto(q) == "explicit"
+
+
+@needs_kernel
+def test_kernel_is_refused_where_it_does_not_compute():
+    q, k, v, _, valid = _inputs(0, (2, 2, 6, 50))  # Huge's head size
+    with pytest.raises(ValueError, match="heads of at most 32.*use 'explicit'"):
+        attention.dot_product_attention(q, k, v, valid, "cpu_kernel")
+    with pytest.raises(ValueError, match="bfloat16"):
+        attention.dot_product_attention(*(x[..., :20].astype(jnp.bfloat16) for x in (q, k, v)), valid, "cpu_kernel")
+    mesh = sharding.make_mesh((-1, 1, 1))
+    assert mesh.size > 1, "the unit tests run with several fake CPU devices"
+    with jax.set_mesh(mesh):
+        assert not cpu_attention.supports(q[..., :20])  # several devices: XLA's partitioned attention
+        assert attention._auto(q[..., :20]) == "explicit"
+        with pytest.raises(ValueError, match=f"{mesh.size} device"):
+            attention.dot_product_attention(*(x[..., :20] for x in (q, k, v)), valid, "cpu_kernel")
+
+
+@needs_kernel
+def test_build_is_cached_and_a_failed_build_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABRAM_JAX_CACHE_DIR", str(tmp_path))
+    path = cpu_attention.build(cpu_attention.compiler())
+    assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
+    stamp = os.stat(path).st_mtime_ns
+    assert cpu_attention.build(cpu_attention.compiler()) == path and os.stat(path).st_mtime_ns == stamp
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_attention.build("/bin/false")
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no partial file left behind
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("LABRAM_JAX_CPU_KERNEL", "0")
+    assert cpu_attention.unavailable_reason() == "LABRAM_JAX_CPU_KERNEL=0"
+    q = jnp.zeros((1, 1, 3, 20), jnp.float32)
+    assert not cpu_attention.supports(q)
+    with pytest.raises(RuntimeError, match="LABRAM_JAX_CPU_KERNEL=0"):
+        cpu_attention.forward(q, q, q, jnp.zeros((1, 3), jnp.float32))
+    with pytest.raises(ValueError, match="LABRAM_JAX_CPU_KERNEL=0.*use 'explicit'"):
+        attention.dot_product_attention(q, q, q, jnp.ones((1, 3), bool), "cpu_kernel")
