@@ -3,7 +3,8 @@
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit|cpu_kernel] [--scan-blocks] \
-        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults]
+        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] \
+        [--vs-attention IMPL]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -20,7 +21,8 @@ right after ours on this machine (a subprocess per stage), held to the same inst
 the order swapped every round (ours first, then the reference first, ...), and reports the median
 of the N ratios with their range: a machine whose speed drifts over minutes moves one round's
 ratio, not the median. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
-(``labram_jax.compile_options``), steps alternated, and the paired speed-up. The tokenizer has
+(``labram_jax.compile_options``), steps alternated, and the paired speed-up; ``--vs-attention IMPL``
+the same with the step compiled with attention ``IMPL`` instead of ``--attention``. The tokenizer has
 one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
 ``<out>/train_step_<backend>.json``.
 """
@@ -208,9 +210,8 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
     mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
     baseline = rounds = None
-    if args.vs_xla_defaults and not args.compile_only and bench.stage_obj.xla_options:
-        with compile_options.xla_defaults():
-            baseline = prepare(stage, size, args)
+    if not args.compile_only and (args.vs_attention or (args.vs_xla_defaults and bench.stage_obj.xla_options)):
+        baseline = prepare_baseline(stage, size, args)
         times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
         times, base_times = times[args.warmup:], base_times[args.warmup:]
     elif args.reference and not args.compile_only and comparable(stage, size, args):
@@ -236,12 +237,24 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     if rounds is not None:
         add_reference(row, rounds)
     if baseline is not None:
-        base_memory = {k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}
-        row["xla_defaults"] = {"options": compile_options.compiler_options(),
-                               "step_s_median": statistics.median(base_times),
-                               "speedup_paired_median": statistics.median(b / t for b, t in zip(base_times, times)),
-                               **base_memory}
+        ratios = [b / t for b, t in zip(base_times, times)]
+        compared = {"step_s_median": statistics.median(base_times), "speedup_paired_median": statistics.median(ratios),
+                    "speedup_paired_range": [min(ratios), max(ratios)], "loss": float(baseline.metrics["loss"]),
+                    **{k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}}
+        if args.vs_attention:
+            row["vs_attention"] = {"attention": args.vs_attention, **compared}
+        else:
+            row["xla_defaults"] = {"options": compile_options.compiler_options(), **compared}
     return row
+
+
+def prepare_baseline(stage: str, size: str, args) -> Prepared:
+    """The step ``--vs-attention`` (that attention instead of ``--attention``) or ``--vs-xla-defaults``
+    (XLA's default options) times ours against."""
+    if args.vs_attention:
+        return prepare(stage, size, argparse.Namespace(**{**vars(args), "attention": args.vs_attention}))
+    with compile_options.xla_defaults():
+        return prepare(stage, size, args)
 
 
 def interleaved(bench: Prepared, baseline: Prepared, n: int) -> tuple[list[float], list[float]]:
@@ -356,6 +369,12 @@ def print_table(rows: list[dict], peak_note: str) -> None:
               f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_step']:>10.4f} {r['achieved_tflops']:>8.3f} "
               f"{mfu:>6} {mem:>8.0f} {ref:>6}")
     for r in rows:
+        if "vs_attention" in r:
+            d = r["vs_attention"]
+            print(f"{r['stage']:<9} {r['size']:<5} with attention={d['attention']} instead of {r['attention']}: "
+                  f"{1e3 * d['step_s_median']:.1f} ms/step, {d.get('compiled_total_mib', float('nan')):.0f} MiB; "
+                  f"{r['attention']} makes it {d['speedup_paired_median']:.3f}x ({d['speedup_paired_range'][0]:.2f}-"
+                  f"{d['speedup_paired_range'][1]:.2f}; paired median, steps alternated)")
         if "xla_defaults" in r:
             d = r["xla_defaults"]
             print(f"{r['stage']:<9} {r['size']:<5} with XLA's defaults instead of {d['options'] or 'no options'}: "
@@ -388,6 +407,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                         help="also compile each step with XLA's default options (labram_jax.compile_options) "
                              "and time the two alternately: what the options buy on this machine (stages that keep "
                              "XLA's defaults, the tokenizer, are not compared)")
+    parser.add_argument("--vs-attention", default="", choices=["", *model_config.ATTENTION_IMPLEMENTATIONS],
+                        help="also compile each step with this attention implementation and time the two "
+                             "alternately: the paired speed-up of --attention over it")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory and FLOPs without running steps (sizes too big to run here)")
     parser.add_argument("--compilation-cache", default="", help="persistent XLA compilation cache directory")
@@ -406,8 +428,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
         parser.error("--rounds must be at least 1")
     if args.rounds > 1 and not args.reference:
         parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
-    if args.reference and args.vs_xla_defaults:
-        parser.error("--reference and --vs-xla-defaults each time a second step next to ours: run them separately")
+    if sum(map(bool, (args.reference, args.vs_xla_defaults, args.vs_attention))) > 1:
+        parser.error("--reference, --vs-xla-defaults and --vs-attention each time a second step next to ours: "
+                     "run them separately")
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
     if args.dtype == "auto":

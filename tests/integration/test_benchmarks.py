@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import profile_step, train_step
 from labram_jax import host_memory
+from labram_jax.models import cpu_attention
 from tests.conftest import ROOT
 
 
@@ -27,6 +28,22 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
         assert row["traces"] == 1 and row["steps"] == 2 and row["mesh"]["data"] == 2
         assert row["samples_per_s"] > 0 and row["model_tflops_per_step"] > 0 and row["compile_s"] > 0
         assert row["compiled_total_mib"] > 0 and 0 < row["mfu"] < 1
+
+
+@pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
+                    reason=f"CPU attention kernel unavailable: {cpu_attention.unavailable_reason()}")
+def test_train_step_times_two_attentions_alternately(tmp_path, capsys):
+    result = train_step.main(["--sizes", "tiny", "--stages", "finetune", "--steps", "2", "--warmup", "1", "--devices",
+                              "1", "--attention", "cpu_kernel", "--vs-attention", "explicit", "--out", str(tmp_path)])
+    row = result["rows"][0]
+    compared = row["vs_attention"]
+    assert row["attention"] == "cpu_kernel" and compared["attention"] == "explicit"
+    assert compared["loss"] == pytest.approx(row["loss"], rel=1e-5)  # the same function, the same step
+    low, high = compared["speedup_paired_range"]
+    assert 0 < low <= compared["speedup_paired_median"] <= high and compared["step_s_median"] > 0
+    assert "with attention=explicit instead of cpu_kernel" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--vs-attention", "explicit", "--vs-xla-defaults"])
 
 
 def test_profile_step_attributes_the_step_time_to_model_parts(tmp_path, capsys):
