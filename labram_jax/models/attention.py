@@ -8,10 +8,9 @@
 - ``explicit``: the softmax written out with a hand-written backward pass
   (``dS = P * (dP - rowsum(dO * O))``), which XLA:CPU runs about twice as fast as the
   autodiff of the generic version (BENCHMARKS.md).
-- ``cpu_kernel``: the forward pass in one C++ kernel for AVX2 CPUs (``cpu_attention``), which
-  keeps each head's scores in cache and returns the rows' max and sum of exponentials; the
-  backward pass is ``explicit``'s, with the probabilities recomputed from those (nothing [L, L] is
-  kept between the passes).
+- ``cpu_kernel``: C++ kernels for AVX2 CPUs (``cpu_attention``), forward and backward, which
+  keep each head's [L, L] matrices in cache; the backward pass recomputes the probabilities from
+  the rows' max and sum of exponentials (nothing [L, L] is kept between the passes).
 
 ``auto`` picks ``xla`` off CPU; on CPU ``cpu_kernel`` where the kernel works (float32, head size
 <= 32, one device) and the CPU has no AVX-512 (the class it was measured faster on; XLA's own
@@ -152,11 +151,9 @@ def _kernel_fwd(q, k, v, bias):
 
 
 def _kernel_bwd(residuals, d_out):
-    """``_explicit_bwd`` with P = exp(q k^T + bias - max) / sum recomputed (one product more, no [L, L] kept)."""
     q, k, v, bias, row_max, row_sum, out = residuals
-    s = jnp.einsum("bhlk,bhmk->bhlm", q, k) + bias[:, None, None, :]
-    p = jnp.exp(s - row_max[..., None]) * (1.0 / row_sum)[..., None]
-    return _explicit_bwd((q, k, v, p, out), d_out)
+    d_q, d_k, d_v = cpu_attention.backward(q, k, v, bias, out, d_out.astype(jnp.float32), row_max, row_sum)
+    return d_q, d_k, d_v, None
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)

@@ -1,13 +1,14 @@
-// Softmax attention's forward pass for x86 CPUs with AVX2 and FMA, as an XLA FFI handler.
+// Softmax attention for x86 CPUs with AVX2 and FMA, forward and backward, as XLA FFI handlers.
 //
-// For each (batch, head): S = q k^T + bias (q pre-scaled), E = exp(S - rowmax), out = E v / rowsum;
-// rowmax and rowsum are returned too (the backward pass recomputes P = exp(S - rowmax) / rowsum).
-// One (batch, head) is computed at a time in a per-thread workspace, so the [L, L] scores stay in
-// the core's cache instead of going to memory between XLA's three operations (product, softmax,
-// product). Built and loaded by cpu_attention.py.
+// Forward, per (batch, head): S = q k^T + bias (q pre-scaled), E = exp(S - rowmax),
+// out = E v / rowsum; rowmax and rowsum are returned for the backward pass, which recomputes
+// P = exp(S - rowmax) / rowsum and gives dV = P^T dO, dS = P * (dO v^T - rowsum(dO * out)),
+// dQ = dS k, dK = dS^T q. One (batch, head) is computed at a time in a per-thread workspace, so
+// the [L, L] matrices stay in the core's cache instead of going to memory between XLA's
+// operations. Built and loaded by cpu_attention.py.
 //
-// Shapes: q, k, v [..., H, L, K] float32 with K <= 32; bias [..., L] float32 (the leading dims of
-// q without H, L, K); out [..., H, L, K]; rowmax, rowsum [..., H, L].
+// Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32; bias [..., L] float32
+// (the leading dims of q without H, L, K); rowmax, rowsum [..., H, L].
 
 #include <immintrin.h>
 #include <sched.h>
@@ -62,106 +63,200 @@ inline float SumOf(__m256 v) {
   return s;
 }
 
-constexpr int kScoreRows = 6;  // rows of q per register tile of S (6 x 16 floats: 12 registers)
+constexpr int kRowTile = 6;  // rows per register tile of an [L, L] product (6 x 16 floats: 12 registers)
 
 struct Sizes {
   int L, K;
-  int Lp;  // L padded to 16 (score columns)
-  int Lr;  // L padded to 12 (rows: a multiple of both row tiles)
-  int Kp;  // K padded to 8 (NV vectors)
-  size_t WorkFloats() const { return (size_t)K * Lp + 2 * (size_t)Lr * Kp + (size_t)Lr * Lp + Lp; }
+  int Lp;  // L padded to 16: columns of the [L, L] buffers
+  int Lr;  // L padded to 12: rows (a multiple of every row tile)
+  int Kp;  // K padded to 8
+  size_t Square() const { return (size_t)Lr * Lp + 16; }  // an [Lr, Lp] buffer (+ slack for reads past a row)
+  size_t Narrow() const { return (size_t)Lr * Kp; }       // an [Lr, Kp] buffer
+  size_t Wide() const { return (size_t)K * Lp; }          // a transposed [K, Lp] buffer
 };
 
-// One (batch, head). q [L, K] (pre-scaled), k, v [L, K], bias [L] -> out [L, K], row_max, row_sum [L].
-// NV: K padded to NV * 8; MR = 12 / NV output rows per register tile of E v.
-template <int NV>
-void HeadForward(const Sizes& z, const float* q, const float* k, const float* v, const float* bias, float* out,
-                 float* row_maxes, float* row_sums, float* work) {
-  constexpr int MR = 12 / NV;
-  const int L = z.L, K = z.K, Lp = z.Lp, Lr = z.Lr, Kp = NV * 8;
-  float* kt = work;                      // k^T [K, Lp], zero columns past L
-  float* vp = kt + (size_t)K * Lp;       // v [Lr, Kp], zero padded
-  float* qp = vp + (size_t)Lr * Kp;      // q [Lr, Kp], zero padded
-  float* s = qp + (size_t)Lr * Kp;       // scores, then exp [Lr, Lp]
-  float* bp = s + (size_t)Lr * Lp;       // bias [Lp], -inf past L
-  for (int c = 0; c < K; ++c) {
-    for (int m = 0; m < L; ++m) kt[(size_t)c * Lp + m] = k[(size_t)m * K + c];
-    for (int m = L; m < Lp; ++m) kt[(size_t)c * Lp + m] = 0.f;
-  }
-  std::memset(vp, 0, sizeof(float) * 2 * (size_t)Lr * Kp);
-  for (int m = 0; m < L; ++m) {
-    std::memcpy(vp + (size_t)m * Kp, v + (size_t)m * K, K * sizeof(float));
-    std::memcpy(qp + (size_t)m * Kp, q + (size_t)m * K, K * sizeof(float));
-  }
-  for (int m = 0; m < L; ++m) bp[m] = bias[m];
-  for (int m = L; m < Lp; ++m) bp[m] = -INFINITY;
+// x [L, K] -> dst [Lr, Kp], zero padded.
+void PackRows(const Sizes& z, const float* x, float* dst) {
+  std::memset(dst, 0, sizeof(float) * z.Narrow());
+  for (int l = 0; l < z.L; ++l) std::memcpy(dst + (size_t)l * z.Kp, x + (size_t)l * z.K, z.K * sizeof(float));
+}
 
-  // S = q k^T + bias, kScoreRows x 16 a tile.
-  for (int l0 = 0; l0 < Lr; l0 += kScoreRows) {
-    const float* qr = qp + (size_t)l0 * Kp;
+// x [L, K] -> dst [K, Lp] (transposed), zero padded.
+void PackColumns(const Sizes& z, const float* x, float* dst) {
+  for (int c = 0; c < z.K; ++c) {
+    for (int m = 0; m < z.L; ++m) dst[(size_t)c * z.Lp + m] = x[(size_t)m * z.K + c];
+    for (int m = z.L; m < z.Lp; ++m) dst[(size_t)c * z.Lp + m] = 0.f;
+  }
+}
+
+// c [Lr, Lp] = a [Lr, Kp] . bt [K, Lp] + init [Lp] (added to every row).
+void ProductNT(const Sizes& z, const float* a, const float* bt, const float* init, float* c) {
+  const int K = z.K, Lp = z.Lp, Kp = z.Kp;
+  for (int l0 = 0; l0 < z.Lr; l0 += kRowTile) {
+    const float* ar = a + (size_t)l0 * Kp;
     for (int m0 = 0; m0 < Lp; m0 += 16) {
-      __m256 a0[kScoreRows], a1[kScoreRows];
-      const __m256 c0 = _mm256_loadu_ps(bp + m0), c1 = _mm256_loadu_ps(bp + m0 + 8);
-      for (int r = 0; r < kScoreRows; ++r) a0[r] = c0, a1[r] = c1;
-      const float* kc = kt + m0;
-      for (int c = 0; c < K; ++c, kc += Lp) {
-        const __m256 b0 = _mm256_loadu_ps(kc), b1 = _mm256_loadu_ps(kc + 8);
-        for (int r = 0; r < kScoreRows; ++r) {
-          const __m256 a = _mm256_broadcast_ss(qr + (size_t)r * Kp + c);
-          a0[r] = _mm256_fmadd_ps(a, b0, a0[r]);
-          a1[r] = _mm256_fmadd_ps(a, b1, a1[r]);
+      __m256 c0[kRowTile], c1[kRowTile];
+      const __m256 i0 = _mm256_loadu_ps(init + m0), i1 = _mm256_loadu_ps(init + m0 + 8);
+      for (int r = 0; r < kRowTile; ++r) c0[r] = i0, c1[r] = i1;
+      const float* bc = bt + m0;
+      for (int k = 0; k < K; ++k, bc += Lp) {
+        const __m256 b0 = _mm256_loadu_ps(bc), b1 = _mm256_loadu_ps(bc + 8);
+        for (int r = 0; r < kRowTile; ++r) {
+          const __m256 x = _mm256_broadcast_ss(ar + (size_t)r * Kp + k);
+          c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
+          c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
         }
       }
-      for (int r = 0; r < kScoreRows; ++r) {
-        _mm256_storeu_ps(s + (size_t)(l0 + r) * Lp + m0, a0[r]);
-        _mm256_storeu_ps(s + (size_t)(l0 + r) * Lp + m0 + 8, a1[r]);
+      for (int r = 0; r < kRowTile; ++r) {
+        _mm256_storeu_ps(c + (size_t)(l0 + r) * Lp + m0, c0[r]);
+        _mm256_storeu_ps(c + (size_t)(l0 + r) * Lp + m0 + 8, c1[r]);
       }
     }
   }
+}
 
-  for (int l0 = 0; l0 < Lr; l0 += MR) {
-    // The tile's rows: exp(S - max) in place; 1 / sum is applied to the output.
-    float inv[MR];
-    for (int r = 0; r < MR; ++r) {
-      float* row = s + (size_t)(l0 + r) * Lp;
-      __m256 mx = _mm256_loadu_ps(row);
-      for (int m = 8; m < Lp; m += 8) mx = _mm256_max_ps(_mm256_loadu_ps(row + m), mx);
-      const float row_max = MaxOf(mx);
-      const __m256 vm = _mm256_set1_ps(row_max);
-      __m256 sum = _mm256_setzero_ps();
-      for (int m = 0; m < Lp; m += 8) {
-        const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
-        _mm256_storeu_ps(row + m, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      const float row_sum = SumOf(sum);
-      inv[r] = 1.0f / row_sum;
-      if (l0 + r < L) row_maxes[l0 + r] = row_max, row_sums[l0 + r] = row_sum;
-    }
-    // out = E v / sum, MR x (NV * 8) a tile.
+// out [L, K] = row_scale[l] * sum_{m < L} a[l, m] b[m, :], a [Lr, Lp], b [Lr, NV * 8] (row_scale: none = 1).
+template <int NV>
+void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_scale, float* out) {
+  constexpr int MR = 12 / NV;
+  const int Lp = z.Lp, Kp = NV * 8;
+  for (int l0 = 0; l0 < z.Lr; l0 += MR) {
     __m256 acc[MR][NV];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
-    const float* er = s + (size_t)l0 * Lp;
-    for (int m = 0; m < L; ++m) {
-      __m256 b[NV];
-      for (int j = 0; j < NV; ++j) b[j] = _mm256_loadu_ps(vp + (size_t)m * Kp + 8 * j);
+    const float* ar = a + (size_t)l0 * Lp;
+    for (int m = 0; m < z.L; ++m) {
+      __m256 bm[NV];
+      for (int j = 0; j < NV; ++j) bm[j] = _mm256_loadu_ps(b + (size_t)m * Kp + 8 * j);
       for (int r = 0; r < MR; ++r) {
-        const __m256 a = _mm256_broadcast_ss(er + (size_t)r * Lp + m);
-        for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(a, b[j], acc[r][j]);
+        const __m256 x = _mm256_broadcast_ss(ar + (size_t)r * Lp + m);
+        for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(x, bm[j], acc[r][j]);
       }
     }
     alignas(32) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r) {
-      const __m256 scale = _mm256_set1_ps(inv[r]);
+      const __m256 scale = _mm256_set1_ps(row_scale && l0 + r < z.L ? row_scale[l0 + r] : 1.0f);
       for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], scale));
     }
-    for (int r = 0; r < MR && l0 + r < L; ++r) std::memcpy(out + (size_t)(l0 + r) * K, tile[r], K * sizeof(float));
+    for (int r = 0; r < MR && l0 + r < z.L; ++r) std::memcpy(out + (size_t)(l0 + r) * z.K, tile[r], z.K * sizeof(float));
   }
 }
 
-using HeadFn = void (*)(const Sizes&, const float*, const float*, const float*, const float*, float*, float*, float*,
-                        float*);
+// out [L, K] = sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
+template <int NV>
+void ProductTN(const Sizes& z, const float* a, const float* b, float* out) {
+  constexpr int MR = 12 / NV;
+  const int Lp = z.Lp, Kp = NV * 8;
+  for (int m0 = 0; m0 < z.Lr; m0 += MR) {
+    __m256 acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int l = 0; l < z.L; ++l) {
+      __m256 bl[NV];
+      for (int j = 0; j < NV; ++j) bl[j] = _mm256_loadu_ps(b + (size_t)l * Kp + 8 * j);
+      const float* al = a + (size_t)l * Lp + m0;  // columns m0.. of row l (past Lp: the next row or the slack)
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x = _mm256_broadcast_ss(al + r);
+        for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(x, bl[j], acc[r][j]);
+      }
+    }
+    alignas(32) float tile[MR][NV * 8];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, acc[r][j]);
+    for (int r = 0; r < MR && m0 + r < z.L; ++r) std::memcpy(out + (size_t)(m0 + r) * z.K, tile[r], z.K * sizeof(float));
+  }
+}
+
+// bias [L] -> dst [Lp], -inf past L (padding columns get no weight).
+void PackBias(const Sizes& z, const float* bias, float* dst) {
+  for (int m = 0; m < z.L; ++m) dst[m] = bias[m];
+  for (int m = z.L; m < z.Lp; ++m) dst[m] = -INFINITY;
+}
+
+struct Forward {
+  static size_t WorkFloats(const Sizes& z) { return z.Wide() + 2 * z.Narrow() + z.Square() + 2 * (size_t)z.Lp; }
+
+  // One (batch, head). q [L, K] (pre-scaled), k, v [L, K], bias [L] -> out [L, K], row_max, row_sum [L].
+  template <int NV>
+  static void Head(const Sizes& z, const float* q, const float* k, const float* v, const float* bias, float* out,
+                   float* row_max, float* row_sum, float* work) {
+    float* kt = work;             // k^T [K, Lp]
+    float* vp = kt + z.Wide();    // v [Lr, Kp]
+    float* qp = vp + z.Narrow();  // q [Lr, Kp]
+    float* s = qp + z.Narrow();   // scores, then exp [Lr, Lp]
+    float* bp = s + z.Square();   // bias [Lp]
+    float* inv = bp + z.Lp;       // 1 / row sum [Lr <= Lp + 12]
+    PackColumns(z, k, kt);
+    PackRows(z, v, vp);
+    PackRows(z, q, qp);
+    PackBias(z, bias, bp);
+    ProductNT(z, qp, kt, bp, s);
+    for (int l = 0; l < z.L; ++l) {
+      float* row = s + (size_t)l * z.Lp;
+      __m256 mx = _mm256_loadu_ps(row);
+      for (int m = 8; m < z.Lp; m += 8) mx = _mm256_max_ps(_mm256_loadu_ps(row + m), mx);
+      const float top = MaxOf(mx);
+      const __m256 vm = _mm256_set1_ps(top);
+      __m256 sum = _mm256_setzero_ps();
+      for (int m = 0; m < z.Lp; m += 8) {
+        const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
+        _mm256_storeu_ps(row + m, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      row_max[l] = top;
+      row_sum[l] = SumOf(sum);
+      inv[l] = 1.0f / row_sum[l];
+    }
+    ProductNN<NV>(z, s, vp, inv, out);
+  }
+};
+
+struct Backward {
+  static size_t WorkFloats(const Sizes& z) { return 2 * z.Wide() + 3 * z.Narrow() + 2 * z.Square() + 2 * (size_t)z.Lp; }
+
+  // One (batch, head): the forward's inputs, out [L, K], d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K].
+  template <int NV>
+  static void Head(const Sizes& z, const float* q, const float* k, const float* v, const float* bias, const float* out,
+                   const float* d_out, const float* row_max, const float* row_sum, float* dq, float* dk, float* dv,
+                   float* work) {
+    float* kt = work;              // k^T [K, Lp]
+    float* vt = kt + z.Wide();     // v^T [K, Lp]
+    float* qp = vt + z.Wide();     // q [Lr, Kp]
+    float* kp = qp + z.Narrow();   // k [Lr, Kp]
+    float* gp = kp + z.Narrow();   // dO [Lr, Kp]
+    float* p = gp + z.Narrow();    // P [Lr, Lp]
+    float* ds = p + z.Square();    // dP, then dS [Lr, Lp]
+    float* bp = ds + z.Square();   // bias [Lp]
+    float* zero = bp + z.Lp;       // [Lp]
+    PackColumns(z, k, kt);
+    PackColumns(z, v, vt);
+    PackRows(z, q, qp);
+    PackRows(z, k, kp);
+    PackRows(z, d_out, gp);
+    PackBias(z, bias, bp);
+    std::memset(zero, 0, sizeof(float) * z.Lp);
+    ProductNT(z, qp, kt, bp, p);  // S
+    for (int l = 0; l < z.L; ++l) {  // P = exp(S - max) / sum
+      float* row = p + (size_t)l * z.Lp;
+      const __m256 top = _mm256_set1_ps(row_max[l]), inv = _mm256_set1_ps(1.0f / row_sum[l]);
+      for (int m = 0; m < z.Lp; m += 8)
+        _mm256_storeu_ps(row + m, _mm256_mul_ps(Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
+    }
+    ProductTN<NV>(z, p, gp, dv);    // dV = P^T dO
+    ProductNT(z, gp, vt, zero, ds);  // dP = dO v^T
+    for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(dO * out))
+      float dot = 0.f;
+      for (int c = 0; c < z.K; ++c) dot += d_out[(size_t)l * z.K + c] * out[(size_t)l * z.K + c];
+      const __m256 d = _mm256_set1_ps(dot);
+      float* g = ds + (size_t)l * z.Lp;
+      const float* pr = p + (size_t)l * z.Lp;
+      for (int m = 0; m < z.Lp; m += 8)
+        _mm256_storeu_ps(g + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(g + m), d)));
+    }
+    ProductNN<NV>(z, ds, kp, nullptr, dq);  // dQ = dS k
+    ProductTN<NV>(z, ds, qp, dk);           // dK = dS^T q
+  }
+};
 
 int UsableCpus() {
   cpu_set_t set;
@@ -169,46 +264,101 @@ int UsableCpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> row_max,
-                   ffi::ResultBuffer<ffi::F32> row_sum) {
-  const auto d = q.dimensions();
-  bool same = d.size() >= 3 && k.dimensions().size() == d.size() && v.dimensions().size() == d.size();
-  for (size_t i = 0; same && i < d.size(); ++i) same = k.dimensions()[i] == d[i] && v.dimensions()[i] == d[i];
-  if (!same) return ffi::Error::InvalidArgument("q, k and v must share one shape [..., H, L, K]");
+// Checks q's shape [..., H, L, K] against the other [..., H, L, K] buffers and bias [..., L]; fills sizes, the
+// number of (batch, head) pairs and H. An empty string when they fit.
+std::string CheckShapes(ffi::Span<const int64_t> d, std::initializer_list<ffi::Span<const int64_t>> same,
+                        size_t bias_elements, Sizes* z, int64_t* pairs, int64_t* heads) {
+  if (d.size() < 3) return "q must have shape [..., H, L, K]";
+  for (const auto& other : same) {
+    bool equal = other.size() == d.size();
+    for (size_t i = 0; equal && i < d.size(); ++i) equal = other[i] == d[i];
+    if (!equal) return "q, k, v (and out, d_out, dq, dk, dv) must share one shape [..., H, L, K]";
+  }
   const int r = (int)d.size();
-  const int64_t H = d[r - 3], L = d[r - 2], K = d[r - 1];
-  if (K < 1 || K > 32) return ffi::Error::InvalidArgument("head size must be 1..32, got " + std::to_string(K));
-  int64_t n = 1;
-  for (int i = 0; i < r - 2; ++i) n *= d[i];  // (batch..., head) pairs
-  if ((int64_t)bias.element_count() != n / std::max<int64_t>(H, 1) * L)
-    return ffi::Error::InvalidArgument("bias must have shape [..., L] (q's leading dims without H)");
-  if (n == 0 || L == 0) return ffi::Error::Success();
-  Sizes z{(int)L, (int)K, (int)((L + 15) / 16 * 16), (int)((L + 11) / 12 * 12), (int)((K + 7) / 8 * 8)};
-  static const HeadFn kByVectors[4] = {HeadForward<1>, HeadForward<2>, HeadForward<3>, HeadForward<4>};
-  const HeadFn head = kByVectors[z.Kp / 8 - 1];
-  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data(), *bd = bias.typed_data();
-  float *od = out->typed_data(), *md = row_max->typed_data(), *sd = row_sum->typed_data();
+  const int64_t L = d[r - 2], K = d[r - 1];
+  *heads = d[r - 3];
+  if (K < 1 || K > 32) return "head size must be 1..32, got " + std::to_string(K);
+  *pairs = 1;
+  for (int i = 0; i < r - 2; ++i) *pairs *= d[i];
+  if ((int64_t)bias_elements != (*heads ? *pairs / *heads : 0) * L)
+    return "bias must have shape [..., L] (q's leading dims without H)";
+  *z = Sizes{(int)L, (int)K, (int)((L + 15) / 16 * 16), (int)((L + 11) / 12 * 12), (int)((K + 7) / 8 * 8)};
+  return "";
+}
+
+// Runs head(i, work) for every (batch, head) pair i on all usable cores, one workspace per thread.
+template <typename Fn>
+void ForEachPair(int64_t pairs, size_t work_floats, Fn head) {
   std::atomic<int64_t> next{0};
   auto worker = [&]() {
-    std::vector<float> work(z.WorkFloats());
-    for (int64_t i; (i = next.fetch_add(1)) < n;) {
-      const size_t off = (size_t)i * L * K;
-      head(z, qd + off, kd + off, vd + off, bd + (size_t)(i / H) * L, od + off, md + (size_t)i * L, sd + (size_t)i * L,
-           work.data());
-    }
+    std::vector<float> work(work_floats);
+    for (int64_t i; (i = next.fetch_add(1)) < pairs;) head(i, work.data());
   };
-  const int threads = (int)std::min<int64_t>(UsableCpus(), n);
+  const int threads = (int)std::min<int64_t>(UsableCpus(), pairs);
   std::vector<std::thread> pool;
   for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
   worker();
   for (auto& t : pool) t.join();
+}
+
+template <template <int> class Pick>
+auto ByVectors(int kp) {
+  switch (kp / 8) {
+    case 1: return Pick<1>::fn;
+    case 2: return Pick<2>::fn;
+    case 3: return Pick<3>::fn;
+    default: return Pick<4>::fn;
+  }
+}
+
+template <int NV> struct ForwardHead { static constexpr auto fn = &Forward::Head<NV>; };
+template <int NV> struct BackwardHead { static constexpr auto fn = &Backward::Head<NV>; };
+
+ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> row_sum) {
+  Sizes z;
+  int64_t pairs, heads;
+  const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out->dimensions()},
+                                      bias.element_count(), &z, &pairs, &heads);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  if (pairs == 0 || z.L == 0) return ffi::Error::Success();
+  const auto head = ByVectors<ForwardHead>(z.Kp);
+  const size_t n = (size_t)z.L * z.K;
+  ForEachPair(pairs, Forward::WorkFloats(z), [&](int64_t i, float* work) {
+    head(z, q.typed_data() + i * n, k.typed_data() + i * n, v.typed_data() + i * n,
+         bias.typed_data() + (i / heads) * z.L, out->typed_data() + i * n, row_max->typed_data() + i * z.L,
+         row_sum->typed_data() + i * z.L, work);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> d_out,
+                             ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  Sizes z;
+  int64_t pairs, heads;
+  const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out.dimensions(),
+                                                       d_out.dimensions(), dq->dimensions()},
+                                      bias.element_count(), &z, &pairs, &heads);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  if (pairs == 0 || z.L == 0) return ffi::Error::Success();
+  const auto head = ByVectors<BackwardHead>(z.Kp);
+  const size_t n = (size_t)z.L * z.K;
+  ForEachPair(pairs, Backward::WorkFloats(z), [&](int64_t i, float* work) {
+    head(z, q.typed_data() + i * n, k.typed_data() + i * n, v.typed_data() + i * n,
+         bias.typed_data() + (i / heads) * z.L, out.typed_data() + i * n, d_out.typed_data() + i * n,
+         row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dq->typed_data() + i * n,
+         dk->typed_data() + i * n, dv->typed_data() + i * n, work);
+  });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q, pre-scaled
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
@@ -217,3 +367,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row max of the scores
                                   .Ret<ffi::Buffer<ffi::F32>>());  // row sum of exp(scores - row max)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, pre-scaled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // row max
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // row sum
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq (with respect to the pre-scaled q)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv

@@ -1,12 +1,11 @@
-"""Attention's forward pass as one C++ kernel for x86 CPUs with AVX2 + FMA (``cpu_attention.cc``).
+"""Softmax attention as C++ kernels for x86 CPUs with AVX2 + FMA (``cpu_attention.cc``).
 
-XLA:CPU computes softmax attention as three operations (scores product, softmax, value product)
-and writes the [B, H, L, L] scores to memory between them; on LaBraM's 20-wide heads those
-products run at a fraction of the matrix units' rate. The kernel does one (batch, head) at a
-time with the scores in the core's cache and returns the output and each row's max and sum of
-exponentials (the backward pass recomputes the probabilities from them: ``attention.py``). On a 2-core AVX2-only
-host it made the Base fine-tuning step 1.03x and pretraining 1.07x as fast (BENCHMARKS.md,
-"Session 19").
+XLA:CPU computes softmax attention as separate operations (scores product, softmax, value
+product; five products and the softmax's gradient backward) and writes the [B, H, L, L]
+matrices to memory between them; on LaBraM's 20-wide heads those products run at a fraction of
+the matrix units' rate. The kernels do one (batch, head) at a time with those matrices in the
+core's cache: the forward pass returns the output and each row's max and sum of exponentials,
+the backward pass recomputes the probabilities from them (BENCHMARKS.md, "Session 19").
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++`` or
 ``g++``) against jaxlib's FFI headers, into ``$LABRAM_JAX_CACHE_DIR`` (default
@@ -33,7 +32,8 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")
-TARGET = "labram_cpu_attention_forward"
+TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",
+           "LabramAttentionBackward": "labram_cpu_attention_backward"}  # symbol -> FFI target
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 MAX_HEAD = 32  # head sizes the kernel computes (LaBraM: 20 Base, 25 Tiny and Large; 50 Huge stays in XLA)
 
@@ -110,7 +110,8 @@ def _load() -> str | None:
         return "no C++ compiler (set CXX, or install g++)"
     try:
         library = ctypes.cdll.LoadLibrary(build(cxx))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LabramAttentionForward), platform="cpu")
+        for symbol, target in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError) as err:
         logging.warning("the CPU attention kernel is not used: %s", err)
         return f"the build or load failed: {err}"
@@ -136,10 +137,27 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> tuple[
       ``sum(exp(scores - row_max))`` (kept apart: ``row_max + log(row_sum)`` loses ``log(row_sum)`` in
       float32 when a row has no valid key and its scores are all near -1e30).
     """
+    stats = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
+    return _call("labram_cpu_attention_forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32), stats, stats),
+                 q, k, v, bias)
+
+
+def backward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, out: jax.Array, d_out: jax.Array,
+             row_max: jax.Array, row_sum: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients of :func:`forward`'s ``out`` with respect to q (the pre-scaled one), k and v.
+
+    Args:
+      q, k, v, bias: :func:`forward`'s inputs; out, row_max, row_sum: its outputs;
+      d_out: [..., H, L, K] float32, the gradient with respect to ``out``.
+    Returns:
+      dq, dk, dv [..., H, L, K].
+    """
+    grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return _call("labram_cpu_attention_backward", (grad, grad, grad), q, k, v, bias, out, d_out, row_max, row_sum)
+
+
+def _call(target: str, result_shapes, *args):
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU attention kernel cannot be used: {reason}. Use attention='explicit'.")
-    stats = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32), stats, stats),
-                            vmap_method="broadcast_all")
-    return call(q, k, v, bias)
+    return jax.ffi.ffi_call(target, result_shapes, vmap_method="broadcast_all")(*args)
