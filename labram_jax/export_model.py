@@ -81,9 +81,12 @@ def export(predictor: api.Predictor, platforms: tuple[str, ...] = ("cpu",)) -> j
                          f"{predictor.kind} model")
     variables = predictor.variables
     task = predictor.task
+    # Portable attention: the CPU kernel is a custom call that jax.export cannot serialize, and the
+    # artefact may run on other platforms than this one.
+    model = predictor.model.clone(cfg=predictor.model.cfg.replace(attention="explicit"))
 
     def predict(x, channel_ids):
-        logits = predictor.model.apply(variables, x, channel_ids)
+        logits = model.apply(variables, x, channel_ids)
         return finetune.scores(task, logits)
 
     b, n, a = jax.export.symbolic_shape("b, n, a", constraints=(f"a <= {model_config.NUM_TIME_ROWS}",))
