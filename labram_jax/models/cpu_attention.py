@@ -9,7 +9,8 @@ the backward pass recomputes the probabilities from them (BENCHMARKS.md, "Sessio
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++`` or
 ``g++``) against jaxlib's FFI headers, into ``$LABRAM_JAX_CACHE_DIR`` (default
-``~/.cache/labram_jax``) under a name that hashes the source, the flags and the jaxlib version;
+``~/.cache/labram_jax``) under a name that hashes the source, the flags, the compiler's path and
+the jaxlib version;
 later processes load that file. Where it cannot be used (not x86-64 Linux with AVX2 + FMA, no
 compiler, a failed build, ``LABRAM_JAX_CPU_KERNEL=0``) :func:`unavailable_reason` says why and
 attention stays in XLA.
@@ -64,7 +65,7 @@ def compiler() -> str | None:
 
 
 def build(cxx: str) -> str:
-    """Compile the kernel with ``cxx`` (once per source, flags and jaxlib) and return the library's path.
+    """Compile the kernels with ``cxx`` (once per source, flags, compiler and jaxlib) and return the library's path.
 
     Raises RuntimeError with the compiler's message if the build fails."""
     with open(SOURCE, "rb") as f:
