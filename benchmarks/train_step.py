@@ -409,7 +409,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                              "XLA's defaults, the tokenizer, are not compared)")
     parser.add_argument("--vs-attention", default="", choices=["", *model_config.ATTENTION_IMPLEMENTATIONS],
                         help="also compile each step with this attention implementation and time the two "
-                             "alternately: the paired speed-up of --attention over it")
+                             "alternately: the paired speed-up of --attention over it (one process: this can favour "
+                             "the step needing less memory; BENCHMARKS.md, Session 19)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory and FLOPs without running steps (sizes too big to run here)")
     parser.add_argument("--compilation-cache", default="", help="persistent XLA compilation cache directory")

@@ -54,8 +54,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
     bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     if implementation == "cpu_kernel":
-        if not cpu_attention.supports(q):
-            raise ValueError(f"attention='cpu_kernel' cannot run here ({_kernel_refusal(q)}); use 'explicit'")
+        reason = cpu_attention.refusal(q)
+        if reason:
+            raise ValueError(f"attention='cpu_kernel' cannot run here ({reason}); use 'explicit'")
         return _kernel(q, k, v, bias)
     return _explicit(q, k, v, bias)
 
@@ -66,15 +67,6 @@ def _auto(q):
     if "avx512f" not in cpu_attention.cpu_flags() and cpu_attention.supports(q):
         return "cpu_kernel"
     return "explicit"
-
-
-def _kernel_refusal(q):
-    reason = cpu_attention.unavailable_reason()
-    if reason:
-        return reason
-    mesh = jax.sharding.get_abstract_mesh()
-    return (f"it computes float32 heads of at most {cpu_attention.MAX_HEAD} on one CPU device; got {q.dtype} "
-            f"heads of {q.shape[-1]} on {jax.default_backend()}, {1 if mesh.empty else mesh.size} device(s) in the mesh")
 
 
 def _cudnn(q, k, v, key_valid):

@@ -119,12 +119,21 @@ def _load() -> str | None:
     return None
 
 
-def supports(q: jax.Array) -> bool:
-    """Whether :func:`forward` computes attention on ``q`` here: float32, head size <= 32, the CPU
-    backend on one device (a mesh of several keeps XLA's partitioned attention), kernel available."""
+def refusal(q: jax.Array) -> str | None:
+    """Why the kernels cannot compute attention on ``q`` here, or None: they take float32 heads of at
+    most :data:`MAX_HEAD` on the CPU backend with one device (a mesh of several keeps XLA's
+    partitioned attention), and need :func:`unavailable_reason` to be None."""
     mesh = jax.sharding.get_abstract_mesh()
-    return (q.dtype == jnp.float32 and q.shape[-1] <= MAX_HEAD and jax.default_backend() == "cpu"
-            and (mesh.empty or mesh.size == 1) and unavailable_reason() is None)
+    devices = 1 if mesh.empty else mesh.size
+    if q.dtype != jnp.float32 or q.shape[-1] > MAX_HEAD or jax.default_backend() != "cpu" or devices != 1:
+        return (f"it computes float32 heads of at most {MAX_HEAD} on one CPU device; got {q.dtype} heads of "
+                f"{q.shape[-1]} on {jax.default_backend()}, {devices} device(s) in the mesh")
+    return unavailable_reason()
+
+
+def supports(q: jax.Array) -> bool:
+    """Whether the kernels compute attention on ``q`` here (:func:`refusal` gives the reason if not)."""
+    return refusal(q) is None
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
