@@ -8,8 +8,11 @@ under ``jax.profiler.trace``, reads the trace back with ``jax.profiler.ProfileDa
 time of every executed XLA operation over the traced steps. Each operation is put in a model part
 by the ``op_name`` metadata XLA keeps from the JAX program (``attention``, ``mlp``, ``norm``,
 ``optimizer``, ...; :data:`PARTS`), and in a kind by its HLO opcode (``dot``, ``fusion``,
-``custom-call``, ...). Prints the two breakdowns (ms per step, share of the profiled op time)
-and the ``--top`` slowest operations; ``--json`` keeps the sums and the 300 slowest operations.
+``custom-call``, ...), and in a family by its instruction name without the numeric suffix
+(``ynn_fusion``: products handed to YNNPACK; ``wrapped_reduce-window``: the trees XLA:CPU splits
+long reductions into; ``ffi_call``: custom calls). Prints the three breakdowns (ms per step, share
+of the profiled op time; the 12 largest families) and the ``--top`` slowest operations; ``--json``
+keeps the sums and the 300 slowest operations.
 
 Times are per device (a mesh of N devices runs every operation N times: the sums are divided
 by N). On a CPU independent operations may overlap on the cores, so their sum can exceed the
@@ -34,7 +37,8 @@ from benchmarks import machine as machine_lib
 from benchmarks import train_step
 from labram_jax import host_memory
 
-OPS_KEPT = 300  # the slowest operations kept in the result (the part and kind sums cover all)
+OPS_KEPT = 300  # the slowest operations kept in the result (the part, kind and family sums cover all)
+FAMILIES_PRINTED = 12
 # First match wins; matched against the lower-cased op_name scope path of each operation.
 PARTS = (
     ("optimizer", ("adam", "optax", "clip", "global_norm", "apply_updates", "decay", "schedule")),
@@ -87,26 +91,40 @@ def op_times(trace_dir: str, names: set[str]) -> dict[str, float]:
     return dict(totals)
 
 
+def family_of(name: str) -> str:
+    """An operation's family: its instruction name without XLA's numeric suffix
+    (``wrapped_reduce-window.346`` -> ``wrapped_reduce-window``, ``ynn_fusion.12`` -> ``ynn_fusion``).
+    It tells what XLA made of the work: products handed to YNNPACK, its own loop fusions, the
+    reduce-window trees it splits long reductions into, custom calls."""
+    return re.sub(r"\.\d+$", "", name)
+
+
 def breakdown(times: dict[str, float], index: dict[str, tuple[str, str]], steps: int) -> dict:
-    """Per part, per opcode and per operation: ms per step, sorted slowest first."""
+    """Per part, per opcode, per family (:func:`family_of`) and per operation: ms per step,
+    sorted slowest first."""
     by_part: dict[str, float] = collections.defaultdict(float)
     by_kind: dict[str, float] = collections.defaultdict(float)
+    by_family: dict[str, float] = collections.defaultdict(float)
     for name, seconds in times.items():
         kind, op_name = index[name]
         by_part[part_of(op_name)] += seconds
         by_kind[kind] += seconds
+        by_family[family_of(name)] += seconds
 
     def per_step(d):
         return {k: 1e3 * v / steps for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
     ops = [{"name": n, "kind": index[n][0], "part": part_of(index[n][1]), "op_name": index[n][1],
             "ms_per_step": 1e3 * s / steps} for n, s in sorted(times.items(), key=lambda kv: -kv[1])]
     return {"total_ms_per_step": 1e3 * sum(times.values()) / steps, "by_part": per_step(by_part),
-            "by_kind": per_step(by_kind), "ops": ops[:OPS_KEPT], "ops_total": len(ops)}
+            "by_kind": per_step(by_kind), "by_family": per_step(by_family), "ops": ops[:OPS_KEPT],
+            "ops_total": len(ops)}
 
 
 def print_breakdown(result: dict, top: int) -> None:
     total = result["total_ms_per_step"]
-    for title, table in (("model part", result["by_part"]), ("HLO kind", result["by_kind"])):
+    families = dict(list(result["by_family"].items())[:FAMILIES_PRINTED])
+    for title, table in (("model part", result["by_part"]), ("HLO kind", result["by_kind"]),
+                         (f"operation family (top {len(families)})", families)):
         print(f"{title:<28} {'ms/step':>9} {'share':>6}")
         for k, ms in table.items():
             print(f"{k:<28} {ms:>9.1f} {ms / total:>6.1%}")

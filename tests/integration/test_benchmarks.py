@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -51,12 +52,14 @@ def test_profile_step_attributes_the_step_time_to_model_parts(tmp_path, capsys):
     result = profile_step.main(["--stage", "finetune", "--size", "tiny", "--steps", "2", "--warmup", "1",
                                 "--channels", "4", "--windows", "3", "--top", "5", "--devices", "2", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "model part" in printed and "slowest 5 operations" in printed
+    assert "model part" in printed and "operation family" in printed and "slowest 5 operations" in printed
     saved = json.loads(out.read_text())
     assert saved["by_part"] == pytest.approx(result["by_part"]) and saved["steps"] == 2
     parts = result["by_part"]
     assert parts["attention"] > 0 and parts["mlp"] > 0  # the transformer's own operations are found
     assert sum(parts.values()) == pytest.approx(result["total_ms_per_step"])
+    assert sum(result["by_family"].values()) == pytest.approx(result["total_ms_per_step"])
+    assert not [f for f in result["by_family"] if re.search(r"\.\d+$", f)]  # numeric suffixes stripped
     assert 0.2 * 1e3 * result["step_s_median"] < result["total_ms_per_step"] < 5 * 1e3 * result["step_s_median"]
 
 
@@ -79,6 +82,10 @@ ENTRY %main {
     assert table["by_part"] == pytest.approx({"attention": 150.0, "mlp": 50.0})
     assert table["by_kind"] == pytest.approx({"fusion": 150.0, "dot": 50.0})
     assert [op["name"] for op in table["ops"]] == ["fusion.1", "dot.2"] and table["total_ms_per_step"] == 200.0
+    assert table["by_family"] == pytest.approx({"fusion": 150.0, "dot": 50.0})
+    assert profile_step.family_of("wrapped_reduce-window.346") == "wrapped_reduce-window"
+    assert profile_step.family_of("ynn_fusion") == "ynn_fusion" and profile_step.family_of("dot.2") == "dot"
+    assert profile_step.family_of("copy.1854") == "copy" and profile_step.family_of("ffi_call.1.2") == "ffi_call.1"
 
 
 def test_reexec_sets_the_hugepage_tunable_once(tmp_path):
