@@ -341,7 +341,8 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
   Sizes z;
   int64_t pairs, heads;
   const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out.dimensions(),
-                                                       d_out.dimensions(), dq->dimensions()},
+                                                       d_out.dimensions(), dq->dimensions(), dk->dimensions(),
+                                                       dv->dimensions()},
                                       bias.element_count(), &z, &pairs, &heads);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
