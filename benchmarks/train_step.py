@@ -170,6 +170,7 @@ def prepare(stage: str, size: str, args) -> Prepared:
     config = stage_config(stage, size, args.batch, grid.channels, grid.windows, args.dtype)
     config.model.remat = args.remat
     config.model.attention = args.attention
+    config.model.layer_norm = args.layer_norm
     config.model.scan_blocks = args.scan_blocks
     dtype = steps.compute_dtype(args.dtype)
     if stage == "pretrain":
@@ -210,7 +211,8 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
     mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
     baseline = rounds = None
-    if not args.compile_only and (args.vs_attention or (args.vs_xla_defaults and bench.stage_obj.xla_options)):
+    if not args.compile_only and (args.vs_attention or args.vs_layer_norm
+                                  or (args.vs_xla_defaults and bench.stage_obj.xla_options)):
         baseline = prepare_baseline(stage, size, args)
         times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
         times, base_times = times[args.warmup:], base_times[args.warmup:]
@@ -226,7 +228,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     model_flops = analytic_flops(stage, config, stage_obj, tokenizer_cfg, grid, args.batch)
     tokens = args.batch * grid.channels * grid.windows
     row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
-           "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
+           "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "layer_norm": args.layer_norm,
            "scan_blocks": args.scan_blocks, "mesh": dict(mesh.shape), "compile_s": compile_s,
            "step_s_median": step_s, "step_s_min": min(times, default=step_s),
            "step_s_max": max(times, default=step_s), "steps": len(times),
@@ -243,16 +245,20 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
                     **{k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}}
         if args.vs_attention:
             row["vs_attention"] = {"attention": args.vs_attention, **compared}
+        elif args.vs_layer_norm:
+            row["vs_layer_norm"] = {"layer_norm": args.vs_layer_norm, **compared}
         else:
             row["xla_defaults"] = {"options": compile_options.compiler_options(), **compared}
     return row
 
 
 def prepare_baseline(stage: str, size: str, args) -> Prepared:
-    """The step ``--vs-attention`` (that attention instead of ``--attention``) or ``--vs-xla-defaults``
-    (XLA's default options) times ours against."""
+    """The step ``--vs-attention`` (that attention instead of ``--attention``), ``--vs-layer-norm``
+    (likewise) or ``--vs-xla-defaults`` (XLA's default options) times ours against."""
     if args.vs_attention:
         return prepare(stage, size, argparse.Namespace(**{**vars(args), "attention": args.vs_attention}))
+    if args.vs_layer_norm:
+        return prepare(stage, size, argparse.Namespace(**{**vars(args), "layer_norm": args.vs_layer_norm}))
     with compile_options.xla_defaults():
         return prepare(stage, size, args)
 
@@ -369,12 +375,13 @@ def print_table(rows: list[dict], peak_note: str) -> None:
               f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_step']:>10.4f} {r['achieved_tflops']:>8.3f} "
               f"{mfu:>6} {mem:>8.0f} {ref:>6}")
     for r in rows:
-        if "vs_attention" in r:
-            d = r["vs_attention"]
-            print(f"{r['stage']:<9} {r['size']:<5} with attention={d['attention']} instead of {r['attention']}: "
-                  f"{1e3 * d['step_s_median']:.1f} ms/step, {d.get('compiled_total_mib', float('nan')):.0f} MiB; "
-                  f"{r['attention']} makes it {d['speedup_paired_median']:.3f}x ({d['speedup_paired_range'][0]:.2f}-"
-                  f"{d['speedup_paired_range'][1]:.2f}; paired median, steps alternated)")
+        for field in ("attention", "layer_norm"):
+            if f"vs_{field}" in r:
+                d = r[f"vs_{field}"]
+                print(f"{r['stage']:<9} {r['size']:<5} with {field}={d[field]} instead of {r[field]}: "
+                      f"{1e3 * d['step_s_median']:.1f} ms/step, {d.get('compiled_total_mib', float('nan')):.0f} MiB; "
+                      f"{r[field]} makes it {d['speedup_paired_median']:.3f}x ({d['speedup_paired_range'][0]:.2f}-"
+                      f"{d['speedup_paired_range'][1]:.2f}; paired median, steps alternated)")
         if "xla_defaults" in r:
             d = r["xla_defaults"]
             print(f"{r['stage']:<9} {r['size']:<5} with XLA's defaults instead of {d['options'] or 'no options'}: "
@@ -400,6 +407,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                         help="rematerialise each transformer block in the backward pass")
     parser.add_argument("--attention", default="auto", choices=list(model_config.ATTENTION_IMPLEMENTATIONS),
                         help="attention implementation (labram_jax.models.attention)")
+    parser.add_argument("--layer-norm", default="auto", choices=list(model_config.LAYER_NORM_IMPLEMENTATIONS),
+                        help="LayerNorm implementation (labram_jax.models.normalization)")
     parser.add_argument("--scan-blocks", action="store_true",
                         help="nn.scan over stacked blocks (compiles one block instead of depth)")
     parser.add_argument("--mesh", nargs=3, type=int, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
@@ -411,6 +420,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                         help="also compile each step with this attention implementation and time the two "
                              "alternately: the paired speed-up of --attention over it (one process: this can favour "
                              "the step needing less memory; BENCHMARKS.md, Session 19)")
+    parser.add_argument("--vs-layer-norm", default="", choices=["", *model_config.LAYER_NORM_IMPLEMENTATIONS],
+                        help="also compile each step with this LayerNorm implementation and time the two alternately "
+                             "(as --vs-attention)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory and FLOPs without running steps (sizes too big to run here)")
     parser.add_argument("--compilation-cache", default="", help="persistent XLA compilation cache directory")
@@ -429,9 +441,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
         parser.error("--rounds must be at least 1")
     if args.rounds > 1 and not args.reference:
         parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
-    if sum(map(bool, (args.reference, args.vs_xla_defaults, args.vs_attention))) > 1:
-        parser.error("--reference, --vs-xla-defaults and --vs-attention each time a second step next to ours: "
-                     "run them separately")
+    if sum(map(bool, (args.reference, args.vs_xla_defaults, args.vs_attention, args.vs_layer_norm))) > 1:
+        parser.error("--reference, --vs-xla-defaults, --vs-attention and --vs-layer-norm each time a second step "
+                     "next to ours: run them separately")
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
     if args.dtype == "auto":

@@ -81,9 +81,9 @@ def export(predictor: api.Predictor, platforms: tuple[str, ...] = ("cpu",)) -> j
                          f"{predictor.kind} model")
     variables = predictor.variables
     task = predictor.task
-    # Portable attention: the CPU kernel is a custom call that jax.export cannot serialize, and the
-    # artefact may run on other platforms than this one.
-    model = predictor.model.clone(cfg=predictor.model.cfg.replace(attention="explicit"))
+    # Portable attention and LayerNorm: the CPU kernels are custom calls that jax.export cannot
+    # serialize, and the artefact may run on other platforms than this one.
+    model = predictor.model.clone(cfg=predictor.model.cfg.replace(attention="explicit", layer_norm="xla"))
 
     def predict(x, channel_ids):
         logits = model.apply(variables, x, channel_ids)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from labram_jax.models import config as config_lib
-from labram_jax.models import cpu_attention
+from labram_jax.models import cpu_attention, cpu_kernels
 
 IMPLEMENTATIONS = config_lib.ATTENTION_IMPLEMENTATIONS
 _NEG = -1e30  # additive bias of padding keys (finite: a row with no valid key stays finite)
@@ -64,7 +64,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
 def _auto(q):
     if jax.default_backend() != "cpu":
         return "xla"
-    if "avx512f" not in cpu_attention.cpu_flags() and cpu_attention.supports(q):
+    if cpu_kernels.measured_faster_here() and cpu_attention.supports(q):
         return "cpu_kernel"
     return "explicit"
 

@@ -11,6 +11,7 @@ PATCH_SIZE = 200  # samples per patch: 1 s at 200 Hz
 NUM_TIME_ROWS = 16  # time-embedding table rows: at most 16 windows per sample
 REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit", "cpu_kernel")  # labram_jax.models.attention
+LAYER_NORM_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")  # labram_jax.models.normalization
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
 HEAD_POOLINGS = ("mean", "electrode")  # what the fine-tuning head reads: layers.masked_mean, layers.electrode_rows
@@ -44,6 +45,8 @@ class TransformerConfig:
       attention: implementation of the attention core (labram_jax.models.attention):
         auto, xla, cudnn, explicit or cpu_kernel (a C++ forward pass for AVX2 CPUs, compiled on
         first use); all compute the same function.
+      layer_norm: implementation of every LayerNorm (labram_jax.models.normalization): auto,
+        xla or cpu_kernel (C++ for AVX2 CPUs, built with the attention's); the same function.
       lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every
         block (parameter-efficient fine-tuning); 0: none (the plain model).
       lora_alpha: the adapters' scale is lora_alpha / lora_rank.
@@ -91,6 +94,7 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     remat: str = "none"
     attention: str = "auto"
+    layer_norm: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 16.0
     scan_blocks: bool = False
@@ -112,6 +116,8 @@ class TransformerConfig:
             raise ValueError(f"input_norm={self.input_norm!r}: choose one of {INPUT_NORMS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.layer_norm not in LAYER_NORM_IMPLEMENTATIONS:
+            raise ValueError(f"layer_norm={self.layer_norm!r}: choose one of {LAYER_NORM_IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.lora_rank < 0:

@@ -5,13 +5,12 @@
 // P = exp(S - rowmax) / rowsum and gives dV = P^T dO, dS = P * (dO v^T - rowsum(dO * out)),
 // dQ = dS k, dK = dS^T q. One (batch, head) is computed at a time in a per-thread workspace, so
 // the [L, L] matrices stay in the core's cache instead of going to memory between XLA's
-// operations. Built and loaded by cpu_attention.py.
+// operations. Built and loaded by cpu_kernels.py.
 //
 // Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32; bias [..., L] float32
 // (the leading dims of q without H, L, K); rowmax, rowsum [..., H, L].
 
 #include <immintrin.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -258,12 +258,6 @@ struct Backward {
   }
 };
 
-int UsableCpus() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
 // Checks q's shape [..., H, L, K] against the other [..., H, L, K] buffers and bias [..., L]; fills sizes, the
 // number of (batch, head) pairs and H. An empty string when they fit.
 std::string CheckShapes(ffi::Span<const int64_t> d, std::initializer_list<ffi::Span<const int64_t>> same,
@@ -294,7 +288,7 @@ void ForEachPair(int64_t pairs, size_t work_floats, Fn head) {
     std::vector<float> work(work_floats);
     for (int64_t i; (i = next.fetch_add(1)) < pairs;) head(i, work.data());
   };
-  const int threads = (int)std::min<int64_t>(UsableCpus(), pairs);
+  const int threads = (int)std::min<int64_t>(labram_cpu::UsableCpus(), pairs);
   std::vector<std::thread> pool;
   for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
   worker();

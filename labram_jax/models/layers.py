@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from labram_jax.models import attention
 from labram_jax.models import config as config_lib
+from labram_jax.models import normalization
 
 LN_EPS = 1e-6  # every LayerNorm of LaBraM (also q/k norms)
 GN_EPS = 1e-5  # GroupNorm of the temporal encoder
@@ -34,10 +35,13 @@ def trunc_normal(std: float = INIT_STD):
     return nn.initializers.truncated_normal(std)
 
 
-def layer_norm(axis_name: str = "norm", name: str | None = None, dtype=jnp.float32) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
-                        scale_init=logical(nn.initializers.ones, (axis_name,)),
-                        bias_init=logical(nn.initializers.zeros, (axis_name,)))
+def layer_norm(axis_name: str = "norm", name: str | None = None, dtype=jnp.float32,
+               implementation: str = "auto") -> normalization.LayerNorm:
+    """LaBraM's LayerNorm (eps 1e-6) with parameters along logical axis ``axis_name``;
+    ``implementation``: ``TransformerConfig.layer_norm`` (labram_jax.models.normalization)."""
+    return normalization.LayerNorm(epsilon=LN_EPS, dtype=dtype, implementation=implementation, name=name,
+                                   scale_init=logical(nn.initializers.ones, (axis_name,)),
+                                   bias_init=logical(nn.initializers.zeros, (axis_name,)))
 
 
 def dense(features: int, axes: tuple[str | None, str | None], name: str, *, std: float = INIT_STD,
@@ -244,8 +248,8 @@ class Attention(nn.Module):
             q = q + q_bias[:, None].astype(cfg.dtype)
             v = v + v_bias[:, None].astype(cfg.dtype)
         if cfg.qk_norm:
-            q = layer_norm("kv", name="q_norm", dtype=cfg.dtype)(q)
-            k = layer_norm("kv", name="k_norm", dtype=cfg.dtype)(k)
+            q = layer_norm("kv", name="q_norm", dtype=cfg.dtype, implementation=cfg.layer_norm)(q)
+            k = layer_norm("kv", name="k_norm", dtype=cfg.dtype, implementation=cfg.layer_norm)(k)
         q = nn.with_logical_constraint(q, ("act_batch", "act_heads", "act_length", "act_kv"))
         out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
         std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
@@ -299,9 +303,10 @@ class Block(nn.Module):
         index, rate = self.block_index, self.drop_path_rate
         if layer is not None:
             index, rate = layer + 1, drop_path_rate(cfg, layer)
+        norm = functools.partial(layer_norm, dtype=cfg.dtype, implementation=cfg.layer_norm)
         branches = (
-            lambda y: Attention(cfg, index, name="attn")(layer_norm(name="norm1", dtype=cfg.dtype)(y), key_valid),
-            lambda y: Mlp(cfg, index, name="mlp")(layer_norm(name="norm2", dtype=cfg.dtype)(y)),
+            lambda y: Attention(cfg, index, name="attn")(norm(name="norm1")(y), key_valid),
+            lambda y: Mlp(cfg, index, name="mlp")(norm(name="norm2")(y)),
         )
         for i, branch in enumerate(branches, start=1):
             y = branch(x)

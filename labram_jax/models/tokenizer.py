@@ -279,11 +279,11 @@ class VQNSP(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.encoder = transformer.NeuralTransformer(cfg.encoder)
-        self.encoder_norm = layers.layer_norm(name="encoder_norm")
+        self.encoder_norm = layers.layer_norm(name="encoder_norm", implementation=cfg.encoder.layer_norm)
         self.encode_task_layer = TaskHead(cfg.encoder.embed_dim, cfg.code_dim, "code")
         self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_code_threshold)
         self.decoder = transformer.NeuralTransformer(cfg.decoder)
-        self.decoder_norm = layers.layer_norm(name="decoder_norm")
+        self.decoder_norm = layers.layer_norm(name="decoder_norm", implementation=cfg.decoder.layer_norm)
         self.amplitude_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")
         self.phase_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")
 

@@ -133,7 +133,7 @@ class LaBraM(nn.Module):
 
     def setup(self):
         self.encoder = NeuralTransformer(self.cfg)
-        self.fc_norm = layers.layer_norm(name="fc_norm")
+        self.fc_norm = layers.layer_norm(name="fc_norm", implementation=self.cfg.layer_norm)
         if self.num_outputs:
             head_in = "embed" if self.cfg.head_pooling == "mean" else "electrodes"
             self.head = nn.Dense(
@@ -185,7 +185,7 @@ class LaBraMPretrain(nn.Module):
     def setup(self):
         self.encoder = NeuralTransformer(self.cfg, use_mask_token=True,
                                          cls_uses_first_channel=self.cls_uses_first_channel)
-        self.norm = layers.layer_norm(name="norm", dtype=self.cfg.dtype)
+        self.norm = layers.layer_norm(name="norm", dtype=self.cfg.dtype, implementation=self.cfg.layer_norm)
         self.lm_head = layers.dense(self.vocab_size, ("embed", "vocab"), "lm_head", dtype=self.cfg.dtype)
 
     def __call__(self, x: jax.Array, channel_ids: jax.Array, token_mask: jax.Array,

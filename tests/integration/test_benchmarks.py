@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import profile_step, train_step
+from benchmarks import layer_norm as layer_norm_bench, profile_step, train_step
 from labram_jax import host_memory
-from labram_jax.models import cpu_attention
+from labram_jax.models import cpu_kernels
 from tests.conftest import ROOT
 
 
@@ -31,8 +31,8 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
         assert row["compiled_total_mib"] > 0 and 0 < row["mfu"] < 1
 
 
-@pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
-                    reason=f"CPU attention kernel unavailable: {cpu_attention.unavailable_reason()}")
+@pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                    reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
 def test_train_step_times_two_attentions_alternately(tmp_path, capsys):
     result = train_step.main(["--sizes", "tiny", "--stages", "finetune", "--steps", "2", "--warmup", "1", "--devices",
                               "1", "--attention", "cpu_kernel", "--vs-attention", "explicit", "--out", str(tmp_path)])
@@ -375,3 +375,17 @@ def test_transfer_stops_on_a_run_stopped_early_and_resumes_it(eegmat_shards, tmp
     assert blended["auroc"] != pytest.approx(mirrored["auroc"], abs=1e-9)  # the anchor moved the scores
     with pytest.raises(SystemExit):  # --blend-anchor only rescores finished runs
         transfer.main(["--workdir", str(tmp_path), "--task", "eegmat", "--blend-anchor", "csp_lda"])
+
+
+@pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                    reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+def test_layer_norm_benchmark_times_both_implementations(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(layer_norm_bench, "SHAPES", {"tiny q/k norm": (2, 3, 17, 20), "tiny norm": (34, 200)})
+    out = tmp_path / "ln.json"
+    layer_norm_bench.main(["--repeats", "3", "--chain", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["tiny q/k norm", "tiny norm"]
+    for r in rows:
+        assert r["xla_ms"] > 0 and r["kernel_ms"] > 0
+        assert r["speedup_range"][0] <= r["speedup_paired_median"] <= r["speedup_range"][1]
+    assert "speed-up" in capsys.readouterr().out

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from labram_jax import sharding
-from labram_jax.models import attention, cpu_attention
+from labram_jax.models import attention, cpu_attention, cpu_kernels
 
-needs_kernel = pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
-                                  reason=f"CPU attention kernel unavailable: {cpu_attention.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                                  reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
 
 
 def _inputs(seed, shape):
@@ -77,11 +77,11 @@ def test_kernel_under_vmap():
 def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
     q = jnp.zeros((1, 2, 5, 20), jnp.float32)
     monkeypatch.setattr(cpu_attention, "supports", lambda q: True)
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     assert attention._auto(q) == "cpu_kernel"
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert attention._auto(q) == "explicit"
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setattr(cpu_attention, "supports", lambda q: False)
     assert attention._auto(q) == "explicit"
 
@@ -105,18 +105,18 @@ def test_kernel_is_refused_where_it_does_not_compute():
 @needs_kernel
 def test_build_is_cached_and_a_failed_build_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("LABRAM_JAX_CACHE_DIR", str(tmp_path))
-    path = cpu_attention.build(cpu_attention.compiler())
+    path = cpu_kernels.build(cpu_kernels.compiler())
     assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
     stamp = os.stat(path).st_mtime_ns
-    assert cpu_attention.build(cpu_attention.compiler()) == path and os.stat(path).st_mtime_ns == stamp
+    assert cpu_kernels.build(cpu_kernels.compiler()) == path and os.stat(path).st_mtime_ns == stamp
     with pytest.raises(RuntimeError, match="failed"):
-        cpu_attention.build("/bin/false")
+        cpu_kernels.build("/bin/false")
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no partial file left behind
 
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("LABRAM_JAX_CPU_KERNEL", "0")
-    assert cpu_attention.unavailable_reason() == "LABRAM_JAX_CPU_KERNEL=0"
+    assert cpu_kernels.unavailable_reason() == "LABRAM_JAX_CPU_KERNEL=0"
     q = jnp.zeros((1, 1, 3, 20), jnp.float32)
     assert not cpu_attention.supports(q)
     with pytest.raises(RuntimeError, match="LABRAM_JAX_CPU_KERNEL=0"):

@@ -1,0 +1,147 @@
+"""The C++ kernels for x86 CPUs with AVX2 + FMA: building, loading and calling them.
+
+Two kinds of operation run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was
+measured slower (BENCHMARKS.md, sessions 19 and 21): softmax attention (``cpu_attention.cc``,
+wrapped by :mod:`labram_jax.models.cpu_attention`) and LayerNorm (``cpu_layer_norm.cc``, wrapped
+by :mod:`labram_jax.models.cpu_layer_norm`). Both sources (and the header they share) are compiled
+into one library on first use with the system's C++ compiler (``$CXX``, else ``c++`` or ``g++``)
+against jaxlib's FFI headers, into ``$LABRAM_JAX_CACHE_DIR`` (default ``~/.cache/labram_jax``)
+under a name that hashes the sources, the flags, the compiler's path and the jaxlib version; later
+processes load that file. Where it cannot be used (not x86-64 Linux with AVX2 + FMA, no compiler, a
+failed build, ``LABRAM_JAX_CPU_KERNEL=0``) :func:`unavailable_reason` says why and those operations
+stay in XLA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+HERE = os.path.dirname(__file__)
+SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_attention.cc", "cpu_layer_norm.cc"))
+HEADERS = (os.path.join(HERE, "cpu_kernels.h"),)  # included by the sources: part of the cache key
+TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -> FFI target
+           "LabramAttentionBackward": "labram_cpu_attention_backward",
+           "LabramLayerNormForward": "labram_cpu_layer_norm_forward",
+           "LabramLayerNormBackward": "labram_cpu_layer_norm_backward"}
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def measured_faster_here() -> bool:
+    """Whether this CPU is of the class the kernels were measured faster than XLA on: AVX2 without
+    AVX-512 (``auto`` choices use them only there; on AVX-512 CPUs XLA's code was not compared)."""
+    return "avx512f" not in cpu_flags()
+
+
+def cache_dir() -> str:
+    return os.environ.get("LABRAM_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "labram_jax")
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: ``$CXX``, else ``c++`` or ``g++`` on the PATH."""
+    for name in (os.environ.get("CXX"), "c++", "g++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build(cxx: str) -> str:
+    """Compile the kernels with ``cxx`` (once per sources, flags, compiler and jaxlib) and return the library's path.
+
+    Raises RuntimeError with the compiler's message if the build fails."""
+    parts = []
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            parts.append(f.read())
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+                                     cxx.encode()])).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"cpu_kernels_{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    logging.info("compiling the CPU kernels with %s (once; cached in %s)", cxx, path)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", HERE, *SOURCES, "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr[-1500:]}")
+        os.replace(tmp, path)  # atomic: processes building at once each finish with a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels are built and registered in this process; else why they cannot be used."""
+    if os.environ.get("LABRAM_JAX_CPU_KERNEL", "1") == "0":
+        return "LABRAM_JAX_CPU_KERNEL=0"
+    return _load()
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build (or find in the cache), load and register the kernels once per process; None, or why not."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"the kernels are for x86-64 Linux (this is {platform.system()} {platform.machine()})"
+    missing = {"avx2", "fma"} - cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    cxx = compiler()
+    if cxx is None:
+        return "no C++ compiler (set CXX, or install g++)"
+    try:
+        library = ctypes.cdll.LoadLibrary(build(cxx))
+        for symbol, target in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (OSError, RuntimeError) as err:
+        logging.warning("the CPU kernels are not used: %s", err)
+        return f"the build or load failed: {err}"
+    return None
+
+
+def refusal(x: jax.Array) -> str | None:
+    """Why the kernels cannot compute on ``x`` here, or None: they take float32 arrays on the CPU
+    backend with one device (a mesh of several keeps XLA's partitioned operations), and need
+    :func:`unavailable_reason` to be None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = 1 if mesh.empty else mesh.size
+    if x.dtype != jnp.float32 or jax.default_backend() != "cpu" or devices != 1:
+        return (f"they compute float32 on one CPU device; got {x.dtype} on {jax.default_backend()}, "
+                f"{devices} device(s) in the mesh")
+    return unavailable_reason()
+
+
+def call(target: str, result_shapes, *args, what: str, instead: str, vmap_method: str = "broadcast_all", **attrs):
+    """``jax.ffi.ffi_call`` of one of :data:`TARGETS`' targets; a RuntimeError naming ``what`` and
+    the setting to use ``instead`` where the kernels cannot be used."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the CPU {what} kernel cannot be used: {reason}. Use {instead}.")
+    return jax.ffi.ffi_call(target, result_shapes, vmap_method=vmap_method)(*args, **attrs)

@@ -1,0 +1,219 @@
+// LayerNorm over the last axis for x86 CPUs with AVX2 and FMA, forward and backward, as XLA FFI handlers.
+//
+// Forward, per row x of width D: mean, rstd = 1 / sqrt(mean((x - mean)^2) + eps) (two passes over the
+// row), y = (x - mean) * rstd * scale + bias; mean and rstd are returned for the backward pass, which
+// gives dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with xhat = (x - mean) * rstd, g = dy * scale,
+// and dscale = sum over rows of dy * xhat, dbias = sum of dy, in one pass over the rows (each thread
+// sums its own rows; the threads' sums are added in a fixed order). XLA:CPU computes the same as
+// several fusions and splits the column sums into trees of 32-wide partial sums (BENCHMARKS.md,
+// sessions 20-21). Built and loaded by cpu_kernels.py.
+//
+// Shapes: x, y, dy, dx [..., D] float32; scale, bias, dscale, dbias [D]; mean, rstd [...].
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float Sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// Lanes [0, n) set, n in 0..8.
+inline __m256i Lanes(int n) {
+  alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
+}
+
+// Splits rows [0, m) into one contiguous range per thread; fn(thread, begin, end).
+template <typename Fn>
+void ForEachRange(int64_t m, int64_t min_rows, Fn fn) {
+  const int64_t by_rows = std::max<int64_t>(1, m / min_rows);
+  const int threads = (int)std::min<int64_t>(labram_cpu::UsableCpus(), by_rows);
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(fn, t, m * t / threads, m * (t + 1) / threads);
+  fn(0, 0, m / threads);
+  for (auto& t : pool) t.join();
+}
+
+struct Row {
+  int d, full, tail;  // width, whole 8-vectors, lanes in the last partial one
+  __m256i mask;
+  explicit Row(int d_) : d(d_), full(d_ / 8), tail(d_ % 8), mask(Lanes(d_ % 8)) {}
+};
+
+void ForwardRows(const Row& r, const float* x, const float* scale, const float* bias, float eps, int64_t begin,
+                 int64_t end, float* y, float* mean_out, float* rstd_out) {
+  const int d = r.d;
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xi = x + i * d;
+    float* yi = y + i * d;
+    __m256 acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j < r.full * 8; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xi + j));
+    if (r.tail) acc = _mm256_add_ps(acc, _mm256_maskload_ps(xi + j, r.mask));
+    const float mean = Sum8(acc) / d;
+    const __m256 vm = _mm256_set1_ps(mean);
+    acc = _mm256_setzero_ps();
+    for (j = 0; j < r.full * 8; j += 8) {
+      const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(xi + j), vm);
+      acc = _mm256_fmadd_ps(c, c, acc);
+    }
+    if (r.tail) {
+      const __m256 c = _mm256_and_ps(_mm256_sub_ps(_mm256_maskload_ps(xi + j, r.mask), vm),
+                                     _mm256_castsi256_ps(r.mask));  // the lanes past D add nothing
+      acc = _mm256_fmadd_ps(c, c, acc);
+    }
+    const float rstd = 1.0f / std::sqrt(Sum8(acc) / d + eps);
+    const __m256 vr = _mm256_set1_ps(rstd);
+    for (j = 0; j < r.full * 8; j += 8) {
+      const __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xi + j), vm), vr);
+      _mm256_storeu_ps(yi + j, _mm256_fmadd_ps(h, _mm256_loadu_ps(scale + j), _mm256_loadu_ps(bias + j)));
+    }
+    if (r.tail) {
+      const __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(xi + j, r.mask), vm), vr);
+      const __m256 sv = _mm256_maskload_ps(scale + j, r.mask), bv = _mm256_maskload_ps(bias + j, r.mask);
+      _mm256_maskstore_ps(yi + j, r.mask, _mm256_fmadd_ps(h, sv, bv));
+    }
+    mean_out[i] = mean;
+    rstd_out[i] = rstd;
+  }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale; adds dy * xhat and dy to dscale, dbias.
+void BackwardRows(const Row& r, const float* x, const float* scale, const float* mean, const float* rstd,
+                  const float* dy, int64_t begin, int64_t end, float* dx, float* dscale, float* dbias) {
+  const int d = r.d;
+  const int nv = r.full + (r.tail ? 1 : 0);
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xi = x + i * d;
+    const float* dyi = dy + i * d;
+    float* dxi = dx + i * d;
+    const __m256 vm = _mm256_set1_ps(mean[i]), vr = _mm256_set1_ps(rstd[i]);
+    __m256 sg = _mm256_setzero_ps(), sgh = _mm256_setzero_ps();
+    for (int v = 0; v < nv; ++v) {
+      const int j = v * 8;
+      const bool part = v == r.full;
+      const __m256 xv = part ? _mm256_maskload_ps(xi + j, r.mask) : _mm256_loadu_ps(xi + j);
+      const __m256 gv = part ? _mm256_maskload_ps(dyi + j, r.mask) : _mm256_loadu_ps(dyi + j);
+      const __m256 sv = part ? _mm256_maskload_ps(scale + j, r.mask) : _mm256_loadu_ps(scale + j);
+      const __m256 h = _mm256_mul_ps(_mm256_sub_ps(xv, vm), vr);  // masked lanes: gv = 0 zeroes every sum below
+      const __m256 g = _mm256_mul_ps(gv, sv);
+      sg = _mm256_add_ps(sg, g);
+      sgh = _mm256_fmadd_ps(g, h, sgh);
+      _mm256_storeu_ps(dscale + j, _mm256_fmadd_ps(gv, h, _mm256_loadu_ps(dscale + j)));
+      _mm256_storeu_ps(dbias + j, _mm256_add_ps(gv, _mm256_loadu_ps(dbias + j)));
+    }
+    const __m256 a = _mm256_set1_ps(Sum8(sg) / d), b = _mm256_set1_ps(Sum8(sgh) / d);
+    for (int v = 0; v < nv; ++v) {
+      const int j = v * 8;
+      const bool part = v == r.full;
+      const __m256 xv = part ? _mm256_maskload_ps(xi + j, r.mask) : _mm256_loadu_ps(xi + j);
+      const __m256 gv = part ? _mm256_maskload_ps(dyi + j, r.mask) : _mm256_loadu_ps(dyi + j);
+      const __m256 sv = part ? _mm256_maskload_ps(scale + j, r.mask) : _mm256_loadu_ps(scale + j);
+      const __m256 h = _mm256_mul_ps(_mm256_sub_ps(xv, vm), vr);
+      const __m256 g = _mm256_mul_ps(gv, sv);
+      const __m256 out = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_sub_ps(g, a), _mm256_mul_ps(h, b)));
+      if (part) _mm256_maskstore_ps(dxi + j, r.mask, out); else _mm256_storeu_ps(dxi + j, out);
+    }
+  }
+}
+
+bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) if (a[i] != b[i]) return false;
+  return true;
+}
+
+constexpr int64_t kMinRows = 64;  // rows per thread at least (fewer: not worth a thread)
+ffi::Error LayerNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                            float eps, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
+                            ffi::ResultBuffer<ffi::F32> rstd) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("x must have shape [..., D]");
+  const int64_t d = dims.back();
+  if ((int64_t)scale.element_count() != d || (int64_t)bias.element_count() != d ||
+      !SameShape(dims, y->dimensions()))
+    return ffi::Error::InvalidArgument("scale and bias must have shape [D] and y x's shape [..., D]");
+  const int64_t m = d ? (int64_t)x.element_count() / d : 0;
+  if ((int64_t)mean->element_count() != m || (int64_t)rstd->element_count() != m)
+    return ffi::Error::InvalidArgument("mean and rstd must have x's shape without D");
+  if (m == 0 || d == 0) return ffi::Error::Success();
+  const Row r((int)d);
+  ForEachRange(m, kMinRows, [&](int, int64_t begin, int64_t end) {
+    ForwardRows(r, x.typed_data(), scale.typed_data(), bias.typed_data(), eps, begin, end, y->typed_data(),
+                mean->typed_data(), rstd->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
+                             ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("x must have shape [..., D]");
+  const int64_t d = dims.back();
+  if (!SameShape(dims, dy.dimensions()) || !SameShape(dims, dx->dimensions()))
+    return ffi::Error::InvalidArgument("dy and dx must have x's shape [..., D]");
+  if ((int64_t)scale.element_count() != d || (int64_t)dscale->element_count() != d ||
+      (int64_t)dbias->element_count() != d)
+    return ffi::Error::InvalidArgument("scale, dscale and dbias must have shape [D]");
+  const int64_t m = d ? (int64_t)x.element_count() / d : 0;
+  if ((int64_t)mean.element_count() != m || (int64_t)rstd.element_count() != m)
+    return ffi::Error::InvalidArgument("mean and rstd must have x's shape without D");
+  std::fill(dscale->typed_data(), dscale->typed_data() + d, 0.f);
+  std::fill(dbias->typed_data(), dbias->typed_data() + d, 0.f);
+  if (m == 0 || d == 0) return ffi::Error::Success();
+  const Row r((int)d);
+  const int64_t padded = (d + 7) / 8 * 8;
+  const int threads = labram_cpu::UsableCpus();
+  std::vector<float> partial((size_t)threads * 2 * padded, 0.f);  // per thread: dscale, dbias
+  ForEachRange(m, kMinRows, [&](int t, int64_t begin, int64_t end) {
+    float* own = partial.data() + (size_t)t * 2 * padded;
+    BackwardRows(r, x.typed_data(), scale.typed_data(), mean.typed_data(), rstd.typed_data(), dy.typed_data(), begin,
+                 end, dx->typed_data(), own, own + padded);
+  });
+  for (int t = 0; t < threads; ++t)
+    for (int64_t j = 0; j < d; ++j) {
+      dscale->typed_data()[j] += partial[(size_t)t * 2 * padded + j];
+      dbias->typed_data()[j] += partial[(size_t)t * 2 * padded + padded + j];
+    }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramLayerNormForward, LayerNormForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean of each row
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // 1 / sqrt(variance + eps) of each row
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramLayerNormBackward, LayerNormBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rstd
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias
