@@ -124,6 +124,15 @@ def memory_figures(compiled) -> dict:
     return out
 
 
+def usage_figures(usage: list[tuple[float, int]]) -> dict:
+    """Medians over every step run (warm-up included) of the process's kernel time and page faults
+    per step: what allocating and faulting in XLA:CPU's step buffers costs (labram_jax.host_memory)."""
+    if not usage:
+        return {}
+    return {"kernel_s_per_step_median": statistics.median(u[0] for u in usage),
+            "page_faults_per_step_median": statistics.median(u[1] for u in usage)}
+
+
 def xla_flops(compiled) -> float | None:
     try:
         cost = compiled.cost_analysis()
@@ -149,16 +158,22 @@ class Prepared:
     frozen: object = None
     batches: list = dataclasses.field(default_factory=list)
     metrics: dict = dataclasses.field(default_factory=lambda: {"loss": float("nan")})
+    usage: list = dataclasses.field(default_factory=list)  # per step run: (kernel seconds, page faults)
 
     def run(self, n: int) -> list[float]:
-        """Run ``n`` steps on the prepared batches, each waited for; returns their seconds."""
+        """Run ``n`` steps on the prepared batches, each waited for; returns their seconds and adds
+        each step's kernel (system) time and page faults, whole process, to ``usage``."""
         times = []
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for i in range(n):
+                before = resource.getrusage(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()
                 self.state, self.metrics = self.compiled(self.state, self.batches[i % len(self.batches)], self.frozen)
                 jax.block_until_ready((self.state, self.metrics))
                 times.append(time.perf_counter() - t0)
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                self.usage.append((after.ru_stime - before.ru_stime,
+                                   after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt))
         return times
 
 
@@ -235,7 +250,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
            "samples_per_s": args.batch / step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_step":
            model_flops / 1e12, "xla_tflops_per_step": (xla_flops(compiled) or float("nan")) / 1e12,
            "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
-           "loss": loss, "traces": len(traces), **memory_figures(compiled)}
+           "loss": loss, "traces": len(traces), **memory_figures(compiled), **usage_figures(bench.usage)}
     if rounds is not None:
         add_reference(row, rounds)
     if baseline is not None:
@@ -364,16 +379,17 @@ def reference_summary(rows: list[dict]) -> dict | None:
 
 def print_table(rows: list[dict], peak_note: str) -> None:
     head = (f"{'stage':<9} {'size':<5} {'B':>3} {'CxW':>6} {'compile s':>9} {'step ms':>8} {'samples/s':>9} "
-            f"{'tokens/s':>9} {'TFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem MiB':>8} {'vs ref':>6}")
+            f"{'tokens/s':>9} {'TFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem MiB':>8} {'sys ms':>6} {'vs ref':>6}")
     print(head)
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         ref = f"{r['vs_reference']:.2f}x" if "vs_reference" in r else "-"
         mem = r.get("runtime_peak_mib", r.get("compiled_total_mib", float("nan")))
+        kernel_ms = 1e3 * r.get("kernel_s_per_step_median", float("nan"))
         print(f"{r['stage']:<9} {r['size']:<5} {r['batch']:>3} {r['channels']:>3}x{r['windows']:<2} "
               f"{r['compile_s']:>9.1f} {1e3 * r['step_s_median']:>8.1f} {r['samples_per_s']:>9.2f} "
               f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_step']:>10.4f} {r['achieved_tflops']:>8.3f} "
-              f"{mfu:>6} {mem:>8.0f} {ref:>6}")
+              f"{mfu:>6} {mem:>8.0f} {kernel_ms:>6.0f} {ref:>6}")
     for r in rows:
         for field in ("attention", "layer_norm"):
             if f"vs_{field}" in r:
