@@ -4,7 +4,7 @@
 // row), y = (x - mean) * rstd * scale + bias; mean and rstd are returned for the backward pass, which
 // gives dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with xhat = (x - mean) * rstd, g = dy * scale,
 // and dscale = sum over rows of dy * xhat, dbias = sum of dy, in one pass over the rows (each thread
-// sums its own rows; the threads' sums are added in a fixed order). XLA:CPU computes the same as
+// sums its own rows in blocks of 128; the threads' sums are added in a fixed order). XLA:CPU computes the same as
 // several fusions and splits the column sums into trees of 32-wide partial sums (BENCHMARKS.md,
 // sessions 20-21). Built and loaded by cpu_kernels.py.
 //
@@ -139,7 +139,8 @@ bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
-constexpr int64_t kMinRows = 64;  // rows per thread at least (fewer: not worth a thread)
+constexpr int64_t kMinElements = 1 << 19;  // per thread at least (fewer: starting a thread costs more)
+constexpr int64_t kBlockRows = 128;          // rows summed apart before the parameter gradients' running sums
 ffi::Error LayerNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                             float eps, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
                             ffi::ResultBuffer<ffi::F32> rstd) {
@@ -154,7 +155,7 @@ ffi::Error LayerNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale
     return ffi::Error::InvalidArgument("mean and rstd must have x's shape without D");
   if (m == 0 || d == 0) return ffi::Error::Success();
   const Row r((int)d);
-  ForEachRange(m, kMinRows, [&](int, int64_t begin, int64_t end) {
+  ForEachRange(m, std::max<int64_t>(1, kMinElements / d), [&](int, int64_t begin, int64_t end) {
     ForwardRows(r, x.typed_data(), scale.typed_data(), bias.typed_data(), eps, begin, end, y->typed_data(),
                 mean->typed_data(), rstd->typed_data());
   });
@@ -182,10 +183,15 @@ ffi::Error LayerNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scal
   const int64_t padded = (d + 7) / 8 * 8;
   const int threads = labram_cpu::UsableCpus();
   std::vector<float> partial((size_t)threads * 2 * padded, 0.f);  // per thread: dscale, dbias
-  ForEachRange(m, kMinRows, [&](int t, int64_t begin, int64_t end) {
+  ForEachRange(m, std::max<int64_t>(1, kMinElements / d), [&](int t, int64_t begin, int64_t end) {
     float* own = partial.data() + (size_t)t * 2 * padded;
-    BackwardRows(r, x.typed_data(), scale.typed_data(), mean.typed_data(), rstd.typed_data(), dy.typed_data(), begin,
-                 end, dx->typed_data(), own, own + padded);
+    std::vector<float> block(2 * padded);  // sums of kBlockRows rows, then added to the thread's: float32 sums over
+    for (int64_t b = begin; b < end; b += kBlockRows) {  // 10^5 rows lose far fewer digits than one running sum
+      std::fill(block.begin(), block.end(), 0.f);
+      BackwardRows(r, x.typed_data(), scale.typed_data(), mean.typed_data(), rstd.typed_data(), dy.typed_data(), b,
+                   std::min(end, b + kBlockRows), dx->typed_data(), block.data(), block.data() + padded);
+      for (int64_t j = 0; j < 2 * padded; ++j) own[j] += block[j];
+    }
   });
   for (int t = 0; t < threads; ++t)
     for (int64_t j = 0; j < d; ++j) {
