@@ -94,6 +94,20 @@ void ForwardRows(const Row& r, const float* x, const float* scale, const float* 
   }
 }
 
+// Lanes [j, j + 8) of a row (the last piece masked to D): xhat = (x - mean) * rstd, dy, and g = dy * scale.
+// Lanes past D read dy = 0, which zeroes everything they would add below.
+struct Piece {
+  __m256 h, dy, g;
+};
+
+inline Piece LoadPiece(const Row& r, int j, bool part, const float* xi, const float* dyi, const float* scale,
+                       __m256 mean, __m256 rstd) {
+  const __m256 xv = part ? _mm256_maskload_ps(xi + j, r.mask) : _mm256_loadu_ps(xi + j);
+  const __m256 dv = part ? _mm256_maskload_ps(dyi + j, r.mask) : _mm256_loadu_ps(dyi + j);
+  const __m256 sv = part ? _mm256_maskload_ps(scale + j, r.mask) : _mm256_loadu_ps(scale + j);
+  return {_mm256_mul_ps(_mm256_sub_ps(xv, mean), rstd), dv, _mm256_mul_ps(dv, sv)};
+}
+
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale; adds dy * xhat and dy to dscale, dbias.
 void BackwardRows(const Row& r, const float* x, const float* scale, const float* mean, const float* rstd,
                   const float* dy, int64_t begin, int64_t end, float* dx, float* dscale, float* dbias) {
@@ -107,27 +121,18 @@ void BackwardRows(const Row& r, const float* x, const float* scale, const float*
     __m256 sg = _mm256_setzero_ps(), sgh = _mm256_setzero_ps();
     for (int v = 0; v < nv; ++v) {
       const int j = v * 8;
-      const bool part = v == r.full;
-      const __m256 xv = part ? _mm256_maskload_ps(xi + j, r.mask) : _mm256_loadu_ps(xi + j);
-      const __m256 gv = part ? _mm256_maskload_ps(dyi + j, r.mask) : _mm256_loadu_ps(dyi + j);
-      const __m256 sv = part ? _mm256_maskload_ps(scale + j, r.mask) : _mm256_loadu_ps(scale + j);
-      const __m256 h = _mm256_mul_ps(_mm256_sub_ps(xv, vm), vr);  // masked lanes: gv = 0 zeroes every sum below
-      const __m256 g = _mm256_mul_ps(gv, sv);
-      sg = _mm256_add_ps(sg, g);
-      sgh = _mm256_fmadd_ps(g, h, sgh);
-      _mm256_storeu_ps(dscale + j, _mm256_fmadd_ps(gv, h, _mm256_loadu_ps(dscale + j)));
-      _mm256_storeu_ps(dbias + j, _mm256_add_ps(gv, _mm256_loadu_ps(dbias + j)));
+      const Piece p = LoadPiece(r, j, v == r.full, xi, dyi, scale, vm, vr);
+      sg = _mm256_add_ps(sg, p.g);
+      sgh = _mm256_fmadd_ps(p.g, p.h, sgh);
+      _mm256_storeu_ps(dscale + j, _mm256_fmadd_ps(p.dy, p.h, _mm256_loadu_ps(dscale + j)));
+      _mm256_storeu_ps(dbias + j, _mm256_add_ps(p.dy, _mm256_loadu_ps(dbias + j)));
     }
     const __m256 a = _mm256_set1_ps(Sum8(sg) / d), b = _mm256_set1_ps(Sum8(sgh) / d);
     for (int v = 0; v < nv; ++v) {
       const int j = v * 8;
       const bool part = v == r.full;
-      const __m256 xv = part ? _mm256_maskload_ps(xi + j, r.mask) : _mm256_loadu_ps(xi + j);
-      const __m256 gv = part ? _mm256_maskload_ps(dyi + j, r.mask) : _mm256_loadu_ps(dyi + j);
-      const __m256 sv = part ? _mm256_maskload_ps(scale + j, r.mask) : _mm256_loadu_ps(scale + j);
-      const __m256 h = _mm256_mul_ps(_mm256_sub_ps(xv, vm), vr);
-      const __m256 g = _mm256_mul_ps(gv, sv);
-      const __m256 out = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_sub_ps(g, a), _mm256_mul_ps(h, b)));
+      const Piece p = LoadPiece(r, j, part, xi, dyi, scale, vm, vr);
+      const __m256 out = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_sub_ps(p.g, a), _mm256_mul_ps(p.h, b)));
       if (part) _mm256_maskstore_ps(dxi + j, r.mask, out); else _mm256_storeu_ps(dxi + j, out);
     }
   }
