@@ -3,8 +3,9 @@
 XLA:CPU computes a LayerNorm's forward and backward as several fusions and sums the scale's and
 bias's gradients over all rows in trees of 32-wide partial sums. LaBraM-Base runs 49 per forward
 pass: in each of 12 blocks two over the 200-wide embedding and the q/k norms over its 20-wide heads
-(rows: batch x heads x tokens), and the last norm. The kernels do each row in one pass forward and one backward and
-sum the parameter gradients per thread (BENCHMARKS.md, "Session 21"). Building and loading:
+(rows: batch x heads x tokens), and the last norm. The kernels finish each row while it is in cache,
+forward and backward, and sum the parameter gradients per thread (BENCHMARKS.md, "Session 21").
+Where they apply: :func:`labram_jax.models.cpu_kernels.refusal`. Building and loading:
 :mod:`labram_jax.models.cpu_kernels`; the custom VJP that uses them:
 :func:`labram_jax.models.normalization.layer_norm`.
 """
@@ -18,11 +19,6 @@ import numpy as np
 from labram_jax.models import cpu_kernels
 
 INSTEAD = "layer_norm='xla'"
-
-
-def refusal(x: jax.Array) -> str | None:
-    """Why the kernels cannot normalise ``x`` here, or None (:func:`cpu_kernels.refusal`)."""
-    return cpu_kernels.refusal(x)
 
 
 def forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -40,7 +40,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, impl
     if implementation == "auto":
         implementation = _auto(x, scale, bias)
     if implementation == "cpu_kernel":
-        reason = next(filter(None, (cpu_layer_norm.refusal(a) for a in (x, scale, bias))), None)
+        reason = next(filter(None, (cpu_kernels.refusal(a) for a in (x, scale, bias))), None)
         if reason:
             raise ValueError(f"layer_norm='cpu_kernel' cannot run here ({reason}); use 'xla'")
         return _kernel(x, scale, bias, eps)
@@ -48,7 +48,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, impl
 
 
 def _auto(x, scale, bias) -> str:
-    if cpu_kernels.measured_faster_here() and all(cpu_layer_norm.refusal(a) is None for a in (x, scale, bias)):
+    if cpu_kernels.measured_faster_here() and all(cpu_kernels.refusal(a) is None for a in (x, scale, bias)):
         return "cpu_kernel"
     return "xla"
 

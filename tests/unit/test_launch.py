@@ -83,3 +83,35 @@ def test_slurm_dry_run_per_gpu_and_per_node():
     (per_node,) = _dry("launch/slurm_gpu.sbatch", "--dry-run", *TRAIN,
                        env={"LABRAM_PROCESS_PER": "node", "SLURM_GPUS_ON_NODE": "4"})
     assert per_node[-1] == "--local_device_ids=0,1,2,3"
+
+
+def test_env_sh_takes_the_glibc_tunables_from_host_memory(tmp_path):
+    """launch/env.sh sets what labram_jax.main would (host_memory), keeps a tunable the user set,
+    and falls back to huge pages alone where labram_jax cannot be imported."""
+    import sys
+
+    from labram_jax import host_memory
+
+    real, broken = tmp_path / "real", tmp_path / "broken"
+    real.mkdir()
+    broken.mkdir()
+    (real / "python3").symlink_to(sys.executable)
+    (broken / "python3").write_text("#!/bin/sh\nexit 1\n")  # as if labram_jax were not installed
+    (broken / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def sourced(tunables: str | None, python_dir: pathlib.Path) -> str:
+        run_env = dict(env, PATH=f"{python_dir}{os.pathsep}{env['PATH']}")
+        if tunables:
+            run_env["GLIBC_TUNABLES"] = tunables
+        env_sh = ROOT / "launch" / "env.sh"
+        script = f"cd {tmp_path} && source {env_sh} && source {env_sh} && echo \"$GLIBC_TUNABLES\""
+        return subprocess.run(["bash", "-c", script], env=run_env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert sourced(None, real) == host_memory.environment_with_hugepages({})["GLIBC_TUNABLES"]  # twice: no repeats
+    mine = sourced("glibc.malloc.arena_max=4", real).split(":")
+    assert mine[0] == "glibc.malloc.arena_max=4" and "glibc.malloc.arena_max=1" not in mine
+    assert "glibc.malloc.hugetlb=1" in mine
+    assert sourced("glibc.malloc.arena_max=4", broken) == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"

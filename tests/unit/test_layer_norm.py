@@ -122,13 +122,13 @@ def test_block_gradients_do_not_depend_on_the_implementation():
 def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
     x = jnp.zeros((4, 20), jnp.float32)
     scale = jnp.ones(20, jnp.float32)
-    monkeypatch.setattr(cpu_layer_norm, "refusal", lambda a: None)
+    monkeypatch.setattr(cpu_kernels, "refusal", lambda a: None)
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     assert normalization._auto(x, scale, scale) == "cpu_kernel"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert normalization._auto(x, scale, scale) == "xla"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
-    monkeypatch.setattr(cpu_layer_norm, "refusal", lambda a: "no" if a.dtype == jnp.bfloat16 else None)
+    monkeypatch.setattr(cpu_kernels, "refusal", lambda a: "no" if a.dtype == jnp.bfloat16 else None)
     assert normalization._auto(x.astype(jnp.bfloat16), scale, scale) == "xla"
 
 
