@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
-import resource
 import subprocess
 import sys
 import time
@@ -275,6 +275,31 @@ def generate(out: pathlib.Path, count: int, seed: int) -> dict[str, dict]:
     return plan
 
 
+def run_measured(cmd: list[str], work: pathlib.Path, timeout: float,
+                 cwd: pathlib.Path) -> tuple[int, str, float] | None:
+    """Runs ``cmd``; returns (exit status, stderr, peak resident memory in MiB) or None past ``timeout`` s.
+
+    The peak is this one process tree's: wait4's usage covers the child and the descendants it
+    waited for (data_prep's workers), where getrusage(RUSAGE_CHILDREN) would also count every
+    earlier child of the calling process (in a test session, other tests' training runs).
+    """
+    with open(work / "cli_stderr.txt", "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                return None
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        err.seek(0)
+        return proc.returncode, err.read(), usage.ru_maxrss / 1024
+
+
 def campaign(count: int, seed: int, work: pathlib.Path, workers: int = 2, file_timeout: float = 120.0,
              max_memory_gb: float = 4.0, cli_timeout: float = 3600.0) -> dict:
     """Generates, converts with the data_prep CLI and classifies; returns the counts and the problems."""
@@ -284,18 +309,16 @@ def campaign(count: int, seed: int, work: pathlib.Path, workers: int = 2, file_t
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "data_prep", str(inputs), "--out", str(out), "--window", "1", "--workers", str(workers),
            "--file-timeout", str(file_timeout), "--max-memory-gb", str(max_memory_gb), "--allow-failures", "--quiet"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cli_timeout,
-                              cwd=pathlib.Path(__file__).resolve().parents[1])
-    except subprocess.TimeoutExpired:
+    finished = run_measured(cmd, work, cli_timeout, cwd=pathlib.Path(__file__).resolve().parents[1])
+    if finished is None:
         return {"tried": count, "hangs": 1, "crashes": 0, "problems": ["the data_prep CLI did not finish"]}
+    returncode, stderr, peak_rss_mib = finished
     wall = time.perf_counter() - t0
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     counts = {"tried": count, "converted": 0, "rejected": 0, "crashes": 0, "hangs": 0}
     problems = []
-    if proc.returncode != 0:
+    if returncode != 0:
         counts["crashes"] += 1
-        problems.append(f"CLI exit {proc.returncode}: {proc.stderr[-2000:]}")
+        problems.append(f"CLI exit {returncode}: {stderr[-2000:]}")
         return {**counts, "problems": problems}
     manifest = json.loads((out / "manifest.json").read_text())
     by_mutation: dict[str, dict[str, int]] = {}
