@@ -3,8 +3,9 @@
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit|cpu_kernel] [--scan-blocks] \
-        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] \
-        [--vs-attention IMPL]
+        [--layer-norm auto|xla|cpu_kernel] [--loss-chunks N] [--out benchmarks/results] \
+        [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] [--vs-attention IMPL] \
+        [--vs-layer-norm IMPL] [--vs-loss-chunks N]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -22,7 +23,8 @@ the order swapped every round (ours first, then the reference first, ...), and r
 of the N ratios with their range: a machine whose speed drifts over minutes moves one round's
 ratio, not the median. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
 (``labram_jax.compile_options``), steps alternated, and the paired speed-up; ``--vs-attention IMPL``
-the same with the step compiled with attention ``IMPL`` instead of ``--attention``. The tokenizer has
+the same with the step compiled with attention ``IMPL`` instead of ``--attention`` (``--vs-layer-norm``,
+``--vs-loss-chunks``: likewise; the last for pretraining, whose lm_head loss it sets). The tokenizer has
 one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
 ``<out>/train_step_<backend>.json``.
 """
@@ -187,6 +189,8 @@ def prepare(stage: str, size: str, args) -> Prepared:
     config.model.attention = args.attention
     config.model.layer_norm = args.layer_norm
     config.model.scan_blocks = args.scan_blocks
+    if stage == "pretrain" and args.loss_chunks is not None:
+        config.pretrain.loss_chunks = args.loss_chunks
     dtype = steps.compute_dtype(args.dtype)
     if stage == "pretrain":
         frozen_tokenizer = pretrain.random_tokenizer(config, dtype)
@@ -226,8 +230,8 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
     mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
     baseline = rounds = None
-    if not args.compile_only and (args.vs_attention or args.vs_layer_norm
-                                  or (args.vs_xla_defaults and bench.stage_obj.xla_options)):
+    second_step = compared_field(args, stage) or (args.vs_xla_defaults and bench.stage_obj.xla_options)
+    if second_step and not args.compile_only:
         baseline = prepare_baseline(stage, size, args)
         times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
         times, base_times = times[args.warmup:], base_times[args.warmup:]
@@ -244,7 +248,8 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     tokens = args.batch * grid.channels * grid.windows
     row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
            "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "layer_norm": args.layer_norm,
-           "scan_blocks": args.scan_blocks, "mesh": dict(mesh.shape), "compile_s": compile_s,
+           "scan_blocks": args.scan_blocks, "loss_chunks": config.pretrain.loss_chunks if stage == "pretrain" else None,
+           "mesh": dict(mesh.shape), "compile_s": compile_s,
            "step_s_median": step_s, "step_s_min": min(times, default=step_s),
            "step_s_max": max(times, default=step_s), "steps": len(times),
            "samples_per_s": args.batch / step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_step":
@@ -258,22 +263,32 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
         compared = {"step_s_median": statistics.median(base_times), "speedup_paired_median": statistics.median(ratios),
                     "speedup_paired_range": [min(ratios), max(ratios)], "loss": float(baseline.metrics["loss"]),
                     **{k: v for k, v in memory_figures(baseline.compiled).items() if k.startswith("compiled")}}
-        if args.vs_attention:
-            row["vs_attention"] = {"attention": args.vs_attention, **compared}
-        elif args.vs_layer_norm:
-            row["vs_layer_norm"] = {"layer_norm": args.vs_layer_norm, **compared}
+        field = compared_field(args, stage)
+        if field:
+            row[f"vs_{field}"] = {field: getattr(args, f"vs_{field}"), **compared}
         else:
             row["xla_defaults"] = {"options": compile_options.compiler_options(), **compared}
     return row
 
 
+# Settings a second step can be compiled with (``--vs-FIELD``) and timed alternately against ours;
+# the stages each applies to.
+ALL_STAGES = ("tokenizer", "pretrain", "finetune")
+COMPARED_FIELDS = {"attention": ALL_STAGES, "layer_norm": ALL_STAGES, "loss_chunks": ("pretrain",)}
+
+
+def compared_field(args, stage: str) -> str:
+    """The setting ``--vs-FIELD`` compares for ``stage``, or ''."""
+    return next((f for f, stages in COMPARED_FIELDS.items()
+                 if getattr(args, f"vs_{f}") not in ("", None) and stage in stages), "")
+
+
 def prepare_baseline(stage: str, size: str, args) -> Prepared:
-    """The step ``--vs-attention`` (that attention instead of ``--attention``), ``--vs-layer-norm``
-    (likewise) or ``--vs-xla-defaults`` (XLA's default options) times ours against."""
-    if args.vs_attention:
-        return prepare(stage, size, argparse.Namespace(**{**vars(args), "attention": args.vs_attention}))
-    if args.vs_layer_norm:
-        return prepare(stage, size, argparse.Namespace(**{**vars(args), "layer_norm": args.vs_layer_norm}))
+    """The step ``--vs-FIELD`` (that setting instead of ``--FIELD``) or ``--vs-xla-defaults`` (XLA's
+    default options) times ours against."""
+    field = compared_field(args, stage)
+    if field:
+        return prepare(stage, size, argparse.Namespace(**{**vars(args), field: getattr(args, f"vs_{field}")}))
     with compile_options.xla_defaults():
         return prepare(stage, size, args)
 
@@ -391,7 +406,7 @@ def print_table(rows: list[dict], peak_note: str) -> None:
               f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_step']:>10.4f} {r['achieved_tflops']:>8.3f} "
               f"{mfu:>6} {mem:>8.0f} {kernel_ms:>6.0f} {ref:>6}")
     for r in rows:
-        for field in ("attention", "layer_norm"):
+        for field in COMPARED_FIELDS:
             if f"vs_{field}" in r:
                 d = r[f"vs_{field}"]
                 print(f"{r['stage']:<9} {r['size']:<5} with {field}={d[field]} instead of {r[field]}: "
@@ -425,6 +440,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                         help="attention implementation (labram_jax.models.attention)")
     parser.add_argument("--layer-norm", default="auto", choices=list(model_config.LAYER_NORM_IMPLEMENTATIONS),
                         help="LayerNorm implementation (labram_jax.models.normalization)")
+    parser.add_argument("--loss-chunks", type=int, default=None,
+                        help="pretraining: pieces of the lm_head's cross-entropy (config pretrain.loss_chunks; "
+                             "0 = all logits at once; default: the config's)")
     parser.add_argument("--scan-blocks", action="store_true",
                         help="nn.scan over stacked blocks (compiles one block instead of depth)")
     parser.add_argument("--mesh", nargs=3, type=int, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
@@ -439,6 +457,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--vs-layer-norm", default="", choices=["", *model_config.LAYER_NORM_IMPLEMENTATIONS],
                         help="also compile each step with this LayerNorm implementation and time the two alternately "
                              "(as --vs-attention)")
+    parser.add_argument("--vs-loss-chunks", type=int, default=None,
+                        help="pretraining: also compile the step with this pretrain.loss_chunks and time the two "
+                             "alternately (as --vs-attention)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory and FLOPs without running steps (sizes too big to run here)")
     parser.add_argument("--compilation-cache", default="", help="persistent XLA compilation cache directory")
@@ -457,9 +478,12 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
         parser.error("--rounds must be at least 1")
     if args.rounds > 1 and not args.reference:
         parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
-    if sum(map(bool, (args.reference, args.vs_xla_defaults, args.vs_attention, args.vs_layer_norm))) > 1:
-        parser.error("--reference, --vs-xla-defaults, --vs-attention and --vs-layer-norm each time a second step "
-                     "next to ours: run them separately")
+    vs_fields = [getattr(args, f"vs_{f}") not in ("", None) for f in COMPARED_FIELDS]
+    if sum(map(bool, [args.reference, args.vs_xla_defaults, *vs_fields])) > 1:
+        parser.error("--reference, --vs-xla-defaults, --vs-attention, --vs-layer-norm and --vs-loss-chunks each time "
+                     "a second step next to ours: run them separately")
+    if min(args.loss_chunks or 0, args.vs_loss_chunks or 0) < 0:
+        parser.error("--loss-chunks and --vs-loss-chunks are 0 (all logits at once) or a positive number of pieces")
     if (args.channels is None) != (args.windows is None):
         parser.error("--channels and --windows go together")
     if args.dtype == "auto":

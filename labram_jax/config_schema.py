@@ -333,6 +333,9 @@ def schema(size: str, stage: str) -> dict:
         fields["pretrain"] = {
             "mask_ratio": Field(0.5, "fraction of patches masked", within(0.0, 1.0, True, True)),
             "tokenizer_checkpoint": Field("", "the tokenizer run's workdir or model.npz", _tokenizer_checkpoint),
+            "loss_chunks": Field(4, "pieces the lm_head's cross-entropy walks the tokens in, its gradient taken "
+                                 "in the forward pass (labram_jax.models.linear_cross_entropy); 0 = all "
+                                 "[batch, tokens, 8192] logits at once (the plain formulation)", at_least(0)),
         }
     if stage == "finetune":
         fields["finetune"] = {

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from labram_jax.models import config as config_lib
-from labram_jax.models import layers
+from labram_jax.models import layers, linear_cross_entropy
 
 
 class NeuralTransformer(nn.Module):
@@ -200,6 +200,19 @@ class LaBraMPretrain(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> [..., vocab_size] float32 logits over tokenizer codes."""
         return self.lm_head(hidden).astype(jnp.float32)
+
+    def code_cross_entropy(self, hidden: jax.Array, codes: jax.Array, weights: jax.Array,
+                           chunks: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The lm_head's weighted cross-entropy against tokenizer codes, without keeping the
+        [B, T, vocab_size] logits (:func:`labram_jax.models.linear_cross_entropy.linear_cross_entropy`:
+        ``chunks`` pieces, 0 = all logits at once).
+
+        hidden: [B, T, D]; codes: [B, T] int; weights: [B, T] ->
+        (sum(weights * ce) with a gradient, ce [B, T] float32, correct [B, T] bool).
+        """
+        head = self.lm_head.variables["params"]
+        return linear_cross_entropy.linear_cross_entropy(hidden.astype(self.cfg.dtype), head["kernel"], head["bias"],
+                                                         codes, weights, chunks)
 
     def logits_of(self, x: jax.Array, channel_ids: jax.Array, token_mask: jax.Array,
                   patch_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:

@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from labram_jax import config_schema, input_pipeline, model_file
 from labram_jax.models import config as model_config
@@ -66,7 +65,7 @@ def build(config: ml_collections.ConfigDict, dtype, tokenizer=None) -> stage_lib
     cfg = model_config.labram(config.model.size, drop_path_rate=config.model.drop_path, dtype=dtype,
                               **stage_lib.model_options(config))
     model = transformer.LaBraMPretrain(cfg, vocab_size=vocab, cls_uses_first_channel=config.model.cls_quirk)
-    ratio = config.pretrain.mask_ratio
+    ratio, chunks = config.pretrain.mask_ratio, config.pretrain.loss_chunks
 
     def init(key, batch):
         b = batch["x"][:1]
@@ -90,14 +89,15 @@ def build(config: ml_collections.ConfigDict, dtype, tokenizer=None) -> stage_lib
                              jnp.concatenate([patch_mask] * 2), train=True, rngs={"dropout": drop_key})
         # Each token is predicted by the pass in which it was hidden; one lm_head over all.
         hidden = jnp.where(masked[..., None], hidden[:b], hidden[b:])
-        logits = model.apply({"params": params}, hidden, method=model.logits)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        correct = jnp.argmax(logits, axis=-1) == targets
+        # loss = mean ce over the masked tokens + mean ce over the complement's, as one weighted sum.
+        weights = masked / jnp.maximum(masked.sum(), 1) + complement / jnp.maximum(complement.sum(), 1)
+        loss, ce, correct = model.apply({"params": params}, hidden, targets, weights, chunks,
+                                        method=model.code_cross_entropy)
         loss_1, loss_2 = stage_lib.weighted_mean(ce, masked), stage_lib.weighted_mean(ce, complement)
-        metrics = {"loss": loss_1 + loss_2, "loss_masked": loss_1, "loss_symmetric": loss_2,
+        metrics = {"loss": loss, "loss_masked": loss_1, "loss_symmetric": loss_2,
                    "accuracy_masked": stage_lib.weighted_mean(correct, masked),
                    "accuracy_symmetric": stage_lib.weighted_mean(correct, complement)}
-        return loss_1 + loss_2, (metrics, {})
+        return loss, (metrics, {})
 
     return stage_lib.Stage(name="pretrain", model=model, init=init, loss_fn=loss_fn, depth=cfg.depth,
                            frozen=tok_vars)

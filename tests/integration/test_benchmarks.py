@@ -49,6 +49,19 @@ def test_train_step_times_two_attentions_alternately(tmp_path, capsys):
         train_step.parse_args(["--vs-attention", "explicit", "--vs-xla-defaults"])
 
 
+def test_train_step_times_two_pretraining_loss_formulations_alternately(tmp_path, capsys):
+    result = train_step.main(["--sizes", "tiny", "--stages", "pretrain", "--steps", "2", "--warmup", "1", "--devices",
+                              "1", "--loss-chunks", "3", "--vs-loss-chunks", "0", "--out", str(tmp_path)])
+    row = result["rows"][0]
+    compared = row["vs_loss_chunks"]
+    assert row["loss_chunks"] == 3 and compared["loss_chunks"] == 0
+    assert compared["loss"] == pytest.approx(row["loss"], rel=1e-5)  # the same loss, another formulation
+    assert "with loss_chunks=0 instead of 3" in capsys.readouterr().out
+    for bad in (["--loss-chunks", "-1"], ["--vs-loss-chunks", "0", "--vs-attention", "xla"]):
+        with pytest.raises(SystemExit):
+            train_step.parse_args(bad)
+
+
 def test_profile_step_attributes_the_step_time_to_model_parts(tmp_path, capsys):
     out = tmp_path / "profile.json"
     result = profile_step.main(["--stage", "finetune", "--size", "tiny", "--steps", "2", "--warmup", "1",

@@ -1,0 +1,137 @@
+"""Softmax cross-entropy of a linear head over a large vocabulary, without the [rows, vocab] logits.
+
+Pretraining predicts one of 8,192 tokenizer codes for every patch token: ``logits = x @ kernel +
+bias`` is [B, T, 8192], 48 MB at batch 8 and 3 GB at batch 512, and the plain formulation walks
+that array a dozen times (logits, max and argmax, exp, sums, the gradient, a one-hot scatter, a
+transposed copy for the kernel's gradient, the bias gradient's column sums). On XLA:CPU those
+passes cost more than the head's three products (BENCHMARKS.md, "Session 22").
+
+:func:`linear_cross_entropy` takes the loss as a weighted sum of per-token cross-entropies, so
+its gradient is known once the forward pass has the softmax: it walks the tokens in ``chunks``
+pieces (``lax.scan``), and each piece's logits live only while that piece computes its
+cross-entropy, its argmax and its share of the gradients (dx, and sums into dkernel and dbias).
+The backward pass then only scales what the forward pass stored by the loss's cotangent: no
+product is recomputed. ``chunks=0`` is the plain formulation (the same numbers to float32
+rounding; the tests compare them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, labels: jax.Array,
+                         weights: jax.Array, chunks: int = 8) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Weighted cross-entropy of ``softmax(x @ kernel + bias)`` against integer labels.
+
+    Args:
+      x: [B, T, D] hidden states (float32 or bfloat16: the products run in x's dtype, the
+        softmax in float32).
+      kernel: [D, V]; bias: [V] (the head's parameters).
+      labels: [B, T] integer class in [0, V).
+      weights: [B, T] weight of each token's cross-entropy in the loss (0 drops a token).
+      chunks: pieces the T axis is walked in (padded up to a multiple); 0 = the plain
+        formulation, all logits at once.
+    Returns:
+      (loss, ce, correct): loss = sum(weights * ce), a float32 scalar and the only output with
+      a gradient (with respect to x, kernel, bias and weights); ce [B, T] float32 per-token
+      cross-entropy; correct [B, T] bool, argmax of the logits == label.
+    """
+    if chunks < 0:
+        raise ValueError(f"chunks={chunks}: use 0 (all logits at once) or a positive number of pieces")
+    weights = weights.astype(jnp.float32)
+    if chunks == 0:
+        logits = _logits(x, kernel, bias)
+        ce = _cross_entropy(logits, labels)
+        return (weights * ce).sum(), jax.lax.stop_gradient(ce), jnp.argmax(logits, axis=-1) == labels
+    loss, ce, correct = _chunked(x, kernel, bias, labels, weights, chunks)
+    return loss, jax.lax.stop_gradient(ce), correct
+
+
+def _logits(x, kernel, bias):
+    """[..., D] -> [..., V] float32, as flax.linen.Dense in x's dtype then cast."""
+    return (jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)).astype(jnp.float32)
+
+
+def _cross_entropy(logits, labels):
+    """[..., V] float32, [...] int -> [...] log-sum-exp minus the label's logit."""
+    m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    lse = jnp.log(jnp.exp(logits - m).sum(axis=-1)) + m[..., 0]
+    return lse - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+def _piece(x, kernel, bias, labels, weights):
+    """One piece of tokens: x [B, C, D] -> (ce [B, C], correct [B, C], dx [B, C, D], dkernel [D, V],
+    dbias [V]), the gradients being those of sum(weights * ce)."""
+    logits = _logits(x, kernel, bias)                               # [B, C, V]
+    m = logits.max(axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    s = e.sum(axis=-1, keepdims=True)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)
+    ce = (jnp.log(s) + m - picked)[..., 0]
+    correct = jnp.argmax(logits, axis=-1) == labels
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    dlogits = (e / s - onehot) * weights[..., None]                 # d sum(w ce) / d logits
+    d = dlogits.astype(x.dtype)
+    dx = jnp.einsum("bcv,dv->bcd", d, kernel.astype(x.dtype))
+    # The bias's gradient is the kernel's for an input that is always 1: one product gives both
+    # (XLA:CPU's column sums over [B, C] are far slower than that extra row).
+    ones = jnp.ones((*x.shape[:2], 1), x.dtype)
+    both = jnp.einsum("bcd,bcv->dv", jnp.concatenate([x, ones], axis=-1), d, preferred_element_type=jnp.float32)
+    return ce, correct, dx, both[:-1], both[-1]
+
+
+def _split(a, chunks):
+    """[B, T, ...] -> [chunks, B, T / chunks, ...] (T padded with zeros to a multiple)."""
+    b, t = a.shape[:2]
+    size = -(-t // chunks)
+    a = jnp.pad(a, [(0, 0), (0, size * chunks - t)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(b, chunks, size, *a.shape[2:]), 1, 0)
+
+
+def _join(a, t):
+    """Inverse of :func:`_split`: [chunks, B, C, ...] -> [B, T, ...]."""
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :t]
+
+
+def _walk(x, kernel, bias, labels, weights, chunks):
+    """The forward pass piece by piece: (loss, ce, correct, dx, dkernel, dbias)."""
+    t = x.shape[1]
+    zero = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+
+    def step(carry, piece):
+        ce, correct, dx, dk, db = _piece(*piece[:1], kernel, bias, *piece[1:])
+        return (carry[0] + dk, carry[1] + db), (ce, correct, dx)
+
+    # Padded tokens carry weight 0: nothing of theirs reaches the loss or the gradients.
+    pieces = (_split(x, chunks), _split(labels, chunks), _split(weights, chunks))
+    (dkernel, dbias), (ce, correct, dx) = jax.lax.scan(step, zero, pieces)
+    ce, correct, dx = _join(ce, t), _join(correct, t), _join(dx, t)
+    return (weights * ce).sum(), ce, correct, dx, dkernel, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked(x, kernel, bias, labels, weights, chunks):
+    loss, ce, correct, *_ = _walk(x, kernel, bias, labels, weights, chunks)
+    return loss, ce, correct
+
+
+def _chunked_forward(x, kernel, bias, labels, weights, chunks):
+    loss, ce, correct, dx, dkernel, dbias = _walk(x, kernel, bias, labels, weights, chunks)
+    return (loss, ce, correct), (ce, dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), labels)
+
+
+def _chunked_backward(chunks, stored, cotangents):
+    del chunks
+    ce, dx, dkernel, dbias, labels = stored
+    g = cotangents[0]  # ce and correct leave linear_cross_entropy without a gradient
+    label_cotangent = jnp.zeros(labels.shape, jax.dtypes.float0)
+    return (g.astype(dx.dtype) * dx, g.astype(dkernel.dtype) * dkernel, g.astype(dbias.dtype) * dbias,
+            label_cotangent, g * ce)
+
+
+_chunked.defvjp(_chunked_forward, _chunked_backward)
