@@ -113,8 +113,10 @@ def stage_models(config):
     grid_tokens = config.data.max_channels * config.data.max_windows + 1
     if config.stage == "pretrain":
         stage = pretrain_task.build(config, dtype, tokenizer=pretrain_task.random_tokenizer(config, dtype, abstract=True))
-        vocab = config.model.vocab_size
-        logits = (grid_tokens - 1) * vocab * 4 * 3  # float32 logits, softmax and its gradient
+        # float32 logits, softmax and its gradient, of one piece of the tokens at a time
+        # (pretrain.loss_chunks; 0 = all at once): nothing of them is kept for the backward pass
+        piece = -(-(grid_tokens - 1) // max(config.pretrain.loss_chunks, 1))
+        logits = piece * config.model.vocab_size * 4 * 3
         return stage, [(stage.model.cfg, 2)], logits, grid_tokens
     stage = steps.build_stage(config, dtype)
     if config.stage == "tokenizer":

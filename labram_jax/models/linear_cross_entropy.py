@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 
 def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, labels: jax.Array,
-                         weights: jax.Array, chunks: int = 8) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         weights: jax.Array, chunks: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Weighted cross-entropy of ``softmax(x @ kernel + bias)`` against integer labels.
 
     Args:
