@@ -63,9 +63,9 @@ def _cross_entropy(logits, labels):
     return lse - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
 
 
-def _piece(x, kernel, bias, labels, weights):
-    """One piece of tokens: x [B, C, D] -> (ce [B, C], correct [B, C], dx [B, C, D], dkernel [D, V],
-    dbias [V]), the gradients being those of sum(weights * ce)."""
+def _piece(x, kernel, bias, labels, weights, grads: bool):
+    """One piece of tokens, x [B, C, D] -> ((ce [B, C], correct [B, C]), gradients), the gradients
+    of sum(weights * ce) being (dx [B, C, D], dkernel [D, V], dbias [V]) with ``grads``, else ()."""
     logits = _logits(x, kernel, bias)                               # [B, C, V]
     m = logits.max(axis=-1, keepdims=True)
     e = jnp.exp(logits - m)
@@ -73,6 +73,8 @@ def _piece(x, kernel, bias, labels, weights):
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     ce = (jnp.log(s) + m - picked)[..., 0]
     correct = jnp.argmax(logits, axis=-1) == labels
+    if not grads:
+        return (ce, correct), ()
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     dlogits = (e / s - onehot) * weights[..., None]                 # d sum(w ce) / d logits
     d = dlogits.astype(x.dtype)
@@ -81,7 +83,7 @@ def _piece(x, kernel, bias, labels, weights):
     # (XLA:CPU's column sums over [B, C] are far slower than that extra row).
     ones = jnp.ones((*x.shape[:2], 1), x.dtype)
     both = jnp.einsum("bcd,bcv->dv", jnp.concatenate([x, ones], axis=-1), d, preferred_element_type=jnp.float32)
-    return ce, correct, dx, both[:-1], both[-1]
+    return (ce, correct), (dx, both[:-1], both[-1])
 
 
 def _split(a, chunks):
@@ -98,31 +100,35 @@ def _join(a, t):
     return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :t]
 
 
-def _walk(x, kernel, bias, labels, weights, chunks):
-    """The forward pass piece by piece: (loss, ce, correct, dx, dkernel, dbias)."""
+def _walk(x, kernel, bias, labels, weights, chunks, grads: bool):
+    """The forward pass piece by piece: (ce, correct) and, with ``grads``, (dx, dkernel, dbias)."""
     t = x.shape[1]
-    zero = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+    zero = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32)) if grads else ()
 
-    def step(carry, piece):
-        ce, correct, dx, dk, db = _piece(*piece[:1], kernel, bias, *piece[1:])
-        return (carry[0] + dk, carry[1] + db), (ce, correct, dx)
+    def step(sums, piece):
+        x_piece, labels_piece, weights_piece = piece
+        (ce, correct), g = _piece(x_piece, kernel, bias, labels_piece, weights_piece, grads)
+        if not grads:
+            return sums, (ce, correct)
+        dx, dk, db = g
+        return (sums[0] + dk, sums[1] + db), (ce, correct, dx)
 
     # Padded tokens carry weight 0: nothing of theirs reaches the loss or the gradients.
     pieces = (_split(x, chunks), _split(labels, chunks), _split(weights, chunks))
-    (dkernel, dbias), (ce, correct, dx) = jax.lax.scan(step, zero, pieces)
-    ce, correct, dx = _join(ce, t), _join(correct, t), _join(dx, t)
-    return (weights * ce).sum(), ce, correct, dx, dkernel, dbias
+    sums, per_token = jax.lax.scan(step, zero, pieces)
+    return tuple(_join(a, t) for a in per_token), sums
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _chunked(x, kernel, bias, labels, weights, chunks):
-    loss, ce, correct, *_ = _walk(x, kernel, bias, labels, weights, chunks)
-    return loss, ce, correct
+    (ce, correct), _ = _walk(x, kernel, bias, labels, weights, chunks, grads=False)
+    return (weights * ce).sum(), ce, correct
 
 
 def _chunked_forward(x, kernel, bias, labels, weights, chunks):
-    loss, ce, correct, dx, dkernel, dbias = _walk(x, kernel, bias, labels, weights, chunks)
-    return (loss, ce, correct), (ce, dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), labels)
+    (ce, correct, dx), (dkernel, dbias) = _walk(x, kernel, bias, labels, weights, chunks, grads=True)
+    stored = (ce, dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), labels)
+    return ((weights * ce).sum(), ce, correct), stored
 
 
 def _chunked_backward(chunks, stored, cotangents):

@@ -65,6 +65,19 @@ def test_backward_scales_by_the_cotangent_and_ce_carries_no_gradient():
     assert np.all(np.asarray(gx)[:, 1::3] == 0)
 
 
+def _products(fn, *args) -> int:
+    """Matrix products in the program of fn(*args), the scan's body included."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return text.count("stablehlo.dot_general")
+
+
+def test_evaluation_does_not_compute_the_gradients():
+    x, kernel, bias, labels, weights = _inputs(seed=4)
+    loss = lambda x, k, b: lce.linear_cross_entropy(x, k, b, labels, weights, chunks=2)[0]  # noqa: E731
+    assert _products(loss, x, kernel, bias) == 1  # the logits only
+    assert _products(jax.grad(loss, argnums=(0, 1, 2)), x, kernel, bias) == 3  # + dx, dkernel with dbias
+
+
 def test_bfloat16_products_stay_close():
     x, kernel, bias, labels, weights = _inputs(seed=2)
     loss, ce, _ = lce.linear_cross_entropy(x.astype(jnp.bfloat16), kernel, bias, labels, weights, chunks=3)
