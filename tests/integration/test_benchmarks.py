@@ -62,6 +62,24 @@ def test_train_step_times_two_pretraining_loss_formulations_alternately(tmp_path
             train_step.parse_args(bad)
 
 
+def test_products_times_a_blocks_products_in_three_layouts(tmp_path, capsys):
+    from benchmarks import products
+
+    out = tmp_path / "products.json"
+    result = products.main(["--stages", "tokenizer", "--repeats", "2", "--rounds", "1", "--json", str(out)])
+    rows = result["rows"]
+    assert [(r["product"], r["layout"]) for r in rows[:3]] == [("qkv", layout) for layout in products.LAYOUTS]
+    assert len(rows) == 4 * 3 and all(r["stage"] == "tokenizer" and r["m"] == 8 * 185 for r in rows)
+    assert {(r["k"], r["n"]) for r in rows} == {(200, 600), (200, 200), (200, 800), (800, 200)}
+    assert all(r["xla_ms"] > 0 and r["xla_gflops"] > 1 for r in rows)
+    block = result["summary"]["tokenizer"]
+    assert block["block_products_xla_ms"] == pytest.approx(sum(r["xla_ms"] for r in rows))
+    if result["torch"] is not None:
+        assert all(r["torch_gflops"] > 1 for r in rows) and block["block_products_torch_ms"] > 0
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "one block's products" in capsys.readouterr().out or result["torch"] is None
+
+
 def test_profile_step_attributes_the_step_time_to_model_parts(tmp_path, capsys):
     out = tmp_path / "profile.json"
     result = profile_step.main(["--stage", "finetune", "--size", "tiny", "--steps", "2", "--warmup", "1",
