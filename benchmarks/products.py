@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -137,9 +138,8 @@ def main(argv=None) -> dict:
                   f"PyTorch {s['block_products_torch_ms']:.1f} ms "
                   f"({s['block_products_xla_ms'] / s['block_products_torch_ms']:.2f}x the time)")
     result = {"machine": machine, "torch": getattr(torch, "__version__", None), "repeats": args.repeats,
-              "rounds": args.rounds,
-              "rows": rows, "summary": summary,
-              "command": "python -m benchmarks.products " + " ".join(argv if argv is not None else [])}
+              "rounds": args.rounds, "rows": rows, "summary": summary,
+              "command": "python -m benchmarks.products " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
