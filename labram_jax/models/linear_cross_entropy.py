@@ -43,10 +43,9 @@ def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, label
     if chunks < 0:
         raise ValueError(f"chunks={chunks}: use 0 (all logits at once) or a positive number of pieces")
     weights = weights.astype(jnp.float32)
-    if chunks == 0:
-        logits = _logits(x, kernel, bias)
-        ce = _cross_entropy(logits, labels)
-        return (weights * ce).sum(), jax.lax.stop_gradient(ce), jnp.argmax(logits, axis=-1) == labels
+    if chunks == 0:  # one piece of all tokens, differentiated by JAX
+        (ce, correct), _ = _piece(x, kernel, bias, labels, weights, grads=False)
+        return (weights * ce).sum(), jax.lax.stop_gradient(ce), correct
     loss, ce, correct = _chunked(x, kernel, bias, labels, weights, chunks)
     return loss, jax.lax.stop_gradient(ce), correct
 
@@ -56,18 +55,11 @@ def _logits(x, kernel, bias):
     return (jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)).astype(jnp.float32)
 
 
-def _cross_entropy(logits, labels):
-    """[..., V] float32, [...] int -> [...] log-sum-exp minus the label's logit."""
-    m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    lse = jnp.log(jnp.exp(logits - m).sum(axis=-1)) + m[..., 0]
-    return lse - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-
-
 def _piece(x, kernel, bias, labels, weights, grads: bool):
     """One piece of tokens, x [B, C, D] -> ((ce [B, C], correct [B, C]), gradients), the gradients
     of sum(weights * ce) being (dx [B, C, D], dkernel [D, V], dbias [V]) with ``grads``, else ()."""
     logits = _logits(x, kernel, bias)                               # [B, C, V]
-    m = logits.max(axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))  # cancels out of ce (autodiff at chunks=0)
     e = jnp.exp(logits - m)
     s = e.sum(axis=-1, keepdims=True)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)
