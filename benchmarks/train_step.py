@@ -3,9 +3,9 @@
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
         [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit|cpu_kernel] [--scan-blocks] \
-        [--layer-norm auto|xla|cpu_kernel] [--loss-chunks N] [--out benchmarks/results] \
-        [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] [--vs-attention IMPL] \
-        [--vs-layer-norm IMPL] [--vs-loss-chunks N]
+        [--layer-norm auto|xla|cpu_kernel] [--linear auto|xla|cpu_kernel] [--loss-chunks N] \
+        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] \
+        [--vs-attention IMPL] [--vs-layer-norm IMPL] [--vs-linear IMPL] [--vs-loss-chunks N]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -24,7 +24,7 @@ of the N ratios with their range: a machine whose speed drifts over minutes move
 ratio, not the median. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
 (``labram_jax.compile_options``), steps alternated, and the paired speed-up; ``--vs-attention IMPL``
 the same with the step compiled with attention ``IMPL`` instead of ``--attention`` (``--vs-layer-norm``,
-``--vs-loss-chunks``: likewise; the last for pretraining, whose lm_head loss it sets). The tokenizer has
+``--vs-linear``, ``--vs-loss-chunks``: likewise; the last for pretraining, whose lm_head loss it sets). The tokenizer has
 one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
 ``<out>/train_step_<backend>.json``.
 """
@@ -188,6 +188,7 @@ def prepare(stage: str, size: str, args) -> Prepared:
     config.model.remat = args.remat
     config.model.attention = args.attention
     config.model.layer_norm = args.layer_norm
+    config.model.linear = args.linear
     config.model.scan_blocks = args.scan_blocks
     if stage == "pretrain" and args.loss_chunks is not None:
         config.pretrain.loss_chunks = args.loss_chunks
@@ -248,6 +249,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     tokens = args.batch * grid.channels * grid.windows
     row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
            "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "layer_norm": args.layer_norm,
+           "linear": args.linear,
            "scan_blocks": args.scan_blocks, "loss_chunks": config.pretrain.loss_chunks if stage == "pretrain" else None,
            "mesh": dict(mesh.shape), "compile_s": compile_s,
            "step_s_median": step_s, "step_s_min": min(times, default=step_s),
@@ -274,7 +276,8 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
 # Settings a second step can be compiled with (``--vs-FIELD``) and timed alternately against ours;
 # the stages each applies to.
 ALL_STAGES = ("tokenizer", "pretrain", "finetune")
-COMPARED_FIELDS = {"attention": ALL_STAGES, "layer_norm": ALL_STAGES, "loss_chunks": ("pretrain",)}
+COMPARED_FIELDS = {"attention": ALL_STAGES, "layer_norm": ALL_STAGES, "linear": ALL_STAGES,
+                   "loss_chunks": ("pretrain",)}
 
 
 def compared_field(args, stage: str) -> str:
@@ -440,6 +443,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                         help="attention implementation (labram_jax.models.attention)")
     parser.add_argument("--layer-norm", default="auto", choices=list(model_config.LAYER_NORM_IMPLEMENTATIONS),
                         help="LayerNorm implementation (labram_jax.models.normalization)")
+    parser.add_argument("--linear", default="auto", choices=list(model_config.LINEAR_IMPLEMENTATIONS),
+                        help="implementation of the blocks' linear layers (labram_jax.models.linear)")
     parser.add_argument("--loss-chunks", type=int, default=None,
                         help="pretraining: pieces of the lm_head's cross-entropy (config pretrain.loss_chunks; "
                              "0 = all logits at once; default: the config's)")
@@ -457,6 +462,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--vs-layer-norm", default="", choices=["", *model_config.LAYER_NORM_IMPLEMENTATIONS],
                         help="also compile each step with this LayerNorm implementation and time the two alternately "
                              "(as --vs-attention)")
+    parser.add_argument("--vs-linear", default="", choices=["", *model_config.LINEAR_IMPLEMENTATIONS],
+                        help="also compile each step with this linear-layer implementation and time the two "
+                             "alternately (as --vs-attention)")
     parser.add_argument("--vs-loss-chunks", type=int, default=None,
                         help="pretraining: also compile the step with this pretrain.loss_chunks and time the two "
                              "alternately (as --vs-attention)")
@@ -480,7 +488,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
         parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
     vs_fields = [getattr(args, f"vs_{f}") not in ("", None) for f in COMPARED_FIELDS]
     if sum(map(bool, [args.reference, args.vs_xla_defaults, *vs_fields])) > 1:
-        parser.error("--reference, --vs-xla-defaults, --vs-attention, --vs-layer-norm and --vs-loss-chunks each time "
+        parser.error("--reference, --vs-xla-defaults, --vs-attention, --vs-layer-norm, --vs-linear and --vs-loss-chunks "
+                     "each time "
                      "a second step next to ours: run them separately")
     if min(args.loss_chunks or 0, args.vs_loss_chunks or 0) < 0:
         parser.error("--loss-chunks and --vs-loss-chunks are 0 (all logits at once) or a positive number of pieces")

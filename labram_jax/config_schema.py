@@ -265,6 +265,9 @@ def schema(size: str, stage: str) -> dict:
                            one_of(model_config.ATTENTION_IMPLEMENTATIONS)),
         "layer_norm": Field("auto", "auto (CPU: cpu_kernel on AVX2 CPUs without AVX-512 where it builds, else xla), "
                             "xla or cpu_kernel (C++)", one_of(model_config.LAYER_NORM_IMPLEMENTATIONS)),
+        "linear": Field("auto", "the blocks' linear layers: auto (CPU: cpu_kernel on AVX2 CPUs without AVX-512 "
+                        "where it builds, else xla), xla or cpu_kernel (C++)",
+                        one_of(model_config.LINEAR_IMPLEMENTATIONS)),
         "drop_path": Field(0.0, "stochastic depth rate of the last block", within(0.0, 1.0, high_open=True)),
         "num_outputs": Field(1, "1: binary or regression; K: K classes", _num_outputs),
         "vocab_size": Field(vocab, "tokenizer codebook size", positive),
@@ -404,7 +407,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 
 # ---------------------------------------------------------------------------------------------- validation
 # model.* fields that change how a step is computed, not what is learned: free to change on resume
-RUNTIME_MODEL_FIELDS = ("dtype", "remat", "scan_blocks", "attention", "layer_norm")
+RUNTIME_MODEL_FIELDS = ("dtype", "remat", "scan_blocks", "attention", "layer_norm", "linear")
 
 
 def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:

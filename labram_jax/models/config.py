@@ -12,6 +12,7 @@ NUM_TIME_ROWS = 16  # time-embedding table rows: at most 16 windows per sample
 REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit", "cpu_kernel")  # labram_jax.models.attention
 LAYER_NORM_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")  # labram_jax.models.normalization
+LINEAR_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")  # labram_jax.models.linear
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
 HEAD_POOLINGS = ("mean", "electrode")  # what the fine-tuning head reads: layers.masked_mean, layers.electrode_rows
@@ -47,6 +48,9 @@ class TransformerConfig:
         first use); all compute the same function.
       layer_norm: implementation of every LayerNorm (labram_jax.models.normalization): auto,
         xla or cpu_kernel (C++ for AVX2 CPUs, built with the attention's); the same function.
+      linear: implementation of the blocks' linear layers (qkv, proj, fc1, fc2;
+        labram_jax.models.linear): auto, xla or cpu_kernel (a C++ product kernel for AVX2 CPUs,
+        built with the attention's); the same function.
       lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every
         block (parameter-efficient fine-tuning); 0: none (the plain model).
       lora_alpha: the adapters' scale is lora_alpha / lora_rank.
@@ -95,6 +99,7 @@ class TransformerConfig:
     remat: str = "none"
     attention: str = "auto"
     layer_norm: str = "auto"
+    linear: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 16.0
     scan_blocks: bool = False
@@ -118,6 +123,8 @@ class TransformerConfig:
             raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
         if self.layer_norm not in LAYER_NORM_IMPLEMENTATIONS:
             raise ValueError(f"layer_norm={self.layer_norm!r}: choose one of {LAYER_NORM_IMPLEMENTATIONS}")
+        if self.linear not in LINEAR_IMPLEMENTATIONS:
+            raise ValueError(f"linear={self.linear!r}: choose one of {LINEAR_IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.lora_rank < 0:

@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -280,21 +279,6 @@ std::string CheckShapes(ffi::Span<const int64_t> d, std::initializer_list<ffi::S
   return "";
 }
 
-// Runs head(i, work) for every (batch, head) pair i on all usable cores, one workspace per thread.
-template <typename Fn>
-void ForEachPair(int64_t pairs, size_t work_floats, Fn head) {
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    std::vector<float> work(work_floats);
-    for (int64_t i; (i = next.fetch_add(1)) < pairs;) head(i, work.data());
-  };
-  const int threads = (int)std::min<int64_t>(labram_cpu::UsableCpus(), pairs);
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-}
-
 template <template <int> class Pick>
 auto ByVectors(int kp) {
   switch (kp / 8) {
@@ -310,7 +294,8 @@ template <int NV> struct BackwardHead { static constexpr auto fn = &Backward::He
 
 ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
-                            ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> row_sum) {
+                            ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> row_sum,
+                            ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
   const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out->dimensions()},
@@ -319,7 +304,7 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<ForwardHead>(z.Kp);
   const size_t n = (size_t)z.L * z.K;
-  ForEachPair(pairs, Forward::WorkFloats(z), [&](int64_t i, float* work) {
+  labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
     head(z, q.typed_data() + i * n, k.typed_data() + i * n, v.typed_data() + i * n,
          bias.typed_data() + (i / heads) * z.L, out->typed_data() + i * n, row_max->typed_data() + i * z.L,
          row_sum->typed_data() + i * z.L, work);
@@ -331,7 +316,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
                              ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> d_out,
                              ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
+                             ffi::ResultBuffer<ffi::F32> dv, ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
   const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out.dimensions(),
@@ -342,7 +327,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<BackwardHead>(z.Kp);
   const size_t n = (size_t)z.L * z.K;
-  ForEachPair(pairs, Backward::WorkFloats(z), [&](int64_t i, float* work) {
+  labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
     head(z, q.typed_data() + i * n, k.typed_data() + i * n, v.typed_data() + i * n,
          bias.typed_data() + (i / heads) * z.L, out.typed_data() + i * n, d_out.typed_data() + i * n,
          row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dq->typed_data() + i * n,
@@ -361,7 +346,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, AttentionForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row max of the scores
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // row sum of exp(scores - row max)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // row sum of exp(scores - row max)
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
@@ -375,4 +361,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row sum
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq (with respect to the pre-scaled q)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Ctx<ffi::ThreadPool>());

@@ -1,10 +1,12 @@
 """The C++ kernels for x86 CPUs with AVX2 + FMA: building, loading and calling them.
 
-Two kinds of operation run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was
-measured slower (BENCHMARKS.md, sessions 19 and 21): softmax attention (``cpu_attention.cc``,
-wrapped by :mod:`labram_jax.models.cpu_attention`) and LayerNorm (``cpu_layer_norm.cc``, wrapped
-by :mod:`labram_jax.models.cpu_layer_norm`). Both sources (and the header they share) are compiled
-into one library on first use with the system's C++ compiler (``$CXX``, else ``c++`` or ``g++``)
+Three kinds of operation run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was
+measured slower (BENCHMARKS.md, sessions 19, 21 and 23): softmax attention (``cpu_attention.cc``,
+wrapped by :mod:`labram_jax.models.cpu_attention`), LayerNorm (``cpu_layer_norm.cc``, wrapped
+by :mod:`labram_jax.models.cpu_layer_norm`) and the linear layers' matrix products
+(``cpu_matmul.cc``, wrapped by :mod:`labram_jax.models.cpu_matmul`). The attention and product
+kernels share their work with XLA's own intra-op thread pool (``cpu_kernels.h``). The sources (and
+the header they share) are compiled into one library on first use with the system's C++ compiler (``$CXX``, else ``c++`` or ``g++``)
 against jaxlib's FFI headers, into ``$LABRAM_JAX_CACHE_DIR`` (default ``~/.cache/labram_jax``)
 under a name that hashes the sources, the flags, the compiler's path and the jaxlib version; later
 processes load that file. Where it cannot be used (not x86-64 Linux with AVX2 + FMA, no compiler, a
@@ -29,12 +31,13 @@ import jax.numpy as jnp
 import jaxlib
 
 HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_attention.cc", "cpu_layer_norm.cc"))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_attention.cc", "cpu_layer_norm.cc", "cpu_matmul.cc"))
 HEADERS = (os.path.join(HERE, "cpu_kernels.h"),)  # included by the sources: part of the cache key
 TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -> FFI target
            "LabramAttentionBackward": "labram_cpu_attention_backward",
            "LabramLayerNormForward": "labram_cpu_layer_norm_forward",
-           "LabramLayerNormBackward": "labram_cpu_layer_norm_backward"}
+           "LabramLayerNormBackward": "labram_cpu_layer_norm_backward",
+           "LabramMatmul": "labram_cpu_matmul"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 
 

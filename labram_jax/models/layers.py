@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from labram_jax.models import attention
 from labram_jax.models import config as config_lib
-from labram_jax.models import normalization
+from labram_jax.models import linear, normalization
 
 LN_EPS = 1e-6  # every LayerNorm of LaBraM (also q/k norms)
 GN_EPS = 1e-5  # GroupNorm of the temporal encoder
@@ -45,10 +45,12 @@ def layer_norm(axis_name: str = "norm", name: str | None = None, dtype=jnp.float
 
 
 def dense(features: int, axes: tuple[str | None, str | None], name: str, *, std: float = INIT_STD,
-          dtype=jnp.float32, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                    kernel_init=logical(trunc_normal(std), axes),
-                    bias_init=logical(nn.initializers.zeros, (axes[1],)))
+          dtype=jnp.float32, use_bias: bool = True, implementation: str = "xla") -> linear.Dense:
+    """A linear layer (``flax.linen.Dense``'s parameters) with logical axes ``axes`` on its kernel;
+    ``implementation``: ``TransformerConfig.linear`` (labram_jax.models.linear)."""
+    return linear.Dense(features, use_bias=use_bias, dtype=dtype, name=name, implementation=implementation,
+                        kernel_init=logical(trunc_normal(std), axes),
+                        bias_init=logical(nn.initializers.zeros, (axes[1],)))
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -238,7 +240,7 @@ class Attention(nn.Module):
         # One [B*L, D] x [D, 3D] product, then q, k, v split into heads: [3, B, H, L, hd]. A
         # heads-major einsum straight from x was slower on XLA:CPU (its backward transposes the
         # 5-D gradient inside the product; BENCHMARKS.md "What each optimisation bought").
-        qkv = jnp.einsum("bld,de->ble", x, w_qkv.reshape(d, 3 * d).astype(cfg.dtype))
+        qkv = linear.linear(x, w_qkv.reshape(d, 3 * d).astype(cfg.dtype), implementation=cfg.linear)
         if cfg.lora_rank:
             qkv = qkv + LoRA(3 * d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="qkv_lora")(x)
         q, k, v = split_heads(qkv, h)
@@ -256,7 +258,7 @@ class Attention(nn.Module):
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
         merged = out.transpose(0, 2, 1, 3).reshape(*x.shape[:2], d)  # [B, L, H*hd]
-        y = jnp.einsum("ble,ed->bld", merged, w_out.reshape(d, d).astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+        y = linear.linear(merged, w_out.reshape(d, d).astype(cfg.dtype), b_out.astype(cfg.dtype), cfg.linear)
         if cfg.lora_rank:
             y = y + LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged)
         return y
@@ -269,12 +271,12 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", dtype=cfg.dtype)(x)
+        h = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", dtype=cfg.dtype, implementation=cfg.linear)(x)
         if cfg.lora_rank:
             h = h + LoRA(cfg.mlp_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc1_lora")(x)
         h = nn.with_logical_constraint(gelu(h), ("act_batch", "act_length", "act_mlp"))
         std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
-        y = dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype)(h)
+        y = dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype, implementation=cfg.linear)(h)
         if cfg.lora_rank:
             y = y + LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h)
         return y

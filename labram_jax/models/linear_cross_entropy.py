@@ -22,9 +22,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from labram_jax.models import linear
+
 
 def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, labels: jax.Array,
-                         weights: jax.Array, chunks: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         weights: jax.Array, chunks: int = 4,
+                         implementation: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Weighted cross-entropy of ``softmax(x @ kernel + bias)`` against integer labels.
 
     Args:
@@ -35,6 +38,7 @@ def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, label
       weights: [B, T] weight of each token's cross-entropy in the loss (0 drops a token).
       chunks: pieces the T axis is walked in (padded up to a multiple); 0 = the plain
         formulation, all logits at once.
+      implementation: of the three products (``TransformerConfig.linear``; labram_jax.models.linear).
     Returns:
       (loss, ce, correct): loss = sum(weights * ce), a float32 scalar and the only output with
       a gradient (with respect to x, kernel, bias and weights); ce [B, T] float32 per-token
@@ -43,22 +47,19 @@ def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, label
     if chunks < 0:
         raise ValueError(f"chunks={chunks}: use 0 (all logits at once) or a positive number of pieces")
     weights = weights.astype(jnp.float32)
+    implementation = linear.resolve(implementation, x, kernel, bias)
     if chunks == 0:  # one piece of all tokens, differentiated by JAX
-        (ce, correct), _ = _piece(x, kernel, bias, labels, weights, grads=False)
+        (ce, correct), _ = _piece(x, kernel, bias, labels, weights, implementation, grads=False)
         return (weights * ce).sum(), jax.lax.stop_gradient(ce), correct
-    loss, ce, correct = _chunked(x, kernel, bias, labels, weights, chunks)
+    loss, ce, correct = _chunked(x, kernel, bias, labels, weights, chunks, implementation)
     return loss, jax.lax.stop_gradient(ce), correct
 
 
-def _logits(x, kernel, bias):
-    """[..., D] -> [..., V] float32, as flax.linen.Dense in x's dtype then cast."""
-    return (jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)).astype(jnp.float32)
-
-
-def _piece(x, kernel, bias, labels, weights, grads: bool):
+def _piece(x, kernel, bias, labels, weights, implementation: str, grads: bool):
     """One piece of tokens, x [B, C, D] -> ((ce [B, C], correct [B, C]), gradients), the gradients
     of sum(weights * ce) being (dx [B, C, D], dkernel [D, V], dbias [V]) with ``grads``, else ()."""
-    logits = _logits(x, kernel, bias)                               # [B, C, V]
+    # [B, C, V] float32, as flax.linen.Dense in x's dtype then cast
+    logits = linear.linear(x, kernel.astype(x.dtype), bias.astype(x.dtype), implementation).astype(jnp.float32)
     m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))  # cancels out of ce (autodiff at chunks=0)
     e = jnp.exp(logits - m)
     s = e.sum(axis=-1, keepdims=True)
@@ -70,12 +71,8 @@ def _piece(x, kernel, bias, labels, weights, grads: bool):
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     dlogits = (e / s - onehot) * weights[..., None]                 # d sum(w ce) / d logits
     d = dlogits.astype(x.dtype)
-    dx = jnp.einsum("bcv,dv->bcd", d, kernel.astype(x.dtype))
-    # The bias's gradient is the kernel's for an input that is always 1: one product gives both
-    # (XLA:CPU's column sums over [B, C] are far slower than that extra row).
-    ones = jnp.ones((*x.shape[:2], 1), x.dtype)
-    both = jnp.einsum("bcd,bcv->dv", jnp.concatenate([x, ones], axis=-1), d, preferred_element_type=jnp.float32)
-    return (ce, correct), (dx, both[:-1], both[-1])
+    dx = linear.matmul_transposed(d, kernel, implementation)
+    return (ce, correct), (dx, *linear.kernel_gradient(x, d, implementation))
 
 
 def _split(a, chunks):
@@ -92,14 +89,14 @@ def _join(a, t):
     return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :t]
 
 
-def _walk(x, kernel, bias, labels, weights, chunks, grads: bool):
+def _walk(x, kernel, bias, labels, weights, chunks, implementation, grads: bool):
     """The forward pass piece by piece: (ce, correct) and, with ``grads``, (dx, dkernel, dbias)."""
     t = x.shape[1]
     zero = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32)) if grads else ()
 
     def step(sums, piece):
         x_piece, labels_piece, weights_piece = piece
-        (ce, correct), g = _piece(x_piece, kernel, bias, labels_piece, weights_piece, grads)
+        (ce, correct), g = _piece(x_piece, kernel, bias, labels_piece, weights_piece, implementation, grads)
         if not grads:
             return sums, (ce, correct)
         dx, dk, db = g
@@ -111,20 +108,21 @@ def _walk(x, kernel, bias, labels, weights, chunks, grads: bool):
     return tuple(_join(a, t) for a in per_token), sums
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _chunked(x, kernel, bias, labels, weights, chunks):
-    (ce, correct), _ = _walk(x, kernel, bias, labels, weights, chunks, grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked(x, kernel, bias, labels, weights, chunks, implementation):
+    (ce, correct), _ = _walk(x, kernel, bias, labels, weights, chunks, implementation, grads=False)
     return (weights * ce).sum(), ce, correct
 
 
-def _chunked_forward(x, kernel, bias, labels, weights, chunks):
-    (ce, correct, dx), (dkernel, dbias) = _walk(x, kernel, bias, labels, weights, chunks, grads=True)
+def _chunked_forward(x, kernel, bias, labels, weights, chunks, implementation):
+    (ce, correct, dx), (dkernel, dbias) = _walk(x, kernel, bias, labels, weights, chunks, implementation,
+                                                grads=True)
     stored = (ce, dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), labels)
     return ((weights * ce).sum(), ce, correct), stored
 
 
-def _chunked_backward(chunks, stored, cotangents):
-    del chunks
+def _chunked_backward(chunks, implementation, stored, cotangents):
+    del chunks, implementation
     ce, dx, dkernel, dbias, labels = stored
     g = cotangents[0]  # ce and correct leave linear_cross_entropy without a gradient
     label_cotangent = jnp.zeros(labels.shape, jax.dtypes.float0)

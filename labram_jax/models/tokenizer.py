@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from labram_jax.models import config as config_lib
-from labram_jax.models import layers
+from labram_jax.models import layers, linear
 from labram_jax.models import transformer
 
 CODEBOOK = "codebook"
@@ -115,10 +115,12 @@ def masked_mse(pred: jax.Array, target: jax.Array, valid: jax.Array, features: j
     return err.sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
-    """|z|^2 + |w|^2 - 2 z.w, as the reference computes it: z [M, d], codebook [K, d] -> [M, K]."""
+def squared_distances(z: jax.Array, codebook: jax.Array, implementation: str = "xla") -> jax.Array:
+    """|z|^2 + |w|^2 - 2 z.w, as the reference computes it: z [M, d], codebook [K, d] -> [M, K];
+    the product by ``implementation`` (labram_jax.models.linear: xla, cpu_kernel or auto)."""
+    implementation = linear.resolve(implementation, z, codebook)
     return (jnp.sum(jnp.square(z), axis=1, keepdims=True) + jnp.sum(jnp.square(codebook), axis=1)
-            - 2.0 * jnp.einsum("md,kd->mk", z, codebook))
+            - 2.0 * linear.matmul_transposed(z, codebook, implementation))
 
 
 def code_statistics(z: jax.Array, codes: jax.Array, valid: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
@@ -235,6 +237,7 @@ class Quantizer(nn.Module):
     code_dim: int
     decay: float = 0.99
     dead_code_threshold: float = 0.0  # > 0: restart codes whose usage EMA is below this (needs a 'codebook' rng)
+    implementation: str = "xla"  # of the distances' product (TransformerConfig.linear)
 
     def setup(self):
         self.embedding = self.variable(CODEBOOK, "embedding", layers.logical(_random_unit_codebook, ("vocab", "code")),
@@ -256,7 +259,9 @@ class Quantizer(nn.Module):
         codebook = self.embedding.value
         b, p, d = z.shape
         flat = z.reshape(b * p, d)
-        codes = jnp.argmin(squared_distances(flat, codebook), axis=1).astype(jnp.int32)
+        # Only the argmin is used: no gradient flows through the distances (nor can through the C++ product).
+        distances = squared_distances(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(codebook), self.implementation)
+        codes = jnp.argmin(distances, axis=1).astype(jnp.int32)
         z_q = jnp.take(codebook, codes, axis=0).reshape(b, p, d)
         if update and not self.is_initializing():
             counts, sums = code_statistics(jax.lax.stop_gradient(flat), codes, valid.reshape(-1), self.codebook_size)
@@ -281,7 +286,8 @@ class VQNSP(nn.Module):
         self.encoder = transformer.NeuralTransformer(cfg.encoder)
         self.encoder_norm = layers.layer_norm(name="encoder_norm", implementation=cfg.encoder.layer_norm)
         self.encode_task_layer = TaskHead(cfg.encoder.embed_dim, cfg.code_dim, "code")
-        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_code_threshold)
+        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_code_threshold,
+                                   cfg.encoder.linear)
         self.decoder = transformer.NeuralTransformer(cfg.decoder)
         self.decoder_norm = layers.layer_norm(name="decoder_norm", implementation=cfg.decoder.layer_norm)
         self.amplitude_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")

@@ -212,7 +212,7 @@ class LaBraMPretrain(nn.Module):
         """
         head = self.lm_head.variables["params"]
         return linear_cross_entropy.linear_cross_entropy(hidden.astype(self.cfg.dtype), head["kernel"], head["bias"],
-                                                         codes, weights, chunks)
+                                                         codes, weights, chunks, self.cfg.linear)
 
     def logits_of(self, x: jax.Array, channel_ids: jax.Array, token_mask: jax.Array,
                   patch_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:

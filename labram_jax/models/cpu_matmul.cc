@@ -1,0 +1,280 @@
+// Matrix products for x86 CPUs with AVX2 and FMA, as an XLA FFI handler.
+//
+// c = op(a) op(b) (+ bias), where op(a) is [M, K] (a stored [M, K], or [K, M] when transposed)
+// and op(b) is [K, N] (b stored [K, N], or [N, K] when transposed); optionally also the column
+// sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
+// is BLIS's: op(b) is packed in blocks of up to kKc rows into panels 16 columns wide, op(a) in
+// blocks of up to kMc rows into panels 6 rows high, and a 6 x 16 register tile (12 AVX2
+// accumulators) runs down each pair of panels. The output is split between the usable cores
+// along its longer side; each thread packs what it reads. Built and loaded by cpu_kernels.py.
+//
+// Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); c [M, N];
+// b_sums [N] or [0] (not wanted). All float32, row-major.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMr = 6, kNr = 16;  // the register tile
+constexpr int kMc = 168, kKc = 256, kNc = 4080;  // block sizes (BLIS's for Haswell-class cores)
+
+struct Operand {
+  const float* p;
+  int64_t ld;  // floats between consecutive stored rows
+  bool t;      // stored transposed
+};
+
+// op(a)[i0 : i0 + rows, k0 : k0 + kc] -> dst as panels of kMr rows: dst[panel][k][r], zero rows past `rows`.
+void PackA(const Operand& a, int64_t i0, int rows, int64_t k0, int kc, float* dst) {
+  for (int i = 0; i < rows; i += kMr) {
+    const int h = std::min(kMr, rows - i);
+    float* d = dst + (size_t)(i / kMr) * kc * kMr;
+    if (a.t) {
+      const float* s = a.p + k0 * a.ld + i0 + i;
+      for (int k = 0; k < kc; ++k, s += a.ld, d += kMr) {
+        for (int r = 0; r < kMr; ++r) d[r] = r < h ? s[r] : 0.f;
+      }
+    } else {
+      const float* row[kMr];
+      for (int r = 0; r < kMr; ++r) row[r] = a.p + (i0 + i + std::min(r, h - 1)) * a.ld + k0;
+      for (int k = 0; k < kc; ++k, d += kMr) {
+        for (int r = 0; r < kMr; ++r) d[r] = r < h ? row[r][k] : 0.f;
+      }
+    }
+  }
+}
+
+// op(b)[k0 : k0 + kc, j0 : j0 + cols] -> dst as panels of kNr columns: dst[panel][k][c], zero
+// columns past `cols`. With sums, adds each column's sum over these kc rows to sums[j0 + c].
+void PackB(const Operand& b, int64_t k0, int kc, int64_t j0, int cols, float* dst, float* sums) {
+  if (b.t) {
+    for (int j = 0; j < cols; j += kNr) {
+      const int w = std::min(kNr, cols - j);
+      float* d = dst + (size_t)(j / kNr) * kc * kNr;
+      for (int c = 0; c < kNr; ++c) {
+        const float* s = b.p + (j0 + j + std::min(c, w - 1)) * b.ld + k0;
+        for (int k = 0; k < kc; ++k) d[(size_t)k * kNr + c] = c < w ? s[k] : 0.f;
+      }
+    }
+  } else {  // row by row, each read once from start to end (a panel at a time crawled: 1.8 GB/s)
+    for (int k = 0; k < kc; ++k) {
+      const float* s = b.p + (k0 + k) * b.ld + j0;
+      float* d = dst + (size_t)k * kNr;
+      int j = 0;
+      for (; j + kNr <= cols; j += kNr, d += (size_t)kc * kNr) {
+        _mm256_storeu_ps(d, _mm256_loadu_ps(s + j));
+        _mm256_storeu_ps(d + 8, _mm256_loadu_ps(s + j + 8));
+      }
+      if (j < cols) {
+        for (int c = 0; c < kNr; ++c) d[c] = j + c < cols ? s[j + c] : 0.f;
+      }
+    }
+  }
+  for (int j = 0; sums != nullptr && j < cols; j += kNr) {
+    const int w = std::min(kNr, cols - j);
+    const float* d = dst + (size_t)(j / kNr) * kc * kNr;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int k = 0; k < kc; ++k) {
+      s0 = _mm256_add_ps(s0, _mm256_loadu_ps(d + (size_t)k * kNr));
+      s1 = _mm256_add_ps(s1, _mm256_loadu_ps(d + (size_t)k * kNr + 8));
+    }
+    alignas(32) float t[kNr];
+    _mm256_store_ps(t, s0);
+    _mm256_store_ps(t + 8, s1);
+    for (int c = 0; c < w; ++c) sums[j0 + j + c] += t[c];
+  }
+}
+
+// c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc.
+inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, int rows, int cols,
+                 bool accumulate, const float* bias) {
+  // Twelve named accumulators: with arrays of them GCC kept a copy on the stack, stored at every
+  // step of the loop (3-5x slower).
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+         c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int k = 0; k < kc; ++k, a += kMr, b += kNr) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(x, b0, c00);
+    c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(x, b0, c10);
+    c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(x, b0, c20);
+    c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(x, b0, c30);
+    c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(x, b0, c40);
+    c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(x, b0, c50);
+    c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  alignas(32) float t[kMr][kNr];
+  _mm256_store_ps(t[0], c00), _mm256_store_ps(t[0] + 8, c01), _mm256_store_ps(t[1], c10);
+  _mm256_store_ps(t[1] + 8, c11), _mm256_store_ps(t[2], c20), _mm256_store_ps(t[2] + 8, c21);
+  _mm256_store_ps(t[3], c30), _mm256_store_ps(t[3] + 8, c31), _mm256_store_ps(t[4], c40);
+  _mm256_store_ps(t[4] + 8, c41), _mm256_store_ps(t[5], c50), _mm256_store_ps(t[5] + 8, c51);
+  if (rows == kMr && cols == kNr) {
+    const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    for (int r = 0; r < kMr; ++r) {
+      float* row = c + r * ldc;
+      const __m256 add0 = accumulate ? _mm256_loadu_ps(row) : bias0;
+      const __m256 add1 = accumulate ? _mm256_loadu_ps(row + 8) : bias1;
+      _mm256_storeu_ps(row, _mm256_add_ps(_mm256_load_ps(t[r]), add0));
+      _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_load_ps(t[r] + 8), add1));
+    }
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* row = c + r * ldc;
+    for (int j = 0; j < cols; ++j) row[j] = t[r][j] + (accumulate ? row[j] : (bias ? bias[j] : 0.f));
+  }
+}
+
+struct Problem {
+  Operand a, b;
+  int64_t m, n, k;
+  const float* bias;  // [n] or null
+  float* c;           // [m, n]
+  float* b_sums;      // [n] or null
+};
+
+// The part c[m0:m1, n0:n1] of the product over the contraction's k0:k1 (and b_sums[n0:n1] when
+// `sums`), in a workspace of WorkFloats() floats.
+void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1, bool sums,
+          float* work) {
+  const int64_t k = k1 - k0, blocks = (k + kKc - 1) / kKc;
+  const int kc_max = (int)((k + blocks - 1) / blocks);  // blocks of even size
+  float* a_pack = work;
+  float* b_pack = work + (size_t)kMc * kKc;
+  for (int64_t jc = n0; jc < n1; jc += kNc) {
+    const int nc = (int)std::min<int64_t>(kNc, n1 - jc);
+    for (int64_t pc = k0; pc < k1; pc += kc_max) {
+      const int kc = (int)std::min<int64_t>(kc_max, k1 - pc);
+      PackB(p.b, pc, kc, jc, nc, b_pack, sums ? p.b_sums : nullptr);
+      for (int64_t ic = m0; ic < m1; ic += kMc) {
+        const int mc = (int)std::min<int64_t>(kMc, m1 - ic);
+        PackA(p.a, ic, mc, pc, kc, a_pack);
+        for (int jr = 0; jr < nc; jr += kNr) {
+          const float* bias = (p.bias && pc == k0) ? p.bias + jc + jr : nullptr;
+          for (int ir = 0; ir < mc; ir += kMr) {
+            Tile(kc, a_pack + (size_t)ir * kc, b_pack + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
+                 std::min(kMr, mc - ir), std::min(kNr, nc - jr), pc > k0, bias);
+          }
+        }
+      }
+    }
+  }
+}
+
+constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc; }
+
+// Splits the work into parts (one for small products) run by labram_cpu::ForEachPart: the output along its
+// longer side, or, when the contraction is the longest side (a weight gradient: K = tokens), the
+// contraction, each part summing into its own [M, N] buffer and the buffers added at the end
+// (split along the output, every part would pack all of the other operand again).
+void Run(const Problem& p, ffi::ThreadPool& pool) {
+  if (p.b_sums) std::fill(p.b_sums, p.b_sums + p.n, 0.f);
+  if (p.k == 0) {
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t j = 0; j < p.n; ++j) p.c[i * p.n + j] = p.bias ? p.bias[j] : 0.f;
+    return;
+  }
+  const double flops = 2.0 * p.m * p.n * p.k;
+  const int64_t most = flops < 4e6 ? 1 : 2 * labram_cpu::UsableCpus();
+  if (p.k >= 2 * std::max(p.m, p.n) && most > 1) {
+    const int64_t parts = std::min<int64_t>(most, (p.k + kKc - 1) / kKc);
+    const size_t size = (size_t)p.m * p.n + p.n;  // a part's [M, N] sums and its b_sums
+    thread_local std::vector<float> partial;  // the caller's, kept between calls
+    if (partial.size() < (parts - 1) * size) partial.resize((parts - 1) * size);
+    float* const scratch = partial.data();
+    labram_cpu::ForEachPart(pool, parts, WorkFloats(), /*zeroed=*/false, [&](int64_t t, float* work) {
+      Problem q = p;
+      if (t > 0) {
+        q.c = scratch + (t - 1) * size, q.bias = nullptr;
+        q.b_sums = p.b_sums ? q.c + (size_t)p.m * p.n : nullptr;
+        if (q.b_sums) std::fill(q.b_sums, q.b_sums + p.n, 0.f);
+      }
+      Part(q, 0, p.m, 0, p.n, p.k * t / parts, p.k * (t + 1) / parts, q.b_sums != nullptr, work);
+    });
+    for (int64_t t = 1; t < parts; ++t) {
+      const float* part = scratch + (t - 1) * size;
+      for (size_t i = 0; i < (size_t)p.m * p.n; ++i) p.c[i] += part[i];
+      if (p.b_sums)
+        for (int64_t j = 0; j < p.n; ++j) p.b_sums[j] += part[(size_t)p.m * p.n + j];
+    }
+    return;
+  }
+  const bool by_rows = p.m >= p.n;
+  const int64_t unit = by_rows ? kMr : kNr, units = ((by_rows ? p.m : p.n) + unit - 1) / unit;
+  const int64_t parts = std::min<int64_t>(most, units);
+  labram_cpu::ForEachPart(pool, parts, WorkFloats(), /*zeroed=*/false, [&](int64_t t, float* work) {
+    const int64_t u0 = units * t / parts, u1 = units * (t + 1) / parts;
+    if (by_rows) {
+      Part(p, u0 * unit, std::min(p.m, u1 * unit), 0, p.n, 0, p.k, t == 0, work);
+    } else {
+      Part(p, 0, p.m, u0 * unit, std::min(p.n, u1 * unit), 0, p.k, true, work);
+    }
+  });
+}
+
+ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bias,
+                  ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums, bool transpose_a,
+                  bool transpose_b, ffi::ThreadPool pool) {
+  const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
+  if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
+    return ffi::Error::InvalidArgument("matmul: a, b and c must be matrices");
+  Problem p;
+  p.m = transpose_a ? da[1] : da[0];
+  p.k = transpose_a ? da[0] : da[1];
+  p.n = transpose_b ? db[0] : db[1];
+  const int64_t kb = transpose_b ? db[1] : db[0];
+  if (kb != p.k || dc[0] != p.m || dc[1] != p.n)
+    return ffi::Error::InvalidArgument("matmul: shapes of a, b and c do not agree");
+  if (bias.element_count() != 0 && bias.element_count() != (size_t)p.n)
+    return ffi::Error::InvalidArgument("matmul: bias must have N or no elements");
+  if (b_sums->element_count() != 0 && b_sums->element_count() != (size_t)p.n)
+    return ffi::Error::InvalidArgument("matmul: b_sums must have N or no elements");
+  p.a = {a.typed_data(), da[1], transpose_a};
+  p.b = {b.typed_data(), db[1], transpose_b};
+  p.bias = bias.element_count() ? bias.typed_data() : nullptr;
+  p.c = c->typed_data();
+  p.b_sums = b_sums->element_count() ? b_sums->typed_data() : nullptr;
+  if (p.m == 0 || p.n == 0) {  // no product; op(b) may still have rows to sum
+    if (p.b_sums) std::fill(p.b_sums, p.b_sums + p.n, 0.f);
+    for (int64_t k = 0; p.b_sums && k < p.k; ++k)
+      for (int64_t j = 0; j < p.n; ++j) p.b_sums[j] += p.b.t ? p.b.p[j * p.b.ld + k] : p.b.p[k * p.b.ld + j];
+    return ffi::Error::Success();
+  }
+  Run(p, pool);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [N] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // column sums of op(b) [N] or [0]
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Ctx<ffi::ThreadPool>());

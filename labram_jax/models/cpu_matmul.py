@@ -1,0 +1,38 @@
+"""Matrix products as a C++ kernel for x86 CPUs with AVX2 + FMA (``cpu_matmul.cc``).
+
+On CPUs without AVX-512, XLA:CPU's products (YNNPACK) at a linear layer's shapes ran at 0.80-0.90x
+PyTorch/MKL's rate (BENCHMARKS.md, "Session 22"); this kernel packs both operands BLIS-style and
+runs a 6 x 16 register tile, with the bias added as the result is written and, for a weight
+gradient, the bias gradient (the column sums of the output gradient) taken while packing it.
+Used by :mod:`labram_jax.models.linear`. Building and loading: :mod:`labram_jax.models.cpu_kernels`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from labram_jax.models import cpu_kernels
+
+INSTEAD = "linear='xla'"
+
+
+def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpose_a: bool = False,
+           transpose_b: bool = False, b_sums: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``op(a) @ op(b) (+ bias)`` by the kernel, op transposing where asked.
+
+    Args:
+      a: [M, K] float32, or [K, M] with ``transpose_a``; b: [K, N], or [N, K] with ``transpose_b``;
+      bias: [N] float32 added to every row, or None; b_sums: also return op(b)'s column sums.
+    Returns:
+      c [M, N]; with ``b_sums`` also [N], ``op(b).sum(0)``.
+    """
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    bias = jnp.zeros((0,), jnp.float32) if bias is None else bias
+    c, sums = cpu_kernels.call("labram_cpu_matmul", (jax.ShapeDtypeStruct((m, n), jnp.float32),
+                                                     jax.ShapeDtypeStruct((n if b_sums else 0,), jnp.float32)),
+                               a, b, bias, what="matmul", instead=INSTEAD, vmap_method="sequential",
+                               transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
+    return (c, sums) if b_sums else c

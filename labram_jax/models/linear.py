@@ -1,0 +1,126 @@
+"""Linear layers, ``x @ kernel + bias``, by XLA or by the C++ product kernel for AVX2 CPUs.
+
+:func:`linear` is the function; :class:`Dense` the Flax module (parameters ``kernel`` [Din, Dout]
+and ``bias`` [Dout] as ``flax.linen.Dense``'s, so files and converted weights are unchanged).
+Implementations (``TransformerConfig.linear``):
+
+- ``xla``: one ``dot_general`` and a broadcast add, as ``flax.linen.Dense`` computes them.
+- ``cpu_kernel``: :mod:`labram_jax.models.cpu_matmul` (float32 on one CPU device) for the
+  forward product with the bias added as it is written, the input gradient ``dy kernel^T``, and
+  the kernel gradient ``x^T dy`` with the bias gradient taken while packing ``dy``. The same
+  function to float32 rounding (products summed in another order).
+- ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without AVX-512 where it builds and applies
+  (where it was measured faster: BENCHMARKS.md, "Session 23"), else ``xla``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from labram_jax.models import cpu_kernels, cpu_matmul
+
+IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")
+
+
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+    """``x @ kernel (+ bias)`` over x's last axis.
+
+    Args:
+      x: [..., Din]; kernel: [Din, Dout]; bias: [Dout] or None;
+      implementation: one of :data:`IMPLEMENTATIONS`.
+    Returns:
+      [..., Dout] in the dtype x, kernel and bias promote to.
+    """
+    if resolve(implementation, x, kernel, *([] if bias is None else [bias])) == "cpu_kernel":
+        y = _kernel(x.reshape(-1, x.shape[-1]), kernel, jnp.zeros((0,), jnp.float32) if bias is None else bias)
+        return y.reshape(*x.shape[:-1], kernel.shape[-1])
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def resolve(implementation: str, *operands: jax.Array) -> str:
+    """``xla`` or ``cpu_kernel``: what ``implementation`` computes these operands with (``auto``
+    as the module docstring says); a ValueError saying why where ``cpu_kernel`` cannot."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"linear implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+    reason = next(filter(None, (cpu_kernels.refusal(a) for a in operands)), None)
+    if implementation == "auto":
+        return "cpu_kernel" if cpu_kernels.measured_faster_here() and reason is None else "xla"
+    if implementation == "cpu_kernel" and reason:
+        raise ValueError(f"linear='cpu_kernel' cannot run here ({reason}); use 'xla'")
+    return implementation
+
+
+def matmul_transposed(a: jax.Array, b: jax.Array, implementation: str) -> jax.Array:
+    """``a @ b^T`` (an input's gradient ``d_y kernel^T``; distances to a codebook): a [..., K],
+    b [N, K] -> [..., N] in a's dtype; ``implementation`` ``xla`` or ``cpu_kernel`` (:func:`resolve`)."""
+    if implementation == "cpu_kernel":
+        return cpu_matmul.matmul(a.reshape(-1, a.shape[-1]), b, transpose_b=True).reshape(*a.shape[:-1], b.shape[0])
+    return jnp.einsum("...k,nk->...n", a, b.astype(a.dtype))
+
+
+def kernel_gradient(x: jax.Array, d_y: jax.Array, implementation: str) -> tuple[jax.Array, jax.Array]:
+    """``(x^T d_y, d_y summed over rows)``, the kernel's and the bias's gradients, float32:
+    x [..., Din], d_y [..., Dout] -> ([Din, Dout], [Dout]); ``implementation`` as
+    :func:`matmul_transposed`."""
+    x, d_y = x.reshape(-1, x.shape[-1]), d_y.reshape(-1, d_y.shape[-1])
+    if implementation == "cpu_kernel":
+        return cpu_matmul.matmul(x, d_y, transpose_a=True, b_sums=True)
+    # The bias's gradient as the kernel's for an input that is always 1: one product gives both
+    # (XLA:CPU's column sums over the rows were far slower than that extra row).
+    ones = jnp.ones((x.shape[0], 1), x.dtype)
+    both = jnp.einsum("rd,rv->dv", jnp.concatenate([x, ones], axis=-1), d_y, preferred_element_type=jnp.float32)
+    return both[:-1], both[-1]
+
+
+@jax.custom_vjp
+def _kernel(x, kernel, bias):
+    """x [R, Din] @ kernel [Din, Dout] + bias ([Dout], or [0] for none) by the C++ kernel."""
+    return cpu_matmul.matmul(x, kernel, bias if bias.size else None)
+
+
+def _kernel_fwd(x, kernel, bias):
+    return _kernel(x, kernel, bias), (x, kernel, bias.size)
+
+
+def _kernel_bwd(residuals, d_y):
+    x, kernel, bias_size = residuals
+    d_y = d_y.astype(jnp.float32)
+    d_x = matmul_transposed(d_y, kernel, "cpu_kernel")
+    if bias_size:
+        d_kernel, d_bias = kernel_gradient(x, d_y, "cpu_kernel")
+    else:
+        d_kernel, d_bias = cpu_matmul.matmul(x, d_y, transpose_a=True), jnp.zeros((0,), jnp.float32)
+    return d_x, d_kernel, d_bias
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+class Dense(nn.Module):
+    """A linear layer over the last axis, ``flax.linen.Dense``'s parameters and arithmetic.
+
+    Attributes:
+      features: Dout; use_bias: whether it has ``bias``; dtype: the computation dtype (parameters
+      stay float32); implementation: one of :data:`IMPLEMENTATIONS`; kernel_init, bias_init: the
+      parameters' initialisers.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    implementation: str = "auto"
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., Din] -> [..., features] in ``dtype``."""
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        return linear(x, kernel, None if bias is None else bias.astype(self.dtype), self.implementation)

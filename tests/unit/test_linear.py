@@ -1,0 +1,165 @@
+"""Linear layers: the XLA path is flax.linen.Dense's arithmetic; the C++ product kernel for AVX2 CPUs
+computes the same products (every transpose, the bias, the bias gradient, the contraction split
+between threads) and gradients; where each is used."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from labram_jax import sharding
+from labram_jax.models import config as model_config, cpu_kernels, cpu_matmul, layers, linear
+from labram_jax.models import linear_cross_entropy, tokenizer
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                                  reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def _normal(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n", [
+    (1, 1, 1), (7, 5, 17), (13, 600, 33),  # one part (under 4 MFLOP), edge tiles of 6 rows and 16 columns
+    (300, 513, 4100),      # several parts by rows; contraction in 3 blocks; N > one 4,080-column block
+    (40, 200, 520),        # parts by columns (N > M)
+    (200, 1500, 120),      # the contraction split between parts, summed at the end (a weight gradient)
+    (5, 0, 3), (0, 4, 3)])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_kernel_product_matches_float64(m, k, n, transpose_a, transpose_b):
+    a, b, bias = _normal(m + k, m, k), _normal(n + k, k, n), _normal(n, n)
+    stored_a, stored_b = (a.T.copy() if transpose_a else a), (b.T.copy() if transpose_b else b)
+    run = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, transpose_b=transpose_b,
+                                                    b_sums=True))
+    c, sums = run(stored_a, stored_b, bias)
+    truth = a.astype(np.float64) @ b + bias
+    scale = np.sqrt(max(k, 1))  # float32 sums of k products of unit normals
+    np.testing.assert_allclose(c, truth, rtol=1e-5, atol=2e-6 * scale)
+    np.testing.assert_allclose(sums, b.astype(np.float64).sum(0), rtol=1e-5, atol=2e-6 * scale)
+    plain = jax.jit(lambda x, y: cpu_matmul.matmul(x, y, transpose_a=transpose_a, transpose_b=transpose_b))
+    np.testing.assert_allclose(plain(stored_a, stored_b), truth - bias, rtol=1e-5, atol=2e-6 * scale)
+
+
+@needs_kernel
+def test_kernel_product_is_repeatable_and_keeps_nan_to_its_row():
+    a, b = _normal(1, 2960, 200), _normal(2, 200, 800)
+    run = jax.jit(lambda x, y: cpu_matmul.matmul(x, y))
+    first = np.asarray(run(a, b))
+    for _ in range(3):  # parts claimed by whichever thread comes first: the same numbers every call
+        np.testing.assert_array_equal(run(a, b), first)
+    a[17, 3] = np.nan
+    rows_with_nan = np.isnan(np.asarray(run(a, b))).any(axis=-1)
+    assert rows_with_nan[17] and rows_with_nan.sum() == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_module_on_xla_is_flax_dense_bit_for_bit(dtype):
+    x = jnp.asarray(_normal(0, 3, 7, 20), dtype)
+    ours = layers.dense(30, ("embed", "mlp"), "fc1", dtype=dtype, implementation="xla")
+    flax_dense = nn.Dense(30, dtype=dtype, kernel_init=layers.logical(layers.trunc_normal(), ("embed", "mlp")),
+                          bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))
+    variables = flax_dense.init(jax.random.key(0), x)
+    mine = ours.init(jax.random.key(0), x)
+    assert jax.tree.structure(mine) == jax.tree.structure(variables)  # same names and boxes
+    assert mine["params"]["kernel"].names == ("embed", "mlp")
+    jax.tree.map(np.testing.assert_array_equal, nn.unbox(mine), nn.unbox(variables))  # same initial values
+    g = jnp.asarray(_normal(1, 3, 7, 30), dtype)
+
+    def run(module):
+        out, vjp = jax.vjp(lambda p, x: module.apply(p, x), nn.unbox(variables), x)
+        return out, vjp(g)
+
+    (out_o, grads_o), (out_f, grads_f) = run(ours), run(flax_dense)
+    assert out_o.dtype == out_f.dtype == dtype
+    np.testing.assert_array_equal(out_o, out_f)
+    jax.tree.map(np.testing.assert_array_equal, grads_o, grads_f)
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 9, 20), (370, 200), (4, 185, 200)])
+def test_kernel_matches_xla_with_gradients(shape, with_bias):
+    x = jnp.asarray(_normal(0, *shape))
+    kernel = jnp.asarray(_normal(1, shape[-1], 48) * 0.1)
+    bias = jnp.asarray(_normal(2, 48)) if with_bias else None
+    g = jnp.asarray(_normal(3, *shape[:-1], 48))
+
+    def run(impl):
+        out, vjp = jax.vjp(jax.jit(lambda x, w, *b: linear.linear(x, w, *(b or [None]), implementation=impl)),
+                           x, kernel, *([bias] if with_bias else []))
+        return out, vjp(g)
+
+    (out_k, grads_k), (out_x, grads_x) = run("cpu_kernel"), run("xla")
+    np.testing.assert_allclose(out_k, out_x, rtol=1e-5, atol=1e-5)
+    assert len(grads_k) == (3 if with_bias else 2)
+    for a, b in zip(grads_k, grads_x):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
+
+
+@needs_kernel
+def test_block_and_loss_head_do_not_depend_on_the_implementation():
+    cfg = model_config.labram("tiny")
+    x = jnp.asarray(_normal(3, 2, 9, cfg.embed_dim))
+    valid = jnp.asarray(np.array([[True] * 9, [True] * 6 + [False] * 3]))
+    variables = layers.Block(cfg.replace(linear="xla"), 1).init(jax.random.key(0), x, valid)
+    results = []
+    for impl in ("xla", "cpu_kernel"):
+        block = layers.Block(cfg.replace(linear=impl), 1)
+        results.append(jax.value_and_grad(lambda v, x: jnp.sum(block.apply(v, x, valid) ** 2), argnums=(0, 1))(
+            variables, x))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), results[0][1], results[1][1])
+
+    # the pretraining loss head: its three products (logits, dx, dkernel with dbias) by the kernel
+    hidden, kernel, bias = jnp.asarray(_normal(4, 2, 37, 24)), jnp.asarray(_normal(5, 24, 300) * 0.2), jnp.zeros(300)
+    labels = jnp.asarray(np.random.default_rng(6).integers(0, 300, (2, 37)))
+    weights = jnp.asarray(np.random.default_rng(7).random((2, 37)), jnp.float32)
+    outs = {}
+    for impl in ("xla", "cpu_kernel"):
+        f = lambda h, k, b: linear_cross_entropy.linear_cross_entropy(h, k, b, labels, weights, 3, impl)[0]  # noqa: E731
+        outs[impl] = jax.value_and_grad(f, argnums=(0, 1, 2))(hidden, kernel, bias)
+    np.testing.assert_allclose(outs["cpu_kernel"][0], outs["xla"][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), outs["cpu_kernel"][1],
+                 outs["xla"][1])
+
+    # the tokenizer's nearest codes
+    z, codebook = jnp.asarray(_normal(8, 500, 32)), jnp.asarray(_normal(9, 1024, 32))
+    np.testing.assert_allclose(tokenizer.squared_distances(z, codebook, "cpu_kernel"),
+                               tokenizer.squared_distances(z, codebook, "xla"), rtol=1e-5, atol=1e-4)
+
+
+def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
+    x, w = jnp.zeros((4, 20), jnp.float32), jnp.zeros((20, 8), jnp.float32)
+    monkeypatch.setattr(cpu_kernels, "refusal", lambda a: None)
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    assert linear.resolve("auto", x, w) == "cpu_kernel"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert linear.resolve("auto", x, w) == "xla"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu_kernels, "refusal", lambda a: "no" if a.dtype == jnp.bfloat16 else None)
+    assert linear.resolve("auto", x.astype(jnp.bfloat16), w) == "xla"
+    assert linear.resolve("xla", x, w) == "xla"
+
+
+@needs_kernel
+def test_kernel_is_refused_where_it_does_not_compute(monkeypatch):
+    x, w = jnp.ones((2, 6, 20), jnp.float32), jnp.ones((20, 8), jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16.*use 'xla'"):
+        linear.linear(x.astype(jnp.bfloat16), w, implementation="cpu_kernel")
+    with pytest.raises(ValueError, match="choose one of"):
+        linear.linear(x, w, implementation="fused")
+    with pytest.raises(ValueError, match="linear="):
+        model_config.labram("tiny", linear="fused")
+    mesh = sharding.make_mesh((-1, 1, 1))
+    assert mesh.size > 1, "the unit tests run with several fake CPU devices"
+    with jax.set_mesh(mesh):
+        assert linear.resolve("auto", x, w) == "xla"  # several devices: XLA's partitioned products
+        with pytest.raises(ValueError, match=f"{mesh.size} device"):
+            linear.linear(x, w, implementation="cpu_kernel")
+    monkeypatch.setenv("LABRAM_JAX_CPU_KERNEL", "0")
+    assert linear.resolve("auto", x, w) == "xla"
+    with pytest.raises(RuntimeError, match="matmul kernel cannot be used: LABRAM_JAX_CPU_KERNEL=0. Use linear='xla'"):
+        cpu_matmul.matmul(x[0], w)
