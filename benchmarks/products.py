@@ -1,4 +1,4 @@
-"""Benchmark: the matrix products of a LaBraM-Base block, XLA:CPU against PyTorch, at the step's shapes.
+"""Benchmark: the matrix products of a LaBraM-Base block, XLA:CPU, our C++ kernel and PyTorch, at the step's shapes.
 
     python -m benchmarks.products [--repeats 10] [--rounds 3] [--stages ...] [--json OUT.json]
 
@@ -7,10 +7,11 @@ fc2 800 -> 200, and pretraining's lm_head 200 -> 8,192) at the rows each stage's
 (fine-tuning 8 x 231 tokens, the pretraining student 16 x 185, the tokenizer 8 x 185, the lm_head
 8 x 184), in the three layouts training runs (forward ``x @ W``, the input's gradient
 ``dy @ W^T``, the weight's gradient ``x^T @ dy``), this times the product as the training step
-compiles it (``labram_jax.compile_options``: YNNPACK on CPU) and, when PyTorch is installed, as
-``torch.matmul`` (MKL on x86), one after the other (:func:`time_in_turn`); medians in ms and GFLOP/s. Per stage, the
-sum over one block's products in all three layouts says how much of the two codes' step gap the
-products alone make. PyTorch runs with as many threads as XLA and the same instruction-set limit
+compiles it with ``model.linear=xla`` (``labram_jax.compile_options``: YNNPACK on CPU), by the
+C++ product kernel of ``model.linear=cpu_kernel`` (:mod:`labram_jax.models.cpu_matmul`, where it
+builds) and, when PyTorch is installed, as ``torch.matmul`` (MKL on x86), one after the other
+(:func:`time_in_turn`); medians in ms and GFLOP/s. Per stage, the sum over one block's products in
+all three layouts says how much of the two codes' step gap the products alone make. PyTorch runs with as many threads as XLA and the same instruction-set limit
 as ``benchmarks.train_step --reference`` gives the original code (``reference_env``).
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 from benchmarks import machine as machine_lib
 from benchmarks import train_step
 from labram_jax import compile_options, host_memory
+from labram_jax.models import cpu_kernels, cpu_matmul
 
 D, MLP, VOCAB = 200, 800, 8192
 ROWS = {"fine-tuning": 8 * 231, "pretraining": 16 * 185, "tokenizer": 8 * 185}
@@ -48,6 +50,13 @@ def operands(layout: str, m: int, k: int, n: int, rng) -> tuple[np.ndarray, np.n
     sizes = {"m": m, "k": k, "n": n}
     _, a, b = LAYOUTS[layout]
     return tuple(rng.standard_normal([sizes[c] for c in spec]).astype(np.float32) for spec in (a, b))
+
+
+def kernel_product(layout: str):
+    """The C++ kernel's product for ``layout`` (operands as :func:`operands` gives them), jitted."""
+    transposes = {"forward x.W": {}, "dx dy.W^T": {"transpose_b": True}, "dW x^T.dy": {"transpose_a": True}}[layout]
+    product = compile_options.jit(lambda x, y: cpu_matmul.matmul(x, y, **transposes))
+    return lambda x, y: jax.block_until_ready(product(x, y))
 
 
 def torch_product(torch, layout: str):
@@ -102,41 +111,41 @@ def main(argv=None) -> dict:
     print(machine_lib.summary(machine), flush=True)
     torch = load_torch(machine)
     if torch is None:
-        print("PyTorch is not installed: XLA's products only")
+        print("PyTorch is not installed: not timed")
+    kernel_missing = cpu_kernels.unavailable_reason()
+    if kernel_missing:
+        print(f"the C++ product kernel is not timed: {kernel_missing}")
+    libraries = ["xla"] + ([] if kernel_missing else ["kernel"]) + ([] if torch is None else ["torch"])
     rng = np.random.default_rng(0)
     rows = []
-    print(f"{'stage':<12} {'product':<8} {'layout':<11} {'M x K x N':>17} {'XLA ms':>7} {'GFLOP/s':>7} "
-          f"{'torch ms':>8} {'GFLOP/s':>7} {'torch/XLA':>9}")
+    print(f"{'stage':<12} {'product':<8} {'layout':<11} {'M x K x N':>17}"
+          + "".join(f" {lib + ' ms':>9} {'GFLOP/s':>7}" for lib in libraries))
     for stage, name, m, k, n in cases(args.stages):
         for layout, (spec, _, _) in LAYOUTS.items():
             a, b = operands(layout, m, k, n, rng)
             xla = compile_options.jit(lambda x, y, s=spec: jnp.einsum(s, x, y))
             ja, jb = jax.device_put(a), jax.device_put(b)
             fns, fargs = [lambda x, y, f=xla: jax.block_until_ready(f(x, y))], [(ja, jb)]
+            if not kernel_missing:
+                fns.append(kernel_product(layout))
+                fargs.append((ja, jb))
             if torch is not None:
                 fns.append(torch_product(torch, layout))
                 fargs.append((torch.from_numpy(a), torch.from_numpy(b)))
             seconds = time_in_turn(fns, fargs, args.repeats, args.rounds)
             flop = 2.0 * m * k * n
-            row = {"stage": stage, "product": name, "layout": layout, "m": m, "k": k, "n": n,
-                   "xla_ms": 1e3 * seconds[0], "xla_gflops": flop / seconds[0] / 1e9}
-            if torch is not None:
-                row.update(torch_ms=1e3 * seconds[1], torch_gflops=flop / seconds[1] / 1e9)
+            row = {"stage": stage, "product": name, "layout": layout, "m": m, "k": k, "n": n}
+            for lib, s in zip(libraries, seconds):
+                row.update({f"{lib}_ms": 1e3 * s, f"{lib}_gflops": flop / s / 1e9})
             rows.append(row)
-            theirs = (f"{row['torch_ms']:>8.2f} {row['torch_gflops']:>7.0f} {row['xla_ms'] / row['torch_ms']:>8.2f}x"
-                      if torch is not None else "")
-            print(f"{stage:<12} {name:<8} {layout:<11} {f'{m}x{k}x{n}':>17} {row['xla_ms']:>7.2f} "
-                  f"{row['xla_gflops']:>7.0f} {theirs}", flush=True)
+            print(f"{stage:<12} {name:<8} {layout:<11} {f'{m}x{k}x{n}':>17}"
+                  + "".join(f" {row[lib + '_ms']:>9.2f} {row[lib + '_gflops']:>7.0f}" for lib in libraries), flush=True)
     summary = {}
     for stage in args.stages:
         block = [r for r in rows if r["stage"] == stage and r["product"] in BLOCK]
-        summary[stage] = {"block_products_xla_ms": sum(r["xla_ms"] for r in block)}
-        if torch is not None:
-            summary[stage]["block_products_torch_ms"] = sum(r["torch_ms"] for r in block)
-            s = summary[stage]
-            print(f"{stage}: one block's products, forward and both gradients: XLA {s['block_products_xla_ms']:.1f} ms, "
-                  f"PyTorch {s['block_products_torch_ms']:.1f} ms "
-                  f"({s['block_products_xla_ms'] / s['block_products_torch_ms']:.2f}x the time)")
+        summary[stage] = {f"block_products_{lib}_ms": sum(r[f"{lib}_ms"] for r in block) for lib in libraries}
+        times = ", ".join(f"{lib} {summary[stage][f'block_products_{lib}_ms']:.1f} ms" for lib in libraries)
+        print(f"{stage}: one block's products, forward and both gradients: {times}")
     result = {"machine": machine, "torch": getattr(torch, "__version__", None), "repeats": args.repeats,
               "rounds": args.rounds, "rows": rows, "summary": summary,
               "command": "python -m benchmarks.products " + " ".join(sys.argv[1:] if argv is None else argv)}

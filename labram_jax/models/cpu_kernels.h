@@ -22,6 +22,13 @@ inline int UsableCpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// A 32-byte aligned workspace of `floats` floats owned by the calling thread, kept between calls.
+inline float* ThreadWorkspace(size_t floats) {
+  thread_local std::vector<float> workspace;  // XLA's pool threads persist: allocated once each
+  if (workspace.size() < floats + 8) workspace.resize(floats + 8);
+  return (float*)(((uintptr_t)workspace.data() + 31) & ~(uintptr_t)31);
+}
+
 // Runs fn(i, work) for i in [0, parts) on the calling thread and on XLA's intra-op thread pool,
 // `work` a 32-byte aligned workspace of work_floats floats per thread (kept between calls; set to
 // zero at the start of each call with `zeroed`). Parts are claimed from a
@@ -35,9 +42,7 @@ void ForEachPart(xla::ffi::ThreadPool& pool, int64_t parts, size_t work_floats, 
   };
   auto state = std::make_shared<State>();
   auto drain = [state, parts, work_floats, zeroed, &fn]() {
-    thread_local std::vector<float> workspace;  // XLA's pool threads persist: allocated once each
-    if (workspace.size() < work_floats + 8) workspace.resize(work_floats + 8);
-    float* work = (float*)(((uintptr_t)workspace.data() + 31) & ~(uintptr_t)31);
+    float* work = ThreadWorkspace(work_floats);
     if (zeroed) std::fill(work, work + work_floats, 0.f);
     for (int64_t i; (i = state->next.fetch_add(1)) < parts;) {
       fn(i, work);

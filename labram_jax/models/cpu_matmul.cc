@@ -155,26 +155,51 @@ struct Problem {
   float* b_sums;      // [n] or null
 };
 
+// The contraction k0:k1 in blocks of even size, at most kKc: the size of all but maybe the last.
+int BlockSize(int64_t k0, int64_t k1) {
+  const int64_t blocks = (k1 - k0 + kKc - 1) / kKc;
+  return (int)((k1 - k0 + blocks - 1) / blocks);
+}
+
+int64_t RoundUp(int64_t x, int64_t unit) { return (x + unit - 1) / unit * unit; }
+
+// An operand packed once for all parts (null: each part packs what it reads), over the whole
+// contraction: a as [K block][M / kMr panels][kc][kMr], b as [K block][N / kNr panels][kc][kNr].
+struct Shared {
+  const float* a = nullptr;
+  const float* b = nullptr;
+};
+
 // The part c[m0:m1, n0:n1] of the product over the contraction's k0:k1 (and b_sums[n0:n1] when
-// `sums`), in a workspace of WorkFloats() floats.
+// `sums`), in a workspace of WorkFloats() floats. With a `shared` operand, k0:k1 is 0:K and m0
+// (a shared) or n0 (b shared) is a multiple of the panel size.
 void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1, bool sums,
-          float* work) {
-  const int64_t k = k1 - k0, blocks = (k + kKc - 1) / kKc;
-  const int kc_max = (int)((k + blocks - 1) / blocks);  // blocks of even size
+          float* work, const Shared& shared = {}) {
+  const int kc_max = BlockSize(k0, k1);
   float* a_pack = work;
   float* b_pack = work + (size_t)kMc * kKc;
   for (int64_t jc = n0; jc < n1; jc += kNc) {
     const int nc = (int)std::min<int64_t>(kNc, n1 - jc);
     for (int64_t pc = k0; pc < k1; pc += kc_max) {
       const int kc = (int)std::min<int64_t>(kc_max, k1 - pc);
-      PackB(p.b, pc, kc, jc, nc, b_pack, sums ? p.b_sums : nullptr);
+      const float* b_panels = b_pack;
+      if (shared.b) {
+        b_panels = shared.b + (pc - k0) * RoundUp(p.n, kNr) + jc * kc;
+      } else {
+        PackB(p.b, pc, kc, jc, nc, b_pack, sums ? p.b_sums : nullptr);
+      }
       for (int64_t ic = m0; ic < m1; ic += kMc) {
         const int mc = (int)std::min<int64_t>(kMc, m1 - ic);
-        PackA(p.a, ic, mc, pc, kc, a_pack);
+        const float* a_panels = a_pack;
+        if (shared.a) {
+          a_panels = shared.a + (pc - k0) * RoundUp(p.m, kMr) + ic * kc;
+        } else {
+          PackA(p.a, ic, mc, pc, kc, a_pack);
+        }
         for (int jr = 0; jr < nc; jr += kNr) {
           const float* bias = (p.bias && pc == k0) ? p.bias + jc + jr : nullptr;
           for (int ir = 0; ir < mc; ir += kMr) {
-            Tile(kc, a_pack + (size_t)ir * kc, b_pack + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
+            Tile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
                  std::min(kMr, mc - ir), std::min(kNr, nc - jr), pc > k0, bias);
           }
         }
@@ -185,10 +210,11 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
 
 constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc; }
 
-// Splits the work into parts (one for small products) run by labram_cpu::ForEachPart: the output along its
-// longer side, or, when the contraction is the longest side (a weight gradient: K = tokens), the
-// contraction, each part summing into its own [M, N] buffer and the buffers added at the end
-// (split along the output, every part would pack all of the other operand again).
+// Splits the work into parts (one for small products) run by labram_cpu::ForEachPart: the output
+// along its longer side, the operand every part reads in full (b when splitting rows, a when
+// splitting columns) packed once beforehand, in parts too; or, when the contraction is the longest
+// side (a weight gradient: K = tokens), the contraction, each part packing its own slices of both
+// and summing into its own [M, N] buffer, the buffers added at the end.
 void Run(const Problem& p, ffi::ThreadPool& pool) {
   if (p.b_sums) std::fill(p.b_sums, p.b_sums + p.n, 0.f);
   if (p.k == 0) {
@@ -224,12 +250,38 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   const bool by_rows = p.m >= p.n;
   const int64_t unit = by_rows ? kMr : kNr, units = ((by_rows ? p.m : p.n) + unit - 1) / unit;
   const int64_t parts = std::min<int64_t>(most, units);
+  if (parts == 1) {
+    Part(p, 0, p.m, 0, p.n, 0, p.k, true, labram_cpu::ThreadWorkspace(WorkFloats()));
+    return;
+  }
+  // The other operand's panels, packed once: by parts of its panels, every K block of each.
+  const int kc_max = BlockSize(0, p.k);
+  const int64_t other = by_rows ? kNr : kMr, length = by_rows ? p.n : p.m;
+  const int64_t panels = (length + other - 1) / other, pack_parts = std::min<int64_t>(most, panels);
+  thread_local std::vector<float> packed_storage;  // the caller's, kept between calls
+  const size_t packed_floats = (size_t)p.k * panels * other;
+  if (packed_storage.size() < packed_floats) packed_storage.resize(packed_floats);
+  float* const packed = packed_storage.data();
+  labram_cpu::ForEachPart(pool, pack_parts, 0, /*zeroed=*/false, [&](int64_t t, float*) {
+    const int64_t first = panels * t / pack_parts * other, last = std::min(length, panels * (t + 1) / pack_parts * other);
+    for (int64_t pc = 0; pc < p.k; pc += kc_max) {
+      const int kc = (int)std::min<int64_t>(kc_max, p.k - pc);
+      float* dst = packed + pc * panels * other + first * kc;
+      if (by_rows) {
+        PackB(p.b, pc, kc, first, (int)(last - first), dst, p.b_sums);
+      } else {
+        PackA(p.a, first, (int)(last - first), pc, kc, dst);
+      }
+    }
+  });
+  Shared shared;
+  (by_rows ? shared.b : shared.a) = packed;
   labram_cpu::ForEachPart(pool, parts, WorkFloats(), /*zeroed=*/false, [&](int64_t t, float* work) {
     const int64_t u0 = units * t / parts, u1 = units * (t + 1) / parts;
     if (by_rows) {
-      Part(p, u0 * unit, std::min(p.m, u1 * unit), 0, p.n, 0, p.k, t == 0, work);
+      Part(p, u0 * unit, std::min(p.m, u1 * unit), 0, p.n, 0, p.k, false, work, shared);
     } else {
-      Part(p, 0, p.m, u0 * unit, std::min(p.n, u1 * unit), 0, p.k, true, work);
+      Part(p, 0, p.m, u0 * unit, std::min(p.n, u1 * unit), 0, p.k, true, work, shared);
     }
   });
 }

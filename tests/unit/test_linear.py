@@ -23,7 +23,8 @@ def _normal(seed, *shape):
 @needs_kernel
 @pytest.mark.parametrize("m, k, n", [
     (1, 1, 1), (7, 5, 17), (13, 600, 33),  # one part (under 4 MFLOP), edge tiles of 6 rows and 16 columns
-    (300, 513, 4100),      # several parts by rows; contraction in 3 blocks; N > one 4,080-column block
+    (500, 64, 80),         # parts by rows, op(b) packed once beforehand (with its column sums)
+    (300, 513, 4100),      # parts by columns, op(a) packed once; contraction in 3 blocks; N > 4,080 columns
     (40, 200, 520),        # parts by columns (N > M)
     (200, 1500, 120),      # the contraction split between parts, summed at the end (a weight gradient)
     (5, 0, 3), (0, 4, 3)])
