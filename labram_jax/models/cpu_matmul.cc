@@ -5,8 +5,8 @@
 // sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
 // is BLIS's: op(b) is packed in blocks of up to kKc rows into panels 16 columns wide, op(a) in
 // blocks of up to kMc rows into panels 6 rows high, and a 6 x 16 register tile (12 AVX2
-// accumulators) runs down each pair of panels. The output is split between the usable cores
-// along its longer side; each thread packs what it reads. Built and loaded by cpu_kernels.py.
+// accumulators) runs down each pair of panels. The work is split into parts run on XLA's intra-op
+// thread pool (Run says how). Built and loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); c [M, N];
 // b_sums [N] or [0] (not wanted). All float32, row-major.
