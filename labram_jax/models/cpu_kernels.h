@@ -58,7 +58,15 @@ void ForEachPart(xla::ffi::ThreadPool& pool, int64_t parts, size_t work_floats, 
     });
   }
   drain();
-  while (state->done.load(std::memory_order_acquire) < parts) _mm_pause();
+  // Waiting for parts a helper claimed: spin briefly, then give the core away (another process, or
+  // more threads than cores, may need it to finish that very part).
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < parts; ++spins) {
+    if (spins < 1024) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 }  // namespace labram_cpu
