@@ -3,8 +3,8 @@
 // Forward, per row x of width D: mean, rstd = 1 / sqrt(mean((x - mean)^2) + eps) (two passes over the
 // row), y = (x - mean) * rstd * scale + bias; mean and rstd are returned for the backward pass, which
 // gives dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with xhat = (x - mean) * rstd, g = dy * scale,
-// and dscale = sum over rows of dy * xhat, dbias = sum of dy, in one pass over the rows (each thread
-// sums its own rows in blocks of 128; the threads' sums are added in a fixed order). XLA:CPU computes the same as
+// and dscale = sum over rows of dy * xhat, dbias = sum of dy, in one pass over the rows (each range of
+// rows is summed in blocks of 128; the ranges' sums are added in a fixed order). XLA:CPU computes the same as
 // several fusions and splits the column sums into trees of 32-wide partial sums (BENCHMARKS.md,
 // sessions 20-21). Built and loaded by cpu_kernels.py.
 //
@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -39,15 +38,16 @@ inline __m256i Lanes(int n) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
 }
 
-// Splits rows [0, m) into one contiguous range per thread; fn(thread, begin, end).
+// Splits rows [0, m) into one contiguous range per usable core (fewer for small m) and runs
+// fn(range, begin, end) for each on XLA's thread pool (labram_cpu::ForEachPart): the ranges, and
+// so the order the parameter gradients' sums are added in, do not depend on which thread runs them.
 template <typename Fn>
-void ForEachRange(int64_t m, int64_t min_rows, Fn fn) {
+void ForEachRange(ffi::ThreadPool& pool, int64_t m, int64_t min_rows, Fn fn) {
   const int64_t by_rows = std::max<int64_t>(1, m / min_rows);
-  const int threads = (int)std::min<int64_t>(labram_cpu::UsableCpus(), by_rows);
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(fn, t, m * t / threads, m * (t + 1) / threads);
-  fn(0, 0, m / threads);
-  for (auto& t : pool) t.join();
+  const int64_t ranges = std::min<int64_t>(labram_cpu::UsableCpus(), by_rows);
+  labram_cpu::ForEachPart(pool, ranges, 0, /*zeroed=*/false, [&](int64_t t, float*) {
+    fn((int)t, m * t / ranges, m * (t + 1) / ranges);
+  });
 }
 
 struct Row {
@@ -144,11 +144,11 @@ bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
-constexpr int64_t kMinElements = 1 << 19;  // per thread at least (fewer: starting a thread costs more)
+constexpr int64_t kMinElements = 1 << 19;  // per range at least (fewer: handing it to another core costs more)
 constexpr int64_t kBlockRows = 128;          // rows summed apart before the parameter gradients' running sums
 ffi::Error LayerNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                             float eps, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
-                            ffi::ResultBuffer<ffi::F32> rstd) {
+                            ffi::ResultBuffer<ffi::F32> rstd, ffi::ThreadPool pool) {
   const auto dims = x.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("x must have shape [..., D]");
   const int64_t d = dims.back();
@@ -160,7 +160,7 @@ ffi::Error LayerNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale
     return ffi::Error::InvalidArgument("mean and rstd must have x's shape without D");
   if (m == 0 || d == 0) return ffi::Error::Success();
   const Row r((int)d);
-  ForEachRange(m, std::max<int64_t>(1, kMinElements / d), [&](int, int64_t begin, int64_t end) {
+  ForEachRange(pool, m, std::max<int64_t>(1, kMinElements / d), [&](int, int64_t begin, int64_t end) {
     ForwardRows(r, x.typed_data(), scale.typed_data(), bias.typed_data(), eps, begin, end, y->typed_data(),
                 mean->typed_data(), rstd->typed_data());
   });
@@ -169,7 +169,8 @@ ffi::Error LayerNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale
 
 ffi::Error LayerNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
                              ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
-                             ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
+                             ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias,
+                             ffi::ThreadPool pool) {
   const auto dims = x.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("x must have shape [..., D]");
   const int64_t d = dims.back();
@@ -188,7 +189,7 @@ ffi::Error LayerNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scal
   const int64_t padded = (d + 7) / 8 * 8;
   const int threads = labram_cpu::UsableCpus();
   std::vector<float> partial((size_t)threads * 2 * padded, 0.f);  // per thread: dscale, dbias
-  ForEachRange(m, std::max<int64_t>(1, kMinElements / d), [&](int t, int64_t begin, int64_t end) {
+  ForEachRange(pool, m, std::max<int64_t>(1, kMinElements / d), [&](int t, int64_t begin, int64_t end) {
     float* own = partial.data() + (size_t)t * 2 * padded;
     std::vector<float> block(2 * padded);  // sums of kBlockRows rows, then added to the thread's: float32 sums over
     for (int64_t b = begin; b < end; b += kBlockRows) {  // 10^5 rows lose far fewer digits than one running sum
@@ -216,7 +217,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramLayerNormForward, LayerNormForward,
                                   .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mean of each row
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // 1 / sqrt(variance + eps) of each row
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // 1 / sqrt(variance + eps) of each row
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramLayerNormBackward, LayerNormBackward,
                               ffi::Ffi::Bind()
@@ -227,4 +229,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramLayerNormBackward, LayerNormBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                  .Ctx<ffi::ThreadPool>());
