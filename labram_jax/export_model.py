@@ -81,10 +81,10 @@ def export(predictor: api.Predictor, platforms: tuple[str, ...] = ("cpu",)) -> j
                          f"{predictor.kind} model")
     variables = predictor.variables
     task = predictor.task
-    # Portable attention, LayerNorm and linear layers: the CPU kernels are custom calls that
+    # Portable attention, LayerNorm, linear layers and MLPs: the CPU kernels are custom calls that
     # jax.export cannot serialize, and the artefact may run on other platforms than this one.
     model = predictor.model.clone(cfg=predictor.model.cfg.replace(attention="explicit", layer_norm="xla",
-                                                                  linear="xla"))
+                                                                  linear="xla", mlp="layers"))
 
     def predict(x, channel_ids):
         logits = model.apply(variables, x, channel_ids)

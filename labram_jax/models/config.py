@@ -13,6 +13,7 @@ REMAT_POLICIES = ("none", "block")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit", "cpu_kernel")  # labram_jax.models.attention
 LAYER_NORM_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")  # labram_jax.models.normalization
 LINEAR_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")  # labram_jax.models.linear
+MLP_IMPLEMENTATIONS = ("auto", "fused", "layers")  # layers.Mlp: linear.gelu_mlp, or two linear layers
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
 HEAD_POOLINGS = ("mean", "electrode")  # what the fine-tuning head reads: layers.masked_mean, layers.electrode_rows
@@ -51,6 +52,9 @@ class TransformerConfig:
       linear: implementation of the blocks' linear layers (qkv, proj, fc1, fc2;
         labram_jax.models.linear): auto, xla or cpu_kernel (a C++ product kernel for AVX2 CPUs,
         built with the attention's); the same function.
+      mlp: how each block's MLP runs: fused (one ``linear.gelu_mlp``: GELU applied as fc1's
+        product is written by the C++ kernel; needs linear on cpu_kernel and no LoRA), layers
+        (two linear layers and XLA's GELU) or auto (fused where it can run); the same function.
       lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every
         block (parameter-efficient fine-tuning); 0: none (the plain model).
       lora_alpha: the adapters' scale is lora_alpha / lora_rank.
@@ -100,6 +104,7 @@ class TransformerConfig:
     attention: str = "auto"
     layer_norm: str = "auto"
     linear: str = "auto"
+    mlp: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 16.0
     scan_blocks: bool = False
@@ -125,6 +130,8 @@ class TransformerConfig:
             raise ValueError(f"layer_norm={self.layer_norm!r}: choose one of {LAYER_NORM_IMPLEMENTATIONS}")
         if self.linear not in LINEAR_IMPLEMENTATIONS:
             raise ValueError(f"linear={self.linear!r}: choose one of {LINEAR_IMPLEMENTATIONS}")
+        if self.mlp not in MLP_IMPLEMENTATIONS:
+            raise ValueError(f"mlp={self.mlp!r}: choose one of {MLP_IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.lora_rank < 0:

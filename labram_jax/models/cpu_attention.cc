@@ -27,25 +27,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// exp for 8 floats (range reduction by ln 2, degree-6 polynomial; ~1 ulp on [-87, 88]).
-// The clamps keep a NaN (min and max return their second operand when either is NaN).
-inline __m256 Exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.3f), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 inline float MaxOf(__m256 v) {
   alignas(32) float b[8];
   _mm256_store_ps(b, v);
@@ -198,7 +179,7 @@ struct Forward {
       const __m256 vm = _mm256_set1_ps(top);
       __m256 sum = _mm256_setzero_ps();
       for (int m = 0; m < z.Lp; m += 8) {
-        const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
+        const __m256 e = labram_cpu::Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
         _mm256_storeu_ps(row + m, e);
         sum = _mm256_add_ps(sum, e);
       }
@@ -239,7 +220,7 @@ struct Backward {
       float* row = p + (size_t)l * z.Lp;
       const __m256 top = _mm256_set1_ps(row_max[l]), inv = _mm256_set1_ps(1.0f / row_sum[l]);
       for (int m = 0; m < z.Lp; m += 8)
-        _mm256_storeu_ps(row + m, _mm256_mul_ps(Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
+        _mm256_storeu_ps(row + m, _mm256_mul_ps(labram_cpu::Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
     }
     ProductTN<NV>(z, p, gp, dv);    // dV = P^T dO
     ProductNT(z, gp, vt, zero, ds);  // dP = dO v^T

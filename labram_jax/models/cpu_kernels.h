@@ -15,6 +15,58 @@
 
 namespace labram_cpu {
 
+// exp for 8 floats (range reduction by ln 2, degree-6 polynomial; ~1 ulp on [-87, 88]).
+// The clamps keep a NaN (min and max return their second operand when either is NaN).
+inline __m256 Exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.3f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// erf for 8 floats: the odd/even rational interpolant XLA:CPU also evaluates (Eigen's), x P(x^2) /
+// Q(x^2), and +-1 from |x| >= 3.8325 (where erf rounds to 1 in float32).
+inline __m256 Erf8(__m256 x) {
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(0.00022905065861350646f), _mm256_set1_ps(0.0034082910107109506f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(0.050955695062380861f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(0.18520832239976145f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(1.128379143519084f));
+  p = _mm256_mul_ps(x, p);
+  __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-1.1791602954361697e-7f), _mm256_set1_ps(0.000023547966471313185f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.0010179625278914885f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.014070470171167667f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.11098505178285362f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.49746925110067538f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(1.0f));
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 saturated = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(3.832506856900711f),
+                                         _CMP_GE_OQ);
+  return _mm256_blendv_ps(_mm256_div_ps(p, q), _mm256_or_ps(sign, _mm256_set1_ps(1.0f)), saturated);
+}
+
+// Exact GELU of 8 floats, x Phi(x) = x/2 (1 + erf(x / sqrt 2)), and its derivative
+// Phi(x) + x phi(x) = (1 + erf(x / sqrt 2)) / 2 + x exp(-x^2 / 2) / sqrt(2 pi) into *derivative.
+inline __m256 Gelu8(__m256 x, __m256* derivative) {
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(_mm256_set1_ps(1.0f),
+                                                       Erf8(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)))));
+  const __m256 pdf = _mm256_mul_ps(_mm256_set1_ps(0.39894228040143268f),
+                                   Exp8(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f))));
+  *derivative = _mm256_fmadd_ps(x, pdf, cdf);
+  return _mm256_mul_ps(x, cdf);
+}
+
 // The cores this process may run on (its affinity mask), at least 1.
 inline int UsableCpus() {
   cpu_set_t set;

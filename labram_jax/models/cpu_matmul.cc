@@ -1,15 +1,18 @@
 // Matrix products for x86 CPUs with AVX2 and FMA, as an XLA FFI handler.
 //
 // c = op(a) op(b) (+ bias), where op(a) is [M, K] (a stored [M, K], or [K, M] when transposed)
-// and op(b) is [K, N] (b stored [K, N], or [N, K] when transposed); optionally also the column
+// and op(b) is [K, N] (b stored [K, N], or [N, K] when transposed), then optionally multiplied
+// element by element by a factor [M, N] or put through exact GELU (its derivative written too:
+// an MLP's first layer forward, its gradient backward); optionally also the column
 // sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
 // is BLIS's: op(b) is packed in blocks of up to kKc rows into panels 16 columns wide, op(a) in
 // blocks of up to kMc rows into panels 6 rows high, and a 6 x 16 register tile (12 AVX2
 // accumulators) runs down each pair of panels. The work is split into parts run on XLA's intra-op
 // thread pool (Run says how). Built and loaded by cpu_kernels.py.
 //
-// Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); c [M, N];
-// b_sums [N] or [0] (not wanted). All float32, row-major.
+// Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
+// c [M, N]; b_sums [N] or [0] (not wanted); gelu_derivative [M, N] or [0] (no GELU). All float32,
+// row-major.
 
 #include <immintrin.h>
 
@@ -37,20 +40,25 @@ struct Operand {
 
 // op(a)[i0 : i0 + rows, k0 : k0 + kc] -> dst as panels of kMr rows: dst[panel][k][r], zero rows past `rows`.
 void PackA(const Operand& a, int64_t i0, int rows, int64_t k0, int kc, float* dst) {
+  if (a.t) {
+    // Stored transposed (a weight gradient's x^T): row by row of the stored a, each read once from
+    // start to end and dealt into the panels (a panel at a time walked kc rows for 6 floats of each).
+    for (int k = 0; k < kc; ++k) {
+      const float* s = a.p + (k0 + k) * a.ld + i0;
+      float* d = dst + (size_t)k * kMr;
+      int i = 0;
+      for (; i + kMr <= rows; i += kMr, d += (size_t)kc * kMr) std::memcpy(d, s + i, kMr * sizeof(float));
+      for (int r = 0; i < rows && r < kMr; ++r) d[r] = i + r < rows ? s[i + r] : 0.f;
+    }
+    return;
+  }
   for (int i = 0; i < rows; i += kMr) {
     const int h = std::min(kMr, rows - i);
     float* d = dst + (size_t)(i / kMr) * kc * kMr;
-    if (a.t) {
-      const float* s = a.p + k0 * a.ld + i0 + i;
-      for (int k = 0; k < kc; ++k, s += a.ld, d += kMr) {
-        for (int r = 0; r < kMr; ++r) d[r] = r < h ? s[r] : 0.f;
-      }
-    } else {
-      const float* row[kMr];
-      for (int r = 0; r < kMr; ++r) row[r] = a.p + (i0 + i + std::min(r, h - 1)) * a.ld + k0;
-      for (int k = 0; k < kc; ++k, d += kMr) {
-        for (int r = 0; r < kMr; ++r) d[r] = r < h ? row[r][k] : 0.f;
-      }
+    const float* row[kMr];
+    for (int r = 0; r < kMr; ++r) row[r] = a.p + (i0 + i + std::min(r, h - 1)) * a.ld + k0;
+    for (int k = 0; k < kc; ++k, d += kMr) {
+      for (int r = 0; r < kMr; ++r) d[r] = r < h ? row[r][k] : 0.f;
     }
   }
 }
@@ -147,10 +155,52 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
   }
 }
 
+// What is done to the finished sums (bias included), element by element: multiplied by a factor,
+// or put through exact GELU with its derivative kept. Neither: nothing.
+struct Epilogue {
+  const float* factor = nullptr;     // [m, n] as c, or null
+  float* gelu_derivative = nullptr;  // [m, n] as c; non-null: c = GELU(sums), this = GELU'(sums)
+  bool any() const { return factor || gelu_derivative; }
+};
+
+// The epilogue over c[i0:i1, j0:j1] (row stride ld, the epilogue's arrays too): row by row, each
+// read from start to end, while the block is still in cache. (Applied to each 6 x 16 tile as it
+// was written, one dependent chain of erf and exp at a time, it cost more than XLA's own pass.)
+void Finish(const Epilogue& e, float* c, int64_t ld, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* row = c + i * ld;
+    const float* factor = e.factor ? e.factor + i * ld : nullptr;
+    float* derivative = e.gelu_derivative ? e.gelu_derivative + i * ld : nullptr;
+    int64_t j = j0;
+    auto eight = [&](const float* in, const float* f, float* out, float* d) {
+      __m256 v = _mm256_loadu_ps(in);
+      if (d) {
+        __m256 g;
+        v = labram_cpu::Gelu8(v, &g);
+        _mm256_storeu_ps(d, g);
+      } else {
+        v = _mm256_mul_ps(v, _mm256_loadu_ps(f));
+      }
+      _mm256_storeu_ps(out, v);
+    };
+    for (; j + 8 <= j1; j += 8) eight(row + j, factor ? factor + j : nullptr, row + j, derivative ? derivative + j : nullptr);
+    if (j < j1) {  // the last few columns through zero-padded copies, so they round as the rest
+      const int w = (int)(j1 - j);
+      alignas(32) float in[8] = {}, f[8] = {}, out[8], d[8];
+      std::copy(row + j, row + j1, in);
+      if (factor) std::copy(factor + j, factor + j1, f);
+      eight(in, f, out, derivative ? d : nullptr);
+      std::copy(out, out + w, row + j);
+      if (derivative) std::copy(d, d + w, derivative + j);
+    }
+  }
+}
+
 struct Problem {
   Operand a, b;
   int64_t m, n, k;
   const float* bias;  // [n] or null
+  Epilogue epilogue;
   float* c;           // [m, n]
   float* b_sums;      // [n] or null
 };
@@ -203,6 +253,7 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
                  std::min(kMr, mc - ir), std::min(kNr, nc - jr), pc > k0, bias);
           }
         }
+        if (pc + kc >= k1 && p.epilogue.any()) Finish(p.epilogue, p.c, p.n, ic, ic + mc, jc, jc + nc);
       }
     }
   }
@@ -217,14 +268,16 @@ constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc; }
 // and summing into its own [M, N] buffer, the buffers added at the end.
 void Run(const Problem& p, ffi::ThreadPool& pool) {
   if (p.b_sums) std::fill(p.b_sums, p.b_sums + p.n, 0.f);
-  if (p.k == 0) {
+  if (p.k == 0) {  // sums of nothing: the bias, then the epilogue
     for (int64_t i = 0; i < p.m; ++i)
       for (int64_t j = 0; j < p.n; ++j) p.c[i * p.n + j] = p.bias ? p.bias[j] : 0.f;
+    if (p.epilogue.any()) Finish(p.epilogue, p.c, p.n, 0, p.m, 0, p.n);
     return;
   }
   const double flops = 2.0 * p.m * p.n * p.k;
   const int64_t most = flops < 4e6 ? 1 : 2 * labram_cpu::UsableCpus();
-  if (p.k >= 2 * std::max(p.m, p.n) && most > 1) {
+  // Split along the contraction (not with an epilogue: it needs whole sums).
+  if (p.k >= 2 * std::max(p.m, p.n) && most > 1 && !p.epilogue.any()) {
     const int64_t parts = std::min<int64_t>(most, (p.k + kKc - 1) / kKc);
     const size_t size = (size_t)p.m * p.n + p.n;  // a part's [M, N] sums and its b_sums
     thread_local std::vector<float> partial;  // the caller's, kept between calls
@@ -287,8 +340,9 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
 }
 
 ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bias,
-                  ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums, bool transpose_a,
-                  bool transpose_b, ffi::ThreadPool pool) {
+                  ffi::Buffer<ffi::F32> factor, ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums,
+                  ffi::ResultBuffer<ffi::F32> gelu_derivative, bool transpose_a, bool transpose_b,
+                  ffi::ThreadPool pool) {
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
     return ffi::Error::InvalidArgument("matmul: a, b and c must be matrices");
@@ -303,9 +357,17 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
     return ffi::Error::InvalidArgument("matmul: bias must have N or no elements");
   if (b_sums->element_count() != 0 && b_sums->element_count() != (size_t)p.n)
     return ffi::Error::InvalidArgument("matmul: b_sums must have N or no elements");
+  const size_t mn = (size_t)p.m * p.n;
+  if ((factor.element_count() != 0 && factor.element_count() != mn) ||
+      (gelu_derivative->element_count() != 0 && gelu_derivative->element_count() != mn))
+    return ffi::Error::InvalidArgument("matmul: factor and gelu_derivative must have M x N or no elements");
+  if (mn != 0 && factor.element_count() != 0 && gelu_derivative->element_count() != 0)
+    return ffi::Error::InvalidArgument("matmul: a factor or GELU, not both");
   p.a = {a.typed_data(), da[1], transpose_a};
   p.b = {b.typed_data(), db[1], transpose_b};
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
+  p.epilogue.factor = factor.element_count() ? factor.typed_data() : nullptr;
+  p.epilogue.gelu_derivative = gelu_derivative->element_count() ? gelu_derivative->typed_data() : nullptr;
   p.c = c->typed_data();
   p.b_sums = b_sums->element_count() ? b_sums->typed_data() : nullptr;
   if (p.m == 0 || p.n == 0) {  // no product; op(b) may still have rows to sum
@@ -325,8 +387,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [N] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // factor [M, N] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c
                                   .Ret<ffi::Buffer<ffi::F32>>()  // column sums of op(b) [N] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // GELU's derivative [M, N] or [0] (none: no GELU)
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
                                   .Ctx<ffi::ThreadPool>());

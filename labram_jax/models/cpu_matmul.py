@@ -19,20 +19,30 @@ INSTEAD = "linear='xla'"
 
 
 def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpose_a: bool = False,
-           transpose_b: bool = False, b_sums: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """``op(a) @ op(b) (+ bias)`` by the kernel, op transposing where asked.
+           transpose_b: bool = False, b_sums: bool = False, factor: jax.Array | None = None,
+           gelu: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+    """``op(a) @ op(b) (+ bias)`` by the kernel, op transposing where asked, then optionally
+    ``* factor`` or exact GELU, applied as the result is written.
 
     Args:
       a: [M, K] float32, or [K, M] with ``transpose_a``; b: [K, N], or [N, K] with ``transpose_b``;
-      bias: [N] float32 added to every row, or None; b_sums: also return op(b)'s column sums.
+      bias: [N] float32 added to every row, or None; b_sums: also return op(b)'s column sums;
+      factor: [M, N] float32 multiplying the result element by element, or None;
+      gelu: put the result through exact GELU and also return GELU's derivative there (not with
+        ``factor``).
     Returns:
-      c [M, N]; with ``b_sums`` also [N], ``op(b).sum(0)``.
+      c [M, N]; then, as asked, [N] ``op(b).sum(0)`` and [M, N] ``GELU'(op(a) @ op(b) + bias)``.
     """
     m = a.shape[1] if transpose_a else a.shape[0]
     n = b.shape[0] if transpose_b else b.shape[1]
-    bias = jnp.zeros((0,), jnp.float32) if bias is None else bias
-    c, sums = cpu_kernels.call("labram_cpu_matmul", (jax.ShapeDtypeStruct((m, n), jnp.float32),
-                                                     jax.ShapeDtypeStruct((n if b_sums else 0,), jnp.float32)),
-                               a, b, bias, what="matmul", instead=INSTEAD, vmap_method="sequential",
-                               transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
-    return (c, sums) if b_sums else c
+    if gelu and factor is not None:
+        raise ValueError("matmul: pass a factor or gelu=True, not both")
+    none = jnp.zeros((0,), jnp.float32)
+    result = jax.ShapeDtypeStruct
+    c, sums, derivative = cpu_kernels.call(
+        "labram_cpu_matmul", (result((m, n), jnp.float32), result((n if b_sums else 0,), jnp.float32),
+                              result((m, n) if gelu else (0,), jnp.float32)),
+        a, b, none if bias is None else bias, none if factor is None else factor, what="matmul", instead=INSTEAD,
+        vmap_method="sequential", transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
+    extras = (sums,) * b_sums + (derivative,) * gelu
+    return (c, *extras) if extras else c

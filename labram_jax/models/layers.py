@@ -44,13 +44,23 @@ def layer_norm(axis_name: str = "norm", name: str | None = None, dtype=jnp.float
                                    bias_init=logical(nn.initializers.zeros, (axis_name,)))
 
 
+def _dense_init(axes: tuple[str | None, str | None], std: float) -> dict:
+    """A linear layer's initialisers: truncated normal (std) kernel with logical axes ``axes``, zero bias."""
+    return {"kernel_init": logical(trunc_normal(std), axes), "bias_init": logical(nn.initializers.zeros, (axes[1],))}
+
+
 def dense(features: int, axes: tuple[str | None, str | None], name: str, *, std: float = INIT_STD,
           dtype=jnp.float32, use_bias: bool = True, implementation: str = "xla") -> linear.Dense:
     """A linear layer (``flax.linen.Dense``'s parameters) with logical axes ``axes`` on its kernel;
     ``implementation``: ``TransformerConfig.linear`` (labram_jax.models.linear)."""
     return linear.Dense(features, use_bias=use_bias, dtype=dtype, name=name, implementation=implementation,
-                        kernel_init=logical(trunc_normal(std), axes),
-                        bias_init=logical(nn.initializers.zeros, (axes[1],)))
+                        **_dense_init(axes, std))
+
+
+def dense_weights(features: int, axes: tuple[str | None, str | None], name: str, *,
+                  std: float = INIT_STD) -> linear.DenseWeights:
+    """The parameters of :func:`dense` (kernel and bias) alone, for :func:`linear.gelu_mlp`."""
+    return linear.DenseWeights(features, name=name, **_dense_init(axes, std))
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -265,21 +275,41 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (parameters ``fc1`` and ``fc2`` as ``flax.linen.Dense``'s), with
+    optional LoRA adapters on both; one :func:`linear.gelu_mlp` where ``cfg.mlp`` says (:func:`mlp_fused`)."""
+
     cfg: config_lib.TransformerConfig
     block_index: int
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, L, D] -> [B, L, D]."""
         cfg = self.cfg
-        h = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", dtype=cfg.dtype, implementation=cfg.linear)(x)
+        std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
+        kernel_1, bias_1 = dense_weights(cfg.mlp_dim, ("embed", "mlp"), "fc1")(x.shape[-1])
+        kernel_2, bias_2 = dense_weights(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std)(cfg.mlp_dim)
+        operands = tuple(a.astype(cfg.dtype) for a in (x, kernel_1, bias_1, kernel_2, bias_2))
+        if mlp_fused(cfg, *operands):
+            return linear.gelu_mlp(*operands)
+        h = linear.linear(*operands[:3], cfg.linear)
         if cfg.lora_rank:
             h = h + LoRA(cfg.mlp_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc1_lora")(x)
         h = nn.with_logical_constraint(gelu(h), ("act_batch", "act_length", "act_mlp"))
-        std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
-        y = dense(cfg.embed_dim, ("mlp", "embed"), "fc2", std=std, dtype=cfg.dtype, implementation=cfg.linear)(h)
+        y = linear.linear(h, *operands[3:], cfg.linear)
         if cfg.lora_rank:
             y = y + LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h)
         return y
+
+
+def mlp_fused(cfg: config_lib.TransformerConfig, *operands: jax.Array) -> bool:
+    """Whether :class:`Mlp` runs as one :func:`linear.gelu_mlp` on these operands: ``cfg.mlp`` fused,
+    or auto where the linear layers resolve to ``cpu_kernel`` and there is no LoRA; a ValueError
+    saying why where fused cannot run."""
+    can = cfg.lora_rank == 0 and linear.resolve(cfg.linear, *operands) == "cpu_kernel"
+    if cfg.mlp == "fused" and not can:
+        raise ValueError("mlp='fused' runs on the C++ product kernel without LoRA: it needs linear='cpu_kernel' "
+                         f"(here {cfg.linear!r}) and lora_rank=0 (here {cfg.lora_rank}); use mlp='layers'")
+    return can and cfg.mlp != "layers"
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:

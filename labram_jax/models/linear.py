@@ -11,6 +11,10 @@ Implementations (``TransformerConfig.linear``):
   function to float32 rounding (products summed in another order).
 - ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without AVX-512 where it builds and applies
   (where it was measured faster: BENCHMARKS.md, "Session 23"), else ``xla``.
+
+:func:`gelu_mlp` is a transformer block's MLP, ``GELU(x kernel_1 + bias_1) kernel_2 + bias_2``, by
+the kernel alone, with GELU applied as the first product is written (BENCHMARKS.md, "Session 24");
+:class:`DenseWeights` creates a layer's parameters for it.
 """
 
 from __future__ import annotations
@@ -77,6 +81,49 @@ def kernel_gradient(x: jax.Array, d_y: jax.Array, implementation: str) -> tuple[
     return both[:-1], both[-1]
 
 
+def gelu_mlp(x: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, kernel_2: jax.Array,
+             bias_2: jax.Array) -> jax.Array:
+    """``GELU(x kernel_1 + bias_1) kernel_2 + bias_2`` (exact GELU) by the C++ product kernel.
+
+    GELU and its derivative are computed as the first product is written (XLA:CPU took two
+    passes over the [rows, hidden] activations for them); in the backward pass that derivative
+    multiplies the hidden gradient as ``d_y kernel_2^T`` is written. The same function as two
+    ``linear`` calls around ``layers.gelu`` to float32 rounding (erf by the same rational
+    approximation XLA:CPU uses).
+
+    Args:
+      x: [..., D] float32; kernel_1: [D, F]; bias_1: [F]; kernel_2: [F, E]; bias_2: [E]
+        (float32 on one CPU device: :func:`resolve` says where ``cpu_kernel`` runs).
+    Returns:
+      [..., E] float32.
+    """
+    y = _gelu_mlp(x.reshape(-1, x.shape[-1]), kernel_1, bias_1, kernel_2, bias_2)
+    return y.reshape(*x.shape[:-1], kernel_2.shape[-1])
+
+
+@jax.custom_vjp
+def _gelu_mlp(x, kernel_1, bias_1, kernel_2, bias_2):
+    return _gelu_mlp_fwd(x, kernel_1, bias_1, kernel_2, bias_2)[0]
+
+
+def _gelu_mlp_fwd(x, kernel_1, bias_1, kernel_2, bias_2):
+    hidden, derivative = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True)  # [R, F] each
+    return cpu_matmul.matmul(hidden, kernel_2, bias_2), (x, kernel_1, kernel_2, hidden, derivative)
+
+
+def _gelu_mlp_bwd(residuals, d_y):
+    x, kernel_1, kernel_2, hidden, derivative = residuals
+    d_y = d_y.astype(jnp.float32)
+    d_pre = cpu_matmul.matmul(d_y, kernel_2, transpose_b=True, factor=derivative)  # gradient before GELU
+    d_kernel_2, d_bias_2 = kernel_gradient(hidden, d_y, "cpu_kernel")
+    d_x = matmul_transposed(d_pre, kernel_1, "cpu_kernel")
+    d_kernel_1, d_bias_1 = kernel_gradient(x, d_pre, "cpu_kernel")
+    return d_x, d_kernel_1, d_bias_1, d_kernel_2, d_bias_2
+
+
+_gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
+
+
 @jax.custom_vjp
 def _kernel(x, kernel, bias):
     """x [R, Din] @ kernel [Din, Dout] + bias ([Dout], or [0] for none) by the C++ kernel."""
@@ -101,6 +148,14 @@ def _kernel_bwd(residuals, d_y):
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
+def _parameters(module: nn.Module, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+    """``module``'s (a :class:`Dense` or :class:`DenseWeights`) kernel [in_features, features] and
+    bias [features] (None without), float32, created on first use."""
+    kernel = module.param("kernel", module.kernel_init, (in_features, module.features), jnp.float32)
+    bias = module.param("bias", module.bias_init, (module.features,), jnp.float32) if module.use_bias else None
+    return kernel, bias
+
+
 class Dense(nn.Module):
     """A linear layer over the last axis, ``flax.linen.Dense``'s parameters and arithmetic.
 
@@ -120,7 +175,21 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., Din] -> [..., features] in ``dtype``."""
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        kernel, bias = _parameters(self, x.shape[-1])
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         return linear(x, kernel, None if bias is None else bias.astype(self.dtype), self.implementation)
+
+
+class DenseWeights(nn.Module):
+    """A :class:`Dense` layer's parameters alone (same names, shapes and initialisers), for functions
+    that take several layers' weights at once (:func:`gelu_mlp`); calling it with Din returns
+    (kernel [Din, features], bias [features] or None), float32."""
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        return _parameters(self, in_features)

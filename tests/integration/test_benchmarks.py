@@ -35,18 +35,22 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
 
 @pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                     reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-def test_train_step_times_two_attentions_alternately(tmp_path, capsys):
+@pytest.mark.parametrize("field, ours, theirs, extra", [
+    ("attention", "cpu_kernel", "explicit", []),
+    ("mlp", "fused", "layers", ["--linear", "cpu_kernel"])])
+def test_train_step_times_two_implementations_alternately(tmp_path, capsys, field, ours, theirs, extra):
+    flag = "--" + field.replace("_", "-")
     result = train_step.main(["--sizes", "tiny", "--stages", "finetune", "--steps", "2", "--warmup", "1", "--devices",
-                              "1", "--attention", "cpu_kernel", "--vs-attention", "explicit", "--out", str(tmp_path)])
+                              "1", flag, ours, "--vs-" + flag[2:], theirs, *extra, "--out", str(tmp_path)])
     row = result["rows"][0]
-    compared = row["vs_attention"]
-    assert row["attention"] == "cpu_kernel" and compared["attention"] == "explicit"
+    compared = row[f"vs_{field}"]
+    assert row[field] == ours and compared[field] == theirs
     assert compared["loss"] == pytest.approx(row["loss"], rel=1e-5)  # the same function, the same step
     low, high = compared["speedup_paired_range"]
     assert 0 < low <= compared["speedup_paired_median"] <= high and compared["step_s_median"] > 0
-    assert "with attention=explicit instead of cpu_kernel" in capsys.readouterr().out
+    assert f"with {field}={theirs} instead of {ours}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        train_step.parse_args(["--vs-attention", "explicit", "--vs-xla-defaults"])
+        train_step.parse_args(["--vs-" + flag[2:], theirs, "--vs-xla-defaults"])
 
 
 def test_train_step_times_two_pretraining_loss_formulations_alternately(tmp_path, capsys):

@@ -164,3 +164,84 @@ def test_kernel_is_refused_where_it_does_not_compute(monkeypatch):
     assert linear.resolve("auto", x, w) == "xla"
     with pytest.raises(RuntimeError, match="matmul kernel cannot be used: LABRAM_JAX_CPU_KERNEL=0. Use linear='xla'"):
         cpu_matmul.matmul(x[0], w)
+
+
+def _gelu64(h):
+    """GELU and its derivative in float64."""
+    from scipy.special import erf
+    cdf = 0.5 * (1.0 + erf(h / np.sqrt(2.0)))
+    return h * cdf, cdf + h * np.exp(-0.5 * h * h) / np.sqrt(2.0 * np.pi)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n, transpose_b", [
+    (7, 5, 21, False),      # one part; an edge tile of 6 rows, the last 5 columns through the padded copy
+    (13, 600, 33, False),   # the contraction in 3 blocks: the epilogue once, on the whole sums
+    (500, 64, 803, False),  # parts by columns; columns not a multiple of 8
+    (900, 200, 96, True),   # parts by rows; op(b) transposed (an input gradient)
+    (40, 3000, 48, False),  # a shape the contraction split would take: not with an epilogue
+    (5, 0, 3, False)])      # no contraction: the epilogue on the bias
+def test_kernel_epilogues_match_float64(m, k, n, transpose_b):
+    a, b, bias, factor = _normal(m, m, k), _normal(k, k, n) * 0.3, _normal(n, n), _normal(m + n, m, n)
+    stored_b = b.T.copy() if transpose_b else b
+    h = a.astype(np.float64) @ b + bias
+    scale = np.sqrt(max(k, 1)) * 0.3
+    gelu, derivative = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, gelu=True))(
+        a, stored_b, bias)
+    want_gelu, want_derivative = _gelu64(h)
+    np.testing.assert_allclose(gelu, want_gelu, rtol=1e-5, atol=3e-6 * scale)
+    # GELU' has slope at most ~0.5: the float32 sums' error, plus erf's and exp's few ulps
+    np.testing.assert_allclose(derivative, want_derivative, rtol=1e-5, atol=3e-6 * scale)
+    multiplied = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, factor=f))(
+        a, stored_b, bias, factor)
+    np.testing.assert_allclose(multiplied, h * factor, rtol=1e-5, atol=3e-6 * scale * np.abs(factor).max())
+    with pytest.raises(ValueError, match="not both"):
+        cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, gelu=True, factor=factor)
+
+
+@needs_kernel
+def test_kernel_gelu_is_xla_gelu_over_its_range_and_keeps_nan():
+    # one row of values from -10 to 10 (erf saturates at |x / sqrt 2| >= 3.83) through an identity product
+    x = np.concatenate([np.linspace(-10, 10, 4001, dtype=np.float32), [np.nan, 0.0, -0.0]])[None]
+    gelu, derivative = cpu_matmul.matmul(x.reshape(-1, 1), np.ones((1, 1), np.float32), gelu=True)
+    want, want_derivative = jax.vmap(jax.value_and_grad(layers.gelu))(jnp.asarray(x[0]))
+    np.testing.assert_allclose(gelu[:, 0], want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(derivative[:, 0], want_derivative, rtol=2e-6, atol=1e-7)
+    assert np.isnan(gelu[-3, 0]) and np.isnan(derivative[-3, 0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 9, 20), (4, 185, 200)])
+def test_gelu_mlp_matches_two_layers_with_gradients(shape):
+    d, f = shape[-1], 4 * shape[-1]
+    operands = (jnp.asarray(_normal(1, *shape)), jnp.asarray(_normal(2, d, f) * d ** -0.5), jnp.asarray(_normal(3, f)),
+                jnp.asarray(_normal(4, f, d) * f ** -0.5), jnp.asarray(_normal(5, d)))
+    d_y = jnp.asarray(_normal(6, *shape))
+
+    def layers_path(x, k1, b1, k2, b2):
+        return linear.linear(layers.gelu(linear.linear(x, k1, b1, "xla")), k2, b2, "xla")
+
+    results = [jax.vjp(fn, *operands) for fn in (linear.gelu_mlp, layers_path)]
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(results[0][1](d_y), results[1][1](d_y)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@needs_kernel
+def test_mlp_runs_fused_where_it_can_and_says_why_not(monkeypatch):
+    cfg = model_config.labram("tiny", linear="cpu_kernel")
+    x = jnp.asarray(_normal(7, 2, 9, cfg.embed_dim))
+    variables = layers.Mlp(cfg.replace(mlp="layers"), 1).init(jax.random.key(0), x)
+    assert set(variables["params"]) == {"fc1", "fc2"}  # flax Dense's names: files and converted weights unchanged
+    fused_calls = []
+    monkeypatch.setattr(linear, "gelu_mlp", lambda *a: fused_calls.append(1) or linear._gelu_mlp(
+        a[0].reshape(-1, a[0].shape[-1]), *a[1:]).reshape(*a[0].shape[:-1], -1))
+    outs = {m: layers.Mlp(cfg.replace(mlp=m), 1).apply(variables, x) for m in ("layers", "auto", "fused")}
+    assert len(fused_calls) == 2  # auto and fused
+    np.testing.assert_allclose(outs["auto"], outs["layers"], rtol=1e-5, atol=1e-6)
+    assert not layers.mlp_fused(cfg.replace(linear="xla"), x)  # auto: XLA's products, XLA's GELU
+    assert not layers.mlp_fused(cfg.replace(lora_rank=2), x)   # adapters between the layers
+    with pytest.raises(ValueError, match="linear='cpu_kernel'.*use mlp='layers'"):
+        layers.mlp_fused(cfg.replace(linear="xla", mlp="fused"), x)
+    with pytest.raises(ValueError, match="mlp="):
+        model_config.labram("tiny", mlp="fast")
