@@ -19,6 +19,8 @@ AVX-512 products are twice as fast there), else ``explicit``. All give the same 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,10 +43,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
     Returns:
       [B, H, L, K] in q's dtype.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        implementation = _auto(q)
+    implementation = resolve(implementation, q)
     swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, H, L, K] <-> [B, L, H, K]
     if implementation == "xla":
         return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=key_valid[:, None, None, :],
@@ -52,13 +51,42 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
     if implementation == "cudnn":
         return swap(_cudnn(swap(q), swap(k), swap(v), key_valid))
     bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    scale = q.shape[-1] ** -0.5
     if implementation == "cpu_kernel":
-        reason = cpu_attention.refusal(q)
-        if reason:
-            raise ValueError(f"attention='cpu_kernel' cannot run here ({reason}); use 'explicit'")
-        return _kernel(q, k, v, bias)
-    return _explicit(q, k, v, bias)
+        return _kernel(q, k, v, bias, scale, False)
+    return _explicit(q * jnp.asarray(scale, q.dtype), k, v, bias)
+
+
+def token_major(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """:func:`dot_product_attention` by the C++ kernels on [B, L, H, K] (a fused projection's output
+    reshaped, no transposes around the kernel), where :func:`resolve` gives ``cpu_kernel``.
+
+    Args:
+      q, k, v: [B, L, H, K] float32; key_valid: [B, L] bool.
+    Returns:
+      [B, L, H, K] float32.
+    """
+    _check_kernel(q)
+    bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
+    return _kernel(q, k, v, bias, q.shape[-1] ** -0.5, True)
+
+
+def resolve(implementation: str, q: jax.Array) -> str:
+    """The implementation ``implementation`` runs on q [..., K] here (``auto`` as the module
+    docstring says); a ValueError for an unknown name, or for ``cpu_kernel`` where it cannot run."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        return _auto(q)
+    if implementation == "cpu_kernel":
+        _check_kernel(q)
+    return implementation
+
+
+def _check_kernel(q):
+    reason = cpu_attention.refusal(q)
+    if reason:
+        raise ValueError(f"attention='cpu_kernel' cannot run here ({reason}); use 'explicit'")
 
 
 def _auto(q):
@@ -132,19 +160,20 @@ def _explicit_bwd(residuals, d_out):
 _explicit.defvjp(_explicit_fwd, _explicit_bwd)
 
 
-@jax.custom_vjp
-def _kernel(q, k, v, bias):
-    return cpu_attention.forward(q, k, v, bias)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _kernel(q, k, v, bias, scale, token_major):
+    return cpu_attention.forward(q, k, v, bias, scale=scale, token_major=token_major)[0]
 
 
-def _kernel_fwd(q, k, v, bias):
-    out, row_max, row_sum = cpu_attention.forward(q, k, v, bias)
+def _kernel_fwd(q, k, v, bias, scale, token_major):
+    out, row_max, row_sum = cpu_attention.forward(q, k, v, bias, scale=scale, token_major=token_major)
     return out, (q, k, v, bias, row_max, row_sum, out)
 
 
-def _kernel_bwd(residuals, d_out):
+def _kernel_bwd(scale, token_major, residuals, d_out):
     q, k, v, bias, row_max, row_sum, out = residuals
-    d_q, d_k, d_v = cpu_attention.backward(q, k, v, bias, out, d_out.astype(jnp.float32), row_max, row_sum)
+    d_q, d_k, d_v = cpu_attention.backward(q, k, v, bias, out, d_out.astype(jnp.float32), row_max, row_sum,
+                                           scale=scale, token_major=token_major)
     return d_q, d_k, d_v, None
 
 

@@ -1,14 +1,15 @@
 // Softmax attention for x86 CPUs with AVX2 and FMA, forward and backward, as XLA FFI handlers.
 //
-// Forward, per (batch, head): S = q k^T + bias (q pre-scaled), E = exp(S - rowmax),
-// out = E v / rowsum; rowmax and rowsum are returned for the backward pass, which recomputes
+// Forward, per (batch, head): S = scale q k^T + bias, E = exp(S - rowmax), out = E v / rowsum;
+// rowmax and rowsum are returned for the backward pass, which recomputes
 // P = exp(S - rowmax) / rowsum and gives dV = P^T dO, dS = P * (dO v^T - rowsum(dO * out)),
-// dQ = dS k, dK = dS^T q. One (batch, head) is computed at a time in a per-thread workspace, so
-// the [L, L] matrices stay in the core's cache instead of going to memory between XLA's
-// operations. Built and loaded by cpu_kernels.py.
+// dQ = scale dS k, dK = dS^T (scale q). One (batch, head) is computed at a time in a per-thread
+// workspace, so the [L, L] matrices stay in the core's cache instead of going to memory between
+// XLA's operations. Built and loaded by cpu_kernels.py.
 //
-// Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32; bias [..., L] float32
-// (the leading dims of q without H, L, K); rowmax, rowsum [..., H, L].
+// Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32, or [..., L, H, K] with
+// the attribute token_major (the layout of a [..., L, H * K] projection: no transposes around the
+// kernel); bias [..., L] float32 (the leading dims of q without H, L, K); rowmax, rowsum [..., H, L].
 
 #include <immintrin.h>
 
@@ -47,6 +48,7 @@ constexpr int kRowTile = 6;  // rows per register tile of an [L, L] product (6 x
 
 struct Sizes {
   int L, K;
+  int64_t ld;  // floats between a head's consecutive rows in q, k, v, out (K heads-major, H * K token-major)
   int Lp;  // L padded to 16: columns of the [L, L] buffers
   int Lr;  // L padded to 12: rows (a multiple of every row tile)
   int Kp;  // K padded to 8
@@ -55,16 +57,17 @@ struct Sizes {
   size_t Wide() const { return (size_t)K * Lp; }          // a transposed [K, Lp] buffer
 };
 
-// x [L, K] -> dst [Lr, Kp], zero padded.
-void PackRows(const Sizes& z, const float* x, float* dst) {
+// scale * x [L, K] (rows z.ld apart) -> dst [Lr, Kp], zero padded.
+void PackRows(const Sizes& z, const float* x, float* dst, float scale = 1.0f) {
   std::memset(dst, 0, sizeof(float) * z.Narrow());
-  for (int l = 0; l < z.L; ++l) std::memcpy(dst + (size_t)l * z.Kp, x + (size_t)l * z.K, z.K * sizeof(float));
+  for (int l = 0; l < z.L; ++l)
+    for (int c = 0; c < z.K; ++c) dst[(size_t)l * z.Kp + c] = scale * x[(size_t)l * z.ld + c];
 }
 
-// x [L, K] -> dst [K, Lp] (transposed), zero padded.
+// x [L, K] (rows z.ld apart) -> dst [K, Lp] (transposed), zero padded.
 void PackColumns(const Sizes& z, const float* x, float* dst) {
   for (int c = 0; c < z.K; ++c) {
-    for (int m = 0; m < z.L; ++m) dst[(size_t)c * z.Lp + m] = x[(size_t)m * z.K + c];
+    for (int m = 0; m < z.L; ++m) dst[(size_t)c * z.Lp + m] = x[(size_t)m * z.ld + c];
     for (int m = z.L; m < z.Lp; ++m) dst[(size_t)c * z.Lp + m] = 0.f;
   }
 }
@@ -95,9 +98,10 @@ void ProductNT(const Sizes& z, const float* a, const float* bt, const float* ini
   }
 }
 
-// out [L, K] = row_scale[l] * sum_{m < L} a[l, m] b[m, :], a [Lr, Lp], b [Lr, NV * 8] (row_scale: none = 1).
+// out [L, K] (rows z.ld apart) = scale * row_scale[l] * sum_{m < L} a[l, m] b[m, :], a [Lr, Lp],
+// b [Lr, NV * 8] (row_scale: none = 1).
 template <int NV>
-void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_scale, float* out) {
+void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_scale, float scale, float* out) {
   constexpr int MR = 12 / NV;
   const int Lp = z.Lp, Kp = NV * 8;
   for (int l0 = 0; l0 < z.Lr; l0 += MR) {
@@ -115,14 +119,14 @@ void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_
     }
     alignas(32) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r) {
-      const __m256 scale = _mm256_set1_ps(row_scale && l0 + r < z.L ? row_scale[l0 + r] : 1.0f);
-      for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], scale));
+      const __m256 by = _mm256_set1_ps(scale * (row_scale && l0 + r < z.L ? row_scale[l0 + r] : 1.0f));
+      for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], by));
     }
-    for (int r = 0; r < MR && l0 + r < z.L; ++r) std::memcpy(out + (size_t)(l0 + r) * z.K, tile[r], z.K * sizeof(float));
+    for (int r = 0; r < MR && l0 + r < z.L; ++r) std::memcpy(out + (size_t)(l0 + r) * z.ld, tile[r], z.K * sizeof(float));
   }
 }
 
-// out [L, K] = sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
+// out [L, K] (rows z.ld apart) = sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
 template <int NV>
 void ProductTN(const Sizes& z, const float* a, const float* b, float* out) {
   constexpr int MR = 12 / NV;
@@ -143,7 +147,7 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float* out) {
     alignas(32) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, acc[r][j]);
-    for (int r = 0; r < MR && m0 + r < z.L; ++r) std::memcpy(out + (size_t)(m0 + r) * z.K, tile[r], z.K * sizeof(float));
+    for (int r = 0; r < MR && m0 + r < z.L; ++r) std::memcpy(out + (size_t)(m0 + r) * z.ld, tile[r], z.K * sizeof(float));
   }
 }
 
@@ -156,10 +160,11 @@ void PackBias(const Sizes& z, const float* bias, float* dst) {
 struct Forward {
   static size_t WorkFloats(const Sizes& z) { return z.Wide() + 2 * z.Narrow() + z.Square() + 2 * (size_t)z.Lp; }
 
-  // One (batch, head). q [L, K] (pre-scaled), k, v [L, K], bias [L] -> out [L, K], row_max, row_sum [L].
+  // One (batch, head). q, k, v [L, K] (rows z.ld apart), bias [L] -> out [L, K] (the same), row_max,
+  // row_sum [L] of the scores scale * q k^T + bias.
   template <int NV>
-  static void Head(const Sizes& z, const float* q, const float* k, const float* v, const float* bias, float* out,
-                   float* row_max, float* row_sum, float* work) {
+  static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
+                   float* out, float* row_max, float* row_sum, float* work) {
     float* kt = work;             // k^T [K, Lp]
     float* vp = kt + z.Wide();    // v [Lr, Kp]
     float* qp = vp + z.Narrow();  // q [Lr, Kp]
@@ -168,7 +173,7 @@ struct Forward {
     float* inv = bp + z.Lp;       // 1 / row sum [Lr <= Lp + 12]
     PackColumns(z, k, kt);
     PackRows(z, v, vp);
-    PackRows(z, q, qp);
+    PackRows(z, q, qp, scale);
     PackBias(z, bias, bp);
     ProductNT(z, qp, kt, bp, s);
     for (int l = 0; l < z.L; ++l) {
@@ -187,16 +192,18 @@ struct Forward {
       row_sum[l] = SumOf(sum);
       inv[l] = 1.0f / row_sum[l];
     }
-    ProductNN<NV>(z, s, vp, inv, out);
+    ProductNN<NV>(z, s, vp, inv, 1.0f, out);
   }
 };
 
 struct Backward {
   static size_t WorkFloats(const Sizes& z) { return 2 * z.Wide() + 3 * z.Narrow() + 2 * z.Square() + 2 * (size_t)z.Lp; }
 
-  // One (batch, head): the forward's inputs, out [L, K], d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K].
+  // One (batch, head): the forward's inputs, out [L, K], d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K]
+  // (all [L, K] rows z.ld apart; dq with respect to the unscaled q).
   template <int NV>
-  static void Head(const Sizes& z, const float* q, const float* k, const float* v, const float* bias, const float* out,
+  static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
+                   const float* out,
                    const float* d_out, const float* row_max, const float* row_sum, float* dq, float* dk, float* dv,
                    float* work) {
     float* kt = work;              // k^T [K, Lp]
@@ -210,7 +217,7 @@ struct Backward {
     float* zero = bp + z.Lp;       // [Lp]
     PackColumns(z, k, kt);
     PackColumns(z, v, vt);
-    PackRows(z, q, qp);
+    PackRows(z, q, qp, scale);
     PackRows(z, k, kp);
     PackRows(z, d_out, gp);
     PackBias(z, bias, bp);
@@ -226,38 +233,45 @@ struct Backward {
     ProductNT(z, gp, vt, zero, ds);  // dP = dO v^T
     for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(dO * out))
       float dot = 0.f;
-      for (int c = 0; c < z.K; ++c) dot += d_out[(size_t)l * z.K + c] * out[(size_t)l * z.K + c];
+      for (int c = 0; c < z.K; ++c) dot += d_out[(size_t)l * z.ld + c] * out[(size_t)l * z.ld + c];
       const __m256 d = _mm256_set1_ps(dot);
       float* g = ds + (size_t)l * z.Lp;
       const float* pr = p + (size_t)l * z.Lp;
       for (int m = 0; m < z.Lp; m += 8)
         _mm256_storeu_ps(g + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(g + m), d)));
     }
-    ProductNN<NV>(z, ds, kp, nullptr, dq);  // dQ = dS k
-    ProductTN<NV>(z, ds, qp, dk);           // dK = dS^T q
+    ProductNN<NV>(z, ds, kp, nullptr, scale, dq);  // dQ = scale dS k
+    ProductTN<NV>(z, ds, qp, dk);                  // dK = dS^T (scale q)
   }
 };
 
-// Checks q's shape [..., H, L, K] against the other [..., H, L, K] buffers and bias [..., L]; fills sizes, the
-// number of (batch, head) pairs and H. An empty string when they fit.
+// Checks q's shape ([..., H, L, K], or [..., L, H, K] token-major) against the other such buffers and bias
+// [..., L]; fills sizes, the number of (batch, head) pairs and H. An empty string when they fit.
 std::string CheckShapes(ffi::Span<const int64_t> d, std::initializer_list<ffi::Span<const int64_t>> same,
-                        size_t bias_elements, Sizes* z, int64_t* pairs, int64_t* heads) {
-  if (d.size() < 3) return "q must have shape [..., H, L, K]";
+                        size_t bias_elements, bool token_major, Sizes* z, int64_t* pairs, int64_t* heads) {
+  const char* layout = token_major ? "[..., L, H, K]" : "[..., H, L, K]";
+  if (d.size() < 3) return std::string("q must have shape ") + layout;
   for (const auto& other : same) {
     bool equal = other.size() == d.size();
     for (size_t i = 0; equal && i < d.size(); ++i) equal = other[i] == d[i];
-    if (!equal) return "q, k, v (and out, d_out, dq, dk, dv) must share one shape [..., H, L, K]";
+    if (!equal) return std::string("q, k, v (and out, d_out, dq, dk, dv) must share one shape ") + layout;
   }
   const int r = (int)d.size();
-  const int64_t L = d[r - 2], K = d[r - 1];
-  *heads = d[r - 3];
+  const int64_t L = token_major ? d[r - 3] : d[r - 2], K = d[r - 1];
+  *heads = token_major ? d[r - 2] : d[r - 3];
   if (K < 1 || K > 32) return "head size must be 1..32, got " + std::to_string(K);
-  *pairs = 1;
-  for (int i = 0; i < r - 2; ++i) *pairs *= d[i];
-  if ((int64_t)bias_elements != (*heads ? *pairs / *heads : 0) * L)
-    return "bias must have shape [..., L] (q's leading dims without H)";
-  *z = Sizes{(int)L, (int)K, (int)((L + 15) / 16 * 16), (int)((L + 11) / 12 * 12), (int)((K + 7) / 8 * 8)};
+  int64_t batch = 1;
+  for (int i = 0; i < r - 3; ++i) batch *= d[i];
+  *pairs = batch * *heads;
+  if ((int64_t)bias_elements != batch * L) return "bias must have shape [..., L] (q's leading dims without H)";
+  *z = Sizes{(int)L, (int)K, token_major ? *heads * K : K, (int)((L + 15) / 16 * 16), (int)((L + 11) / 12 * 12),
+             (int)((K + 7) / 8 * 8)};
   return "";
+}
+
+// Where (batch, head) pair i starts in q, k, v, out and their gradients.
+int64_t PairOffset(const Sizes& z, int64_t i, int64_t heads, bool token_major) {
+  return token_major ? (i / heads) * z.L * z.ld + (i % heads) * z.K : i * z.L * z.K;
 }
 
 template <template <int> class Pick>
@@ -276,18 +290,18 @@ template <int NV> struct BackwardHead { static constexpr auto fn = &Backward::He
 ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
                             ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> row_sum,
-                            ffi::ThreadPool pool) {
+                            bool token_major, float scale, ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
   const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out->dimensions()},
-                                      bias.element_count(), &z, &pairs, &heads);
+                                      bias.element_count(), token_major, &z, &pairs, &heads);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<ForwardHead>(z.Kp);
-  const size_t n = (size_t)z.L * z.K;
   labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
-    head(z, q.typed_data() + i * n, k.typed_data() + i * n, v.typed_data() + i * n,
-         bias.typed_data() + (i / heads) * z.L, out->typed_data() + i * n, row_max->typed_data() + i * z.L,
+    const int64_t at = PairOffset(z, i, heads, token_major);
+    head(z, scale, q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
+         bias.typed_data() + (i / heads) * z.L, out->typed_data() + at, row_max->typed_data() + i * z.L,
          row_sum->typed_data() + i * z.L, work);
   });
   return ffi::Error::Success();
@@ -297,22 +311,22 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
                              ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> d_out,
                              ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv, ffi::ThreadPool pool) {
+                             ffi::ResultBuffer<ffi::F32> dv, bool token_major, float scale, ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
   const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out.dimensions(),
                                                        d_out.dimensions(), dq->dimensions(), dk->dimensions(),
                                                        dv->dimensions()},
-                                      bias.element_count(), &z, &pairs, &heads);
+                                      bias.element_count(), token_major, &z, &pairs, &heads);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<BackwardHead>(z.Kp);
-  const size_t n = (size_t)z.L * z.K;
   labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
-    head(z, q.typed_data() + i * n, k.typed_data() + i * n, v.typed_data() + i * n,
-         bias.typed_data() + (i / heads) * z.L, out.typed_data() + i * n, d_out.typed_data() + i * n,
-         row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dq->typed_data() + i * n,
-         dk->typed_data() + i * n, dv->typed_data() + i * n, work);
+    const int64_t at = PairOffset(z, i, heads, token_major);
+    head(z, scale, q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
+         bias.typed_data() + (i / heads) * z.L, out.typed_data() + at, d_out.typed_data() + at,
+         row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dq->typed_data() + at,
+         dk->typed_data() + at, dv->typed_data() + at, work);
   });
   return ffi::Error::Success();
 }
@@ -321,18 +335,20 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, pre-scaled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row max of the scores
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row sum of exp(scores - row max)
+                                  .Attr<bool>("token_major")     // [..., L, H, K] instead of [..., H, L, K]
+                                  .Attr<float>("scale")          // of q in the scores
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, pre-scaled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
@@ -340,7 +356,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row max
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row sum
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq (with respect to the pre-scaled q)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<bool>("token_major")
+                                  .Attr<float>("scale")
                                   .Ctx<ffi::ThreadPool>());

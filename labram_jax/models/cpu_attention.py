@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from labram_jax.models import cpu_kernels
 
@@ -33,35 +34,46 @@ def supports(q: jax.Array) -> bool:
     return refusal(q) is None
 
 
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """softmax(q k^T + bias) v and its rows' statistics, by the kernel.
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, scale: float = 1.0,
+            token_major: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """softmax(scale q k^T + bias) v and its rows' statistics, by the kernel.
 
     Args:
-      q: [..., H, L, K] float32 queries, already scaled by 1/sqrt(K); k, v: the same shape.
+      q: [..., H, L, K] float32 queries, or [..., L, H, K] with ``token_major`` (a projection's
+        [..., L, H * K] output reshaped: no transposes); k, v: the same shape.
       bias: [..., L] float32 added to every head's scores (q's leading dims without H).
+      scale: the queries' factor in the scores (LaBraM: 1/sqrt(K)).
     Returns:
-      out [..., H, L, K]; row_max [..., H, L], the scores' max over the keys; row_sum [..., H, L],
+      out in q's layout; row_max [..., H, L], the scores' max over the keys; row_sum [..., H, L],
       ``sum(exp(scores - row_max))`` (kept apart: ``row_max + log(row_sum)`` loses ``log(row_sum)`` in
       float32 when a row has no valid key and its scores are all near -1e30).
     """
-    stats = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
+    stats = jax.ShapeDtypeStruct(_stats_shape(q, token_major), jnp.float32)
     return _call("labram_cpu_attention_forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32), stats, stats),
-                 q, k, v, bias)
+                 q, k, v, bias, scale=scale, token_major=token_major)
 
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, out: jax.Array, d_out: jax.Array,
-             row_max: jax.Array, row_sum: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The gradients of :func:`forward`'s ``out`` with respect to q (the pre-scaled one), k and v.
+             row_max: jax.Array, row_sum: jax.Array, *, scale: float = 1.0,
+             token_major: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients of :func:`forward`'s ``out`` with respect to q, k and v.
 
     Args:
-      q, k, v, bias: :func:`forward`'s inputs; out, row_max, row_sum: its outputs;
-      d_out: [..., H, L, K] float32, the gradient with respect to ``out``.
+      q, k, v, bias, scale, token_major: :func:`forward`'s; out, row_max, row_sum: its outputs;
+      d_out: float32 in q's layout, the gradient with respect to ``out``.
     Returns:
-      dq, dk, dv [..., H, L, K].
+      dq, dk, dv in q's layout.
     """
     grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return _call("labram_cpu_attention_backward", (grad, grad, grad), q, k, v, bias, out, d_out, row_max, row_sum)
+    return _call("labram_cpu_attention_backward", (grad, grad, grad), q, k, v, bias, out, d_out, row_max, row_sum,
+                 scale=scale, token_major=token_major)
 
 
-def _call(target: str, result_shapes, *args):
-    return cpu_kernels.call(target, result_shapes, *args, what="attention", instead="attention='explicit'")
+def _stats_shape(q: jax.Array, token_major: bool) -> tuple[int, ...]:
+    """[..., H, L]: one statistic per (batch, head, query)."""
+    return (*q.shape[:-3], q.shape[-2], q.shape[-3]) if token_major else q.shape[:-1]
+
+
+def _call(target: str, result_shapes, *args, scale: float, token_major: bool):
+    return cpu_kernels.call(target, result_shapes, *args, what="attention", instead="attention='explicit'",
+                            scale=np.float32(scale), token_major=np.bool_(token_major))

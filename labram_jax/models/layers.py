@@ -211,22 +211,29 @@ class LoRA(nn.Module):
         return jnp.einsum("...r,ro->...o", h, b.astype(self.dtype)) * jnp.asarray(self.alpha / self.rank, self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def split_heads(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q, k, v [B, H, L, K] from the fused projection qkv [B, L, 3 * H * K].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def split_heads(qkv: jax.Array, heads: int, token_major: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v [B, H, L, K] (or [B, L, H, K] with ``token_major``: slices, no transpose) from the
+    fused projection qkv [B, L, 3 * H * K].
 
-    Its gradient is one transpose of the three stacked gradients back to [B, L, 3 * H * K].
+    Its gradient is one transpose (or concatenation) of the three gradients back to [B, L, 3 * H * K].
     Autodiff of the slices pads each gradient to the stacked shape and adds the three: three
     writes and reads of [3, B, H, L, K] per block before the transpose (BENCHMARKS.md)."""
     b, length, width = qkv.shape
-    return tuple(qkv.reshape(b, length, 3, heads, width // (3 * heads)).transpose(2, 0, 3, 1, 4))
+    split = qkv.reshape(b, length, 3, heads, width // (3 * heads))
+    if token_major:
+        return split[:, :, 0], split[:, :, 1], split[:, :, 2]
+    return tuple(split.transpose(2, 0, 3, 1, 4))
 
 
-def _split_heads_fwd(qkv, heads):
-    return split_heads(qkv, heads), None
+def _split_heads_fwd(qkv, heads, token_major):
+    return split_heads(qkv, heads, token_major), None
 
 
-def _split_heads_bwd(heads, _, grads):
+def _split_heads_bwd(heads, token_major, _, grads):
+    if token_major:  # [B, L, H, K] each
+        b, length = grads[0].shape[:2]
+        return (jnp.stack(grads, axis=2).reshape(b, length, -1),)
     d_qkv = jnp.stack(grads)  # [3, B, H, L, K]
     _, b, _, length, _ = d_qkv.shape
     return (d_qkv.transpose(1, 3, 0, 2, 4).reshape(b, length, -1),)
@@ -253,21 +260,27 @@ class Attention(nn.Module):
         qkv = linear.linear(x, w_qkv.reshape(d, 3 * d).astype(cfg.dtype), implementation=cfg.linear)
         if cfg.lora_rank:
             qkv = qkv + LoRA(3 * d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="qkv_lora")(x)
-        q, k, v = split_heads(qkv, h)
+        # The C++ attention reads and writes [B, L, H, hd] (the projections' layout); the others
+        # compute heads-major [B, H, L, hd].
+        token_major = attention.resolve(cfg.attention, qkv.reshape(*qkv.shape[:2], 3, h, hd)) == "cpu_kernel"
+        q, k, v = split_heads(qkv, h, token_major)
         if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
             q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
             v_bias = self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
-            q = q + q_bias[:, None].astype(cfg.dtype)
-            v = v + v_bias[:, None].astype(cfg.dtype)
+            q = q + (q_bias if token_major else q_bias[:, None]).astype(cfg.dtype)
+            v = v + (v_bias if token_major else v_bias[:, None]).astype(cfg.dtype)
         if cfg.qk_norm:
             q = layer_norm("kv", name="q_norm", dtype=cfg.dtype, implementation=cfg.layer_norm)(q)
             k = layer_norm("kv", name="k_norm", dtype=cfg.dtype, implementation=cfg.layer_norm)(k)
-        q = nn.with_logical_constraint(q, ("act_batch", "act_heads", "act_length", "act_kv"))
-        out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
+        if token_major:
+            merged = attention.token_major(q, k, v, key_valid).reshape(*x.shape[:2], d)  # [B, L, H*hd]
+        else:
+            q = nn.with_logical_constraint(q, ("act_batch", "act_heads", "act_length", "act_kv"))
+            out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
+            merged = out.transpose(0, 2, 1, 3).reshape(*x.shape[:2], d)  # [B, L, H*hd]
         std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
         w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
-        merged = out.transpose(0, 2, 1, 3).reshape(*x.shape[:2], d)  # [B, L, H*hd]
         y = linear.linear(merged, w_out.reshape(d, d).astype(cfg.dtype), b_out.astype(cfg.dtype), cfg.linear)
         if cfg.lora_rank:
             y = y + LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labram_jax.models import attention, config as model_config, layers
+from labram_jax.models import attention, config as model_config, cpu_attention, layers
 
 
 def _inputs(seed, b=3, length=37, heads=4, head=20):
@@ -49,12 +49,19 @@ def test_block_output_does_not_depend_on_the_implementation():
     cfg = model_config.labram("tiny")
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 9, cfg.embed_dim)), jnp.float32)
     valid = jnp.asarray(np.array([[True] * 9, [True] * 6 + [False] * 3]))
-    outs = []
-    for impl in ("xla", "explicit"):
-        block = layers.Block(cfg.replace(attention=impl), 1)
-        variables = block.init(jax.random.key(0), x, valid)
-        outs.append(block.apply(variables, x, valid))
-    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    # cpu_kernel (where it runs): q, k, v read token-major from the projection, the output written in place
+    impls = ["xla", "explicit", *(["cpu_kernel"] if cpu_attention.supports(x[..., :cfg.head_dim]) else [])]
+    for tokenizer_like in (False, True):  # LaBraM's q/k norms, or the tokenizer's q and v biases
+        c = cfg.replace(qk_norm=not tokenizer_like, qkv_bias=tokenizer_like)
+        variables = layers.Block(c, 1).init(jax.random.key(0), x, valid)
+        if tokenizer_like:  # non-zero biases, so that where they are added matters
+            variables = jax.tree_util.tree_map_with_path(
+                lambda p, a: a + 0.3 if "bias" in jax.tree_util.keystr(p) else a, variables)
+        results = [jax.value_and_grad(lambda v, x: jnp.sum(layers.Block(c.replace(attention=impl), 1).apply(
+            v, x, valid) ** 2), argnums=(0, 1))(variables, x) for impl in impls]
+        for other in results[1:]:
+            np.testing.assert_allclose(other[0], results[0][0], rtol=1e-5)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), other[1], results[0][1])
 
 
 def test_gelu_is_exact():
@@ -73,18 +80,20 @@ def test_row_max_is_the_max_and_skips_nothing_finite():
     assert np.isnan(np.asarray(out)).any()  # a NaN score still poisons its row: nothing is silently dropped
 
 
-def test_split_heads_gradient_is_that_of_the_slices():
+@pytest.mark.parametrize("token_major", [False, True])
+def test_split_heads_gradient_is_that_of_the_slices(token_major):
     b, length, heads, head = 2, 5, 3, 4
     rng = np.random.default_rng(5)
     qkv = jnp.asarray(rng.standard_normal((b, length, 3 * heads * head)), jnp.float32)
-    gs = [jnp.asarray(rng.standard_normal((b, heads, length, head)), jnp.float32) for _ in range(3)]
+    shape = (b, length, heads, head) if token_major else (b, heads, length, head)
+    gs = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3)]
 
     def by_slices(x):
-        t = x.reshape(b, length, 3, heads, head).transpose(2, 0, 3, 1, 4)
+        t = x.reshape(b, length, 3, heads, head).transpose((2, 0, 1, 3, 4) if token_major else (2, 0, 3, 1, 4))
         return t[0], t[1], t[2]
 
-    for ours, theirs in zip(layers.split_heads(qkv, heads), by_slices(qkv)):
+    for ours, theirs in zip(layers.split_heads(qkv, heads, token_major), by_slices(qkv)):
         np.testing.assert_array_equal(ours, theirs)
-    ours = jax.grad(lambda x: sum(jnp.sum(o * g) for o, g in zip(layers.split_heads(x, heads), gs)))(qkv)
+    ours = jax.grad(lambda x: sum(jnp.sum(o * g) for o, g in zip(layers.split_heads(x, heads, token_major), gs)))(qkv)
     theirs = jax.grad(lambda x: sum(jnp.sum(o * g) for o, g in zip(by_slices(x), gs)))(qkv)
     np.testing.assert_array_equal(ours, theirs)

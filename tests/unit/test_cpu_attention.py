@@ -123,3 +123,29 @@ def test_switched_off_by_the_environment(monkeypatch):
         cpu_attention.forward(q, q, q, jnp.zeros((1, 3), jnp.float32))
     with pytest.raises(ValueError, match="LABRAM_JAX_CPU_KERNEL=0.*use 'explicit'"):
         attention.dot_product_attention(q, q, q, jnp.ones((1, 3), bool), "cpu_kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 4, 37, 20), (2, 10, 185, 20), (3, 3, 13, 25), (2, 1, 1, 20)])
+def test_token_major_layout_is_the_same_attention(shape):
+    # [B, L, H, K] read and written in place (rows H * K apart), the 1/sqrt(K) scale applied inside
+    q, k, v, g, valid = _inputs(sum(shape) + 1, shape)
+    swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, H, L, K] <-> [B, L, H, K]
+    out_e, grads_e = _run("explicit", q, k, v, g, valid)
+    f = jax.jit(lambda q, k, v: attention.token_major(q, k, v, valid))
+    out_t, vjp = jax.vjp(f, swap(q), swap(k), swap(v))
+    np.testing.assert_allclose(swap(out_t), out_e, rtol=1e-5, atol=2e-6)
+    for a, b in zip(vjp(swap(g)), grads_e):
+        np.testing.assert_allclose(swap(a), b, rtol=1e-4, atol=1e-5)
+    # the same numbers as the heads-major kernel, to the bit: only where they are read and written
+    out_c, grads_c = _run("cpu_kernel", q, k, v, g, valid)
+    np.testing.assert_array_equal(swap(out_t), out_c)
+    for a, b in zip(vjp(swap(g)), grads_c):
+        np.testing.assert_array_equal(swap(a), b)
+    _, row_max, _ = cpu_attention.forward(swap(q), swap(k), swap(v), jnp.where(valid, 0.0, -1e30), scale=0.5,
+                                          token_major=True)
+    s = 0.5 * jnp.einsum("bhlk,bhmk->bhlm", q, k) + jnp.where(valid, 0.0, -1e30)[:, None, None, :]
+    np.testing.assert_allclose(row_max, jnp.max(s, axis=-1), rtol=1e-5, atol=1e-5)  # [B, H, L] statistics
+    with pytest.raises(Exception, match=r"\[\.\.\., L, H, K\]"):
+        jax.block_until_ready(cpu_attention.forward(swap(q), swap(k)[..., :-1], swap(v), jnp.zeros(valid.shape),
+                                                    token_major=True))
