@@ -10,7 +10,9 @@
   autodiff of the generic version (BENCHMARKS.md).
 - ``cpu_kernel``: C++ kernels for AVX2 CPUs (``cpu_attention``), forward and backward, which
   keep each head's [L, L] matrices in cache; the backward pass recomputes the probabilities from
-  the rows' max and sum of exponentials (nothing [L, L] is kept between the passes).
+  the rows' max and sum of exponentials (nothing [L, L] is kept between the passes). The
+  transformer blocks call them through :func:`token_major`, on the qkv projection's own
+  [B, L, H, K] layout with the 1/sqrt(K) scale applied inside (no transposes around them).
 
 ``auto`` picks ``xla`` off CPU; on CPU ``cpu_kernel`` where the kernel works (float32, head size
 <= 32, one device) and the CPU has no AVX-512 (the class it was measured faster on; XLA's own
