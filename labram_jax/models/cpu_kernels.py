@@ -1,10 +1,10 @@
 """The C++ kernels for x86 CPUs with AVX2 + FMA: building, loading and calling them.
 
 Three kinds of operation run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was
-measured slower (BENCHMARKS.md, sessions 19, 21 and 23): softmax attention (``cpu_attention.cc``,
+measured slower (BENCHMARKS.md, sessions 19, 21, 23 and 24): softmax attention (``cpu_attention.cc``,
 wrapped by :mod:`labram_jax.models.cpu_attention`), LayerNorm (``cpu_layer_norm.cc``, wrapped
-by :mod:`labram_jax.models.cpu_layer_norm`) and the linear layers' matrix products
-(``cpu_matmul.cc``, wrapped by :mod:`labram_jax.models.cpu_matmul`). The attention and product
+by :mod:`labram_jax.models.cpu_layer_norm`) and the linear layers' matrix products with their
+GELU, and the tokenizer's nearest codes (``cpu_matmul.cc``, wrapped by :mod:`labram_jax.models.cpu_matmul`). The attention and product
 kernels share their work with XLA's own intra-op thread pool (``cpu_kernels.h``). The sources (and
 the header they share) are compiled into one library on first use with the system's C++ compiler (``$CXX``, else ``c++`` or ``g++``)
 against jaxlib's FFI headers, into ``$LABRAM_JAX_CACHE_DIR`` (default ``~/.cache/labram_jax``)
@@ -37,7 +37,8 @@ TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -
            "LabramAttentionBackward": "labram_cpu_attention_backward",
            "LabramLayerNormForward": "labram_cpu_layer_norm_forward",
            "LabramLayerNormBackward": "labram_cpu_layer_norm_backward",
-           "LabramMatmul": "labram_cpu_matmul"}
+           "LabramMatmul": "labram_cpu_matmul",
+           "LabramNearest": "labram_cpu_nearest"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 
 

@@ -380,6 +380,109 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// The nearest code of each row: codes[i] = argmin_j (|z_i|^2 + |w_j|^2) - 2 z_i . w_j (the first j
+// on ties, the first NaN if any, as jnp.argmin) and that value, z [M, d], codebook w [N, d]. The
+// [M, N] distances are never written out: each part takes a range of rows and walks the codebook
+// in blocks of kNearestBlock codes, their products in a cache-sized scratch scanned right away
+// (written to memory and read back by XLA, they took ~5x the product's time).
+constexpr int kNearestBlock = 256;
+
+// Lane-wise: whether (v, at j) beats (best, at its index), NaNs winning, earlier indices on ties.
+inline __m256 Beats(__m256 v, __m256 best) {
+  const __m256 v_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q), best_nan = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
+  return _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_LT_OQ), _mm256_andnot_ps(best_nan, v_nan));
+}
+
+void NearestRows(const float* z, const float* w, const float* zz, const float* ww, int64_t m0, int64_t m1, int64_t n,
+                 int64_t d, int32_t* codes, float* values, float* work, float* scratch) {
+  const int64_t rows = m1 - m0;
+  alignas(32) float best_value[8];
+  alignas(32) int32_t best_index[8];
+  std::vector<__m256> lane_value(rows);
+  std::vector<__m256i> lane_index(rows);
+  for (int64_t r = 0; r < rows; ++r) lane_value[r] = _mm256_set1_ps(INFINITY), lane_index[r] = _mm256_set1_epi32(n);
+  for (int64_t j0 = 0; j0 < n; j0 += kNearestBlock) {
+    const int64_t cols = std::min<int64_t>(kNearestBlock, n - j0);
+    Problem sub;
+    sub.a = {z + m0 * d, d, false};
+    sub.b = {w + j0 * d, d, true};
+    sub.m = rows, sub.n = cols, sub.k = d;
+    sub.bias = nullptr, sub.c = scratch, sub.b_sums = nullptr;
+    Part(sub, 0, rows, 0, cols, 0, d, false, work);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* dot = scratch + r * cols;
+      const __m256 zr = _mm256_set1_ps(zz[m0 + r]), two = _mm256_set1_ps(2.0f);
+      __m256 bv = lane_value[r];
+      __m256i bi = lane_index[r];
+      int64_t j = 0;
+      for (; j + 8 <= cols; j += 8) {
+        const __m256 v = _mm256_fnmadd_ps(two, _mm256_loadu_ps(dot + j), _mm256_add_ps(zr, _mm256_loadu_ps(ww + j0 + j)));
+        const __m256 take = Beats(v, bv);
+        bv = _mm256_blendv_ps(bv, v, take);
+        const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j0 + j)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(index), take));
+      }
+      if (j < cols) {  // the last few codes, the lanes past them at +inf (never taken)
+        alignas(32) float tail[8];
+        for (int l = 0; l < 8; ++l) tail[l] = j + l < cols ? (zz[m0 + r] + ww[j0 + j + l]) - 2.0f * dot[j + l] : INFINITY;
+        const __m256 v = _mm256_load_ps(tail);
+        const __m256 take = Beats(v, bv);
+        bv = _mm256_blendv_ps(bv, v, take);
+        const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j0 + j)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(index), take));
+      }
+      lane_value[r] = bv, lane_index[r] = bi;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // the lanes' winners: the smallest value, then the smallest index
+    _mm256_store_ps(best_value, lane_value[r]);
+    _mm256_store_si256((__m256i*)best_index, lane_index[r]);
+    float v = best_value[0];
+    int32_t at = best_index[0];
+    for (int l = 1; l < 8; ++l) {
+      const float u = best_value[l];
+      const bool u_nan = u != u, v_nan = v != v;
+      if ((u_nan && !v_nan) || (u < v) || (u_nan == v_nan && !(v < u) && !(u < v) && best_index[l] < at))
+        v = u, at = best_index[l];
+    }
+    codes[m0 + r] = at, values[m0 + r] = v;
+  }
+}
+
+ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi::ResultBuffer<ffi::S32> codes,
+                   ffi::ResultBuffer<ffi::F32> values, ffi::ThreadPool pool) {
+  const auto dz = z.dimensions(), dw = codebook.dimensions();
+  if (dz.size() != 2 || dw.size() != 2 || dz[1] != dw[1])
+    return ffi::Error::InvalidArgument("nearest: z [M, d] and codebook [N, d] must share d");
+  const int64_t m = dz[0], n = dw[0], d = dz[1];
+  if (n == 0 && m > 0) return ffi::Error::InvalidArgument("nearest: the codebook is empty");
+  if (m == 0) return ffi::Error::Success();
+  if (n > INT32_MAX) return ffi::Error::InvalidArgument("nearest: more codes than int32 indexes");
+  std::vector<float> zz(m), ww(n);  // squared norms, summed in order as XLA's row sums would
+  for (int64_t i = 0; i < m; ++i) {
+    float s = 0.f;
+    for (int64_t k = 0; k < d; ++k) s += z.typed_data()[i * d + k] * z.typed_data()[i * d + k];
+    zz[i] = s;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float s = 0.f;
+    for (int64_t k = 0; k < d; ++k) s += codebook.typed_data()[j * d + k] * codebook.typed_data()[j * d + k];
+    ww[j] = s;
+  }
+  const int64_t units = (m + kMr - 1) / kMr;
+  const int64_t parts = std::min<int64_t>(2 * labram_cpu::UsableCpus(), units);
+  const size_t scratch_floats = (size_t)((units + parts - 1) / parts) * kMr * kNearestBlock;
+  labram_cpu::ForEachPart(pool, parts, WorkFloats() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
+    const int64_t m0 = std::min(m, units * t / parts * kMr), m1 = std::min(m, units * (t + 1) / parts * kMr);
+    if (m1 > m0)
+      NearestRows(z.typed_data(), codebook.typed_data(), zz.data(), ww.data(), m0, m1, n, d, codes->typed_data(),
+                  values->typed_data(), work, work + WorkFloats());
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
@@ -393,4 +496,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // GELU's derivative [M, N] or [0] (none: no GELU)
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramNearest, Nearest,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z [M, d]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // codebook [N, d]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // codes [M]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // their squared distances [M]
                                   .Ctx<ffi::ThreadPool>());

@@ -4,7 +4,8 @@ On CPUs without AVX-512, XLA:CPU's products (YNNPACK) at a linear layer's shapes
 PyTorch/MKL's rate (BENCHMARKS.md, "Session 22"); this kernel packs both operands BLIS-style and
 runs a 6 x 16 register tile, with the bias added as the result is written and, for a weight
 gradient, the bias gradient (the column sums of the output gradient) taken while packing it.
-Used by :mod:`labram_jax.models.linear`. Building and loading: :mod:`labram_jax.models.cpu_kernels`.
+Used by :mod:`labram_jax.models.linear`; :func:`nearest` (each row's nearest code, the [M, N]
+distances never in memory) by the tokenizer's quantizer. Building and loading: :mod:`labram_jax.models.cpu_kernels`.
 """
 
 from __future__ import annotations
@@ -46,3 +47,17 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
         vmap_method="sequential", transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
     extras = (sums,) * b_sums + (derivative,) * gelu
     return (c, *extras) if extras else c
+
+
+def nearest(z: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's nearest code by the kernel, without the [M, N] distances ever in memory.
+
+    Args:
+      z: [M, d] float32; codebook: [N, d] float32.
+    Returns:
+      codes [M] int32, ``argmin_j (|z_i|^2 + |w_j|^2) - 2 z_i . w_j`` (the first on ties, the first
+      NaN if any, as ``jnp.argmin``), and those squared distances [M] float32.
+    """
+    return cpu_kernels.call("labram_cpu_nearest", (jax.ShapeDtypeStruct(z.shape[:1], jnp.int32),
+                                                   jax.ShapeDtypeStruct(z.shape[:1], jnp.float32)),
+                            z, codebook, what="nearest-code", instead=INSTEAD, vmap_method="sequential")

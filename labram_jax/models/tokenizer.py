@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from labram_jax.models import config as config_lib
-from labram_jax.models import layers, linear
+from labram_jax.models import cpu_matmul, layers, linear
 from labram_jax.models import transformer
 
 CODEBOOK = "codebook"
@@ -121,6 +121,16 @@ def squared_distances(z: jax.Array, codebook: jax.Array, implementation: str = "
     implementation = linear.resolve(implementation, z, codebook)
     return (jnp.sum(jnp.square(z), axis=1, keepdims=True) + jnp.sum(jnp.square(codebook), axis=1)
             - 2.0 * linear.matmul_transposed(z, codebook, implementation))
+
+
+def nearest_codes(z: jax.Array, codebook: jax.Array, implementation: str = "xla") -> jax.Array:
+    """Each row's nearest code, ``argmin`` of :func:`squared_distances` over the codebook: z [M, d],
+    codebook [K, d] -> [M] int32 (no gradient). On ``cpu_kernel`` one C++ call that never writes
+    the [M, K] distances out (``cpu_matmul.nearest``; BENCHMARKS.md, "Session 24")."""
+    z, codebook = jax.lax.stop_gradient(z), jax.lax.stop_gradient(codebook)
+    if linear.resolve(implementation, z, codebook) == "cpu_kernel":
+        return cpu_matmul.nearest(z, codebook)[0]
+    return jnp.argmin(squared_distances(z, codebook, "xla"), axis=1).astype(jnp.int32)
 
 
 def code_statistics(z: jax.Array, codes: jax.Array, valid: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
@@ -259,9 +269,7 @@ class Quantizer(nn.Module):
         codebook = self.embedding.value
         b, p, d = z.shape
         flat = z.reshape(b * p, d)
-        # Only the argmin is used: no gradient flows through the distances (nor can through the C++ product).
-        distances = squared_distances(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(codebook), self.implementation)
-        codes = jnp.argmin(distances, axis=1).astype(jnp.int32)
+        codes = nearest_codes(flat, codebook, self.implementation)
         z_q = jnp.take(codebook, codes, axis=0).reshape(b, p, d)
         if update and not self.is_initializing():
             counts, sums = code_statistics(jax.lax.stop_gradient(flat), codes, valid.reshape(-1), self.codebook_size)

@@ -245,3 +245,28 @@ def test_mlp_runs_fused_where_it_can_and_says_why_not(monkeypatch):
         layers.mlp_fused(cfg.replace(linear="xla", mlp="fused"), x)
     with pytest.raises(ValueError, match="mlp="):
         model_config.labram("tiny", mlp="fast")
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, n, d", [(1472, 8192, 32), (37, 1003, 32), (5, 13, 3), (1, 1, 1), (700, 260, 64)])
+def test_nearest_codes_are_xlas_argmin(m, n, d):
+    rng = np.random.default_rng(m + n)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731  the quantizer's inputs
+    z, codebook = unit(_normal(m, m, d)), unit(_normal(n, n, d))
+    first = n // 3  # ties with it in its lane of 8 (first + 8) and in the next lane: the first index wins
+    for twin in (first + 8, first + 1):
+        codebook[min(twin, n - 1)] = codebook[first]
+    z[0] = codebook[first]
+    codes, values = jax.jit(cpu_matmul.nearest)(z, codebook)
+    distances = tokenizer.squared_distances(jnp.asarray(z), jnp.asarray(codebook), "xla")
+    np.testing.assert_array_equal(codes, jnp.argmin(distances, axis=1))
+    np.testing.assert_allclose(values, distances[np.arange(m), np.asarray(codes)], rtol=1e-6, atol=1e-6)
+    assert codes[0] == first
+    np.testing.assert_array_equal(tokenizer.nearest_codes(jnp.asarray(z), jnp.asarray(codebook), "cpu_kernel"), codes)
+    # NaNs: a NaN row picks code 0, a NaN code is every row's pick (the first NaN, as jnp.argmin)
+    z[min(1, m - 1)] = np.nan
+    codebook_nan = codebook.copy()
+    codebook_nan[n - 1, 0] = np.nan
+    for zz, ww in ((z, codebook), (z, codebook_nan)):
+        want = jnp.argmin(tokenizer.squared_distances(jnp.asarray(zz), jnp.asarray(ww), "xla"), axis=1)
+        np.testing.assert_array_equal(cpu_matmul.nearest(zz, ww)[0], want)
