@@ -91,8 +91,15 @@ def build(cxx: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", HERE, *SOURCES, "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        # Compile the very bytes the key was made of (copies): a source edited while another process
+        # builds must not land in the cache under the old source's key.
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as src:
+            for file, text in zip(SOURCES + HEADERS, parts):
+                with open(os.path.join(src, os.path.basename(file)), "wb") as f:
+                    f.write(text)
+            copies = [os.path.join(src, os.path.basename(file)) for file in SOURCES]
+            cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", src, *copies, "-o", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr[-1500:]}")
         os.replace(tmp, path)  # atomic: processes building at once each finish with a whole file

@@ -1,6 +1,8 @@
 """The C++ attention kernel for AVX2 CPUs: the same function as ``explicit``, its build, and when it is used."""
 
 import os
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -103,15 +105,34 @@ def test_kernel_is_refused_where_it_does_not_compute():
 
 
 @needs_kernel
-def test_build_is_cached_and_a_failed_build_says_why(tmp_path, monkeypatch):
-    monkeypatch.setenv("LABRAM_JAX_CACHE_DIR", str(tmp_path))
-    path = cpu_kernels.build(cpu_kernels.compiler())
-    assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
+def test_build_is_cached_compiles_what_it_hashed_and_a_failed_build_says_why(tmp_path, monkeypatch):
+    # The sources copied, so that they can be edited while a build runs (as a developer may).
+    sources = tmp_path / "src"
+    sources.mkdir()
+    for name in cpu_kernels.SOURCES + cpu_kernels.HEADERS:
+        shutil.copy(name, sources)
+    monkeypatch.setattr(cpu_kernels, "SOURCES", tuple(str(sources / os.path.basename(f)) for f in cpu_kernels.SOURCES))
+    monkeypatch.setattr(cpu_kernels, "HEADERS", tuple(str(sources / os.path.basename(f)) for f in cpu_kernels.HEADERS))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LABRAM_JAX_CACHE_DIR", str(cache))
+    edited = sources / "cpu_matmul.cc"
+    original = edited.read_text()
+    run = subprocess.run
+
+    def edit_then_compile(*args, **kwargs):  # the source changes after it was hashed, before it is compiled
+        edited.write_text(original + "\n#error edited during the build\n")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", edit_then_compile)
+    path = cpu_kernels.build(cpu_kernels.compiler())  # compiled the bytes it hashed, not the edited file
+    assert os.path.dirname(path) == str(cache) and os.path.getsize(path) > 0
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(RuntimeError, match=r"(?s)failed:.*edited during the build"):
+        cpu_kernels.build(cpu_kernels.compiler())  # the edited source: another key, and its compiler error
+    assert os.listdir(cache) == [os.path.basename(path)]  # no partial file or copies left behind
+    edited.write_text(original)
     stamp = os.stat(path).st_mtime_ns
-    assert cpu_kernels.build(cpu_kernels.compiler()) == path and os.stat(path).st_mtime_ns == stamp
-    with pytest.raises(RuntimeError, match="failed"):
-        cpu_kernels.build("/bin/false")
-    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no partial file left behind
+    assert cpu_kernels.build(cpu_kernels.compiler()) == path and os.stat(path).st_mtime_ns == stamp  # cached
 
 
 def test_switched_off_by_the_environment(monkeypatch):
