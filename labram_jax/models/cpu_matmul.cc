@@ -411,27 +411,23 @@ void NearestRows(const float* z, const float* w, const float* zz, const float* w
     Part(sub, 0, rows, 0, cols, 0, d, false, work);
     for (int64_t r = 0; r < rows; ++r) {
       const float* dot = scratch + r * cols;
-      const __m256 zr = _mm256_set1_ps(zz[m0 + r]), two = _mm256_set1_ps(2.0f);
       __m256 bv = lane_value[r];
       __m256i bi = lane_index[r];
-      int64_t j = 0;
-      for (; j + 8 <= cols; j += 8) {
-        const __m256 v = _mm256_fnmadd_ps(two, _mm256_loadu_ps(dot + j), _mm256_add_ps(zr, _mm256_loadu_ps(ww + j0 + j)));
+      auto offer = [&](__m256 v, int64_t j) {  // codes j0 + j .. j0 + j + 7, lane by lane
         const __m256 take = Beats(v, bv);
-        bv = _mm256_blendv_ps(bv, v, take);
         const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j0 + j)),
                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        bv = _mm256_blendv_ps(bv, v, take);
         bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(index), take));
-      }
+      };
+      const __m256 zr = _mm256_set1_ps(zz[m0 + r]), two = _mm256_set1_ps(2.0f);
+      int64_t j = 0;
+      for (; j + 8 <= cols; j += 8)
+        offer(_mm256_fnmadd_ps(two, _mm256_loadu_ps(dot + j), _mm256_add_ps(zr, _mm256_loadu_ps(ww + j0 + j))), j);
       if (j < cols) {  // the last few codes, the lanes past them at +inf (never taken)
         alignas(32) float tail[8];
         for (int l = 0; l < 8; ++l) tail[l] = j + l < cols ? (zz[m0 + r] + ww[j0 + j + l]) - 2.0f * dot[j + l] : INFINITY;
-        const __m256 v = _mm256_load_ps(tail);
-        const __m256 take = Beats(v, bv);
-        bv = _mm256_blendv_ps(bv, v, take);
-        const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j0 + j)),
-                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(index), take));
+        offer(_mm256_load_ps(tail), j);
       }
       lane_value[r] = bv, lane_index[r] = bi;
     }
@@ -459,8 +455,13 @@ ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi:
   const int64_t m = dz[0], n = dw[0], d = dz[1];
   if (n == 0 && m > 0) return ffi::Error::InvalidArgument("nearest: the codebook is empty");
   if (m == 0) return ffi::Error::Success();
+  if (d == 0) {  // every distance 0: the first code
+    std::fill(codes->typed_data(), codes->typed_data() + m, 0);
+    std::fill(values->typed_data(), values->typed_data() + m, 0.f);
+    return ffi::Error::Success();
+  }
   if (n > INT32_MAX) return ffi::Error::InvalidArgument("nearest: more codes than int32 indexes");
-  std::vector<float> zz(m), ww(n);  // squared norms, summed in order as XLA's row sums would
+  std::vector<float> zz(m), ww(n);  // squared norms
   for (int64_t i = 0; i < m; ++i) {
     float s = 0.f;
     for (int64_t k = 0; k < d; ++k) s += z.typed_data()[i * d + k] * z.typed_data()[i * d + k];

@@ -318,10 +318,12 @@ def mlp_fused(cfg: config_lib.TransformerConfig, *operands: jax.Array) -> bool:
     """Whether :class:`Mlp` runs as one :func:`linear.gelu_mlp` on these operands: ``cfg.mlp`` fused,
     or auto where the linear layers resolve to ``cpu_kernel`` and there is no LoRA; a ValueError
     saying why where fused cannot run."""
-    can = cfg.lora_rank == 0 and linear.resolve(cfg.linear, *operands) == "cpu_kernel"
+    products = linear.resolve(cfg.linear, *operands)
+    can = cfg.lora_rank == 0 and products == "cpu_kernel"
     if cfg.mlp == "fused" and not can:
-        raise ValueError("mlp='fused' runs on the C++ product kernel without LoRA: it needs linear='cpu_kernel' "
-                         f"(here {cfg.linear!r}) and lora_rank=0 (here {cfg.lora_rank}); use mlp='layers'")
+        raise ValueError("mlp='fused' runs on the C++ product kernel without LoRA: it needs the linear layers on "
+                         f"cpu_kernel (linear={cfg.linear!r} runs them on {products!r} here) and lora_rank=0 (here "
+                         f"{cfg.lora_rank}); use mlp='layers'")
     return can and cfg.mlp != "layers"
 
 

@@ -241,7 +241,7 @@ def test_mlp_runs_fused_where_it_can_and_says_why_not(monkeypatch):
     np.testing.assert_allclose(outs["auto"], outs["layers"], rtol=1e-5, atol=1e-6)
     assert not layers.mlp_fused(cfg.replace(linear="xla"), x)  # auto: XLA's products, XLA's GELU
     assert not layers.mlp_fused(cfg.replace(lora_rank=2), x)   # adapters between the layers
-    with pytest.raises(ValueError, match="linear='cpu_kernel'.*use mlp='layers'"):
+    with pytest.raises(ValueError, match=r"on cpu_kernel \(linear='xla' runs them on 'xla' here\).*use mlp='layers'"):
         layers.mlp_fused(cfg.replace(linear="xla", mlp="fused"), x)
     with pytest.raises(ValueError, match="mlp="):
         model_config.labram("tiny", mlp="fast")
@@ -270,3 +270,10 @@ def test_nearest_codes_are_xlas_argmin(m, n, d):
     for zz, ww in ((z, codebook), (z, codebook_nan)):
         want = jnp.argmin(tokenizer.squared_distances(jnp.asarray(zz), jnp.asarray(ww), "xla"), axis=1)
         np.testing.assert_array_equal(cpu_matmul.nearest(zz, ww)[0], want)
+
+
+@needs_kernel
+def test_nearest_codes_without_dimensions_are_the_first():
+    codes, values = cpu_matmul.nearest(np.zeros((4, 0), np.float32), np.zeros((9, 0), np.float32))
+    np.testing.assert_array_equal(codes, np.zeros(4))  # every distance 0, as jnp.argmin picks
+    np.testing.assert_array_equal(values, np.zeros(4))
