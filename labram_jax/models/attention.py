@@ -169,12 +169,12 @@ def _kernel(q, k, v, bias, scale, token_major):
 
 def _kernel_fwd(q, k, v, bias, scale, token_major):
     out, row_max, row_sum = cpu_attention.forward(q, k, v, bias, scale=scale, token_major=token_major)
-    return out, (q, k, v, bias, row_max, row_sum, out)
+    return out, (q, k, v, bias, row_max, row_sum)
 
 
 def _kernel_bwd(scale, token_major, residuals, d_out):
-    q, k, v, bias, row_max, row_sum, out = residuals
-    d_q, d_k, d_v = cpu_attention.backward(q, k, v, bias, out, d_out.astype(jnp.float32), row_max, row_sum,
+    q, k, v, bias, row_max, row_sum = residuals
+    d_q, d_k, d_v = cpu_attention.backward(q, k, v, bias, d_out.astype(jnp.float32), row_max, row_sum,
                                            scale=scale, token_major=token_major)
     return d_q, d_k, d_v, None
 

@@ -2,10 +2,11 @@
 //
 // Forward, per (batch, head): S = scale q k^T + bias, E = exp(S - rowmax), out = E v / rowsum;
 // rowmax and rowsum are returned for the backward pass, which recomputes
-// P = exp(S - rowmax) / rowsum and gives dV = P^T dO, dS = P * (dO v^T - rowsum(dO * out)),
-// dQ = scale dS k, dK = dS^T (scale q). One (batch, head) is computed at a time in a per-thread
-// workspace, so the [L, L] matrices stay in the core's cache instead of going to memory between
-// XLA's operations. Built and loaded by cpu_kernels.py.
+// P = exp(S - rowmax) / rowsum and gives dV = P^T dO, dP = dO v^T, dS = P * (dP - rowsum(P * dP)),
+// dQ = scale dS k, dK = dS^T (scale q). (rowsum(P * dP) is rowsum(dO * out), taken from the [L, L]
+// rows in cache rather than from out, which the backward pass would read cold from memory.) One
+// (batch, head) is computed at a time in a per-thread workspace, so the [L, L] matrices stay in the
+// core's cache instead of going to memory between XLA's operations. Built and loaded by cpu_kernels.py.
 //
 // Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32, or [..., L, H, K] with
 // the attribute token_major (the layout of a [..., L, H * K] projection: no transposes around the
@@ -64,10 +65,11 @@ void PackRows(const Sizes& z, const float* x, float* dst, float scale = 1.0f) {
     for (int c = 0; c < z.K; ++c) dst[(size_t)l * z.Kp + c] = scale * x[(size_t)l * z.ld + c];
 }
 
-// x [L, K] (rows z.ld apart) -> dst [K, Lp] (transposed), zero padded.
-void PackColumns(const Sizes& z, const float* x, float* dst) {
+// x [L, K] (rows ld apart: z.ld for a buffer of the call, z.Kp for one packed by PackRows) -> dst
+// [K, Lp] (transposed), zero padded.
+void PackColumns(const Sizes& z, const float* x, float* dst, int64_t ld) {
   for (int c = 0; c < z.K; ++c) {
-    for (int m = 0; m < z.L; ++m) dst[(size_t)c * z.Lp + m] = x[(size_t)m * z.ld + c];
+    for (int m = 0; m < z.L; ++m) dst[(size_t)c * z.Lp + m] = x[(size_t)m * ld + c];
     for (int m = z.L; m < z.Lp; ++m) dst[(size_t)c * z.Lp + m] = 0.f;
   }
 }
@@ -171,7 +173,7 @@ struct Forward {
     float* s = qp + z.Narrow();   // scores, then exp [Lr, Lp]
     float* bp = s + z.Square();   // bias [Lp]
     float* inv = bp + z.Lp;       // 1 / row sum [Lr <= Lp + 12]
-    PackColumns(z, k, kt);
+    PackColumns(z, k, kt, z.ld);
     PackRows(z, v, vp);
     PackRows(z, q, qp, scale);
     PackBias(z, bias, bp);
@@ -199,11 +201,10 @@ struct Forward {
 struct Backward {
   static size_t WorkFloats(const Sizes& z) { return 2 * z.Wide() + 3 * z.Narrow() + 2 * z.Square() + 2 * (size_t)z.Lp; }
 
-  // One (batch, head): the forward's inputs, out [L, K], d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K]
-  // (all [L, K] rows z.ld apart; dq with respect to the unscaled q).
+  // One (batch, head): the forward's inputs, d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K] (all
+  // [L, K] rows z.ld apart; dq with respect to the unscaled q).
   template <int NV>
   static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
-                   const float* out,
                    const float* d_out, const float* row_max, const float* row_sum, float* dq, float* dk, float* dv,
                    float* work) {
     float* kt = work;              // k^T [K, Lp]
@@ -215,10 +216,10 @@ struct Backward {
     float* ds = p + z.Square();    // dP, then dS [Lr, Lp]
     float* bp = ds + z.Square();   // bias [Lp]
     float* zero = bp + z.Lp;       // [Lp]
-    PackColumns(z, k, kt);
-    PackColumns(z, v, vt);
-    PackRows(z, q, qp, scale);
     PackRows(z, k, kp);
+    PackColumns(z, kp, kt, z.Kp);  // from the rows just packed, in cache
+    PackColumns(z, v, vt, z.ld);
+    PackRows(z, q, qp, scale);
     PackRows(z, d_out, gp);
     PackBias(z, bias, bp);
     std::memset(zero, 0, sizeof(float) * z.Lp);
@@ -231,12 +232,12 @@ struct Backward {
     }
     ProductTN<NV>(z, p, gp, dv);    // dV = P^T dO
     ProductNT(z, gp, vt, zero, ds);  // dP = dO v^T
-    for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(dO * out))
-      float dot = 0.f;
-      for (int c = 0; c < z.K; ++c) dot += d_out[(size_t)l * z.ld + c] * out[(size_t)l * z.ld + c];
-      const __m256 d = _mm256_set1_ps(dot);
+    for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(P * dP)); P and dP are 0 past L
       float* g = ds + (size_t)l * z.Lp;
       const float* pr = p + (size_t)l * z.Lp;
+      __m256 dot8 = _mm256_setzero_ps();
+      for (int m = 0; m < z.Lp; m += 8) dot8 = _mm256_fmadd_ps(_mm256_loadu_ps(pr + m), _mm256_loadu_ps(g + m), dot8);
+      const __m256 d = _mm256_set1_ps(SumOf(dot8));
       for (int m = 0; m < z.Lp; m += 8)
         _mm256_storeu_ps(g + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(g + m), d)));
     }
@@ -308,15 +309,14 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
 }
 
 ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> d_out,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> d_out,
                              ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv, bool token_major, float scale, ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
-  const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out.dimensions(),
-                                                       d_out.dimensions(), dq->dimensions(), dk->dimensions(),
-                                                       dv->dimensions()},
+  const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), d_out.dimensions(),
+                                                       dq->dimensions(), dk->dimensions(), dv->dimensions()},
                                       bias.element_count(), token_major, &z, &pairs, &heads);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
@@ -324,7 +324,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
   labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
     const int64_t at = PairOffset(z, i, heads, token_major);
     head(z, scale, q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
-         bias.typed_data() + (i / heads) * z.L, out.typed_data() + at, d_out.typed_data() + at,
+         bias.typed_data() + (i / heads) * z.L, d_out.typed_data() + at,
          row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dq->typed_data() + at,
          dk->typed_data() + at, dv->typed_data() + at, work);
   });
@@ -352,7 +352,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row max
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row sum

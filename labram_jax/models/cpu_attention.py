@@ -53,19 +53,20 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, scale:
                  q, k, v, bias, scale=scale, token_major=token_major)
 
 
-def backward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, out: jax.Array, d_out: jax.Array,
+def backward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, d_out: jax.Array,
              row_max: jax.Array, row_sum: jax.Array, *, scale: float = 1.0,
              token_major: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The gradients of :func:`forward`'s ``out`` with respect to q, k and v.
 
     Args:
-      q, k, v, bias, scale, token_major: :func:`forward`'s; out, row_max, row_sum: its outputs;
-      d_out: float32 in q's layout, the gradient with respect to ``out``.
+      q, k, v, bias, scale, token_major: :func:`forward`'s; row_max, row_sum: its statistics;
+      d_out: float32 in q's layout, the gradient with respect to its ``out`` (which the kernel
+      does not read: rowsum(d_out * out) is taken as rowsum(P * dP) from rows in cache).
     Returns:
       dq, dk, dv in q's layout.
     """
     grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return _call("labram_cpu_attention_backward", (grad, grad, grad), q, k, v, bias, out, d_out, row_max, row_sum,
+    return _call("labram_cpu_attention_backward", (grad, grad, grad), q, k, v, bias, d_out, row_max, row_sum,
                  scale=scale, token_major=token_major)
 
 
