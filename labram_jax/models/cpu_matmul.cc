@@ -104,7 +104,10 @@ void PackB(const Operand& b, int64_t k0, int kc, int64_t j0, int cols, float* ds
   }
 }
 
-// c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc.
+// c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc, with
+// V = 2 vectors of 8 columns, or V = 1 for a last panel of at most 8 columns (N = 200: 12 panels and a
+// half one, whose zero half would otherwise cost as much as a full panel).
+template <int V>
 inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, int rows, int cols,
                  bool accumulate, const float* bias) {
   // Twelve named accumulators: with arrays of them GCC kept a copy on the stack, stored at every
@@ -112,40 +115,39 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int k = 0; k < kc; ++k, a += kMr, b += kNr) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = V == 2 ? _mm256_loadu_ps(b + 8) : b0;
     __m256 x = _mm256_broadcast_ss(a);
     c00 = _mm256_fmadd_ps(x, b0, c00);
-    c01 = _mm256_fmadd_ps(x, b1, c01);
+    if constexpr (V == 2) c01 = _mm256_fmadd_ps(x, b1, c01);
     x = _mm256_broadcast_ss(a + 1);
     c10 = _mm256_fmadd_ps(x, b0, c10);
-    c11 = _mm256_fmadd_ps(x, b1, c11);
+    if constexpr (V == 2) c11 = _mm256_fmadd_ps(x, b1, c11);
     x = _mm256_broadcast_ss(a + 2);
     c20 = _mm256_fmadd_ps(x, b0, c20);
-    c21 = _mm256_fmadd_ps(x, b1, c21);
+    if constexpr (V == 2) c21 = _mm256_fmadd_ps(x, b1, c21);
     x = _mm256_broadcast_ss(a + 3);
     c30 = _mm256_fmadd_ps(x, b0, c30);
-    c31 = _mm256_fmadd_ps(x, b1, c31);
+    if constexpr (V == 2) c31 = _mm256_fmadd_ps(x, b1, c31);
     x = _mm256_broadcast_ss(a + 4);
     c40 = _mm256_fmadd_ps(x, b0, c40);
-    c41 = _mm256_fmadd_ps(x, b1, c41);
+    if constexpr (V == 2) c41 = _mm256_fmadd_ps(x, b1, c41);
     x = _mm256_broadcast_ss(a + 5);
     c50 = _mm256_fmadd_ps(x, b0, c50);
-    c51 = _mm256_fmadd_ps(x, b1, c51);
+    if constexpr (V == 2) c51 = _mm256_fmadd_ps(x, b1, c51);
   }
   alignas(32) float t[kMr][kNr];
   _mm256_store_ps(t[0], c00), _mm256_store_ps(t[0] + 8, c01), _mm256_store_ps(t[1], c10);
   _mm256_store_ps(t[1] + 8, c11), _mm256_store_ps(t[2], c20), _mm256_store_ps(t[2] + 8, c21);
   _mm256_store_ps(t[3], c30), _mm256_store_ps(t[3] + 8, c31), _mm256_store_ps(t[4], c40);
   _mm256_store_ps(t[4] + 8, c41), _mm256_store_ps(t[5], c50), _mm256_store_ps(t[5] + 8, c51);
-  if (rows == kMr && cols == kNr) {
-    const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-    const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  if (rows == kMr && cols == 8 * V) {
     for (int r = 0; r < kMr; ++r) {
       float* row = c + r * ldc;
-      const __m256 add0 = accumulate ? _mm256_loadu_ps(row) : bias0;
-      const __m256 add1 = accumulate ? _mm256_loadu_ps(row + 8) : bias1;
-      _mm256_storeu_ps(row, _mm256_add_ps(_mm256_load_ps(t[r]), add0));
-      _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_load_ps(t[r] + 8), add1));
+      for (int h = 0; h < V; ++h) {
+        const __m256 add = accumulate ? _mm256_loadu_ps(row + 8 * h) : bias ? _mm256_loadu_ps(bias + 8 * h)
+                                                                            : _mm256_setzero_ps();
+        _mm256_storeu_ps(row + 8 * h, _mm256_add_ps(_mm256_load_ps(t[r] + 8 * h), add));
+      }
     }
     return;
   }
@@ -249,7 +251,8 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
         for (int jr = 0; jr < nc; jr += kNr) {
           const float* bias = (p.bias && pc == k0) ? p.bias + jc + jr : nullptr;
           for (int ir = 0; ir < mc; ir += kMr) {
-            Tile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
+            const auto tile = nc - jr > 8 ? Tile<2> : Tile<1>;
+            tile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
                  std::min(kMr, mc - ir), std::min(kNr, nc - jr), pc > k0, bias);
           }
         }

@@ -25,7 +25,7 @@ def _normal(seed, *shape):
     (1, 1, 1), (7, 5, 17), (13, 600, 33),  # one part (under 4 MFLOP), edge tiles of 6 rows and 16 columns
     (500, 64, 80),         # parts by rows, op(b) packed once beforehand (with its column sums)
     (300, 513, 4100),      # parts by columns, op(a) packed once; contraction in 3 blocks; N > 4,080 columns
-    (40, 200, 520),        # parts by columns (N > M)
+    (40, 200, 520),        # parts by columns (N > M); the last panel 8 columns wide (the half tile, as N = 200)
     (200, 1500, 120),      # the contraction split between parts, summed at the end (a weight gradient)
     (5, 0, 3), (0, 4, 3)])
 @pytest.mark.parametrize("transpose_a", [False, True])
