@@ -23,6 +23,7 @@ def _normal(seed, *shape):
 @needs_kernel
 @pytest.mark.parametrize("m, k, n", [
     (1, 1, 1), (7, 5, 17), (13, 600, 33),  # one part (under 4 MFLOP), edge tiles of 6 rows and 16 columns
+    (9, 40, 25),           # the last panel 9 columns wide: a 16-column tile, not the 8-column one
     (500, 64, 80),         # parts by rows, op(b) packed once beforehand (with its column sums)
     (300, 513, 4100),      # parts by columns, op(a) packed once; contraction in 3 blocks; N > 4,080 columns
     (40, 200, 520),        # parts by columns (N > M); the last panel 8 columns wide (the half tile, as N = 200)
