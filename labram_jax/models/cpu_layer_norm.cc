@@ -59,6 +59,16 @@ struct Row {
   bool whole_tail;
   explicit Row(int d_)
       : d(d_), full(d_ / 8), tail(d_ % 8), mask(Lanes(d_ % 8)), whole_tail(d_ % 8 && 8 - d_ % 8 <= d_) {}
+
+  // Stores the partial last vector v of a row at p: whole where whole_tail and another row of the loop
+  // follows (`next_row`), else masked to the row's lanes.
+  void StoreTail(float* p, __m256 v, bool next_row) const {
+    if (whole_tail && next_row) {
+      _mm256_storeu_ps(p, v);
+    } else {
+      _mm256_maskstore_ps(p, mask, v);
+    }
+  }
 };
 
 void ForwardRows(const Row& r, const float* x, const float* scale, const float* bias, float eps, int64_t begin,
@@ -92,11 +102,7 @@ void ForwardRows(const Row& r, const float* x, const float* scale, const float* 
     if (r.tail) {
       const __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(xi + j, r.mask), vm), vr);
       const __m256 sv = _mm256_maskload_ps(scale + j, r.mask), bv = _mm256_maskload_ps(bias + j, r.mask);
-      if (r.whole_tail && i + 1 < end) {  // Row::whole_tail
-        _mm256_storeu_ps(yi + j, _mm256_fmadd_ps(h, sv, bv));
-      } else {
-        _mm256_maskstore_ps(yi + j, r.mask, _mm256_fmadd_ps(h, sv, bv));
-      }
+      r.StoreTail(yi + j, _mm256_fmadd_ps(h, sv, bv), i + 1 < end);
     }
     mean_out[i] = mean;
     rstd_out[i] = rstd;
@@ -142,10 +148,10 @@ void BackwardRows(const Row& r, const float* x, const float* scale, const float*
       const bool part = v == r.full;
       const Piece p = LoadPiece(r, j, part, xi, dyi, scale, vm, vr);
       const __m256 out = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_sub_ps(p.g, a), _mm256_mul_ps(p.h, b)));
-      if (!part || (r.whole_tail && i + 1 < end)) {  // Row::whole_tail
-        _mm256_storeu_ps(dxi + j, out);
+      if (part) {
+        r.StoreTail(dxi + j, out, i + 1 < end);
       } else {
-        _mm256_maskstore_ps(dxi + j, r.mask, out);
+        _mm256_storeu_ps(dxi + j, out);
       }
     }
   }

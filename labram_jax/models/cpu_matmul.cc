@@ -141,11 +141,12 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
   _mm256_store_ps(t[3], c30), _mm256_store_ps(t[3] + 8, c31), _mm256_store_ps(t[4], c40);
   _mm256_store_ps(t[4] + 8, c41), _mm256_store_ps(t[5], c50), _mm256_store_ps(t[5] + 8, c51);
   if (rows == kMr && cols == 8 * V) {
+    __m256 biases[V];
+    for (int h = 0; h < V; ++h) biases[h] = bias ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
     for (int r = 0; r < kMr; ++r) {
       float* row = c + r * ldc;
       for (int h = 0; h < V; ++h) {
-        const __m256 add = accumulate ? _mm256_loadu_ps(row + 8 * h) : bias ? _mm256_loadu_ps(bias + 8 * h)
-                                                                            : _mm256_setzero_ps();
+        const __m256 add = accumulate ? _mm256_loadu_ps(row + 8 * h) : biases[h];
         _mm256_storeu_ps(row + 8 * h, _mm256_add_ps(_mm256_load_ps(t[r] + 8 * h), add));
       }
     }
