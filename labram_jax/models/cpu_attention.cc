@@ -255,7 +255,9 @@ std::string CheckShapes(ffi::Span<const int64_t> d, std::initializer_list<ffi::S
   for (const auto& other : same) {
     bool equal = other.size() == d.size();
     for (size_t i = 0; equal && i < d.size(); ++i) equal = other[i] == d[i];
-    if (!equal) return std::string("q, k, v (and out, d_out, dq, dk, dv) must share one shape ") + layout;
+    if (!equal)
+      return std::string("q, k, v and out (forward), or q, k, v, d_out, dq, dk and dv (backward), must share ") +
+             "one shape " + layout;
   }
   const int r = (int)d.size();
   const int64_t L = token_major ? d[r - 3] : d[r - 2], K = d[r - 1];
