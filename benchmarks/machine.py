@@ -36,7 +36,9 @@ def xla_isa_limit(xla_flags: str) -> str | None:
 
 
 def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> dict:
-    """The machine as a dict: cpu, widest vector ISA, the ISA XLA may use, threads, library limits."""
+    """The machine as a dict: cpu (name, x86 family / model / stepping), widest vector ISA, the ISA XLA
+    may use, threads, library limits, and whether this process's ``auto`` settings use the C++ CPU
+    kernels (with the AVX-512 / AVX2 FMA rate that decides it on AVX-512 CPUs)."""
     env = os.environ if env is None else env
     path = pathlib.Path(cpuinfo_path)
     cpuinfo = path.read_text() if path.exists() else ""
@@ -45,12 +47,29 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
     limit = xla_isa_limit(env.get("XLA_FLAGS", ""))
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
-    return {"cpu": model, "cpu_widest_isa": widest, "fma": "fma" in flags,
+    ids = [re.search(rf"^{key}\s*:\s*(\d+)", cpuinfo, re.M) for key in ("cpu family", "model", "stepping")]
+    return {"cpu": model, "cpu_id": ("family {} model {} stepping {}".format(*(i.group(1) for i in ids))
+                                     if all(ids) else None),
+            "cpu_widest_isa": widest, "fma": "fma" in flags,
             "cpu_mhz": float(mhz.group(1)) if mhz else None,
             "xla_isa": f"{limit} (XLA_FLAGS)" if limit else f"{widest} (no limit set)", "xla_isa_cap": limit,
             "threads": threads, "torch_isa": env.get("ATEN_CPU_CAPABILITY", "default"),
             "mkl_isa": env.get("MKL_ENABLE_INSTRUCTIONS", "default"), "os": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), **cpu_kernels_choice()}
+
+
+def cpu_kernels_choice() -> dict:
+    """This process's choice (not ``describe``'s cpuinfo file's): whether ``auto`` uses the C++ CPU
+    kernels (``labram_jax.models.cpu_kernels``), why not, and the measured AVX-512 / AVX2 FMA rate."""
+    from labram_jax.models import cpu_kernels  # noqa: PLC0415 (jax imported only where it is asked for)
+
+    reason = cpu_kernels.unavailable_reason()
+    if reason is None and not cpu_kernels.measured_faster_here():
+        reason = "AVX-512 on full-width units: XLA's AVX-512 products are faster"
+    rate = cpu_kernels.avx512_rate_ratio()
+    return {"cpu_kernels": "used by auto" if reason is None else f"not used ({reason})",
+            "avx512_rate_vs_avx2": rate,
+            "avx512_units": None if rate is None else "512-bit" if rate >= cpu_kernels.FULL_WIDTH_AVX512 else "256-bit"}
 
 
 def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
@@ -73,5 +92,9 @@ def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
 
 def summary(machine: dict) -> str:
     """One line for a benchmark's output."""
-    return (f"machine: {machine['cpu']}, {machine['threads']} threads, widest vector ISA "
-            f"{machine['cpu_widest_isa']}{' + FMA' if machine['fma'] else ''}; XLA uses {machine['xla_isa']}")
+    cpu = f"{machine['cpu']} ({machine['cpu_id']})" if machine.get("cpu_id") else machine["cpu"]
+    units = (f" on {machine['avx512_units']} units ({machine['avx512_rate_vs_avx2']:.2f}x AVX2's FMA rate)"
+             if machine.get("avx512_units") else "")
+    return (f"machine: {cpu}, {machine['threads']} threads, widest vector ISA "
+            f"{machine['cpu_widest_isa']}{units}{' + FMA' if machine['fma'] else ''}; XLA uses {machine['xla_isa']}; "
+            f"C++ CPU kernels {machine.get('cpu_kernels', 'not asked')}")

@@ -15,8 +15,9 @@
   [B, L, H, K] layout with the 1/sqrt(K) scale applied inside (no transposes around them).
 
 ``auto`` picks ``xla`` off CPU; on CPU ``cpu_kernel`` where the kernel works (float32, head size
-<= 32, one device) and the CPU has no AVX-512 (the class it was measured faster on; XLA's own
-AVX-512 products are twice as fast there), else ``explicit``. All give the same function.
+<= 32, one device) and the CPU has no AVX-512 or runs it on 256-bit units (the classes it was
+measured faster on: :func:`labram_jax.models.cpu_kernels.measured_faster_here`; XLA's own AVX-512
+products are twice as fast on full-width units), else ``explicit``. All give the same function.
 """
 
 from __future__ import annotations

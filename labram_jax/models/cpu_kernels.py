@@ -1,5 +1,9 @@
 """The C++ kernels for x86 CPUs with AVX2 + FMA: building, loading and calling them.
 
+``auto`` settings use them where they were measured faster than XLA (:func:`measured_faster_here`):
+CPUs without AVX-512, and those whose AVX-512 runs on 256-bit units (``cpu_vector_rate.cc`` tells
+them apart); on full-width AVX-512 units XLA's products run at twice the kernels' rate.
+
 Three kinds of operation run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was
 measured slower (BENCHMARKS.md, sessions 19, 21, 23 and 24): softmax attention (``cpu_attention.cc``,
 wrapped by :mod:`labram_jax.models.cpu_attention`), LayerNorm (``cpu_layer_norm.cc``, wrapped
@@ -31,7 +35,8 @@ import jax.numpy as jnp
 import jaxlib
 
 HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_attention.cc", "cpu_layer_norm.cc", "cpu_matmul.cc"))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_attention.cc", "cpu_layer_norm.cc", "cpu_matmul.cc",
+                                                 "cpu_vector_rate.cc"))
 HEADERS = (os.path.join(HERE, "cpu_kernels.h"),)  # included by the sources: part of the cache key
 TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -> FFI target
            "LabramAttentionBackward": "labram_cpu_attention_backward",
@@ -55,10 +60,35 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# Where AVX-512 FMAs do less than this many times an AVX2 FMA's work per cycle, the CPU's vector
+# units are 256 bits wide and the (AVX2) kernels are preferred to XLA's AVX-512 code.
+FULL_WIDTH_AVX512 = 1.5
+
+
 def measured_faster_here() -> bool:
-    """Whether this CPU is of the class the kernels were measured faster than XLA on: AVX2 without
-    AVX-512 (``auto`` choices use them only there; on AVX-512 CPUs XLA's code was not compared)."""
-    return "avx512f" not in cpu_flags()
+    """Whether this CPU is of a class the kernels were measured faster than XLA on (BENCHMARKS.md):
+    AVX2 without AVX-512 (AMD Zen 3, sessions 18-25), or AVX-512 run on 256-bit units (AMD Zen 4,
+    session 26: whole Base steps 1.3-1.5x as fast as with XLA's AVX-512 code). Where AVX-512 runs on
+    full-width units (:func:`avx512_rate_ratio` ~2; hosts of sessions 16-17 with twice the float32
+    matmul rate) XLA's AVX-512 products stay: the kernels, AVX2 code, would run at half the rate."""
+    if "avx512f" not in cpu_flags():
+        return True
+    ratio = avx512_rate_ratio()
+    return ratio is not None and ratio < FULL_WIDTH_AVX512
+
+
+@functools.cache
+def avx512_rate_ratio() -> float | None:
+    """float32 FMA throughput of AVX-512 over AVX2 on one core of this CPU, measured once per process
+    (``cpu_vector_rate.cc``, ~10 ms): ~2 on full-width AVX-512 units, ~1 where each AVX-512
+    instruction is split over 256-bit units. None without AVX-512 or where the kernels cannot load."""
+    if "avx512f" not in cpu_flags() or unavailable_reason() is not None:
+        return None
+    measure = _load()[0].LabramAvx512RateRatio
+    measure.restype, measure.argtypes = ctypes.c_double, (ctypes.c_long, ctypes.c_int)
+    ratio = measure(200_000, 5)
+    logging.info("AVX-512 does %.2fx the float32 FMA work of AVX2 per cycle here", ratio)
+    return ratio
 
 
 def cache_dir() -> str:
@@ -113,28 +143,29 @@ def unavailable_reason() -> str | None:
     """None when the kernels are built and registered in this process; else why they cannot be used."""
     if os.environ.get("LABRAM_JAX_CPU_KERNEL", "1") == "0":
         return "LABRAM_JAX_CPU_KERNEL=0"
-    return _load()
+    return _load()[1]
 
 
 @functools.cache
-def _load() -> str | None:
-    """Build (or find in the cache), load and register the kernels once per process; None, or why not."""
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """Build (or find in the cache), load and register the kernels once per process: (the library,
+    None), or (None, why not)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"the kernels are for x86-64 Linux (this is {platform.system()} {platform.machine()})"
+        return None, f"the kernels are for x86-64 Linux (this is {platform.system()} {platform.machine()})"
     missing = {"avx2", "fma"} - cpu_flags()
     if missing:
-        return f"this CPU lacks {', '.join(sorted(missing))}"
+        return None, f"this CPU lacks {', '.join(sorted(missing))}"
     cxx = compiler()
     if cxx is None:
-        return "no C++ compiler (set CXX, or install g++)"
+        return None, "no C++ compiler (set CXX, or install g++)"
     try:
         library = ctypes.cdll.LoadLibrary(build(cxx))
         for symbol, target in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError) as err:
         logging.warning("the CPU kernels are not used: %s", err)
-        return f"the build or load failed: {err}"
-    return None
+        return None, f"the build or load failed: {err}"
+    return library, None
 
 
 def refusal(x: jax.Array) -> str | None:

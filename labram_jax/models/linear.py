@@ -9,8 +9,9 @@ Implementations (``TransformerConfig.linear``):
   forward product with the bias added as it is written, the input gradient ``dy kernel^T``, and
   the kernel gradient ``x^T dy`` with the bias gradient taken while packing ``dy``. The same
   function to float32 rounding (products summed in another order).
-- ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without AVX-512 where it builds and applies
-  (where it was measured faster: BENCHMARKS.md, "Session 23"), else ``xla``.
+- ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without full-width AVX-512 where it builds and
+  applies (where it was measured faster: BENCHMARKS.md, "Session 23", and "Session 26" for AVX-512
+  on 256-bit units; :func:`labram_jax.models.cpu_kernels.measured_faster_here`), else ``xla``.
 
 :func:`gelu_mlp` is a transformer block's MLP, ``GELU(x kernel_1 + bias_1) kernel_2 + bias_2``, by
 the kernel alone, with GELU applied as the first product is written (BENCHMARKS.md, "Session 24");

@@ -8,8 +8,9 @@ weights are unchanged). Implementations (``TransformerConfig.layer_norm``):
   the very numbers ``flax.linen.LayerNorm`` gives.
 - ``cpu_kernel``: :mod:`labram_jax.models.cpu_layer_norm` (float32 on one CPU device; variance in
   two passes), with its own backward pass. The same function to float32 rounding.
-- ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without AVX-512 where it builds and applies
-  (where it was measured faster: BENCHMARKS.md, "Session 21"), else ``xla``.
+- ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without full-width AVX-512 where it builds and
+  applies (where it was measured faster: BENCHMARKS.md, "Session 21", and "Session 26" for AVX-512
+  on 256-bit units; :func:`labram_jax.models.cpu_kernels.measured_faster_here`), else ``xla``.
 """
 
 from __future__ import annotations

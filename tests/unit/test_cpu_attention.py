@@ -82,7 +82,10 @@ def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     assert attention._auto(q) == "cpu_kernel"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 2.0)  # full-width AVX-512 units
     assert attention._auto(q) == "explicit"
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)  # AVX-512 on 256-bit units
+    assert attention._auto(q) == "cpu_kernel"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setattr(cpu_attention, "supports", lambda q: False)
     assert attention._auto(q) == "explicit"
@@ -133,6 +136,26 @@ def test_build_is_cached_compiles_what_it_hashed_and_a_failed_build_says_why(tmp
     edited.write_text(original)
     stamp = os.stat(path).st_mtime_ns
     assert cpu_kernels.build(cpu_kernels.compiler()) == path and os.stat(path).st_mtime_ns == stamp  # cached
+
+
+@needs_kernel
+@pytest.mark.skipif("avx512f" not in cpu_kernels.cpu_flags(), reason="the CPU has no AVX-512 to measure")
+def test_avx512_rate_ratio_tells_full_width_units_from_split_ones():
+    # One AVX-512 FMA does the work of two AVX2 ones where the units are 512 bits wide (ratio ~2) and
+    # takes the time of two where they are 256 bits wide (~1): no CPU measures far outside [1, 2].
+    ratios = [cpu_kernels.avx512_rate_ratio.__wrapped__() for _ in range(3)]
+    assert all(0.8 < r < 2.3 for r in ratios), ratios
+    assert max(ratios) - min(ratios) < 0.3, f"the probe should repeat: {ratios}"
+    assert cpu_kernels.measured_faster_here() == (cpu_kernels.avx512_rate_ratio() < cpu_kernels.FULL_WIDTH_AVX512)
+
+
+def test_measured_faster_here_without_avx512_needs_no_probe(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: pytest.fail("probed a CPU without AVX-512"))
+    assert cpu_kernels.measured_faster_here()
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: None)  # the kernels could not load
+    assert not cpu_kernels.measured_faster_here()
 
 
 def test_switched_off_by_the_environment(monkeypatch):

@@ -139,7 +139,10 @@ def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     assert linear.resolve("auto", x, w) == "cpu_kernel"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 2.0)  # full-width AVX-512 units
     assert linear.resolve("auto", x, w) == "xla"
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)  # AVX-512 on 256-bit units
+    assert linear.resolve("auto", x, w) == "cpu_kernel"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setattr(cpu_kernels, "refusal", lambda a: "no" if a.dtype == jnp.bfloat16 else None)
     assert linear.resolve("auto", x.astype(jnp.bfloat16), w) == "xla"

@@ -3,7 +3,10 @@
 from benchmarks import machine
 
 AVX512_CPU = """processor\t: 0
+cpu family\t: 25
+model\t\t: 17
 model name\t: AMD EPYC 9B14
+stepping\t: 1
 flags\t\t: fpu sse4_2 avx fma avx2 avx512f avx512dq avx512bw
 """
 AVX2_CPU = """processor\t: 0
@@ -17,6 +20,7 @@ def test_the_widest_isa_and_the_xla_limit(tmp_path):
     info.write_text(AVX512_CPU)
     m = machine.describe(str(info), env={})
     assert m["cpu"] == "AMD EPYC 9B14" and m["cpu_widest_isa"] == "AVX-512" and m["fma"]
+    assert m["cpu_id"] == "family 25 model 17 stepping 1" and "(family 25 model 17 stepping 1)" in machine.summary(m)
     assert m["xla_isa"] == "AVX-512 (no limit set)" and m["torch_isa"] == "default"
     held = machine.describe(str(info), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
                                                          "--xla_cpu_max_isa=avx2", "ATEN_CPU_CAPABILITY": "avx2"})
@@ -24,6 +28,24 @@ def test_the_widest_isa_and_the_xla_limit(tmp_path):
     assert "XLA uses AVX2 (XLA_FLAGS)" in machine.summary(held)
     info.write_text(AVX2_CPU)
     assert machine.describe(str(info), env={})["cpu_widest_isa"] == "AVX2"
+    assert machine.describe(str(info), env={})["cpu_id"] is None  # no family / model lines: no claim
+
+
+def test_the_cpu_kernels_choice_is_stated(monkeypatch, tmp_path):
+    from labram_jax.models import cpu_kernels
+    info = tmp_path / "cpuinfo"
+    info.write_text(AVX512_CPU)
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.98)
+    full = machine.describe(str(info), env={})
+    assert full["cpu_kernels"].startswith("not used (AVX-512 on full-width units") and full["avx512_units"] == "512-bit"
+    assert "AVX-512 on 512-bit units (1.98x AVX2's FMA rate)" in machine.summary(full)
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)
+    split = machine.describe(str(info), env={})
+    assert split["cpu_kernels"] == "used by auto" and split["avx512_units"] == "256-bit"
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "LABRAM_JAX_CPU_KERNEL=0")
+    assert machine.describe(str(info), env={})["cpu_kernels"] == "not used (LABRAM_JAX_CPU_KERNEL=0)"
 
 
 def test_an_unreadable_cpuinfo_still_describes_the_machine(tmp_path):

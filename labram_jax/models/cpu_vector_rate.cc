@@ -1,0 +1,60 @@
+// How much faster a core multiplies-and-adds 16-float (AVX-512) vectors than 8-float (AVX2) ones.
+//
+// CPUs that list avx512f split into two classes the flags do not tell apart: those whose vector
+// units are 512 bits wide (an AVX-512 FMA does twice an AVX2 FMA's work per cycle) and those that
+// run each AVX-512 instruction on 256-bit units (AMD Zen 4, Intel parts with one 512-bit FMA
+// port: the same float32 rate as AVX2). The kernels beside this file are AVX2 code; cpu_kernels.py
+// prefers them to XLA's AVX-512 code only on the second class, told apart by this measurement.
+#include <immintrin.h>
+
+#include <chrono>
+#include <cstring>
+
+namespace {
+
+constexpr int kChains = 12;  // independent accumulators: enough to cover FMA latency x issue width
+
+// The same loop at both widths (one function each: a function's instruction set is its own).
+#define LABRAM_FMA_LOOP(Vector, set1, fmadd)                                                    \
+  Vector acc[kChains];                                                                          \
+  for (int c = 0; c < kChains; ++c) acc[c] = set1(1.0f + c);                                    \
+  const Vector m = set1(0.999999f), a = set1(1e-6f); /* acc stays near its start: no denormals */ \
+  const auto start = std::chrono::steady_clock::now();                                          \
+  for (long i = 0; i < iterations; ++i) {                                                       \
+    for (int c = 0; c < kChains; ++c) acc[c] = fmadd(acc[c], m, a);                              \
+    asm volatile("" : "+x"(acc[0]), "+x"(acc[1]), "+x"(acc[2]), "+x"(acc[3]), "+x"(acc[4]),    \
+                 "+x"(acc[5]), "+x"(acc[6]), "+x"(acc[7]), "+x"(acc[8]), "+x"(acc[9]),          \
+                 "+x"(acc[10]), "+x"(acc[11])); /* keep every FMA, in registers */              \
+  }                                                                                             \
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); \
+  float lanes[sizeof(Vector) / sizeof(float)];                                                  \
+  std::memcpy(lanes, &acc[0], sizeof(lanes));                                                   \
+  *sink += lanes[0];                                                                            \
+  return seconds;
+
+double Seconds8(long iterations, float* sink) { LABRAM_FMA_LOOP(__m256, _mm256_set1_ps, _mm256_fmadd_ps) }
+
+__attribute__((target("avx512f"))) double Seconds16(long iterations, float* sink) {
+  LABRAM_FMA_LOOP(__m512, _mm512_set1_ps, _mm512_fmadd_ps)
+}
+
+#undef LABRAM_FMA_LOOP
+
+}  // namespace
+
+// float32 FLOP per second with 16-lane FMAs over that with 8-lane ones, on the calling thread: the
+// fastest of `repeats` alternated runs of each (a descheduled run only slows one run). About 2 on
+// full-width AVX-512 units, about 1 on split ones. Call only where the CPU lists avx512f.
+extern "C" double LabramAvx512RateRatio(long iterations, int repeats) {
+  float sink = 0.0f;
+  double best8 = 1e30, best16 = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const double t8 = Seconds8(iterations, &sink);
+    const double t16 = Seconds16(iterations, &sink);
+    best8 = t8 < best8 ? t8 : best8;
+    best16 = t16 < best16 ? t16 : best16;
+  }
+  volatile float keep = sink;
+  (void)keep;
+  return 2.0 * best8 / best16;  // twice the lanes in the same number of instructions
+}
