@@ -8,7 +8,6 @@
 #include <immintrin.h>
 
 #include <chrono>
-#include <cstring>
 
 namespace {
 
@@ -26,15 +25,11 @@ constexpr int kChains = 12;  // independent accumulators: enough to cover FMA la
                  "+x"(acc[5]), "+x"(acc[6]), "+x"(acc[7]), "+x"(acc[8]), "+x"(acc[9]),          \
                  "+x"(acc[10]), "+x"(acc[11])); /* keep every FMA, in registers */              \
   }                                                                                             \
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); \
-  float lanes[sizeof(Vector) / sizeof(float)];                                                  \
-  std::memcpy(lanes, &acc[0], sizeof(lanes));                                                   \
-  *sink += lanes[0];                                                                            \
-  return seconds;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
-double Seconds8(long iterations, float* sink) { LABRAM_FMA_LOOP(__m256, _mm256_set1_ps, _mm256_fmadd_ps) }
+double Seconds8(long iterations) { LABRAM_FMA_LOOP(__m256, _mm256_set1_ps, _mm256_fmadd_ps) }
 
-__attribute__((target("avx512f"))) double Seconds16(long iterations, float* sink) {
+__attribute__((target("avx512f"))) double Seconds16(long iterations) {
   LABRAM_FMA_LOOP(__m512, _mm512_set1_ps, _mm512_fmadd_ps)
 }
 
@@ -46,15 +41,12 @@ __attribute__((target("avx512f"))) double Seconds16(long iterations, float* sink
 // fastest of `repeats` alternated runs of each (a descheduled run only slows one run). About 2 on
 // full-width AVX-512 units, about 1 on split ones. Call only where the CPU lists avx512f.
 extern "C" double LabramAvx512RateRatio(long iterations, int repeats) {
-  float sink = 0.0f;
   double best8 = 1e30, best16 = 1e30;
   for (int r = 0; r < repeats; ++r) {
-    const double t8 = Seconds8(iterations, &sink);
-    const double t16 = Seconds16(iterations, &sink);
+    const double t8 = Seconds8(iterations);
+    const double t16 = Seconds16(iterations);
     best8 = t8 < best8 ? t8 : best8;
     best16 = t16 < best16 ? t16 : best16;
   }
-  volatile float keep = sink;
-  (void)keep;
   return 2.0 * best8 / best16;  // twice the lanes in the same number of instructions
 }
