@@ -11,6 +11,8 @@ import pathlib
 import platform
 import re
 
+from labram_jax.models import cpu_kernels
+
 # Widest first: the first one the CPU has is what XLA uses unless XLA_FLAGS holds it lower.
 VECTOR_ISAS = ("amx_tile", "avx512f", "avx2", "avx", "sse4_2", "neon", "asimd")
 ISA_NAMES = {"amx_tile": "AMX", "avx512f": "AVX-512", "avx2": "AVX2", "avx": "AVX", "sse4_2": "SSE4.2",
@@ -61,8 +63,6 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
 def cpu_kernels_choice() -> dict:
     """This process's choice (not ``describe``'s cpuinfo file's): whether ``auto`` uses the C++ CPU
     kernels (``labram_jax.models.cpu_kernels``), why not, and the measured AVX-512 / AVX2 FMA rate."""
-    from labram_jax.models import cpu_kernels  # noqa: PLC0415 (jax imported only where it is asked for)
-
     reason = cpu_kernels.unavailable_reason()
     if reason is None and not cpu_kernels.measured_faster_here():
         reason = "AVX-512 on full-width units: XLA's AVX-512 products are faster"
