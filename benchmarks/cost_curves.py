@@ -5,6 +5,7 @@
         [--grids 19x5 23x8 32x8 64x4 64x8 128x8 128x16] [--batches 1 2 4 8 16] [--batch 8] \
         [--batch-grid 23x8] [--steps 5] [--warmup 2] [--inference-sizes tiny base] \
         [--inference-hours 1] [--devices 1] [--out benchmarks/results] [--tag NAME]
+    python -m benchmarks.cost_curves --stages --inference-sizes tiny base large   # inference only
     python -m benchmarks.cost_curves --refit benchmarks/results/cost_curves_cpu_base.json
 
 Every point is one compiled training step of ``benchmarks.train_step`` (the step
@@ -85,7 +86,8 @@ def measure(stage: str, size: str, grid: tuple[int, int], batch: int, args) -> d
     row = train_step.bench_one(stage, size, step_args, None)
     row["tokens_per_sample"] = grid[0] * grid[1]
     row["step_s_per_sample"] = row["step_s_median"] / batch
-    row["memory_mib"] = row.get("runtime_peak_mib", row.get("compiled_total_mib", float("nan")))
+    # The compiled program's memory, not the device's peak: that one only grows over a process's points.
+    row["memory_mib"] = row.get("compiled_total_mib", row.get("runtime_peak_mib", float("nan")))
     print(f"  {stage:<9} {size:<5} {grid[0]:>3}x{grid[1]:<2} B={batch:<3} {1e3 * row['step_s_median']:>9.1f} ms "
           f"{row['memory_mib']:>9.0f} MiB", flush=True)
     return row
@@ -159,8 +161,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cost_curves", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "finetune"],
-                        choices=["tokenizer", "pretrain", "finetune"])
+    parser.add_argument("--stages", nargs="*", default=["tokenizer", "pretrain", "finetune"],
+                        choices=["tokenizer", "pretrain", "finetune"], help="none: inference only")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base", "large", "huge"])
     parser.add_argument("--grids", nargs="+", type=parse_grid,
                         default=[parse_grid(g) for g in ("19x5", "23x8", "32x8", "64x4", "64x8", "128x8", "128x16")])
@@ -194,12 +196,18 @@ def main(argv: list[str] | None = None) -> dict:
               "dtype": args.dtype, "batch": args.batch, "batch_grid": "x".join(map(str, args.batch_grid)),
               "command": "python -m benchmarks.cost_curves " + " ".join(argv if argv is not None else os.sys.argv[1:]),
               "curves": {}, "inference": []}
+    measured = {}  # a point in both sweeps (--batch at --batch-grid) is measured once
+
+    def point(stage, size, grid, batch):
+        if (stage, size, grid, batch) not in measured:
+            measured[stage, size, grid, batch] = measure(stage, size, grid, batch, args)
+        return measured[stage, size, grid, batch]
     for size in args.sizes:
         for stage in args.stages:
             if stage == "tokenizer" and size in ("large", "huge"):
                 continue  # one tokenizer size (benchmarks.train_step)
-            tokens = [measure(stage, size, grid, args.batch, args) for grid in args.grids]
-            batches = [measure(stage, size, args.batch_grid, b, args) for b in args.batches]
+            tokens = [point(stage, size, grid, args.batch) for grid in args.grids]
+            batches = [point(stage, size, args.batch_grid, b) for b in args.batches]
             result["curves"][f"{stage} {size}"] = fit_curve(tokens, batches)
     for size in args.inference_sizes:
         result["inference"].append(inference(size, args.inference_hours))

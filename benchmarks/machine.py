@@ -11,6 +11,8 @@ import pathlib
 import platform
 import re
 
+import jax
+
 from labram_jax.models import cpu_kernels
 
 # Widest first: the first one the CPU has is what XLA uses unless XLA_FLAGS holds it lower.
@@ -62,7 +64,12 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
 
 def cpu_kernels_choice() -> dict:
     """This process's choice (not ``describe``'s cpuinfo file's): whether ``auto`` uses the C++ CPU
-    kernels (``labram_jax.models.cpu_kernels``), why not, and the measured AVX-512 / AVX2 FMA rate."""
+    kernels (``labram_jax.models.cpu_kernels``), why not, and the measured AVX-512 / AVX2 FMA rate.
+    On a GPU or TPU the steps never use them, so nothing is built or probed there."""
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return {"cpu_kernels": f"not used (the steps run on {backend})", "avx512_rate_vs_avx2": None,
+                "avx512_units": None}
     reason = cpu_kernels.unavailable_reason()
     if reason is None and not cpu_kernels.measured_faster_here():
         reason = "AVX-512 on full-width units: XLA's AVX-512 products are faster"

@@ -1,7 +1,8 @@
 """Benchmark: the original PyTorch LaBraM's training steps, for a ratio measured in the same run.
 
     python -m benchmarks.reference_step --reference PATH [--stages tokenizer pretrain finetune] \
-        [--batch 8] [--steps 20] [--warmup 3] [--json OUT.json] [--profile [--top 25]]
+        [--batch 8] [--steps 20] [--warmup 3] [--device cpu|cuda] [--amp] [--json OUT.json] \
+        [--profile [--top 25]]
 
 ``PATH`` is a checkout of the original code (https://github.com/935963004/LaBraM: its
 ``modeling_vqnsp.py``, ``modeling_pretrain.py``, ``modeling_finetune.py``,
@@ -23,6 +24,11 @@ commands, Base size, float32, on random EEG-like batches of the reference's shap
 
 ``benchmarks.train_step --reference PATH`` runs this in a subprocess with PyTorch held to the
 instruction set XLA was held to, and divides.
+
+``--device cuda`` runs the same steps on the GPU (each timed step ends with
+``torch.cuda.synchronize()``); ``--amp`` adds what the original's scripts do there: the forward
+pass and loss under ``torch.autocast`` in float16, the backward pass through a ``GradScaler``
+(scale, unscale before the clip or norm, step, update), as their ``NativeScalerWithGradNormCount``.
 
 ``--profile`` runs the same steps under ``torch.profiler`` instead and prints where the
 reference's time goes, operator by operator (self CPU ms per step, calls per step): the
@@ -97,22 +103,23 @@ def import_reference(path: str) -> dict:
     return {name: importlib.import_module(f"modeling_{name}") for name in ("vqnsp", "pretrain", "finetune")}
 
 
-def random_masking(batch: int, tokens: int, ratio: float, torch):
+def random_masking(batch: int, tokens: int, ratio: float, torch, device: str = "cpu"):
     """The reference's per-sample masking: (batch, tokens) bool, ``tokens - int(tokens * (1 - ratio))``
     True per row."""
     keep = int(tokens * (1 - ratio))
-    order = torch.argsort(torch.rand(batch, tokens), dim=1)
-    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    order = torch.argsort(torch.rand(batch, tokens, device=device), dim=1)
+    mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
     mask[:, :keep] = False
     return torch.gather(mask, 1, torch.argsort(order, dim=1))
 
 
-def build_step(stage: str, modules: dict, batch: int, torch):
-    """(step function of one batch, list of batches) for ``stage``, as the original scripts run it."""
+def build_step(stage: str, modules: dict, batch: int, torch, device: str = "cpu", amp: bool = False):
+    """(step function of one batch, list of batches) for ``stage``, as the original scripts run it,
+    on ``device``; ``amp``: float16 autocast and a gradient scaler, as their GPU runs."""
     channels, windows = SHAPES[stage]
     input_chans = list(range(channels + 1))  # cls row first, then the first spatial-table rows
     gen = torch.Generator().manual_seed(0)
-    batches = [0.5 * torch.randn(batch, channels, windows, 200, generator=gen) for _ in range(3)]
+    batches = [(0.5 * torch.randn(batch, channels, windows, 200, generator=gen)).to(device) for _ in range(3)]
     if stage == "tokenizer":
         model = modules["vqnsp"].vqnsp_encoder_base_decoder_3x200x12(n_code=8192, code_dim=64,
                                                                      quantize_kmeans_init=True)
@@ -133,7 +140,7 @@ def build_step(stage: str, modules: dict, batch: int, torch):
         ce = torch.nn.CrossEntropyLoss()
 
         def loss_of(x):
-            mask = random_masking(x.shape[0], channels * windows, 0.5, torch)
+            mask = random_masking(x.shape[0], channels * windows, 0.5, torch, device)
             with torch.no_grad():
                 ids = tokenizer.get_codebook_indices(x, input_chans)
             rec, rec_sym = model(x, input_chans, bool_masked_pos=mask)
@@ -146,7 +153,7 @@ def build_step(stage: str, modules: dict, batch: int, torch):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
         bce = torch.nn.BCEWithLogitsLoss()
-        labels = [torch.randint(0, 2, (batch,), generator=gen).float() for _ in batches]
+        labels = [torch.randint(0, 2, (batch,), generator=gen).float().to(device) for _ in batches]
         label_of = {id(x): y for x, y in zip(batches, labels)}
 
         def loss_of(x):
@@ -154,24 +161,38 @@ def build_step(stage: str, modules: dict, batch: int, torch):
         clip = None
     else:
         raise ValueError(f"unknown stage {stage!r}: tokenizer, pretrain or finetune")
+    model.to(device)
+    if stage == "pretrain":
+        tokenizer.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler(device) if amp else None
 
     def step(x):
-        loss = loss_of(x)
+        with torch.autocast(device, dtype=torch.float16, enabled=amp):
+            loss = loss_of(x)
         opt.zero_grad()
-        loss.backward()
+        (scaler.scale(loss) if amp else loss).backward()
+        if amp:
+            scaler.unscale_(opt)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
         else:  # the original's loss scaler computes the norm for its log either way
             torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]), 2.0)
-        opt.step()
+        if amp:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
         return float(loss.detach())
     return step, batches
 
 
-def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dict:
+def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int, device: str = "cpu",
+          amp: bool = False) -> dict:
     import torch
-    step, batches = build_step(stage, modules, batch, torch)
+    step, batches = build_step(stage, modules, batch, torch, device, amp)
     times = []
     loss = float("nan")
     for i in range(warmup + steps):
@@ -183,7 +204,7 @@ def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dic
     channels, windows = SHAPES[stage]
     return {"stage": stage, "size": "base", "batch": batch, "channels": channels, "windows": windows,
             "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
-            "samples_per_s": batch / median, "loss": loss}
+            "samples_per_s": batch / median, "loss": loss, "device": device, "amp": amp}
 
 
 def profile(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dict:
@@ -228,6 +249,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the steps run")
+    parser.add_argument("--amp", action="store_true", help="float16 autocast and a gradient scaler, as the "
+                        "original's scripts on a GPU (needs --device cuda)")
     parser.add_argument("--json", default="", help="also write the result here")
     parser.add_argument("--profile", action="store_true",
                         help="profile the steps with torch.profiler instead of timing them: where the time goes")
@@ -235,16 +259,23 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.top < 1:
         parser.error("--steps and --top must be at least 1")
+    if args.amp and args.device != "cuda":
+        parser.error("--amp is the original's GPU recipe: add --device cuda")
+    if args.profile and args.device != "cpu":
+        parser.error("--profile reads CPU operator times: drop --device cuda")
     missing = [m for m in ("torch", "einops") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"the reference needs {' and '.join(missing)}: pip install 'labram_jax[reference]'")
     import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU")
     timm_source = install_timm_helpers()
     modules = import_reference(args.reference)
     torch.manual_seed(0)
     np.random.seed(0)
     result = {"torch": torch.__version__, "torch_isa": torch.backends.cpu.get_cpu_capability(),
               "torch_threads": torch.get_num_threads(), "timm": timm_source, "reference": args.reference,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "amp": args.amp,
               "rows": []}
     for stage in args.stages:
         print(f"... reference {stage} base", file=sys.stderr, flush=True)
@@ -252,7 +283,7 @@ def main(argv=None) -> dict:
             result["rows"].append(profile(stage, modules, args.batch, args.steps, args.warmup))
             print_profile(result["rows"][-1], args.top)
         else:
-            result["rows"].append(bench(stage, modules, args.batch, args.steps, args.warmup))
+            result["rows"].append(bench(stage, modules, args.batch, args.steps, args.warmup, args.device, args.amp))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

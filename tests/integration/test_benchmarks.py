@@ -357,12 +357,13 @@ def test_cost_curves_fit_and_plot(tmp_path, capsys):
     from benchmarks import cost_curves
 
     result = cost_curves.main(["--stages", "finetune", "--sizes", "tiny", "--grids", "4x2", "8x4", "16x8",
-                               "--batches", "1", "4", "--batch", "2", "--batch-grid", "4x2", "--steps", "2",
+                               "--batches", "1", "2", "4", "--batch", "2", "--batch-grid", "4x2", "--steps", "2",
                                "--warmup", "1", "--inference-sizes", "tiny", "--inference-hours", "0.02",
                                "--out", str(tmp_path), "--tag", "t"])
     curve = result["curves"]["finetune tiny"]
     assert [r["tokens_per_sample"] for r in curve["tokens"]] == [8, 32, 128]
-    assert [r["batch"] for r in curve["batch"]] == [1, 4]
+    assert [r["batch"] for r in curve["batch"]] == [1, 2, 4]
+    assert curve["batch"][1] is curve["tokens"][0]  # 4x2 at batch 2 is in both sweeps: measured once
     for fit in (curve["time_fit"], curve["memory_fit"]):
         assert min(fit["a"], fit["b"], fit["c"]) >= 0 and fit["a"] + fit["b"] + fit["c"] > 0
     assert curve["memory_fit"]["b"] + curve["memory_fit"]["c"] > 0  # activations grow with the tokens
@@ -378,6 +379,10 @@ def test_cost_curves_fit_and_plot(tmp_path, capsys):
     refit = cost_curves.main(["--refit", str(tmp_path / "cost_curves_cpu_t.json")])  # measures nothing
     assert refit["curves"]["finetune tiny"]["flop_fit"] == flops and refit["inference"] == result["inference"]
     assert "FLOP crossover" in capsys.readouterr().out
+    alone = cost_curves.main(["--stages", "--inference-sizes", "tiny", "--inference-hours", "0.01",
+                              "--out", str(tmp_path), "--tag", "inference"])
+    assert alone["curves"] == {} and [r["windows"] for r in alone["inference"]] == [9]
+    assert not (tmp_path / "cost_curves_cpu_inference.png").exists()  # no curves, no plot
 
 
 def test_cost_curves_pure_fits_recover_known_coefficients():

@@ -48,6 +48,21 @@ def test_the_cpu_kernels_choice_is_stated(monkeypatch, tmp_path):
     assert machine.describe(str(info), env={})["cpu_kernels"] == "not used (LABRAM_JAX_CPU_KERNEL=0)"
 
 
+def test_on_an_accelerator_the_cpu_kernels_are_neither_built_nor_probed(monkeypatch, tmp_path):
+    from labram_jax.models import cpu_kernels
+
+    def never():
+        raise AssertionError("built or probed on a GPU run")
+    info = tmp_path / "cpuinfo"
+    info.write_text(AVX512_CPU)
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", never)
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", never)
+    monkeypatch.setattr(machine.jax, "default_backend", lambda: "gpu")
+    m = machine.describe(str(info), env={})
+    assert m["cpu_kernels"] == "not used (the steps run on gpu)" and m["avx512_units"] is None
+    assert machine.summary(m).endswith("C++ CPU kernels not used (the steps run on gpu)")
+
+
 def test_an_unreadable_cpuinfo_still_describes_the_machine(tmp_path):
     m = machine.describe(str(tmp_path / "missing"), env={})
     assert m["cpu_widest_isa"] == "unknown" and m["threads"] >= 1 and m["cpu"]

@@ -226,3 +226,41 @@ def test_steps_and_top_below_one_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         reference_step.main(["--reference", "x", "--profile", flag, "0"])
     assert "--steps and --top must be at least 1" in capsys.readouterr().err
+
+
+def test_amp_runs_the_scaled_step_and_needs_a_gpu_run(fake_reference, monkeypatch, capsys):
+    torch = pytest.importorskip("torch", reason="the reference harness needs torch")
+    from benchmarks import reference_step
+    with pytest.raises(SystemExit):
+        reference_step.main(["--reference", str(fake_reference), "--amp"])
+    assert "--amp is the original's GPU recipe: add --device cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: this torch .* sees no CUDA GPU"):
+            reference_step.main(["--reference", str(fake_reference), "--device", "cuda"])
+    # The scaler's path (scale, unscale, clip or norm, step, update), here under the CPU's autocast.
+    calls = []
+
+    class LoggedScaler(torch.amp.GradScaler):
+        def scale(self, loss):
+            calls.append(("scale", loss.dtype))
+            return super().scale(loss)
+
+        def unscale_(self, opt):
+            calls.append("unscale")
+            return super().unscale_(opt)
+
+        def update(self, *a):
+            calls.append("update")
+            return super().update(*a)
+    monkeypatch.setattr(torch.amp, "GradScaler", LoggedScaler)
+    modules = reference_step.import_reference(str(fake_reference))
+    for stage in ("pretrain", "finetune"):
+        calls.clear()
+        step, batches = reference_step.build_step(stage, modules, 2, torch, "cpu", amp=True)
+        losses = [step(batches[i % len(batches)]) for i in range(2)]
+        assert all(loss == loss and abs(loss) < float("inf") for loss in losses)
+        assert calls == [("scale", torch.float32), "unscale", "update"] * 2  # the loss leaves autocast in fp32
+    step, batches = reference_step.build_step("finetune", modules, 2, torch, "cpu", amp=False)
+    calls.clear()
+    step(batches[0])
+    assert calls == []
