@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# BENCHMARKS.md's accelerator figures in one pass, on the GPU or TPU that JAX sees: the Base
-# training steps (bfloat16, then float32), the original PyTorch code's steps on the same GPU
-# (--device cuda, with and without its float16 autocast), the cost curves of each stage and the
-# inference throughput. Each part runs under its own time limit, cut to what is left of SECONDS,
+# BENCHMARKS.md's accelerator figures in one pass, on the GPU or TPU that JAX sees: the cost
+# curves of each stage and the inference throughput, then the Base training steps (bfloat16, then
+# float32) and the original PyTorch code's steps on the same GPU (--device cuda, with and without
+# its float16 autocast). Each part runs under its own time limit, cut to what is left of SECONDS,
 # most important first; a part that fails or runs out is reported and the next one starts.
 #
 #   bash benchmarks/accelerator.sh OUT [REFERENCE_CHECKOUT] [SECONDS=540] [ARCHIVE]
@@ -38,22 +38,24 @@ part() {  # part NAME LIMIT_S COMMAND...: COMMAND under min(LIMIT_S, seconds lef
     return $rc
 }
 
+# Each point of a curve is its own compiled step: --scan-blocks compiles one block instead of twelve
+# (unrolled, a Base step took 27-37 s to compile on an H200's host, and the curves did not fit).
 curves="--sizes base --grids 19x5 23x8 64x8 128x16 --batch 8 --batch-grid 23x8 --batches 1 8 64 256"
-curves="$curves --inference-sizes --out $out"
+curves="$curves --scan-blocks --inference-sizes --out $out"
 
 part versions 60 python3 -c "
 import jax, flax, optax, orbax.checkpoint, grain, mne, labram_jax
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'mne', mne.__version__)
 print(jax.devices())" || exit 1
-part train_bfloat16 150 python3 -m benchmarks.train_step --sizes base --steps 20 --warmup 3 \
-    --dtype bfloat16 --out "$out" --tag bfloat16
-[[ -n $ref ]] && part reference_amp 100 python3 -m benchmarks.reference_step --reference "$ref" \
-    --device cuda --amp --json "$out/reference_cuda_amp.json"
-part curves_finetune 120 python3 -m benchmarks.cost_curves --stages finetune $curves --tag finetune
+part curves_finetune 150 python3 -m benchmarks.cost_curves --stages finetune $curves --tag finetune
 part curves_pretrain 150 python3 -m benchmarks.cost_curves --stages pretrain $curves --tag pretrain
 part inference 120 python3 -m benchmarks.cost_curves --stages --inference-sizes tiny base large \
     --out "$out" --tag inference
 part curves_tokenizer 120 python3 -m benchmarks.cost_curves --stages tokenizer $curves --tag tokenizer
+part train_bfloat16 150 python3 -m benchmarks.train_step --sizes base --steps 20 --warmup 3 \
+    --dtype bfloat16 --out "$out" --tag bfloat16
+[[ -n $ref ]] && part reference_amp 100 python3 -m benchmarks.reference_step --reference "$ref" \
+    --device cuda --amp --json "$out/reference_cuda_amp.json"
 part train_float32 120 python3 -m benchmarks.train_step --sizes base --steps 20 --warmup 3 \
     --dtype float32 --out "$out" --tag float32
 [[ -n $ref ]] && part reference_fp32 90 python3 -m benchmarks.reference_step --reference "$ref" \

@@ -4,7 +4,8 @@
     python -m benchmarks.cost_curves [--stages tokenizer pretrain finetune] [--sizes tiny base] \
         [--grids 19x5 23x8 32x8 64x4 64x8 128x8 128x16] [--batches 1 2 4 8 16] [--batch 8] \
         [--batch-grid 23x8] [--steps 5] [--warmup 2] [--inference-sizes tiny base] \
-        [--inference-hours 1] [--devices 1] [--out benchmarks/results] [--tag NAME]
+        [--inference-hours 1] [--devices 1] [--attention auto] [--scan-blocks] [--out benchmarks/results] \
+        [--tag NAME]
     python -m benchmarks.cost_curves --stages --inference-sizes tiny base large   # inference only
     python -m benchmarks.cost_curves --refit benchmarks/results/cost_curves_cpu_base.json
 
@@ -82,7 +83,8 @@ def measure(stage: str, size: str, grid: tuple[int, int], batch: int, args) -> d
     """One training-step point: ``train_step.bench_one`` at this grid and batch."""
     step_args = train_step.parse_args(["--batch", str(batch), "--channels", str(grid[0]), "--windows", str(grid[1]),
                                        "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                       "--dtype", args.dtype, "--devices", str(args.devices)])
+                                       "--dtype", args.dtype, "--devices", str(args.devices),
+                                       "--attention", args.attention] + (["--scan-blocks"] if args.scan_blocks else []))
     row = train_step.bench_one(stage, size, step_args, None)
     row["tokens_per_sample"] = grid[0] * grid[1]
     row["step_s_per_sample"] = row["step_s_median"] / batch
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--devices", type=int, default=1, help="devices of the data-parallel mesh (the curves are "
                         "per device by default)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "explicit", "cpu_kernel"],
+                        help="attention implementation of every step (labram_jax.models.attention)")
+    parser.add_argument("--scan-blocks", action="store_true", help="nn.scan over stacked blocks: one block compiled "
+                        "instead of all (compiling each point's step took 27-37 s on a GPU host at Base)")
     parser.add_argument("--inference-sizes", nargs="*", default=["tiny", "base"], choices=["tiny", "base", "large"])
     parser.add_argument("--inference-hours", type=float, default=1.0)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_lib.describe()
     print(machine_lib.summary(machine), flush=True)
     result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "machine": machine,
-              "dtype": args.dtype, "batch": args.batch, "batch_grid": "x".join(map(str, args.batch_grid)),
+              "dtype": args.dtype, "attention": args.attention, "scan_blocks": args.scan_blocks, "batch": args.batch, "batch_grid": "x".join(map(str, args.batch_grid)),
               "command": "python -m benchmarks.cost_curves " + " ".join(argv if argv is not None else os.sys.argv[1:]),
               "curves": {}, "inference": []}
     measured = {}  # a point in both sweeps (--batch at --batch-grid) is measured once

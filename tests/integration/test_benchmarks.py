@@ -379,6 +379,12 @@ def test_cost_curves_fit_and_plot(tmp_path, capsys):
     refit = cost_curves.main(["--refit", str(tmp_path / "cost_curves_cpu_t.json")])  # measures nothing
     assert refit["curves"]["finetune tiny"]["flop_fit"] == flops and refit["inference"] == result["inference"]
     assert "FLOP crossover" in capsys.readouterr().out
+    scanned = cost_curves.main(["--stages", "finetune", "--sizes", "tiny", "--grids", "4x2", "8x4", "16x8",
+                                "--batches", "2", "--batch", "2", "--batch-grid", "4x2", "--steps", "2", "--warmup", "1",
+                                "--inference-sizes", "--scan-blocks", "--attention", "explicit", "--out", str(tmp_path),
+                                "--tag", "scan"])
+    rows = scanned["curves"]["finetune tiny"]["tokens"]
+    assert scanned["scan_blocks"] and all(r["scan_blocks"] and r["attention"] == "explicit" for r in rows)
     alone = cost_curves.main(["--stages", "--inference-sizes", "tiny", "--inference-hours", "0.01",
                               "--out", str(tmp_path), "--tag", "inference"])
     assert alone["curves"] == {} and [r["windows"] for r in alone["inference"]] == [9]
@@ -465,3 +471,20 @@ def test_layer_norm_benchmark_times_both_implementations(tmp_path, monkeypatch, 
         assert r["xla_ms"] > 0 and r["kernel_ms"] > 0
         assert r["speedup_range"][0] <= r["speedup_paired_median"] <= r["speedup_range"][1]
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_the_accelerator_script_keeps_to_its_time_and_archives_each_part(tmp_path):
+    import tarfile
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # 31 s in all: the versions part (a few seconds) runs, then under 30 s are left for every other part.
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "accelerator.sh"), str(tmp_path / "out"), "", "31",
+                           str(tmp_path / "out.tgz")], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "=== versions: exit 0" in proc.stdout and "jax " in proc.stdout
+    skipped = [line for line in proc.stdout.splitlines() if ": skipped, " in line]
+    assert [line.split()[1].rstrip(":") for line in skipped] == [
+        "curves_finetune", "curves_pretrain", "inference", "curves_tokenizer", "train_bfloat16", "train_float32"]
+    with tarfile.open(tmp_path / "out.tgz") as archive:  # no reference checkout: its parts are not even listed
+        assert sorted(m.name for m in archive.getmembers() if m.isfile()) == ["./versions.log"]
