@@ -65,7 +65,11 @@ def _piece(x, kernel, bias, labels, weights, implementation: str, grads: bool):
     s = e.sum(axis=-1, keepdims=True)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     ce = (jnp.log(s) + m - picked)[..., 0]
-    correct = jnp.argmax(logits, axis=-1) == labels
+    # argmax (the first index of the row's maximum) as one min-reduction: XLA:CPU runs argmax's
+    # (value, index) reduction one element at a time, 27 ms of a Base pretraining step of 1.2 s.
+    # A row holding NaN has no maximum equal to itself: none of its tokens counts as correct.
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    correct = jnp.min(jnp.where(logits == m, vocab, logits.shape[-1]), axis=-1) == labels
     if not grads:
         return (ce, correct), ()
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)

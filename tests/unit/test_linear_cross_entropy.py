@@ -50,6 +50,17 @@ def test_every_piece_count_gives_optax_loss_and_gradients(chunks):
         np.testing.assert_allclose(g, g0, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("chunks", [0, 2])
+def test_correct_is_argmax_first_index_on_ties(chunks):
+    # logits = bias: the maximum 1.0 at codes 1 and 3 (argmax says 1), and a row's worth of NaN
+    x = jnp.zeros((1, 4, 2)).at[0, 3].set(jnp.nan)
+    kernel, bias = jnp.zeros((2, 5)), jnp.array([0.0, 1.0, -1.0, 1.0, 0.5])
+    labels = jnp.array([[1, 3, 4, 1]])
+    _, _, correct = lce.linear_cross_entropy(x, kernel, bias, labels, jnp.ones((1, 4)), chunks=chunks)
+    assert correct.tolist() == [[True, False, False, False]]
+    np.testing.assert_array_equal(correct[:, :3], (jnp.argmax(bias) == labels)[:, :3])
+
+
 def test_backward_scales_by_the_cotangent_and_ce_carries_no_gradient():
     x, kernel, bias, labels, weights = _inputs(seed=1)
 
