@@ -172,8 +172,10 @@ def test_step_buffers_stay_mapped_with_the_tunables(tmp_path):
         env = host_memory.environment_with_hugepages({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
                                                       keep_buffers=keep)
         env["XLA_FLAGS"] = ""  # one device
-        faults[keep] = int(subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                                          check=True).stdout.split()[-1])
+        # The fewer of two runs: late in a full suite the kernel sometimes has no free huge page at
+        # hand and faults in 4 KiB pages (once 2,053 faults with the tunables; 512-1,024 alone).
+        faults[keep] = min(int(subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                                              check=True).stdout.split()[-1]) for _ in range(2))
     assert faults[False] >= 4 * 256, faults  # 512 MiB = 256 huge pages, mapped again at every call
     assert 4 * faults[True] < faults[False], faults
 
