@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_lib.describe()
     print(machine_lib.summary(machine), flush=True)
     result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "machine": machine,
-              "dtype": args.dtype, "attention": args.attention, "scan_blocks": args.scan_blocks, "batch": args.batch, "batch_grid": "x".join(map(str, args.batch_grid)),
+              "dtype": args.dtype, "attention": args.attention, "scan_blocks": args.scan_blocks, "batch": args.batch,
+              "batch_grid": "x".join(map(str, args.batch_grid)),
               "command": "python -m benchmarks.cost_curves " + " ".join(argv if argv is not None else os.sys.argv[1:]),
               "curves": {}, "inference": []}
     measured = {}  # a point in both sweeps (--batch at --batch-grid) is measured once
