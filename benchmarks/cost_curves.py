@@ -46,6 +46,7 @@ from scipy import optimize
 
 from benchmarks import machine as machine_lib
 from benchmarks import train_step
+from labram_jax.models import config as model_config
 
 LINEAR_NAMES = ("a", "b", "c")
 
@@ -101,7 +102,6 @@ def inference(size: str, hours: float, batch_size: int = 32) -> dict:
     import mne
 
     from labram_jax import api
-    from labram_jax.models import config as model_config
     from labram_jax.models import transformer
 
     names = "Fp1 Fp2 F7 F3 Fz F4 F8 T7 C3 Cz C4 T8 P7 P3 Pz P4 P8 O1 O2".split()
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--devices", type=int, default=1, help="devices of the data-parallel mesh (the curves are "
                         "per device by default)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "explicit", "cpu_kernel"],
+    parser.add_argument("--attention", default="auto", choices=list(model_config.ATTENTION_IMPLEMENTATIONS),
                         help="attention implementation of every step (labram_jax.models.attention)")
     parser.add_argument("--scan-blocks", action="store_true", help="nn.scan over stacked blocks: one block compiled "
                         "instead of all (compiling each point's step took 27-37 s on a GPU host at Base)")
