@@ -29,7 +29,9 @@ Inference: ``api.Predictor.embed`` of a synthetic 1-hour, 19-channel recording a
 for the model alone (the preprocessing, MNE's filters and resampling, is the rest).
 
 Writes ``<out>/cost_curves_<backend>[_tag].json`` and ``.png`` (three panels: time per sample
-and memory against tokens, step time against batch) and prints the tables.
+and memory against tokens, step time against batch) and prints the tables. The JSON is rewritten
+after every point, so a run stopped by a time limit keeps its points (``--refit`` then plots
+them; a sweep with too few points for its fit is drawn without one).
 """
 
 from __future__ import annotations
@@ -138,15 +140,17 @@ def plot(result: dict, path: pathlib.Path) -> None:
         tokens = curve["tokens"]
         x = np.asarray([r["tokens_per_sample"] for r in tokens])
         dense = np.linspace(x.min(), x.max(), 100)
-        for ax, field, fit, scale in ((axes[0], "step_s_per_sample", curve["time_fit"], 1e3),
-                                      (axes[1], "memory_mib", curve["memory_fit"], 1.0)):
+        for ax, field, fit, scale in ((axes[0], "step_s_per_sample", curve.get("time_fit"), 1e3),
+                                      (axes[1], "memory_mib", curve.get("memory_fit"), 1.0)):
             line = ax.plot(x, [scale * r[field] for r in tokens], "o", label=key)[0]
-            ax.plot(dense, scale * (fit["a"] + fit["b"] * dense + fit["c"] * dense ** 2), "-", color=line.get_color(),
-                    alpha=0.6)
+            if fit is not None:
+                ax.plot(dense, scale * (fit["a"] + fit["b"] * dense + fit["c"] * dense ** 2), "-",
+                        color=line.get_color(), alpha=0.6)
         b = np.asarray([r["batch"] for r in curve["batch"]])
         line = axes[2].plot(b, [1e3 * r["step_s_median"] for r in curve["batch"]], "o", label=key)[0]
-        fit = curve["batch_fit"]
-        axes[2].plot(b, 1e3 * (fit["t0"] + fit["t1"] * b), "-", color=line.get_color(), alpha=0.6)
+        if "batch_fit" in curve:
+            fit = curve["batch_fit"]
+            axes[2].plot(b, 1e3 * (fit["t0"] + fit["t1"] * b), "-", color=line.get_color(), alpha=0.6)
     axes[0].set(xlabel="tokens per sample (channels x 1-s windows)", ylabel="ms per sample",
                 title=f"training step time per sample (batch {result['batch']})", xscale="log", yscale="log")
     axes[1].set(xlabel="tokens per sample", ylabel="MiB", title="compiled step memory", xscale="log", yscale="log")
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
               "batch_grid": "x".join(map(str, args.batch_grid)),
               "command": "python -m benchmarks.cost_curves " + " ".join(argv if argv is not None else os.sys.argv[1:]),
               "curves": {}, "inference": []}
+    stem = pathlib.Path(args.out) / f"cost_curves_{result['backend']}{'_' + args.tag if args.tag else ''}"
     measured = {}  # a point in both sweeps (--batch at --batch-grid) is measured once
 
     def point(stage, size, grid, batch):
@@ -213,25 +218,39 @@ def main(argv: list[str] | None = None) -> dict:
         for stage in args.stages:
             if stage == "tokenizer" and size in ("large", "huge"):
                 continue  # one tokenizer size (benchmarks.train_step)
-            tokens = [point(stage, size, grid, args.batch) for grid in args.grids]
-            batches = [point(stage, size, args.batch_grid, b) for b in args.batches]
-            result["curves"][f"{stage} {size}"] = fit_curve(tokens, batches)
+            tokens, batches = [], []
+            for sweep, grid, batch in ([(tokens, g, args.batch) for g in args.grids]
+                                       + [(batches, args.batch_grid, b) for b in args.batches]):
+                sweep.append(point(stage, size, grid, batch))
+                result["curves"][f"{stage} {size}"] = fit_curve(tokens, batches)
+                save(result, stem)  # after every point: a run stopped by a time limit keeps what it measured
     for size in args.inference_sizes:
         result["inference"].append(inference(size, args.inference_hours))
-    return write(result, pathlib.Path(args.out) / f"cost_curves_{result['backend']}{'_' + args.tag if args.tag else ''}")
+        save(result, stem)
+    return write(result, stem)
 
 
 def fit_curve(tokens: list[dict], batches: list[dict]) -> dict:
     """The fits of one (stage, size): time, compiled memory and model FLOPs per sample against
     tokens per sample, step time against batch. The FLOP fit's crossover is where attention's
     arithmetic equals the rest; the time fit's is where its time does (they differ when the
-    attention runs at a lower FLOP rate than the matrix products, as on XLA:CPU)."""
-    x = [r["tokens_per_sample"] for r in tokens]
-    return {"tokens": tokens, "batch": batches,
-            "time_fit": fit_quadratic(x, [r["step_s_per_sample"] for r in tokens]),
-            "memory_fit": fit_quadratic(x, [r["memory_mib"] for r in tokens]),
-            "flop_fit": fit_quadratic(x, [1e12 * r["model_tflops_per_step"] / r["batch"] for r in tokens]),
-            "batch_fit": fit_linear([r["batch"] for r in batches], [r["step_s_median"] for r in batches])}
+    attention runs at a lower FLOP rate than the matrix products, as on XLA:CPU). The token fits
+    need 3 points and the batch fit 2; a sweep stopped before that (a time limit) has none."""
+    curve = {"tokens": tokens, "batch": batches}
+    if len(tokens) >= 3:
+        x = [r["tokens_per_sample"] for r in tokens]
+        curve["time_fit"] = fit_quadratic(x, [r["step_s_per_sample"] for r in tokens])
+        curve["memory_fit"] = fit_quadratic(x, [r["memory_mib"] for r in tokens])
+        curve["flop_fit"] = fit_quadratic(x, [1e12 * r["model_tflops_per_step"] / r["batch"] for r in tokens])
+    if len(batches) >= 2:
+        curve["batch_fit"] = fit_linear([r["batch"] for r in batches], [r["step_s_median"] for r in batches])
+    return curve
+
+
+def save(result: dict, stem: pathlib.Path) -> None:
+    """Writes ``<stem>.json`` (a tag may hold dots, hence no with_suffix)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(result, indent=1))
 
 
 def write(result: dict, stem: pathlib.Path) -> dict:
@@ -240,20 +259,27 @@ def write(result: dict, stem: pathlib.Path) -> dict:
           "FLOP crossover | achieved GFLOP/s, fewest -> most tokens | memory fit (MiB) | step vs batch t0 + t1 B (ms) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for key, curve in result["curves"].items():
-        t, m, b, f = curve["time_fit"], curve["memory_fit"], curve["batch_fit"], curve["flop_fit"]
-        rates = [1e3 * r["model_tflops_per_step"] / r["step_s_median"] for r in (curve["tokens"][0], curve["tokens"][-1])]
-        print(f"| {key} | {1e3 * curve['tokens'][0]['step_s_per_sample']:.2f} | "
-              f"{1e3 * curve['tokens'][-1]['step_s_per_sample']:.1f} | {1e3 * t['a']:.3g} + {1e3 * t['b']:.3g} L + "
-              f"{1e3 * t['c']:.3g} L^2 | {t['crossover']:.0f} | {f['crossover']:.0f} | {rates[0]:.0f} -> {rates[1]:.0f} | "
-              f"{m['a']:.0f} + {m['b']:.3g} L + {m['c']:.3g} L^2 | {1e3 * b['t0']:.1f} + {1e3 * b['t1']:.1f} B |")
+        first, last = curve["tokens"][0], curve["tokens"][-1]
+        rates = [1e3 * r["model_tflops_per_step"] / r["step_s_median"] for r in (first, last)]
+        cells = [key, f"{1e3 * first['step_s_per_sample']:.2f}", f"{1e3 * last['step_s_per_sample']:.1f}"]
+        if "time_fit" in curve:
+            t, m, f = curve["time_fit"], curve["memory_fit"], curve["flop_fit"]
+            cells += [f"{1e3 * t['a']:.3g} + {1e3 * t['b']:.3g} L + {1e3 * t['c']:.3g} L^2", f"{t['crossover']:.0f}",
+                      f"{f['crossover']:.0f}"]
+        else:
+            cells += [f"no fit ({len(curve['tokens'])} points)", "-", "-"]
+        cells.append(f"{rates[0]:.0f} -> {rates[1]:.0f}")
+        cells.append(f"{m['a']:.0f} + {m['b']:.3g} L + {m['c']:.3g} L^2" if "memory_fit" in curve else "-")
+        b = curve.get("batch_fit")
+        cells.append(f"{1e3 * b['t0']:.1f} + {1e3 * b['t1']:.1f} B" if b else f"no fit ({len(curve['batch'])} points)")
+        print("| " + " | ".join(cells) + " |")
     if result["inference"]:
         print("\n| inference (embed) | windows | total s | hours of EEG per s | model alone: hours per s |")
         print("|---|---|---|---|---|")
         for r in result["inference"]:
             print(f"| {r['size']}, {r['hours']:g} h, {r['channels']} ch at {r['sfreq_in']:g} Hz | {r['windows']} | "
                   f"{r['total_s']:.1f} | {r['hours_per_s']:.3g} | {r['model_hours_per_s']:.3g} |")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(result, indent=1))  # a tag may hold dots
+    save(result, stem)
     if result["curves"]:
         plot(result, stem.parent / (stem.name + ".png"))
     print(f"wrote {stem}.json and .png")

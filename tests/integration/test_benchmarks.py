@@ -393,6 +393,35 @@ def test_cost_curves_fit_and_plot(tmp_path, capsys):
     assert not (tmp_path / "cost_curves_cpu_inference.png").exists()  # no curves, no plot
 
 
+def test_cost_curves_keep_the_points_of_a_run_stopped_early(tmp_path, monkeypatch, capsys):
+    from benchmarks import cost_curves
+
+    def fake_measure(stage, size, grid, batch, args):  # time grows with tokens and batch; the 4th point never ends
+        if len(calls) == 3:
+            raise KeyboardInterrupt("the part's time limit")
+        calls.append((grid, batch))
+        tokens = grid[0] * grid[1]
+        step_s = 1e-3 * batch * (1.0 + 0.01 * tokens)
+        return {"batch": batch, "tokens_per_sample": tokens, "step_s_median": step_s, "step_s_per_sample": step_s / batch,
+                "memory_mib": 10.0 + tokens, "model_tflops_per_step": 1e-6 * batch * tokens}
+    calls = []
+    monkeypatch.setattr(cost_curves, "measure", fake_measure)
+    with pytest.raises(KeyboardInterrupt):
+        cost_curves.main(["--stages", "finetune", "--sizes", "tiny", "--grids", "4x2", "8x4", "16x8", "--batches", "1",
+                          "4", "--batch", "2", "--inference-sizes", "tiny", "--out", str(tmp_path), "--tag", "cut"])
+    saved = json.loads((tmp_path / "cost_curves_cpu_cut.json").read_text())
+    curve = saved["curves"]["finetune tiny"]
+    assert [r["tokens_per_sample"] for r in curve["tokens"]] == [8, 32, 128] and curve["batch"] == []
+    assert curve["time_fit"]["b"] > 0 and "batch_fit" not in curve and saved["inference"] == []
+    # two of three grids: no fit; the table and the plot still show the points
+    curve["tokens"] = curve["tokens"][:2]
+    (tmp_path / "cost_curves_cpu_cut.json").write_text(json.dumps(saved))
+    refit = cost_curves.main(["--refit", str(tmp_path / "cost_curves_cpu_cut.json")])
+    assert "time_fit" not in refit["curves"]["finetune tiny"]
+    assert "no fit (2 points)" in capsys.readouterr().out
+    assert (tmp_path / "cost_curves_cpu_cut.png").stat().st_size > 10_000
+
+
 def test_cost_curves_pure_fits_recover_known_coefficients():
     from benchmarks import cost_curves
 
