@@ -39,7 +39,9 @@ part() {  # part NAME LIMIT_S COMMAND...: COMMAND under min(LIMIT_S, seconds lef
 }
 
 # Each point of a curve is its own compiled step: --scan-blocks compiles one block instead of twelve
-# (unrolled, a Base step took 27-37 s to compile on an H200's host, and the curves did not fit).
+# (unrolled, a Base step took 27-37 s to compile on an H200's host; scanned, 16-25 s). Session 28
+# measured fine-tuning and pretraining with XLA's attention (its [L, L] matrices took 31-62 GB at
+# 2,048 tokens); these curves take cuDNN's flash attention first, then the tokenizer's with `auto`.
 curves="--sizes base --grids 19x5 23x8 64x8 128x16 --batch 8 --batch-grid 23x8 --batches 1 8 64 256"
 curves="$curves --scan-blocks --inference-sizes --out $out"
 
@@ -47,11 +49,13 @@ part versions 60 python3 -c "
 import jax, flax, optax, orbax.checkpoint, grain, mne, labram_jax
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'mne', mne.__version__)
 print(jax.devices())" || exit 1
-part curves_finetune 150 python3 -m benchmarks.cost_curves --stages finetune $curves --tag finetune
-part curves_pretrain 150 python3 -m benchmarks.cost_curves --stages pretrain $curves --tag pretrain
+part curves_finetune_cudnn 150 python3 -m benchmarks.cost_curves --stages finetune $curves --attention cudnn \
+    --tag finetune_cudnn
+part curves_pretrain_cudnn 150 python3 -m benchmarks.cost_curves --stages pretrain $curves --attention cudnn \
+    --tag pretrain_cudnn
+part curves_tokenizer 120 python3 -m benchmarks.cost_curves --stages tokenizer $curves --tag tokenizer
 part inference 120 python3 -m benchmarks.cost_curves --stages --inference-sizes tiny base large \
     --out "$out" --tag inference
-part curves_tokenizer 120 python3 -m benchmarks.cost_curves --stages tokenizer $curves --tag tokenizer
 part train_bfloat16 150 python3 -m benchmarks.train_step --sizes base --steps 20 --warmup 3 \
     --dtype bfloat16 --out "$out" --tag bfloat16
 [[ -n $ref ]] && part reference_amp 100 python3 -m benchmarks.reference_step --reference "$ref" \

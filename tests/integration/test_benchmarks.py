@@ -516,6 +516,7 @@ def test_the_accelerator_script_keeps_to_its_time_and_archives_each_part(tmp_pat
     assert "=== versions: exit 0" in proc.stdout and "jax " in proc.stdout
     skipped = [line for line in proc.stdout.splitlines() if ": skipped, " in line]
     assert [line.split()[1].rstrip(":") for line in skipped] == [
-        "curves_finetune", "curves_pretrain", "inference", "curves_tokenizer", "train_bfloat16", "train_float32"]
+        "curves_finetune_cudnn", "curves_pretrain_cudnn", "curves_tokenizer", "inference", "train_bfloat16",
+        "train_float32"]
     with tarfile.open(tmp_path / "out.tgz") as archive:  # no reference checkout: its parts are not even listed
         assert sorted(m.name for m in archive.getmembers() if m.isfile()) == ["./versions.log"]
