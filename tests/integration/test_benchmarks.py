@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -502,6 +503,30 @@ def test_layer_norm_benchmark_times_both_implementations(tmp_path, monkeypatch, 
         assert r["xla_ms"] > 0 and r["kernel_ms"] > 0
         assert r["speedup_range"][0] <= r["speedup_paired_median"] <= r["speedup_range"][1]
     assert "speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                    reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+def test_attention_benchmark_times_each_implementation_in_its_layout(tmp_path, monkeypatch, capsys):
+    from benchmarks import attention as attention_bench
+
+    monkeypatch.setattr(attention_bench, "SHAPES", {"tiny": (2, 17, 3, 20)})
+    out = tmp_path / "attention.json"
+    rows = attention_bench.main(["--repeats", "3", "--implementations", "cpu_kernel", "explicit", "--json", str(out)])
+    assert [(r["implementation"], r["pass"]) for r in rows] == [
+        ("cpu_kernel", "forward"), ("explicit", "forward"), ("cpu_kernel", "fwd+bwd"), ("explicit", "fwd+bwd")]
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["gflops_at_min"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and "--implementations cpu_kernel explicit" in saved["command"]
+    assert "GFLOP/s" in capsys.readouterr().out
+    # the two implementations agree on the function they time (the benchmark's layouts are consistent)
+    q, k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((2, 17, 3, 20)), jnp.float32) for i in range(3))
+    valid = jnp.arange(17)[None, :].repeat(2, 0) < 14
+    heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    np.testing.assert_allclose(attention_bench.attend("cpu_kernel")(q, k, v, valid),
+                               heads(attention_bench.attend("explicit")(heads(q), heads(k), heads(v), valid)),
+                               atol=1e-5)
 
 
 def test_the_accelerator_script_keeps_to_its_time_and_archives_each_part(tmp_path):
