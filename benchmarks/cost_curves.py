@@ -262,15 +262,14 @@ def write(result: dict, stem: pathlib.Path) -> dict:
         first, last = curve["tokens"][0], curve["tokens"][-1]
         rates = [1e3 * r["model_tflops_per_step"] / r["step_s_median"] for r in (first, last)]
         cells = [key, f"{1e3 * first['step_s_per_sample']:.2f}", f"{1e3 * last['step_s_per_sample']:.1f}"]
-        if "time_fit" in curve:
-            t, m, f = curve["time_fit"], curve["memory_fit"], curve["flop_fit"]
+        t, m, f, b = (curve.get(name) for name in ("time_fit", "memory_fit", "flop_fit", "batch_fit"))
+        if t:
             cells += [f"{1e3 * t['a']:.3g} + {1e3 * t['b']:.3g} L + {1e3 * t['c']:.3g} L^2", f"{t['crossover']:.0f}",
                       f"{f['crossover']:.0f}"]
         else:
             cells += [f"no fit ({len(curve['tokens'])} points)", "-", "-"]
         cells.append(f"{rates[0]:.0f} -> {rates[1]:.0f}")
-        cells.append(f"{m['a']:.0f} + {m['b']:.3g} L + {m['c']:.3g} L^2" if "memory_fit" in curve else "-")
-        b = curve.get("batch_fit")
+        cells.append(f"{m['a']:.0f} + {m['b']:.3g} L + {m['c']:.3g} L^2" if m else "-")
         cells.append(f"{1e3 * b['t0']:.1f} + {1e3 * b['t1']:.1f} B" if b else f"no fit ({len(curve['batch'])} points)")
         print("| " + " | ".join(cells) + " |")
     if result["inference"]:
