@@ -286,7 +286,8 @@ def prepare_windows(signals, ch_names: Sequence[str] | None = None, sfreq: float
     """LaBraM's preprocessing (as data_prep's) of a recording's path, an ``mne.io.Raw``, an
     ``mne.Epochs``, an array ``[channels, samples]`` or epochs ``[n, channels, samples]`` (arrays
     in ``unit`` with ``ch_names`` and ``sfreq``), cut into windows of ``window_s`` seconds.
-    Each epoch is one sample of ``floor(its duration)`` seconds (1..16)."""
+    Each epoch is one sample of ``floor(its duration)`` seconds (1..16). A continuous recording's
+    channels are filtered and resampled in blocks on every usable core (the same result)."""
     scale = {"V": 1.0, "mV": 1e-3, "uV": 1e-6}.get(unit)
     if scale is None:
         raise ValueError(f"unit must be 'V', 'mV' or 'uV', got {unit!r}")
@@ -319,7 +320,9 @@ def prepare_windows(signals, ch_names: Sequence[str] | None = None, sfreq: float
         signals = mne.io.RawArray(data * scale, mne.create_info(list(ch_names), float(sfreq), "eeg"),
                                   verbose="error")
     params = prep_lib.Params(window_s=window_s, stride_s=float(window_s), notch=notch)
-    prepared = prep_lib.preprocess(signals, params, options=montage)
+    # every usable core filters and resamples a block of channels: the same result, and on a GPU host
+    # this host-side work was 80-95 % of embed's time (BENCHMARKS.md, "GPU")
+    prepared = prep_lib.preprocess(signals, params, options=montage, threads=prep_lib.usable_cpus())
     starts = prep_lib.window_starts(prepared.data.shape[1], params)
     if starts.size == 0:
         raise ValueError(f"the recording is shorter than one {window_s}-s window")

@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 
+import mne
 import numpy as np
 import pytest
 from array_record.python import array_record_module
@@ -73,6 +74,13 @@ def test_round_trip_equals_in_memory_preprocessing(eegmat, eeg_dir):
         np.testing.assert_array_equal(shard[k].signal, want)
     # Units: microvolts / 100, so EEG sits around 0.1-1, not 1e-5 (volts) or 10-100 (uV).
     assert 0.01 < float(np.std(prepared.data)) < 5.0
+    # the channels filtered and resampled in blocks on threads (as the API does): the same bits, and
+    # MNE's global log level as it was
+    level = mne.utils.logger.level
+    threaded = preprocess.preprocess(reading.read_raw(pathlib.Path(entry["path"])),
+                                     preprocess.Params(window_s=5, stride_s=5.0), threads=4)
+    np.testing.assert_array_equal(threaded.data, prepared.data)
+    assert threaded.names == prepared.names and mne.utils.logger.level == level
 
 
 def test_rerun_resumes_without_rewriting(eegmat, eeg_dir):
