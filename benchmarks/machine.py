@@ -13,6 +13,7 @@ import re
 
 import jax
 
+from labram_jax import preprocess
 from labram_jax.models import cpu_kernels
 
 # Widest first: the first one the CPU has is what XLA uses unless XLA_FLAGS holds it lower.
@@ -49,7 +50,7 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
     model, flags = cpu_flags(cpuinfo)
     widest = next((ISA_NAMES[f] for f in VECTOR_ISAS if f in flags), "unknown")
     limit = xla_isa_limit(env.get("XLA_FLAGS", ""))
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = preprocess.usable_cpus()
     mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
     ids = [re.search(rf"^{key}\s*:\s*(\d+)", cpuinfo, re.M) for key in ("cpu family", "model", "stepping")]
     return {"cpu": model, "cpu_id": ("family {} model {} stepping {}".format(*(i.group(1) for i in ids))
