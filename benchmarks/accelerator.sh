@@ -18,21 +18,28 @@ budget=${3:-540}
 archive=${4:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-start=$SECONDS
+start_us=${EPOCHREALTIME/./}
 
-part() {  # part NAME LIMIT_S COMMAND...: COMMAND under min(LIMIT_S, seconds left), logged to OUT/NAME.log
-    local name=$1 limit=$2 left rc
+elapsed() {  # whole seconds since the start, rounded up: a part that took any time leaves less than before it
+    local now_us=${EPOCHREALTIME/./}
+    echo $(((now_us - start_us + 999999) / 1000000))
+}
+
+part() {  # part NAME LIMIT_S COMMAND...: COMMAND under min(LIMIT_S, seconds left), logged to OUT/NAME.log;
+    # skipped when fewer than min(30, LIMIT_S) seconds are left
+    local name=$1 limit=$2 least=30 left rc
     shift 2
-    left=$((budget - (SECONDS - start)))
+    ((limit < least)) && least=$limit
+    left=$((budget - $(elapsed)))
     ((left < limit)) && limit=$left
-    if ((limit < 30)); then
+    if ((limit < least)); then
         echo "=== $name: skipped, ${left} s left"
         return 1
     fi
     echo "=== $name (at most ${limit} s): $*"
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     rc=$?
-    echo "=== $name: exit $rc, $((SECONDS - start)) s into the run"
+    echo "=== $name: exit $rc, $(elapsed) s into the run"
     grep -v -E '^\s*$|Warning|warn\(' "$out/$name.log" | tail -n 14
     [[ -n $archive ]] && tar czf "$archive" -C "$out" .
     return $rc
@@ -45,7 +52,7 @@ part() {  # part NAME LIMIT_S COMMAND...: COMMAND under min(LIMIT_S, seconds lef
 curves="--sizes base --grids 19x5 23x8 64x8 128x16 --batch 8 --batch-grid 23x8 --batches 1 8 64 256"
 curves="$curves --scan-blocks --inference-sizes --out $out"
 
-part versions 60 python3 -c "
+part versions 20 python3 -c "
 import jax, flax, optax, orbax.checkpoint, grain, mne, labram_jax
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'mne', mne.__version__)
 print(jax.devices())" || exit 1
@@ -64,4 +71,4 @@ part train_float32 120 python3 -m benchmarks.train_step --sizes base --steps 20 
     --dtype float32 --out "$out" --tag float32
 [[ -n $ref ]] && part reference_fp32 90 python3 -m benchmarks.reference_step --reference "$ref" \
     --device cuda --json "$out/reference_cuda_fp32.json"
-echo "=== done in $((SECONDS - start)) s"
+echo "=== done in $(elapsed) s"
