@@ -65,19 +65,21 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
 
 def cpu_kernels_choice() -> dict:
     """This process's choice (not ``describe``'s cpuinfo file's): whether ``auto`` uses the C++ CPU
-    kernels (``labram_jax.models.cpu_kernels``), why not, and the measured AVX-512 / AVX2 FMA rate.
+    kernels (``labram_jax.models.cpu_kernels``), why not, the measured AVX-512 / AVX2 FMA rate, and
+    the float32 FMA peak of all usable cores at once (TFLOP/s: what the vector units can do).
     On a GPU or TPU the steps never use them, so nothing is built or probed there."""
     backend = jax.default_backend()
     if backend != "cpu":
         return {"cpu_kernels": f"not used (the steps run on {backend})", "avx512_rate_vs_avx2": None,
-                "avx512_units": None}
+                "avx512_units": None, "fma_peak_tflops": None}
     reason = cpu_kernels.unavailable_reason()
     if reason is None and not cpu_kernels.measured_faster_here():
         reason = "AVX-512 on full-width units: XLA's AVX-512 products are faster"
     rate = cpu_kernels.avx512_rate_ratio()
     return {"cpu_kernels": "used by auto" if reason is None else f"not used ({reason})",
             "avx512_rate_vs_avx2": rate,
-            "avx512_units": None if rate is None else "512-bit" if rate >= cpu_kernels.FULL_WIDTH_AVX512 else "256-bit"}
+            "avx512_units": None if rate is None else "512-bit" if rate >= cpu_kernels.FULL_WIDTH_AVX512 else "256-bit",
+            "fma_peak_tflops": cpu_kernels.fma_peak_tflops(preprocess.usable_cpus())}
 
 
 def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
@@ -103,6 +105,8 @@ def summary(machine: dict) -> str:
     cpu = f"{machine['cpu']} ({machine['cpu_id']})" if machine.get("cpu_id") else machine["cpu"]
     units = (f" on {machine['avx512_units']} units ({machine['avx512_rate_vs_avx2']:.2f}x AVX2's FMA rate)"
              if machine.get("avx512_units") else "")
+    fma = (f", float32 FMA peak {machine['fma_peak_tflops']:.3f} TFLOP/s" if machine.get("fma_peak_tflops")
+           else "")
     return (f"machine: {cpu}, {machine['threads']} threads, widest vector ISA "
-            f"{machine['cpu_widest_isa']}{units}{' + FMA' if machine['fma'] else ''}; XLA uses {machine['xla_isa']}; "
+            f"{machine['cpu_widest_isa']}{units}{' + FMA' if machine['fma'] else ''}{fma}; XLA uses {machine['xla_isa']}; "
             f"C++ CPU kernels {machine.get('cpu_kernels', 'not asked')}")

@@ -11,7 +11,8 @@ For each (stage, size): compile time, median step time over ``--steps`` steps af
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
 step (benchmarks/flops.py) and XLA's own count, MFU against ``--peak-tflops`` (``auto``:
 the datasheet table for GPUs/TPUs; on a CPU a measured float32 matmul rate, said so in
-the table), and memory (the compiled step's analysis; the runtime peak where the backend
+the table; for float32 on a CPU also MFU against the cores' FMA peak, ``cpu_vector_rate.cc``,
+which no matmul reaches), and memory (the compiled step's analysis; the runtime peak where the backend
 reports one). It runs the very step ``labram_jax.train`` runs (``steps.build``)
 on random EEG-like batches, and asserts the step was traced once.
 
@@ -229,6 +230,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     """One row of the table; with ``args.reference`` (and a row the reference can run) the reference's
     step of this stage is timed next to ours, ``args.rounds`` times (:func:`rounds_with_reference`)."""
     bench = prepare(stage, size, args)
+    fma_peak = (machine or {}).get("fma_peak_tflops") if args.dtype == "float32" else None  # a float32 figure
     config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
     mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
     baseline = rounds = None
@@ -258,6 +260,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
            "samples_per_s": args.batch / step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_step":
            model_flops / 1e12, "xla_tflops_per_step": (xla_flops(compiled) or float("nan")) / 1e12,
            "achieved_tflops": model_flops / step_s / 1e12, "mfu": model_flops / step_s / 1e12 / peak if peak else None,
+           "mfu_vs_fma_peak": model_flops / step_s / 1e12 / fma_peak if fma_peak else None,
            "loss": loss, "traces": len(traces), **memory_figures(compiled), **usage_figures(bench.usage)}
     if rounds is not None:
         add_reference(row, rounds)
@@ -535,6 +538,11 @@ def main(argv=None):
     if args.reference and reference is None:
         print("--reference: no Base float32 row at the reference's shapes to compare", flush=True)
     print_table(rows, f"{peak:.3f} TFLOP/s ({peak_note})" if peak else peak_note)
+    fma_peak = machine.get("fma_peak_tflops")
+    if fma_peak and rows and all(r["mfu_vs_fma_peak"] is not None for r in rows) and args.peak_tflops == "auto":
+        against = ", ".join(f"{r['stage']} {r['size']} {r['mfu_vs_fma_peak']:.1%}" for r in rows)
+        print(f"MFU against the cores' float32 FMA peak ({fma_peak:.3f} TFLOP/s"
+              f"{f', the matmul above reaches {peak / fma_peak:.0%} of it' if peak else ''}): {against}")
     if reference:
         print(f"vs ref: the original PyTorch code in this run (each stage's steps right next to ours), torch "
               f"{reference['torch']} on {reference['torch_isa']}, {reference['torch_threads']} threads")

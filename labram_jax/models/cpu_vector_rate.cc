@@ -5,9 +5,13 @@
 // run each AVX-512 instruction on 256-bit units (AMD Zen 4, Intel parts with one 512-bit FMA
 // port: the same float32 rate as AVX2). The kernels beside this file are AVX2 code; cpu_kernels.py
 // prefers them to XLA's AVX-512 code only on the second class, told apart by this measurement.
+// Also the CPU's float32 FMA peak over several threads (LabramFmaFlops), for the benchmarks' MFU.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <chrono>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -49,4 +53,26 @@ extern "C" double LabramAvx512RateRatio(long iterations, int repeats) {
     best16 = t16 < best16 ? t16 : best16;
   }
   return 2.0 * best8 / best16;  // twice the lanes in the same number of instructions
+}
+
+// float32 FLOP per second of `threads` threads running the FMA loop at once, 16-lane FMAs with
+// `wide` (call only where the CPU lists avx512f), else 8-lane: the fastest of `repeats` runs, each
+// timed by its slowest thread. What the vector units can do, the bound any product kernel works
+// under (a matmul library's measured rate also pays its packing and its cache misses).
+extern "C" double LabramFmaFlops(long iterations, int threads, int repeats, int wide) {
+  double best = 0.0;
+  for (int r = 0; r < repeats; ++r) {
+    std::vector<double> seconds(threads);
+    std::vector<std::thread> running;
+    for (int t = 0; t < threads; ++t) {
+      running.emplace_back([&seconds, t, iterations, wide] {
+        seconds[t] = wide ? Seconds16(iterations) : Seconds8(iterations);
+      });
+    }
+    for (std::thread& thread : running) thread.join();
+    const double slowest = *std::max_element(seconds.begin(), seconds.end());
+    const double flop = 2.0 * (wide ? 16 : 8) * kChains * (double)iterations * threads;
+    best = std::max(best, flop / slowest);
+  }
+  return best;
 }

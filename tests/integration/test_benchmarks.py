@@ -32,6 +32,11 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
         assert row["compiled_total_mib"] > 0 and 0 < row["mfu"] < 1
         assert row["kernel_s_per_step_median"] >= 0 and row["page_faults_per_step_median"] >= 0
     assert "sys ms" in printed
+    fma_peak = saved["machine_detail"]["fma_peak_tflops"]
+    if cpu_kernels._load()[0] is not None:  # float32 on a CPU where the vector-rate probe loads: MFU against it too
+        assert fma_peak > 0 and "MFU against the cores' float32 FMA peak" in printed
+        for row in saved["rows"]:
+            assert row["mfu_vs_fma_peak"] == pytest.approx(row["achieved_tflops"] / fma_peak)
 
 
 @pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,

@@ -51,15 +51,17 @@ def test_the_cpu_kernels_choice_is_stated(monkeypatch, tmp_path):
 def test_on_an_accelerator_the_cpu_kernels_are_neither_built_nor_probed(monkeypatch, tmp_path):
     from labram_jax.models import cpu_kernels
 
-    def never():
+    def never(*args):
         raise AssertionError("built or probed on a GPU run")
     info = tmp_path / "cpuinfo"
     info.write_text(AVX512_CPU)
     monkeypatch.setattr(cpu_kernels, "unavailable_reason", never)
     monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", never)
+    monkeypatch.setattr(cpu_kernels, "fma_peak_tflops", never)
     monkeypatch.setattr(machine.jax, "default_backend", lambda: "gpu")
     m = machine.describe(str(info), env={})
     assert m["cpu_kernels"] == "not used (the steps run on gpu)" and m["avx512_units"] is None
+    assert m["fma_peak_tflops"] is None and "FMA peak" not in machine.summary(m)
     assert machine.summary(m).endswith("C++ CPU kernels not used (the steps run on gpu)")
 
 
@@ -80,3 +82,30 @@ def test_a_matmul_faster_than_the_capped_isa_allows_is_flagged(tmp_path):
     free = {**machine.describe(str(info), env={}), "threads": 2}
     assert machine.isa_cap_warning(free, 0.39) is None  # no cap: nothing to hold
     assert machine.isa_cap_warning({**held, "cpu_mhz": None}, 0.39) is None  # no clock: no claim
+
+
+
+def test_the_fma_peak_bounds_a_matmul_and_is_stated(tmp_path):
+    import pathlib
+
+    import jax.numpy as jnp
+    import pytest
+
+    from benchmarks import train_step
+    from labram_jax.models import cpu_kernels
+    if cpu_kernels._load()[0] is None:
+        pytest.skip(f"the CPU kernels' library cannot load here: {cpu_kernels._load()[1]}")
+    info = tmp_path / "cpuinfo"
+    info.write_text(pathlib.Path("/proc/cpuinfo").read_text())
+    m = machine.describe(str(info), env={})
+    peak = m["fma_peak_tflops"]
+    assert f"float32 FMA peak {peak:.3f} TFLOP/s" in machine.summary(m)
+    # No matmul on the same cores beats their FMA peak (it also packs, loads and stores); a peak that
+    # forgot FLOP per FMA or lanes per vector would sit below XLA's matmul here.
+    matmul = train_step.measured_matmul_tflops(jnp.float32, n=1024, repeats=5)
+    assert matmul <= 1.1 * peak, (matmul, peak)
+    # One core: no more than its widest FMA units can do at the highest boost clock.
+    one = cpu_kernels.fma_peak_tflops(1)
+    widest = m["cpu_widest_isa"].replace("-", "")
+    ceiling = machine.FP32_FLOP_PER_CYCLE.get(widest, 64) * machine.BOOST * (m["cpu_mhz"] or 5000) * 1e6 / 1e12
+    assert 0.02 * ceiling < one <= ceiling, (one, ceiling)
