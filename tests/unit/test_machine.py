@@ -1,6 +1,11 @@
 """benchmarks.machine: what a benchmark ran on, read from /proc/cpuinfo and XLA_FLAGS."""
 
-from benchmarks import machine
+import pathlib
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import machine, train_step
 
 AVX512_CPU = """processor\t: 0
 cpu family\t: 25
@@ -84,14 +89,7 @@ def test_a_matmul_faster_than_the_capped_isa_allows_is_flagged(tmp_path):
     assert machine.isa_cap_warning({**held, "cpu_mhz": None}, 0.39) is None  # no clock: no claim
 
 
-
 def test_the_fma_peak_bounds_a_matmul_and_is_stated(tmp_path):
-    import pathlib
-
-    import jax.numpy as jnp
-    import pytest
-
-    from benchmarks import train_step
     from labram_jax.models import cpu_kernels
     if cpu_kernels._load()[0] is None:
         pytest.skip(f"the CPU kernels' library cannot load here: {cpu_kernels._load()[1]}")
