@@ -543,6 +543,9 @@ def main(argv=None):
         against = ", ".join(f"{r['stage']} {r['size']} {r['mfu_vs_fma_peak']:.1%}" for r in rows)
         print(f"MFU against the cores' float32 FMA peak ({fma_peak:.3f} TFLOP/s"
               f"{f', the matmul above reaches {peak / fma_peak:.0%} of it' if peak else ''}): {against}")
+        if peak and peak > fma_peak:
+            print("warning: a matmul faster than the FMA peak: something else ran on these cores while the peak "
+                  "was measured (at the start); rerun on an idle machine for MFU against it")
     if reference:
         print(f"vs ref: the original PyTorch code in this run (each stage's steps right next to ours), torch "
               f"{reference['torch']} on {reference['torch_isa']}, {reference['torch_threads']} threads")

@@ -96,14 +96,14 @@ def fma_peak_tflops(threads: int) -> float | None:
     """float32 TFLOP/s of ``threads`` threads multiplying-and-adding at once, each on independent
     accumulators at the CPU's widest vector width (``cpu_vector_rate.cc``, ~0.1 s): what the vector
     units can do, the ceiling of any matrix product (a matmul's measured rate also pays for packing
-    and cache misses). None where the library cannot load (``LABRAM_JAX_CPU_KERNEL=0`` does not
-    stop this measurement)."""
+    and cache misses). Another process busy on the cores meanwhile lowers it. None where the
+    library cannot load (``LABRAM_JAX_CPU_KERNEL=0`` does not stop this measurement)."""
     library = _load()[0]
     if library is None:
         return None
     measure = library.LabramFmaFlops
     measure.restype, measure.argtypes = ctypes.c_double, (ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int)
-    return measure(5_000_000, threads, 3, int("avx512f" in cpu_flags())) / 1e12
+    return measure(5_000_000, threads, 10, int("avx512f" in cpu_flags())) / 1e12  # best of 10 runs of ~10 ms
 
 
 def cache_dir() -> str:
