@@ -6,9 +6,8 @@
 // an MLP's first layer forward, its gradient backward); optionally also the column
 // sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
 // is BLIS's: op(b) is packed in blocks of up to kKc rows into panels 16 columns wide, op(a) in
-// blocks of up to kMc rows into panels 6 rows high (when a is stored transposed, or shared by all
-// parts; a stored [M, K] is read where it lies, six rows at a time), and a 6 x 16 register tile
-// (12 AVX2 accumulators) runs down each pair of panels. The work is split into parts run on XLA's intra-op
+// blocks of up to kMc rows into panels 6 rows high, and a 6 x 16 register tile (12 AVX2
+// accumulators) runs down each pair of panels. The work is split into parts run on XLA's intra-op
 // thread pool (Run says how). Built and loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
