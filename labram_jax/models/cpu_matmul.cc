@@ -106,45 +106,34 @@ void PackB(const Operand& b, int64_t k0, int kc, int64_t j0, int cols, float* ds
 
 // c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc, with
 // V = 2 vectors of 8 columns, or V = 1 for a last panel of at most 8 columns (N = 200: 12 panels and a
-// half one, whose zero half would otherwise cost as much as a full panel). The a panel is packed
-// (lda = 0: a[k][r]) or read where it is stored, its rows lda floats apart (a[r * lda + k]; rows past
-// `rows` read the last one again, and their sums are dropped).
+// half one, whose zero half would otherwise cost as much as a full panel).
 template <int V>
-inline void Tile(int kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, int rows, int cols,
+inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, int rows, int cols,
                  bool accumulate, const float* bias) {
   // Twelve named accumulators: with arrays of them GCC kept a copy on the stack, stored at every
   // step of the loop (3-5x slower).
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  auto step = [&](const float* a0, const float* a1, const float* a2, const float* a3, const float* a4,
-                  const float* a5) __attribute__((always_inline)) {
+  for (int k = 0; k < kc; ++k, a += kMr, b += kNr) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = V == 2 ? _mm256_loadu_ps(b + 8) : b0;
-    __m256 x = _mm256_broadcast_ss(a0);
+    __m256 x = _mm256_broadcast_ss(a);
     c00 = _mm256_fmadd_ps(x, b0, c00);
     if constexpr (V == 2) c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a1);
+    x = _mm256_broadcast_ss(a + 1);
     c10 = _mm256_fmadd_ps(x, b0, c10);
     if constexpr (V == 2) c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a2);
+    x = _mm256_broadcast_ss(a + 2);
     c20 = _mm256_fmadd_ps(x, b0, c20);
     if constexpr (V == 2) c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a3);
+    x = _mm256_broadcast_ss(a + 3);
     c30 = _mm256_fmadd_ps(x, b0, c30);
     if constexpr (V == 2) c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a4);
+    x = _mm256_broadcast_ss(a + 4);
     c40 = _mm256_fmadd_ps(x, b0, c40);
     if constexpr (V == 2) c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a5);
+    x = _mm256_broadcast_ss(a + 5);
     c50 = _mm256_fmadd_ps(x, b0, c50);
     if constexpr (V == 2) c51 = _mm256_fmadd_ps(x, b1, c51);
-  };
-  if (lda == 0) {
-    for (int k = 0; k < kc; ++k, a += kMr, b += kNr) step(a, a + 1, a + 2, a + 3, a + 4, a + 5);
-  } else {
-    const float *r0 = a, *r1 = a + std::min(1, rows - 1) * lda, *r2 = a + std::min(2, rows - 1) * lda;
-    const float *r3 = a + std::min(3, rows - 1) * lda, *r4 = a + std::min(4, rows - 1) * lda;
-    const float* r5 = a + std::min(5, rows - 1) * lda;
-    for (int k = 0; k < kc; ++k, b += kNr) step(r0 + k, r1 + k, r2 + k, r3 + k, r4 + k, r5 + k);
   }
   alignas(32) float t[kMr][kNr];
   _mm256_store_ps(t[0], c00), _mm256_store_ps(t[0] + 8, c01), _mm256_store_ps(t[1], c10);
@@ -254,20 +243,17 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
       }
       for (int64_t ic = m0; ic < m1; ic += kMc) {
         const int mc = (int)std::min<int64_t>(kMc, m1 - ic);
-        // a stored [M, K] is read where it lies (its rows are the panel's rows); transposed, packed.
         const float* a_panels = a_pack;
-        const bool in_place = !shared.a && !p.a.t;
         if (shared.a) {
           a_panels = shared.a + (pc - k0) * RoundUp(p.m, kMr) + ic * kc;
-        } else if (!in_place) {
+        } else {
           PackA(p.a, ic, mc, pc, kc, a_pack);
         }
         for (int jr = 0; jr < nc; jr += kNr) {
           const float* bias = (p.bias && pc == k0) ? p.bias + jc + jr : nullptr;
           for (int ir = 0; ir < mc; ir += kMr) {
             const auto tile = nc - jr > 8 ? Tile<2> : Tile<1>;
-            const float* a_tile = in_place ? p.a.p + (ic + ir) * p.a.ld + pc : a_panels + (size_t)ir * kc;
-            tile(kc, a_tile, in_place ? p.a.ld : 0, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
+            tile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
                  std::min(kMr, mc - ir), std::min(kNr, nc - jr), pc > k0, bias);
           }
         }
