@@ -191,6 +191,7 @@ def prepare(stage: str, size: str, args) -> Prepared:
     config.model.layer_norm = args.layer_norm
     config.model.linear = args.linear
     config.model.mlp = args.mlp
+    config.model.qkv = args.qkv
     config.model.scan_blocks = args.scan_blocks
     if stage == "pretrain" and args.loss_chunks is not None:
         config.pretrain.loss_chunks = args.loss_chunks
@@ -252,7 +253,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     tokens = args.batch * grid.channels * grid.windows
     row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
            "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "layer_norm": args.layer_norm,
-           "linear": args.linear, "mlp": args.mlp,
+           "linear": args.linear, "mlp": args.mlp, "qkv": args.qkv,
            "scan_blocks": args.scan_blocks, "loss_chunks": config.pretrain.loss_chunks if stage == "pretrain" else None,
            "mesh": dict(mesh.shape), "compile_s": compile_s,
            "step_s_median": step_s, "step_s_min": min(times, default=step_s),
@@ -281,6 +282,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
 # the stages each applies to.
 ALL_STAGES = ("tokenizer", "pretrain", "finetune")
 COMPARED_FIELDS = {"attention": ALL_STAGES, "layer_norm": ALL_STAGES, "linear": ALL_STAGES, "mlp": ALL_STAGES,
+                   "qkv": ALL_STAGES,
                    "loss_chunks": ("pretrain",)}
 
 
@@ -451,6 +453,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                         help="implementation of the blocks' linear layers (labram_jax.models.linear)")
     parser.add_argument("--mlp", default="auto", choices=list(model_config.MLP_IMPLEMENTATIONS),
                         help="how the blocks' MLPs run (config model.mlp; labram_jax.models.layers.Mlp)")
+    parser.add_argument("--qkv", default="auto", choices=list(model_config.QKV_INPUTS),
+                        help="how the C++ attention gets q, k and v (config model.qkv; "
+                             "labram_jax.models.layers.qkv_in_kernel)")
     parser.add_argument("--loss-chunks", type=int, default=None,
                         help="pretraining: pieces of the lm_head's cross-entropy (config pretrain.loss_chunks; "
                              "0 = all logits at once; default: the config's)")
@@ -473,6 +478,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                              "alternately (as --vs-attention)")
     parser.add_argument("--vs-mlp", default="", choices=["", *model_config.MLP_IMPLEMENTATIONS],
                         help="also compile each step with this MLP implementation and time the two alternately "
+                             "(as --vs-attention)")
+    parser.add_argument("--vs-qkv", default="", choices=["", *model_config.QKV_INPUTS],
+                        help="also compile each step with this qkv setting and time the two alternately "
                              "(as --vs-attention)")
     parser.add_argument("--vs-loss-chunks", type=int, default=None,
                         help="pretraining: also compile the step with this pretrain.loss_chunks and time the two "
@@ -497,10 +505,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
         parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
     vs_fields = [getattr(args, f"vs_{f}") not in ("", None) for f in COMPARED_FIELDS]
     if sum(map(bool, [args.reference, args.vs_xla_defaults, *vs_fields])) > 1:
-        parser.error("--reference, --vs-xla-defaults, --vs-attention, --vs-layer-norm, --vs-linear, --vs-mlp and "
-                     "--vs-loss-chunks "
-                     "each time "
-                     "a second step next to ours: run them separately")
+        parser.error("--reference, --vs-xla-defaults, --vs-attention, --vs-layer-norm, --vs-linear, --vs-mlp, "
+                     "--vs-qkv and --vs-loss-chunks each time a second step next to ours: run them separately")
     if min(args.loss_chunks or 0, args.vs_loss_chunks or 0) < 0:
         parser.error("--loss-chunks and --vs-loss-chunks are 0 (all logits at once) or a positive number of pieces")
     if (args.channels is None) != (args.windows is None):

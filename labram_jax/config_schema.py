@@ -271,6 +271,9 @@ def schema(size: str, stage: str) -> dict:
         "mlp": Field("auto", "the blocks' MLPs: auto (fused where the linear layers run on cpu_kernel, without "
                      "LoRA), fused (GELU in the C++ kernel's first product) or layers (two linear layers, XLA's GELU)",
                      one_of(model_config.MLP_IMPLEMENTATIONS)),
+        "qkv": Field("auto", "how the C++ attention gets q, k, v: auto (in_kernel where the attention runs on "
+                     "cpu_kernel), in_kernel (it reads the qkv projection and applies the q/k norms itself) or sliced",
+                     one_of(model_config.QKV_INPUTS)),
         "drop_path": Field(0.0, "stochastic depth rate of the last block", within(0.0, 1.0, high_open=True)),
         "num_outputs": Field(1, "1: binary or regression; K: K classes", _num_outputs),
         "vocab_size": Field(vocab, "tokenizer codebook size", positive),
@@ -410,7 +413,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 
 # ---------------------------------------------------------------------------------------------- validation
 # model.* fields that change how a step is computed, not what is learned: free to change on resume
-RUNTIME_MODEL_FIELDS = ("dtype", "remat", "scan_blocks", "attention", "layer_norm", "linear", "mlp")
+RUNTIME_MODEL_FIELDS = ("dtype", "remat", "scan_blocks", "attention", "layer_norm", "linear", "mlp", "qkv")
 
 
 def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:

@@ -11,8 +11,10 @@
 - ``cpu_kernel``: C++ kernels for AVX2 CPUs (``cpu_attention``), forward and backward, which
   keep each head's [L, L] matrices in cache; the backward pass recomputes the probabilities from
   the rows' max and sum of exponentials (nothing [L, L] is kept between the passes). The
-  transformer blocks call them through :func:`token_major`, on the qkv projection's own
-  [B, L, H, K] layout with the 1/sqrt(K) scale applied inside (no transposes around them).
+  transformer blocks call them through :func:`on_projection`, on the qkv projection's own
+  [B, L, 3, H, K] output with the 1/sqrt(K) scale and the q/k LayerNorm (or the tokenizer's q/v
+  biases) applied inside (no slices, copies or transposes around them); :func:`token_major` takes
+  q, k, v already apart in that layout.
 
 ``auto`` picks ``xla`` off CPU; on CPU ``cpu_kernel`` where the kernel works (float32, head size
 <= 32, one device) and the CPU has no AVX-512 or runs it on 256-bit units (the classes it was
@@ -72,6 +74,24 @@ def token_major(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) 
     _check_kernel(q)
     bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
     return _kernel(q, k, v, bias, q.shape[-1] ** -0.5, True)
+
+
+def on_projection(qkv: jax.Array, key_valid: jax.Array, gamma: jax.Array, beta: jax.Array, *, normalize_q: bool,
+                  normalize_k: bool, eps: float) -> jax.Array:
+    """:func:`token_major` on the fused projection's output itself, with q, k and v each transformed first
+    by the C++ kernels (``cpu_attention.qkv_forward``): the q/k LayerNorm (or the tokenizer's q/v biases)
+    inside the kernel, so q, k and v are never sliced out of qkv nor their gradients concatenated back.
+
+    Args:
+      qkv: [B, L, 3, H, K] float32, q, k, v in slots 0-2; key_valid: [B, L] bool.
+      gamma, beta: [3, H, K] float32: slot s becomes ``gamma[s] * t(x) + beta[s]``, t the normalisation
+        over K with ``eps`` for q where ``normalize_q`` and k where ``normalize_k``, else the identity.
+    Returns:
+      [B, L, H, K] float32: softmax(q k^T / sqrt(K) + mask) v of the transformed q, k, v.
+    """
+    _check_kernel(qkv)
+    bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
+    return _qkv_kernel(qkv, bias, gamma, beta, (bool(normalize_q), bool(normalize_k), float(eps), qkv.shape[-1] ** -0.5))
 
 
 def resolve(implementation: str, q: jax.Array) -> str:
@@ -181,3 +201,29 @@ def _kernel_bwd(scale, token_major, residuals, d_out):
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def _qkv_options(options):
+    normalize_q, normalize_k, eps, scale = options
+    return {"normalize_q": normalize_q, "normalize_k": normalize_k, "eps": eps, "scale": scale}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _qkv_kernel(qkv, bias, gamma, beta, options):
+    return cpu_attention.qkv_forward(qkv, bias, gamma, beta, **_qkv_options(options))[0]
+
+
+def _qkv_kernel_fwd(qkv, bias, gamma, beta, options):
+    out, row_max, row_sum = cpu_attention.qkv_forward(qkv, bias, gamma, beta, **_qkv_options(options))
+    return out, (qkv, bias, gamma, beta, row_max, row_sum)
+
+
+def _qkv_kernel_bwd(options, residuals, d_out):
+    qkv, bias, gamma, beta, row_max, row_sum = residuals
+    d_qkv, d_affine = cpu_attention.qkv_backward(qkv, bias, gamma, beta, d_out.astype(jnp.float32), row_max, row_sum,
+                                                 **_qkv_options(options))
+    d_affine = d_affine.reshape(-1, *d_affine.shape[-4:]).sum(0)  # [H, 2, 3, K]: summed over the batch
+    return d_qkv, None, jnp.swapaxes(d_affine[:, 0], 0, 1), jnp.swapaxes(d_affine[:, 1], 0, 1)
+
+
+_qkv_kernel.defvjp(_qkv_kernel_fwd, _qkv_kernel_bwd)

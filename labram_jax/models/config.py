@@ -14,6 +14,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit", "cpu_kernel")  
 LAYER_NORM_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")  # labram_jax.models.normalization
 LINEAR_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")  # labram_jax.models.linear
 MLP_IMPLEMENTATIONS = ("auto", "fused", "layers")  # layers.Mlp: linear.gelu_mlp, or two linear layers
+QKV_INPUTS = ("auto", "in_kernel", "sliced")  # layers.Attention: attention.on_projection, or q, k, v sliced out
 INPUT_NORMS = ("none", "channel")  # layers.normalize_channels
 PATCH_EMBEDS = ("temporal", "spectrum")  # layers.TemporalEncoder (the paper), layers.SpectrumEncoder
 HEAD_POOLINGS = ("mean", "electrode")  # what the fine-tuning head reads: layers.masked_mean, layers.electrode_rows
@@ -55,6 +56,11 @@ class TransformerConfig:
       mlp: how each block's MLP runs: fused (one ``linear.gelu_mlp``: GELU applied as fc1's
         product is written by the C++ kernel; needs linear on cpu_kernel and no LoRA), layers
         (two linear layers and XLA's GELU) or auto (fused where it can run); the same function.
+      qkv: how the C++ attention kernel gets q, k and v: in_kernel (it reads the fused qkv
+        projection itself and applies the q/k LayerNorm or the q/v biases: no slices, copies or
+        concatenated gradients; needs attention on cpu_kernel, not both qk_norm and qkv_bias),
+        sliced (q, k, v sliced out and transformed by their own layers) or auto (in_kernel where
+        it can run); the same function.
       lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every
         block (parameter-efficient fine-tuning); 0: none (the plain model).
       lora_alpha: the adapters' scale is lora_alpha / lora_rank.
@@ -105,6 +111,7 @@ class TransformerConfig:
     layer_norm: str = "auto"
     linear: str = "auto"
     mlp: str = "auto"
+    qkv: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 16.0
     scan_blocks: bool = False
@@ -132,6 +139,8 @@ class TransformerConfig:
             raise ValueError(f"linear={self.linear!r}: choose one of {LINEAR_IMPLEMENTATIONS}")
         if self.mlp not in MLP_IMPLEMENTATIONS:
             raise ValueError(f"mlp={self.mlp!r}: choose one of {MLP_IMPLEMENTATIONS}")
+        if self.qkv not in QKV_INPUTS:
+            raise ValueError(f"qkv={self.qkv!r}: choose one of {QKV_INPUTS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
         if self.lora_rank < 0:

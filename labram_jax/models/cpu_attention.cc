@@ -11,6 +11,12 @@
 // Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32, or [..., L, H, K] with
 // the attribute token_major (the layout of a [..., L, H * K] projection: no transposes around the
 // kernel); bias [..., L] float32 (the leading dims of q without H, L, K); rowmax, rowsum [..., H, L].
+//
+// The Qkv handlers take q, k and v inside the fused projection's output qkv [..., L, 3, H, K] and
+// apply each slot's transform first (q and k: LaBraM's LayerNorm over K; q and v: the tokenizer's
+// biases): no slices of qkv, no normalised copies, and the backward pass
+// writes the gradient with respect to qkv itself (and the transforms' parameter gradients per
+// (batch, head), summed by the caller).
 
 #include <immintrin.h>
 
@@ -58,11 +64,11 @@ struct Sizes {
   size_t Wide() const { return (size_t)K * Lp; }          // a transposed [K, Lp] buffer
 };
 
-// scale * x [L, K] (rows z.ld apart) -> dst [Lr, Kp], zero padded.
-void PackRows(const Sizes& z, const float* x, float* dst, float scale = 1.0f) {
+// scale * x [L, K] (rows ld apart) -> dst [Lr, Kp], zero padded.
+void PackRows(const Sizes& z, const float* x, int64_t ld, float* dst, float scale = 1.0f) {
   std::memset(dst, 0, sizeof(float) * z.Narrow());
   for (int l = 0; l < z.L; ++l)
-    for (int c = 0; c < z.K; ++c) dst[(size_t)l * z.Kp + c] = scale * x[(size_t)l * z.ld + c];
+    for (int c = 0; c < z.K; ++c) dst[(size_t)l * z.Kp + c] = scale * x[(size_t)l * ld + c];
 }
 
 // x [L, K] (rows ld apart: z.ld for a buffer of the call, z.Kp for one packed by PackRows) -> dst
@@ -100,10 +106,11 @@ void ProductNT(const Sizes& z, const float* a, const float* bt, const float* ini
   }
 }
 
-// out [L, K] (rows z.ld apart) = scale * row_scale[l] * sum_{m < L} a[l, m] b[m, :], a [Lr, Lp],
+// out [L, K] (rows ld apart) = scale * row_scale[l] * sum_{m < L} a[l, m] b[m, :], a [Lr, Lp],
 // b [Lr, NV * 8] (row_scale: none = 1).
 template <int NV>
-void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_scale, float scale, float* out) {
+void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_scale, float scale, float* out,
+               int64_t ld) {
   constexpr int MR = 12 / NV;
   const int Lp = z.Lp, Kp = NV * 8;
   for (int l0 = 0; l0 < z.Lr; l0 += MR) {
@@ -124,13 +131,13 @@ void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_
       const __m256 by = _mm256_set1_ps(scale * (row_scale && l0 + r < z.L ? row_scale[l0 + r] : 1.0f));
       for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], by));
     }
-    for (int r = 0; r < MR && l0 + r < z.L; ++r) std::memcpy(out + (size_t)(l0 + r) * z.ld, tile[r], z.K * sizeof(float));
+    for (int r = 0; r < MR && l0 + r < z.L; ++r) std::memcpy(out + (size_t)(l0 + r) * ld, tile[r], z.K * sizeof(float));
   }
 }
 
-// out [L, K] (rows z.ld apart) = sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
+// out [L, K] (rows ld apart) = sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
 template <int NV>
-void ProductTN(const Sizes& z, const float* a, const float* b, float* out) {
+void ProductTN(const Sizes& z, const float* a, const float* b, float* out, int64_t ld) {
   constexpr int MR = 12 / NV;
   const int Lp = z.Lp, Kp = NV * 8;
   for (int m0 = 0; m0 < z.Lr; m0 += MR) {
@@ -149,7 +156,7 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float* out) {
     alignas(32) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, acc[r][j]);
-    for (int r = 0; r < MR && m0 + r < z.L; ++r) std::memcpy(out + (size_t)(m0 + r) * z.ld, tile[r], z.K * sizeof(float));
+    for (int r = 0; r < MR && m0 + r < z.L; ++r) std::memcpy(out + (size_t)(m0 + r) * ld, tile[r], z.K * sizeof(float));
   }
 }
 
@@ -159,27 +166,170 @@ void PackBias(const Sizes& z, const float* bias, float* dst) {
   for (int m = z.L; m < z.Lp; ++m) dst[m] = -INFINITY;
 }
 
-struct Forward {
-  static size_t WorkFloats(const Sizes& z) { return z.Wide() + 2 * z.Narrow() + z.Square() + 2 * (size_t)z.Lp; }
+// How a head's q, k and v rows of the fused projection become the attention's operands: per slot
+// s (0 q, 1 k, 2 v), y = gamma[s] * t(x) + beta[s] over the K values of a row, with t the
+// normalisation (x - mean) / sqrt(var + eps) (a LayerNorm's) where normalize[s], else x.
+struct Transform {
+  const float* gamma[3];  // [K] each
+  const float* beta[3];   // [K] each
+  bool normalize[3];
+  float eps;
+};
 
-  // One (batch, head). q, k, v [L, K] (rows z.ld apart), bias [L] -> out [L, K] (the same), row_max,
-  // row_sum [L] of the scores scale * q k^T + bias.
+// A row's first K of NV * 8 lanes: the mask of maskload, and 1.0 / 0.0 to multiply by.
+template <int NV>
+struct Lanes {
+  __m256i load[NV];
+  __m256 ones[NV];
+  explicit Lanes(int K) {
+    for (int j = 0; j < NV; ++j) {
+      const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(8 * j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      load[j] = _mm256_cmpgt_epi32(_mm256_set1_epi32(K), lane);
+      ones[j] = _mm256_and_ps(_mm256_castsi256_ps(load[j]), _mm256_set1_ps(1.0f));
+    }
+  }
+};
+
+// out lane r = the sum of v[r]'s 8 lanes, for 8 vectors v[0..7].
+inline __m256 Sum8x8(const __m256* v) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // v0-3: low | high halves
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // v4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+// scale * (gamma * t(x) + beta) of slot s for x [L, K] (rows z.ld apart) -> dst [Lr, Kp], zero padded;
+// t(x) [L, Kp] (zero past K) into x_hat and each row's 1 / sqrt(var + eps) into rstd [L] (1 where not
+// normalised). Normalised rows go 8 at a time, their sums reduced together (a row's reductions one
+// after the other are a chain of latencies: ~90 cycles a row).
+template <int NV>
+void PackTransformed(const Sizes& z, const Transform& t, int s, const float* x, float scale, float* dst,
+                     float* x_hat, float* rstd) {
+  const Lanes<NV> m(z.K);
+  __m256 g[NV], b[NV];
+  for (int j = 0; j < NV; ++j) {
+    g[j] = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_maskload_ps(t.gamma[s] + 8 * j, m.load[j]));
+    b[j] = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_maskload_ps(t.beta[s] + 8 * j, m.load[j]));
+  }
+  auto row = [&](int l) { return x_hat + (size_t)l * z.Kp; };
+  auto finish = [&](int l, __m256 r) {  // x_hat row l *= r; dst row l
+    for (int j = 0; j < NV; ++j) {
+      const __m256 h = _mm256_mul_ps(_mm256_loadu_ps(row(l) + 8 * j), r);
+      _mm256_storeu_ps(row(l) + 8 * j, h);
+      _mm256_storeu_ps(dst + (size_t)l * z.Kp + 8 * j, _mm256_fmadd_ps(g[j], h, b[j]));
+    }
+  };
+  const __m256 inv_k = _mm256_set1_ps(1.0f / z.K);
+  for (int l0 = 0; l0 < z.L; l0 += 8) {
+    const int n = std::min(8, z.L - l0);
+    __m256 sums[8];
+    for (int r = 0; r < 8; ++r) {
+      sums[r] = _mm256_setzero_ps();
+      for (int j = 0; r < n && j < NV; ++j) {
+        const __m256 v = _mm256_maskload_ps(x + (size_t)(l0 + r) * z.ld + 8 * j, m.load[j]);
+        _mm256_storeu_ps(row(l0 + r) + 8 * j, v);
+        sums[r] = _mm256_add_ps(sums[r], v);
+      }
+    }
+    if (!t.normalize[s]) {
+      for (int r = 0; r < n; ++r) finish(l0 + r, _mm256_set1_ps(1.0f)), rstd[l0 + r] = 1.0f;
+      continue;
+    }
+    alignas(32) float mean[8], rs[8];
+    _mm256_store_ps(mean, _mm256_mul_ps(Sum8x8(sums), inv_k));
+    for (int r = 0; r < 8; ++r) {  // two passes, as the LayerNorm kernel
+      sums[r] = _mm256_setzero_ps();
+      for (int j = 0; r < n && j < NV; ++j) {
+        const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row(l0 + r) + 8 * j), _mm256_set1_ps(mean[r])),
+                                       m.ones[j]);
+        _mm256_storeu_ps(row(l0 + r) + 8 * j, d);
+        sums[r] = _mm256_fmadd_ps(d, d, sums[r]);
+      }
+    }
+    const __m256 var = _mm256_fmadd_ps(Sum8x8(sums), inv_k, _mm256_set1_ps(t.eps));
+    _mm256_store_ps(rs, _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_sqrt_ps(var)));
+    for (int r = 0; r < n; ++r) finish(l0 + r, _mm256_set1_ps(rs[r])), rstd[l0 + r] = rs[r];
+  }
+  std::memset(dst + (size_t)z.L * z.Kp, 0, sizeof(float) * (z.Lr - z.L) * z.Kp);
+}
+
+// The gradient of slot s's transform: dy [L, Kp] (rows Kp apart, zero past K) with respect to its
+// output, x_hat and rstd from PackTransformed -> dx [L, K] (rows z.ld apart); d_gamma [K] =
+// sum(dy * x_hat) and d_beta [K] = sum(dy) over the rows. Rows 8 at a time, as PackTransformed.
+template <int NV>
+void Untransform(const Sizes& z, const Transform& t, int s, const float* dy, const float* x_hat, const float* rstd,
+                 float* dx, float* d_gamma, float* d_beta) {
+  const Lanes<NV> m(z.K);
+  __m256 g[NV], dg[NV], db[NV];
+  for (int j = 0; j < NV; ++j) {
+    g[j] = _mm256_maskload_ps(t.gamma[s] + 8 * j, m.load[j]);
+    dg[j] = db[j] = _mm256_setzero_ps();
+  }
+  alignas(32) float gd[8][NV * 8];  // dy * gamma of 8 rows, then dx
+  const __m256 inv_k = _mm256_set1_ps(1.0f / z.K);
+  for (int l0 = 0; l0 < z.L; l0 += 8) {
+    const int n = std::min(8, z.L - l0);
+    __m256 s1[8], s2[8];  // per row: sum(gd), sum(gd * x_hat)
+    for (int r = 0; r < 8; ++r) {
+      s1[r] = s2[r] = _mm256_setzero_ps();
+      for (int j = 0; r < n && j < NV; ++j) {
+        const __m256 d = _mm256_loadu_ps(dy + (size_t)(l0 + r) * z.Kp + 8 * j);
+        const __m256 h = _mm256_loadu_ps(x_hat + (size_t)(l0 + r) * z.Kp + 8 * j);
+        dg[j] = _mm256_fmadd_ps(d, h, dg[j]);
+        db[j] = _mm256_add_ps(db[j], d);
+        const __m256 e = _mm256_mul_ps(d, g[j]);
+        _mm256_store_ps(gd[r] + 8 * j, e);
+        s1[r] = _mm256_add_ps(s1[r], e);
+        s2[r] = _mm256_fmadd_ps(e, h, s2[r]);
+      }
+    }
+    if (t.normalize[s]) {  // dx = rstd (gd - mean(gd) - x_hat mean(gd x_hat))
+      alignas(32) float m1[8], m2[8];
+      _mm256_store_ps(m1, _mm256_mul_ps(Sum8x8(s1), inv_k));
+      _mm256_store_ps(m2, _mm256_mul_ps(Sum8x8(s2), inv_k));
+      for (int r = 0; r < n; ++r) {
+        const __m256 a = _mm256_set1_ps(m1[r]), c = _mm256_set1_ps(m2[r]), rs = _mm256_set1_ps(rstd[l0 + r]);
+        for (int j = 0; j < NV; ++j) {
+          const __m256 h = _mm256_loadu_ps(x_hat + (size_t)(l0 + r) * z.Kp + 8 * j);
+          const __m256 e = _mm256_sub_ps(_mm256_load_ps(gd[r] + 8 * j), a);
+          _mm256_store_ps(gd[r] + 8 * j, _mm256_mul_ps(rs, _mm256_fnmadd_ps(h, c, e)));
+        }
+      }
+    }
+    for (int r = 0; r < n; ++r)  // K lanes only: the next head's are another thread's
+      std::memcpy(dx + (size_t)(l0 + r) * z.ld, gd[r], z.K * sizeof(float));
+  }
+  alignas(32) float sums[NV * 8];
+  for (int j = 0; j < NV; ++j) _mm256_store_ps(sums + 8 * j, dg[j]);
+  std::memcpy(d_gamma, sums, z.K * sizeof(float));
+  for (int j = 0; j < NV; ++j) _mm256_store_ps(sums + 8 * j, db[j]);
+  std::memcpy(d_beta, sums, z.K * sizeof(float));
+}
+
+struct Forward {
+  static size_t WorkFloats(const Sizes& z) { return z.Wide() + 4 * z.Narrow() + z.Square() + 2 * (size_t)z.Lp; }
+
+  struct Work {
+    float *kt, *vp, *qp, *kp, *hat, *s, *bp, *inv;
+  };
+  static Work Split(const Sizes& z, float* work) {
+    Work w;
+    w.kt = work;               // k^T [K, Lp]
+    w.vp = w.kt + z.Wide();    // v [Lr, Kp]
+    w.qp = w.vp + z.Narrow();  // q [Lr, Kp]
+    w.kp = w.qp + z.Narrow();  // k [Lr, Kp] (the fused projection's)
+    w.hat = w.kp + z.Narrow(); // t(x) [Lr, Kp] (the fused projection's; only the backward pass keeps it)
+    w.s = w.hat + z.Narrow();  // scores, then exp [Lr, Lp]
+    w.bp = w.s + z.Square();   // bias [Lp]
+    w.inv = w.bp + z.Lp;       // 1 / row sum [Lr <= Lp + 12]
+    return w;
+  }
+
+  // From the packed operands in w (qp scaled) -> out [L, K] (rows ld apart), row_max, row_sum [L].
   template <int NV>
-  static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
-                   float* out, float* row_max, float* row_sum, float* work) {
-    float* kt = work;             // k^T [K, Lp]
-    float* vp = kt + z.Wide();    // v [Lr, Kp]
-    float* qp = vp + z.Narrow();  // q [Lr, Kp]
-    float* s = qp + z.Narrow();   // scores, then exp [Lr, Lp]
-    float* bp = s + z.Square();   // bias [Lp]
-    float* inv = bp + z.Lp;       // 1 / row sum [Lr <= Lp + 12]
-    PackColumns(z, k, kt, z.ld);
-    PackRows(z, v, vp);
-    PackRows(z, q, qp, scale);
-    PackBias(z, bias, bp);
-    ProductNT(z, qp, kt, bp, s);
+  static void Attend(const Sizes& z, const Work& w, float* out, int64_t ld, float* row_max, float* row_sum) {
+    ProductNT(z, w.qp, w.kt, w.bp, w.s);
     for (int l = 0; l < z.L; ++l) {
-      float* row = s + (size_t)l * z.Lp;
+      float* row = w.s + (size_t)l * z.Lp;
       __m256 mx = _mm256_loadu_ps(row);
       for (int m = 8; m < z.Lp; m += 8) mx = _mm256_max_ps(_mm256_loadu_ps(row + m), mx);
       const float top = MaxOf(mx);
@@ -192,49 +342,85 @@ struct Forward {
       }
       row_max[l] = top;
       row_sum[l] = SumOf(sum);
-      inv[l] = 1.0f / row_sum[l];
+      w.inv[l] = 1.0f / row_sum[l];
     }
-    ProductNN<NV>(z, s, vp, inv, 1.0f, out);
+    ProductNN<NV>(z, w.s, w.vp, w.inv, 1.0f, out, ld);
+  }
+
+  // One (batch, head). q, k, v [L, K] (rows z.ld apart), bias [L] -> out [L, K] (the same), row_max,
+  // row_sum [L] of the scores scale * q k^T + bias.
+  template <int NV>
+  static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
+                   float* out, float* row_max, float* row_sum, float* work) {
+    const Work w = Split(z, work);
+    PackColumns(z, k, w.kt, z.ld);
+    PackRows(z, v, z.ld, w.vp);
+    PackRows(z, q, z.ld, w.qp, scale);
+    PackBias(z, bias, w.bp);
+    Attend<NV>(z, w, out, z.ld, row_max, row_sum);
+  }
+
+  // One (batch, head) of the fused projection: x[s] its q, k, v rows [L, K] (z.ld apart) before the
+  // transform t, bias [L] -> out [L, K] (rows out_ld apart), row_max, row_sum [L].
+  template <int NV>
+  static void QkvHead(const Sizes& z, const Transform& t, float scale, const float* const* x, const float* bias,
+                      float* out, int64_t out_ld, float* row_max, float* row_sum, float* work) {
+    const Work w = Split(z, work);
+    // t(x) and 1 / std, which only the backward pass keeps, into scratch (1 / std: 1 / row sum's buffer)
+    PackTransformed<NV>(z, t, 0, x[0], scale, w.qp, w.hat, w.inv);
+    PackTransformed<NV>(z, t, 1, x[1], 1.0f, w.kp, w.hat, w.inv);
+    PackColumns(z, w.kp, w.kt, z.Kp);
+    PackTransformed<NV>(z, t, 2, x[2], 1.0f, w.vp, w.hat, w.inv);
+    PackBias(z, bias, w.bp);
+    Attend<NV>(z, w, out, out_ld, row_max, row_sum);
   }
 };
 
 struct Backward {
-  static size_t WorkFloats(const Sizes& z) { return 2 * z.Wide() + 3 * z.Narrow() + 2 * z.Square() + 2 * (size_t)z.Lp; }
+  static size_t WorkFloats(const Sizes& z) {
+    return 2 * z.Wide() + 10 * z.Narrow() + 2 * z.Square() + 5 * (size_t)z.Lp;
+  }
 
-  // One (batch, head): the forward's inputs, d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K] (all
-  // [L, K] rows z.ld apart; dq with respect to the unscaled q).
+  struct Work {
+    float *kt, *vt, *qp, *kp, *gp, *p, *ds, *bp, *zero;
+    float *vp, *hat[3], *rstd[3], *grad[3];  // the fused projection's: v rows, t(x), 1 / std, d of the transforms' outputs
+  };
+  static Work Split(const Sizes& z, float* work) {
+    Work w;
+    w.kt = work;                // k^T [K, Lp]
+    w.vt = w.kt + z.Wide();     // v^T [K, Lp]
+    w.qp = w.vt + z.Wide();     // q [Lr, Kp]
+    w.kp = w.qp + z.Narrow();   // k [Lr, Kp]
+    w.gp = w.kp + z.Narrow();   // dO [Lr, Kp]
+    w.p = w.gp + z.Narrow();    // P [Lr, Lp]
+    w.ds = w.p + z.Square();    // dP, then dS [Lr, Lp]
+    w.bp = w.ds + z.Square();   // bias [Lp]
+    w.zero = w.bp + z.Lp;       // [Lp]
+    w.vp = w.zero + z.Lp;       // v [Lr, Kp]
+    float* next = w.vp + z.Narrow();
+    for (int s = 0; s < 3; ++s, next += z.Lp) w.rstd[s] = next;  // [L <= Lp]
+    for (int s = 0; s < 3; ++s, next += z.Narrow()) w.hat[s] = next;  // [Lr, Kp]
+    for (int s = 0; s < 3; ++s, next += z.Narrow()) w.grad[s] = next;  // [Lr, Kp]
+    return w;
+  }
+
+  // From the packed operands in w (qp scaled, kp, kt, vt, gp, bp, zero) and the forward's row_max,
+  // row_sum [L] -> dq, dk, dv [L, K] (rows ld apart; dq with respect to the unscaled q).
   template <int NV>
-  static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
-                   const float* d_out, const float* row_max, const float* row_sum, float* dq, float* dk, float* dv,
-                   float* work) {
-    float* kt = work;              // k^T [K, Lp]
-    float* vt = kt + z.Wide();     // v^T [K, Lp]
-    float* qp = vt + z.Wide();     // q [Lr, Kp]
-    float* kp = qp + z.Narrow();   // k [Lr, Kp]
-    float* gp = kp + z.Narrow();   // dO [Lr, Kp]
-    float* p = gp + z.Narrow();    // P [Lr, Lp]
-    float* ds = p + z.Square();    // dP, then dS [Lr, Lp]
-    float* bp = ds + z.Square();   // bias [Lp]
-    float* zero = bp + z.Lp;       // [Lp]
-    PackRows(z, k, kp);
-    PackColumns(z, kp, kt, z.Kp);  // from the rows just packed, in cache
-    PackColumns(z, v, vt, z.ld);
-    PackRows(z, q, qp, scale);
-    PackRows(z, d_out, gp);
-    PackBias(z, bias, bp);
-    std::memset(zero, 0, sizeof(float) * z.Lp);
-    ProductNT(z, qp, kt, bp, p);  // S
+  static void Gradients(const Sizes& z, float scale, const Work& w, const float* row_max, const float* row_sum,
+                        float* dq, float* dk, float* dv, int64_t ld) {
+    ProductNT(z, w.qp, w.kt, w.bp, w.p);  // S
     for (int l = 0; l < z.L; ++l) {  // P = exp(S - max) / sum
-      float* row = p + (size_t)l * z.Lp;
+      float* row = w.p + (size_t)l * z.Lp;
       const __m256 top = _mm256_set1_ps(row_max[l]), inv = _mm256_set1_ps(1.0f / row_sum[l]);
       for (int m = 0; m < z.Lp; m += 8)
         _mm256_storeu_ps(row + m, _mm256_mul_ps(labram_cpu::Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
     }
-    ProductTN<NV>(z, p, gp, dv);    // dV = P^T dO
-    ProductNT(z, gp, vt, zero, ds);  // dP = dO v^T
+    ProductTN<NV>(z, w.p, w.gp, dv, ld);    // dV = P^T dO
+    ProductNT(z, w.gp, w.vt, w.zero, w.ds);  // dP = dO v^T
     for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(P * dP)); P and dP are 0 past L
-      float* g = ds + (size_t)l * z.Lp;
-      const float* pr = p + (size_t)l * z.Lp;
+      float* g = w.ds + (size_t)l * z.Lp;
+      const float* pr = w.p + (size_t)l * z.Lp;
       __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();  // two chains: FMA latency, not one per vector
       for (int m = 0; m < z.Lp; m += 16) {
         d0 = _mm256_fmadd_ps(_mm256_loadu_ps(pr + m), _mm256_loadu_ps(g + m), d0);
@@ -244,8 +430,47 @@ struct Backward {
       for (int m = 0; m < z.Lp; m += 8)
         _mm256_storeu_ps(g + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(g + m), d)));
     }
-    ProductNN<NV>(z, ds, kp, nullptr, scale, dq);  // dQ = scale dS k
-    ProductTN<NV>(z, ds, qp, dk);                  // dK = dS^T (scale q)
+    ProductNN<NV>(z, w.ds, w.kp, nullptr, scale, dq, ld);  // dQ = scale dS k
+    ProductTN<NV>(z, w.ds, w.qp, dk, ld);                  // dK = dS^T (scale q)
+  }
+
+  // One (batch, head): the forward's inputs, d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K] (all
+  // [L, K] rows z.ld apart; dq with respect to the unscaled q).
+  template <int NV>
+  static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
+                   const float* d_out, const float* row_max, const float* row_sum, float* dq, float* dk, float* dv,
+                   float* work) {
+    const Work w = Split(z, work);
+    PackRows(z, k, z.ld, w.kp);
+    PackColumns(z, w.kp, w.kt, z.Kp);  // from the rows just packed, in cache
+    PackColumns(z, v, w.vt, z.ld);
+    PackRows(z, q, z.ld, w.qp, scale);
+    PackRows(z, d_out, z.ld, w.gp);
+    PackBias(z, bias, w.bp);
+    std::memset(w.zero, 0, sizeof(float) * z.Lp);
+    Gradients<NV>(z, scale, w, row_max, row_sum, dq, dk, dv, z.ld);
+  }
+
+  // One (batch, head) of the fused projection: Forward::QkvHead's inputs, d_out [L, K] (rows out_ld
+  // apart), row_max, row_sum [L] -> dx[s] [L, K] (rows z.ld apart: the head's slots of the gradient
+  // with respect to qkv); d_affine [2, 3, K] = the gradients of gamma, then beta, of each slot.
+  template <int NV>
+  static void QkvHead(const Sizes& z, const Transform& t, float scale, const float* const* x, const float* bias,
+                      const float* d_out, int64_t out_ld, const float* row_max, const float* row_sum,
+                      float* const* dx, float* d_affine, float* work) {
+    const Work w = Split(z, work);
+    PackTransformed<NV>(z, t, 0, x[0], scale, w.qp, w.hat[0], w.rstd[0]);
+    PackTransformed<NV>(z, t, 1, x[1], 1.0f, w.kp, w.hat[1], w.rstd[1]);
+    PackColumns(z, w.kp, w.kt, z.Kp);
+    PackTransformed<NV>(z, t, 2, x[2], 1.0f, w.vp, w.hat[2], w.rstd[2]);
+    PackColumns(z, w.vp, w.vt, z.Kp);
+    PackRows(z, d_out, out_ld, w.gp);
+    PackBias(z, bias, w.bp);
+    std::memset(w.zero, 0, sizeof(float) * z.Lp);
+    Gradients<NV>(z, scale, w, row_max, row_sum, w.grad[0], w.grad[1], w.grad[2], z.Kp);
+    std::memset(d_affine, 0, sizeof(float) * 6 * z.K);
+    for (int s = 0; s < 3; ++s)
+      Untransform<NV>(z, t, s, w.grad[s], w.hat[s], w.rstd[s], dx[s], d_affine + s * z.K, d_affine + (3 + s) * z.K);
   }
 };
 
@@ -292,6 +517,8 @@ auto ByVectors(int kp) {
 
 template <int NV> struct ForwardHead { static constexpr auto fn = &Forward::Head<NV>; };
 template <int NV> struct BackwardHead { static constexpr auto fn = &Backward::Head<NV>; };
+template <int NV> struct QkvForwardHead { static constexpr auto fn = &Forward::QkvHead<NV>; };
+template <int NV> struct QkvBackwardHead { static constexpr auto fn = &Backward::QkvHead<NV>; };
 
 ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
@@ -336,6 +563,99 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
   return ffi::Error::Success();
 }
 
+
+// Checks the fused projection's qkv [..., L, 3, H, K] against out (or d_out) [..., L, H, K], bias
+// [..., L] and gamma, beta [3, H, K]; fills sizes (rows 3 H K apart), the number of (batch, head)
+// pairs and H. An empty string when they fit.
+std::string CheckQkvShapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> out, size_t bias_elements,
+                           size_t gamma_elements, size_t beta_elements, Sizes* z, int64_t* pairs, int64_t* heads) {
+  const int r = (int)d.size();
+  if (r < 4 || d[r - 3] != 3) return "qkv must have shape [..., L, 3, H, K]";
+  bool equal = (int)out.size() == r - 1;
+  for (int i = 0; equal && i < r - 1; ++i) equal = out[i] == (i < r - 3 ? d[i] : d[i + 1]);
+  if (!equal) return "out (or d_out) must have shape [..., L, H, K] for qkv [..., L, 3, H, K]";
+  const int64_t L = d[r - 4], K = d[r - 1];
+  *heads = d[r - 2];
+  if (K < 1 || K > 32) return "head size must be 1..32, got " + std::to_string(K);
+  if ((int64_t)gamma_elements != 3 * *heads * K || (int64_t)beta_elements != 3 * *heads * K)
+    return "gamma and beta must have shape [3, H, K]";
+  int64_t batch = 1;
+  for (int i = 0; i < r - 4; ++i) batch *= d[i];
+  *pairs = batch * *heads;
+  if ((int64_t)bias_elements != batch * L) return "bias must have shape [..., L] (qkv's leading dims)";
+  *z = Sizes{(int)L, (int)K, 3 * *heads * K, (int)((L + 15) / 16 * 16), (int)((L + 11) / 12 * 12),
+             (int)((K + 7) / 8 * 8)};
+  return "";
+}
+
+// Pair i's transform (its head's gamma and beta rows) and where its q, k, v rows start in qkv (or its
+// gradient) and in out (or d_out).
+struct QkvPair {
+  Transform t;
+  int64_t slot[3], out;
+  QkvPair(const Sizes& z, int64_t i, int64_t heads, const float* gamma, const float* beta, bool normalize_q,
+          bool normalize_k, float eps) {
+    const int64_t b = i / heads, h = i % heads;
+    for (int s = 0; s < 3; ++s) {
+      t.gamma[s] = gamma + (s * heads + h) * z.K;
+      t.beta[s] = beta + (s * heads + h) * z.K;
+      slot[s] = b * z.L * z.ld + s * heads * z.K + h * z.K;
+    }
+    t.normalize[0] = normalize_q, t.normalize[1] = normalize_k, t.normalize[2] = false;
+    t.eps = eps;
+    out = b * z.L * heads * z.K + h * z.K;
+  }
+};
+
+ffi::Error QkvAttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gamma,
+                               ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> out,
+                               ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> row_sum,
+                               bool normalize_q, bool normalize_k, float eps, float scale, ffi::ThreadPool pool) {
+  Sizes z;
+  int64_t pairs, heads;
+  const std::string bad = CheckQkvShapes(qkv.dimensions(), out->dimensions(), bias.element_count(),
+                                         gamma.element_count(), beta.element_count(), &z, &pairs, &heads);
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  if (pairs == 0 || z.L == 0) return ffi::Error::Success();
+  const auto head = ByVectors<QkvForwardHead>(z.Kp);
+  const int64_t out_ld = heads * z.K;
+  labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
+    const QkvPair at(z, i, heads, gamma.typed_data(), beta.typed_data(), normalize_q, normalize_k, eps);
+    const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
+    head(z, at.t, scale, x, bias.typed_data() + (i / heads) * z.L, out->typed_data() + at.out, out_ld,
+         row_max->typed_data() + i * z.L, row_sum->typed_data() + i * z.L, work);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error QkvAttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gamma,
+                                ffi::Buffer<ffi::F32> beta, ffi::Buffer<ffi::F32> d_out,
+                                ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
+                                ffi::ResultBuffer<ffi::F32> d_qkv, ffi::ResultBuffer<ffi::F32> d_affine,
+                                bool normalize_q, bool normalize_k, float eps, float scale, ffi::ThreadPool pool) {
+  Sizes z;
+  int64_t pairs, heads;
+  std::string bad = CheckQkvShapes(qkv.dimensions(), d_out.dimensions(), bias.element_count(), gamma.element_count(),
+                                   beta.element_count(), &z, &pairs, &heads);
+  if (bad.empty() && d_qkv->element_count() != qkv.element_count()) bad = "d_qkv must have qkv's shape";
+  if (bad.empty() && (int64_t)d_affine->element_count() != pairs * 6 * z.K)
+    bad = "d_affine must have shape [..., H, 2, 3, K]";
+  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  if (pairs == 0 || z.L == 0) return ffi::Error::Success();
+  const auto head = ByVectors<QkvBackwardHead>(z.Kp);
+  const int64_t out_ld = heads * z.K;
+  labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
+    const QkvPair at(z, i, heads, gamma.typed_data(), beta.typed_data(), normalize_q, normalize_k, eps);
+    const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
+    float* dx[3] = {d_qkv->typed_data() + at.slot[0], d_qkv->typed_data() + at.slot[1],
+                    d_qkv->typed_data() + at.slot[2]};
+    head(z, at.t, scale, x, bias.typed_data() + (i / heads) * z.L, d_out.typed_data() + at.out, out_ld,
+         row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dx, d_affine->typed_data() + i * 6 * z.K,
+         work);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, AttentionForward,
@@ -364,5 +684,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<bool>("token_major")
+                                  .Attr<float>("scale")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionForward, QkvAttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv [..., L, 3, H, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [..., L]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gamma [3, H, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // beta [3, H, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [..., L, H, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // row max of the scores
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // row sum of exp(scores - row max)
+                                  .Attr<bool>("normalize_q")     // q's rows normalised over K before gamma, beta
+                                  .Attr<bool>("normalize_k")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("scale")          // of the transformed q in the scores
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionBackward, QkvAttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gamma
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // beta
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // row max
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // row sum
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_qkv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_affine [..., H, 2, 3, K]: d gamma, d beta
+                                  .Attr<bool>("normalize_q")
+                                  .Attr<bool>("normalize_k")
+                                  .Attr<float>("eps")
                                   .Attr<float>("scale")
                                   .Ctx<ffi::ThreadPool>());

@@ -70,6 +70,48 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, d_out: j
                  scale=scale, token_major=token_major)
 
 
+def qkv_forward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Array, *, normalize_q: bool,
+                normalize_k: bool, eps: float, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`forward` on the fused projection's output, each of q, k, v transformed first.
+
+    Args:
+      qkv: [..., L, 3, H, K] float32 (a [..., L, 3 * H * K] projection reshaped): q, k, v in slots 0-2.
+      bias: [..., L] float32 added to every head's scores.
+      gamma, beta: [3, H, K] float32; slot s of each head becomes ``gamma[s] * t(x) + beta[s]``, with t
+        the normalisation over K, ``(x - mean) / sqrt(var + eps)``, for q where ``normalize_q`` and k
+        where ``normalize_k``, else x (v is never normalised).
+      scale: the transformed queries' factor in the scores.
+    Returns:
+      out [..., L, H, K]; row_max, row_sum [..., H, L] (:func:`forward`'s).
+    """
+    *lead, length, _, heads, size = qkv.shape
+    stats = jax.ShapeDtypeStruct((*lead, heads, length), jnp.float32)
+    out = jax.ShapeDtypeStruct((*lead, length, heads, size), jnp.float32)
+    return cpu_kernels.call("labram_cpu_qkv_attention_forward", (out, stats, stats), qkv, bias, gamma, beta,
+                            what="attention", instead="attention='explicit'", normalize_q=np.bool_(normalize_q),
+                            normalize_k=np.bool_(normalize_k), eps=np.float32(eps), scale=np.float32(scale))
+
+
+def qkv_backward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Array, d_out: jax.Array,
+                 row_max: jax.Array, row_sum: jax.Array, *, normalize_q: bool, normalize_k: bool, eps: float,
+                 scale: float) -> tuple[jax.Array, jax.Array]:
+    """The gradients of :func:`qkv_forward`'s ``out``.
+
+    Args:
+      qkv, bias, gamma, beta, normalize_q, normalize_k, eps, scale: :func:`qkv_forward`'s; row_max,
+      row_sum: its statistics; d_out: [..., L, H, K] float32, the gradient with respect to its ``out``.
+    Returns:
+      d_qkv in qkv's shape; d_affine [..., H, 2, 3, K]: per (batch, head) the gradients of that head's
+      ``gamma`` (index 0) and ``beta`` (index 1) rows, to be summed over the batch by the caller.
+    """
+    *lead, _, _, heads, size = qkv.shape
+    d_affine = jax.ShapeDtypeStruct((*lead, heads, 2, 3, size), jnp.float32)
+    return cpu_kernels.call("labram_cpu_qkv_attention_backward", (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), d_affine),
+                            qkv, bias, gamma, beta, d_out, row_max, row_sum, what="attention",
+                            instead="attention='explicit'", normalize_q=np.bool_(normalize_q),
+                            normalize_k=np.bool_(normalize_k), eps=np.float32(eps), scale=np.float32(scale))
+
+
 def _stats_shape(q: jax.Array, token_major: bool) -> tuple[int, ...]:
     """[..., H, L]: one statistic per (batch, head, query)."""
     return (*q.shape[:-3], q.shape[-2], q.shape[-3]) if token_major else q.shape[:-1]

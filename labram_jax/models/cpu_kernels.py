@@ -40,6 +40,8 @@ SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_attention.cc", "cpu_layer_n
 HEADERS = (os.path.join(HERE, "cpu_kernels.h"),)  # included by the sources: part of the cache key
 TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -> FFI target
            "LabramAttentionBackward": "labram_cpu_attention_backward",
+           "LabramQkvAttentionForward": "labram_cpu_qkv_attention_forward",
+           "LabramQkvAttentionBackward": "labram_cpu_qkv_attention_backward",
            "LabramLayerNormForward": "labram_cpu_layer_norm_forward",
            "LabramLayerNormBackward": "labram_cpu_layer_norm_backward",
            "LabramMatmul": "labram_cpu_matmul",

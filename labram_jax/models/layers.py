@@ -44,6 +44,12 @@ def layer_norm(axis_name: str = "norm", name: str | None = None, dtype=jnp.float
                                    bias_init=logical(nn.initializers.zeros, (axis_name,)))
 
 
+def layer_norm_weights(axis_name: str, name: str) -> normalization.LayerNormWeights:
+    """The parameters of :func:`layer_norm` alone (for ``attention.on_projection``)."""
+    return normalization.LayerNormWeights(scale_init=logical(nn.initializers.ones, (axis_name,)),
+                                          bias_init=logical(nn.initializers.zeros, (axis_name,)), name=name)
+
+
 def _dense_init(axes: tuple[str | None, str | None], std: float) -> dict:
     """A linear layer's initialisers: truncated normal (std) kernel with logical axes ``axes``, zero bias."""
     return {"kernel_init": logical(trunc_normal(std), axes), "bias_init": logical(nn.initializers.zeros, (axes[1],))}
@@ -263,6 +269,9 @@ class Attention(nn.Module):
         # The C++ attention reads and writes [B, L, H, hd] (the projections' layout); the others
         # compute heads-major [B, H, L, hd].
         token_major = attention.resolve(cfg.attention, qkv.reshape(*qkv.shape[:2], 3, h, hd)) == "cpu_kernel"
+        if qkv_in_kernel(cfg, token_major):
+            merged = self._on_projection(qkv.reshape(*qkv.shape[:2], 3, h, hd), key_valid).reshape(*x.shape[:2], d)
+            return self._project(merged)
         q, k, v = split_heads(qkv, h, token_major)
         if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
             q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
@@ -278,8 +287,31 @@ class Attention(nn.Module):
             q = nn.with_logical_constraint(q, ("act_batch", "act_heads", "act_length", "act_kv"))
             out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
             merged = out.transpose(0, 2, 1, 3).reshape(*x.shape[:2], d)  # [B, L, H*hd]
+        return self._project(merged)
+
+    def _on_projection(self, qkv: jax.Array, key_valid: jax.Array) -> jax.Array:
+        """The attention on qkv [B, L, 3, H, hd] itself (``attention.on_projection``: the q/k norms or the
+        q/v biases applied inside the C++ kernel, the same parameters) -> [B, L, H, hd]."""
+        cfg = self.cfg
+        h, hd = cfg.num_heads, cfg.head_dim
+        ones, zeros = jnp.ones((h, hd), jnp.float32), jnp.zeros((h, hd), jnp.float32)
+        gamma, beta = [ones, ones, ones], [zeros, zeros, zeros]
+        if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
+            beta[0] = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+            beta[2] = self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+        if cfg.qk_norm:
+            for s, name in ((0, "q_norm"), (1, "k_norm")):
+                scale, bias = layer_norm_weights("kv", name)(hd)
+                gamma[s], beta[s] = jnp.broadcast_to(scale, (h, hd)), jnp.broadcast_to(bias, (h, hd))
+        return attention.on_projection(qkv, key_valid, jnp.stack(gamma), jnp.stack(beta).astype(jnp.float32),
+                                       normalize_q=cfg.qk_norm, normalize_k=cfg.qk_norm, eps=LN_EPS)
+
+    def _project(self, merged: jax.Array) -> jax.Array:
+        """The output projection: merged heads [B, L, H * hd] -> [B, L, D]."""
+        cfg = self.cfg
+        d = cfg.embed_dim
         std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
-        w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (h, hd, d))
+        w_out = self.param("proj", logical(trunc_normal(std), ("heads", "kv", "embed")), (cfg.num_heads, cfg.head_dim, d))
         b_out = self.param("proj_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
         y = linear.linear(merged, w_out.reshape(d, d).astype(cfg.dtype), b_out.astype(cfg.dtype), cfg.linear)
         if cfg.lora_rank:
@@ -325,6 +357,19 @@ def mlp_fused(cfg: config_lib.TransformerConfig, *operands: jax.Array) -> bool:
                          f"cpu_kernel (linear={cfg.linear!r} runs them on {products!r} here) and lora_rank=0 (here "
                          f"{cfg.lora_rank}); use mlp='layers'")
     return can and cfg.mlp != "layers"
+
+
+def qkv_in_kernel(cfg: config_lib.TransformerConfig, kernel_attention: bool) -> bool:
+    """Whether :class:`Attention` hands the fused qkv projection to the C++ attention itself
+    (``attention.on_projection``): ``cfg.qkv`` in_kernel, or auto where the attention runs on
+    ``cpu_kernel`` (``kernel_attention``); a ValueError saying why where in_kernel cannot run."""
+    can = kernel_attention and not (cfg.qkv_bias and cfg.qk_norm)
+    if cfg.qkv == "in_kernel" and not can:
+        raise ValueError("qkv='in_kernel' needs the attention on the C++ kernel (attention='cpu_kernel', or auto "
+                         f"where it runs; here attention={cfg.attention!r} "
+                         f"{'does' if kernel_attention else 'does not'} run on it) and a model without both q/k "
+                         "norms and q/v biases (the kernel applies one or the other); use qkv='sliced'")
+    return can and cfg.qkv != "sliced"
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:

@@ -105,3 +105,17 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", self.scale_init, (d,), jnp.float32)
         bias = self.param("bias", self.bias_init, (d,), jnp.float32)
         return layer_norm(x, scale, bias, self.epsilon, self.implementation).astype(self.dtype)
+
+
+class LayerNormWeights(nn.Module):
+    """:class:`LayerNorm`'s parameters alone (the same names, shapes and initialisers), for a kernel that
+    applies the norm itself (``attention.on_projection``)."""
+
+    scale_init: Any = nn.initializers.ones
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+        """-> (scale, bias), [features] float32 each."""
+        return (self.param("scale", self.scale_init, (features,), jnp.float32),
+                self.param("bias", self.bias_init, (features,), jnp.float32))

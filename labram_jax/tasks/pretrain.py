@@ -47,7 +47,7 @@ def random_tokenizer(config: ml_collections.ConfigDict, dtype, abstract: bool = 
     a stand-in for the trained tokenizer where only shapes or speed matter (benchmarks, the
     memory planner). ``abstract``: ShapeDtypeStructs instead of arrays."""
     tok_config = config_schema.defaults(config.model.size, "tokenizer")
-    for field in ("tokenizer_size", "vocab_size", "remat", "attention", "layer_norm", "linear", "mlp"):
+    for field in ("tokenizer_size", "vocab_size", "remat", "attention", "layer_norm", "linear", "mlp", "qkv"):
         tok_config.model[field] = config.model[field]
     model = tokenizer_task.model_from_config(tok_config, dtype)
     empty = input_pipeline.Grid(config.data.max_channels, config.data.max_windows).empty()

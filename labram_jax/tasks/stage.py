@@ -76,7 +76,7 @@ class Stage:
 def model_options(config) -> dict:
     """TransformerConfig fields that come from ``config.model`` (memory, speed and input scaling)."""
     return {"remat": config.model.remat, "attention": config.model.attention, "layer_norm": config.model.layer_norm,
-            "linear": config.model.linear, "mlp": config.model.mlp,
+            "linear": config.model.linear, "mlp": config.model.mlp, "qkv": config.model.qkv,
             "scan_blocks": config.model.scan_blocks, "head_pooling": config.model.head_pooling,
             **{k: config.model[k] for k in model_config.REFERENCE_INPUTS}}
 

@@ -53,7 +53,8 @@ def test_train_step_warns_when_the_fma_peak_was_measured_on_busy_cores(tmp_path,
                     reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
 @pytest.mark.parametrize("field, ours, theirs, extra", [
     ("attention", "cpu_kernel", "explicit", []),
-    ("mlp", "fused", "layers", ["--linear", "cpu_kernel"])])
+    ("mlp", "fused", "layers", ["--linear", "cpu_kernel"]),
+    ("qkv", "in_kernel", "sliced", ["--attention", "cpu_kernel"])])
 def test_train_step_times_two_implementations_alternately(tmp_path, capsys, field, ours, theirs, extra):
     flag = "--" + field.replace("_", "-")
     result = train_step.main(["--sizes", "tiny", "--stages", "finetune", "--steps", "2", "--warmup", "1", "--devices",

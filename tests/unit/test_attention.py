@@ -49,16 +49,21 @@ def test_block_output_does_not_depend_on_the_implementation():
     cfg = model_config.labram("tiny")
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 9, cfg.embed_dim)), jnp.float32)
     valid = jnp.asarray(np.array([[True] * 9, [True] * 6 + [False] * 3]))
-    # cpu_kernel (where it runs): q, k, v read token-major from the projection, the output written in place
-    impls = ["xla", "explicit", *(["cpu_kernel"] if cpu_attention.supports(x[..., :cfg.head_dim]) else [])]
+    # cpu_kernel (where it runs): on the qkv projection itself, the q/k norms or q/v biases inside the
+    # kernel (qkv in_kernel), or on q, k, v sliced out of it token-major (sliced)
+    kernel = cpu_attention.supports(x[..., :cfg.head_dim])
+    impls = [("xla", "auto"), ("explicit", "auto"), *([("cpu_kernel", "in_kernel"), ("cpu_kernel", "sliced")]
+                                                      if kernel else [])]
     for tokenizer_like in (False, True):  # LaBraM's q/k norms, or the tokenizer's q and v biases
         c = cfg.replace(qk_norm=not tokenizer_like, qkv_bias=tokenizer_like)
         variables = layers.Block(c, 1).init(jax.random.key(0), x, valid)
-        if tokenizer_like:  # non-zero biases, so that where they are added matters
-            variables = jax.tree_util.tree_map_with_path(
-                lambda p, a: a + 0.3 if "bias" in jax.tree_util.keystr(p) else a, variables)
-        results = [jax.value_and_grad(lambda v, x: jnp.sum(layers.Block(c.replace(attention=impl), 1).apply(
-            v, x, valid) ** 2), argnums=(0, 1))(variables, x) for impl in impls]
+        # non-zero biases and norm scales other than 1, so that where they are applied matters (the
+        # kernel applies the q/k norms and the q/v biases itself)
+        variables = jax.tree_util.tree_map_with_path(
+            lambda p, a: a + 0.3 if "bias" in jax.tree_util.keystr(p) else a * 1.3 if "scale" in jax.tree_util.keystr(p)
+            else a, variables)
+        results = [jax.value_and_grad(lambda v, x: jnp.sum(layers.Block(c.replace(attention=impl, qkv=qkv), 1).apply(
+            v, x, valid) ** 2), argnums=(0, 1))(variables, x) for impl, qkv in impls]
         for other in results[1:]:
             np.testing.assert_allclose(other[0], results[0][0], rtol=1e-5)
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), other[1], results[0][1])
@@ -97,3 +102,14 @@ def test_split_heads_gradient_is_that_of_the_slices(token_major):
     ours = jax.grad(lambda x: sum(jnp.sum(o * g) for o, g in zip(layers.split_heads(x, heads, token_major), gs)))(qkv)
     theirs = jax.grad(lambda x: sum(jnp.sum(o * g) for o, g in zip(by_slices(x), gs)))(qkv)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_qkv_in_kernel_is_chosen_where_it_runs_and_refused_with_a_reason_elsewhere():
+    cfg = model_config.labram("tiny")
+    assert layers.qkv_in_kernel(cfg, True) and not layers.qkv_in_kernel(cfg, False)  # auto follows the attention
+    assert not layers.qkv_in_kernel(cfg.replace(qkv="sliced"), True)
+    assert not layers.qkv_in_kernel(cfg.replace(qkv_bias=True), True)  # norms after biases: not in the kernel
+    with pytest.raises(ValueError, match="qkv='sliced'"):
+        layers.qkv_in_kernel(cfg.replace(qkv="in_kernel"), False)
+    with pytest.raises(ValueError, match="choose one of"):
+        model_config.labram("tiny", qkv="fused")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from labram_jax import sharding
-from labram_jax.models import attention, cpu_attention, cpu_kernels
+from labram_jax.models import attention, cpu_attention, cpu_kernels, normalization
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -193,3 +193,51 @@ def test_token_major_layout_is_the_same_attention(shape):
     with pytest.raises(Exception, match=r"\[\.\.\., L, H, K\]"):
         jax.block_until_ready(cpu_attention.forward(swap(q), swap(k)[..., :-1], swap(v), jnp.zeros(valid.shape),
                                                     token_major=True))
+
+
+def _transformed_attention(qkv, valid, gamma, beta, normalize_q, normalize_k):
+    """The reference for ``attention.on_projection``: q, k, v sliced out of qkv [B, L, 3, H, K], each
+    slot transformed in XLA (LayerNorm by Flax's formula), then the explicit attention."""
+    slots = []
+    for s, normalize in enumerate((normalize_q, normalize_k, False)):
+        x = qkv[:, :, s]
+        if normalize:
+            x = normalization.layer_norm(x, jnp.ones(x.shape[-1]), jnp.zeros(x.shape[-1]), 1e-6, "xla")
+        slots.append(jnp.swapaxes(gamma[s] * x + beta[s], 1, 2))  # [B, H, L, K]
+    return jnp.swapaxes(attention.dot_product_attention(*slots, valid, "explicit"), 1, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, normalize", [((3, 37, 4, 20), True), ((2, 231, 10, 20), True),
+                                              ((3, 13, 3, 25), False), ((2, 9, 8, 25), True), ((2, 1, 2, 20), True),
+                                              ((2, 9, 2, 3), False), ((2, 11, 2, 3), True)])
+def test_attention_on_the_projection_transforms_q_k_v_itself(shape, normalize):
+    # LaBraM's q/k LayerNorm (normalize) or the tokenizer's q/v biases, inside the kernel: the same
+    # function and gradients (qkv, gamma, beta) as slicing qkv and transforming the slots in XLA
+    b, length, heads, size = shape
+    rng = np.random.default_rng(sum(shape))
+    qkv = jnp.asarray(rng.standard_normal((b, length, 3, heads, size)) * 2 + 0.5, jnp.float32)
+    gamma = jnp.asarray(1 + 0.3 * rng.standard_normal((3, heads, size)), jnp.float32)
+    beta = jnp.asarray(0.3 * rng.standard_normal((3, heads, size)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((b, length, heads, size)), jnp.float32)
+    valid = np.ones((b, length), bool)
+    valid[-1, length // 2:] = False
+    valid[0, 1::3] = False  # padding in between
+    valid = jnp.asarray(valid)
+    kernel = jax.jit(lambda *a: attention.on_projection(*a[:1], valid, *a[1:], normalize_q=normalize,
+                                                        normalize_k=normalize, eps=1e-6))
+    out, vjp = jax.vjp(kernel, qkv, gamma, beta)
+    want, want_vjp = jax.vjp(lambda *a: _transformed_attention(a[0], valid, *a[1:], normalize, normalize),
+                             qkv, gamma, beta)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=3e-6)
+    for got, expected in zip(vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5 * np.abs(expected).max())
+    # a slot's transform reaches only its own slot: v's gamma leaves the scores (and so row_max) alone
+    _, row_max, _ = cpu_attention.qkv_forward(qkv, jnp.where(valid, 0.0, -1e30), gamma, beta.at[2].add(5.0),
+                                              normalize_q=normalize, normalize_k=normalize, eps=1e-6, scale=0.5)
+    _, row_max_0, _ = cpu_attention.qkv_forward(qkv, jnp.where(valid, 0.0, -1e30), gamma, beta,
+                                                normalize_q=normalize, normalize_k=normalize, eps=1e-6, scale=0.5)
+    np.testing.assert_array_equal(row_max, row_max_0)
+    with pytest.raises(Exception, match=r"\[\.\.\., L, 3, H, K\]"):
+        jax.block_until_ready(cpu_attention.qkv_forward(qkv[:, :, :2], jnp.zeros(valid.shape), gamma, beta,
+                                                        normalize_q=True, normalize_k=True, eps=1e-6, scale=1.0))
