@@ -164,3 +164,17 @@ def test_band_limited_tokenizer_targets_carry_what_centred_records_hold(eegmat_a
     assert (model.cfg.target_low_hz, model.cfg.target_high_hz) == (1, 45)
     logged = losses(tmp_path / "run", "train/amplitude_loss")
     assert logged and all(np.isfinite(v) for v in logged.values())
+
+
+def test_the_loop_runs_with_the_set_up_frozen_out_of_full_collections(eegmat_shards, tmp_path, monkeypatch):
+    # gc.freeze() before the loop: a full collection during the steps does not scan the set-up's objects
+    import gc
+
+    frozen_while_writing = []
+    write = metrics.MetricWriter.write
+    monkeypatch.setattr(metrics.MetricWriter, "write",
+                        lambda self, *a, **k: (frozen_while_writing.append(gc.get_freeze_count()), write(self, *a, **k))[1])
+    before = gc.get_freeze_count()
+    train.run(tiny_config("finetune", eegmat_shards, **{"optim.total_steps": 2, "log_every": 1}), str(tmp_path))
+    assert frozen_while_writing and min(frozen_while_writing) > before + 10_000  # the set-up, frozen in the loop
+    assert gc.get_freeze_count() == before  # and given back to the collector afterwards
