@@ -200,7 +200,7 @@ inline __m256 Sum8x8(const __m256* v) {
 // scale * (gamma * t(x) + beta) of slot s for x [L, K] (rows z.ld apart) -> dst [Lr, Kp], zero padded;
 // t(x) [L, Kp] (zero past K) into x_hat and each row's 1 / sqrt(var + eps) into rstd [L] (1 where not
 // normalised). Normalised rows go 8 at a time, their sums reduced together (a row's reductions one
-// after the other are a chain of latencies: ~90 cycles a row).
+// after the other are a chain of latencies: ~100 cycles a row).
 template <int NV>
 void PackTransformed(const Sizes& z, const Transform& t, int s, const float* x, float scale, float* dst,
                      float* x_hat, float* rstd) {
