@@ -91,7 +91,9 @@ def on_projection(qkv: jax.Array, key_valid: jax.Array, gamma: jax.Array, beta: 
     """
     _check_kernel(qkv)
     bias = jnp.where(key_valid, 0.0, _NEG).astype(jnp.float32)
-    return _qkv_kernel(qkv, bias, gamma, beta, (bool(normalize_q), bool(normalize_k), float(eps), qkv.shape[-1] ** -0.5))
+    options = (("normalize_q", bool(normalize_q)), ("normalize_k", bool(normalize_k)), ("eps", float(eps)),
+               ("scale", qkv.shape[-1] ** -0.5))  # the kernels' attributes, hashable
+    return _qkv_kernel(qkv, bias, gamma, beta, options)
 
 
 def resolve(implementation: str, q: jax.Array) -> str:
@@ -203,25 +205,20 @@ def _kernel_bwd(scale, token_major, residuals, d_out):
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def _qkv_options(options):
-    normalize_q, normalize_k, eps, scale = options
-    return {"normalize_q": normalize_q, "normalize_k": normalize_k, "eps": eps, "scale": scale}
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _qkv_kernel(qkv, bias, gamma, beta, options):
-    return cpu_attention.qkv_forward(qkv, bias, gamma, beta, **_qkv_options(options))[0]
+    return cpu_attention.qkv_forward(qkv, bias, gamma, beta, **dict(options))[0]
 
 
 def _qkv_kernel_fwd(qkv, bias, gamma, beta, options):
-    out, row_max, row_sum = cpu_attention.qkv_forward(qkv, bias, gamma, beta, **_qkv_options(options))
+    out, row_max, row_sum = cpu_attention.qkv_forward(qkv, bias, gamma, beta, **dict(options))
     return out, (qkv, bias, gamma, beta, row_max, row_sum)
 
 
 def _qkv_kernel_bwd(options, residuals, d_out):
     qkv, bias, gamma, beta, row_max, row_sum = residuals
     d_qkv, d_affine = cpu_attention.qkv_backward(qkv, bias, gamma, beta, d_out.astype(jnp.float32), row_max, row_sum,
-                                                 **_qkv_options(options))
+                                                 **dict(options))
     d_affine = d_affine.reshape(-1, *d_affine.shape[-4:]).sum(0)  # [H, 2, 3, K]: summed over the batch
     return d_qkv, None, jnp.swapaxes(d_affine[:, 0], 0, 1), jnp.swapaxes(d_affine[:, 1], 0, 1)
 

@@ -87,9 +87,8 @@ def qkv_forward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Arr
     *lead, length, _, heads, size = qkv.shape
     stats = jax.ShapeDtypeStruct((*lead, heads, length), jnp.float32)
     out = jax.ShapeDtypeStruct((*lead, length, heads, size), jnp.float32)
-    return cpu_kernels.call("labram_cpu_qkv_attention_forward", (out, stats, stats), qkv, bias, gamma, beta,
-                            what="attention", instead="attention='explicit'", normalize_q=np.bool_(normalize_q),
-                            normalize_k=np.bool_(normalize_k), eps=np.float32(eps), scale=np.float32(scale))
+    return _call("labram_cpu_qkv_attention_forward", (out, stats, stats), qkv, bias, gamma, beta,
+                 normalize_q=normalize_q, normalize_k=normalize_k, eps=eps, scale=scale)
 
 
 def qkv_backward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Array, d_out: jax.Array,
@@ -106,10 +105,9 @@ def qkv_backward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Ar
     """
     *lead, _, _, heads, size = qkv.shape
     d_affine = jax.ShapeDtypeStruct((*lead, heads, 2, 3, size), jnp.float32)
-    return cpu_kernels.call("labram_cpu_qkv_attention_backward", (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), d_affine),
-                            qkv, bias, gamma, beta, d_out, row_max, row_sum, what="attention",
-                            instead="attention='explicit'", normalize_q=np.bool_(normalize_q),
-                            normalize_k=np.bool_(normalize_k), eps=np.float32(eps), scale=np.float32(scale))
+    return _call("labram_cpu_qkv_attention_backward", (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), d_affine),
+                 qkv, bias, gamma, beta, d_out, row_max, row_sum, normalize_q=normalize_q, normalize_k=normalize_k,
+                 eps=eps, scale=scale)
 
 
 def _stats_shape(q: jax.Array, token_major: bool) -> tuple[int, ...]:
@@ -117,6 +115,7 @@ def _stats_shape(q: jax.Array, token_major: bool) -> tuple[int, ...]:
     return (*q.shape[:-3], q.shape[-2], q.shape[-3]) if token_major else q.shape[:-1]
 
 
-def _call(target: str, result_shapes, *args, scale: float, token_major: bool):
-    return cpu_kernels.call(target, result_shapes, *args, what="attention", instead="attention='explicit'",
-                            scale=np.float32(scale), token_major=np.bool_(token_major))
+def _call(target: str, result_shapes, *args, **attrs: bool | float):
+    """One of the attention targets; its attributes as the handlers bind them (bool, float32)."""
+    typed = {k: np.bool_(v) if isinstance(v, (bool, np.bool_)) else np.float32(v) for k, v in attrs.items()}
+    return cpu_kernels.call(target, result_shapes, *args, what="attention", instead="attention='explicit'", **typed)
