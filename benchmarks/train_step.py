@@ -5,7 +5,7 @@
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit|cpu_kernel] [--scan-blocks] \
         [--layer-norm auto|xla|cpu_kernel] [--linear auto|xla|cpu_kernel] [--loss-chunks N] \
         [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] \
-        [--vs-attention IMPL] [--vs-layer-norm IMPL] [--vs-linear IMPL] [--vs-loss-chunks N]
+        [--vs-attention IMPL] [--vs-layer-norm IMPL] [--vs-linear IMPL] [--vs-optimizer IMPL] [--vs-loss-chunks N]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
 ``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
@@ -25,8 +25,8 @@ of the N ratios with their range: a machine whose speed drifts over minutes move
 ratio, not the median. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
 (``labram_jax.compile_options``), steps alternated, and the paired speed-up; ``--vs-attention IMPL``
 the same with the step compiled with attention ``IMPL`` instead of ``--attention`` (``--vs-layer-norm``,
-``--vs-linear``, ``--vs-loss-chunks``: likewise; the last for pretraining, whose lm_head loss it sets). The tokenizer has
-one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
+``--vs-linear``, ``--vs-mlp``, ``--vs-qkv``, ``--vs-optimizer``, ``--vs-loss-chunks``: likewise; the last for
+pretraining, whose lm_head loss it sets). The tokenizer has one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
 ``<out>/train_step_<backend>.json``.
 """
 
@@ -53,7 +53,7 @@ import numpy as np
 from benchmarks import flops as flops_lib
 from benchmarks import machine as machine_lib
 from labram_jax_configs import common
-from labram_jax import compile_options, host_memory, input_pipeline, sharding, steps
+from labram_jax import compile_options, host_memory, input_pipeline, optim, sharding, steps
 from labram_jax.models import config as model_config
 from labram_jax.tasks import pretrain
 
@@ -192,6 +192,7 @@ def prepare(stage: str, size: str, args) -> Prepared:
     config.model.linear = args.linear
     config.model.mlp = args.mlp
     config.model.qkv = args.qkv
+    config.optim.implementation = args.optimizer
     config.model.scan_blocks = args.scan_blocks
     if stage == "pretrain" and args.loss_chunks is not None:
         config.pretrain.loss_chunks = args.loss_chunks
@@ -253,7 +254,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     tokens = args.batch * grid.channels * grid.windows
     row = {"stage": stage, "size": size, "batch": args.batch, "channels": grid.channels, "windows": grid.windows,
            "dtype": args.dtype, "remat": args.remat, "attention": args.attention, "layer_norm": args.layer_norm,
-           "linear": args.linear, "mlp": args.mlp, "qkv": args.qkv,
+           "linear": args.linear, "mlp": args.mlp, "qkv": args.qkv, "optimizer": args.optimizer,
            "scan_blocks": args.scan_blocks, "loss_chunks": config.pretrain.loss_chunks if stage == "pretrain" else None,
            "mesh": dict(mesh.shape), "compile_s": compile_s,
            "step_s_median": step_s, "step_s_min": min(times, default=step_s),
@@ -282,7 +283,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
 # the stages each applies to.
 ALL_STAGES = ("tokenizer", "pretrain", "finetune")
 COMPARED_FIELDS = {"attention": ALL_STAGES, "layer_norm": ALL_STAGES, "linear": ALL_STAGES, "mlp": ALL_STAGES,
-                   "qkv": ALL_STAGES,
+                   "qkv": ALL_STAGES, "optimizer": ALL_STAGES,
                    "loss_chunks": ("pretrain",)}
 
 
@@ -456,6 +457,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--qkv", default="auto", choices=list(model_config.QKV_INPUTS),
                         help="how the C++ attention gets q, k and v (config model.qkv; "
                              "labram_jax.models.layers.qkv_in_kernel)")
+    parser.add_argument("--optimizer", default="auto", choices=list(optim.IMPLEMENTATIONS),
+                        help="what computes each AdamW step (config optim.implementation; labram_jax.optim)")
     parser.add_argument("--loss-chunks", type=int, default=None,
                         help="pretraining: pieces of the lm_head's cross-entropy (config pretrain.loss_chunks; "
                              "0 = all logits at once; default: the config's)")
@@ -482,6 +485,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--vs-qkv", default="", choices=["", *model_config.QKV_INPUTS],
                         help="also compile each step with this qkv setting and time the two alternately "
                              "(as --vs-attention)")
+    parser.add_argument("--vs-optimizer", default="", choices=["", *optim.IMPLEMENTATIONS],
+                        help="also compile each step with this optimizer implementation and time the two "
+                             "alternately (as --vs-attention)")
     parser.add_argument("--vs-loss-chunks", type=int, default=None,
                         help="pretraining: also compile the step with this pretrain.loss_chunks and time the two "
                              "alternately (as --vs-attention)")
@@ -506,7 +512,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     vs_fields = [getattr(args, f"vs_{f}") not in ("", None) for f in COMPARED_FIELDS]
     if sum(map(bool, [args.reference, args.vs_xla_defaults, *vs_fields])) > 1:
         parser.error("--reference, --vs-xla-defaults, --vs-attention, --vs-layer-norm, --vs-linear, --vs-mlp, "
-                     "--vs-qkv and --vs-loss-chunks each time a second step next to ours: run them separately")
+                     "--vs-qkv, --vs-optimizer and --vs-loss-chunks each time a second step next to ours: run them "
+                     "separately")
     if min(args.loss_chunks or 0, args.vs_loss_chunks or 0) < 0:
         parser.error("--loss-chunks and --vs-loss-chunks are 0 (all logits at once) or a positive number of pieces")
     if (args.channels is None) != (args.windows is None):

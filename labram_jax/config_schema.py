@@ -22,6 +22,7 @@ import ml_collections
 
 from labram_jax import data_spec, model_file, optim, sharding
 from labram_jax.models import config as model_config
+from labram_jax.optim import IMPLEMENTATIONS as OPTIMIZER_IMPLEMENTATIONS
 
 STAGES = ("tokenizer", "pretrain", "finetune")
 TASKS = ("binary", "multiclass", "regression")  # finetune.task
@@ -304,6 +305,9 @@ def schema(size: str, stage: str) -> dict:
                            "at FACTOR x their rate (e.g. spatial_mix=30)", _lr_scales),
         "total_steps": Field(0, "0: epochs x steps per epoch", _total_steps),
         "warmup_steps": Field(-1, "-1: warmup_epochs x steps per epoch", at_least(-1)),
+        "implementation": Field("auto", "what computes each AdamW step: auto (cpu_kernel where it can run: float32 "
+                                "on one CPU device with the C++ kernels built; else xla), xla (optax's operations) or "
+                                "cpu_kernel (one C++ call over all parameters, in place)", one_of(OPTIMIZER_IMPLEMENTATIONS)),
     }
     fields = {
         "stage": Field(stage, "tokenizer, pretrain or finetune", one_of(STAGES)),

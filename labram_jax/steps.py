@@ -58,8 +58,7 @@ class StateSpec:
     shardings: stage_lib.TrainState
     abstract_vars: dict
     init: Callable
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
+    optimizer: optim.Optimizer
 
 
 def dummy_batch(grid: input_pipeline.Grid) -> dict:
@@ -79,9 +78,11 @@ def state_spec(config, stage: stage_lib.Stage, mesh, rules, dummy: dict, init_ke
                                 warmup_steps=warmup_steps, b1=config.optim.b1, b2=config.optim.b2,
                                 weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip,
                                 layer_decay=config.optim.layer_decay,
-                                lr_scales=optim.parse_lr_scales(config.optim.lr_scales))
+                                lr_scales=optim.parse_lr_scales(config.optim.lr_scales),
+                                implementation=config.optim.implementation)
     trainable = stage.trainable(abstract_params) if stage.trainable else None
-    tx, schedule = optim.make_optimizer(opt_cfg, abstract_params, stage.depth, trainable)
+    optimizer = optim.make_optimizer(opt_cfg, abstract_params, stage.depth, trainable)
+    tx = optimizer.tx
 
     def init_state(key):
         params, extra = stage_lib.split_variables(stage.init(key, dummy))
@@ -95,29 +96,25 @@ def state_spec(config, stage: stage_lib.Stage, mesh, rules, dummy: dict, init_ke
         opt_state=optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_shardings,
                                         transform_non_params=lambda _: sharding.replicated(mesh)),
         extra={k: v for k, v in var_shardings.items() if k in abstract.extra})
-    return StateSpec(abstract, shardings, abstract_vars, init_state, tx, schedule)
+    return StateSpec(abstract, shardings, abstract_vars, init_state, optimizer)
 
 
-def make_train_step(stage: stage_lib.Stage, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    step_key: jax.Array) -> Callable:
+def make_train_step(stage: stage_lib.Stage, optimizer: optim.Optimizer, step_key: jax.Array) -> Callable:
     """``train_step(state, batch, frozen) -> (state, metrics)``: one optimizer update.
 
-    A step whose loss, gradient norm or new parameter norm is not finite is not applied
-    (the old state is kept, only the step counter advances); ``metrics["finite"]`` says so.
+    A step whose loss or gradient norm (with the ``xla`` optimizer also: new parameter norm) is not
+    finite is not applied (the old state is kept, only the step counter advances);
+    ``metrics["finite"]`` says so (:meth:`labram_jax.optim.Optimizer.apply`).
     """
     def train_step(state, batch, frozen):
         key = jax.random.fold_in(step_key, state.step)
         grad_fn = jax.value_and_grad(stage.loss_fn, has_aux=True)
         (loss, (step_metrics, extra)), grads = grad_fn(state.params, state.extra, batch, key, frozen)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-        updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
-        kept = state.replace(step=state.step + 1)  # a non-finite update is never applied
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
-        step_metrics = {**step_metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step),
-                        "finite": finite}
+        params, opt_state, grad_norm, param_norm, finite = optimizer.apply(grads, state.opt_state, state.params, loss)
+        extra = jax.tree.map(lambda new, old: jnp.where(finite, new, old), extra, state.extra)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        step_metrics = {**step_metrics, "grad_norm": grad_norm, "param_norm": param_norm,
+                        "lr": optimizer.schedule(state.step), "finite": finite}
         return new_state, step_metrics
 
     return train_step
@@ -155,7 +152,7 @@ def build(config, stage: stage_lib.Stage, mesh, rules, grid: input_pipeline.Grid
     ``wrap`` may wrap the step function before it is traced (benchmarks count traces)."""
     dummy = dummy_batch(grid)
     spec = state_spec(config, stage, mesh, rules, dummy, init_key, total_steps, warmup_steps)
-    step = make_train_step(stage, spec.tx, spec.schedule, step_key)
+    step = make_train_step(stage, spec.optimizer, step_key)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compiled = compile_train_step(wrap(step) if wrap else step, spec, stage, mesh, dummy, batch_size)
     return Built(spec, dummy, compiled)

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import jaxlib
 
 HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_attention.cc", "cpu_layer_norm.cc", "cpu_matmul.cc",
-                                                 "cpu_vector_rate.cc"))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_adamw.cc", "cpu_attention.cc", "cpu_layer_norm.cc",
+                                                 "cpu_matmul.cc", "cpu_vector_rate.cc"))
 HEADERS = (os.path.join(HERE, "cpu_kernels.h"),)  # included by the sources: part of the cache key
 TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -> FFI target
            "LabramAttentionBackward": "labram_cpu_attention_backward",
@@ -45,7 +45,8 @@ TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -
            "LabramLayerNormForward": "labram_cpu_layer_norm_forward",
            "LabramLayerNormBackward": "labram_cpu_layer_norm_backward",
            "LabramMatmul": "labram_cpu_matmul",
-           "LabramNearest": "labram_cpu_nearest"}
+           "LabramNearest": "labram_cpu_nearest",
+           "LabramAdamW": "labram_cpu_adamw"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 
 
@@ -197,10 +198,13 @@ def refusal(x: jax.Array) -> str | None:
     return unavailable_reason()
 
 
-def call(target: str, result_shapes, *args, what: str, instead: str, vmap_method: str = "broadcast_all", **attrs):
-    """``jax.ffi.ffi_call`` of one of :data:`TARGETS`' targets; a RuntimeError naming ``what`` and
-    the setting to use ``instead`` where the kernels cannot be used."""
+def call(target: str, result_shapes, *args, what: str, instead: str, vmap_method: str = "broadcast_all",
+         aliases: dict[int, int] | None = None, **attrs):
+    """``jax.ffi.ffi_call`` of one of :data:`TARGETS`' targets (``aliases``: argument index -> result
+    index computed in place); a RuntimeError naming ``what`` and the setting to use ``instead`` where
+    the kernels cannot be used."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU {what} kernel cannot be used: {reason}. Use {instead}.")
-    return jax.ffi.ffi_call(target, result_shapes, vmap_method=vmap_method)(*args, **attrs)
+    return jax.ffi.ffi_call(target, result_shapes, vmap_method=vmap_method,
+                            input_output_aliases=aliases)(*args, **attrs)

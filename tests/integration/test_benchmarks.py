@@ -54,7 +54,8 @@ def test_train_step_warns_when_the_fma_peak_was_measured_on_busy_cores(tmp_path,
 @pytest.mark.parametrize("field, ours, theirs, extra", [
     ("attention", "cpu_kernel", "explicit", []),
     ("mlp", "fused", "layers", ["--linear", "cpu_kernel"]),
-    ("qkv", "in_kernel", "sliced", ["--attention", "cpu_kernel"])])
+    ("qkv", "in_kernel", "sliced", ["--attention", "cpu_kernel"]),
+    ("optimizer", "cpu_kernel", "xla", [])])
 def test_train_step_times_two_implementations_alternately(tmp_path, capsys, field, ours, theirs, extra):
     flag = "--" + field.replace("_", "-")
     result = train_step.main(["--sizes", "tiny", "--stages", "finetune", "--steps", "2", "--warmup", "1", "--devices",

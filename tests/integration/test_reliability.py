@@ -5,6 +5,7 @@ import json
 import logging
 import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -63,17 +64,20 @@ def test_nonfinite_stop_names_step_batch_and_checkpoint(poisoned, tmp_path):
     assert saved and max(saved) < step
 
 
-def test_nonfinite_skip_counts_and_keeps_parameters_finite(poisoned, tmp_path):
+@pytest.mark.parametrize("devices", [8, 1])  # 1: the optimizer step in C++ (optim.implementation auto)
+def test_nonfinite_skip_counts_and_keeps_parameters_finite(poisoned, tmp_path, devices):
     regression = {"finetune.task": "regression", "finetune.best_metric": "pearson_r"}
     cfg = tiny_config("finetune", poisoned, **{"optim.total_steps": 8, "log_every": 1, "nonfinite_policy": "skip",
-                                               **regression})
-    result = train.run(cfg, str(tmp_path))
+                                               "mesh.data": devices, **regression})
+    result = train.run(cfg, str(tmp_path), devices=jax.devices()[:devices])
     assert result["skipped_steps"] >= 1 and result["step"] == 8
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     flags = [r["train/finite"] for r in rows if "train/finite" in r]
     assert flags.count(0.0) == result["skipped_steps"] and flags.count(1.0) == 8 - result["skipped_steps"]
     _, _, variables = model_file.load(str(tmp_path / "model.npz"))
     assert all(np.isfinite(v).all() for v in _leaves(variables["params"]))
+    if devices == 1:
+        return
     # Over the limit, skipping turns into stopping.
     cfg = tiny_config("finetune", poisoned, **{"optim.total_steps": 8, "nonfinite_policy": "skip",
                                                "max_skipped_steps": 0, **regression})

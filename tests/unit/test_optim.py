@@ -53,7 +53,7 @@ def test_layer_decay_scales():
 def test_frozen_parameters_do_not_move():
     params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2,))}
     cfg = optim.OptimConfig(lr=0.1, min_lr=0.1, total_steps=10, warmup_steps=0)
-    tx, _ = optim.make_optimizer(cfg, params, trainable={"a": False, "b": True})
+    tx = optim.make_optimizer(cfg, params, trainable={"a": False, "b": True}).tx
     updates, _ = tx.update({"a": jnp.ones((2, 2)), "b": jnp.ones((2,))}, tx.init(params), params)
     assert float(jnp.abs(updates["a"]).max()) == 0.0 and float(jnp.abs(updates["b"]).min()) > 0
 
@@ -71,7 +71,7 @@ def test_lr_scales_multiply_the_named_parameters_steps_on_top_of_layer_decay():
     for scales in ((), (("spatial_mix", 30.0),)):
         cfg = optim.OptimConfig(lr=0.01, min_lr=0.01, total_steps=10, warmup_steps=0, weight_decay=0.0,
                                 layer_decay=0.5, lr_scales=scales)
-        tx, _ = optim.make_optimizer(cfg, params, depth=1)
+        tx = optim.make_optimizer(cfg, params, depth=1).tx
         updates, _ = tx.update(grads, tx.init(params), params)
         steps[scales] = _flat(jax.tree_util.tree_map(lambda u: float(jnp.abs(u).max()), updates))
     plain, scaled = steps[()], steps[(("spatial_mix", 30.0),)]
