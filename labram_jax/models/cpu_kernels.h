@@ -1,4 +1,5 @@
-// What the CPU kernels (cpu_attention.cc, cpu_layer_norm.cc, cpu_matmul.cc) share; built by cpu_kernels.py.
+// What the CPU kernels (cpu_adamw.cc, cpu_attention.cc, cpu_cross_entropy.cc, cpu_layer_norm.cc, cpu_matmul.cc) share;
+// built by cpu_kernels.py.
 #pragma once
 
 #include <immintrin.h>

@@ -4,12 +4,15 @@
 CPUs without AVX-512, and those whose AVX-512 runs on 256-bit units (``cpu_vector_rate.cc`` tells
 them apart); on full-width AVX-512 units XLA's products run at twice the kernels' rate.
 
-Three kinds of operation run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was
-measured slower (BENCHMARKS.md, sessions 19, 21, 23 and 24): softmax attention (``cpu_attention.cc``,
+These operations run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was measured
+slower (BENCHMARKS.md, sessions 19, 21, 23, 24 and 31): softmax attention (``cpu_attention.cc``,
 wrapped by :mod:`labram_jax.models.cpu_attention`), LayerNorm (``cpu_layer_norm.cc``, wrapped
-by :mod:`labram_jax.models.cpu_layer_norm`) and the linear layers' matrix products with their
-GELU, and the tokenizer's nearest codes (``cpu_matmul.cc``, wrapped by :mod:`labram_jax.models.cpu_matmul`). The attention and product
-kernels share their work with XLA's own intra-op thread pool (``cpu_kernels.h``). The sources (and
+by :mod:`labram_jax.models.cpu_layer_norm`), the linear layers' matrix products with their
+GELU, and the tokenizer's nearest codes (``cpu_matmul.cc``, wrapped by :mod:`labram_jax.models.cpu_matmul`),
+the pretraining loss head's softmax cross-entropy (``cpu_cross_entropy.cc``, wrapped by
+:mod:`labram_jax.models.cpu_cross_entropy`) and the optimizer's AdamW step (``cpu_adamw.cc``, wrapped by
+:mod:`labram_jax.models.cpu_adamw`). They share their work with XLA's own intra-op thread pool
+(``cpu_kernels.h``). The sources (and
 the header they share) are compiled into one library on first use with the system's C++ compiler (``$CXX``, else ``c++`` or ``g++``)
 against jaxlib's FFI headers, into ``$LABRAM_JAX_CACHE_DIR`` (default ``~/.cache/labram_jax``)
 under a name that hashes the sources, the flags, the compiler's path and the jaxlib version; later
@@ -35,8 +38,8 @@ import jax.numpy as jnp
 import jaxlib
 
 HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_adamw.cc", "cpu_attention.cc", "cpu_layer_norm.cc",
-                                                 "cpu_matmul.cc", "cpu_vector_rate.cc"))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("cpu_adamw.cc", "cpu_attention.cc", "cpu_cross_entropy.cc",
+                                                 "cpu_layer_norm.cc", "cpu_matmul.cc", "cpu_vector_rate.cc"))
 HEADERS = (os.path.join(HERE, "cpu_kernels.h"),)  # included by the sources: part of the cache key
 TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -> FFI target
            "LabramAttentionBackward": "labram_cpu_attention_backward",
@@ -46,7 +49,8 @@ TARGETS = {"LabramAttentionForward": "labram_cpu_attention_forward",  # symbol -
            "LabramLayerNormBackward": "labram_cpu_layer_norm_backward",
            "LabramMatmul": "labram_cpu_matmul",
            "LabramNearest": "labram_cpu_nearest",
-           "LabramAdamW": "labram_cpu_adamw"}
+           "LabramAdamW": "labram_cpu_adamw",
+           "LabramSoftmaxCrossEntropy": "labram_cpu_softmax_cross_entropy"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 
 

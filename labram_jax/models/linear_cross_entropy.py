@@ -12,7 +12,10 @@ pieces (``lax.scan``), and each piece's logits live only while that piece comput
 cross-entropy, its argmax and its share of the gradients (dx, and sums into dkernel and dbias).
 The backward pass then only scales what the forward pass stored by the loss's cotangent: no
 product is recomputed. ``chunks=0`` is the plain formulation (the same numbers to float32
-rounding; the tests compare them).
+rounding; the tests compare them). Where the products run on the C++ kernel, each piece's softmax,
+cross-entropy, argmax and logit gradient are one more C++ call
+(:mod:`labram_jax.models.cpu_cross_entropy`): ~1.5 ms instead of ~5-7 ms of XLA fusions per
+[8, 46, 8192] piece (BENCHMARKS.md, "Session 31").
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from labram_jax.models import linear
+from labram_jax.models import cpu_cross_entropy, linear
 
 
 def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, labels: jax.Array,
@@ -49,17 +52,30 @@ def linear_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, label
     weights = weights.astype(jnp.float32)
     implementation = linear.resolve(implementation, x, kernel, bias)
     if chunks == 0:  # one piece of all tokens, differentiated by JAX
-        (ce, correct), _ = _piece(x, kernel, bias, labels, weights, implementation, grads=False)
+        (ce, correct), _ = _piece(x, kernel, bias, labels, weights, implementation, grads=False, fused=False)
         return (weights * ce).sum(), jax.lax.stop_gradient(ce), correct
     loss, ce, correct = _chunked(x, kernel, bias, labels, weights, chunks, implementation)
     return loss, jax.lax.stop_gradient(ce), correct
 
 
-def _piece(x, kernel, bias, labels, weights, implementation: str, grads: bool):
+def _piece(x, kernel, bias, labels, weights, implementation: str, grads: bool, fused: bool = True):
     """One piece of tokens, x [B, C, D] -> ((ce [B, C], correct [B, C]), gradients), the gradients
-    of sum(weights * ce) being (dx [B, C, D], dkernel [D, V], dbias [V]) with ``grads``, else ()."""
+    of sum(weights * ce) being (dx [B, C, D], dkernel [D, V], dbias [V]) with ``grads``, else ().
+    ``fused``: where the products run on ``cpu_kernel``, the softmax, cross-entropy, argmax and
+    gradient by :func:`labram_jax.models.cpu_cross_entropy.softmax_cross_entropy` (not differentiable
+    by JAX: off for ``chunks=0``)."""
     # [B, C, V] float32, as flax.linen.Dense in x's dtype then cast
     logits = linear.linear(x, kernel.astype(x.dtype), bias.astype(x.dtype), implementation).astype(jnp.float32)
+    if implementation == "cpu_kernel" and fused:  # the glue below in one C++ call, the gradient over the logits
+        rows = labels.size
+        dlogits, ce, correct = cpu_cross_entropy.softmax_cross_entropy(logits.reshape(rows, -1), labels.reshape(rows),
+                                                                      weights.reshape(rows))
+        ce, correct = ce.reshape(labels.shape), correct.reshape(labels.shape)
+        if not grads:
+            return (ce, correct), ()
+        d = dlogits.reshape(logits.shape).astype(x.dtype)
+        return (ce, correct), (linear.matmul_transposed(d, kernel, implementation),
+                               *linear.kernel_gradient(x, d, implementation))
     m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))  # cancels out of ce (autodiff at chunks=0)
     e = jnp.exp(logits - m)
     s = e.sum(axis=-1, keepdims=True)

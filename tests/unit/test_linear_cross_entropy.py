@@ -9,7 +9,10 @@ import optax
 import pytest
 
 from labram_jax import sharding
-from labram_jax.models import linear_cross_entropy as lce
+from labram_jax.models import cpu_kernels, linear_cross_entropy as lce
+
+IMPLEMENTATIONS = ["xla", pytest.param("cpu_kernel", marks=pytest.mark.skipif(
+    cpu_kernels.unavailable_reason() is not None, reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}"))]
 
 
 def _inputs(b=3, t=7, d=16, v=50, seed=0):
@@ -35,11 +38,13 @@ def _loss_and_grads(fn, *args):
     return jax.jit(fn)(*args), grads
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)  # cpu_kernel: products and softmax in C++
 @pytest.mark.parametrize("chunks", [0, 1, 3, 7, 10])
-def test_every_piece_count_gives_optax_loss_and_gradients(chunks):
+def test_every_piece_count_gives_optax_loss_and_gradients(chunks, implementation):
     # t=7: 3 pieces pad the tokens to 9, 10 pieces to 10 (pieces of one token, three all padding)
     args = _inputs()
-    (loss, ce, correct), grads = _loss_and_grads(lambda *a: lce.linear_cross_entropy(*a, chunks=chunks), *args)
+    (loss, ce, correct), grads = _loss_and_grads(
+        lambda *a: lce.linear_cross_entropy(*a, chunks=chunks, implementation=implementation), *args)
     (loss0, ce0, correct0), grads0 = _loss_and_grads(_optax, *args)
     np.testing.assert_allclose(loss, loss0, rtol=1e-6)
     np.testing.assert_allclose(ce, ce0, rtol=1e-5, atol=1e-6)
@@ -50,14 +55,17 @@ def test_every_piece_count_gives_optax_loss_and_gradients(chunks):
         np.testing.assert_allclose(g, g0, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("chunks", [0, 2])
-def test_correct_is_argmax_first_index_on_ties(chunks):
+def test_correct_is_argmax_first_index_on_ties(chunks, implementation):
     # logits = bias: the maximum 1.0 at codes 1 and 3 (argmax says 1), and a row's worth of NaN
     x = jnp.zeros((1, 4, 2)).at[0, 3].set(jnp.nan)
     kernel, bias = jnp.zeros((2, 5)), jnp.array([0.0, 1.0, -1.0, 1.0, 0.5])
     labels = jnp.array([[1, 3, 4, 1]])
-    _, _, correct = lce.linear_cross_entropy(x, kernel, bias, labels, jnp.ones((1, 4)), chunks=chunks)
+    _, ce, correct = lce.linear_cross_entropy(x, kernel, bias, labels, jnp.ones((1, 4)), chunks=chunks,
+                                              implementation=implementation)
     assert correct.tolist() == [[True, False, False, False]]
+    assert np.isnan(ce[0, 3]) and np.isfinite(ce[0, :3]).all()
     np.testing.assert_array_equal(correct[:, :3], (jnp.argmax(bias) == labels)[:, :3])
 
 
