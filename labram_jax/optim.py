@@ -7,9 +7,9 @@ builds it as an optax chain (the state's layout, whatever computes the step) and
 - ``xla``: the chain's ``update``, ``optax.apply_updates`` and the norms, as XLA operations: ~10 per
   parameter array.
 - ``cpu_kernel``: all of it in one C++ call (:mod:`labram_jax.models.cpu_adamw`; float32 on one CPU
-  device with the kernels built), in place: 17-24 ms a Base step less on a 2-core CPU, where XLA spent
-  most of that starting ~2,200 small operations (BENCHMARKS.md, "Session 31"). The same step to float32
-  rounding.
+  device with the kernels built), in place: ~4 ms instead of the 17.5-23.5 ms XLA spends on a Base step's
+  ~2,200 small operations, mostly starting them, on a 2-core CPU (BENCHMARKS.md, "Session 31"). The
+  same step to float32 rounding.
 - ``auto``: ``cpu_kernel`` where it can run, else ``xla``.
 """
 

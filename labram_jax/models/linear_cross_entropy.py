@@ -66,16 +66,19 @@ def _piece(x, kernel, bias, labels, weights, implementation: str, grads: bool, f
     by JAX: off for ``chunks=0``)."""
     # [B, C, V] float32, as flax.linen.Dense in x's dtype then cast
     logits = linear.linear(x, kernel.astype(x.dtype), bias.astype(x.dtype), implementation).astype(jnp.float32)
-    if implementation == "cpu_kernel" and fused:  # the glue below in one C++ call, the gradient over the logits
-        rows = labels.size
-        dlogits, ce, correct = cpu_cross_entropy.softmax_cross_entropy(logits.reshape(rows, -1), labels.reshape(rows),
-                                                                      weights.reshape(rows))
-        ce, correct = ce.reshape(labels.shape), correct.reshape(labels.shape)
-        if not grads:
-            return (ce, correct), ()
-        d = dlogits.reshape(logits.shape).astype(x.dtype)
-        return (ce, correct), (linear.matmul_transposed(d, kernel, implementation),
-                               *linear.kernel_gradient(x, d, implementation))
+    if implementation == "cpu_kernel" and fused:
+        (ce, correct), dlogits = _softmax_in_kernel(logits, labels, weights)
+    else:
+        (ce, correct), dlogits = _softmax_in_xla(logits, labels, weights, grads)
+    if not grads:
+        return (ce, correct), ()
+    d = dlogits.astype(x.dtype)
+    dx = linear.matmul_transposed(d, kernel, implementation)
+    return (ce, correct), (dx, *linear.kernel_gradient(x, d, implementation))
+
+
+def _softmax_in_xla(logits, labels, weights, grads: bool):
+    """logits [B, C, V] float32 -> ((ce, correct) [B, C], d sum(weights * ce) / d logits [B, C, V] or None)."""
     m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))  # cancels out of ce (autodiff at chunks=0)
     e = jnp.exp(logits - m)
     s = e.sum(axis=-1, keepdims=True)
@@ -87,12 +90,17 @@ def _piece(x, kernel, bias, labels, weights, implementation: str, grads: bool, f
     vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     correct = jnp.min(jnp.where(logits == m, vocab, logits.shape[-1]), axis=-1) == labels
     if not grads:
-        return (ce, correct), ()
+        return (ce, correct), None
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    dlogits = (e / s - onehot) * weights[..., None]                 # d sum(w ce) / d logits
-    d = dlogits.astype(x.dtype)
-    dx = linear.matmul_transposed(d, kernel, implementation)
-    return (ce, correct), (dx, *linear.kernel_gradient(x, d, implementation))
+    return (ce, correct), (e / s - onehot) * weights[..., None]
+
+
+def _softmax_in_kernel(logits, labels, weights):
+    """:func:`_softmax_in_xla` in one C++ call, the gradient written over the logits."""
+    rows = labels.size
+    dlogits, ce, correct = cpu_cross_entropy.softmax_cross_entropy(logits.reshape(rows, -1), labels.reshape(rows),
+                                                                  weights.reshape(rows))
+    return (ce.reshape(labels.shape), correct.reshape(labels.shape)), dlogits.reshape(logits.shape)
 
 
 def _split(a, chunks):
