@@ -213,7 +213,9 @@ class Optimizer:
         adam = _states(opt_state, optax.ScaleByAdamState)
         schedule_state = _states(opt_state, optax.ScaleByScheduleState)
         if len(adam) != 1 or len(schedule_state) != 1:
-            raise ValueError("optim: the C++ step expects one Adam and one schedule state in the optimizer state")
+            raise ValueError(f"optim: the C++ step reads one Adam and one schedule state from the optimizer state, found "
+                             f"{len(adam)} and {len(schedule_state)} (a state not made by this optimizer's tx.init?); "
+                             "initialise it with Optimizer.tx.init, or use optim.implementation='xla'")
         adam, schedule_state = adam[0], schedule_state[0]
         count_inc = optax.safe_increment(adam.count)  # as optax's scale_by_adam and its bias correction
         cfg, plan = self.cfg, self.plan

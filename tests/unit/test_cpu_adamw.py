@@ -140,5 +140,7 @@ def test_kernel_refuses_what_it_cannot_compute(monkeypatch):
     with pytest.raises(ValueError, match="one per row"):
         cpu_adamw.adamw([odd["w"]], [odd["w"]], [odd["w"]], [odd["w"]], loss=1.0, neg_lr=-0.1, c1=0.1, c2=0.1,
                         b1=0.9, b2=0.99, eps=1e-8, clip=0.0, weight_decay=[0.0], rows=[2], scales=[1.0])
+    with pytest.raises(ValueError, match="found 0 and 0.*initialise it with Optimizer.tx.init"):
+        opt.apply(_grads(params, 0), (), params, jnp.float32(1.0))  # a state this optimizer did not make
     monkeypatch.setenv("LABRAM_JAX_CPU_KERNEL", "0")
     assert opt.implementation(params) == "xla"
