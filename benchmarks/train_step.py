@@ -473,21 +473,14 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
                         help="also compile each step with this attention implementation and time the two "
                              "alternately: the paired speed-up of --attention over it (one process: this can favour "
                              "the step needing less memory; BENCHMARKS.md, Session 19)")
-    parser.add_argument("--vs-layer-norm", default="", choices=["", *model_config.LAYER_NORM_IMPLEMENTATIONS],
-                        help="also compile each step with this LayerNorm implementation and time the two alternately "
-                             "(as --vs-attention)")
-    parser.add_argument("--vs-linear", default="", choices=["", *model_config.LINEAR_IMPLEMENTATIONS],
-                        help="also compile each step with this linear-layer implementation and time the two "
-                             "alternately (as --vs-attention)")
-    parser.add_argument("--vs-mlp", default="", choices=["", *model_config.MLP_IMPLEMENTATIONS],
-                        help="also compile each step with this MLP implementation and time the two alternately "
-                             "(as --vs-attention)")
-    parser.add_argument("--vs-qkv", default="", choices=["", *model_config.QKV_INPUTS],
-                        help="also compile each step with this qkv setting and time the two alternately "
-                             "(as --vs-attention)")
-    parser.add_argument("--vs-optimizer", default="", choices=["", *optim.IMPLEMENTATIONS],
-                        help="also compile each step with this optimizer implementation and time the two "
-                             "alternately (as --vs-attention)")
+    for field, choices, what in (("layer_norm", model_config.LAYER_NORM_IMPLEMENTATIONS, "LayerNorm implementation"),
+                                 ("linear", model_config.LINEAR_IMPLEMENTATIONS, "linear-layer implementation"),
+                                 ("mlp", model_config.MLP_IMPLEMENTATIONS, "MLP implementation"),
+                                 ("qkv", model_config.QKV_INPUTS, "qkv setting"),
+                                 ("optimizer", optim.IMPLEMENTATIONS, "optimizer implementation")):
+        parser.add_argument("--vs-" + field.replace("_", "-"), default="", choices=["", *choices],
+                            help=f"also compile each step with this {what} and time the two alternately "
+                                 "(as --vs-attention)")
     parser.add_argument("--vs-loss-chunks", type=int, default=None,
                         help="pretraining: also compile the step with this pretrain.loss_chunks and time the two "
                              "alternately (as --vs-attention)")
@@ -511,8 +504,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
         parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
     vs_fields = [getattr(args, f"vs_{f}") not in ("", None) for f in COMPARED_FIELDS]
     if sum(map(bool, [args.reference, args.vs_xla_defaults, *vs_fields])) > 1:
-        parser.error("--reference, --vs-xla-defaults, --vs-attention, --vs-layer-norm, --vs-linear, --vs-mlp, "
-                     "--vs-qkv, --vs-optimizer and --vs-loss-chunks each time a second step next to ours: run them "
+        flags = ", ".join("--vs-" + f.replace("_", "-") for f in COMPARED_FIELDS)
+        parser.error(f"--reference, --vs-xla-defaults and {flags} each time a second step next to ours: run them "
                      "separately")
     if min(args.loss_chunks or 0, args.vs_loss_chunks or 0) < 0:
         parser.error("--loss-chunks and --vs-loss-chunks are 0 (all logits at once) or a positive number of pieces")
