@@ -60,3 +60,22 @@ def test_official_weights_need_the_papers_settings(tmp_path):
         finetune.load_encoder(str(tmp_path / "labram-base.pth"), "official", temporal_groups=1)
     with pytest.raises(ValueError, match="model.input_norm='none'"):
         finetune.load_encoder(str(tmp_path / "labram-base.pth"), "official", input_norm="channel")
+
+
+def test_group_norm_statistics_span_each_samples_valid_patches_per_group():
+    # Against float64 numpy: mean and biased variance per (sample, group) over valid patches x T x
+    # C/G; padded patches hold large garbage that must not reach the statistics.
+    rng = np.random.default_rng(3)
+    b, p, t, c, groups = 3, 7, 25, 8, 4
+    x = rng.standard_normal((b, p, t, c)) * rng.uniform(0.5, 20.0, (1, 1, 1, c)) + rng.uniform(-5, 5, (1, 1, 1, c))
+    valid = np.ones((b, p), bool)
+    valid[1, 4:] = False
+    valid[2, 1:] = False
+    x[~valid] = 1e6 * rng.standard_normal((int((~valid).sum()), t, c))
+    got = np.asarray(layers.masked_group_norm(jnp.asarray(x, jnp.float32), jnp.asarray(valid), groups))
+    for i in range(b):
+        v = x[i, valid[i]].reshape(-1, t, groups, c // groups)
+        mean = v.mean(axis=(0, 1, 3), keepdims=True)
+        var = v.var(axis=(0, 1, 3), keepdims=True)
+        want = ((v - mean) / np.sqrt(var + layers.GN_EPS)).reshape(-1, t, c)
+        np.testing.assert_allclose(got[i, valid[i]], want, rtol=0, atol=2e-5)
