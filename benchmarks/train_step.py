@@ -14,7 +14,9 @@ the datasheet table for GPUs/TPUs; on a CPU a measured float32 matmul rate, said
 the table; for float32 on a CPU also MFU against the cores' FMA peak, ``cpu_vector_rate.cc``,
 which no matmul reaches), and memory (the compiled step's analysis; the runtime peak where the backend
 reports one). It runs the very step ``labram_jax.train`` runs (``steps.build``)
-on random EEG-like batches, and asserts the step was traced once.
+on random EEG-like batches, and asserts the step was traced once; as in the trainer, Python's
+garbage collector skips the set-up's objects while steps run (``train.set_up_frozen``; the
+reference's steps alike).
 
 Shapes default to the reference's: fine-tuning 23 channels x 10 s, pretraining and the
 tokenizer 23 channels x 8 s. ``--reference``: the original PyTorch code's steps of each stage timed
@@ -53,7 +55,7 @@ import numpy as np
 from benchmarks import flops as flops_lib
 from benchmarks import machine as machine_lib
 from labram_jax_configs import common
-from labram_jax import compile_options, host_memory, input_pipeline, optim, sharding, steps
+from labram_jax import compile_options, host_memory, input_pipeline, optim, sharding, steps, train
 from labram_jax.models import config as model_config
 from labram_jax.tasks import pretrain
 
@@ -167,7 +169,7 @@ class Prepared:
         """Run ``n`` steps on the prepared batches, each waited for; returns their seconds and adds
         each step's kernel (system) time and page faults, whole process, to ``usage``."""
         times = []
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with train.set_up_frozen(), jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for i in range(n):
                 before = resource.getrusage(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()

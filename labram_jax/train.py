@@ -6,6 +6,7 @@ restore -> compile the step -> loop (log, evaluate, checkpoint) -> final save.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -180,14 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     step = start_step
     needs_prepare = prepare_fn is not None and stage.needs_prepare(state)  # checked once: a host sync
     config_json = json.loads(config.to_json_best_effort())
-    # The set-up's Python objects (models, traced and compiled functions, sources: ~300 k at Base) live
-    # for the whole run. Frozen, Python's full collections skip them: otherwise one every 20-45 steps
-    # scans them all (0.21-0.23 s at Base on 2 cores, 1-1.7 % of the steps' time; BENCHMARKS.md
-    # "Session 30"). Unfrozen when the run ends, unless the caller had frozen objects itself.
-    caller_froze = gc.get_freeze_count() > 0
-    gc.freeze()
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with set_up_frozen(), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             while step < total_steps:
                 local = next(batches)
                 input_guard.take(local)
@@ -240,8 +235,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                 if stage.artefacts:
                     stage.artefacts(host, workdir)
     finally:
-        if not caller_froze:
-            gc.unfreeze()
         preemption.restore()
         ckpt.close()
         if best_ckpt is not None:
@@ -250,6 +243,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     if is_main:
         metrics_lib.plot_curves(workdir)
     return {"step": step, **last_metrics}
+
+
+@contextlib.contextmanager
+def set_up_frozen():
+    """Python's full collections skip the objects alive on entry (``gc.freeze``) until the block ends.
+
+    A run's set-up objects (models, traced and compiled functions, sources: ~300 k at Base) live
+    for the whole loop; unfrozen, one full collection every 20-45 steps scans them all (0.21-0.23 s
+    at Base on 2 cores, 1-1.7 % of the steps' time; BENCHMARKS.md "Session 30"). Unfrozen on exit,
+    unless the caller had frozen objects itself.
+    """
+    caller_froze = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not caller_froze:
+            gc.unfreeze()
 
 
 def _probe_workdir(workdir: str) -> None:

@@ -1,5 +1,6 @@
 """The benchmark harnesses run end to end on tiny settings and write their JSON."""
 
+import gc
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import layer_norm as layer_norm_bench, profile_step, train_step
-from labram_jax import host_memory
+from labram_jax import host_memory, sharding
 from labram_jax.models import cpu_kernels
 from tests.conftest import ROOT
 
@@ -37,6 +38,21 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
         assert fma_peak > 0 and "MFU against the cores' float32 FMA peak" in printed
         for row in saved["rows"]:
             assert row["mfu_vs_fma_peak"] == pytest.approx(row["achieved_tflops"] / fma_peak)
+
+
+def test_train_step_runs_the_steps_with_the_set_ups_objects_frozen():
+    # As labram_jax.train: full collections skip the set-up's objects while steps run, and only then.
+    seen = []
+
+    def compiled(state, batch, frozen):
+        seen.append(gc.get_freeze_count())
+        return state + 1, {"loss": jnp.zeros(())}
+    before = gc.get_freeze_count()
+    bench = train_step.Prepared(None, None, None, None, sharding.make_mesh((-1, 1, 1)), (), compiled, 0.0, [],
+                                state=jnp.zeros(()), batches=[{}])
+    assert len(bench.run(3)) == 3 and int(bench.state) == 3
+    assert len(seen) == 3 and min(seen) > before
+    assert gc.get_freeze_count() == before
 
 
 def test_train_step_warns_when_the_fma_peak_was_measured_on_busy_cores(tmp_path, capsys, monkeypatch):

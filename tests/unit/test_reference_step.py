@@ -5,6 +5,7 @@ entry points and call signatures checks the plumbing: the subprocess, the instru
 environment, the JSON and the ratio.
 """
 
+import gc
 import sys
 import textwrap
 
@@ -190,6 +191,22 @@ def test_train_step_times_the_reference_next_to_ours_in_alternating_rounds(fake_
     summary = train_step.reference_summary([row, {"stage": "pretrain", "size": "tiny"}])
     assert summary["torch_isa"] in ("AVX2", "DEFAULT") and [r["stage"] for r in summary["rows"]] == ["finetune"]
     assert train_step.reference_summary([{"stage": "pretrain"}]) is None
+
+
+def test_the_references_steps_run_with_the_set_ups_objects_frozen(monkeypatch):
+    # The same collector policy as our side (benchmarks.train_step), given back afterwards.
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    from benchmarks import reference_step
+    seen = []
+
+    def step(x):
+        seen.append(gc.get_freeze_count())
+        return 0.5
+    monkeypatch.setattr(reference_step, "build_step", lambda *a, **k: (step, [None]))
+    before = gc.get_freeze_count()
+    row = reference_step.bench("finetune", {}, 2, steps=3, warmup=1)
+    assert row["steps"] == 3 and row["loss"] == 0.5
+    assert len(seen) == 4 and min(seen) > before and gc.get_freeze_count() == before
 
 
 def test_a_checkout_without_the_model_files_is_refused(tmp_path):
