@@ -228,16 +228,20 @@ def _random_unit_codebook(key, shape, dtype=jnp.float32):
 
 
 class TaskHead(nn.Module):
-    """Linear(D, D) -> tanh -> Linear(D, out), in float32."""
+    """Linear(D, D) -> tanh -> Linear(D, out), in float32; ``implementation``: the linear layers'
+    (``TransformerConfig.linear``)."""
 
     hidden: int
     out: int
     out_axis: str
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = layers.dense(self.hidden, ("embed", "mlp"), "dense_0")(x.astype(jnp.float32))
-        return layers.dense(self.out, ("mlp", self.out_axis), "dense_1")(jnp.tanh(x))
+        x = layers.dense(self.hidden, ("embed", "mlp"), "dense_0", implementation=self.implementation)(
+            x.astype(jnp.float32))
+        return layers.dense(self.out, ("mlp", self.out_axis), "dense_1", implementation=self.implementation)(
+            jnp.tanh(x))
 
 
 class Quantizer(nn.Module):
@@ -293,13 +297,13 @@ class VQNSP(nn.Module):
         cfg = self.cfg
         self.encoder = transformer.NeuralTransformer(cfg.encoder)
         self.encoder_norm = layers.layer_norm(name="encoder_norm", implementation=cfg.encoder.layer_norm)
-        self.encode_task_layer = TaskHead(cfg.encoder.embed_dim, cfg.code_dim, "code")
+        self.encode_task_layer = TaskHead(cfg.encoder.embed_dim, cfg.code_dim, "code", cfg.encoder.linear)
         self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_code_threshold,
                                    cfg.encoder.linear)
         self.decoder = transformer.NeuralTransformer(cfg.decoder)
         self.decoder_norm = layers.layer_norm(name="decoder_norm", implementation=cfg.decoder.layer_norm)
-        self.amplitude_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")
-        self.phase_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq")
+        self.amplitude_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq", cfg.decoder.linear)
+        self.phase_head = TaskHead(cfg.decoder.embed_dim, config_lib.PATCH_SIZE, "freq", cfg.decoder.linear)
 
     def encode(self, x: jax.Array, channel_ids: jax.Array, patch_mask: jax.Array | None = None,
                *, train: bool = False) -> jax.Array:

@@ -10,7 +10,7 @@ import pytest
 
 from labram_jax import sharding
 from labram_jax.models import config as model_config, cpu_kernels, cpu_matmul, layers, linear
-from labram_jax.models import linear_cross_entropy, tokenizer
+from labram_jax.models import linear_cross_entropy, tokenizer, transformer
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -99,6 +99,25 @@ def test_kernel_matches_xla_with_gradients(shape, with_bias):
     assert len(grads_k) == (3 if with_bias else 2)
     for a, b in zip(grads_k, grads_x):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("impl, products", [("xla", 0), ("cpu_kernel", 2)])
+def test_the_tokenizers_task_heads_and_code_patch_embedding_take_the_configs_linear(impl, products):
+    x = jnp.asarray(_normal(10, 2, 7, 16))
+    head = tokenizer.TaskHead(16, 12, "freq", impl)
+    hlo = jax.jit(head.apply).lower(head.init(jax.random.key(0), x), x).as_text()
+    assert hlo.count("labram_cpu_matmul") == products
+    # a code-input transformer (the tokenizer's decoder): a block's products, then one more (the patch embedding)
+    codes, ids = jnp.asarray(_normal(11, 2, 3, 4, 8)), jnp.arange(1, 4)
+    counts = []
+    for depth in (1, 2):
+        model = transformer.NeuralTransformer(
+            model_config.labram("tiny").replace(linear=impl, temporal_channels=0, in_dim=8, depth=depth))
+        variables = model.init(jax.random.key(0), codes, ids)
+        counts.append(jax.jit(lambda v: model.apply(v, codes, ids)).lower(variables).as_text().count("labram_cpu_matmul"))
+    per_block = counts[1] - counts[0]
+    assert counts[0] - per_block == products // 2
 
 
 @needs_kernel
