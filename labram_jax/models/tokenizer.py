@@ -42,6 +42,37 @@ def masked_zscore(x: jax.Array, valid: jax.Array) -> jax.Array:
 LOG_AMPLITUDE_FLOOR = 0.01  # |X| floor of the log-amplitude target (units of 100 uV x samples)
 
 
+_TAN_PI_8 = 0.41421356237309503
+_ATAN_POLY = (8.05374449538e-2, -1.38776856032e-1, 1.99777106478e-1, -3.33329491539e-1)  # Cephes' atanf
+
+
+def atan2(y: jax.Array, x: jax.Array) -> jax.Array:
+    """``atan2(y, x)`` in [-pi, pi] of float32 arrays, in vectorisable arithmetic.
+
+    XLA:CPU calls libm once per element for ``jnp.arctan2`` (3.5 ms for the tokenizer's
+    [8, 184, 200] phases); this is ~17x faster with the same accuracy (max error 2.6e-7 rad
+    against float64, libm's 2.3e-7): the ratio of the smaller to the larger magnitude, reduced
+    to [0, tan(pi/8)] by atan(t) = pi/4 + atan((t - 1) / (t + 1)), Cephes' single-precision
+    polynomial, then the octant and quadrant from the magnitudes and sign bits. Signed zeros
+    follow IEEE (``atan2(+0, -1) = pi``, ``atan2(-0, -1) = -pi``, ``atan2(0, -0) = pi``); NaN in
+    either gives NaN. Both infinite gives NaN (IEEE: odd multiples of pi/4); a spectrum of finite
+    data has neither.
+    """
+    a, b = jnp.abs(y), jnp.abs(x)
+    small, large = jnp.minimum(a, b), jnp.maximum(a, b)
+    t = jnp.where(large > 0, small / jnp.where(large > 0, large, 1.0), 0.0)  # [0, 1]
+    reduced = t > _TAN_PI_8
+    u = jnp.where(reduced, (t - 1.0) / (t + 1.0), t)
+    z = u * u
+    c3, c2, c1, c0 = _ATAN_POLY
+    angle = (((c3 * z + c2) * z + c1) * z + c0) * z * u + u
+    angle = jnp.where(reduced, angle + jnp.float32(jnp.pi / 4), angle)
+    angle = jnp.where(a > b, jnp.float32(jnp.pi / 2) - angle, angle)
+    angle = jnp.where(jnp.signbit(x), jnp.float32(jnp.pi) - angle, angle)
+    angle = jnp.where(jnp.signbit(y), -angle, angle)
+    return jnp.where(jnp.isnan(x) | jnp.isnan(y), jnp.nan, angle)
+
+
 def dft_phase(spectrum: jax.Array) -> jax.Array:
     """``angle`` of the full DFT of real signals along the last axis, with the purely real
     bins (DC, and Nyquist for an even length) taken as exactly real.
@@ -61,7 +92,7 @@ def dft_phase(spectrum: jax.Array) -> jax.Array:
     if length % 2 == 0:
         real_bins = real_bins.at[length // 2].set(True)
     imag = jnp.where(real_bins, 0.0, jnp.imag(spectrum))
-    return jnp.arctan2(imag, jnp.real(spectrum))
+    return atan2(imag, jnp.real(spectrum))
 
 
 def band_bins(low_hz: int = 0, high_hz: int = 100, length: int = 200) -> jax.Array:

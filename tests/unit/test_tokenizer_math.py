@@ -51,6 +51,22 @@ def test_band_targets_are_zscored_and_scored_on_the_band_bins_only():
     assert float(tk.masked_mse(pred, target, valid)) == pytest.approx(0.25 * 110 / 200, rel=1e-5)
 
 
+def test_atan2_matches_float64_over_every_octant_magnitude_and_signed_zero():
+    rng = np.random.default_rng(5)
+    shape = (64, 1000)
+    y, x = (rng.standard_normal(shape) * np.exp(rng.uniform(-30, 30, shape)) for _ in range(2))
+    y, x = y.astype(np.float32), x.astype(np.float32)
+    got = np.asarray(tk.atan2(jnp.asarray(y), jnp.asarray(x)))
+    want = np.arctan2(y.astype(np.float64), x.astype(np.float64))
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 4e-7
+    assert np.abs(np.asarray(jnp.arctan2(y, x)) - want).max() < 4e-7  # libm's, for scale
+    # signed zeros as IEEE, the purely real DFT bins among them; NaN in either; one infinity
+    ys = np.array([0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 1.0, -1.0, np.nan, 1.0, np.inf, 2.0], np.float32)
+    xs = np.array([-5.0, -5.0, 5.0, 5.0, -0.0, -0.0, 0.0, -0.0, 1.0, np.nan, 3.0, -np.inf], np.float32)
+    np.testing.assert_array_equal(np.asarray(tk.atan2(jnp.asarray(ys), jnp.asarray(xs))), np.arctan2(ys, xs))
+    assert np.signbit(np.asarray(tk.atan2(jnp.float32(-0.0), jnp.float32(1.0))))
+
+
 def test_negative_real_bin_has_phase_plus_pi():
     x = -np.ones((1, 1, 1, 200), np.float32)  # DC bin = -200 + 0j
     phase = tk.dft_phase(jnp.fft.fft(x, axis=-1))
