@@ -1,6 +1,6 @@
 """Benchmark: where a training step's time goes, by XLA operation and by model part.
 
-    python -m benchmarks.profile_step --stage pretrain --size base [--steps 20] [--warmup 3] \
+    python -m benchmarks.profile_step --stage pretrain --size base [--steps 20] [--warmup 15] \
         [--top 25] [--json OUT.json] [train_step options: --batch --attention --channels ...]
 
 Runs the very step ``benchmarks.train_step`` times (its :func:`~benchmarks.train_step.prepare`)

@@ -1,7 +1,7 @@
 """Benchmark: the original PyTorch LaBraM's training steps, for a ratio measured in the same run.
 
     python -m benchmarks.reference_step --reference PATH [--stages tokenizer pretrain finetune] \
-        [--batch 8] [--steps 20] [--warmup 3] [--device cpu|cuda] [--amp] [--json OUT.json] \
+        [--batch 8] [--steps 20] [--warmup 15] [--device cpu|cuda] [--amp] [--json OUT.json] \
         [--profile [--top 25]]
 
 ``PATH`` is a checkout of the original code (https://github.com/935963004/LaBraM: its
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "finetune"], choices=list(SHAPES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=15, help="untimed steps first (benchmarks.train_step's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the steps run")
     parser.add_argument("--amp", action="store_true", help="float16 autocast and a gradient scaler, as the "
                         "original's scripts on a GPU (needs --device cuda)")

@@ -1,7 +1,7 @@
 """Benchmark: the training step of every stage and size on the devices present.
 
     python -m benchmarks.train_step --sizes tiny base --stages tokenizer pretrain finetune \
-        [--batch 8] [--steps 20] [--warmup 3] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
+        [--batch 8] [--steps 20] [--warmup 15] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit|cpu_kernel] [--scan-blocks] \
         [--layer-norm auto|xla|cpu_kernel] [--linear auto|xla|cpu_kernel] [--loss-chunks N] \
         [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] \
@@ -444,7 +444,10 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--channels", type=int, default=None, help="override the reference shape's channels")
     parser.add_argument("--windows", type=int, default=None, help="... and its 1-s windows (with --channels)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=15,
+                        help="untimed steps first, in every round (each of the reference's rounds is a fresh "
+                             "process): with the malloc tunables both sides fault their heaps in over their first "
+                             "~10-20 steps, then not at all (BENCHMARKS.md, Session 32)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=["none", "block"],
                         help="rematerialise each transformer block in the backward pass")
