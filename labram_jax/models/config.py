@@ -51,7 +51,8 @@ class TransformerConfig:
       layer_norm: implementation of every LayerNorm (labram_jax.models.normalization): auto,
         xla or cpu_kernel (C++ for AVX2 CPUs, built with the attention's); the same function.
       linear: implementation of the blocks' linear layers (qkv, proj, fc1, fc2; a code-input
-        model's patch embedding; the tokenizer's task heads take their side's; labram_jax.models.linear): auto, xla or cpu_kernel (a C++ product kernel for AVX2 CPUs,
+        model's patch embedding; the tokenizer's task heads take their side's;
+        labram_jax.models.linear): auto, xla or cpu_kernel (a C++ product kernel for AVX2 CPUs,
         built with the attention's); the same function.
       mlp: how each block's MLP runs: fused (one ``linear.gelu_mlp``: GELU applied as fc1's
         product is written by the C++ kernel; needs linear on cpu_kernel and no LoRA), layers

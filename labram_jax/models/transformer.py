@@ -65,8 +65,8 @@ class NeuralTransformer(nn.Module):
                 h = layers.TemporalEncoder(cfg.temporal_channels, cfg.dtype, cfg.temporal_groups, name="patch_embed")(
                     patches, valid)
         else:
-            h = layers.dense(cfg.embed_dim, ("code", "embed"), "patch_embed", dtype=cfg.dtype, implementation=cfg.linear)(
-                x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype))
+            h = layers.dense(cfg.embed_dim, ("code", "embed"), "patch_embed", dtype=cfg.dtype,
+                             implementation=cfg.linear)(x.reshape(b, n * a, x.shape[-1]).astype(cfg.dtype))
         self.sow("intermediates", "patch_embed_out", h)
 
         if self.use_mask_token:
