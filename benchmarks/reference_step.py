@@ -196,7 +196,9 @@ def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int, device
     step, batches = build_step(stage, modules, batch, torch, device, amp)
     times = []
     loss = float("nan")
-    gc.freeze()  # full collections skip the set-up's objects, as benchmarks.train_step has them skip ours
+    # Full collections skip the set-up's objects, as benchmarks.train_step has them skip ours (written out
+    # here rather than train.set_up_frozen: this process imports torch, not labram_jax and jax).
+    gc.freeze()
     try:
         for i in range(warmup + steps):
             t0 = time.perf_counter()
