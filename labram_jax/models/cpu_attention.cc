@@ -6,11 +6,13 @@
 // dQ = scale dS k, dK = dS^T (scale q). (rowsum(P * dP) is rowsum(dO * out), taken from the [L, L]
 // rows in cache rather than from out, which the backward pass would read cold from memory.) One
 // (batch, head) is computed at a time in a per-thread workspace, so the [L, L] matrices stay in the
-// core's cache instead of going to memory between XLA's operations. Built and loaded by cpu_kernels.py.
+// core's cache instead of going to memory between XLA's operations. The scores are kept in base 2
+// (q's scale and the bias times log2 e, so exp(S - rowmax) = 2^(S2 - rowmax2), the cheaper function:
+// labram_cpu::Exp2Neg8); rowmax is returned in those units. Built and loaded by cpu_kernels.py.
 //
 // Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32, or [..., L, H, K] with
 // the attribute token_major (the layout of a [..., L, H * K] projection: no transposes around the
-// kernel); bias [..., L] float32 (the leading dims of q without H, L, K); rowmax, rowsum [..., H, L].
+// kernel); bias [..., L] float32 (the leading dims of q without H, L, K); rowmax (of S log2 e), rowsum [..., H, L].
 //
 // The Qkv handlers take q, k and v inside the fused projection's output qkv [..., L, 3, H, K] and
 // apply each slot's transform first (q and k: LaBraM's LayerNorm over K; q and v: the tokenizer's
@@ -51,6 +53,7 @@ inline float SumOf(__m256 v) {
   return s;
 }
 
+constexpr float kLog2e = 1.44269504088896341f;  // the scores are kept in base 2: exp(s) = 2^(s log2 e)
 constexpr int kRowTile = 6;  // rows per register tile of an [L, L] product (6 x 16 floats: 12 registers)
 
 struct Sizes {
@@ -135,9 +138,9 @@ void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_
   }
 }
 
-// out [L, K] (rows ld apart) = sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
+// out [L, K] (rows ld apart) = scale * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
 template <int NV>
-void ProductTN(const Sizes& z, const float* a, const float* b, float* out, int64_t ld) {
+void ProductTN(const Sizes& z, const float* a, const float* b, float scale, float* out, int64_t ld) {
   constexpr int MR = 12 / NV;
   const int Lp = z.Lp, Kp = NV * 8;
   for (int m0 = 0; m0 < z.Lr; m0 += MR) {
@@ -155,14 +158,14 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float* out, int64
     }
     alignas(32) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, acc[r][j]);
+      for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
     for (int r = 0; r < MR && m0 + r < z.L; ++r) std::memcpy(out + (size_t)(m0 + r) * ld, tile[r], z.K * sizeof(float));
   }
 }
 
-// bias [L] -> dst [Lp], -inf past L (padding columns get no weight).
+// bias [L] -> dst [Lp] in base 2 (times log2 e), -inf past L (padding columns get no weight).
 void PackBias(const Sizes& z, const float* bias, float* dst) {
-  for (int m = 0; m < z.L; ++m) dst[m] = bias[m];
+  for (int m = 0; m < z.L; ++m) dst[m] = kLog2e * bias[m];
   for (int m = z.L; m < z.Lp; ++m) dst[m] = -INFINITY;
 }
 
@@ -324,7 +327,8 @@ struct Forward {
     return w;
   }
 
-  // From the packed operands in w (qp scaled) -> out [L, K] (rows ld apart), row_max, row_sum [L].
+  // From the packed operands in w (qp scaled by scale log2 e, bp by log2 e) -> out [L, K] (rows ld apart),
+  // row_max (base 2), row_sum [L].
   template <int NV>
   static void Attend(const Sizes& z, const Work& w, float* out, int64_t ld, float* row_max, float* row_sum) {
     ProductNT(z, w.qp, w.kt, w.bp, w.s);
@@ -336,7 +340,7 @@ struct Forward {
       const __m256 vm = _mm256_set1_ps(top);
       __m256 sum = _mm256_setzero_ps();
       for (int m = 0; m < z.Lp; m += 8) {
-        const __m256 e = labram_cpu::Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
+        const __m256 e = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
         _mm256_storeu_ps(row + m, e);
         sum = _mm256_add_ps(sum, e);
       }
@@ -355,7 +359,7 @@ struct Forward {
     const Work w = Split(z, work);
     PackColumns(z, k, w.kt, z.ld);
     PackRows(z, v, z.ld, w.vp);
-    PackRows(z, q, z.ld, w.qp, scale);
+    PackRows(z, q, z.ld, w.qp, scale * kLog2e);
     PackBias(z, bias, w.bp);
     Attend<NV>(z, w, out, z.ld, row_max, row_sum);
   }
@@ -367,7 +371,7 @@ struct Forward {
                       float* out, int64_t out_ld, float* row_max, float* row_sum, float* work) {
     const Work w = Split(z, work);
     // t(x) and 1 / std, which only the backward pass keeps, into scratch (1 / std: 1 / row sum's buffer)
-    PackTransformed<NV>(z, t, 0, x[0], scale, w.qp, w.hat, w.inv);
+    PackTransformed<NV>(z, t, 0, x[0], scale * kLog2e, w.qp, w.hat, w.inv);
     PackTransformed<NV>(z, t, 1, x[1], 1.0f, w.kp, w.hat, w.inv);
     PackColumns(z, w.kp, w.kt, z.Kp);
     PackTransformed<NV>(z, t, 2, x[2], 1.0f, w.vp, w.hat, w.inv);
@@ -404,8 +408,8 @@ struct Backward {
     return w;
   }
 
-  // From the packed operands in w (qp scaled, kp, kt, vt, gp, bp, zero) and the forward's row_max,
-  // row_sum [L] -> dq, dk, dv [L, K] (rows ld apart; dq with respect to the unscaled q).
+  // From the packed operands in w (qp scaled by scale log2 e, bp by log2 e; kp, kt, vt, gp, zero) and the
+  // forward's row_max, row_sum [L] -> dq, dk, dv [L, K] (rows ld apart; dq with respect to the unscaled q).
   template <int NV>
   static void Gradients(const Sizes& z, float scale, const Work& w, const float* row_max, const float* row_sum,
                         float* dq, float* dk, float* dv, int64_t ld) {
@@ -414,9 +418,9 @@ struct Backward {
       float* row = w.p + (size_t)l * z.Lp;
       const __m256 top = _mm256_set1_ps(row_max[l]), inv = _mm256_set1_ps(1.0f / row_sum[l]);
       for (int m = 0; m < z.Lp; m += 8)
-        _mm256_storeu_ps(row + m, _mm256_mul_ps(labram_cpu::Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
+        _mm256_storeu_ps(row + m, _mm256_mul_ps(labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
     }
-    ProductTN<NV>(z, w.p, w.gp, dv, ld);    // dV = P^T dO
+    ProductTN<NV>(z, w.p, w.gp, 1.0f, dv, ld);  // dV = P^T dO
     ProductNT(z, w.gp, w.vt, w.zero, w.ds);  // dP = dO v^T
     for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(P * dP)); P and dP are 0 past L
       float* g = w.ds + (size_t)l * z.Lp;
@@ -431,7 +435,7 @@ struct Backward {
         _mm256_storeu_ps(g + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(g + m), d)));
     }
     ProductNN<NV>(z, w.ds, w.kp, nullptr, scale, dq, ld);  // dQ = scale dS k
-    ProductTN<NV>(z, w.ds, w.qp, dk, ld);                  // dK = dS^T (scale q)
+    ProductTN<NV>(z, w.ds, w.qp, 1.0f / kLog2e, dk, ld);  // dK = dS^T (scale q)
   }
 
   // One (batch, head): the forward's inputs, d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K] (all
@@ -444,7 +448,7 @@ struct Backward {
     PackRows(z, k, z.ld, w.kp);
     PackColumns(z, w.kp, w.kt, z.Kp);  // from the rows just packed, in cache
     PackColumns(z, v, w.vt, z.ld);
-    PackRows(z, q, z.ld, w.qp, scale);
+    PackRows(z, q, z.ld, w.qp, scale * kLog2e);
     PackRows(z, d_out, z.ld, w.gp);
     PackBias(z, bias, w.bp);
     std::memset(w.zero, 0, sizeof(float) * z.Lp);
@@ -459,7 +463,7 @@ struct Backward {
                       const float* d_out, int64_t out_ld, const float* row_max, const float* row_sum,
                       float* const* dx, float* d_affine, float* work) {
     const Work w = Split(z, work);
-    PackTransformed<NV>(z, t, 0, x[0], scale, w.qp, w.hat[0], w.rstd[0]);
+    PackTransformed<NV>(z, t, 0, x[0], scale * kLog2e, w.qp, w.hat[0], w.rstd[0]);
     PackTransformed<NV>(z, t, 1, x[1], 1.0f, w.kp, w.hat[1], w.rstd[1]);
     PackColumns(z, w.kp, w.kt, z.Kp);
     PackTransformed<NV>(z, t, 2, x[2], 1.0f, w.vp, w.hat[2], w.rstd[2]);

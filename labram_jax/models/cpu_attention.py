@@ -44,8 +44,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, scale:
       bias: [..., L] float32 added to every head's scores (q's leading dims without H).
       scale: the queries' factor in the scores (LaBraM: 1/sqrt(K)).
     Returns:
-      out in q's layout; row_max [..., H, L], the scores' max over the keys; row_sum [..., H, L],
-      ``sum(exp(scores - row_max))`` (kept apart: ``row_max + log(row_sum)`` loses ``log(row_sum)`` in
+      out in q's layout; row_max [..., H, L], the scores' max over the keys in base 2 (times log2 e:
+      the kernels take exp(x) as 2^(x log2 e)); row_sum [..., H, L], ``sum(exp(scores - row_max / log2 e))``
+      (kept apart: ``row_max + log(row_sum)`` loses ``log(row_sum)`` in
       float32 when a row has no valid key and its scores are all near -1e30).
     """
     stats = jax.ShapeDtypeStruct(_stats_shape(q, token_major), jnp.float32)

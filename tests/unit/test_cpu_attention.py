@@ -57,8 +57,8 @@ def test_kernel_row_statistics_and_nan():
     bias = jnp.where(valid, 0.0, -1e30)
     out, row_max, row_sum = jax.jit(cpu_attention.forward)(q, k, v, bias)
     s = jnp.einsum("bhlk,bhmk->bhlm", q, k) + bias[:, None, None, :]
-    np.testing.assert_allclose(row_max, jnp.max(s, axis=-1), rtol=1e-6)
-    np.testing.assert_allclose(row_sum, jnp.sum(jnp.exp(s - row_max[..., None]), axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(row_max, np.log2(np.e) * jnp.max(s, axis=-1), rtol=1e-6, atol=5e-6)  # base 2
+    np.testing.assert_allclose(row_sum, jnp.sum(jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), axis=-1), rtol=1e-5)
     np.testing.assert_allclose(row_sum[0], 21.0, rtol=1e-6)  # no valid key: every key weighs 1 / L
     np.testing.assert_allclose(out, jax.nn.softmax(s, axis=-1) @ v, rtol=1e-5, atol=2e-6)
     out_nan, _, _ = cpu_attention.forward(q.at[1, 2, 3, 4].set(jnp.nan), k, v, bias)
@@ -189,7 +189,7 @@ def test_token_major_layout_is_the_same_attention(shape):
     _, row_max, _ = cpu_attention.forward(swap(q), swap(k), swap(v), jnp.where(valid, 0.0, -1e30), scale=0.5,
                                           token_major=True)
     s = 0.5 * jnp.einsum("bhlk,bhmk->bhlm", q, k) + jnp.where(valid, 0.0, -1e30)[:, None, None, :]
-    np.testing.assert_allclose(row_max, jnp.max(s, axis=-1), rtol=1e-5, atol=1e-5)  # [B, H, L] statistics
+    np.testing.assert_allclose(row_max, np.log2(np.e) * jnp.max(s, axis=-1), rtol=1e-5, atol=1e-5)  # [B, H, L]
     with pytest.raises(Exception, match=r"\[\.\.\., L, H, K\]"):
         jax.block_until_ready(cpu_attention.forward(swap(q), swap(k)[..., :-1], swap(v), jnp.zeros(valid.shape),
                                                     token_major=True))
