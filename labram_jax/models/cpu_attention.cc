@@ -138,28 +138,36 @@ void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_
   }
 }
 
-// out [L, K] (rows ld apart) = scale * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, NV * 8].
-template <int NV>
+// out [L, K] (rows ld apart) = scale * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, Kp]
+// (zero past K). Computed as its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
+// down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
+// are m (L of every 24 used) rather than K (20 of 24); the tile is written transposed. A row of a is
+// read up to 16 floats past Lp: the next row, or the last row's slack.
 void ProductTN(const Sizes& z, const float* a, const float* b, float scale, float* out, int64_t ld) {
-  constexpr int MR = 12 / NV;
-  const int Lp = z.Lp, Kp = NV * 8;
-  for (int m0 = 0; m0 < z.Lr; m0 += MR) {
-    __m256 acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
-    for (int l = 0; l < z.L; ++l) {
-      __m256 bl[NV];
-      for (int j = 0; j < NV; ++j) bl[j] = _mm256_loadu_ps(b + (size_t)l * Kp + 8 * j);
-      const float* al = a + (size_t)l * Lp + m0;  // columns m0.. of row l (past Lp: the next row or the slack)
-      for (int r = 0; r < MR; ++r) {
-        const __m256 x = _mm256_broadcast_ss(al + r);
-        for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(x, bl[j], acc[r][j]);
+  constexpr int KR = 4, MV = 3;
+  const int Lp = z.Lp, Kp = z.Kp;
+  for (int m0 = 0; m0 < z.L; m0 += 8 * MV) {
+    for (int k0 = 0; k0 < z.K; k0 += KR) {
+      __m256 acc[KR][MV];
+      for (int r = 0; r < KR; ++r)
+        for (int j = 0; j < MV; ++j) acc[r][j] = _mm256_setzero_ps();
+      const float* al = a + m0;
+      const float* bl = b + k0;
+      for (int l = 0; l < z.L; ++l, al += Lp, bl += Kp) {
+        __m256 av[MV];
+        for (int j = 0; j < MV; ++j) av[j] = _mm256_loadu_ps(al + 8 * j);
+        for (int r = 0; r < KR; ++r) {
+          const __m256 x = _mm256_broadcast_ss(bl + r);
+          for (int j = 0; j < MV; ++j) acc[r][j] = _mm256_fmadd_ps(x, av[j], acc[r][j]);
+        }
       }
+      alignas(32) float tile[KR][8 * MV];
+      for (int r = 0; r < KR; ++r)
+        for (int j = 0; j < MV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
+      const int rows = std::min(KR, z.K - k0), cols = std::min(8 * MV, z.L - m0);
+      for (int i = 0; i < cols; ++i)
+        for (int r = 0; r < rows; ++r) out[(size_t)(m0 + i) * ld + k0 + r] = tile[r][i];
     }
-    alignas(32) float tile[MR][NV * 8];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
-    for (int r = 0; r < MR && m0 + r < z.L; ++r) std::memcpy(out + (size_t)(m0 + r) * ld, tile[r], z.K * sizeof(float));
   }
 }
 
@@ -420,7 +428,7 @@ struct Backward {
       for (int m = 0; m < z.Lp; m += 8)
         _mm256_storeu_ps(row + m, _mm256_mul_ps(labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
     }
-    ProductTN<NV>(z, w.p, w.gp, 1.0f, dv, ld);  // dV = P^T dO
+    ProductTN(z, w.p, w.gp, 1.0f, dv, ld);  // dV = P^T dO
     ProductNT(z, w.gp, w.vt, w.zero, w.ds);  // dP = dO v^T
     for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(P * dP)); P and dP are 0 past L
       float* g = w.ds + (size_t)l * z.Lp;
@@ -435,7 +443,7 @@ struct Backward {
         _mm256_storeu_ps(g + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(g + m), d)));
     }
     ProductNN<NV>(z, w.ds, w.kp, nullptr, scale, dq, ld);  // dQ = scale dS k
-    ProductTN<NV>(z, w.ds, w.qp, 1.0f / kLog2e, dk, ld);  // dK = dS^T (scale q)
+    ProductTN(z, w.ds, w.qp, 1.0f / kLog2e, dk, ld);  // dK = dS^T (scale q)
   }
 
   // One (batch, head): the forward's inputs, d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K] (all
