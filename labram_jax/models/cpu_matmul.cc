@@ -2,8 +2,8 @@
 //
 // c = op(a) op(b) (+ bias), where op(a) is [M, K] (a stored [M, K], or [K, M] when transposed)
 // and op(b) is [K, N] (b stored [K, N], or [N, K] when transposed), then optionally multiplied
-// element by element by a factor [M, N] or put through exact GELU (its derivative written too:
-// an MLP's first layer forward, its gradient backward); optionally also the column
+// element by element by a factor [M, N] or put through exact GELU (its derivative written too where
+// wanted: an MLP's first layer forward, its gradient backward); optionally also the column
 // sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
 // is BLIS's: op(b) is packed in blocks of up to kKc rows into panels 16 columns wide, op(a) in
 // blocks of up to kMc rows into panels 6 rows high, and a 6 x 16 register tile (12 AVX2
@@ -11,7 +11,8 @@
 // thread pool (Run says how). Built and loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
-// c [M, N]; b_sums [N] or [0] (not wanted); gelu_derivative [M, N] or [0] (no GELU). All float32,
+// c [M, N]; b_sums [N] or [0] (not wanted); gelu_derivative [M, N] with the attribute gelu, or [0] (not
+// wanted). All float32,
 // row-major.
 
 #include <immintrin.h>
@@ -204,11 +205,12 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
 }
 
 // What is done to the finished sums (bias included), element by element: multiplied by a factor,
-// or put through exact GELU with its derivative kept. Neither: nothing.
+// or put through exact GELU, its derivative kept where wanted. Neither: nothing.
 struct Epilogue {
   const float* factor = nullptr;     // [m, n] as c, or null
-  float* gelu_derivative = nullptr;  // [m, n] as c; non-null: c = GELU(sums), this = GELU'(sums)
-  bool any() const { return factor || gelu_derivative; }
+  bool gelu = false;                 // c = GELU(sums)
+  float* gelu_derivative = nullptr;  // [m, n] as c, or null; with gelu: GELU'(sums)
+  bool any() const { return factor || gelu; }
 };
 
 // The epilogue over c[i0:i1, j0:j1] (row stride ld, the epilogue's arrays too): row by row, each
@@ -222,10 +224,10 @@ void Finish(const Epilogue& e, float* c, int64_t ld, int64_t i0, int64_t i1, int
     int64_t j = j0;
     auto eight = [&](const float* in, const float* f, float* out, float* d) {
       __m256 v = _mm256_loadu_ps(in);
-      if (d) {
+      if (e.gelu) {
         __m256 g;
-        v = labram_cpu::Gelu8(v, &g);
-        _mm256_storeu_ps(d, g);
+        v = labram_cpu::Gelu8(v, d ? &g : nullptr);
+        if (d) _mm256_storeu_ps(d, g);
       } else {
         v = _mm256_mul_ps(v, _mm256_loadu_ps(f));
       }
@@ -390,7 +392,7 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
 
 ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bias,
                   ffi::Buffer<ffi::F32> factor, ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums,
-                  ffi::ResultBuffer<ffi::F32> gelu_derivative, bool transpose_a, bool transpose_b,
+                  ffi::ResultBuffer<ffi::F32> gelu_derivative, bool transpose_a, bool transpose_b, bool gelu,
                   ffi::ThreadPool pool) {
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
@@ -410,12 +412,15 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
   if ((factor.element_count() != 0 && factor.element_count() != mn) ||
       (gelu_derivative->element_count() != 0 && gelu_derivative->element_count() != mn))
     return ffi::Error::InvalidArgument("matmul: factor and gelu_derivative must have M x N or no elements");
-  if (mn != 0 && factor.element_count() != 0 && gelu_derivative->element_count() != 0)
+  if (mn != 0 && gelu_derivative->element_count() != 0 && !gelu)
+    return ffi::Error::InvalidArgument("matmul: gelu_derivative needs the attribute gelu");
+  if (mn != 0 && factor.element_count() != 0 && gelu)
     return ffi::Error::InvalidArgument("matmul: a factor or GELU, not both");
   p.a = {a.typed_data(), da[1], transpose_a};
   p.b = {b.typed_data(), db[1], transpose_b};
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.epilogue.factor = factor.element_count() ? factor.typed_data() : nullptr;
+  p.epilogue.gelu = gelu && mn != 0;
   p.epilogue.gelu_derivative = gelu_derivative->element_count() ? gelu_derivative->typed_data() : nullptr;
   p.c = c->typed_data();
   p.b_sums = b_sums->element_count() ? b_sums->typed_data() : nullptr;
@@ -543,9 +548,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // factor [M, N] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c
                                   .Ret<ffi::Buffer<ffi::F32>>()  // column sums of op(b) [N] or [0]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // GELU's derivative [M, N] or [0] (none: no GELU)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // GELU's derivative [M, N] or [0] (not wanted)
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
+                                  .Attr<bool>("gelu")            // c through exact GELU
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramNearest, Nearest,

@@ -21,7 +21,7 @@ INSTEAD = "linear='xla'"
 
 def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpose_a: bool = False,
            transpose_b: bool = False, b_sums: bool = False, factor: jax.Array | None = None,
-           gelu: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+           gelu: bool = False, gelu_derivative: bool = True) -> jax.Array | tuple[jax.Array, ...]:
     """``op(a) @ op(b) (+ bias)`` by the kernel, op transposing where asked, then optionally
     ``* factor`` or exact GELU, applied as the result is written.
 
@@ -29,8 +29,9 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
       a: [M, K] float32, or [K, M] with ``transpose_a``; b: [K, N], or [N, K] with ``transpose_b``;
       bias: [N] float32 added to every row, or None; b_sums: also return op(b)'s column sums;
       factor: [M, N] float32 multiplying the result element by element, or None;
-      gelu: put the result through exact GELU and also return GELU's derivative there (not with
-        ``factor``).
+      gelu: put the result through exact GELU (not with ``factor``);
+      gelu_derivative: with ``gelu``, also return GELU's derivative there (False: not computed, for a
+        forward pass nothing differentiates; the GELU is the same to the bit).
     Returns:
       c [M, N]; then, as asked, [N] ``op(b).sum(0)`` and [M, N] ``GELU'(op(a) @ op(b) + bias)``.
     """
@@ -42,10 +43,11 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
     result = jax.ShapeDtypeStruct
     c, sums, derivative = cpu_kernels.call(
         "labram_cpu_matmul", (result((m, n), jnp.float32), result((n if b_sums else 0,), jnp.float32),
-                              result((m, n) if gelu else (0,), jnp.float32)),
+                              result((m, n) if gelu and gelu_derivative else (0,), jnp.float32)),
         a, b, none if bias is None else bias, none if factor is None else factor, what="matmul", instead=INSTEAD,
-        vmap_method="sequential", transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
-    extras = (sums,) * b_sums + (derivative,) * gelu
+        vmap_method="sequential", transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b),
+        gelu=np.bool_(gelu))
+    extras = (sums,) * b_sums + (derivative,) * (gelu and gelu_derivative)
     return (c, *extras) if extras else c
 
 

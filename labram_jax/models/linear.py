@@ -104,7 +104,9 @@ def gelu_mlp(x: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, kernel_2: jax
 
 @jax.custom_vjp
 def _gelu_mlp(x, kernel_1, bias_1, kernel_2, bias_2):
-    return _gelu_mlp_fwd(x, kernel_1, bias_1, kernel_2, bias_2)[0]
+    # not differentiated (a frozen tokenizer, inference): GELU's derivative is not computed
+    hidden = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True, gelu_derivative=False)
+    return cpu_matmul.matmul(hidden, kernel_2, bias_2)
 
 
 def _gelu_mlp_fwd(x, kernel_1, bias_1, kernel_2, bias_2):

@@ -216,6 +216,8 @@ def test_kernel_epilogues_match_float64(m, k, n, transpose_b):
     np.testing.assert_allclose(gelu, want_gelu, rtol=1e-5, atol=3e-6 * scale)
     # GELU' has slope at most ~0.5: the float32 sums' error, plus erf's and exp's few ulps
     np.testing.assert_allclose(derivative, want_derivative, rtol=1e-5, atol=3e-6 * scale)
+    gelu_only = cpu_matmul.matmul(a, stored_b, bias, transpose_b=transpose_b, gelu=True, gelu_derivative=False)
+    np.testing.assert_array_equal(gelu_only, gelu)  # one array; the same GELU to the bit
     multiplied = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, factor=f))(
         a, stored_b, bias, factor)
     np.testing.assert_allclose(multiplied, h * factor, rtol=1e-5, atol=3e-6 * scale * np.abs(factor).max())
@@ -247,6 +249,11 @@ def test_gelu_mlp_matches_two_layers_with_gradients(shape):
 
     results = [jax.vjp(fn, *operands) for fn in (linear.gelu_mlp, layers_path)]
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    # not differentiated, GELU's derivative is not computed (no [R, F] second result), the output the same
+    hlo = jax.jit(linear.gelu_mlp).lower(*operands).as_text()
+    rows = int(np.prod(shape[:-1]))
+    assert hlo.count(f"-> (tensor<{rows}x{f}xf32>, tensor<0xf32>, tensor<0xf32>)") == 1, hlo
+    np.testing.assert_array_equal(jax.jit(linear.gelu_mlp)(*operands), results[0][0])
     for got, want in zip(results[0][1](d_y), results[1][1](d_y)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
