@@ -35,11 +35,11 @@ inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// 2^x for 8 floats x <= 0 (a softmax's exponents in base 2, less their row max; -inf included): 2^n 2^f
-// with n = round(x), taken from the low mantissa bits of x + 1.5 * 2^23, and f = x - n in [-0.5, 0.5]
-// by a degree-6 polynomial (relative error 2.6e-9 before float32 rounding; ~1 ulp after). Below -126,
-// 2^-126 (Exp8's clamp at -87.3 in base e). A NaN stays NaN (max returns its second operand). Six
-// fewer operations than Exp8 with the exponent's log2(e) folded into what came before.
+// 2^x for 8 floats x <= 0 (a softmax's exponents in base 2 less their row max, GELU's -x^2 log2(e) / 2;
+// -inf included): 2^n 2^f with n = round(x), taken from the low mantissa bits of x + 1.5 * 2^23, and
+// f = x - n in [-0.5, 0.5] by a degree-6 polynomial (relative error 2.6e-9 before float32 rounding;
+// ~1 ulp after). Below -126, 2^-126 (Exp8's clamp at -87.3 in base e). A NaN stays NaN (max returns its
+// second operand). Six fewer operations than Exp8 with the exponent's log2(e) folded into what came before.
 inline __m256 Exp2Neg8(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);
   const __m256 magic = _mm256_set1_ps(12582912.0f);
@@ -89,8 +89,8 @@ inline __m256 NormalCdf8(__m256 x) {
 inline __m256 Gelu8(__m256 x, __m256* derivative) {
   const __m256 cdf = NormalCdf8(x);
   if (derivative == nullptr) return _mm256_mul_ps(x, cdf);
-  const __m256 pdf = _mm256_mul_ps(_mm256_set1_ps(0.39894228040143268f),
-                                   Exp8(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f))));
+  const __m256 pdf = _mm256_mul_ps(_mm256_set1_ps(0.39894228040143268f),  // exp(-x^2 / 2) = 2^(-x^2 log2(e) / 2)
+                                   Exp2Neg8(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.72134752044448170f))));
   *derivative = _mm256_fmadd_ps(x, pdf, cdf);
   return _mm256_mul_ps(x, cdf);
 }
