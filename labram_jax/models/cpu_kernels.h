@@ -39,7 +39,7 @@ inline __m256 Exp8(__m256 x) {
 // -inf included): 2^n 2^f with n = round(x), taken from the low mantissa bits of x + 1.5 * 2^23, and
 // f = x - n in [-0.5, 0.5] by a degree-6 polynomial (relative error 2.6e-9 before float32 rounding;
 // ~1 ulp after). Below -126, 2^-126 (Exp8's clamp at -87.3 in base e). A NaN stays NaN (max returns its
-// second operand). Six fewer operations than Exp8 with the exponent's log2(e) folded into what came before.
+// second operand). Five fewer operations than Exp8, the exponent's log2(e) folded into what came before.
 inline __m256 Exp2Neg8(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);
   const __m256 magic = _mm256_set1_ps(12582912.0f);
