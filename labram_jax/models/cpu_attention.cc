@@ -425,8 +425,10 @@ struct Backward {
     for (int l = 0; l < z.L; ++l) {  // P = exp(S - max) / sum
       float* row = w.p + (size_t)l * z.Lp;
       const __m256 top = _mm256_set1_ps(row_max[l]), inv = _mm256_set1_ps(1.0f / row_sum[l]);
-      for (int m = 0; m < z.Lp; m += 8)
-        _mm256_storeu_ps(row + m, _mm256_mul_ps(labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
+      for (int m = 0; m < z.Lp; m += 8) {
+        const __m256 e = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top));
+        _mm256_storeu_ps(row + m, _mm256_mul_ps(e, inv));
+      }
     }
     ProductTN(z, w.p, w.gp, 1.0f, dv, ld);  // dV = P^T dO
     ProductNT(z, w.gp, w.vt, w.zero, w.ds);  // dP = dO v^T

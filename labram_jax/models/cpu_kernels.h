@@ -79,8 +79,8 @@ inline __m256 Erf8(__m256 x) {
 
 // Phi(x) = (1 + erf(x / sqrt 2)) / 2 of 8 floats, the normal CDF GELU multiplies by.
 inline __m256 NormalCdf8(__m256 x) {
-  return _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_add_ps(_mm256_set1_ps(1.0f),
-                                                           Erf8(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)))));
+  const __m256 erf = Erf8(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+  return _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_add_ps(_mm256_set1_ps(1.0f), erf));
 }
 
 // Exact GELU of 8 floats, x Phi(x) = x/2 (1 + erf(x / sqrt 2)), and its derivative
