@@ -413,7 +413,8 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
       (gelu_derivative->element_count() != 0 && gelu_derivative->element_count() != mn))
     return ffi::Error::InvalidArgument("matmul: factor and gelu_derivative must have M x N or no elements");
   if (mn != 0 && gelu_derivative->element_count() != 0 && !gelu)
-    return ffi::Error::InvalidArgument("matmul: gelu_derivative needs the attribute gelu");
+    return ffi::Error::InvalidArgument("matmul: a gelu_derivative result needs the attribute gelu=true "
+                                       "(cpu_matmul.matmul(..., gelu=True) sets both)");
   if (mn != 0 && factor.element_count() != 0 && gelu)
     return ffi::Error::InvalidArgument("matmul: a factor or GELU, not both");
   p.a = {a.typed_data(), da[1], transpose_a};
