@@ -238,7 +238,7 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
     config, stage_obj, tokenizer_cfg, grid = bench.config, bench.stage_obj, bench.tokenizer_cfg, bench.grid
     mesh, compiled, compile_s, traces = bench.mesh, bench.compiled, bench.compile_s, bench.traces
     baseline = rounds = None
-    second_step = compared_field(args, stage) or (args.vs_xla_defaults and bench.stage_obj.xla_options)
+    second_step = compared_field(args, stage) or args.vs_xla_defaults
     if second_step and not args.compile_only:
         baseline = prepare_baseline(stage, size, args)
         times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
@@ -472,8 +472,7 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--mesh", nargs=3, type=int, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
     parser.add_argument("--vs-xla-defaults", action="store_true",
                         help="also compile each step with XLA's default options (labram_jax.compile_options) "
-                             "and time the two alternately: what the options buy on this machine (stages that keep "
-                             "XLA's defaults, the tokenizer, are not compared)")
+                             "and time the two alternately: what the options buy on this machine")
     parser.add_argument("--vs-attention", default="", choices=["", *model_config.ATTENTION_IMPLEMENTATIONS],
                         help="also compile each step with this attention implementation and time the two "
                              "alternately: the paired speed-up of --attention over it (one process: this can favour "

@@ -5,9 +5,11 @@ elementwise and reduction work around a product (softmax, LayerNorm statistics) 
 YNNPACK subgraph; on LaBraM's shapes (200-wide tokens, 20-wide heads) that is slower than
 XLA's own loop fusions. Giving YNNPACK only the products (``LIBRARY_FUSION_TYPE_DOT``) made
 the Base pretraining step 1.25-1.30x and fine-tuning 1.02-1.05x as fast, with AVX2 and with
-AVX-512, and cut their compiled memory by a fifth (1,556 -> 1,202 and 969 -> 744 MiB); the
-tokenizer's step went to 0.84-0.87x, so it compiles with XLA's defaults (``Stage.xla_options``).
-BENCHMARKS.md, "Side by side": ``benchmarks.train_step --vs-xla-defaults``, steps alternated.
+AVX-512, and cut their compiled memory by a fifth (1,556 -> 1,202 and 969 -> 744 MiB). The
+tokenizer's step went to 0.84-0.87x then and kept XLA's defaults until its products, attention and
+norms all ran as C++ kernels (session 34: 1.01-1.02x with the option, 398 -> 391 MiB; what XLA's
+defaults still did there, the batch sums of the position tables' gradients, took ~2 ms each where a
+loop fusion takes 0.05). BENCHMARKS.md: ``benchmarks.train_step --vs-xla-defaults``, steps alternated.
 
 The options are probed once per process with a tiny compilation: a jaxlib that does not know
 one (older or newer XLA) gets none, with a log line, rather than an error. Set
@@ -48,10 +50,9 @@ def compiler_options() -> dict[str, str]:
     return options
 
 
-def jit(fun, *, tuned: bool = True, **kwargs):
-    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options`; none with ``tuned=False`` or
-    inside :func:`xla_defaults`."""
-    options = compiler_options() if tuned and not _defaults_only else {}
+def jit(fun, **kwargs):
+    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options`; none inside :func:`xla_defaults`."""
+    options = compiler_options() if not _defaults_only else {}
     return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 

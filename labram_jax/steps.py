@@ -130,8 +130,7 @@ def compile_train_step(train_step: Callable, spec: StateSpec, stage: stage_lib.S
     frozen_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), stage.frozen)
     abstract_frozen = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                              stage.frozen, frozen_shardings) if stage.frozen is not None else None
-    jitted = compile_options.jit(train_step, tuned=stage.xla_options,
-                                 in_shardings=(spec.shardings, batch_shardings, frozen_shardings),
+    jitted = compile_options.jit(train_step, in_shardings=(spec.shardings, batch_shardings, frozen_shardings),
                                  out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     return jitted.lower(checkpointing.abstract_with_shardings(spec.abstract, spec.shardings), abstract_batch,
                         abstract_frozen).compile()

@@ -52,8 +52,6 @@ class Stage:
       trainable: optional ``trainable(params) -> tree of bools`` (frozen parts get no update).
       artefacts: optional ``artefacts(state, workdir)`` writing end-of-run files (plots);
         called on process 0 with host copies of the state.
-      xla_options: compile the training step with ``labram_jax.compile_options`` (False: XLA's
-        defaults, where the options were measured slower for this stage's step).
     """
 
     name: str
@@ -70,7 +68,6 @@ class Stage:
     best_metric: str | None = None
     trainable: Callable | None = None
     artefacts: Callable[[TrainState, str], None] | None = None
-    xla_options: bool = True
 
 
 def model_options(config) -> dict:

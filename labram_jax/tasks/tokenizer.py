@@ -108,8 +108,6 @@ def build(config: ml_collections.ConfigDict, dtype) -> stage_lib.Stage:
         usage = state.extra["codebook"]["quantizer"]["cluster_size"]
         metrics_lib.plot_codebook_usage(usage, os.path.join(workdir, "codebook_usage.png"))
 
-    # YNNPACK for products only (labram_jax.compile_options) made this step 0.84-0.87x on CPU
-    # (paired runs, AVX2 and AVX-512; BENCHMARKS.md), so it keeps XLA's defaults.
     return stage_lib.Stage(name="tokenizer", model=model, init=init, loss_fn=loss_fn,
                            depth=model.cfg.encoder.depth, prepare=prepare, needs_prepare=needs_prepare,
-                           artefacts=artefacts, xla_options=False)
+                           artefacts=artefacts)
