@@ -149,4 +149,21 @@ void ForEachPart(xla::ffi::ThreadPool& pool, int64_t parts, size_t work_floats, 
   }
 }
 
+// Runs fn(u0, u1, work) over units [0, units) with ForEachPart, in chunks claimed in order, each
+// 1 / (2 cores) of the units left (at least min_chunk units): large chunks first, small ones
+// last, so the threads end within a small chunk of each other even where one starts late or its
+// core is slower for a while (fixed equal parts left the caller waiting ~45 us per product).
+template <typename Fn>
+void ForEachChunk(xla::ffi::ThreadPool& pool, int64_t units, int64_t min_chunk, size_t work_floats, bool zeroed,
+                  Fn fn) {
+  const int64_t shares = 2 * UsableCpus();
+  std::vector<int64_t> bounds{0};
+  while (bounds.back() < units) {
+    const int64_t left = units - bounds.back();
+    bounds.push_back(bounds.back() + std::min(left, std::max(min_chunk, (left + shares - 1) / shares)));
+  }
+  ForEachPart(pool, (int64_t)bounds.size() - 1, work_floats, zeroed,
+              [&](int64_t t, float* work) { fn(bounds[t], bounds[t + 1], work); });
+}
+
 }  // namespace labram_cpu

@@ -312,9 +312,10 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
 
 constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc; }
 
-// Splits the work into parts (one for small products) run by labram_cpu::ForEachPart: the output
-// along its longer side, the operand every part reads in full (b when splitting rows, a when
-// splitting columns) packed once beforehand, in parts too; or, when the contraction is the longest
+// Splits the work into parts (one for small products) run on the pool: the output along its longer
+// side in chunks of panels (labram_cpu::ForEachChunk: large first, small last), the operand every
+// chunk reads in full (b when splitting rows, a when splitting columns) packed once beforehand, in
+// chunks too; or, when the contraction is the longest
 // side (a weight gradient: K = tokens), the contraction, each part packing its own slices of both
 // and summing into its own [M, N] buffer, the buffers added at the end.
 void Run(const Problem& p, ffi::ThreadPool& pool) {
@@ -353,21 +354,20 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   }
   const bool by_rows = p.m >= p.n;
   const int64_t unit = by_rows ? kMr : kNr, units = ((by_rows ? p.m : p.n) + unit - 1) / unit;
-  const int64_t parts = std::min<int64_t>(most, units);
-  if (parts == 1) {
+  if (most == 1 || units == 1) {
     Part(p, 0, p.m, 0, p.n, 0, p.k, true, labram_cpu::ThreadWorkspace(WorkFloats()));
     return;
   }
   // The other operand's panels, packed once: by parts of its panels, every K block of each.
   const int kc_max = BlockSize(0, p.k);
   const int64_t other = by_rows ? kNr : kMr, length = by_rows ? p.n : p.m;
-  const int64_t panels = (length + other - 1) / other, pack_parts = std::min<int64_t>(most, panels);
+  const int64_t panels = (length + other - 1) / other;
   thread_local std::vector<float> packed_storage;  // the caller's, kept between calls
   const size_t packed_floats = (size_t)p.k * panels * other;
   if (packed_storage.size() < packed_floats) packed_storage.resize(packed_floats);
   float* const packed = packed_storage.data();
-  labram_cpu::ForEachPart(pool, pack_parts, 0, /*zeroed=*/false, [&](int64_t t, float*) {
-    const int64_t first = panels * t / pack_parts * other, last = std::min(length, panels * (t + 1) / pack_parts * other);
+  labram_cpu::ForEachChunk(pool, panels, 1, 0, /*zeroed=*/false, [&](int64_t p0, int64_t p1, float*) {
+    const int64_t first = p0 * other, last = std::min(length, p1 * other);
     for (int64_t pc = 0; pc < p.k; pc += kc_max) {
       const int kc = (int)std::min<int64_t>(kc_max, p.k - pc);
       float* dst = packed + pc * panels * other + first * kc;
@@ -380,8 +380,7 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   });
   Shared shared;
   (by_rows ? shared.b : shared.a) = packed;
-  labram_cpu::ForEachPart(pool, parts, WorkFloats(), /*zeroed=*/false, [&](int64_t t, float* work) {
-    const int64_t u0 = units * t / parts, u1 = units * (t + 1) / parts;
+  labram_cpu::ForEachChunk(pool, units, 2, WorkFloats(), /*zeroed=*/false, [&](int64_t u0, int64_t u1, float* work) {
     if (by_rows) {
       Part(p, u0 * unit, std::min(p.m, u1 * unit), 0, p.n, 0, p.k, false, work, shared);
     } else {
