@@ -315,9 +315,9 @@ constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc; }
 // Splits the work into parts (one for small products) run on the pool: the output along its longer
 // side in chunks of panels (labram_cpu::ForEachChunk: large first, small last), the operand every
 // chunk reads in full (b when splitting rows, a when splitting columns) packed once beforehand, in
-// chunks too; or, when the contraction is the longest
-// side (a weight gradient: K = tokens), the contraction, each part packing its own slices of both
-// and summing into its own [M, N] buffer, the buffers added at the end.
+// chunks too; or, when the contraction is the longest side (a weight gradient: K = tokens), the
+// contraction, each part packing its own slices of both and summing into its own [M, N] buffer, the
+// buffers added at the end.
 void Run(const Problem& p, ffi::ThreadPool& pool) {
   if (p.b_sums) std::fill(p.b_sums, p.b_sums + p.n, 0.f);
   if (p.k == 0) {  // sums of nothing: the bias, then the epilogue
@@ -358,7 +358,7 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
     Part(p, 0, p.m, 0, p.n, 0, p.k, true, labram_cpu::ThreadWorkspace(WorkFloats()));
     return;
   }
-  // The other operand's panels, packed once: by parts of its panels, every K block of each.
+  // The other operand's panels, packed once: in chunks of its panels, every K block of each.
   const int kc_max = BlockSize(0, p.k);
   const int64_t other = by_rows ? kNr : kMr, length = by_rows ? p.n : p.m;
   const int64_t panels = (length + other - 1) / other;
