@@ -254,7 +254,8 @@ def test_attention_on_the_projection_transforms_q_k_v_itself(shape, normalize):
     out, vjp = jax.vjp(kernel, qkv, gamma, beta)
     want, want_vjp = jax.vjp(lambda *a: _transformed_attention(a[0], valid, *a[1:], normalize, normalize),
                              qkv, gamma, beta)
-    # both sides float32 with scores up to ~20 here: each within ~3e-6 of float64 (the next test), so
+    # both sides float32 with scores up to ~20 here: each within ~3e-6 of float64
+    # (test_qkv_kernel_forward_is_within_float32_rounding_of_float64, above), so
     # they may differ by twice that (jax 0.12's XLA path: 5.8e-6 at one element of shape (3, 13, 3, 25))
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=8e-6)
     for got, expected in zip(vjp(g), want_vjp(g)):
