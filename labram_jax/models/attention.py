@@ -76,16 +76,17 @@ def token_major(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) 
     return _kernel(q, k, v, bias, q.shape[-1] ** -0.5, True)
 
 
-def on_projection(qkv: jax.Array, key_valid: jax.Array, gamma: jax.Array, beta: jax.Array, *, normalize_q: bool,
-                  normalize_k: bool, eps: float) -> jax.Array:
+def on_projection(qkv: jax.Array, key_valid: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
+                  normalize_q: bool, normalize_k: bool, eps: float) -> jax.Array:
     """:func:`token_major` on the fused projection's output itself, with q, k and v each transformed first
-    by the C++ kernels (``cpu_attention.qkv_forward``): the q/k LayerNorm (or the tokenizer's q/v biases)
-    inside the kernel, so q, k and v are never sliced out of qkv nor their gradients concatenated back.
+    by the C++ kernels (``cpu_attention.qkv_forward``): the q/k LayerNorm inside the kernel, so q, k and v
+    are never sliced out of qkv nor their gradients concatenated back.
 
     Args:
       qkv: [B, L, 3, H, K] float32, q, k, v in slots 0-2; key_valid: [B, L] bool.
       gamma, beta: [3, H, K] float32: slot s becomes ``gamma[s] * t(x) + beta[s]``, t the normalisation
-        over K with ``eps`` for q where ``normalize_q`` and k where ``normalize_k``, else the identity.
+        over K with ``eps`` for q where ``normalize_q`` and k where ``normalize_k``, else the identity;
+        or both None: q, k, v as they are (no normalisation then).
     Returns:
       [B, L, H, K] float32: softmax(q k^T / sqrt(K) + mask) v of the transformed q, k, v.
     """
@@ -219,6 +220,8 @@ def _qkv_kernel_bwd(options, residuals, d_out):
     qkv, bias, gamma, beta, row_max, row_sum = residuals
     d_qkv, d_affine = cpu_attention.qkv_backward(qkv, bias, gamma, beta, d_out.astype(jnp.float32), row_max, row_sum,
                                                  **dict(options))
+    if d_affine is None:  # no gamma, beta
+        return d_qkv, None, None, None
     d_affine = d_affine.reshape(-1, *d_affine.shape[-4:]).sum(0)  # [H, 2, 3, K]: summed over the batch
     return d_qkv, None, jnp.swapaxes(d_affine[:, 0], 0, 1), jnp.swapaxes(d_affine[:, 1], 0, 1)
 

@@ -58,8 +58,8 @@ class TransformerConfig:
         product is written by the C++ kernel; needs linear on cpu_kernel and no LoRA), layers
         (two linear layers and XLA's GELU) or auto (fused where it can run); the same function.
       qkv: how the C++ attention kernel gets q, k and v: in_kernel (it reads the fused qkv
-        projection itself and applies the q/k LayerNorm or the q/v biases: no slices, copies or
-        concatenated gradients; needs attention on cpu_kernel, not both qk_norm and qkv_bias),
+        projection itself and applies the q/k LayerNorm: no slices, copies or concatenated
+        gradients; needs attention on cpu_kernel),
         sliced (q, k, v sliced out and transformed by their own layers) or auto (in_kernel where
         it can run); the same function.
       lora_rank: > 0 adds LoRA adapters of this rank to qkv, proj, fc1 and fc2 of every

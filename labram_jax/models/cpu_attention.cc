@@ -15,10 +15,10 @@
 // kernel); bias [..., L] float32 (the leading dims of q without H, L, K); rowmax (of S log2 e), rowsum [..., H, L].
 //
 // The Qkv handlers take q, k and v inside the fused projection's output qkv [..., L, 3, H, K] and
-// apply each slot's transform first (q and k: LaBraM's LayerNorm over K; q and v: the tokenizer's
-// biases): no slices of qkv, no normalised copies, and the backward pass
-// writes the gradient with respect to qkv itself (and the transforms' parameter gradients per
-// (batch, head), summed by the caller).
+// apply each slot's transform first (q and k: LaBraM's LayerNorm over K), or none (gamma and beta
+// empty: the tokenizer, its q and v biases added by the projection): no slices of qkv, no normalised
+// copies, and the backward pass writes the gradient with respect to qkv itself (and the transforms'
+// parameter gradients per (batch, head), summed by the caller).
 
 #include <immintrin.h>
 
@@ -374,17 +374,18 @@ struct Forward {
     ProductNN<NV>(z, w.s, w.vp, w.inv, 1.0f, out, ld);
   }
 
-  // One (batch, head). q, k, v [L, K] (rows z.ld apart), bias [L] -> out [L, K] (the same), row_max,
-  // row_sum [L] of the scores scale * q k^T + bias.
+  // One (batch, head). q, k, v [L, K] (rows z.ld apart), bias [L] -> out [L, K] (rows out_ld apart),
+  // row_max, row_sum [L] of the scores scale * q k^T + bias.
   template <int NV>
   static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
-                   float* out, float* row_max, float* row_sum, float* work) {
+                   float* out, int64_t out_ld, float* row_max, float* row_sum, float* work) {
     const Work w = Split(z, work);
-    PackColumns(z, k, w.kt, z.ld);
+    PackRows(z, k, z.ld, w.kp);
+    PackColumns(z, w.kp, w.kt, z.Kp);  // from the rows just packed, in cache
     PackRows(z, v, z.ld, w.vp);
     PackRows(z, q, z.ld, w.qp, scale * kLog2e);
     PackBias(z, bias, w.bp);
-    Attend<NV>(z, w, out, z.ld, row_max, row_sum);
+    Attend<NV>(z, w, out, out_ld, row_max, row_sum);
   }
 
   // One (batch, head) of the fused projection: x[s] its q, k, v rows [L, K] (z.ld apart) before the
@@ -463,18 +464,18 @@ struct Backward {
     ProductTN(z, w.ds, w.qp, 1.0f / kLog2e, dk, ld);  // dK = dS^T (scale q)
   }
 
-  // One (batch, head): the forward's inputs, d_out [L, K], row_max, row_sum [L] -> dq, dk, dv [L, K] (all
-  // [L, K] rows z.ld apart; dq with respect to the unscaled q).
+  // One (batch, head): the forward's inputs, d_out [L, K] (rows out_ld apart), row_max, row_sum [L] ->
+  // dq, dk, dv [L, K] (rows z.ld apart, as q, k, v; dq with respect to the unscaled q).
   template <int NV>
   static void Head(const Sizes& z, float scale, const float* q, const float* k, const float* v, const float* bias,
-                   const float* d_out, const float* row_max, const float* row_sum, float* dq, float* dk, float* dv,
-                   float* work) {
+                   const float* d_out, int64_t out_ld, const float* row_max, const float* row_sum, float* dq,
+                   float* dk, float* dv, float* work) {
     const Work w = Split(z, work);
     PackRows(z, k, z.ld, w.kp);
     PackColumns(z, w.kp, w.kt, z.Kp);  // from the rows just packed, in cache
     PackColumns(z, v, w.vt, z.ld);
     PackRows(z, q, z.ld, w.qp, scale * kLog2e);
-    PackRows(z, d_out, z.ld, w.gp);
+    PackRows(z, d_out, out_ld, w.gp);
     PackBias(z, bias, w.bp);
     std::memset(w.zero, 0, sizeof(float) * z.Lp);
     Gradients<NV>(z, scale, w, row_max, row_sum, dq, dk, dv, z.ld);
@@ -563,7 +564,7 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
   labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
     const int64_t at = PairOffset(z, i, heads, token_major);
     head(z, scale, q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
-         bias.typed_data() + (i / heads) * z.L, out->typed_data() + at, row_max->typed_data() + i * z.L,
+         bias.typed_data() + (i / heads) * z.L, out->typed_data() + at, z.ld, row_max->typed_data() + i * z.L,
          row_sum->typed_data() + i * z.L, work);
   });
   return ffi::Error::Success();
@@ -585,7 +586,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
   labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
     const int64_t at = PairOffset(z, i, heads, token_major);
     head(z, scale, q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
-         bias.typed_data() + (i / heads) * z.L, d_out.typed_data() + at,
+         bias.typed_data() + (i / heads) * z.L, d_out.typed_data() + at, z.ld,
          row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dq->typed_data() + at,
          dk->typed_data() + at, dv->typed_data() + at, work);
   });
@@ -594,10 +595,11 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
 
 
 // Checks the fused projection's qkv [..., L, 3, H, K] against out (or d_out) [..., L, H, K], bias
-// [..., L] and gamma, beta [3, H, K]; fills sizes (rows 3 H K apart), the number of (batch, head)
-// pairs and H. An empty string when they fit.
+// [..., L] and gamma, beta [3, H, K] (or both empty: no transform, which normalising q or k needs);
+// fills sizes (rows 3 H K apart), the number of (batch, head) pairs and H. An empty string when they fit.
 std::string CheckQkvShapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> out, size_t bias_elements,
-                           size_t gamma_elements, size_t beta_elements, Sizes* z, int64_t* pairs, int64_t* heads) {
+                           size_t gamma_elements, size_t beta_elements, bool normalize, Sizes* z, int64_t* pairs,
+                           int64_t* heads) {
   const int r = (int)d.size();
   if (r < 4 || d[r - 3] != 3) return "qkv must have shape [..., L, 3, H, K]";
   bool equal = (int)out.size() == r - 1;
@@ -606,8 +608,10 @@ std::string CheckQkvShapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> 
   const int64_t L = d[r - 4], K = d[r - 1];
   *heads = d[r - 2];
   if (K < 1 || K > 32) return "head size must be 1..32, got " + std::to_string(K);
-  if ((int64_t)gamma_elements != 3 * *heads * K || (int64_t)beta_elements != 3 * *heads * K)
-    return "gamma and beta must have shape [3, H, K]";
+  const bool affine = gamma_elements != 0 || beta_elements != 0;
+  if (affine && ((int64_t)gamma_elements != 3 * *heads * K || (int64_t)beta_elements != 3 * *heads * K))
+    return "gamma and beta must have shape [3, H, K], or both no elements (no transform)";
+  if (!affine && normalize) return "normalize_q or normalize_k needs gamma and beta of shape [3, H, K]";
   int64_t batch = 1;
   for (int i = 0; i < r - 4; ++i) batch *= d[i];
   *pairs = batch * *heads;
@@ -643,16 +647,25 @@ ffi::Error QkvAttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> 
   Sizes z;
   int64_t pairs, heads;
   const std::string bad = CheckQkvShapes(qkv.dimensions(), out->dimensions(), bias.element_count(),
-                                         gamma.element_count(), beta.element_count(), &z, &pairs, &heads);
+                                         gamma.element_count(), beta.element_count(), normalize_q || normalize_k, &z,
+                                         &pairs, &heads);
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
+  const bool affine = gamma.element_count() != 0;
   const auto head = ByVectors<QkvForwardHead>(z.Kp);
+  const auto plain = ByVectors<ForwardHead>(z.Kp);  // no transform: q, k, v packed as they are
   const int64_t out_ld = heads * z.K;
   labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
     const QkvPair at(z, i, heads, gamma.typed_data(), beta.typed_data(), normalize_q, normalize_k, eps);
     const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
-    head(z, at.t, scale, x, bias.typed_data() + (i / heads) * z.L, out->typed_data() + at.out, out_ld,
-         row_max->typed_data() + i * z.L, row_sum->typed_data() + i * z.L, work);
+    float* const o = out->typed_data() + at.out;
+    const float* const b = bias.typed_data() + (i / heads) * z.L;
+    if (affine) {
+      head(z, at.t, scale, x, b, o, out_ld, row_max->typed_data() + i * z.L, row_sum->typed_data() + i * z.L, work);
+    } else {
+      plain(z, scale, x[0], x[1], x[2], b, o, out_ld, row_max->typed_data() + i * z.L, row_sum->typed_data() + i * z.L,
+            work);
+    }
   });
   return ffi::Error::Success();
 }
@@ -665,22 +678,30 @@ ffi::Error QkvAttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32>
   Sizes z;
   int64_t pairs, heads;
   std::string bad = CheckQkvShapes(qkv.dimensions(), d_out.dimensions(), bias.element_count(), gamma.element_count(),
-                                   beta.element_count(), &z, &pairs, &heads);
+                                   beta.element_count(), normalize_q || normalize_k, &z, &pairs, &heads);
+  const bool affine = gamma.element_count() != 0;
   if (bad.empty() && d_qkv->element_count() != qkv.element_count()) bad = "d_qkv must have qkv's shape";
-  if (bad.empty() && (int64_t)d_affine->element_count() != pairs * 6 * z.K)
-    bad = "d_affine must have shape [..., H, 2, 3, K]";
+  if (bad.empty() && (int64_t)d_affine->element_count() != (affine ? pairs * 6 * z.K : 0))
+    bad = affine ? "d_affine must have shape [..., H, 2, 3, K]" : "d_affine must have no elements (no gamma, beta)";
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<QkvBackwardHead>(z.Kp);
+  const auto plain = ByVectors<BackwardHead>(z.Kp);  // no transform: the gradients written straight into d_qkv
   const int64_t out_ld = heads * z.K;
   labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
     const QkvPair at(z, i, heads, gamma.typed_data(), beta.typed_data(), normalize_q, normalize_k, eps);
     const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
     float* dx[3] = {d_qkv->typed_data() + at.slot[0], d_qkv->typed_data() + at.slot[1],
                     d_qkv->typed_data() + at.slot[2]};
-    head(z, at.t, scale, x, bias.typed_data() + (i / heads) * z.L, d_out.typed_data() + at.out, out_ld,
-         row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dx, d_affine->typed_data() + i * 6 * z.K,
-         work);
+    const float* const b = bias.typed_data() + (i / heads) * z.L;
+    const float* const d_o = d_out.typed_data() + at.out;
+    if (affine) {
+      head(z, at.t, scale, x, b, d_o, out_ld, row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L, dx,
+           d_affine->typed_data() + i * 6 * z.K, work);
+    } else {
+      plain(z, scale, x[0], x[1], x[2], b, d_o, out_ld, row_max.typed_data() + i * z.L, row_sum.typed_data() + i * z.L,
+            dx[0], dx[1], dx[2], work);
+    }
   });
   return ffi::Error::Success();
 }
@@ -720,8 +741,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionForward, QkvAttentionForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // qkv [..., L, 3, H, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [..., L]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // gamma [3, H, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // beta [3, H, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gamma [3, H, K], or [0]: no transform
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // beta [3, H, K], or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [..., L, H, K]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row max of the scores
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row sum of exp(scores - row max)
@@ -741,7 +762,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionBackward, QkvAttentionBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row max
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row sum
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_qkv
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_affine [..., H, 2, 3, K]: d gamma, d beta
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_affine [..., H, 2, 3, K] (d gamma, d beta), or [0]
                                   .Attr<bool>("normalize_q")
                                   .Attr<bool>("normalize_k")
                                   .Attr<float>("eps")

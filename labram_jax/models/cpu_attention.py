@@ -71,20 +71,23 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, d_out: j
                  scale=scale, token_major=token_major)
 
 
-def qkv_forward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Array, *, normalize_q: bool,
-                normalize_k: bool, eps: float, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`forward` on the fused projection's output, each of q, k, v transformed first.
+def qkv_forward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
+                normalize_q: bool, normalize_k: bool, eps: float,
+                scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`forward` on the fused projection's output, each of q, k, v transformed first (or not).
 
     Args:
       qkv: [..., L, 3, H, K] float32 (a [..., L, 3 * H * K] projection reshaped): q, k, v in slots 0-2.
       bias: [..., L] float32 added to every head's scores.
       gamma, beta: [3, H, K] float32; slot s of each head becomes ``gamma[s] * t(x) + beta[s]``, with t
         the normalisation over K, ``(x - mean) / sqrt(var + eps)``, for q where ``normalize_q`` and k
-        where ``normalize_k``, else x (v is never normalised).
+        where ``normalize_k``, else x (v is never normalised). Both None: no transform (q, k, v as
+        they are; the kernel packs them without the transform's passes), which normalising needs.
       scale: the transformed queries' factor in the scores.
     Returns:
       out [..., L, H, K]; row_max, row_sum [..., H, L] (:func:`forward`'s).
     """
+    gamma, beta = _affine(gamma, beta, normalize_q or normalize_k)
     *lead, length, _, heads, size = qkv.shape
     stats = jax.ShapeDtypeStruct((*lead, heads, length), jnp.float32)
     out = jax.ShapeDtypeStruct((*lead, length, heads, size), jnp.float32)
@@ -92,9 +95,9 @@ def qkv_forward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Arr
                  normalize_q=normalize_q, normalize_k=normalize_k, eps=eps, scale=scale)
 
 
-def qkv_backward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Array, d_out: jax.Array,
-                 row_max: jax.Array, row_sum: jax.Array, *, normalize_q: bool, normalize_k: bool, eps: float,
-                 scale: float) -> tuple[jax.Array, jax.Array]:
+def qkv_backward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
+                 d_out: jax.Array, row_max: jax.Array, row_sum: jax.Array, *, normalize_q: bool, normalize_k: bool,
+                 eps: float, scale: float) -> tuple[jax.Array, jax.Array | None]:
     """The gradients of :func:`qkv_forward`'s ``out``.
 
     Args:
@@ -102,13 +105,30 @@ def qkv_backward(qkv: jax.Array, bias: jax.Array, gamma: jax.Array, beta: jax.Ar
       row_sum: its statistics; d_out: [..., L, H, K] float32, the gradient with respect to its ``out``.
     Returns:
       d_qkv in qkv's shape; d_affine [..., H, 2, 3, K]: per (batch, head) the gradients of that head's
-      ``gamma`` (index 0) and ``beta`` (index 1) rows, to be summed over the batch by the caller.
+      ``gamma`` (index 0) and ``beta`` (index 1) rows, to be summed over the batch by the caller
+      (None without gamma and beta).
     """
+    affine = gamma is not None
+    gamma, beta = _affine(gamma, beta, normalize_q or normalize_k)
     *lead, _, _, heads, size = qkv.shape
-    d_affine = jax.ShapeDtypeStruct((*lead, heads, 2, 3, size), jnp.float32)
-    return _call("labram_cpu_qkv_attention_backward", (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), d_affine),
-                 qkv, bias, gamma, beta, d_out, row_max, row_sum, normalize_q=normalize_q, normalize_k=normalize_k,
-                 eps=eps, scale=scale)
+    d_affine = jax.ShapeDtypeStruct((*lead, heads, 2, 3, size) if affine else (0,), jnp.float32)
+    d_qkv, d_affine = _call("labram_cpu_qkv_attention_backward",
+                            (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), d_affine), qkv, bias, gamma, beta, d_out,
+                            row_max, row_sum, normalize_q=normalize_q, normalize_k=normalize_k, eps=eps, scale=scale)
+    return d_qkv, d_affine if affine else None
+
+
+def _affine(gamma: jax.Array | None, beta: jax.Array | None, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """The kernels' gamma and beta operands: as given, or empty for none (no transform); a ValueError
+    for one without the other, or for normalising without them."""
+    if (gamma is None) != (beta is None):
+        raise ValueError("give gamma and beta together ([3, H, K] each), or neither (no transform)")
+    if gamma is None:
+        if normalize:
+            raise ValueError("normalize_q or normalize_k needs gamma and beta ([3, H, K] each)")
+        empty = jnp.zeros((0,), jnp.float32)
+        return empty, empty
+    return gamma, beta
 
 
 def _stats_shape(q: jax.Array, token_major: bool) -> tuple[int, ...]:

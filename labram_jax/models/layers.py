@@ -274,7 +274,12 @@ class Attention(nn.Module):
         # One [B*L, D] x [D, 3D] product, then q, k, v split into heads: [3, B, H, L, hd]. A
         # heads-major einsum straight from x was slower on XLA:CPU (its backward transposes the
         # 5-D gradient inside the product; BENCHMARKS.md "What each optimisation bought").
-        qkv = linear.linear(x, w_qkv.reshape(d, 3 * d).astype(cfg.dtype), implementation=cfg.linear)
+        qkv_bias = None
+        if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k's fixed at zero (the reference's F.linear bias)
+            q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+            v_bias = self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+            qkv_bias = jnp.stack([q_bias, jnp.zeros_like(q_bias), v_bias]).reshape(3 * d).astype(cfg.dtype)
+        qkv = linear.linear(x, w_qkv.reshape(d, 3 * d).astype(cfg.dtype), qkv_bias, implementation=cfg.linear)
         if cfg.lora_rank:
             qkv = qkv + LoRA(3 * d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="qkv_lora")(x)
         # The C++ attention reads and writes [B, L, H, hd] (the projections' layout); the others
@@ -284,11 +289,6 @@ class Attention(nn.Module):
             merged = self._on_projection(qkv.reshape(*qkv.shape[:2], 3, h, hd), key_valid).reshape(*x.shape[:2], d)
             return self._project(merged)
         q, k, v = split_heads(qkv, h, token_major)
-        if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
-            q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
-            v_bias = self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
-            q = q + (q_bias if token_major else q_bias[:, None]).astype(cfg.dtype)
-            v = v + (v_bias if token_major else v_bias[:, None]).astype(cfg.dtype)
         if cfg.qk_norm:
             q = layer_norm("kv", name="q_norm", dtype=cfg.dtype, implementation=cfg.layer_norm)(q)
             k = layer_norm("kv", name="k_norm", dtype=cfg.dtype, implementation=cfg.layer_norm)(k)
@@ -301,21 +301,20 @@ class Attention(nn.Module):
         return self._project(merged)
 
     def _on_projection(self, qkv: jax.Array, key_valid: jax.Array) -> jax.Array:
-        """The attention on qkv [B, L, 3, H, hd] itself (``attention.on_projection``: the q/k norms or the
-        q/v biases applied inside the C++ kernel, the same parameters) -> [B, L, H, hd]."""
+        """The attention on qkv [B, L, 3, H, hd] itself (``attention.on_projection``: the q/k norms applied
+        inside the C++ kernel, the same parameters; without them q, k, v as they are) -> [B, L, H, hd]."""
         cfg = self.cfg
+        if not cfg.qk_norm:
+            return attention.on_projection(qkv, key_valid, None, None, normalize_q=False, normalize_k=False,
+                                           eps=LN_EPS)
         h, hd = cfg.num_heads, cfg.head_dim
         ones, zeros = jnp.ones((h, hd), jnp.float32), jnp.zeros((h, hd), jnp.float32)
         gamma, beta = [ones, ones, ones], [zeros, zeros, zeros]
-        if cfg.qkv_bias:  # the tokenizer: learned q and v biases, k bias fixed at zero
-            beta[0] = self.param("q_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
-            beta[2] = self.param("v_bias", logical(nn.initializers.zeros, ("heads", "kv")), (h, hd))
-        if cfg.qk_norm:
-            for s, name in ((0, "q_norm"), (1, "k_norm")):
-                scale, bias = layer_norm_weights("kv", name)(hd)
-                gamma[s], beta[s] = jnp.broadcast_to(scale, (h, hd)), jnp.broadcast_to(bias, (h, hd))
+        for s, name in ((0, "q_norm"), (1, "k_norm")):
+            scale, bias = layer_norm_weights("kv", name)(hd)
+            gamma[s], beta[s] = jnp.broadcast_to(scale, (h, hd)), jnp.broadcast_to(bias, (h, hd))
         return attention.on_projection(qkv, key_valid, jnp.stack(gamma), jnp.stack(beta).astype(jnp.float32),
-                                       normalize_q=cfg.qk_norm, normalize_k=cfg.qk_norm, eps=LN_EPS)
+                                       normalize_q=True, normalize_k=True, eps=LN_EPS)
 
     def _project(self, merged: jax.Array) -> jax.Array:
         """The output projection: merged heads [B, L, H * hd] -> [B, L, D]."""
@@ -374,13 +373,10 @@ def qkv_in_kernel(cfg: config_lib.TransformerConfig, kernel_attention: bool) -> 
     """Whether :class:`Attention` hands the fused qkv projection to the C++ attention itself
     (``attention.on_projection``): ``cfg.qkv`` in_kernel, or auto where the attention runs on
     ``cpu_kernel`` (``kernel_attention``); a ValueError saying why where in_kernel cannot run."""
-    can = kernel_attention and not (cfg.qkv_bias and cfg.qk_norm)
-    if cfg.qkv == "in_kernel" and not can:
+    if cfg.qkv == "in_kernel" and not kernel_attention:
         raise ValueError("qkv='in_kernel' needs the attention on the C++ kernel (attention='cpu_kernel', or auto "
-                         f"where it runs; here attention={cfg.attention!r} "
-                         f"{'does' if kernel_attention else 'does not'} run on it) and a model without both q/k "
-                         "norms and q/v biases (the kernel applies one or the other); use qkv='sliced'")
-    return can and cfg.qkv != "sliced"
+                         f"where it runs; here attention={cfg.attention!r} does not run on it); use qkv='sliced'")
+    return kernel_attention and cfg.qkv != "sliced"
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:

@@ -49,16 +49,17 @@ def test_block_output_does_not_depend_on_the_implementation():
     cfg = model_config.labram("tiny")
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 9, cfg.embed_dim)), jnp.float32)
     valid = jnp.asarray(np.array([[True] * 9, [True] * 6 + [False] * 3]))
-    # cpu_kernel (where it runs): on the qkv projection itself, the q/k norms or q/v biases inside the
-    # kernel (qkv in_kernel), or on q, k, v sliced out of it token-major (sliced)
+    # cpu_kernel (where it runs): on the qkv projection itself, the q/k norms inside the kernel (qkv
+    # in_kernel; q/v biases added by the projection), or on q, k, v sliced out of it token-major (sliced)
     kernel = cpu_attention.supports(x[..., :cfg.head_dim])
     impls = [("xla", "auto"), ("explicit", "auto"), *([("cpu_kernel", "in_kernel"), ("cpu_kernel", "sliced")]
                                                       if kernel else [])]
-    for tokenizer_like in (False, True):  # LaBraM's q/k norms, or the tokenizer's q and v biases
-        c = cfg.replace(qk_norm=not tokenizer_like, qkv_bias=tokenizer_like)
+    # LaBraM's q/k norms, the tokenizer's q and v biases, or both (the biases before the norms)
+    for qk_norm, qkv_bias in ((True, False), (False, True), (True, True)):
+        c = cfg.replace(qk_norm=qk_norm, qkv_bias=qkv_bias)
         variables = layers.Block(c, 1).init(jax.random.key(0), x, valid)
         # non-zero biases and norm scales other than 1, so that where they are applied matters (the
-        # kernel applies the q/k norms and the q/v biases itself)
+        # kernel applies the q/k norms itself)
         variables = jax.tree_util.tree_map_with_path(
             lambda p, a: a + 0.3 if "bias" in jax.tree_util.keystr(p) else a * 1.3 if "scale" in jax.tree_util.keystr(p)
             else a, variables)
@@ -108,7 +109,7 @@ def test_qkv_in_kernel_is_chosen_where_it_runs_and_refused_with_a_reason_elsewhe
     cfg = model_config.labram("tiny")
     assert layers.qkv_in_kernel(cfg, True) and not layers.qkv_in_kernel(cfg, False)  # auto follows the attention
     assert not layers.qkv_in_kernel(cfg.replace(qkv="sliced"), True)
-    assert not layers.qkv_in_kernel(cfg.replace(qkv_bias=True), True)  # norms after biases: not in the kernel
+    assert layers.qkv_in_kernel(cfg.replace(qkv_bias=True), True)  # the biases added by the projection, before
     with pytest.raises(ValueError, match="qkv='sliced'"):
         layers.qkv_in_kernel(cfg.replace(qkv="in_kernel"), False)
     with pytest.raises(ValueError, match="choose one of"):

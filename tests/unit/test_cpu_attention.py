@@ -269,3 +269,57 @@ def test_attention_on_the_projection_transforms_q_k_v_itself(shape, normalize):
     with pytest.raises(Exception, match=r"\[\.\.\., L, 3, H, K\]"):
         jax.block_until_ready(cpu_attention.qkv_forward(qkv[:, :, :2], jnp.zeros(valid.shape), gamma, beta,
                                                         normalize_q=True, normalize_k=True, eps=1e-6, scale=1.0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 37, 4, 20), (2, 231, 10, 20), (3, 13, 3, 25), (2, 1, 2, 20), (2, 9, 2, 3)])
+def test_attention_on_the_projection_without_a_transform(shape):
+    # gamma and beta None (the tokenizer, its q/v biases added by the projection): q, k, v packed as they
+    # are and the gradients written straight into d_qkv; the same function and gradient as XLA's
+    # attention on the slices
+    b, length, heads, size = shape
+    rng = np.random.default_rng(sum(shape) + 1)
+    qkv = jnp.asarray(rng.standard_normal((b, length, 3, heads, size)) * 2 + 0.5, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((b, length, heads, size)), jnp.float32)
+    valid = np.ones((b, length), bool)
+    valid[-1, length // 2:] = False
+    valid[0, 1::3] = False
+    valid[0, 0] = True  # every row of batch 0 keeps a key (length 1: its only one)
+    valid = jnp.asarray(valid)
+    kernel = jax.jit(lambda x: attention.on_projection(x, valid, None, None, normalize_q=False, normalize_k=False,
+                                                       eps=1e-6))
+    ones, zeros = jnp.ones((3, heads, size), jnp.float32), jnp.zeros((3, heads, size), jnp.float32)
+    out, vjp = jax.vjp(kernel, qkv)
+    want, want_vjp = jax.vjp(lambda x: _transformed_attention(x, valid, ones, zeros, False, False), qkv)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=8e-6)  # as the test above
+    (got,), (expected,) = vjp(g), want_vjp(g)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5 * np.abs(expected).max())
+    # and the same as the transform path given gamma 1 and beta 0, to float32 rounding
+    with_affine = attention.on_projection(qkv, valid, ones, zeros, normalize_q=False, normalize_k=False, eps=1e-6)
+    np.testing.assert_allclose(out, with_affine, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_on_the_projection_refuses_half_a_transform():
+    qkv = jnp.zeros((1, 4, 3, 2, 8), jnp.float32)
+    bias, gamma = jnp.zeros((1, 4), jnp.float32), jnp.ones((3, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="gamma and beta together"):
+        cpu_attention.qkv_forward(qkv, bias, gamma, None, normalize_q=False, normalize_k=False, eps=1e-6, scale=1.0)
+    with pytest.raises(ValueError, match="needs gamma and beta"):
+        cpu_attention.qkv_forward(qkv, bias, None, None, normalize_q=True, normalize_k=True, eps=1e-6, scale=1.0)
+
+
+@needs_kernel
+def test_qkv_kernel_refuses_normalising_without_gamma_and_beta():
+    # the handler's own check, past the Python wrapper: it must refuse rather than read missing rows
+    qkv = jnp.ones((1, 4, 3, 2, 8), jnp.float32)
+    out = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float32)
+    stats = jax.ShapeDtypeStruct((1, 2, 4), jnp.float32)
+    empty = jnp.zeros((0,), jnp.float32)
+    with pytest.raises(Exception, match="needs gamma and beta"):
+        jax.block_until_ready(cpu_attention._call("labram_cpu_qkv_attention_forward", (out, stats, stats), qkv,
+                                                  jnp.zeros((1, 4), jnp.float32), empty, empty, normalize_q=True,
+                                                  normalize_k=False, eps=1e-6, scale=1.0))
+    with pytest.raises(Exception, match="both no elements"):
+        jax.block_until_ready(cpu_attention._call("labram_cpu_qkv_attention_forward", (out, stats, stats), qkv,
+                                                  jnp.zeros((1, 4), jnp.float32), empty, jnp.ones((3, 2, 8)),
+                                                  normalize_q=False, normalize_k=False, eps=1e-6, scale=1.0))
