@@ -621,8 +621,8 @@ std::string CheckQkvShapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> 
   return "";
 }
 
-// Pair i's transform (its head's gamma and beta rows) and where its q, k, v rows start in qkv (or its
-// gradient) and in out (or d_out).
+// Pair i's transform (its head's gamma and beta rows; null without them) and where its q, k, v rows
+// start in qkv (or its gradient) and in out (or d_out).
 struct QkvPair {
   Transform t;
   int64_t slot[3], out;
@@ -630,8 +630,8 @@ struct QkvPair {
           bool normalize_k, float eps) {
     const int64_t b = i / heads, h = i % heads;
     for (int s = 0; s < 3; ++s) {
-      t.gamma[s] = gamma + (s * heads + h) * z.K;
-      t.beta[s] = beta + (s * heads + h) * z.K;
+      t.gamma[s] = gamma ? gamma + (s * heads + h) * z.K : nullptr;
+      t.beta[s] = beta ? beta + (s * heads + h) * z.K : nullptr;
       slot[s] = b * z.L * z.ld + s * heads * z.K + h * z.K;
     }
     t.normalize[0] = normalize_q, t.normalize[1] = normalize_k, t.normalize[2] = false;
@@ -656,7 +656,8 @@ ffi::Error QkvAttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> 
   const auto plain = ByVectors<ForwardHead>(z.Kp);  // no transform: q, k, v packed as they are
   const int64_t out_ld = heads * z.K;
   labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
-    const QkvPair at(z, i, heads, gamma.typed_data(), beta.typed_data(), normalize_q, normalize_k, eps);
+    const QkvPair at(z, i, heads, affine ? gamma.typed_data() : nullptr, affine ? beta.typed_data() : nullptr,
+                     normalize_q, normalize_k, eps);
     const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
     float* const o = out->typed_data() + at.out;
     const float* const b = bias.typed_data() + (i / heads) * z.L;
@@ -689,7 +690,8 @@ ffi::Error QkvAttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32>
   const auto plain = ByVectors<BackwardHead>(z.Kp);  // no transform: the gradients written straight into d_qkv
   const int64_t out_ld = heads * z.K;
   labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
-    const QkvPair at(z, i, heads, gamma.typed_data(), beta.typed_data(), normalize_q, normalize_k, eps);
+    const QkvPair at(z, i, heads, affine ? gamma.typed_data() : nullptr, affine ? beta.typed_data() : nullptr,
+                     normalize_q, normalize_k, eps);
     const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
     float* dx[3] = {d_qkv->typed_data() + at.slot[0], d_qkv->typed_data() + at.slot[1],
                     d_qkv->typed_data() + at.slot[2]};
