@@ -65,7 +65,8 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
 
 def cpu_kernels_choice() -> dict:
     """This process's choice (not ``describe``'s cpuinfo file's): whether ``auto`` uses the C++ CPU
-    kernels (``labram_jax.models.cpu_kernels``), why not, the measured AVX-512 / AVX2 FMA rate, and
+    kernels (``labram_jax.models.cpu_kernels``), why not, the measured AVX-512 / AVX2 FMA rate (the
+    product kernel's AVX-512 tiles run where it makes the units full width), and
     the float32 FMA peak of all usable cores at once (TFLOP/s: what the vector units can do).
     On a GPU or TPU the steps never use them, so nothing is built or probed there."""
     backend = jax.default_backend()
@@ -73,8 +74,6 @@ def cpu_kernels_choice() -> dict:
         return {"cpu_kernels": f"not used (the steps run on {backend})", "avx512_rate_vs_avx2": None,
                 "avx512_units": None, "fma_peak_tflops": None}
     reason = cpu_kernels.unavailable_reason()
-    if reason is None and not cpu_kernels.measured_faster_here():
-        reason = "AVX-512 on full-width units: XLA's AVX-512 products are faster"
     rate = cpu_kernels.avx512_rate_ratio()
     return {"cpu_kernels": "used by auto" if reason is None else f"not used ({reason})",
             "avx512_rate_vs_avx2": rate,

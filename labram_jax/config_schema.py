@@ -261,13 +261,13 @@ def schema(size: str, stage: str) -> dict:
                              "without (official weights too): they start at the identity"),
         "head_pooling": Field("mean", "mean (the paper) or electrode: the head reads each electrode's pooled tokens "
                               "in its own slot (any montage)", one_of(model_config.HEAD_POOLINGS)),
-        "attention": Field("auto", "auto (CPU: cpu_kernel on AVX2 CPUs without full-width AVX-512 where it "
-                           "builds, else explicit; xla elsewhere), xla, cudnn (GPU, bf16), explicit or cpu_kernel (C++)",
+        "attention": Field("auto", "auto (CPU: cpu_kernel on x86 CPUs with AVX2 where it builds, "
+                           "else explicit; xla elsewhere), xla, cudnn (GPU, bf16), explicit or cpu_kernel (C++)",
                            one_of(model_config.ATTENTION_IMPLEMENTATIONS)),
-        "layer_norm": Field("auto", "auto (CPU: cpu_kernel on AVX2 CPUs without full-width AVX-512 where it "
-                            "builds, else xla), xla or cpu_kernel (C++)", one_of(model_config.LAYER_NORM_IMPLEMENTATIONS)),
-        "linear": Field("auto", "the blocks' linear layers: auto (CPU: cpu_kernel on AVX2 CPUs without "
-                        "full-width AVX-512 where it builds, else xla), xla or cpu_kernel (C++)",
+        "layer_norm": Field("auto", "auto (CPU: cpu_kernel on x86 CPUs with AVX2 where it builds, "
+                            "else xla), xla or cpu_kernel (C++)", one_of(model_config.LAYER_NORM_IMPLEMENTATIONS)),
+        "linear": Field("auto", "the blocks' linear layers: auto (CPU: cpu_kernel on x86 CPUs with AVX2 "
+                        "where it builds, AVX-512 tiles on full-width units; else xla), xla or cpu_kernel (C++)",
                         one_of(model_config.LINEAR_IMPLEMENTATIONS)),
         "mlp": Field("auto", "the blocks' MLPs: auto (fused where the linear layers run on cpu_kernel, without "
                      "LoRA), fused (GELU in the C++ kernel's first product) or layers (two linear layers, XLA's GELU)",

@@ -20,6 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 REFERENCE_DIR = pathlib.Path(os.environ.get("LABRAM_REFERENCE_DIR", SHARED / "reference"))
 EEG_DIR = SHARED / "eeg"
+# The x86 classes the C++ kernels were measured on (BENCHMARKS.md), as (cpu_flags, avx512_rate_ratio):
+# AVX2 only; AVX-512 on 256-bit units; AVX-512 on full-width units (the products' AVX-512 tiles).
+CPU_CLASSES = [({"avx2", "fma"}, None), ({"avx2", "fma", "avx512f"}, 1.0), ({"avx2", "fma", "avx512f"}, 2.0)]
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,8 @@
   q, k, v already apart in that layout.
 
 ``auto`` picks ``xla`` off CPU; on CPU ``cpu_kernel`` where the kernel works (float32, head size
-<= 32, one device) and the CPU has no AVX-512 or runs it on 256-bit units (the classes it was
-measured faster on: :func:`labram_jax.models.cpu_kernels.measured_faster_here`; XLA's own AVX-512
-products are twice as fast on full-width units), else ``explicit``. All give the same function.
+<= 32, one device; measured faster than ``explicit`` on every x86 class tried, full-width AVX-512
+included: BENCHMARKS.md, "Session 36"), else ``explicit``. All give the same function.
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ def _check_kernel(q):
 def _auto(q):
     if jax.default_backend() != "cpu":
         return "xla"
-    if cpu_kernels.measured_faster_here() and cpu_attention.supports(q):
+    if cpu_attention.supports(q):
         return "cpu_kernel"
     return "explicit"
 

@@ -1,8 +1,10 @@
 """The C++ kernels for x86 CPUs with AVX2 + FMA: building, loading and calling them.
 
-``auto`` settings use them where they were measured faster than XLA (:func:`measured_faster_here`):
-CPUs without AVX-512, and those whose AVX-512 runs on 256-bit units (``cpu_vector_rate.cc`` tells
-them apart); on full-width AVX-512 units XLA's products run at twice the kernels' rate.
+``auto`` settings use them wherever they load: they were measured faster than XLA's own code on
+every class of x86 CPU tried (BENCHMARKS.md): AVX2 only (AMD Zen 3), AVX-512 on 256-bit units (AMD
+Zen 4) and AVX-512 on full-width units (Intel Xeon, session 36), where the matrix products run
+AVX-512 register tiles (:func:`full_width_avx512`; ``cpu_vector_rate.cc`` tells the two AVX-512
+classes apart) and the rest stays AVX2 code.
 
 These operations run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was measured
 slower (BENCHMARKS.md, sessions 19, 21, 23, 24 and 31): softmax attention (``cpu_attention.cc``,
@@ -67,21 +69,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-# Where AVX-512 FMAs do less than this many times an AVX2 FMA's work per cycle, the CPU's vector
-# units are 256 bits wide and the (AVX2) kernels are preferred to XLA's AVX-512 code.
+# Where AVX-512 FMAs do at least this many times an AVX2 FMA's work per cycle, the CPU's vector
+# units are 512 bits wide; below it each AVX-512 instruction is split over 256-bit units.
 FULL_WIDTH_AVX512 = 1.5
 
 
-def measured_faster_here() -> bool:
-    """Whether this CPU is of a class the kernels were measured faster than XLA on (BENCHMARKS.md):
-    AVX2 without AVX-512 (AMD Zen 3, sessions 18-25), or AVX-512 run on 256-bit units (AMD Zen 4,
-    session 26: whole Base steps 1.3-1.5x as fast as with XLA's AVX-512 code). Where AVX-512 runs on
-    full-width units (:func:`avx512_rate_ratio` ~2; hosts of sessions 16-17 with twice the float32
-    matmul rate) XLA's AVX-512 products stay: the kernels, AVX2 code, would run at half the rate."""
+def full_width_avx512() -> bool:
+    """Whether this CPU's AVX-512 units are full width (:func:`avx512_rate_ratio` at least
+    :data:`FULL_WIDTH_AVX512`): where the product kernel's AVX-512 tiles (``cpu_matmul.cc``, ``wide``)
+    do twice the FMA work of its AVX2 ones. (On 256-bit units they were no faster: session 35.)"""
     if "avx512f" not in cpu_flags():
-        return True
+        return False
     ratio = avx512_rate_ratio()
-    return ratio is not None and ratio < FULL_WIDTH_AVX512
+    return ratio is not None and ratio >= FULL_WIDTH_AVX512
 
 
 @functools.cache

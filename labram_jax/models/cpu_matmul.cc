@@ -5,10 +5,12 @@
 // element by element by a factor [M, N] or put through exact GELU (its derivative written too where
 // wanted: an MLP's first layer forward, its gradient backward); optionally also the column
 // sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
-// is BLIS's: op(b) is packed in blocks of up to kKc rows into panels 16 columns wide, op(a) in
-// blocks of up to kMc rows into panels 6 rows high, and a 6 x 16 register tile (12 AVX2
-// accumulators) runs down each pair of panels. The work is split into parts run on XLA's intra-op
-// thread pool (Run says how). Built and loaded by cpu_kernels.py.
+// is BLIS's: op(b) is packed in blocks of up to kKc rows into panels Nr columns wide, op(a) in
+// blocks of up to kMc rows into panels 6 rows high, and a 6 x Nr register tile (12 accumulators)
+// runs down each pair of panels: Nr = 16 with AVX2 vectors, or Nr = 32 with AVX-512 ones (the
+// attribute `wide`, for CPUs whose AVX-512 units are full width and so do twice AVX2's FMA work per
+// cycle). The work is split into parts run on XLA's intra-op thread pool (Run says how). Built and
+// loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
 // c [M, N]; b_sums [N] or [0] (not wanted); gelu_derivative [M, N] with the attribute gelu, or [0] (not
@@ -30,8 +32,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kMr = 6, kNr = 16;  // the register tile
-constexpr int kMc = 168, kKc = 256, kNc = 4080;  // block sizes (BLIS's for Haswell-class cores)
+constexpr int kMr = 6;  // the register tile's rows; its columns, Nr, are 16 (AVX2) or 32 (AVX-512)
+constexpr int kMc = 168, kKc = 256;  // block sizes (BLIS's for Haswell-class cores)
+template <int Nr>
+constexpr int kNc = 4080 / Nr * Nr;  // op(b)'s columns packed at once
 
 struct Operand {
   const float* p;
@@ -109,50 +113,49 @@ void PackA(const Operand& a, int64_t i0, int rows, int64_t k0, int kc, float* ds
   }
 }
 
-// op(b)[k0 : k0 + kc, j0 : j0 + cols] -> dst as panels of kNr columns: dst[panel][k][c], zero
+// op(b)[k0 : k0 + kc, j0 : j0 + cols] -> dst as panels of Nr columns: dst[panel][k][c], zero
 // columns past `cols`. With sums, adds each column's sum over these kc rows to sums[j0 + c].
+template <int Nr>
 void PackB(const Operand& b, int64_t k0, int kc, int64_t j0, int cols, float* dst, float* sums) {
   if (b.t) {
-    for (int j = 0; j < cols; j += kNr) {
-      const int w = std::min(kNr, cols - j);
-      float* d = dst + (size_t)(j / kNr) * kc * kNr;
-      for (int c = 0; c < kNr; ++c) {
+    for (int j = 0; j < cols; j += Nr) {
+      const int w = std::min(Nr, cols - j);
+      float* d = dst + (size_t)(j / Nr) * kc * Nr;
+      for (int c = 0; c < Nr; ++c) {
         const float* s = b.p + (j0 + j + std::min(c, w - 1)) * b.ld + k0;
-        for (int k = 0; k < kc; ++k) d[(size_t)k * kNr + c] = c < w ? s[k] : 0.f;
+        for (int k = 0; k < kc; ++k) d[(size_t)k * Nr + c] = c < w ? s[k] : 0.f;
       }
     }
   } else {  // row by row, each read once from start to end (a panel at a time crawled: 1.8 GB/s)
     for (int k = 0; k < kc; ++k) {
       const float* s = b.p + (k0 + k) * b.ld + j0;
-      float* d = dst + (size_t)k * kNr;
+      float* d = dst + (size_t)k * Nr;
       int j = 0;
-      for (; j + kNr <= cols; j += kNr, d += (size_t)kc * kNr) {
-        _mm256_storeu_ps(d, _mm256_loadu_ps(s + j));
-        _mm256_storeu_ps(d + 8, _mm256_loadu_ps(s + j + 8));
+      for (; j + Nr <= cols; j += Nr, d += (size_t)kc * Nr) {
+        for (int h = 0; h < Nr; h += 8) _mm256_storeu_ps(d + h, _mm256_loadu_ps(s + j + h));
       }
       if (j < cols) {
-        for (int c = 0; c < kNr; ++c) d[c] = j + c < cols ? s[j + c] : 0.f;
+        for (int c = 0; c < Nr; ++c) d[c] = j + c < cols ? s[j + c] : 0.f;
       }
     }
   }
-  for (int j = 0; sums != nullptr && j < cols; j += kNr) {
-    const int w = std::min(kNr, cols - j);
-    const float* d = dst + (size_t)(j / kNr) * kc * kNr;
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (int j = 0; sums != nullptr && j < cols; j += Nr) {
+    const int w = std::min(Nr, cols - j);
+    const float* d = dst + (size_t)(j / Nr) * kc * Nr;
+    __m256 s[Nr / 8];
+    for (auto& v : s) v = _mm256_setzero_ps();
     for (int k = 0; k < kc; ++k) {
-      s0 = _mm256_add_ps(s0, _mm256_loadu_ps(d + (size_t)k * kNr));
-      s1 = _mm256_add_ps(s1, _mm256_loadu_ps(d + (size_t)k * kNr + 8));
+      for (int h = 0; h < Nr / 8; ++h) s[h] = _mm256_add_ps(s[h], _mm256_loadu_ps(d + (size_t)k * Nr + 8 * h));
     }
-    alignas(32) float t[kNr];
-    _mm256_store_ps(t, s0);
-    _mm256_store_ps(t + 8, s1);
+    alignas(32) float t[Nr];
+    for (int h = 0; h < Nr / 8; ++h) _mm256_store_ps(t + 8 * h, s[h]);
     for (int c = 0; c < w; ++c) sums[j0 + j + c] += t[c];
   }
 }
 
-// c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc, with
-// V = 2 vectors of 8 columns, or V = 1 for a last panel of at most 8 columns (N = 200: 12 panels and a
-// half one, whose zero half would otherwise cost as much as a full panel).
+// c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc, a
+// 16-column panel in V = 2 AVX2 vectors of 8 columns, or V = 1 for a last panel of at most 8 columns
+// (N = 200: 12 panels and a half one, whose zero half would otherwise cost as much as a full panel).
 template <int V>
 inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, int rows, int cols,
                  bool accumulate, const float* bias) {
@@ -160,7 +163,7 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
   // step of the loop (3-5x slower).
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int k = 0; k < kc; ++k, a += kMr, b += kNr) {
+  for (int k = 0; k < kc; ++k, a += kMr, b += 16) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = V == 2 ? _mm256_loadu_ps(b + 8) : b0;
     __m256 x = _mm256_broadcast_ss(a);
     c00 = _mm256_fmadd_ps(x, b0, c00);
@@ -181,7 +184,7 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
     c50 = _mm256_fmadd_ps(x, b0, c50);
     if constexpr (V == 2) c51 = _mm256_fmadd_ps(x, b1, c51);
   }
-  alignas(32) float t[kMr][kNr];
+  alignas(32) float t[kMr][16];
   _mm256_store_ps(t[0], c00), _mm256_store_ps(t[0] + 8, c01), _mm256_store_ps(t[1], c10);
   _mm256_store_ps(t[1] + 8, c11), _mm256_store_ps(t[2], c20), _mm256_store_ps(t[2] + 8, c21);
   _mm256_store_ps(t[3], c30), _mm256_store_ps(t[3] + 8, c31), _mm256_store_ps(t[4], c40);
@@ -194,6 +197,57 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
       for (int h = 0; h < V; ++h) {
         const __m256 add = accumulate ? _mm256_loadu_ps(row + 8 * h) : biases[h];
         _mm256_storeu_ps(row + 8 * h, _mm256_add_ps(_mm256_load_ps(t[r] + 8 * h), add));
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* row = c + r * ldc;
+    for (int j = 0; j < cols; ++j) row[j] = t[r][j] + (accumulate ? row[j] : (bias ? bias[j] : 0.f));
+  }
+}
+
+// Tile's AVX-512 twin for 32-column panels: V = 2 vectors of 16 columns, or V = 1 for a last panel
+// of at most 16 columns. Only for CPUs with avx512f (the handler checks).
+template <int V>
+__attribute__((target("avx512f"))) void WideTile(int kc, const float* a, const float* b, float* c, int64_t ldc,
+                                                 int rows, int cols, bool accumulate, const float* bias) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+         c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int k = 0; k < kc; ++k, a += kMr, b += 32) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = V == 2 ? _mm512_loadu_ps(b + 16) : b0;
+    __m512 x = _mm512_set1_ps(a[0]);
+    c00 = _mm512_fmadd_ps(x, b0, c00);
+    if constexpr (V == 2) c01 = _mm512_fmadd_ps(x, b1, c01);
+    x = _mm512_set1_ps(a[1]);
+    c10 = _mm512_fmadd_ps(x, b0, c10);
+    if constexpr (V == 2) c11 = _mm512_fmadd_ps(x, b1, c11);
+    x = _mm512_set1_ps(a[2]);
+    c20 = _mm512_fmadd_ps(x, b0, c20);
+    if constexpr (V == 2) c21 = _mm512_fmadd_ps(x, b1, c21);
+    x = _mm512_set1_ps(a[3]);
+    c30 = _mm512_fmadd_ps(x, b0, c30);
+    if constexpr (V == 2) c31 = _mm512_fmadd_ps(x, b1, c31);
+    x = _mm512_set1_ps(a[4]);
+    c40 = _mm512_fmadd_ps(x, b0, c40);
+    if constexpr (V == 2) c41 = _mm512_fmadd_ps(x, b1, c41);
+    x = _mm512_set1_ps(a[5]);
+    c50 = _mm512_fmadd_ps(x, b0, c50);
+    if constexpr (V == 2) c51 = _mm512_fmadd_ps(x, b1, c51);
+  }
+  alignas(64) float t[kMr][32];
+  _mm512_store_ps(t[0], c00), _mm512_store_ps(t[0] + 16, c01), _mm512_store_ps(t[1], c10);
+  _mm512_store_ps(t[1] + 16, c11), _mm512_store_ps(t[2], c20), _mm512_store_ps(t[2] + 16, c21);
+  _mm512_store_ps(t[3], c30), _mm512_store_ps(t[3] + 16, c31), _mm512_store_ps(t[4], c40);
+  _mm512_store_ps(t[4] + 16, c41), _mm512_store_ps(t[5], c50), _mm512_store_ps(t[5] + 16, c51);
+  if (rows == kMr && cols == 16 * V) {
+    __m512 biases[V];
+    for (int h = 0; h < V; ++h) biases[h] = bias ? _mm512_loadu_ps(bias + 16 * h) : _mm512_setzero_ps();
+    for (int r = 0; r < kMr; ++r) {
+      float* row = c + r * ldc;
+      for (int h = 0; h < V; ++h) {
+        const __m512 add = accumulate ? _mm512_loadu_ps(row + 16 * h) : biases[h];
+        _mm512_storeu_ps(row + 16 * h, _mm512_add_ps(_mm512_load_ps(t[r] + 16 * h), add));
       }
     }
     return;
@@ -264,29 +318,30 @@ int BlockSize(int64_t k0, int64_t k1) {
 int64_t RoundUp(int64_t x, int64_t unit) { return (x + unit - 1) / unit * unit; }
 
 // An operand packed once for all parts (null: each part packs what it reads), over the whole
-// contraction: a as [K block][M / kMr panels][kc][kMr], b as [K block][N / kNr panels][kc][kNr].
+// contraction: a as [K block][M / kMr panels][kc][kMr], b as [K block][N / Nr panels][kc][Nr].
 struct Shared {
   const float* a = nullptr;
   const float* b = nullptr;
 };
 
 // The part c[m0:m1, n0:n1] of the product over the contraction's k0:k1 (and b_sums[n0:n1] when
-// `sums`), in a workspace of WorkFloats() floats. With a `shared` operand, k0:k1 is 0:K and m0
-// (a shared) or n0 (b shared) is a multiple of the panel size.
+// `sums`), in a workspace of WorkFloats<Nr>() floats, with 6 x Nr tiles. With a `shared` operand,
+// k0:k1 is 0:K and m0 (a shared) or n0 (b shared) is a multiple of the panel size.
+template <int Nr>
 void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1, bool sums,
           float* work, const Shared& shared = {}) {
   const int kc_max = BlockSize(k0, k1);
   float* a_pack = work;
   float* b_pack = work + (size_t)kMc * kKc;
-  for (int64_t jc = n0; jc < n1; jc += kNc) {
-    const int nc = (int)std::min<int64_t>(kNc, n1 - jc);
+  for (int64_t jc = n0; jc < n1; jc += kNc<Nr>) {
+    const int nc = (int)std::min<int64_t>(kNc<Nr>, n1 - jc);
     for (int64_t pc = k0; pc < k1; pc += kc_max) {
       const int kc = (int)std::min<int64_t>(kc_max, k1 - pc);
       const float* b_panels = b_pack;
       if (shared.b) {
-        b_panels = shared.b + (pc - k0) * RoundUp(p.n, kNr) + jc * kc;
+        b_panels = shared.b + (pc - k0) * RoundUp(p.n, Nr) + jc * kc;
       } else {
-        PackB(p.b, pc, kc, jc, nc, b_pack, sums ? p.b_sums : nullptr);
+        PackB<Nr>(p.b, pc, kc, jc, nc, b_pack, sums ? p.b_sums : nullptr);
       }
       for (int64_t ic = m0; ic < m1; ic += kMc) {
         const int mc = (int)std::min<int64_t>(kMc, m1 - ic);
@@ -296,12 +351,13 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
         } else {
           PackA(p.a, ic, mc, pc, kc, a_pack);
         }
-        for (int jr = 0; jr < nc; jr += kNr) {
+        for (int jr = 0; jr < nc; jr += Nr) {
           const float* bias = (p.bias && pc == k0) ? p.bias + jc + jr : nullptr;
+          const bool half = nc - jr <= Nr / 2;  // a last panel's columns fit in one vector
+          const auto tile = Nr == 32 ? (half ? WideTile<1> : WideTile<2>) : (half ? Tile<1> : Tile<2>);
           for (int ir = 0; ir < mc; ir += kMr) {
-            const auto tile = nc - jr > 8 ? Tile<2> : Tile<1>;
             tile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
-                 std::min(kMr, mc - ir), std::min(kNr, nc - jr), pc > k0, bias);
+                 std::min(kMr, mc - ir), std::min(Nr, nc - jr), pc > k0, bias);
           }
         }
         if (pc + kc >= k1 && p.epilogue.any()) Finish(p.epilogue, p.c, p.n, ic, ic + mc, jc, jc + nc);
@@ -310,7 +366,8 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
   }
 }
 
-constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc; }
+template <int Nr>
+constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc<Nr>; }
 
 // Splits the work into parts (one for small products) run on the pool: the output along its longer
 // side in chunks of panels (labram_cpu::ForEachChunk: large first, small last), the operand every
@@ -318,6 +375,7 @@ constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc; }
 // chunks too; or, when the contraction is the longest side (a weight gradient: K = tokens), the
 // contraction, each part packing its own slices of both and summing into its own [M, N] buffer, the
 // buffers added at the end.
+template <int Nr>
 void Run(const Problem& p, ffi::ThreadPool& pool) {
   if (p.b_sums) std::fill(p.b_sums, p.b_sums + p.n, 0.f);
   if (p.k == 0) {  // sums of nothing: the bias, then the epilogue
@@ -335,14 +393,14 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
     thread_local std::vector<float> partial;  // the caller's, kept between calls
     if (partial.size() < (parts - 1) * size) partial.resize((parts - 1) * size);
     float* const scratch = partial.data();
-    labram_cpu::ForEachPart(pool, parts, WorkFloats(), /*zeroed=*/false, [&](int64_t t, float* work) {
+    labram_cpu::ForEachPart(pool, parts, WorkFloats<Nr>(), /*zeroed=*/false, [&](int64_t t, float* work) {
       Problem q = p;
       if (t > 0) {
         q.c = scratch + (t - 1) * size, q.bias = nullptr;
         q.b_sums = p.b_sums ? q.c + (size_t)p.m * p.n : nullptr;
         if (q.b_sums) std::fill(q.b_sums, q.b_sums + p.n, 0.f);
       }
-      Part(q, 0, p.m, 0, p.n, p.k * t / parts, p.k * (t + 1) / parts, q.b_sums != nullptr, work);
+      Part<Nr>(q, 0, p.m, 0, p.n, p.k * t / parts, p.k * (t + 1) / parts, q.b_sums != nullptr, work);
     });
     for (int64_t t = 1; t < parts; ++t) {
       const float* part = scratch + (t - 1) * size;
@@ -353,14 +411,14 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
     return;
   }
   const bool by_rows = p.m >= p.n;
-  const int64_t unit = by_rows ? kMr : kNr, units = ((by_rows ? p.m : p.n) + unit - 1) / unit;
+  const int64_t unit = by_rows ? kMr : Nr, units = ((by_rows ? p.m : p.n) + unit - 1) / unit;
   if (most == 1 || units == 1) {
-    Part(p, 0, p.m, 0, p.n, 0, p.k, true, labram_cpu::ThreadWorkspace(WorkFloats()));
+    Part<Nr>(p, 0, p.m, 0, p.n, 0, p.k, true, labram_cpu::ThreadWorkspace(WorkFloats<Nr>()));
     return;
   }
   // The other operand's panels, packed once: in chunks of its panels, every K block of each.
   const int kc_max = BlockSize(0, p.k);
-  const int64_t other = by_rows ? kNr : kMr, length = by_rows ? p.n : p.m;
+  const int64_t other = by_rows ? Nr : kMr, length = by_rows ? p.n : p.m;
   const int64_t panels = (length + other - 1) / other;
   thread_local std::vector<float> packed_storage;  // the caller's, kept between calls
   const size_t packed_floats = (size_t)p.k * panels * other;
@@ -372,7 +430,7 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
       const int kc = (int)std::min<int64_t>(kc_max, p.k - pc);
       float* dst = packed + pc * panels * other + first * kc;
       if (by_rows) {
-        PackB(p.b, pc, kc, first, (int)(last - first), dst, p.b_sums);
+        PackB<Nr>(p.b, pc, kc, first, (int)(last - first), dst, p.b_sums);
       } else {
         PackA(p.a, first, (int)(last - first), pc, kc, dst);
       }
@@ -380,11 +438,11 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   });
   Shared shared;
   (by_rows ? shared.b : shared.a) = packed;
-  labram_cpu::ForEachChunk(pool, units, 2, WorkFloats(), /*zeroed=*/false, [&](int64_t u0, int64_t u1, float* work) {
+  labram_cpu::ForEachChunk(pool, units, 2, WorkFloats<Nr>(), /*zeroed=*/false, [&](int64_t u0, int64_t u1, float* work) {
     if (by_rows) {
-      Part(p, u0 * unit, std::min(p.m, u1 * unit), 0, p.n, 0, p.k, false, work, shared);
+      Part<Nr>(p, u0 * unit, std::min(p.m, u1 * unit), 0, p.n, 0, p.k, false, work, shared);
     } else {
-      Part(p, 0, p.m, u0 * unit, std::min(p.n, u1 * unit), 0, p.k, true, work, shared);
+      Part<Nr>(p, 0, p.m, u0 * unit, std::min(p.n, u1 * unit), 0, p.k, true, work, shared);
     }
   });
 }
@@ -392,7 +450,10 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
 ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bias,
                   ffi::Buffer<ffi::F32> factor, ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums,
                   ffi::ResultBuffer<ffi::F32> gelu_derivative, bool transpose_a, bool transpose_b, bool gelu,
-                  ffi::ThreadPool pool) {
+                  bool wide, ffi::ThreadPool pool) {
+  if (wide && !__builtin_cpu_supports("avx512f"))
+    return ffi::Error::InvalidArgument("matmul: wide=true needs a CPU with AVX-512 (avx512f); this one has none "
+                                       "(cpu_matmul.matmul(..., wide=False) uses AVX2)");
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
     return ffi::Error::InvalidArgument("matmul: a, b and c must be matrices");
@@ -430,7 +491,11 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
       for (int64_t j = 0; j < p.n; ++j) p.b_sums[j] += p.b.t ? p.b.p[j * p.b.ld + k] : p.b.p[k * p.b.ld + j];
     return ffi::Error::Success();
   }
-  Run(p, pool);
+  if (wide) {
+    Run<32>(p, pool);
+  } else {
+    Run<16>(p, pool);
+  }
   return ffi::Error::Success();
 }
 
@@ -462,7 +527,7 @@ void NearestRows(const float* z, const float* w, const float* zz, const float* w
     sub.b = {w + j0 * d, d, true};
     sub.m = rows, sub.n = cols, sub.k = d;
     sub.bias = nullptr, sub.c = scratch, sub.b_sums = nullptr;
-    Part(sub, 0, rows, 0, cols, 0, d, false, work);
+    Part<16>(sub, 0, rows, 0, cols, 0, d, false, work);
     for (int64_t r = 0; r < rows; ++r) {
       const float* dot = scratch + r * cols;
       __m256 bv = lane_value[r];
@@ -529,11 +594,11 @@ ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi:
   const int64_t units = (m + kMr - 1) / kMr;
   const int64_t parts = std::min<int64_t>(2 * labram_cpu::UsableCpus(), units);
   const size_t scratch_floats = (size_t)((units + parts - 1) / parts) * kMr * kNearestBlock;
-  labram_cpu::ForEachPart(pool, parts, WorkFloats() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
+  labram_cpu::ForEachPart(pool, parts, WorkFloats<16>() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
     const int64_t m0 = std::min(m, units * t / parts * kMr), m1 = std::min(m, units * (t + 1) / parts * kMr);
     if (m1 > m0)
       NearestRows(z.typed_data(), codebook.typed_data(), zz.data(), ww.data(), m0, m1, n, d, codes->typed_data(),
-                  values->typed_data(), work, work + WorkFloats());
+                  values->typed_data(), work, work + WorkFloats<16>());
   });
   return ffi::Error::Success();
 }
@@ -552,6 +617,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
                                   .Attr<bool>("gelu")            // c through exact GELU
+                                  .Attr<bool>("wide")            // 32-column tiles of AVX-512 vectors
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramNearest, Nearest,

@@ -21,7 +21,7 @@ INSTEAD = "linear='xla'"
 
 def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpose_a: bool = False,
            transpose_b: bool = False, b_sums: bool = False, factor: jax.Array | None = None,
-           gelu: bool = False, gelu_derivative: bool = True) -> jax.Array | tuple[jax.Array, ...]:
+           gelu: bool = False, gelu_derivative: bool = True, wide: bool | None = None) -> jax.Array | tuple[jax.Array, ...]:
     """``op(a) @ op(b) (+ bias)`` by the kernel, op transposing where asked, then optionally
     ``* factor`` or exact GELU, applied as the result is written.
 
@@ -32,6 +32,9 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
       gelu: put the result through exact GELU (not with ``factor``);
       gelu_derivative: with ``gelu``, also return GELU's derivative there (False: not computed, for a
         forward pass nothing differentiates; the GELU is the same to the bit).
+      wide: 6 x 32 register tiles of AVX-512 vectors instead of 6 x 16 ones of AVX2 vectors (a CPU
+        with AVX-512 only; the sums are added in the same order either way); None: where this CPU's
+        AVX-512 units are full width (:func:`labram_jax.models.cpu_kernels.full_width_avx512`).
     Returns:
       c [M, N]; then, as asked, [N] ``op(b).sum(0)`` and [M, N] ``GELU'(op(a) @ op(b) + bias)``.
     """
@@ -39,6 +42,8 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
     n = b.shape[0] if transpose_b else b.shape[1]
     if gelu and factor is not None:
         raise ValueError("matmul: pass a factor or gelu=True, not both")
+    if wide is None:
+        wide = cpu_kernels.full_width_avx512()
     none = jnp.zeros((0,), jnp.float32)
     result = jax.ShapeDtypeStruct
     c, sums, derivative = cpu_kernels.call(
@@ -46,7 +51,7 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
                               result((m, n) if gelu and gelu_derivative else (0,), jnp.float32)),
         a, b, none if bias is None else bias, none if factor is None else factor, what="matmul", instead=INSTEAD,
         vmap_method="sequential", transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b),
-        gelu=np.bool_(gelu))
+        gelu=np.bool_(gelu), wide=np.bool_(wide))
     extras = (sums,) * b_sums + (derivative,) * (gelu and gelu_derivative)
     return (c, *extras) if extras else c
 

@@ -9,9 +9,9 @@ Implementations (``TransformerConfig.linear``):
   forward product with the bias added as it is written, the input gradient ``dy kernel^T``, and
   the kernel gradient ``x^T dy`` with the bias gradient taken while packing ``dy``. The same
   function to float32 rounding (products summed in another order).
-- ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without full-width AVX-512 where it builds and
-  applies (where it was measured faster: BENCHMARKS.md, "Session 23", and "Session 26" for AVX-512
-  on 256-bit units; :func:`labram_jax.models.cpu_kernels.measured_faster_here`), else ``xla``.
+- ``auto``: ``cpu_kernel`` where it builds and applies (measured faster on every x86 class tried:
+  BENCHMARKS.md, "Session 23" for AVX2, "Session 26" for AVX-512 on 256-bit units, "Session 36" for
+  full-width AVX-512, where the kernel runs AVX-512 tiles), else ``xla``.
 
 :func:`gelu_mlp` is a transformer block's MLP, ``GELU(x kernel_1 + bias_1) kernel_2 + bias_2``, by
 the kernel alone, with GELU applied as the first product is written (BENCHMARKS.md, "Session 24");
@@ -54,7 +54,7 @@ def resolve(implementation: str, *operands: jax.Array) -> str:
         raise ValueError(f"linear implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
     reason = next(filter(None, (cpu_kernels.refusal(a) for a in operands)), None)
     if implementation == "auto":
-        return "cpu_kernel" if cpu_kernels.measured_faster_here() and reason is None else "xla"
+        return "xla" if reason else "cpu_kernel"
     if implementation == "cpu_kernel" and reason:
         raise ValueError(f"linear='cpu_kernel' cannot run here ({reason}); use 'xla'")
     return implementation

@@ -8,9 +8,9 @@ weights are unchanged). Implementations (``TransformerConfig.layer_norm``):
   the very numbers ``flax.linen.LayerNorm`` gives.
 - ``cpu_kernel``: :mod:`labram_jax.models.cpu_layer_norm` (float32 on one CPU device; variance in
   two passes), with its own backward pass. The same function to float32 rounding.
-- ``auto``: ``cpu_kernel`` on CPUs with AVX2 and without full-width AVX-512 where it builds and
-  applies (where it was measured faster: BENCHMARKS.md, "Session 21", and "Session 26" for AVX-512
-  on 256-bit units; :func:`labram_jax.models.cpu_kernels.measured_faster_here`), else ``xla``.
+- ``auto``: ``cpu_kernel`` where it builds and applies (measured faster: BENCHMARKS.md, "Session
+  21" for AVX2, "Session 26" for AVX-512 on 256-bit units, "Session 36" for full-width AVX-512),
+  else ``xla``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, impl
 
 
 def _auto(x, scale, bias) -> str:
-    if cpu_kernels.measured_faster_here() and all(cpu_kernels.refusal(a) is None for a in (x, scale, bias)):
+    if all(cpu_kernels.refusal(a) is None for a in (x, scale, bias)):
         return "cpu_kernel"
     return "xla"
 

@@ -11,6 +11,7 @@ import pytest
 
 from labram_jax import sharding
 from labram_jax.models import attention, cpu_attention, cpu_kernels, normalization
+from tests.conftest import CPU_CLASSES
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -76,17 +77,13 @@ def test_kernel_under_vmap():
         np.testing.assert_allclose(batched[i], f(*(x[i] for x in stacked)), rtol=1e-6, atol=1e-6)
 
 
-def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
+def test_auto_uses_the_kernel_on_every_cpu_class_where_it_applies(monkeypatch):
     q = jnp.zeros((1, 2, 5, 20), jnp.float32)
     monkeypatch.setattr(cpu_attention, "supports", lambda q: True)
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
-    assert attention._auto(q) == "cpu_kernel"
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 2.0)  # full-width AVX-512 units
-    assert attention._auto(q) == "explicit"
-    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)  # AVX-512 on 256-bit units
-    assert attention._auto(q) == "cpu_kernel"
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    for flags, ratio in CPU_CLASSES:
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: ratio)
+        assert attention._auto(q) == "cpu_kernel", (flags, ratio)
     monkeypatch.setattr(cpu_attention, "supports", lambda q: False)
     assert attention._auto(q) == "explicit"
 
@@ -146,16 +143,16 @@ def test_avx512_rate_ratio_tells_full_width_units_from_split_ones():
     ratios = [cpu_kernels.avx512_rate_ratio.__wrapped__() for _ in range(3)]
     assert all(0.8 < r < 2.3 for r in ratios), ratios
     assert max(ratios) - min(ratios) < 0.3, f"the probe should repeat: {ratios}"
-    assert cpu_kernels.measured_faster_here() == (cpu_kernels.avx512_rate_ratio() < cpu_kernels.FULL_WIDTH_AVX512)
+    assert cpu_kernels.full_width_avx512() == (cpu_kernels.avx512_rate_ratio() >= cpu_kernels.FULL_WIDTH_AVX512)
 
 
-def test_measured_faster_here_without_avx512_needs_no_probe(monkeypatch):
+def test_full_width_avx512_without_avx512_needs_no_probe(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: pytest.fail("probed a CPU without AVX-512"))
-    assert cpu_kernels.measured_faster_here()
+    assert not cpu_kernels.full_width_avx512()
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: None)  # the kernels could not load
-    assert not cpu_kernels.measured_faster_here()
+    assert not cpu_kernels.full_width_avx512()
 
 
 def test_switched_off_by_the_environment(monkeypatch):

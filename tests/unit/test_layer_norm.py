@@ -9,6 +9,7 @@ import pytest
 
 from labram_jax import sharding
 from labram_jax.models import config as model_config, cpu_kernels, cpu_layer_norm, layers, normalization
+from tests.conftest import CPU_CLASSES
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -121,18 +122,14 @@ def test_block_gradients_do_not_depend_on_the_implementation():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), results[0][1], results[1][1])
 
 
-def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
+def test_auto_uses_the_kernel_on_every_cpu_class_where_it_applies(monkeypatch):
     x = jnp.zeros((4, 20), jnp.float32)
     scale = jnp.ones(20, jnp.float32)
     monkeypatch.setattr(cpu_kernels, "refusal", lambda a: None)
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
-    assert normalization._auto(x, scale, scale) == "cpu_kernel"
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 2.0)  # full-width AVX-512 units
-    assert normalization._auto(x, scale, scale) == "xla"
-    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)  # AVX-512 on 256-bit units
-    assert normalization._auto(x, scale, scale) == "cpu_kernel"
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    for flags, ratio in CPU_CLASSES:
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: ratio)
+        assert normalization._auto(x, scale, scale) == "cpu_kernel", (flags, ratio)
     monkeypatch.setattr(cpu_kernels, "refusal", lambda a: "no" if a.dtype == jnp.bfloat16 else None)
     assert normalization._auto(x.astype(jnp.bfloat16), scale, scale) == "xla"
 

@@ -11,9 +11,14 @@ import pytest
 from labram_jax import sharding
 from labram_jax.models import config as model_config, cpu_kernels, cpu_matmul, layers, linear
 from labram_jax.models import linear_cross_entropy, tokenizer, transformer
+from tests.conftest import CPU_CLASSES
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+HAS_AVX512 = "avx512f" in cpu_kernels.cpu_flags()
+# The product kernel's register tiles: 6 x 16 of AVX2 vectors, and 6 x 32 of AVX-512 ones (`wide`).
+WIDTHS = [pytest.param(False, id="avx2"),
+          pytest.param(True, id="wide", marks=pytest.mark.skipif(not HAS_AVX512, reason="the CPU has no AVX-512"))]
 
 
 def _normal(seed, *shape):
@@ -24,25 +29,48 @@ def _normal(seed, *shape):
 @pytest.mark.parametrize("m, k, n", [
     (1, 1, 1), (7, 5, 17), (13, 600, 33),  # one part (under 4 MFLOP), edge tiles of 6 rows and 16 columns
     (9, 40, 25),           # the last panel 9 columns wide: a 16-column tile, not the 8-column one
+    (11, 30, 16), (8, 9, 49),  # wide: one 16-column vector, whole; the last panel 17 columns (two vectors)
     (500, 64, 80),         # parts by rows, op(b) packed once beforehand (with its column sums)
-    (300, 513, 4100),      # parts by columns, op(a) packed once; contraction in 3 blocks; N > 4,080 columns
+    (300, 513, 4100),      # parts by columns, op(a) packed once; contraction in 3 blocks; N > 4,080 (4,064) columns
     (40, 200, 520),        # parts by columns (N > M); the last panel 8 columns wide (the half tile, as N = 200)
     (200, 1500, 120),      # the contraction split between parts, summed at the end (a weight gradient)
     (5, 0, 3), (0, 4, 3)])
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
-def test_kernel_product_matches_float64(m, k, n, transpose_a, transpose_b):
+@pytest.mark.parametrize("wide", WIDTHS)
+def test_kernel_product_matches_float64(m, k, n, transpose_a, transpose_b, wide):
     a, b, bias = _normal(m + k, m, k), _normal(n + k, k, n), _normal(n, n)
     stored_a, stored_b = (a.T.copy() if transpose_a else a), (b.T.copy() if transpose_b else b)
     run = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, transpose_b=transpose_b,
-                                                    b_sums=True))
+                                                    b_sums=True, wide=wide))
     c, sums = run(stored_a, stored_b, bias)
     truth = a.astype(np.float64) @ b + bias
     scale = np.sqrt(max(k, 1))  # float32 sums of k products of unit normals
     np.testing.assert_allclose(c, truth, rtol=1e-5, atol=2e-6 * scale)
     np.testing.assert_allclose(sums, b.astype(np.float64).sum(0), rtol=1e-5, atol=2e-6 * scale)
-    plain = jax.jit(lambda x, y: cpu_matmul.matmul(x, y, transpose_a=transpose_a, transpose_b=transpose_b))
+    plain = jax.jit(lambda x, y: cpu_matmul.matmul(x, y, transpose_a=transpose_a, transpose_b=transpose_b, wide=wide))
     np.testing.assert_allclose(plain(stored_a, stored_b), truth - bias, rtol=1e-5, atol=2e-6 * scale)
+
+
+@needs_kernel
+@pytest.mark.skipif(not HAS_AVX512, reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("m, k, n, transpose_a", [(1848, 200, 600, False), (37, 300, 45, False),
+                                                 (200, 1848, 800, True), (40, 200, 520, False)])
+def test_wide_tiles_add_in_the_same_order_as_avx2_ones(m, k, n, transpose_a):
+    # Each output element is the same chain of FMAs over the contraction in both widths (the blocks of
+    # the contraction and its split between parts do not depend on the tile): the same bits.
+    a, b, bias = _normal(m, k, m) if transpose_a else _normal(m, m, k), _normal(n, k, n), _normal(k, n)
+    run = jax.jit(lambda x, y, z, wide: cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, b_sums=True, wide=wide),
+                  static_argnames="wide")
+    for narrow, wide in zip(run(a, b, bias, wide=False), run(a, b, bias, wide=True)):
+        np.testing.assert_array_equal(wide, narrow)
+
+
+@needs_kernel
+@pytest.mark.skipif(HAS_AVX512, reason="the CPU has AVX-512: the wide tiles run here")
+def test_wide_tiles_are_refused_without_avx512():
+    with pytest.raises(Exception, match="needs a CPU with AVX-512"):
+        jax.block_until_ready(cpu_matmul.matmul(jnp.ones((4, 3)), jnp.ones((3, 2)), wide=True))
 
 
 @needs_kernel
@@ -153,17 +181,15 @@ def test_block_and_loss_head_do_not_depend_on_the_implementation():
                                tokenizer.squared_distances(z, codebook, "xla"), rtol=1e-5, atol=1e-4)
 
 
-def test_auto_uses_the_kernel_only_where_it_was_measured_faster(monkeypatch):
+@pytest.mark.parametrize("flags, ratio", CPU_CLASSES)
+def test_auto_uses_the_kernel_wherever_it_applies_with_tiles_as_wide_as_the_units(monkeypatch, flags, ratio):
     x, w = jnp.zeros((4, 20), jnp.float32), jnp.zeros((20, 8), jnp.float32)
     monkeypatch.setattr(cpu_kernels, "refusal", lambda a: None)
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio",
+                        (lambda: ratio) if ratio else (lambda: pytest.fail("probed a CPU without AVX-512")))
     assert linear.resolve("auto", x, w) == "cpu_kernel"
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 2.0)  # full-width AVX-512 units
-    assert linear.resolve("auto", x, w) == "xla"
-    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)  # AVX-512 on 256-bit units
-    assert linear.resolve("auto", x, w) == "cpu_kernel"
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    assert cpu_kernels.full_width_avx512() == (ratio == 2.0)
     monkeypatch.setattr(cpu_kernels, "refusal", lambda a: "no" if a.dtype == jnp.bfloat16 else None)
     assert linear.resolve("auto", x.astype(jnp.bfloat16), w) == "xla"
     assert linear.resolve("xla", x, w) == "xla"
@@ -205,21 +231,23 @@ def _gelu64(h):
     (900, 200, 96, True),   # parts by rows; op(b) transposed (an input gradient)
     (40, 3000, 48, False),  # a shape the contraction split would take: not with an epilogue
     (5, 0, 3, False)])      # no contraction: the epilogue on the bias
-def test_kernel_epilogues_match_float64(m, k, n, transpose_b):
+@pytest.mark.parametrize("wide", WIDTHS)
+def test_kernel_epilogues_match_float64(m, k, n, transpose_b, wide):
     a, b, bias, factor = _normal(m, m, k), _normal(k, k, n) * 0.3, _normal(n, n), _normal(m + n, m, n)
     stored_b = b.T.copy() if transpose_b else b
     h = a.astype(np.float64) @ b + bias
     scale = np.sqrt(max(k, 1)) * 0.3
-    gelu, derivative = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, gelu=True))(
-        a, stored_b, bias)
+    gelu, derivative = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, gelu=True,
+                                                                 wide=wide))(a, stored_b, bias)
     want_gelu, want_derivative = _gelu64(h)
     np.testing.assert_allclose(gelu, want_gelu, rtol=1e-5, atol=3e-6 * scale)
     # GELU' has slope at most ~0.5: the float32 sums' error, plus erf's and exp's few ulps
     np.testing.assert_allclose(derivative, want_derivative, rtol=1e-5, atol=3e-6 * scale)
-    gelu_only = cpu_matmul.matmul(a, stored_b, bias, transpose_b=transpose_b, gelu=True, gelu_derivative=False)
+    gelu_only = cpu_matmul.matmul(a, stored_b, bias, transpose_b=transpose_b, gelu=True, gelu_derivative=False,
+                                  wide=wide)
     np.testing.assert_array_equal(gelu_only, gelu)  # one array; the same GELU to the bit
-    multiplied = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, factor=f))(
-        a, stored_b, bias, factor)
+    multiplied = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, factor=f,
+                                                              wide=wide))(a, stored_b, bias, factor)
     np.testing.assert_allclose(multiplied, h * factor, rtol=1e-5, atol=3e-6 * scale * np.abs(factor).max())
     with pytest.raises(ValueError, match="not both"):
         cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, gelu=True, factor=factor)

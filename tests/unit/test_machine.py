@@ -44,7 +44,7 @@ def test_the_cpu_kernels_choice_is_stated(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.98)
     full = machine.describe(str(info), env={})
-    assert full["cpu_kernels"].startswith("not used (AVX-512 on full-width units") and full["avx512_units"] == "512-bit"
+    assert full["cpu_kernels"] == "used by auto" and full["avx512_units"] == "512-bit"  # products on AVX-512 tiles
     assert "AVX-512 on 512-bit units (1.98x AVX2's FMA rate)" in machine.summary(full)
     monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)
     split = machine.describe(str(info), env={})
