@@ -8,7 +8,9 @@
 // (batch, head) is computed at a time in a per-thread workspace, so the [L, L] matrices stay in the
 // core's cache instead of going to memory between XLA's operations. The scores are kept in base 2
 // (q's scale and the bias times log2 e, so exp(S - rowmax) = 2^(S2 - rowmax2), the cheaper function:
-// labram_cpu::Exp2Neg8); rowmax is returned in those units. Built and loaded by cpu_kernels.py.
+// labram_cpu::Exp2Neg8); rowmax is returned in those units. With the attribute `wide` (CPUs whose
+// AVX-512 units are full width) the scores-shaped product and the value-gradient product run AVX-512
+// forms, each element the same chain of FMAs (the same bits). Built and loaded by cpu_kernels.py.
 //
 // Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32, or [..., L, H, K] with
 // the attribute token_major (the layout of a [..., L, H * K] projection: no transposes around the
@@ -74,6 +76,7 @@ struct Sizes {
   int Lp;  // L padded to 16: columns of the [L, L] buffers
   int Lr;  // L padded to 12: rows (a multiple of every row tile)
   int Kp;  // K padded to 8
+  bool wide = false;  // the [L, L] products' AVX-512 forms (the attribute wide: full-width AVX-512 units)
   size_t Square() const { return (size_t)Lr * Lp + 16; }  // an [Lr, Lp] buffer (+ slack for reads past a row)
   size_t Narrow() const { return (size_t)Lr * Kp; }       // an [Lr, Kp] buffer
   size_t Wide() const { return (size_t)K * Lp; }          // a transposed [K, Lp] buffer
@@ -97,8 +100,46 @@ void PackColumns(const Sizes& z, const float* x, float* dst, int64_t ld) {
   }
 }
 
+// ProductNT's AVX-512 form: 6 rows by V vectors of 16 columns (the last 16 of Lp alone where Lp is
+// not a multiple of 32), each element the same chain of FMAs over k (the same bits).
+template <int V>
+__attribute__((target("avx512f"))) inline void WideTileNT(const Sizes& z, const float* ar, const float* bc,
+                                                          const float* init, float* c) {
+  __m512 c0[kRowTile], c1[kRowTile];
+  const __m512 i0 = _mm512_loadu_ps(init), i1 = V == 2 ? _mm512_loadu_ps(init + 16) : i0;
+  for (int r = 0; r < kRowTile; ++r) c0[r] = i0, c1[r] = i1;
+  for (int k = 0; k < z.K; ++k, bc += z.Lp) {
+    const __m512 b0 = _mm512_loadu_ps(bc), b1 = V == 2 ? _mm512_loadu_ps(bc + 16) : b0;
+    for (int r = 0; r < kRowTile; ++r) {
+      const __m512 x = _mm512_set1_ps(ar[(size_t)r * z.Kp + k]);
+      c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+      if constexpr (V == 2) c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < kRowTile; ++r) {
+    _mm512_storeu_ps(c + (size_t)r * z.Lp, c0[r]);
+    if constexpr (V == 2) _mm512_storeu_ps(c + (size_t)r * z.Lp + 16, c1[r]);
+  }
+}
+
+__attribute__((target("avx512f"))) void WideProductNT(const Sizes& z, const float* a, const float* bt,
+                                                      const float* init, float* c) {
+  for (int l0 = 0; l0 < z.Lr; l0 += kRowTile) {
+    for (int m0 = 0; m0 < z.Lp; m0 += 32) {
+      const float* ar = a + (size_t)l0 * z.Kp;
+      float* out = c + (size_t)l0 * z.Lp + m0;
+      if (z.Lp - m0 >= 32) {
+        WideTileNT<2>(z, ar, bt + m0, init + m0, out);
+      } else {
+        WideTileNT<1>(z, ar, bt + m0, init + m0, out);
+      }
+    }
+  }
+}
+
 // c [Lr, Lp] = a [Lr, Kp] . bt [K, Lp] + init [Lp] (added to every row).
 void ProductNT(const Sizes& z, const float* a, const float* bt, const float* init, float* c) {
+  if (z.wide) return WideProductNT(z, a, bt, init, c);
   const int K = z.K, Lp = z.Lp, Kp = z.Kp;
   for (int l0 = 0; l0 < z.Lr; l0 += kRowTile) {
     const float* ar = a + (size_t)l0 * Kp;
@@ -157,7 +198,12 @@ void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_
 // down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
 // are m (L of every 24 used) rather than K (20 of 24); the tile is written transposed. A row of a is
 // read up to 16 floats past Lp: the next row, or the last row's slack.
+__attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const float* a, const float* b, float scale,
+                                                      float* out, int64_t ld);
+bool WideTN(const Sizes& z);
+
 void ProductTN(const Sizes& z, const float* a, const float* b, float scale, float* out, int64_t ld) {
+  if (z.wide && WideTN(z)) return WideProductTN(z, a, b, scale, out, ld);
   constexpr int KR = 4, MV = 3;
   const int Lp = z.Lp, Kp = z.Kp;
   for (int m0 = 0; m0 < z.L; m0 += 8 * MV) {
@@ -184,6 +230,44 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float scale, floa
     }
   }
 }
+
+// ProductTN's AVX-512 form: tiles of 10 of b's columns by 32 of a's (2 vectors along m), so a's strip
+// is read twice for K = 20 (five times in 4-column tiles: this product was bound by those reads, not
+// by its FMAs). Lanes past Lp are masked off (never read); b's rows are read to k0 + 10, within Kp
+// where WideTN says so. Each element the same chain of FMAs over l as ProductTN's (the same bits).
+// (The tile as a function templated on its width kept its accumulators on the stack: 0.92x.)
+__attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const float* a, const float* b, float scale,
+                                                      float* out, int64_t ld) {
+  constexpr int KR = 10, MV = 2;
+  for (int m0 = 0; m0 < z.L; m0 += 16 * MV) {
+    __mmask16 mask[MV];
+    for (int j = 0; j < MV; ++j) mask[j] = (__mmask16)((1u << std::clamp(z.Lp - (m0 + 16 * j), 0, 16)) - 1);
+    for (int k0 = 0; k0 < z.K; k0 += KR) {
+      __m512 acc[KR][MV];
+      for (int r = 0; r < KR; ++r)
+        for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_setzero_ps();
+      const float* al = a + m0;
+      const float* bl = b + k0;
+      for (int l = 0; l < z.L; ++l, al += z.Lp, bl += z.Kp) {
+        __m512 av[MV];
+        for (int j = 0; j < MV; ++j) av[j] = _mm512_maskz_loadu_ps(mask[j], al + 16 * j);
+        for (int r = 0; r < KR; ++r) {
+          const __m512 x = _mm512_set1_ps(bl[r]);
+          for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_fmadd_ps(x, av[j], acc[r][j]);
+        }
+      }
+      alignas(64) float tile[KR][16 * MV];
+      for (int r = 0; r < KR; ++r)
+        for (int j = 0; j < MV; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+      const int rows = std::min(KR, z.K - k0), cols = std::min(16 * MV, z.L - m0);
+      for (int i = 0; i < cols; ++i)
+        for (int r = 0; r < rows; ++r) out[(size_t)(m0 + i) * ld + k0 + r] = tile[r][i];
+    }
+  }
+}
+
+// Whether WideProductTN reads b's rows only within Kp: K rounded up to 10 fits (K = 20 in 24; 25 in 32).
+bool WideTN(const Sizes& z) { return (z.K + 9) / 10 * 10 <= z.Kp; }
 
 // bias [L] -> dst [Lp] in base 2 (times log2 e), -inf past L (padding columns get no weight).
 void PackBias(const Sizes& z, const float* bias, float* dst) {
@@ -553,12 +637,14 @@ template <int NV> struct QkvBackwardHead { static constexpr auto fn = &Backward:
 ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
                             ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> row_sum,
-                            bool token_major, float scale, ffi::ThreadPool pool) {
+                            bool token_major, float scale, bool wide, ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
-  const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out->dimensions()},
-                                      bias.element_count(), token_major, &z, &pairs, &heads);
+  std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), out->dimensions()},
+                                bias.element_count(), token_major, &z, &pairs, &heads);
+  if (bad.empty()) bad = labram_cpu::WideRefusal(wide, "attention");
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  z.wide = wide;
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<ForwardHead>(z.Kp);
   labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
@@ -574,13 +660,16 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
                              ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> d_out,
                              ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv, bool token_major, float scale, ffi::ThreadPool pool) {
+                             ffi::ResultBuffer<ffi::F32> dv, bool token_major, float scale, bool wide,
+                             ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
-  const std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), d_out.dimensions(),
-                                                       dq->dimensions(), dk->dimensions(), dv->dimensions()},
-                                      bias.element_count(), token_major, &z, &pairs, &heads);
+  std::string bad = CheckShapes(q.dimensions(), {k.dimensions(), v.dimensions(), d_out.dimensions(),
+                                                 dq->dimensions(), dk->dimensions(), dv->dimensions()},
+                                bias.element_count(), token_major, &z, &pairs, &heads);
+  if (bad.empty()) bad = labram_cpu::WideRefusal(wide, "attention");
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  z.wide = wide;
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<BackwardHead>(z.Kp);
   labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
@@ -643,13 +732,15 @@ struct QkvPair {
 ffi::Error QkvAttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gamma,
                                ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> out,
                                ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> row_sum,
-                               bool normalize_q, bool normalize_k, float eps, float scale, ffi::ThreadPool pool) {
+                               bool normalize_q, bool normalize_k, float eps, float scale, bool wide,
+                               ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
-  const std::string bad = CheckQkvShapes(qkv.dimensions(), out->dimensions(), bias.element_count(),
-                                         gamma.element_count(), beta.element_count(), normalize_q || normalize_k, &z,
-                                         &pairs, &heads);
+  std::string bad = CheckQkvShapes(qkv.dimensions(), out->dimensions(), bias.element_count(), gamma.element_count(),
+                                   beta.element_count(), normalize_q || normalize_k, &z, &pairs, &heads);
+  if (bad.empty()) bad = labram_cpu::WideRefusal(wide, "attention");
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  z.wide = wide;
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const bool affine = gamma.element_count() != 0;
   const auto head = ByVectors<QkvForwardHead>(z.Kp);
@@ -675,7 +766,8 @@ ffi::Error QkvAttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32>
                                 ffi::Buffer<ffi::F32> beta, ffi::Buffer<ffi::F32> d_out,
                                 ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_sum,
                                 ffi::ResultBuffer<ffi::F32> d_qkv, ffi::ResultBuffer<ffi::F32> d_affine,
-                                bool normalize_q, bool normalize_k, float eps, float scale, ffi::ThreadPool pool) {
+                                bool normalize_q, bool normalize_k, float eps, float scale, bool wide,
+                                ffi::ThreadPool pool) {
   Sizes z;
   int64_t pairs, heads;
   std::string bad = CheckQkvShapes(qkv.dimensions(), d_out.dimensions(), bias.element_count(), gamma.element_count(),
@@ -684,7 +776,9 @@ ffi::Error QkvAttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32>
   if (bad.empty() && d_qkv->element_count() != qkv.element_count()) bad = "d_qkv must have qkv's shape";
   if (bad.empty() && (int64_t)d_affine->element_count() != (affine ? pairs * 6 * z.K : 0))
     bad = affine ? "d_affine must have shape [..., H, 2, 3, K]" : "d_affine must have no elements (no gamma, beta)";
+  if (bad.empty()) bad = labram_cpu::WideRefusal(wide, "attention");
   if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
+  z.wide = wide;
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<QkvBackwardHead>(z.Kp);
   const auto plain = ByVectors<BackwardHead>(z.Kp);  // no transform: the gradients written straight into d_qkv
@@ -721,6 +815,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, AttentionForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row sum of exp(scores - row max)
                                   .Attr<bool>("token_major")     // [..., L, H, K] instead of [..., H, L, K]
                                   .Attr<float>("scale")          // of q in the scores
+                                  .Attr<bool>("wide")            // the [L, L] products' AVX-512 forms
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
@@ -737,6 +832,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<bool>("token_major")
                                   .Attr<float>("scale")
+                                  .Attr<bool>("wide")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionForward, QkvAttentionForward,
@@ -752,6 +848,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionForward, QkvAttentionForward,
                                   .Attr<bool>("normalize_k")
                                   .Attr<float>("eps")
                                   .Attr<float>("scale")          // of the transformed q in the scores
+                                  .Attr<bool>("wide")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionBackward, QkvAttentionBackward,
@@ -769,4 +866,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramQkvAttentionBackward, QkvAttentionBackward,
                                   .Attr<bool>("normalize_k")
                                   .Attr<float>("eps")
                                   .Attr<float>("scale")
+                                  .Attr<bool>("wide")
                                   .Ctx<ffi::ThreadPool>());

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -93,6 +94,14 @@ inline __m256 Gelu8(__m256 x, __m256* derivative) {
                                    Exp2Neg8(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.72134752044448170f))));
   *derivative = _mm256_fmadd_ps(x, pdf, cdf);
   return _mm256_mul_ps(x, cdf);
+}
+
+// Why a kernel cannot take its attribute `wide` (AVX-512 code) on this CPU: an empty string where it can
+// (not asked, or the CPU has avx512f).
+inline std::string WideRefusal(bool wide, const char* what) {
+  if (!wide || __builtin_cpu_supports("avx512f")) return "";
+  return std::string(what) + ": wide=true needs a CPU with AVX-512 (avx512f); this one has none (wide=False runs "
+         "the AVX2 code)";
 }
 
 // The cores this process may run on (its affinity mask), at least 1.

@@ -451,9 +451,8 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
                   ffi::Buffer<ffi::F32> factor, ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums,
                   ffi::ResultBuffer<ffi::F32> gelu_derivative, bool transpose_a, bool transpose_b, bool gelu,
                   bool wide, ffi::ThreadPool pool) {
-  if (wide && !__builtin_cpu_supports("avx512f"))
-    return ffi::Error::InvalidArgument("matmul: wide=true needs a CPU with AVX-512 (avx512f); this one has none "
-                                       "(cpu_matmul.matmul(..., wide=False) uses AVX2)");
+  if (const std::string bad = labram_cpu::WideRefusal(wide, "matmul"); !bad.empty())
+    return ffi::Error::InvalidArgument(bad);
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
     return ffi::Error::InvalidArgument("matmul: a, b and c must be matrices");

@@ -319,3 +319,44 @@ def test_qkv_kernel_refuses_normalising_without_gamma_and_beta():
         jax.block_until_ready(cpu_attention._call("labram_cpu_qkv_attention_forward", (out, stats, stats), qkv,
                                                   jnp.zeros((1, 4), jnp.float32), empty, jnp.ones((3, 2, 8)),
                                                   normalize_q=False, normalize_k=False, eps=1e-6, scale=1.0))
+
+
+@needs_kernel
+@pytest.mark.skipif("avx512f" not in cpu_kernels.cpu_flags(), reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("shape", [(2, 231, 3, 20), (3, 185, 2, 20), (2, 17, 2, 25), (2, 40, 2, 32), (2, 33, 1, 8),
+                                   (2, 1, 2, 20)])
+def test_wide_products_give_the_same_bits(monkeypatch, shape):
+    # The [L, L] products' AVX-512 forms (`wide`: Lp not a multiple of 32 at L = 231, 17 and 33; the
+    # value-gradient product's 10-column tiles at K = 20 and 25, its AVX2 form at K = 32 and 8, where
+    # 10-column tiles would read past a row) add each element's products in the AVX2 forms' order:
+    # forward, gradients and the fused projection's kernels, the same bits.
+    b, length, heads, size = shape
+    rng = np.random.default_rng(sum(shape))
+    qkv = jnp.asarray(rng.standard_normal((b, length, 3, heads, size)) * 2, jnp.float32)
+    gamma = jnp.asarray(1 + 0.3 * rng.standard_normal((3, heads, size)), jnp.float32)
+    beta = jnp.asarray(0.3 * rng.standard_normal((3, heads, size)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((b, length, heads, size)), jnp.float32)
+    valid = np.ones((b, length), bool)
+    valid[-1, length // 2:] = False
+    valid = jnp.asarray(valid)
+    results = []
+    for wide in (False, True):
+        monkeypatch.setattr(cpu_kernels, "full_width_avx512", lambda wide=wide: wide)
+        fused = jax.jit(lambda x, gm, bt: attention.on_projection(x, valid, gm, bt, normalize_q=True, normalize_k=True,
+                                                                 eps=1e-6))
+        plain = jax.jit(lambda x: attention.token_major(x[:, :, 0], x[:, :, 1], x[:, :, 2], valid))
+        out, vjp = jax.vjp(fused, qkv, gamma, beta)
+        plain_out, plain_vjp = jax.vjp(plain, qkv)
+        results.append([out, *vjp(g), plain_out, *plain_vjp(g)])
+    for narrow, wide in zip(*results):
+        np.testing.assert_array_equal(wide, narrow)
+
+
+@needs_kernel
+@pytest.mark.skipif("avx512f" in cpu_kernels.cpu_flags(), reason="the CPU has AVX-512: the wide forms run here")
+def test_wide_products_are_refused_without_avx512():
+    q = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with pytest.raises(Exception, match="needs a CPU with AVX-512"):
+        jax.block_until_ready(cpu_attention._call("labram_cpu_attention_forward", (
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),) + (jax.ShapeDtypeStruct((1, 2, 4), jnp.float32),) * 2,
+            q, q, q, jnp.zeros((1, 4), jnp.float32), scale=1.0, token_major=True, wide=True))
