@@ -324,11 +324,12 @@ def test_qkv_kernel_refuses_normalising_without_gamma_and_beta():
 @needs_kernel
 @pytest.mark.skipif("avx512f" not in cpu_kernels.cpu_flags(), reason="the CPU has no AVX-512")
 @pytest.mark.parametrize("shape", [(2, 231, 3, 20), (3, 185, 2, 20), (2, 17, 2, 25), (2, 40, 2, 32), (2, 33, 1, 8),
-                                   (2, 1, 2, 20)])
+                                   (2, 29, 2, 16), (2, 1, 2, 20)])
 def test_wide_products_give_the_same_bits(monkeypatch, shape):
-    # The [L, L] products' AVX-512 forms (`wide`: Lp not a multiple of 32 at L = 231, 17 and 33; the
-    # value-gradient product's 10-column tiles at K = 20 and 25, its AVX2 form at K = 32 and 8, where
-    # 10-column tiles would read past a row) add each element's products in the AVX2 forms' order:
+    # The products' AVX-512 forms (`wide`: Lp not a multiple of 32 at L = 231, 17, 33 and 29; the
+    # value-gradient product's 10-column tiles at K = 20 and 25, its AVX2 form at K = 32, 16 and 8, where
+    # 10-column tiles would read past a row; the [L, K] products on 16 + 8 lanes at K = 20, 16 at K = 16,
+    # 32 at K = 25 and 32, AVX2 at K = 8) add each element's products in the AVX2 forms' order:
     # forward, gradients and the fused projection's kernels, the same bits.
     b, length, heads, size = shape
     rng = np.random.default_rng(sum(shape))
