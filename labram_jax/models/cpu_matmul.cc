@@ -153,6 +153,27 @@ void PackB(const Operand& b, int64_t k0, int kc, int64_t j0, int cols, float* ds
   }
 }
 
+// c[0:rows, 0:cols] (row stride ldc) = t[0:rows, 0:cols] (rows `stride` floats apart: a finished
+// tile's sums) + (accumulate ? c : bias or 0), in 8-float vectors where the tile is whole (rows = kMr,
+// cols = whole, a multiple of 8), else float by float.
+inline void Write(const float* t, int stride, int whole, float* c, int64_t ldc, int rows, int cols, bool accumulate,
+                  const float* bias) {
+  if (rows == kMr && cols == whole) {
+    for (int r = 0; r < kMr; ++r) {
+      float* row = c + r * ldc;
+      for (int j = 0; j < whole; j += 8) {
+        const __m256 add = accumulate ? _mm256_loadu_ps(row + j) : bias ? _mm256_loadu_ps(bias + j) : _mm256_setzero_ps();
+        _mm256_storeu_ps(row + j, _mm256_add_ps(_mm256_loadu_ps(t + r * stride + j), add));
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* row = c + r * ldc;
+    for (int j = 0; j < cols; ++j) row[j] = t[r * stride + j] + (accumulate ? row[j] : (bias ? bias[j] : 0.f));
+  }
+}
+
 // c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc, a
 // 16-column panel in V = 2 AVX2 vectors of 8 columns, or V = 1 for a last panel of at most 8 columns
 // (N = 200: 12 panels and a half one, whose zero half would otherwise cost as much as a full panel).
@@ -189,22 +210,7 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
   _mm256_store_ps(t[1] + 8, c11), _mm256_store_ps(t[2], c20), _mm256_store_ps(t[2] + 8, c21);
   _mm256_store_ps(t[3], c30), _mm256_store_ps(t[3] + 8, c31), _mm256_store_ps(t[4], c40);
   _mm256_store_ps(t[4] + 8, c41), _mm256_store_ps(t[5], c50), _mm256_store_ps(t[5] + 8, c51);
-  if (rows == kMr && cols == 8 * V) {
-    __m256 biases[V];
-    for (int h = 0; h < V; ++h) biases[h] = bias ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
-    for (int r = 0; r < kMr; ++r) {
-      float* row = c + r * ldc;
-      for (int h = 0; h < V; ++h) {
-        const __m256 add = accumulate ? _mm256_loadu_ps(row + 8 * h) : biases[h];
-        _mm256_storeu_ps(row + 8 * h, _mm256_add_ps(_mm256_load_ps(t[r] + 8 * h), add));
-      }
-    }
-    return;
-  }
-  for (int r = 0; r < rows; ++r) {
-    float* row = c + r * ldc;
-    for (int j = 0; j < cols; ++j) row[j] = t[r][j] + (accumulate ? row[j] : (bias ? bias[j] : 0.f));
-  }
+  Write(t[0], 16, 8 * V, c, ldc, rows, cols, accumulate, bias);
 }
 
 // Tile's AVX-512 twin for 32-column panels: V = 2 vectors of 16 columns, or V = 1 for a last panel
@@ -240,22 +246,7 @@ __attribute__((target("avx512f"))) void WideTile(int kc, const float* a, const f
   _mm512_store_ps(t[1] + 16, c11), _mm512_store_ps(t[2], c20), _mm512_store_ps(t[2] + 16, c21);
   _mm512_store_ps(t[3], c30), _mm512_store_ps(t[3] + 16, c31), _mm512_store_ps(t[4], c40);
   _mm512_store_ps(t[4] + 16, c41), _mm512_store_ps(t[5], c50), _mm512_store_ps(t[5] + 16, c51);
-  if (rows == kMr && cols == 16 * V) {
-    __m512 biases[V];
-    for (int h = 0; h < V; ++h) biases[h] = bias ? _mm512_loadu_ps(bias + 16 * h) : _mm512_setzero_ps();
-    for (int r = 0; r < kMr; ++r) {
-      float* row = c + r * ldc;
-      for (int h = 0; h < V; ++h) {
-        const __m512 add = accumulate ? _mm512_loadu_ps(row + 16 * h) : biases[h];
-        _mm512_storeu_ps(row + 16 * h, _mm512_add_ps(_mm512_load_ps(t[r] + 16 * h), add));
-      }
-    }
-    return;
-  }
-  for (int r = 0; r < rows; ++r) {
-    float* row = c + r * ldc;
-    for (int j = 0; j < cols; ++j) row[j] = t[r][j] + (accumulate ? row[j] : (bias ? bias[j] : 0.f));
-  }
+  Write(t[0], 32, 16 * V, c, ldc, rows, cols, accumulate, bias);
 }
 
 // What is done to the finished sums (bias included), element by element: multiplied by a factor,

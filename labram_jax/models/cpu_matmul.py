@@ -2,7 +2,8 @@
 
 On CPUs without AVX-512, XLA:CPU's products (YNNPACK) at a linear layer's shapes ran at 0.80-0.90x
 PyTorch/MKL's rate (BENCHMARKS.md, "Session 22"); this kernel packs both operands BLIS-style and
-runs a 6 x 16 register tile, with the bias added as the result is written and, for a weight
+runs a 6 x 16 register tile of AVX2 vectors (6 x 32 of AVX-512 ones where the CPU's AVX-512 units are
+full width: "Session 36"), with the bias added as the result is written and, for a weight
 gradient, the bias gradient (the column sums of the output gradient) taken while packing it.
 Used by :mod:`labram_jax.models.linear`; :func:`nearest` (each row's nearest code, the [M, N]
 distances never in memory) by the tokenizer's quantizer. Building and loading: :mod:`labram_jax.models.cpu_kernels`.
