@@ -233,6 +233,12 @@ void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_
   }
 }
 
+// out[i * ld + r] = tile[r * stride + i] for r < rows, i < cols: a finished tile of out^T written back.
+inline void WriteTransposed(const float* tile, int stride, int rows, int cols, float* out, int64_t ld) {
+  for (int i = 0; i < cols; ++i)
+    for (int r = 0; r < rows; ++r) out[(size_t)i * ld + r] = tile[r * stride + i];
+}
+
 // out [L, K] (rows ld apart) = scale * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, Kp]
 // (zero past K). Computed as its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
 // down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
@@ -264,9 +270,7 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float scale, floa
       alignas(32) float tile[KR][8 * MV];
       for (int r = 0; r < KR; ++r)
         for (int j = 0; j < MV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
-      const int rows = std::min(KR, z.K - k0), cols = std::min(8 * MV, z.L - m0);
-      for (int i = 0; i < cols; ++i)
-        for (int r = 0; r < rows; ++r) out[(size_t)(m0 + i) * ld + k0 + r] = tile[r][i];
+      WriteTransposed(tile[0], 8 * MV, std::min(KR, z.K - k0), std::min(8 * MV, z.L - m0), out + (size_t)m0 * ld + k0, ld);
     }
   }
 }
@@ -299,9 +303,8 @@ __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const floa
       alignas(64) float tile[KR][16 * MV];
       for (int r = 0; r < KR; ++r)
         for (int j = 0; j < MV; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
-      const int rows = std::min(KR, z.K - k0), cols = std::min(16 * MV, z.L - m0);
-      for (int i = 0; i < cols; ++i)
-        for (int r = 0; r < rows; ++r) out[(size_t)(m0 + i) * ld + k0 + r] = tile[r][i];
+      WriteTransposed(tile[0], 16 * MV, std::min(KR, z.K - k0), std::min(16 * MV, z.L - m0), out + (size_t)m0 * ld + k0,
+                      ld);
     }
   }
 }
