@@ -76,7 +76,7 @@ struct Sizes {
   int Lp;  // L padded to 16: columns of the [L, L] buffers
   int Lr;  // L padded to 12: rows (a multiple of every row tile)
   int Kp;  // K padded to 8
-  bool wide = false;  // the [L, L] products' AVX-512 forms (the attribute wide: full-width AVX-512 units)
+  bool wide = false;  // the products' AVX-512 forms (the attribute wide: full-width AVX-512 units)
   size_t Square() const { return (size_t)Lr * Lp + 16; }  // an [Lr, Lp] buffer (+ slack for reads past a row)
   size_t Narrow() const { return (size_t)Lr * Kp; }       // an [Lr, Kp] buffer
   size_t Wide() const { return (size_t)K * Lp; }          // a transposed [K, Lp] buffer
@@ -858,7 +858,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionForward, AttentionForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row sum of exp(scores - row max)
                                   .Attr<bool>("token_major")     // [..., L, H, K] instead of [..., H, L, K]
                                   .Attr<float>("scale")          // of q in the scores
-                                  .Attr<bool>("wide")            // the [L, L] products' AVX-512 forms
+                                  .Attr<bool>("wide")            // the products' AVX-512 forms
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramAttentionBackward, AttentionBackward,
