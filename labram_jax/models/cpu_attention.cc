@@ -239,42 +239,6 @@ inline void WriteTransposed(const float* tile, int stride, int rows, int cols, f
     for (int r = 0; r < rows; ++r) out[(size_t)i * ld + r] = tile[r * stride + i];
 }
 
-// out [L, K] (rows ld apart) = scale * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, Kp]
-// (zero past K). Computed as its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
-// down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
-// are m (L of every 24 used) rather than K (20 of 24); the tile is written transposed. A row of a is
-// read up to 16 floats past Lp: the next row, or the last row's slack.
-__attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const float* a, const float* b, float scale,
-                                                      float* out, int64_t ld);
-bool WideTN(const Sizes& z);
-
-void ProductTN(const Sizes& z, const float* a, const float* b, float scale, float* out, int64_t ld) {
-  if (z.wide && WideTN(z)) return WideProductTN(z, a, b, scale, out, ld);
-  constexpr int KR = 4, MV = 3;
-  const int Lp = z.Lp, Kp = z.Kp;
-  for (int m0 = 0; m0 < z.L; m0 += 8 * MV) {
-    for (int k0 = 0; k0 < z.K; k0 += KR) {
-      __m256 acc[KR][MV];
-      for (int r = 0; r < KR; ++r)
-        for (int j = 0; j < MV; ++j) acc[r][j] = _mm256_setzero_ps();
-      const float* al = a + m0;
-      const float* bl = b + k0;
-      for (int l = 0; l < z.L; ++l, al += Lp, bl += Kp) {
-        __m256 av[MV];
-        for (int j = 0; j < MV; ++j) av[j] = _mm256_loadu_ps(al + 8 * j);
-        for (int r = 0; r < KR; ++r) {
-          const __m256 x = _mm256_broadcast_ss(bl + r);
-          for (int j = 0; j < MV; ++j) acc[r][j] = _mm256_fmadd_ps(x, av[j], acc[r][j]);
-        }
-      }
-      alignas(32) float tile[KR][8 * MV];
-      for (int r = 0; r < KR; ++r)
-        for (int j = 0; j < MV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
-      WriteTransposed(tile[0], 8 * MV, std::min(KR, z.K - k0), std::min(8 * MV, z.L - m0), out + (size_t)m0 * ld + k0, ld);
-    }
-  }
-}
-
 // ProductTN's AVX-512 form: tiles of 10 of b's columns by 32 of a's (2 vectors along m), so a's strip
 // is read twice for K = 20 (five times in 4-column tiles: this product was bound by those reads, not
 // by its FMAs). Lanes past Lp are masked off (never read); b's rows are read to k0 + 10, within Kp
@@ -311,6 +275,38 @@ __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const floa
 
 // Whether WideProductTN reads b's rows only within Kp: K rounded up to 10 fits (K = 20 in 24; 25 in 32).
 bool WideTN(const Sizes& z) { return (z.K + 9) / 10 * 10 <= z.Kp; }
+
+// out [L, K] (rows ld apart) = scale * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, Kp]
+// (zero past K). Computed as its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
+// down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
+// are m (L of every 24 used) rather than K (20 of 24); the tile is written transposed. A row of a is
+// read up to 16 floats past Lp: the next row, or the last row's slack.
+void ProductTN(const Sizes& z, const float* a, const float* b, float scale, float* out, int64_t ld) {
+  if (z.wide && WideTN(z)) return WideProductTN(z, a, b, scale, out, ld);
+  constexpr int KR = 4, MV = 3;
+  const int Lp = z.Lp, Kp = z.Kp;
+  for (int m0 = 0; m0 < z.L; m0 += 8 * MV) {
+    for (int k0 = 0; k0 < z.K; k0 += KR) {
+      __m256 acc[KR][MV];
+      for (int r = 0; r < KR; ++r)
+        for (int j = 0; j < MV; ++j) acc[r][j] = _mm256_setzero_ps();
+      const float* al = a + m0;
+      const float* bl = b + k0;
+      for (int l = 0; l < z.L; ++l, al += Lp, bl += Kp) {
+        __m256 av[MV];
+        for (int j = 0; j < MV; ++j) av[j] = _mm256_loadu_ps(al + 8 * j);
+        for (int r = 0; r < KR; ++r) {
+          const __m256 x = _mm256_broadcast_ss(bl + r);
+          for (int j = 0; j < MV; ++j) acc[r][j] = _mm256_fmadd_ps(x, av[j], acc[r][j]);
+        }
+      }
+      alignas(32) float tile[KR][8 * MV];
+      for (int r = 0; r < KR; ++r)
+        for (int j = 0; j < MV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
+      WriteTransposed(tile[0], 8 * MV, std::min(KR, z.K - k0), std::min(8 * MV, z.L - m0), out + (size_t)m0 * ld + k0, ld);
+    }
+  }
+}
 
 // bias [L] -> dst [Lp] in base 2 (times log2 e), -inf past L (padding columns get no weight).
 void PackBias(const Sizes& z, const float* bias, float* dst) {
