@@ -111,15 +111,23 @@ inline int UsableCpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// A 32-byte aligned workspace of `floats` floats owned by the calling thread, kept between calls.
+// `floats` floats of `storage` (grown as needed) from its first 64-byte boundary: a cache line's, so that
+// a 16-float (AVX-512) load of a buffer laid out in multiples of 16 floats from there never spans two
+// lines. (At 32 bytes, every such load of the product kernel's packed panels did: its AVX-512 tiles
+// ran at ~55 % of the FMA peak instead of ~90 % on an Intel host with full-width units.)
+inline float* CacheLineAligned(std::vector<float>& storage, size_t floats) {
+  if (storage.size() < floats + 16) storage.resize(floats + 16);
+  return (float*)(((uintptr_t)storage.data() + 63) & ~(uintptr_t)63);
+}
+
+// A 64-byte aligned workspace of `floats` floats owned by the calling thread, kept between calls.
 inline float* ThreadWorkspace(size_t floats) {
   thread_local std::vector<float> workspace;  // XLA's pool threads persist: allocated once each
-  if (workspace.size() < floats + 8) workspace.resize(floats + 8);
-  return (float*)(((uintptr_t)workspace.data() + 31) & ~(uintptr_t)31);
+  return CacheLineAligned(workspace, floats);
 }
 
 // Runs fn(i, work) for i in [0, parts) on the calling thread and on XLA's intra-op thread pool,
-// `work` a 32-byte aligned workspace of work_floats floats per thread (kept between calls; set to
+// `work` a 64-byte aligned workspace of work_floats floats per thread (kept between calls; set to
 // zero at the start of each call with `zeroed`). Parts are claimed from a
 // counter, so a helper that starts late (its core busy with another of XLA's operations) finds
 // less or nothing to do and the cores are never oversubscribed (threads of our own were: a step

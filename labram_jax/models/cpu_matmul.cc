@@ -412,9 +412,7 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   const int64_t other = by_rows ? Nr : kMr, length = by_rows ? p.n : p.m;
   const int64_t panels = (length + other - 1) / other;
   thread_local std::vector<float> packed_storage;  // the caller's, kept between calls
-  const size_t packed_floats = (size_t)p.k * panels * other;
-  if (packed_storage.size() < packed_floats) packed_storage.resize(packed_floats);
-  float* const packed = packed_storage.data();
+  float* const packed = labram_cpu::CacheLineAligned(packed_storage, (size_t)p.k * panels * other);
   labram_cpu::ForEachChunk(pool, panels, 1, 0, /*zeroed=*/false, [&](int64_t p0, int64_t p1, float*) {
     const int64_t first = p0 * other, last = std::min(length, p1 * other);
     for (int64_t pc = 0; pc < p.k; pc += kc_max) {
