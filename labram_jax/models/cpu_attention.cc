@@ -309,6 +309,107 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float scale, floa
 }
 
 // bias [L] -> dst [Lp] in base 2 (times log2 e), -inf past L (padding columns get no weight).
+// The softmax's element-wise passes over the [L, Lp] buffers (base 2; Lp a multiple of 16), each with an
+// AVX-512 form for z.wide, the same operations lane by lane; the row sums are kept in two 8-lane
+// chains (the even and the odd 8 columns of every 16), which are the low and high halves of the
+// AVX-512 form's 16 lanes: the same bits in both.
+__attribute__((target("avx512f"))) inline __m256 Low(__m512 v) { return _mm512_castps512_ps256(v); }
+__attribute__((target("avx512f"))) inline __m256 High(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+__attribute__((target("avx512f"))) void WideExponentiate(const Sizes& z, float* s, float* row_max, float* row_sum,
+                                                         float* inv) {
+  for (int l = 0; l < z.L; ++l) {
+    float* row = s + (size_t)l * z.Lp;
+    __m512 mx = _mm512_loadu_ps(row);
+    for (int m = 16; m < z.Lp; m += 16) mx = _mm512_max_ps(_mm512_loadu_ps(row + m), mx);
+    const float top = MaxOf(_mm256_max_ps(High(mx), Low(mx)));
+    const __m512 vm = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int m = 0; m < z.Lp; m += 16) {
+      const __m512 e = labram_cpu::Exp2Neg16(_mm512_sub_ps(_mm512_loadu_ps(row + m), vm));
+      _mm512_storeu_ps(row + m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    row_max[l] = top;
+    row_sum[l] = SumOf(_mm256_add_ps(Low(sum), High(sum)));
+    inv[l] = 1.0f / row_sum[l];
+  }
+}
+
+// Scores s [L, Lp] -> 2^(s - rowmax) in place; row_max, row_sum and inv = 1 / row_sum [L].
+void Exponentiate(const Sizes& z, float* s, float* row_max, float* row_sum, float* inv) {
+  if (z.wide) return WideExponentiate(z, s, row_max, row_sum, inv);
+  for (int l = 0; l < z.L; ++l) {
+    float* row = s + (size_t)l * z.Lp;
+    __m256 mx = _mm256_loadu_ps(row);
+    for (int m = 8; m < z.Lp; m += 8) mx = _mm256_max_ps(_mm256_loadu_ps(row + m), mx);
+    const float top = MaxOf(mx);
+    const __m256 vm = _mm256_set1_ps(top);
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
+    for (int m = 0; m < z.Lp; m += 16) {
+      const __m256 e0 = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
+      const __m256 e1 = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m + 8), vm));
+      _mm256_storeu_ps(row + m, e0), _mm256_storeu_ps(row + m + 8, e1);
+      sum0 = _mm256_add_ps(sum0, e0), sum1 = _mm256_add_ps(sum1, e1);
+    }
+    row_max[l] = top;
+    row_sum[l] = SumOf(_mm256_add_ps(sum0, sum1));
+    inv[l] = 1.0f / row_sum[l];
+  }
+}
+
+__attribute__((target("avx512f"))) void WideProbabilities(const Sizes& z, const float* row_max, const float* row_sum,
+                                                          float* s) {
+  for (int l = 0; l < z.L; ++l) {
+    float* row = s + (size_t)l * z.Lp;
+    const __m512 top = _mm512_set1_ps(row_max[l]), inv = _mm512_set1_ps(1.0f / row_sum[l]);
+    for (int m = 0; m < z.Lp; m += 16)
+      _mm512_storeu_ps(row + m, _mm512_mul_ps(labram_cpu::Exp2Neg16(_mm512_sub_ps(_mm512_loadu_ps(row + m), top)), inv));
+  }
+}
+
+// Scores s [L, Lp] -> P = 2^(s - rowmax) / rowsum in place, from the forward pass's row_max, row_sum [L].
+void Probabilities(const Sizes& z, const float* row_max, const float* row_sum, float* s) {
+  if (z.wide) return WideProbabilities(z, row_max, row_sum, s);
+  for (int l = 0; l < z.L; ++l) {
+    float* row = s + (size_t)l * z.Lp;
+    const __m256 top = _mm256_set1_ps(row_max[l]), inv = _mm256_set1_ps(1.0f / row_sum[l]);
+    for (int m = 0; m < z.Lp; m += 8)
+      _mm256_storeu_ps(row + m, _mm256_mul_ps(labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top)), inv));
+  }
+}
+
+__attribute__((target("avx512f"))) void WideScoreGradients(const Sizes& z, const float* p, float* g) {
+  for (int l = 0; l < z.L; ++l) {
+    float* gr = g + (size_t)l * z.Lp;
+    const float* pr = p + (size_t)l * z.Lp;
+    __m512 dot = _mm512_setzero_ps();
+    for (int m = 0; m < z.Lp; m += 16) dot = _mm512_fmadd_ps(_mm512_loadu_ps(pr + m), _mm512_loadu_ps(gr + m), dot);
+    const __m512 d = _mm512_set1_ps(SumOf(_mm256_add_ps(Low(dot), High(dot))));
+    for (int m = 0; m < z.Lp; m += 16)
+      _mm512_storeu_ps(gr + m, _mm512_mul_ps(_mm512_loadu_ps(pr + m), _mm512_sub_ps(_mm512_loadu_ps(gr + m), d)));
+  }
+}
+
+// dP [L, Lp] -> dS = P * (dP - rowsum(P * dP)) in place, P [L, Lp] (both 0 past L).
+void ScoreGradients(const Sizes& z, const float* p, float* g) {
+  if (z.wide) return WideScoreGradients(z, p, g);
+  for (int l = 0; l < z.L; ++l) {
+    float* gr = g + (size_t)l * z.Lp;
+    const float* pr = p + (size_t)l * z.Lp;
+    __m256 d0 = _mm256_setzero_ps(), d1 = d0;  // two chains: FMA latency, not one per vector
+    for (int m = 0; m < z.Lp; m += 16) {
+      d0 = _mm256_fmadd_ps(_mm256_loadu_ps(pr + m), _mm256_loadu_ps(gr + m), d0);
+      d1 = _mm256_fmadd_ps(_mm256_loadu_ps(pr + m + 8), _mm256_loadu_ps(gr + m + 8), d1);
+    }
+    const __m256 d = _mm256_set1_ps(SumOf(_mm256_add_ps(d0, d1)));
+    for (int m = 0; m < z.Lp; m += 8)
+      _mm256_storeu_ps(gr + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(gr + m), d)));
+  }
+}
+
 void PackBias(const Sizes& z, const float* bias, float* dst) {
   for (int m = 0; m < z.L; ++m) dst[m] = kLog2e * bias[m];
   for (int m = z.L; m < z.Lp; ++m) dst[m] = -INFINITY;
@@ -478,22 +579,7 @@ struct Forward {
   template <int NV>
   static void Attend(const Sizes& z, const Work& w, float* out, int64_t ld, float* row_max, float* row_sum) {
     ProductNT(z, w.qp, w.kt, w.bp, w.s);
-    for (int l = 0; l < z.L; ++l) {
-      float* row = w.s + (size_t)l * z.Lp;
-      __m256 mx = _mm256_loadu_ps(row);
-      for (int m = 8; m < z.Lp; m += 8) mx = _mm256_max_ps(_mm256_loadu_ps(row + m), mx);
-      const float top = MaxOf(mx);
-      const __m256 vm = _mm256_set1_ps(top);
-      __m256 sum = _mm256_setzero_ps();
-      for (int m = 0; m < z.Lp; m += 8) {
-        const __m256 e = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
-        _mm256_storeu_ps(row + m, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      row_max[l] = top;
-      row_sum[l] = SumOf(sum);
-      w.inv[l] = 1.0f / row_sum[l];
-    }
+    Exponentiate(z, w.s, row_max, row_sum, w.inv);
     ProductNN<NV>(z, w.s, w.vp, w.inv, 1.0f, out, ld);
   }
 
@@ -561,28 +647,10 @@ struct Backward {
   static void Gradients(const Sizes& z, float scale, const Work& w, const float* row_max, const float* row_sum,
                         float* dq, float* dk, float* dv, int64_t ld) {
     ProductNT(z, w.qp, w.kt, w.bp, w.p);  // S
-    for (int l = 0; l < z.L; ++l) {  // P = exp(S - max) / sum
-      float* row = w.p + (size_t)l * z.Lp;
-      const __m256 top = _mm256_set1_ps(row_max[l]), inv = _mm256_set1_ps(1.0f / row_sum[l]);
-      for (int m = 0; m < z.Lp; m += 8) {
-        const __m256 e = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), top));
-        _mm256_storeu_ps(row + m, _mm256_mul_ps(e, inv));
-      }
-    }
+    Probabilities(z, row_max, row_sum, w.p);  // P = exp(S - max) / sum
     ProductTN(z, w.p, w.gp, 1.0f, dv, ld);  // dV = P^T dO
     ProductNT(z, w.gp, w.vt, w.zero, w.ds);  // dP = dO v^T
-    for (int l = 0; l < z.L; ++l) {  // dS = P * (dP - rowsum(P * dP)); P and dP are 0 past L
-      float* g = w.ds + (size_t)l * z.Lp;
-      const float* pr = w.p + (size_t)l * z.Lp;
-      __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();  // two chains: FMA latency, not one per vector
-      for (int m = 0; m < z.Lp; m += 16) {
-        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(pr + m), _mm256_loadu_ps(g + m), d0);
-        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(pr + m + 8), _mm256_loadu_ps(g + m + 8), d1);
-      }
-      const __m256 d = _mm256_set1_ps(SumOf(_mm256_add_ps(d0, d1)));
-      for (int m = 0; m < z.Lp; m += 8)
-        _mm256_storeu_ps(g + m, _mm256_mul_ps(_mm256_loadu_ps(pr + m), _mm256_sub_ps(_mm256_loadu_ps(g + m), d)));
-    }
+    ScoreGradients(z, w.p, w.ds);  // dS = P * (dP - rowsum(P * dP))
     ProductNN<NV>(z, w.ds, w.kp, nullptr, scale, dq, ld);  // dQ = scale dS k
     ProductTN(z, w.ds, w.qp, 1.0f / kLog2e, dk, ld);  // dK = dS^T (scale q)
   }

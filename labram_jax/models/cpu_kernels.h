@@ -57,6 +57,24 @@ inline __m256 Exp2Neg8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// Exp2Neg8 for 16 floats (AVX-512), the same operations lane by lane: the same bits. Only for CPUs with
+// avx512f (the caller checks).
+__attribute__((target("avx512f"))) inline __m512 Exp2Neg16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_add_ps(x, magic);
+  const __m512 f = _mm512_sub_ps(x, _mm512_sub_ps(t, magic));
+  __m512 p = _mm512_set1_ps(1.5345790598075837e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399929739534855e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489071726799e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642129898e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
 // erf for 8 floats: the odd/even rational interpolant XLA:CPU also evaluates (Eigen's), x P(x^2) /
 // Q(x^2), and +-1 from |x| >= 3.8325 (where erf rounds to 1 in float32).
 inline __m256 Erf8(__m256 x) {

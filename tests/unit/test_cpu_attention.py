@@ -329,8 +329,9 @@ def test_wide_products_give_the_same_bits(monkeypatch, shape):
     # The products' AVX-512 forms (`wide`: Lp not a multiple of 32 at L = 231, 17, 33 and 29; the
     # value-gradient product's 10-column tiles at K = 20 and 25, its AVX2 form at K = 32, 16 and 8, where
     # 10-column tiles would read past a row; the [L, K] products on 16 + 8 lanes at K = 20, 16 at K = 16,
-    # 32 at K = 25 and 32, AVX2 at K = 8) add each element's products in the AVX2 forms' order:
-    # forward, gradients and the fused projection's kernels, the same bits.
+    # 32 at K = 25 and 32, AVX2 at K = 8) add each element's products in the AVX2 forms' order, and the
+    # softmax's passes on 16 lanes keep the 8-lane forms' two chains of row sums: forward, gradients and
+    # the fused projection's kernels, the same bits.
     b, length, heads, size = shape
     rng = np.random.default_rng(sum(shape))
     qkv = jnp.asarray(rng.standard_normal((b, length, 3, heads, size)) * 2, jnp.float32)
