@@ -9,8 +9,8 @@
 // core's cache instead of going to memory between XLA's operations. The scores are kept in base 2
 // (q's scale and the bias times log2 e, so exp(S - rowmax) = 2^(S2 - rowmax2), the cheaper function:
 // labram_cpu::Exp2Neg8); rowmax is returned in those units. With the attribute `wide` (CPUs whose
-// AVX-512 units are full width) the products run AVX-512 forms, each element the same chain of FMAs
-// (the same bits). Built and loaded by cpu_kernels.py.
+// AVX-512 units are full width) the products run AVX-512 forms, each element the same chain of FMAs,
+// and the softmax's passes 16-lane vectors (the same bits). Built and loaded by cpu_kernels.py.
 //
 // Shapes: q, k, v, out, dO, dq, dk, dv [..., H, L, K] float32 with K <= 32, or [..., L, H, K] with
 // the attribute token_major (the layout of a [..., L, H * K] projection: no transposes around the

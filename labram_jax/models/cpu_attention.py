@@ -138,7 +138,7 @@ def _stats_shape(q: jax.Array, token_major: bool) -> tuple[int, ...]:
 
 def _call(target: str, result_shapes, *args, **attrs: bool | float):
     """One of the attention targets; its attributes as the handlers bind them (bool, float32), with
-    ``wide`` (the products' AVX-512 forms; the same bits) where this CPU's AVX-512 units are full
+    ``wide`` (the products' and softmax passes' AVX-512 forms; the same bits) where this CPU's AVX-512 units are full
     width (:func:`labram_jax.models.cpu_kernels.full_width_avx512`)."""
     attrs = {"wide": cpu_kernels.full_width_avx512(), **attrs}
     typed = {k: np.bool_(v) if isinstance(v, (bool, np.bool_)) else np.float32(v) for k, v in attrs.items()}

@@ -3,8 +3,8 @@
 ``auto`` settings use them wherever they load: they were measured faster than XLA's own code on
 every class of x86 CPU tried (BENCHMARKS.md): AVX2 only (AMD Zen 3), AVX-512 on 256-bit units (AMD
 Zen 4) and AVX-512 on full-width units (Intel Xeon, session 36), where the matrix products run
-AVX-512 register tiles (:func:`full_width_avx512`; ``cpu_vector_rate.cc`` tells the two AVX-512
-classes apart) and the rest stays AVX2 code.
+AVX-512 register tiles, the attention's softmax passes AVX-512 vectors (:func:`full_width_avx512`;
+``cpu_vector_rate.cc`` tells the two AVX-512 classes apart) and the rest stays AVX2 code.
 
 These operations run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was measured
 slower (BENCHMARKS.md, sessions 19, 21, 23, 24 and 31): softmax attention (``cpu_attention.cc``,
@@ -77,7 +77,8 @@ FULL_WIDTH_AVX512 = 1.5
 def full_width_avx512() -> bool:
     """Whether this CPU's AVX-512 units are full width (:func:`avx512_rate_ratio` at least
     :data:`FULL_WIDTH_AVX512`): where the product kernel's AVX-512 tiles (``cpu_matmul.cc``, ``wide``)
-    do twice the FMA work of its AVX2 ones. (On 256-bit units they were no faster: session 35.)"""
+    do twice the FMA work of its AVX2 ones, and the attention kernels' products and softmax passes run
+    AVX-512 forms. (On 256-bit units they were no faster: session 35.)"""
     if "avx512f" not in cpu_flags():
         return False
     ratio = avx512_rate_ratio()

@@ -3,8 +3,9 @@
 // CPUs that list avx512f split into two classes the flags do not tell apart: those whose vector
 // units are 512 bits wide (an AVX-512 FMA does twice an AVX2 FMA's work per cycle) and those that
 // run each AVX-512 instruction on 256-bit units (AMD Zen 4, Intel parts with one 512-bit FMA
-// port: the same float32 rate as AVX2). The kernels beside this file are AVX2 code; cpu_kernels.py
-// prefers them to XLA's AVX-512 code only on the second class, told apart by this measurement.
+// port: the same float32 rate as AVX2). The kernels beside this file run their products (and the
+// attention's softmax passes) in AVX-512 forms only on the first class (cpu_kernels.full_width_avx512,
+// the FFI attribute `wide`), told apart by this measurement; elsewhere their AVX2 code.
 // Also the CPU's float32 FMA peak over several threads (LabramFmaFlops), for the benchmarks' MFU.
 #include <immintrin.h>
 
