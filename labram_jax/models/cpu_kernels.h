@@ -36,44 +36,35 @@ inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// 2^x for 8 floats x <= 0 (a softmax's exponents in base 2 less their row max, GELU's -x^2 log2(e) / 2;
-// -inf included): 2^n 2^f with n = round(x), taken from the low mantissa bits of x + 1.5 * 2^23, and
-// f = x - n in [-0.5, 0.5] by a degree-6 polynomial (relative error 2.6e-9 before float32 rounding;
-// ~1 ulp after). Below -126, 2^-126 (Exp8's clamp at -87.3 in base e). A NaN stays NaN (max returns its
-// second operand). Five fewer operations than Exp8, the exponent's log2(e) folded into what came before.
-inline __m256 Exp2Neg8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 t = _mm256_add_ps(x, magic);
-  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
-  __m256 p = _mm256_set1_ps(1.5345790598075837e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3399929739534855e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618489071726799e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550328642129898e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022646248340607f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931471824645996f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+// 2^x for x <= 0 (a softmax's exponents in base 2 less their row max, GELU's -x^2 log2(e) / 2; -inf
+// included): 2^n 2^f with n = round(x), taken from the low mantissa bits of x + 1.5 * 2^23, and f = x - n
+// in [-0.5, 0.5] by a degree-6 polynomial (relative error 2.6e-9 before float32 rounding; ~1 ulp after).
+// Below -126, 2^-126 (Exp8's clamp at -87.3 in base e). A NaN stays NaN (max returns its second operand).
+// Five fewer operations than Exp8, the exponent's log2(e) folded into what came before. One body for both
+// widths (mm: the intrinsics' prefix, bits: the vector's), so that the 8- and 16-lane forms do the same
+// operations lane by lane: the same bits.
+#define LABRAM_EXP2_NEG(Vector, IntVector, mm, bits)                                                   \
+  x = mm##_max_ps(mm##_set1_ps(-126.0f), x);                                                          \
+  const Vector magic = mm##_set1_ps(12582912.0f);                                                      \
+  const Vector t = mm##_add_ps(x, magic);                                                              \
+  const Vector f = mm##_sub_ps(x, mm##_sub_ps(t, magic));                                              \
+  Vector p = mm##_set1_ps(1.5345790598075837e-4f);                                                     \
+  p = mm##_fmadd_ps(p, f, mm##_set1_ps(1.3399929739534855e-3f));                                       \
+  p = mm##_fmadd_ps(p, f, mm##_set1_ps(9.618489071726799e-3f));                                        \
+  p = mm##_fmadd_ps(p, f, mm##_set1_ps(5.550328642129898e-2f));                                        \
+  p = mm##_fmadd_ps(p, f, mm##_set1_ps(0.24022646248340607f));                                         \
+  p = mm##_fmadd_ps(p, f, mm##_set1_ps(0.6931471824645996f));                                          \
+  p = mm##_fmadd_ps(p, f, mm##_set1_ps(1.0f));                                                         \
+  const IntVector e = mm##_slli_epi32(mm##_add_epi32(mm##_castps_si##bits(t), mm##_set1_epi32(127)), 23); \
+  return mm##_mul_ps(p, mm##_castsi##bits##_ps(e));
 
-// Exp2Neg8 for 16 floats (AVX-512), the same operations lane by lane: the same bits. Only for CPUs with
-// avx512f (the caller checks).
-__attribute__((target("avx512f"))) inline __m512 Exp2Neg16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 t = _mm512_add_ps(x, magic);
-  const __m512 f = _mm512_sub_ps(x, _mm512_sub_ps(t, magic));
-  __m512 p = _mm512_set1_ps(1.5345790598075837e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399929739534855e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489071726799e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642129898e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
+// 2^x for 8 floats x <= 0.
+inline __m256 Exp2Neg8(__m256 x) { LABRAM_EXP2_NEG(__m256, __m256i, _mm256, 256) }
+
+// 2^x for 16 floats x <= 0 (AVX-512). Only for CPUs with avx512f (the caller checks).
+__attribute__((target("avx512f"))) inline __m512 Exp2Neg16(__m512 x) { LABRAM_EXP2_NEG(__m512, __m512i, _mm512, 512) }
+
+#undef LABRAM_EXP2_NEG
 
 // erf for 8 floats: the odd/even rational interpolant XLA:CPU also evaluates (Eigen's), x P(x^2) /
 // Q(x^2), and +-1 from |x| >= 3.8325 (where erf rounds to 1 in float32).
@@ -131,8 +122,8 @@ inline int UsableCpus() {
 
 // `floats` floats of `storage` (grown as needed) from its first 64-byte boundary: a cache line's, so that
 // a 16-float (AVX-512) load of a buffer laid out in multiples of 16 floats from there never spans two
-// lines. (At 32 bytes, every such load of the product kernel's packed panels did: its AVX-512 tiles
-// ran at ~55 % of the FMA peak instead of ~90 % on an Intel host with full-width units.)
+// lines. (At 32 bytes, every such load of the product kernel's packed panels did: aligned, the steps
+// took 0.93x the time on an Intel host with full-width units; BENCHMARKS.md, session 37.)
 inline float* CacheLineAligned(std::vector<float>& storage, size_t floats) {
   if (storage.size() < floats + 16) storage.resize(floats + 16);
   return (float*)(((uintptr_t)storage.data() + 63) & ~(uintptr_t)63);
