@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -500,6 +501,7 @@ inline __m256 Beats(__m256 v, __m256 best) {
   return _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_LT_OQ), _mm256_andnot_ps(best_nan, v_nan));
 }
 
+template <int Nr>
 void NearestRows(const float* z, const float* w, const float* zz, const float* ww, int64_t m0, int64_t m1, int64_t n,
                  int64_t d, int32_t* codes, float* values, float* work, float* scratch) {
   const int64_t rows = m1 - m0;
@@ -515,7 +517,7 @@ void NearestRows(const float* z, const float* w, const float* zz, const float* w
     sub.b = {w + j0 * d, d, true};
     sub.m = rows, sub.n = cols, sub.k = d;
     sub.bias = nullptr, sub.c = scratch, sub.b_sums = nullptr;
-    Part<16>(sub, 0, rows, 0, cols, 0, d, false, work);
+    Part<Nr>(sub, 0, rows, 0, cols, 0, d, false, work);
     for (int64_t r = 0; r < rows; ++r) {
       const float* dot = scratch + r * cols;
       __m256 bv = lane_value[r];
@@ -555,7 +557,9 @@ void NearestRows(const float* z, const float* w, const float* zz, const float* w
 }
 
 ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi::ResultBuffer<ffi::S32> codes,
-                   ffi::ResultBuffer<ffi::F32> values, ffi::ThreadPool pool) {
+                   ffi::ResultBuffer<ffi::F32> values, bool wide, ffi::ThreadPool pool) {
+  if (const std::string bad = labram_cpu::WideRefusal(wide, "nearest"); !bad.empty())
+    return ffi::Error::InvalidArgument(bad);
   const auto dz = z.dimensions(), dw = codebook.dimensions();
   if (dz.size() != 2 || dw.size() != 2 || dz[1] != dw[1])
     return ffi::Error::InvalidArgument("nearest: z [M, d] and codebook [N, d] must share d");
@@ -582,12 +586,20 @@ ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi:
   const int64_t units = (m + kMr - 1) / kMr;
   const int64_t parts = std::min<int64_t>(2 * labram_cpu::UsableCpus(), units);
   const size_t scratch_floats = (size_t)((units + parts - 1) / parts) * kMr * kNearestBlock;
-  labram_cpu::ForEachPart(pool, parts, WorkFloats<16>() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
-    const int64_t m0 = std::min(m, units * t / parts * kMr), m1 = std::min(m, units * (t + 1) / parts * kMr);
-    if (m1 > m0)
-      NearestRows(z.typed_data(), codebook.typed_data(), zz.data(), ww.data(), m0, m1, n, d, codes->typed_data(),
-                  values->typed_data(), work, work + WorkFloats<16>());
-  });
+  auto run = [&](auto nr) {  // the products' register tiles: 6 x 16 (AVX2) or 6 x 32 (AVX-512, wide)
+    constexpr int Nr = decltype(nr)::value;
+    labram_cpu::ForEachPart(pool, parts, WorkFloats<Nr>() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
+      const int64_t m0 = std::min(m, units * t / parts * kMr), m1 = std::min(m, units * (t + 1) / parts * kMr);
+      if (m1 > m0)
+        NearestRows<Nr>(z.typed_data(), codebook.typed_data(), zz.data(), ww.data(), m0, m1, n, d, codes->typed_data(),
+                        values->typed_data(), work, work + WorkFloats<Nr>());
+    });
+  };
+  if (wide) {
+    run(std::integral_constant<int, 32>());
+  } else {
+    run(std::integral_constant<int, 16>());
+  }
   return ffi::Error::Success();
 }
 
@@ -614,4 +626,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramNearest, Nearest,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // codebook [N, d]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // codes [M]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // their squared distances [M]
+                                  .Attr<bool>("wide")            // the products in 32-column tiles of AVX-512 vectors
                                   .Ctx<ffi::ThreadPool>());

@@ -57,15 +57,19 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
     return (c, *extras) if extras else c
 
 
-def nearest(z: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
+def nearest(z: jax.Array, codebook: jax.Array, wide: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """Each row's nearest code by the kernel, without the [M, N] distances ever in memory.
 
     Args:
-      z: [M, d] float32; codebook: [N, d] float32.
+      z: [M, d] float32; codebook: [N, d] float32; wide: the products z . w on :func:`matmul`'s AVX-512
+        tiles (the same sums, so the same codes); None: where this CPU's AVX-512 units are full width.
     Returns:
       codes [M] int32, ``argmin_j (|z_i|^2 + |w_j|^2) - 2 z_i . w_j`` (the first on ties, the first
       NaN if any, as ``jnp.argmin``), and those squared distances [M] float32.
     """
+    if wide is None:
+        wide = cpu_kernels.full_width_avx512()
     return cpu_kernels.call("labram_cpu_nearest", (jax.ShapeDtypeStruct(z.shape[:1], jnp.int32),
                                                    jax.ShapeDtypeStruct(z.shape[:1], jnp.float32)),
-                            z, codebook, what="nearest-code", instead=INSTEAD, vmap_method="sequential")
+                            z, codebook, what="nearest-code", instead=INSTEAD, vmap_method="sequential",
+                            wide=np.bool_(wide))

@@ -2,6 +2,8 @@
 computes the same products (every transpose, the bias, the bias gradient, the contraction split
 between threads) and gradients; where each is used."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,6 +73,8 @@ def test_wide_tiles_add_in_the_same_order_as_avx2_ones(m, k, n, transpose_a):
 def test_wide_tiles_are_refused_without_avx512():
     with pytest.raises(Exception, match="needs a CPU with AVX-512"):
         jax.block_until_ready(cpu_matmul.matmul(jnp.ones((4, 3)), jnp.ones((3, 2)), wide=True))
+    with pytest.raises(Exception, match="nearest: wide=true needs a CPU with AVX-512"):
+        jax.block_until_ready(cpu_matmul.nearest(jnp.ones((4, 3)), jnp.ones((5, 3)), wide=True))
 
 
 @needs_kernel
@@ -307,8 +311,9 @@ def test_mlp_runs_fused_where_it_can_and_says_why_not(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("wide", WIDTHS)
 @pytest.mark.parametrize("m, n, d", [(1472, 8192, 32), (37, 1003, 32), (5, 13, 3), (1, 1, 1), (700, 260, 64)])
-def test_nearest_codes_are_xlas_argmin(m, n, d):
+def test_nearest_codes_are_xlas_argmin(m, n, d, wide):
     rng = np.random.default_rng(m + n)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731  the quantizer's inputs
     z, codebook = unit(_normal(m, m, d)), unit(_normal(n, n, d))
@@ -316,7 +321,7 @@ def test_nearest_codes_are_xlas_argmin(m, n, d):
     for twin in (first + 8, first + 1):
         codebook[min(twin, n - 1)] = codebook[first]
     z[0] = codebook[first]
-    codes, values = jax.jit(cpu_matmul.nearest)(z, codebook)
+    codes, values = jax.jit(functools.partial(cpu_matmul.nearest, wide=wide))(z, codebook)
     distances = tokenizer.squared_distances(jnp.asarray(z), jnp.asarray(codebook), "xla")
     np.testing.assert_array_equal(codes, jnp.argmin(distances, axis=1))
     np.testing.assert_allclose(values, distances[np.arange(m), np.asarray(codes)], rtol=1e-6, atol=1e-6)
@@ -328,7 +333,10 @@ def test_nearest_codes_are_xlas_argmin(m, n, d):
     codebook_nan[n - 1, 0] = np.nan
     for zz, ww in ((z, codebook), (z, codebook_nan)):
         want = jnp.argmin(tokenizer.squared_distances(jnp.asarray(zz), jnp.asarray(ww), "xla"), axis=1)
-        np.testing.assert_array_equal(cpu_matmul.nearest(zz, ww)[0], want)
+        np.testing.assert_array_equal(cpu_matmul.nearest(zz, ww, wide=wide)[0], want)
+    if wide:  # the same sums as the AVX2 tiles': the same codes and the same distances, bit for bit
+        for got, narrow in zip(cpu_matmul.nearest(z, codebook, wide=True), cpu_matmul.nearest(z, codebook, wide=False)):
+            np.testing.assert_array_equal(got, narrow)
 
 
 @needs_kernel
