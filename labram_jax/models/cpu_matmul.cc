@@ -491,8 +491,9 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
 // The nearest code of each row: codes[i] = argmin_j (|z_i|^2 + |w_j|^2) - 2 z_i . w_j (the first j
 // on ties, the first NaN if any, as jnp.argmin) and that value, z [M, d], codebook w [N, d]. The
 // [M, N] distances are never written out: each part takes a range of rows and walks the codebook
-// in blocks of kNearestBlock codes, their products in a cache-sized scratch scanned right away
-// (written to memory and read back by XLA, they took ~5x the product's time).
+// in blocks of kNearestBlock codes, their products (6 x Nr tiles, as Matmul's: 32 columns with the attribute
+// `wide`) in a cache-sized scratch scanned right away (written to memory and read back by XLA, they took ~5x
+// the product's time).
 constexpr int kNearestBlock = 256;
 
 // Lane-wise: whether (v, at j) beats (best, at its index), NaNs winning, earlier indices on ties.
