@@ -23,7 +23,6 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -557,6 +556,19 @@ void NearestRows(const float* z, const float* w, const float* zz, const float* w
   }
 }
 
+// NearestRows over all m rows of z, in parts (ranges of whole 6-row panels) run on the pool, with 6 x Nr tiles.
+template <int Nr>
+void NearestParts(const float* z, const float* w, const float* zz, const float* ww, int64_t m, int64_t n, int64_t d,
+                  int32_t* codes, float* values, ffi::ThreadPool& pool) {
+  const int64_t units = (m + kMr - 1) / kMr;
+  const int64_t parts = std::min<int64_t>(2 * labram_cpu::UsableCpus(), units);
+  const size_t scratch_floats = (size_t)((units + parts - 1) / parts) * kMr * kNearestBlock;
+  labram_cpu::ForEachPart(pool, parts, WorkFloats<Nr>() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
+    const int64_t m0 = std::min(m, units * t / parts * kMr), m1 = std::min(m, units * (t + 1) / parts * kMr);
+    if (m1 > m0) NearestRows<Nr>(z, w, zz, ww, m0, m1, n, d, codes, values, work, work + WorkFloats<Nr>());
+  });
+}
+
 ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi::ResultBuffer<ffi::S32> codes,
                    ffi::ResultBuffer<ffi::F32> values, bool wide, ffi::ThreadPool pool) {
   if (const std::string bad = labram_cpu::WideRefusal(wide, "nearest"); !bad.empty())
@@ -584,23 +596,9 @@ ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi:
     for (int64_t k = 0; k < d; ++k) s += codebook.typed_data()[j * d + k] * codebook.typed_data()[j * d + k];
     ww[j] = s;
   }
-  const int64_t units = (m + kMr - 1) / kMr;
-  const int64_t parts = std::min<int64_t>(2 * labram_cpu::UsableCpus(), units);
-  const size_t scratch_floats = (size_t)((units + parts - 1) / parts) * kMr * kNearestBlock;
-  auto run = [&](auto nr) {  // the products' register tiles: 6 x 16 (AVX2) or 6 x 32 (AVX-512, wide)
-    constexpr int Nr = decltype(nr)::value;
-    labram_cpu::ForEachPart(pool, parts, WorkFloats<Nr>() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
-      const int64_t m0 = std::min(m, units * t / parts * kMr), m1 = std::min(m, units * (t + 1) / parts * kMr);
-      if (m1 > m0)
-        NearestRows<Nr>(z.typed_data(), codebook.typed_data(), zz.data(), ww.data(), m0, m1, n, d, codes->typed_data(),
-                        values->typed_data(), work, work + WorkFloats<Nr>());
-    });
-  };
-  if (wide) {
-    run(std::integral_constant<int, 32>());
-  } else {
-    run(std::integral_constant<int, 16>());
-  }
+  const auto nearest = wide ? NearestParts<32> : NearestParts<16>;
+  nearest(z.typed_data(), codebook.typed_data(), zz.data(), ww.data(), m, n, d, codes->typed_data(),
+          values->typed_data(), pool);
   return ffi::Error::Success();
 }
 
