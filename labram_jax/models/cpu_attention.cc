@@ -8,7 +8,11 @@
 // (batch, head) is computed at a time in a per-thread workspace, so the [L, L] matrices stay in the
 // core's cache instead of going to memory between XLA's operations. The scores are kept in base 2
 // (q's scale and the bias times log2 e, so exp(S - rowmax) = 2^(S2 - rowmax2), the cheaper function:
-// labram_cpu::Exp2Neg8); rowmax is returned in those units. With the attribute `wide` (CPUs whose
+// labram_cpu::Exp2Neg8); rowmax is returned in those units. The forward pass computes S transposed
+// (S^T = k q^T, a row per key): the softmax's reductions run down its columns, lane by lane, and out =
+// E v / rowsum is the transposed product whose vectors run along the queries (full vectors, where rows
+// of K = 20 values fill 20 of 24 lanes); the backward pass keeps S by rows, where two of its three
+// [L, K] products are the transposed ones. With the attribute `wide` (CPUs whose
 // AVX-512 units are full width) the products run AVX-512 forms, each element the same chain of FMAs,
 // and the softmax's passes 16-lane vectors (the same bits). Built and loaded by cpu_kernels.py.
 //
@@ -38,14 +42,6 @@
 namespace ffi = xla::ffi;
 
 namespace {
-
-inline float MaxOf(__m256 v) {
-  alignas(32) float b[8];
-  _mm256_store_ps(b, v);
-  float m = b[0];
-  for (int i = 1; i < 8; ++i) m = b[i] > m ? b[i] : m;
-  return m;
-}
 
 inline float SumOf(__m256 v) {
   alignas(32) float b[8];
@@ -80,6 +76,8 @@ struct Sizes {
   size_t Square() const { return (size_t)Lr * Lp + 16; }  // an [Lr, Lp] buffer (+ slack for reads past a row)
   size_t Narrow() const { return (size_t)Lr * Kp; }       // an [Lr, Kp] buffer
   size_t Wide() const { return (size_t)K * Lp; }          // a transposed [K, Lp] buffer
+  size_t Bias() const { return (size_t)Lp + 16; }         // the bias, by column of [L, Lp] or row of [Lr, Lp]
+  size_t Columns() const { return (size_t)Lp + 32; }      // a value per column of [L, Lp] (read in vectors past Lp)
 };
 
 // scale * x [L, K] (rows ld apart) -> dst [Lr, Kp], zero padded.
@@ -101,13 +99,18 @@ void PackColumns(const Sizes& z, const float* x, float* dst, int64_t ld) {
 }
 
 // ProductNT's AVX-512 form: 6 rows by V vectors of 16 columns (the last 16 of Lp alone where Lp is
-// not a multiple of 32), each element the same chain of FMAs over k (the same bits).
-template <int V>
+// not a multiple of 32), each element the same chain of FMAs over k (the same bits). init: the tile's
+// first row's value (ByRow) or its first column's.
+template <int V, bool ByRow>
 __attribute__((target("avx512f"))) inline void WideTileNT(const Sizes& z, const float* ar, const float* bc,
                                                           const float* init, float* c) {
   __m512 c0[kRowTile], c1[kRowTile];
-  const __m512 i0 = _mm512_loadu_ps(init), i1 = V == 2 ? _mm512_loadu_ps(init + 16) : i0;
-  for (int r = 0; r < kRowTile; ++r) c0[r] = i0, c1[r] = i1;
+  if constexpr (ByRow) {
+    for (int r = 0; r < kRowTile; ++r) c0[r] = c1[r] = _mm512_set1_ps(init[r]);
+  } else {
+    const __m512 i0 = _mm512_loadu_ps(init), i1 = V == 2 ? _mm512_loadu_ps(init + 16) : i0;
+    for (int r = 0; r < kRowTile; ++r) c0[r] = i0, c1[r] = i1;
+  }
   for (int k = 0; k < z.K; ++k, bc += z.Lp) {
     const __m512 b0 = _mm512_loadu_ps(bc), b1 = V == 2 ? _mm512_loadu_ps(bc + 16) : b0;
     for (int r = 0; r < kRowTile; ++r) {
@@ -122,31 +125,39 @@ __attribute__((target("avx512f"))) inline void WideTileNT(const Sizes& z, const 
   }
 }
 
+template <bool ByRow>
 __attribute__((target("avx512f"))) void WideProductNT(const Sizes& z, const float* a, const float* bt,
                                                       const float* init, float* c) {
   for (int l0 = 0; l0 < z.Lr; l0 += kRowTile) {
     for (int m0 = 0; m0 < z.Lp; m0 += 32) {
       const float* ar = a + (size_t)l0 * z.Kp;
+      const float* i = init + (ByRow ? l0 : m0);
       float* out = c + (size_t)l0 * z.Lp + m0;
       if (z.Lp - m0 >= 32) {
-        WideTileNT<2>(z, ar, bt + m0, init + m0, out);
+        WideTileNT<2, ByRow>(z, ar, bt + m0, i, out);
       } else {
-        WideTileNT<1>(z, ar, bt + m0, init + m0, out);
+        WideTileNT<1, ByRow>(z, ar, bt + m0, i, out);
       }
     }
   }
 }
 
-// c [Lr, Lp] = a [Lr, Kp] . bt [K, Lp] + init [Lp] (added to every row).
+// c [Lr, Lp] = a [Lr, Kp] . bt [K, Lp] + init: init [Lr] added to every column (ByRow), or init [Lp]
+// to every row.
+template <bool ByRow>
 void ProductNT(const Sizes& z, const float* a, const float* bt, const float* init, float* c) {
-  if (z.wide) return WideProductNT(z, a, bt, init, c);
+  if (z.wide) return WideProductNT<ByRow>(z, a, bt, init, c);
   const int K = z.K, Lp = z.Lp, Kp = z.Kp;
   for (int l0 = 0; l0 < z.Lr; l0 += kRowTile) {
     const float* ar = a + (size_t)l0 * Kp;
     for (int m0 = 0; m0 < Lp; m0 += 16) {
       __m256 c0[kRowTile], c1[kRowTile];
-      const __m256 i0 = _mm256_loadu_ps(init + m0), i1 = _mm256_loadu_ps(init + m0 + 8);
-      for (int r = 0; r < kRowTile; ++r) c0[r] = i0, c1[r] = i1;
+      if constexpr (ByRow) {
+        for (int r = 0; r < kRowTile; ++r) c0[r] = c1[r] = _mm256_set1_ps(init[l0 + r]);
+      } else {
+        const __m256 i0 = _mm256_loadu_ps(init + m0), i1 = _mm256_loadu_ps(init + m0 + 8);
+        for (int r = 0; r < kRowTile; ++r) c0[r] = i0, c1[r] = i1;
+      }
       const float* bc = bt + m0;
       for (int k = 0; k < K; ++k, bc += Lp) {
         const __m256 b0 = _mm256_loadu_ps(bc), b1 = _mm256_loadu_ps(bc + 8);
@@ -170,7 +181,7 @@ void ProductNT(const Sizes& z, const float* a, const float* bt, const float* ini
 // over m (the same bits).
 template <int NV>
 __attribute__((target("avx512f"))) void WideProductNN(const Sizes& z, const float* a, const float* b,
-                                                      const float* row_scale, float scale, float* out, int64_t ld) {
+                                                      float scale, float* out, int64_t ld) {
   constexpr int Z = NV / 2, Y = NV % 2, MR = 12 / (Z + Y);
   const int Lp = z.Lp, Kp = NV * 8;
   for (int l0 = 0; l0 < z.Lr; l0 += MR) {
@@ -193,21 +204,18 @@ __attribute__((target("avx512f"))) void WideProductNN(const Sizes& z, const floa
     }
     alignas(64) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r) {
-      const float by = scale * (row_scale && l0 + r < z.L ? row_scale[l0 + r] : 1.0f);
-      for (int j = 0; j < Z; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(by)));
-      if constexpr (Y == 1) _mm256_store_ps(tile[r] + 16 * Z, _mm256_mul_ps(tail[r], _mm256_set1_ps(by)));
+      for (int j = 0; j < Z; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+      if constexpr (Y == 1) _mm256_store_ps(tile[r] + 16 * Z, _mm256_mul_ps(tail[r], _mm256_set1_ps(scale)));
     }
     for (int r = 0; r < MR && l0 + r < z.L; ++r) std::memcpy(out + (size_t)(l0 + r) * ld, tile[r], z.K * sizeof(float));
   }
 }
 
-// out [L, K] (rows ld apart) = scale * row_scale[l] * sum_{m < L} a[l, m] b[m, :], a [Lr, Lp],
-// b [Lr, NV * 8] (row_scale: none = 1).
+// out [L, K] (rows ld apart) = scale * sum_{m < L} a[l, m] b[m, :], a [Lr, Lp], b [Lr, NV * 8].
 template <int NV>
-void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_scale, float scale, float* out,
-               int64_t ld) {
+void ProductNN(const Sizes& z, const float* a, const float* b, float scale, float* out, int64_t ld) {
   if constexpr (NV >= 2) {
-    if (z.wide) return WideProductNN<NV>(z, a, b, row_scale, scale, out, ld);
+    if (z.wide) return WideProductNN<NV>(z, a, b, scale, out, ld);
   }
   constexpr int MR = 12 / NV;
   const int Lp = z.Lp, Kp = NV * 8;
@@ -226,7 +234,7 @@ void ProductNN(const Sizes& z, const float* a, const float* b, const float* row_
     }
     alignas(32) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r) {
-      const __m256 by = _mm256_set1_ps(scale * (row_scale && l0 + r < z.L ? row_scale[l0 + r] : 1.0f));
+      const __m256 by = _mm256_set1_ps(scale);
       for (int j = 0; j < NV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], by));
     }
     for (int r = 0; r < MR && l0 + r < z.L; ++r) std::memcpy(out + (size_t)(l0 + r) * ld, tile[r], z.K * sizeof(float));
@@ -245,11 +253,16 @@ inline void WriteTransposed(const float* tile, int stride, int rows, int cols, f
 // where WideTN says so. Each element the same chain of FMAs over l as ProductTN's (the same bits).
 // (The tile as a function templated on its width kept its accumulators on the stack: 0.92x.)
 __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const float* a, const float* b, float scale,
-                                                      float* out, int64_t ld) {
+                                                      const float* row_scale, float* out, int64_t ld) {
   constexpr int KR = 10, MV = 2;
   for (int m0 = 0; m0 < z.L; m0 += 16 * MV) {
     __mmask16 mask[MV];
-    for (int j = 0; j < MV; ++j) mask[j] = (__mmask16)((1u << std::clamp(z.Lp - (m0 + 16 * j), 0, 16)) - 1);
+    __m512 by[MV];  // scale times row_scale of out's rows m0.. (lanes)
+    for (int j = 0; j < MV; ++j) {
+      mask[j] = (__mmask16)((1u << std::clamp(z.Lp - (m0 + 16 * j), 0, 16)) - 1);
+      by[j] = _mm512_set1_ps(scale);
+      if (row_scale) by[j] = _mm512_mul_ps(by[j], _mm512_loadu_ps(row_scale + m0 + 16 * j));
+    }
     for (int k0 = 0; k0 < z.K; k0 += KR) {
       __m512 acc[KR][MV];
       for (int r = 0; r < KR; ++r)
@@ -266,7 +279,7 @@ __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const floa
       }
       alignas(64) float tile[KR][16 * MV];
       for (int r = 0; r < KR; ++r)
-        for (int j = 0; j < MV; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+        for (int j = 0; j < MV; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], by[j]));
       WriteTransposed(tile[0], 16 * MV, std::min(KR, z.K - k0), std::min(16 * MV, z.L - m0), out + (size_t)m0 * ld + k0,
                       ld);
     }
@@ -276,16 +289,22 @@ __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const floa
 // Whether WideProductTN reads b's rows only within Kp: K rounded up to 10 fits (K = 20 in 24; 25 in 32).
 bool WideTN(const Sizes& z) { return (z.K + 9) / 10 * 10 <= z.Kp; }
 
-// out [L, K] (rows ld apart) = scale * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr, Lp], b [Lr, Kp]
-// (zero past K). Computed as its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
+// out [L, K] (rows ld apart) = scale * row_scale[m] * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr,
+// Lp], b [Lr, Kp] (zero past K); row_scale [Lp + 32] (read in vectors past L), or none (1). Computed as its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
 // down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
 // are m (L of every 24 used) rather than K (20 of 24); the tile is written transposed. A row of a is
 // read up to 16 floats past Lp: the next row, or the last row's slack.
-void ProductTN(const Sizes& z, const float* a, const float* b, float scale, float* out, int64_t ld) {
-  if (z.wide && WideTN(z)) return WideProductTN(z, a, b, scale, out, ld);
+void ProductTN(const Sizes& z, const float* a, const float* b, float scale, const float* row_scale, float* out,
+               int64_t ld) {
+  if (z.wide && WideTN(z)) return WideProductTN(z, a, b, scale, row_scale, out, ld);
   constexpr int KR = 4, MV = 3;
   const int Lp = z.Lp, Kp = z.Kp;
   for (int m0 = 0; m0 < z.L; m0 += 8 * MV) {
+    __m256 by[MV];
+    for (int j = 0; j < MV; ++j) {
+      by[j] = _mm256_set1_ps(scale);
+      if (row_scale) by[j] = _mm256_mul_ps(by[j], _mm256_loadu_ps(row_scale + m0 + 8 * j));
+    }
     for (int k0 = 0; k0 < z.K; k0 += KR) {
       __m256 acc[KR][MV];
       for (int r = 0; r < KR; ++r)
@@ -302,61 +321,94 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float scale, floa
       }
       alignas(32) float tile[KR][8 * MV];
       for (int r = 0; r < KR; ++r)
-        for (int j = 0; j < MV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
+        for (int j = 0; j < MV; ++j) _mm256_store_ps(tile[r] + 8 * j, _mm256_mul_ps(acc[r][j], by[j]));
       WriteTransposed(tile[0], 8 * MV, std::min(KR, z.K - k0), std::min(8 * MV, z.L - m0), out + (size_t)m0 * ld + k0, ld);
     }
   }
 }
 
-// bias [L] -> dst [Lp] in base 2 (times log2 e), -inf past L (padding columns get no weight).
 // The softmax's element-wise passes over the [L, Lp] buffers (base 2; Lp a multiple of 16), each with an
-// AVX-512 form for z.wide, the same operations lane by lane; the row sums are kept in two 8-lane
-// chains (the even and the odd 8 columns of every 16), which are the low and high halves of the
-// AVX-512 form's 16 lanes: the same bits in both.
+// AVX-512 form for z.wide, the same operations lane by lane; the backward pass's row sums are kept in
+// two 8-lane chains (the even and the odd 8 columns of every 16), which are the low and high halves of
+// the AVX-512 form's 16 lanes: the same bits in both.
 __attribute__((target("avx512f"))) inline __m256 Low(__m512 v) { return _mm512_castps512_ps256(v); }
 __attribute__((target("avx512f"))) inline __m256 High(__m512 v) {
   return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
-__attribute__((target("avx512f"))) void WideExponentiate(const Sizes& z, float* s, float* row_max, float* row_sum,
-                                                         float* inv) {
-  for (int l = 0; l < z.L; ++l) {
-    float* row = s + (size_t)l * z.Lp;
-    __m512 mx = _mm512_loadu_ps(row);
-    for (int m = 16; m < z.Lp; m += 16) mx = _mm512_max_ps(_mm512_loadu_ps(row + m), mx);
-    const float top = MaxOf(_mm256_max_ps(High(mx), Low(mx)));
-    const __m512 vm = _mm512_set1_ps(top);
-    __m512 sum = _mm512_setzero_ps();
-    for (int m = 0; m < z.Lp; m += 16) {
-      const __m512 e = labram_cpu::Exp2Neg16(_mm512_sub_ps(_mm512_loadu_ps(row + m), vm));
-      _mm512_storeu_ps(row + m, e);
-      sum = _mm512_add_ps(sum, e);
+constexpr int kSumBlock = 16;  // rows summed on their own before their sum joins the column's total
+
+// The forward pass's softmax on transposed scores s [Lr, Lp] (row m: key m against every query l, base
+// 2), N vectors of columns at a time: each column over the rows m < L -> 2^(s - max) in place, and the
+// columns' max, sum and inv = 1 / sum into col_max, col_sum and inv (N vectors each). Every reduction
+// runs down a column, lane by lane: no sums across lanes, and each lane's sum one chain over m in order,
+// so the 16- and 8-lane forms give the same bits; N chains side by side hide the adds' latency.
+template <int N>
+__attribute__((target("avx512f"))) void WideColumns(const Sizes& z, float* s, float* col_max, float* col_sum,
+                                                    float* inv) {
+  __m512 mx[N], sum[N];
+  for (int j = 0; j < N; ++j) mx[j] = _mm512_loadu_ps(s + 16 * j), sum[j] = _mm512_setzero_ps();
+  for (int m = 1; m < z.L; ++m)
+    for (int j = 0; j < N; ++j) mx[j] = _mm512_max_ps(_mm512_loadu_ps(s + (size_t)m * z.Lp + 16 * j), mx[j]);
+  for (int m0 = 0; m0 < z.L; m0 += kSumBlock) {
+    __m512 block[N];
+    for (int j = 0; j < N; ++j) block[j] = _mm512_setzero_ps();
+    for (int m = m0; m < std::min(m0 + kSumBlock, z.L); ++m) {
+      for (int j = 0; j < N; ++j) {
+        float* at = s + (size_t)m * z.Lp + 16 * j;
+        const __m512 e = labram_cpu::Exp2Neg16(_mm512_sub_ps(_mm512_loadu_ps(at), mx[j]));
+        _mm512_storeu_ps(at, e);
+        block[j] = _mm512_add_ps(block[j], e);
+      }
     }
-    row_max[l] = top;
-    row_sum[l] = SumOf(_mm256_add_ps(Low(sum), High(sum)));
-    inv[l] = 1.0f / row_sum[l];
+    for (int j = 0; j < N; ++j) sum[j] = _mm512_add_ps(sum[j], block[j]);
+  }
+  for (int j = 0; j < N; ++j) {
+    _mm512_storeu_ps(col_max + 16 * j, mx[j]);
+    _mm512_storeu_ps(col_sum + 16 * j, sum[j]);
+    _mm512_storeu_ps(inv + 16 * j, _mm512_div_ps(_mm512_set1_ps(1.0f), sum[j]));
   }
 }
 
-// Scores s [L, Lp] -> 2^(s - rowmax) in place; row_max, row_sum and inv = 1 / row_sum [L].
-void Exponentiate(const Sizes& z, float* s, float* row_max, float* row_sum, float* inv) {
-  if (z.wide) return WideExponentiate(z, s, row_max, row_sum, inv);
-  for (int l = 0; l < z.L; ++l) {
-    float* row = s + (size_t)l * z.Lp;
-    __m256 mx = _mm256_loadu_ps(row);
-    for (int m = 8; m < z.Lp; m += 8) mx = _mm256_max_ps(_mm256_loadu_ps(row + m), mx);
-    const float top = MaxOf(mx);
-    const __m256 vm = _mm256_set1_ps(top);
-    __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
-    for (int m = 0; m < z.Lp; m += 16) {
-      const __m256 e0 = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m), vm));
-      const __m256 e1 = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(row + m + 8), vm));
-      _mm256_storeu_ps(row + m, e0), _mm256_storeu_ps(row + m + 8, e1);
-      sum0 = _mm256_add_ps(sum0, e0), sum1 = _mm256_add_ps(sum1, e1);
+template <int N>
+void Columns(const Sizes& z, float* s, float* col_max, float* col_sum, float* inv) {
+  __m256 mx[N], sum[N];
+  for (int j = 0; j < N; ++j) mx[j] = _mm256_loadu_ps(s + 8 * j), sum[j] = _mm256_setzero_ps();
+  for (int m = 1; m < z.L; ++m)
+    for (int j = 0; j < N; ++j) mx[j] = _mm256_max_ps(_mm256_loadu_ps(s + (size_t)m * z.Lp + 8 * j), mx[j]);
+  for (int m0 = 0; m0 < z.L; m0 += kSumBlock) {
+    __m256 block[N];
+    for (int j = 0; j < N; ++j) block[j] = _mm256_setzero_ps();
+    for (int m = m0; m < std::min(m0 + kSumBlock, z.L); ++m) {
+      for (int j = 0; j < N; ++j) {
+        float* at = s + (size_t)m * z.Lp + 8 * j;
+        const __m256 e = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(at), mx[j]));
+        _mm256_storeu_ps(at, e);
+        block[j] = _mm256_add_ps(block[j], e);
+      }
     }
-    row_max[l] = top;
-    row_sum[l] = SumOf(_mm256_add_ps(sum0, sum1));
-    inv[l] = 1.0f / row_sum[l];
+    for (int j = 0; j < N; ++j) sum[j] = _mm256_add_ps(sum[j], block[j]);
+  }
+  for (int j = 0; j < N; ++j) {
+    _mm256_storeu_ps(col_max + 8 * j, mx[j]);
+    _mm256_storeu_ps(col_sum + 8 * j, sum[j]);
+    _mm256_storeu_ps(inv + 8 * j, _mm256_div_ps(_mm256_set1_ps(1.0f), sum[j]));
+  }
+}
+
+// Transposed scores s [Lr, Lp] -> 2^(s - colmax) in place over rows m < L; col_max, col_sum and inv =
+// 1 / col_sum [Lp], per query l: 64 columns at a time, then the last 16, 32 or 48.
+void ExponentiateColumns(const Sizes& z, float* s, float* col_max, float* col_sum, float* inv) {
+  int c = 0;
+  auto at = [&](auto group) { group(z, s + c, col_max + c, col_sum + c, inv + c); };
+  if (z.wide) {
+    for (; c + 64 <= z.Lp; c += 64) at(WideColumns<4>);
+    if (z.Lp - c == 48) at(WideColumns<3>);
+    if (z.Lp - c == 32) at(WideColumns<2>);
+    if (z.Lp - c == 16) at(WideColumns<1>);
+  } else {
+    for (; c + 32 <= z.Lp; c += 32) at(Columns<4>);
+    if (z.Lp - c == 16) at(Columns<2>);
   }
 }
 
@@ -410,9 +462,10 @@ void ScoreGradients(const Sizes& z, const float* p, float* g) {
   }
 }
 
+// bias [L] -> dst [Lp + 16] in base 2 (times log2 e), -inf past L (padding keys get no weight).
 void PackBias(const Sizes& z, const float* bias, float* dst) {
   for (int m = 0; m < z.L; ++m) dst[m] = kLog2e * bias[m];
-  for (int m = z.L; m < z.Lp; ++m) dst[m] = -INFINITY;
+  for (int m = z.L; m < (int)z.Bias(); ++m) dst[m] = -INFINITY;
 }
 
 // How a head's q, k and v rows of the fused projection become the attention's operands: per slot
@@ -556,21 +609,25 @@ void Untransform(const Sizes& z, const Transform& t, int s, const float* dy, con
 }
 
 struct Forward {
-  static size_t WorkFloats(const Sizes& z) { return z.Wide() + 4 * z.Narrow() + z.Square() + 2 * (size_t)z.Lp; }
+  static size_t WorkFloats(const Sizes& z) {
+    return z.Wide() + 4 * z.Narrow() + z.Square() + z.Bias() + 3 * z.Columns();
+  }
 
   struct Work {
-    float *kt, *vp, *qp, *kp, *hat, *s, *bp, *inv;
+    float *qt, *vp, *qp, *kp, *hat, *s, *bp, *mx, *sum, *inv;
   };
   static Work Split(const Sizes& z, float* work) {
     Work w;
-    w.kt = work;               // k^T [K, Lp]
-    w.vp = w.kt + z.Wide();    // v [Lr, Kp]
+    w.qt = work;               // q^T [K, Lp]
+    w.vp = w.qt + z.Wide();    // v [Lr, Kp]
     w.qp = w.vp + z.Narrow();  // q [Lr, Kp]
-    w.kp = w.qp + z.Narrow();  // k [Lr, Kp] (the fused projection's)
+    w.kp = w.qp + z.Narrow();  // k [Lr, Kp]
     w.hat = w.kp + z.Narrow(); // t(x) [Lr, Kp] (the fused projection's; only the backward pass keeps it)
-    w.s = w.hat + z.Narrow();  // scores, then exp [Lr, Lp]
-    w.bp = w.s + z.Square();   // bias [Lp]
-    w.inv = w.bp + z.Lp;       // 1 / row sum [Lr <= Lp + 12]
+    w.s = w.hat + z.Narrow();  // transposed scores, then exp [Lr, Lp]
+    w.bp = w.s + z.Square();   // bias [Lp + 16]
+    w.mx = w.bp + z.Bias();    // the max, sum and 1 / sum of each query's scores [Lp + 32]
+    w.sum = w.mx + z.Columns();
+    w.inv = w.sum + z.Columns();
     return w;
   }
 
@@ -578,9 +635,12 @@ struct Forward {
   // row_max (base 2), row_sum [L].
   template <int NV>
   static void Attend(const Sizes& z, const Work& w, float* out, int64_t ld, float* row_max, float* row_sum) {
-    ProductNT(z, w.qp, w.kt, w.bp, w.s);
-    Exponentiate(z, w.s, row_max, row_sum, w.inv);
-    ProductNN<NV>(z, w.s, w.vp, w.inv, 1.0f, out, ld);
+    PackColumns(z, w.qp, w.qt, z.Kp);
+    ProductNT<true>(z, w.kp, w.qt, w.bp, w.s);  // S^T
+    ExponentiateColumns(z, w.s, w.mx, w.sum, w.inv);
+    ProductTN(z, w.s, w.vp, 1.0f, w.inv, out, ld);  // out = diag(1 / sum) E v
+    std::memcpy(row_max, w.mx, sizeof(float) * z.L);
+    std::memcpy(row_sum, w.sum, sizeof(float) * z.L);
   }
 
   // One (batch, head). q, k, v [L, K] (rows z.ld apart), bias [L] -> out [L, K] (rows out_ld apart),
@@ -590,7 +650,6 @@ struct Forward {
                    float* out, int64_t out_ld, float* row_max, float* row_sum, float* work) {
     const Work w = Split(z, work);
     PackRows(z, k, z.ld, w.kp);
-    PackColumns(z, w.kp, w.kt, z.Kp);  // from the rows just packed, in cache
     PackRows(z, v, z.ld, w.vp);
     PackRows(z, q, z.ld, w.qp, scale * kLog2e);
     PackBias(z, bias, w.bp);
@@ -606,7 +665,6 @@ struct Forward {
     // t(x) and 1 / std, which only the backward pass keeps, into scratch (1 / std: 1 / row sum's buffer)
     PackTransformed<NV>(z, t, 0, x[0], scale * kLog2e, w.qp, w.hat, w.inv);
     PackTransformed<NV>(z, t, 1, x[1], 1.0f, w.kp, w.hat, w.inv);
-    PackColumns(z, w.kp, w.kt, z.Kp);
     PackTransformed<NV>(z, t, 2, x[2], 1.0f, w.vp, w.hat, w.inv);
     PackBias(z, bias, w.bp);
     Attend<NV>(z, w, out, out_ld, row_max, row_sum);
@@ -615,7 +673,7 @@ struct Forward {
 
 struct Backward {
   static size_t WorkFloats(const Sizes& z) {
-    return 2 * z.Wide() + 10 * z.Narrow() + 2 * z.Square() + 5 * (size_t)z.Lp;
+    return 2 * z.Wide() + 10 * z.Narrow() + 2 * z.Square() + z.Bias() + 4 * (size_t)z.Lp;
   }
 
   struct Work {
@@ -632,7 +690,7 @@ struct Backward {
     w.p = w.gp + z.Narrow();    // P [Lr, Lp]
     w.ds = w.p + z.Square();    // dP, then dS [Lr, Lp]
     w.bp = w.ds + z.Square();   // bias [Lp]
-    w.zero = w.bp + z.Lp;       // [Lp]
+    w.zero = w.bp + z.Bias();   // [Lp]
     w.vp = w.zero + z.Lp;       // v [Lr, Kp]
     float* next = w.vp + z.Narrow();
     for (int s = 0; s < 3; ++s, next += z.Lp) w.rstd[s] = next;  // [L <= Lp]
@@ -646,13 +704,13 @@ struct Backward {
   template <int NV>
   static void Gradients(const Sizes& z, float scale, const Work& w, const float* row_max, const float* row_sum,
                         float* dq, float* dk, float* dv, int64_t ld) {
-    ProductNT(z, w.qp, w.kt, w.bp, w.p);  // S
+    ProductNT<false>(z, w.qp, w.kt, w.bp, w.p);  // S
     Probabilities(z, row_max, row_sum, w.p);  // P = exp(S - max) / sum
-    ProductTN(z, w.p, w.gp, 1.0f, dv, ld);  // dV = P^T dO
-    ProductNT(z, w.gp, w.vt, w.zero, w.ds);  // dP = dO v^T
+    ProductTN(z, w.p, w.gp, 1.0f, nullptr, dv, ld);  // dV = P^T dO
+    ProductNT<false>(z, w.gp, w.vt, w.zero, w.ds);  // dP = dO v^T
     ScoreGradients(z, w.p, w.ds);  // dS = P * (dP - rowsum(P * dP))
-    ProductNN<NV>(z, w.ds, w.kp, nullptr, scale, dq, ld);  // dQ = scale dS k
-    ProductTN(z, w.ds, w.qp, 1.0f / kLog2e, dk, ld);  // dK = dS^T (scale q)
+    ProductNN<NV>(z, w.ds, w.kp, scale, dq, ld);  // dQ = scale dS k
+    ProductTN(z, w.ds, w.qp, 1.0f / kLog2e, nullptr, dk, ld);  // dK = dS^T (scale q)
   }
 
   // One (batch, head): the forward's inputs, d_out [L, K] (rows out_ld apart), row_max, row_sum [L] ->
