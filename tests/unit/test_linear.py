@@ -30,6 +30,7 @@ def _normal(seed, *shape):
 @needs_kernel
 @pytest.mark.parametrize("m, k, n", [
     (1, 1, 1), (7, 5, 17), (13, 600, 33),  # one part (under 4 MFLOP), edge tiles of 6 rows and 16 columns
+    (25, 13, 40),          # whole 6-row panels packed 8 columns at a time, then 5 one by one; a 1-row panel
     (9, 40, 25),           # the last panel 9 columns wide: a 16-column tile, not the 8-column one
     (11, 30, 16), (8, 9, 49),  # wide: one 16-column vector, whole; the last panel 17 columns (two vectors)
     (500, 64, 80),         # parts by rows, op(b) packed once beforehand (with its column sums)
@@ -57,7 +58,8 @@ def test_kernel_product_matches_float64(m, k, n, transpose_a, transpose_b, wide)
 @needs_kernel
 @pytest.mark.skipif(not HAS_AVX512, reason="the CPU has no AVX-512")
 @pytest.mark.parametrize("m, k, n, transpose_a", [(1848, 200, 600, False), (37, 300, 45, False),
-                                                 (200, 1848, 800, True), (40, 200, 520, False)])
+                                                 (200, 1848, 800, True), (40, 200, 520, False),
+                                                 (25, 13, 40, True)])
 def test_wide_tiles_add_in_the_same_order_as_avx2_ones(m, k, n, transpose_a):
     # Each output element is the same chain of FMAs over the contraction in both widths (the blocks of
     # the contraction and its split between parts do not depend on the tile): the same bits.
