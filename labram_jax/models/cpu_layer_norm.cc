@@ -163,7 +163,11 @@ bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
-constexpr int64_t kMinElements = 1 << 19;  // per range at least (fewer: handing it to another core costs more)
+// Elements per range at least (fewer: handing them to another core costs more). 2^19 from session 21
+// (an AMD host, threads started otherwise) kept LaBraM-Base's [8 x 231, 200] rows on one core; at 2^15,
+// two cores: the call 0.54-0.60x (forward) and 0.59-0.78x (both passes), the steps 0.970x / 0.979x /
+// 0.978x (fine-tuning / tokenizer / pretraining, paired; an Intel host, session 38).
+constexpr int64_t kMinElements = 1 << 15;
 constexpr int64_t kBlockRows = 128;          // rows summed apart before the parameter gradients' running sums
 ffi::Error LayerNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                             float eps, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,

@@ -67,7 +67,7 @@ def test_module_on_xla_is_flax_layer_norm_bit_for_bit(dtype):
 @needs_kernel
 @pytest.mark.parametrize("shape", [(2, 5, 200), (3, 4, 37, 20), (64, 7), (130, 8), (3, 1), (2, 203), (1, 0, 20),
                                    (2, 2801, 200), (2, 2801, 203)])
-# the last two: > 2 x 2^19 elements, split over the threads; 203 with a partial last vector, written whole
+# the last two: split over the threads (2^15 elements per range at least); 203 with a partial last vector, written whole
 # before a range's last row and masked there (the next row may be another thread's, already written)
 def test_kernel_matches_xla_and_float64(shape):
     x, scale, bias, g = _inputs(sum(shape), shape)
