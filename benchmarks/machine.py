@@ -35,9 +35,8 @@ def cpu_flags(cpuinfo: str) -> tuple[str, set[str]]:
 
 
 def xla_isa_limit(xla_flags: str) -> str | None:
-    """The ``--xla_cpu_max_isa=`` value in XLA_FLAGS (e.g. AVX2), or None."""
-    found = re.search(r"--xla_cpu_max_isa=(\S+)", xla_flags)
-    return found.group(1).upper() if found else None
+    """The ``--xla_cpu_max_isa=`` value in XLA_FLAGS (e.g. AVX2), or None (the C++ kernels keep to it too)."""
+    return cpu_kernels.xla_isa_cap(xla_flags)
 
 
 def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> dict:
@@ -66,16 +65,18 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo", env: dict | None = None) -> di
 def cpu_kernels_choice() -> dict:
     """This process's choice (not ``describe``'s cpuinfo file's): whether ``auto`` uses the C++ CPU
     kernels (``labram_jax.models.cpu_kernels``), why not, the measured AVX-512 / AVX2 FMA rate (the
-    product kernel's AVX-512 tiles run where it makes the units full width), and
+    product kernel's AVX-512 tiles run where it makes the units full width), which code they run, and
     the float32 FMA peak of all usable cores at once (TFLOP/s: what the vector units can do).
     On a GPU or TPU the steps never use them, so nothing is built or probed there."""
     backend = jax.default_backend()
     if backend != "cpu":
-        return {"cpu_kernels": f"not used (the steps run on {backend})", "avx512_rate_vs_avx2": None,
-                "avx512_units": None, "fma_peak_tflops": None}
+        return {"cpu_kernels": f"not used (the steps run on {backend})", "cpu_kernel_code": None,
+                "avx512_rate_vs_avx2": None, "avx512_units": None, "fma_peak_tflops": None}
     reason = cpu_kernels.unavailable_reason()
     rate = cpu_kernels.avx512_rate_ratio()
     return {"cpu_kernels": "used by auto" if reason is None else f"not used ({reason})",
+            # which of their forms runs: AVX-512 on full-width units unless XLA is held below it
+            "cpu_kernel_code": None if reason else "AVX-512" if cpu_kernels.full_width_avx512() else "AVX2",
             "avx512_rate_vs_avx2": rate,
             "avx512_units": None if rate is None else "512-bit" if rate >= cpu_kernels.FULL_WIDTH_AVX512 else "256-bit",
             "fma_peak_tflops": cpu_kernels.fma_peak_tflops(preprocess.usable_cpus())}
@@ -108,4 +109,5 @@ def summary(machine: dict) -> str:
            else "")
     return (f"machine: {cpu}, {machine['threads']} threads, widest vector ISA "
             f"{machine['cpu_widest_isa']}{units}{' + FMA' if machine['fma'] else ''}{fma}; XLA uses {machine['xla_isa']}; "
-            f"C++ CPU kernels {machine.get('cpu_kernels', 'not asked')}")
+            f"C++ CPU kernels {machine.get('cpu_kernels', 'not asked')}"
+            + (f" ({machine['cpu_kernel_code']} code)" if machine.get("cpu_kernel_code") else ""))

@@ -4,7 +4,8 @@
 every class of x86 CPU tried (BENCHMARKS.md): AVX2 only (AMD Zen 3), AVX-512 on 256-bit units (AMD
 Zen 4) and AVX-512 on full-width units (Intel Xeon, session 36), where the matrix products run
 AVX-512 register tiles, the attention's softmax passes AVX-512 vectors (:func:`full_width_avx512`;
-``cpu_vector_rate.cc`` tells the two AVX-512 classes apart) and the rest stays AVX2 code.
+``cpu_vector_rate.cc`` tells the two AVX-512 classes apart) and the rest stays AVX2 code. Under
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` they keep to AVX2 code too, as XLA does.
 
 These operations run as XLA FFI custom calls on such CPUs, where XLA:CPU's own code was measured
 slower (BENCHMARKS.md, sessions 19, 21, 23, 24 and 31): softmax attention (``cpu_attention.cc``,
@@ -31,6 +32,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -74,12 +76,25 @@ def cpu_flags() -> frozenset[str]:
 FULL_WIDTH_AVX512 = 1.5
 
 
+# Values of XLA's ``--xla_cpu_max_isa`` that leave AVX-512 out.
+BELOW_AVX512 = frozenset({"SSE4_2", "AVX", "AVX2"})
+
+
+def xla_isa_cap(xla_flags: str | None = None) -> str | None:
+    """XLA:CPU's instruction-set cap, the ``--xla_cpu_max_isa=`` value in ``xla_flags`` (default: the
+    XLA_FLAGS environment variable), upper case (e.g. ``AVX2``), or None."""
+    found = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags)
+    return found.group(1).upper() if found else None
+
+
 def full_width_avx512() -> bool:
     """Whether this CPU's AVX-512 units are full width (:func:`avx512_rate_ratio` at least
     :data:`FULL_WIDTH_AVX512`): where the product kernel's AVX-512 tiles (``cpu_matmul.cc``, ``wide``)
     do twice the FMA work of its AVX2 ones, and the attention kernels' products and softmax passes run
-    AVX-512 forms. (On 256-bit units they were no faster: session 35.)"""
-    if "avx512f" not in cpu_flags():
+    AVX-512 forms. (On 256-bit units they were no faster: session 35.) False where XLA is held below
+    AVX-512 (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``): the kernels keep to XLA's cap, so a run held to AVX2
+    runs their AVX2 code, as on a CPU without AVX-512."""
+    if "avx512f" not in cpu_flags() or xla_isa_cap() in BELOW_AVX512:
         return False
     ratio = avx512_rate_ratio()
     return ratio is not None and ratio >= FULL_WIDTH_AVX512

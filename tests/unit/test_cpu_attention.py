@@ -143,7 +143,8 @@ def test_avx512_rate_ratio_tells_full_width_units_from_split_ones():
     ratios = [cpu_kernels.avx512_rate_ratio.__wrapped__() for _ in range(3)]
     assert all(0.8 < r < 2.3 for r in ratios), ratios
     assert max(ratios) - min(ratios) < 0.3, f"the probe should repeat: {ratios}"
-    assert cpu_kernels.full_width_avx512() == (cpu_kernels.avx512_rate_ratio() >= cpu_kernels.FULL_WIDTH_AVX512)
+    assert cpu_kernels.full_width_avx512() == (cpu_kernels.avx512_rate_ratio() >= cpu_kernels.FULL_WIDTH_AVX512
+                                               and cpu_kernels.xla_isa_cap() not in cpu_kernels.BELOW_AVX512)
 
 
 def test_full_width_avx512_without_avx512_needs_no_probe(monkeypatch):
@@ -153,6 +154,18 @@ def test_full_width_avx512_without_avx512_needs_no_probe(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: None)  # the kernels could not load
     assert not cpu_kernels.full_width_avx512()
+
+
+def test_the_kernels_keep_to_xlas_instruction_set_cap(monkeypatch):
+    # XLA_FLAGS=--xla_cpu_max_isa=AVX2 holds the kernels to their AVX2 code too (a run held to AVX2 on an
+    # AVX-512 machine then measures what an AVX2 CPU would run), whatever else XLA_FLAGS says.
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 2.0)
+    for flags, wide in (("", True), ("--xla_cpu_max_isa=AVX2", False), ("--xla_cpu_max_isa=AVX512", True),
+                        ("--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=avx", False)):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        assert cpu_kernels.full_width_avx512() == wide, flags
+    assert cpu_kernels.xla_isa_cap("--xla_cpu_max_isa=sse4_2 --xla_dump_to=/tmp") == "SSE4_2"
 
 
 def test_switched_off_by_the_environment(monkeypatch):

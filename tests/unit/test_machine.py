@@ -46,9 +46,14 @@ def test_the_cpu_kernels_choice_is_stated(monkeypatch, tmp_path):
     full = machine.describe(str(info), env={})
     assert full["cpu_kernels"] == "used by auto" and full["avx512_units"] == "512-bit"  # products on AVX-512 tiles
     assert "AVX-512 on 512-bit units (1.98x AVX2's FMA rate)" in machine.summary(full)
+    assert full["cpu_kernel_code"] == "AVX-512" and "used by auto (AVX-512 code)" in machine.summary(full)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")  # the kernels keep to XLA's cap
+    assert machine.describe(str(info), env={})["cpu_kernel_code"] == "AVX2"
+    monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(cpu_kernels, "avx512_rate_ratio", lambda: 1.0)
     split = machine.describe(str(info), env={})
     assert split["cpu_kernels"] == "used by auto" and split["avx512_units"] == "256-bit"
+    assert split["cpu_kernel_code"] == "AVX2"
     monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "LABRAM_JAX_CPU_KERNEL=0")
     assert machine.describe(str(info), env={})["cpu_kernels"] == "not used (LABRAM_JAX_CPU_KERNEL=0)"
 
