@@ -105,6 +105,42 @@ inline __m256 Gelu8(__m256 x, __m256* derivative) {
   return _mm256_mul_ps(x, cdf);
 }
 
+// Erf8, NormalCdf8 and Gelu8 for 16 floats (AVX-512; the caller checks avx512f): the same operations lane
+// by lane, so the same bits.
+__attribute__((target("avx512f"))) inline __m512 Erf16(__m512 x) {
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(0.00022905065861350646f), _mm512_set1_ps(0.0034082910107109506f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(0.050955695062380861f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(0.18520832239976145f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(1.128379143519084f));
+  p = _mm512_mul_ps(x, p);
+  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.1791602954361697e-7f), _mm512_set1_ps(0.000023547966471313185f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.0010179625278914885f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.014070470171167667f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.11098505178285362f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.49746925110067538f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(1.0f));
+  const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32(INT32_MIN), _mm512_castps_si512(x)));
+  const __mmask16 saturated = _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(3.832506856900711f), _CMP_GE_OQ);
+  const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(sign), _mm512_castps_si512(_mm512_set1_ps(1.0f))));
+  return _mm512_mask_blend_ps(saturated, _mm512_div_ps(p, q), one);
+}
+
+__attribute__((target("avx512f"))) inline __m512 NormalCdf16(__m512 x) {
+  const __m512 erf = Erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+  return _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
+__attribute__((target("avx512f"))) inline __m512 Gelu16(__m512 x, __m512* derivative) {
+  const __m512 cdf = NormalCdf16(x);
+  if (derivative == nullptr) return _mm512_mul_ps(x, cdf);
+  const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(0.39894228040143268f),
+                                   Exp2Neg16(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.72134752044448170f))));
+  *derivative = _mm512_fmadd_ps(x, pdf, cdf);
+  return _mm512_mul_ps(x, cdf);
+}
+
 // Why a kernel cannot take its attribute `wide` (AVX-512 code) on this CPU: an empty string where it can
 // (not asked, or the CPU has avx512f).
 inline std::string WideRefusal(bool wide, const char* what) {

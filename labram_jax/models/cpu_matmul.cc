@@ -258,15 +258,35 @@ struct Epilogue {
   bool any() const { return factor || gelu; }
 };
 
+// The epilogue over a row's columns [j, j1) 16 at a time, while 16 are left (AVX-512: the same operations
+// lane by lane as the 8-float form, so the same bits); j is left at the first column not done. (The
+// product with GELU and its derivative 0.94-0.96x the time at [1848, 200] x [200, 800]; session 38.)
+__attribute__((target("avx512f"))) void WideFinishRow(const Epilogue& e, float* row, const float* factor,
+                                                      float* derivative, int64_t& j, int64_t j1) {
+  for (; j + 16 <= j1; j += 16) {
+    __m512 v = _mm512_loadu_ps(row + j);
+    if (e.gelu) {
+      __m512 g;
+      v = labram_cpu::Gelu16(v, derivative ? &g : nullptr);
+      if (derivative) _mm512_storeu_ps(derivative + j, g);
+    } else {
+      v = _mm512_mul_ps(v, _mm512_loadu_ps(factor + j));
+    }
+    _mm512_storeu_ps(row + j, v);
+  }
+}
+
 // The epilogue over c[i0:i1, j0:j1] (row stride ld, the epilogue's arrays too): row by row, each
-// read from start to end, while the block is still in cache. (Applied to each 6 x 16 tile as it
-// was written, one dependent chain of erf and exp at a time, it cost more than XLA's own pass.)
-void Finish(const Epilogue& e, float* c, int64_t ld, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+// read from start to end, while the block is still in cache; 16 floats at a time where `wide`. (Applied
+// to each 6 x 16 tile as it was written, one dependent chain of erf and exp at a time, it cost more than
+// XLA's own pass.)
+void Finish(const Epilogue& e, float* c, int64_t ld, int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool wide) {
   for (int64_t i = i0; i < i1; ++i) {
     float* row = c + i * ld;
     const float* factor = e.factor ? e.factor + i * ld : nullptr;
     float* derivative = e.gelu_derivative ? e.gelu_derivative + i * ld : nullptr;
     int64_t j = j0;
+    if (wide) WideFinishRow(e, row, factor, derivative, j, j1);
     auto eight = [&](const float* in, const float* f, float* out, float* d) {
       __m256 v = _mm256_loadu_ps(in);
       if (e.gelu) {
@@ -351,7 +371,7 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
                  std::min(kMr, mc - ir), std::min(Nr, nc - jr), pc > k0, bias);
           }
         }
-        if (pc + kc >= k1 && p.epilogue.any()) Finish(p.epilogue, p.c, p.n, ic, ic + mc, jc, jc + nc);
+        if (pc + kc >= k1 && p.epilogue.any()) Finish(p.epilogue, p.c, p.n, ic, ic + mc, jc, jc + nc, Nr == 32);
       }
     }
   }
@@ -372,7 +392,7 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   if (p.k == 0) {  // sums of nothing: the bias, then the epilogue
     for (int64_t i = 0; i < p.m; ++i)
       for (int64_t j = 0; j < p.n; ++j) p.c[i * p.n + j] = p.bias ? p.bias[j] : 0.f;
-    if (p.epilogue.any()) Finish(p.epilogue, p.c, p.n, 0, p.m, 0, p.n);
+    if (p.epilogue.any()) Finish(p.epilogue, p.c, p.n, 0, p.m, 0, p.n, Nr == 32);
     return;
   }
   const double flops = 2.0 * p.m * p.n * p.k;

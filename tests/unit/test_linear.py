@@ -68,6 +68,15 @@ def test_wide_tiles_add_in_the_same_order_as_avx2_ones(m, k, n, transpose_a):
                   static_argnames="wide")
     for narrow, wide in zip(run(a, b, bias, wide=False), run(a, b, bias, wide=True)):
         np.testing.assert_array_equal(wide, narrow)
+    # the epilogues 16 floats at a time where wide (the last columns 8 at a time and one by one): the same bits
+    factor = _normal(m + n, m, n)
+    epilogues = jax.jit(lambda x, y, z, f, wide: (
+        cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, gelu=True, wide=wide),
+        cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, gelu=True, gelu_derivative=False, wide=wide),
+        cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, factor=f, wide=wide)), static_argnames="wide")
+    for narrow, wide in zip(jax.tree.leaves(epilogues(a, b, bias, factor, wide=False)),
+                            jax.tree.leaves(epilogues(a, b, bias, factor, wide=True))):
+        np.testing.assert_array_equal(wide, narrow)
 
 
 @needs_kernel
