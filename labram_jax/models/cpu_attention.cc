@@ -73,9 +73,9 @@ inline void PrefetchRows(const float* x, int64_t ld, int r0, int r1, int n) {
   for (int r = r0; r < r1; ++r) Prefetch(x + (size_t)r * ld, n);
 }
 
-// dst[0:K] = src[0:K], src 32-byte aligned: 8 at a time, then 4, then one
-// by one, so nothing past K is written (the next head's values: another thread's). (No masked store:
-// on AMD cores one takes several cycles.)
+// dst[0:K] = src[0:K], src 32-byte aligned: 8 at a time, then 4, then one by one, so nothing past K is
+// written (the next head's values: another thread's). (No AVX2 masked store: on AMD cores one takes
+// several cycles.)
 inline void StoreRow(float* dst, const float* src, int K) {
   int i = 0;
   for (; i + 8 <= K; i += 8) _mm256_storeu_ps(dst + i, _mm256_load_ps(src + i));
@@ -348,7 +348,8 @@ __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const floa
 bool WideTN(const Sizes& z) { return (z.K + 9) / 10 * 10 <= z.Kp; }
 
 // out [L, K] (rows ld apart) = scale * row_scale[m] * sum_{l < L} a[l, m] b[l, :] for each m < L, a [Lr,
-// Lp], b [Lr, Kp] (zero past K); row_scale [Lp + 32] (read in vectors past L), or none (1). Computed as its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
+// Lp], b [Lr, Kp] (zero past K); row_scale [Lp + 32] (read in vectors past L), or none (1). Computed as
+// its transpose, out^T [K, L]: a tile of 4 of b's columns by 24 of a's runs
 // down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
 // are m (L of every 24 used) rather than K (20 of 24); the tile is written transposed. A row of a is
 // read up to 16 floats past Lp: the next row, or the last row's slack.
@@ -400,8 +401,9 @@ constexpr int kSumBlock = 16;  // rows summed on their own before their sum join
 // The forward pass's softmax on transposed scores s [Lr, Lp] (row m: key m against every query l, base
 // 2), N vectors of columns at a time: each column over the rows m < L -> 2^(s - max) in place, and the
 // columns' max, sum and inv = 1 / sum into col_max, col_sum and inv (N vectors each). Every reduction
-// runs down a column, lane by lane: no sums across lanes, and each lane's sum one chain over m in order,
-// so the 16- and 8-lane forms give the same bits; N chains side by side hide the adds' latency.
+// runs down a column, lane by lane: no sums across lanes, each lane's sum over m in order, kSumBlock rows
+// at a time (one chain of 231 additions was 9.5e-6 off float64 in the kernel's test, blocked 7.5e-6), so the
+// 16- and 8-lane forms give the same bits; N chains side by side hide the adds' latency.
 template <int N>
 __attribute__((target("avx512f"))) void WideColumns(const Sizes& z, float* s, float* col_max, float* col_sum,
                                                     float* inv) {
@@ -456,7 +458,7 @@ void Columns(const Sizes& z, float* s, float* col_max, float* col_sum, float* in
 }
 
 // Transposed scores s [Lr, Lp] -> 2^(s - colmax) in place over rows m < L; col_max, col_sum and inv =
-// 1 / col_sum [Lp], per query l: 64 columns at a time, then the last 16, 32 or 48.
+// 1 / col_sum [Lp], per query l: 64 columns at a time, then the last 16, 32 or 48 (AVX2: 32, then 16).
 void ExponentiateColumns(const Sizes& z, float* s, float* col_max, float* col_sum, float* inv) {
   int c = 0;
   auto at = [&](auto group) { group(z, s + c, col_max + c, col_sum + c, inv + c); };
