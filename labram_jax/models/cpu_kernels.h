@@ -66,25 +66,30 @@ __attribute__((target("avx512f"))) inline __m512 Exp2Neg16(__m512 x) { LABRAM_EX
 
 #undef LABRAM_EXP2_NEG
 
-// erf for 8 floats: the odd/even rational interpolant XLA:CPU also evaluates (Eigen's), x P(x^2) /
-// Q(x^2), and +-1 from |x| >= 3.8325 (where erf rounds to 1 in float32).
+// erf's rational interpolant, x P(x^2) / Q(x^2): XLA:CPU's too (Eigen's). One body for both widths (mm:
+// the intrinsics' prefix), as LABRAM_EXP2_NEG: the same operations lane by lane, the same bits.
+#define LABRAM_ERF_RATIO(Vector, mm)                                                                                   \
+  const Vector x2 = mm##_mul_ps(x, x);                                                                                 \
+  Vector p = mm##_fmadd_ps(x2, mm##_set1_ps(0.00022905065861350646f), mm##_set1_ps(0.0034082910107109506f));           \
+  p = mm##_fmadd_ps(x2, p, mm##_set1_ps(0.050955695062380861f));                                                      \
+  p = mm##_fmadd_ps(x2, p, mm##_set1_ps(0.18520832239976145f));                                                       \
+  p = mm##_fmadd_ps(x2, p, mm##_set1_ps(1.128379143519084f));                                                         \
+  p = mm##_mul_ps(x, p);                                                                                               \
+  Vector q = mm##_fmadd_ps(x2, mm##_set1_ps(-1.1791602954361697e-7f), mm##_set1_ps(0.000023547966471313185f));         \
+  q = mm##_fmadd_ps(x2, q, mm##_set1_ps(0.0010179625278914885f));                                                     \
+  q = mm##_fmadd_ps(x2, q, mm##_set1_ps(0.014070470171167667f));                                                      \
+  q = mm##_fmadd_ps(x2, q, mm##_set1_ps(0.11098505178285362f));                                                       \
+  q = mm##_fmadd_ps(x2, q, mm##_set1_ps(0.49746925110067538f));                                                       \
+  q = mm##_fmadd_ps(x2, q, mm##_set1_ps(1.0f));                                                                       \
+  const Vector ratio = mm##_div_ps(p, q);
+
+// erf for 8 floats: the rational interpolant, and +-1 from |x| >= 3.8325 (where erf rounds to 1 in float32).
 inline __m256 Erf8(__m256 x) {
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(0.00022905065861350646f), _mm256_set1_ps(0.0034082910107109506f));
-  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(0.050955695062380861f));
-  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(0.18520832239976145f));
-  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(1.128379143519084f));
-  p = _mm256_mul_ps(x, p);
-  __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-1.1791602954361697e-7f), _mm256_set1_ps(0.000023547966471313185f));
-  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.0010179625278914885f));
-  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.014070470171167667f));
-  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.11098505178285362f));
-  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.49746925110067538f));
-  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(1.0f));
+  LABRAM_ERF_RATIO(__m256, _mm256)
   const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
   const __m256 saturated = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(3.832506856900711f),
                                          _CMP_GE_OQ);
-  return _mm256_blendv_ps(_mm256_div_ps(p, q), _mm256_or_ps(sign, _mm256_set1_ps(1.0f)), saturated);
+  return _mm256_blendv_ps(ratio, _mm256_or_ps(sign, _mm256_set1_ps(1.0f)), saturated);
 }
 
 // Phi(x) = (1 + erf(x / sqrt 2)) / 2 of 8 floats, the normal CDF GELU multiplies by.
@@ -108,24 +113,15 @@ inline __m256 Gelu8(__m256 x, __m256* derivative) {
 // Erf8, NormalCdf8 and Gelu8 for 16 floats (AVX-512; the caller checks avx512f): the same operations lane
 // by lane, so the same bits.
 __attribute__((target("avx512f"))) inline __m512 Erf16(__m512 x) {
-  const __m512 x2 = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(0.00022905065861350646f), _mm512_set1_ps(0.0034082910107109506f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(0.050955695062380861f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(0.18520832239976145f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(1.128379143519084f));
-  p = _mm512_mul_ps(x, p);
-  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.1791602954361697e-7f), _mm512_set1_ps(0.000023547966471313185f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.0010179625278914885f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.014070470171167667f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.11098505178285362f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(0.49746925110067538f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(1.0f));
+  LABRAM_ERF_RATIO(__m512, _mm512)
   const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
   const __m512 magnitude = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32(INT32_MIN), _mm512_castps_si512(x)));
   const __mmask16 saturated = _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(3.832506856900711f), _CMP_GE_OQ);
   const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(sign), _mm512_castps_si512(_mm512_set1_ps(1.0f))));
-  return _mm512_mask_blend_ps(saturated, _mm512_div_ps(p, q), one);
+  return _mm512_mask_blend_ps(saturated, ratio, one);
 }
+
+#undef LABRAM_ERF_RATIO
 
 __attribute__((target("avx512f"))) inline __m512 NormalCdf16(__m512 x) {
   const __m512 erf = Erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
