@@ -404,58 +404,44 @@ constexpr int kSumBlock = 16;  // rows summed on their own before their sum join
 // runs down a column, lane by lane: no sums across lanes, each lane's sum over m in order, kSumBlock rows
 // at a time (one chain of 231 additions was 9.5e-6 off float64 in the kernel's test, blocked 7.5e-6), so the
 // 16- and 8-lane forms give the same bits; N chains side by side hide the adds' latency.
+// One body for both widths (mm: the intrinsics' prefix; W: floats per vector; Exp: the matching 2^x), as
+// labram_cpu's LABRAM_EXP2_NEG: the same operations lane by lane.
+#define LABRAM_COLUMNS(Vector, mm, W, Exp)                                                                    \
+  Vector mx[N], sum[N];                                                                                       \
+  for (int j = 0; j < N; ++j) mx[j] = mm##_loadu_ps(s + W * j), sum[j] = mm##_setzero_ps();                   \
+  for (int m = 1; m < z.L; ++m)                                                                               \
+    for (int j = 0; j < N; ++j) mx[j] = mm##_max_ps(mm##_loadu_ps(s + (size_t)m * z.Lp + W * j), mx[j]);     \
+  for (int m0 = 0; m0 < z.L; m0 += kSumBlock) {                                                               \
+    Vector block[N];                                                                                          \
+    for (int j = 0; j < N; ++j) block[j] = mm##_setzero_ps();                                                 \
+    for (int m = m0; m < std::min(m0 + kSumBlock, z.L); ++m) {                                                \
+      for (int j = 0; j < N; ++j) {                                                                           \
+        float* at = s + (size_t)m * z.Lp + W * j;                                                             \
+        const Vector e = labram_cpu::Exp(mm##_sub_ps(mm##_loadu_ps(at), mx[j]));                              \
+        mm##_storeu_ps(at, e);                                                                                \
+        block[j] = mm##_add_ps(block[j], e);                                                                  \
+      }                                                                                                       \
+    }                                                                                                         \
+    for (int j = 0; j < N; ++j) sum[j] = mm##_add_ps(sum[j], block[j]);                                       \
+  }                                                                                                           \
+  for (int j = 0; j < N; ++j) {                                                                               \
+    mm##_storeu_ps(col_max + W * j, mx[j]);                                                                   \
+    mm##_storeu_ps(col_sum + W * j, sum[j]);                                                                  \
+    mm##_storeu_ps(inv + W * j, mm##_div_ps(mm##_set1_ps(1.0f), sum[j]));                                     \
+  }
+
 template <int N>
 __attribute__((target("avx512f"))) void WideColumns(const Sizes& z, float* s, float* col_max, float* col_sum,
                                                     float* inv) {
-  __m512 mx[N], sum[N];
-  for (int j = 0; j < N; ++j) mx[j] = _mm512_loadu_ps(s + 16 * j), sum[j] = _mm512_setzero_ps();
-  for (int m = 1; m < z.L; ++m)
-    for (int j = 0; j < N; ++j) mx[j] = _mm512_max_ps(_mm512_loadu_ps(s + (size_t)m * z.Lp + 16 * j), mx[j]);
-  for (int m0 = 0; m0 < z.L; m0 += kSumBlock) {
-    __m512 block[N];
-    for (int j = 0; j < N; ++j) block[j] = _mm512_setzero_ps();
-    for (int m = m0; m < std::min(m0 + kSumBlock, z.L); ++m) {
-      for (int j = 0; j < N; ++j) {
-        float* at = s + (size_t)m * z.Lp + 16 * j;
-        const __m512 e = labram_cpu::Exp2Neg16(_mm512_sub_ps(_mm512_loadu_ps(at), mx[j]));
-        _mm512_storeu_ps(at, e);
-        block[j] = _mm512_add_ps(block[j], e);
-      }
-    }
-    for (int j = 0; j < N; ++j) sum[j] = _mm512_add_ps(sum[j], block[j]);
-  }
-  for (int j = 0; j < N; ++j) {
-    _mm512_storeu_ps(col_max + 16 * j, mx[j]);
-    _mm512_storeu_ps(col_sum + 16 * j, sum[j]);
-    _mm512_storeu_ps(inv + 16 * j, _mm512_div_ps(_mm512_set1_ps(1.0f), sum[j]));
-  }
+  LABRAM_COLUMNS(__m512, _mm512, 16, Exp2Neg16)
 }
 
 template <int N>
 void Columns(const Sizes& z, float* s, float* col_max, float* col_sum, float* inv) {
-  __m256 mx[N], sum[N];
-  for (int j = 0; j < N; ++j) mx[j] = _mm256_loadu_ps(s + 8 * j), sum[j] = _mm256_setzero_ps();
-  for (int m = 1; m < z.L; ++m)
-    for (int j = 0; j < N; ++j) mx[j] = _mm256_max_ps(_mm256_loadu_ps(s + (size_t)m * z.Lp + 8 * j), mx[j]);
-  for (int m0 = 0; m0 < z.L; m0 += kSumBlock) {
-    __m256 block[N];
-    for (int j = 0; j < N; ++j) block[j] = _mm256_setzero_ps();
-    for (int m = m0; m < std::min(m0 + kSumBlock, z.L); ++m) {
-      for (int j = 0; j < N; ++j) {
-        float* at = s + (size_t)m * z.Lp + 8 * j;
-        const __m256 e = labram_cpu::Exp2Neg8(_mm256_sub_ps(_mm256_loadu_ps(at), mx[j]));
-        _mm256_storeu_ps(at, e);
-        block[j] = _mm256_add_ps(block[j], e);
-      }
-    }
-    for (int j = 0; j < N; ++j) sum[j] = _mm256_add_ps(sum[j], block[j]);
-  }
-  for (int j = 0; j < N; ++j) {
-    _mm256_storeu_ps(col_max + 8 * j, mx[j]);
-    _mm256_storeu_ps(col_sum + 8 * j, sum[j]);
-    _mm256_storeu_ps(inv + 8 * j, _mm256_div_ps(_mm256_set1_ps(1.0f), sum[j]));
-  }
+  LABRAM_COLUMNS(__m256, _mm256, 8, Exp2Neg8)
 }
+
+#undef LABRAM_COLUMNS
 
 // Transposed scores s [Lr, Lp] -> 2^(s - colmax) in place over rows m < L; col_max, col_sum and inv =
 // 1 / col_sum [Lp], per query l: 64 columns at a time, then the last 16, 32 or 48 (AVX2: 32, then 16).
