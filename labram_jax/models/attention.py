@@ -2,9 +2,10 @@
 
 - ``xla``: ``jax.nn.dot_product_attention`` with XLA's generic lowering.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention on
-  NVIDIA GPUs, bfloat16/float16 only). cuDNN needs a head size that is a multiple of 8;
-  LaBraM's are 20, 25 and 50, so q, k and v are zero-padded on the head axis (the scores
-  and the real output columns are unchanged; the scale stays 1/sqrt(real head size)).
+  NVIDIA GPUs, bfloat16/float16 only). cuDNN needs a head size that is a multiple of 8, an
+  even length and a full [B, 1, L, L] mask; :func:`cudnn_operands` pads q, k and v to that
+  (the scores and the real output rows and columns are unchanged; the scale stays
+  1/sqrt(real head size)).
 - ``explicit``: the softmax written out with a hand-written backward pass
   (``dS = P * (dP - rowsum(dO * O))``), which XLA:CPU runs about twice as fast as the
   autodiff of the generic version (BENCHMARKS.md).
@@ -123,14 +124,33 @@ def _auto(q):
 
 
 def _cudnn(q, k, v, key_valid):
-    head = q.shape[-1]
-    pad = (-head) % 8
-    if pad:
-        widths = ((0, 0), (0, 0), (0, 0), (0, pad))
-        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :], scale=head ** -0.5,
-                                       implementation="cudnn")
-    return out[..., :head]
+    head, length = q.shape[-1], q.shape[1]
+    q, k, v, mask = cudnn_operands(q, k, v, key_valid)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head ** -0.5, implementation="cudnn")
+    return out[:, :length, :, :head]
+
+
+def cudnn_operands(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array):
+    """q, k, v and the mask in the shapes cuDNN's flash attention takes, the same function.
+
+    cuDNN wants a head size that is a multiple of 8 (LaBraM's are 20, 25, 50: zero columns add
+    nothing to the scores), an even sequence length when a mask is trained through (LaBraM's are
+    channels x windows + 1: a padding token whose key is masked out, its query row dropped after),
+    and the mask as a full [B, 1, L, L] (a [B, 1, 1, L] one is refused: "Bias must have same seq
+    length as QKV").
+
+    Args:
+      q, k, v: [B, L, H, K]; key_valid: [B, L] bool.
+    Returns:
+      q, k, v [B, L', H, K'] with L' = L rounded up to even and K' = K rounded up to a multiple of
+      8, and the mask [B, 1, L', L'] bool (False on padding keys).
+    """
+    length, head = q.shape[1], q.shape[-1]
+    widths = ((0, 0), (0, length % 2), (0, 0), (0, (-head) % 8))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    key_valid = jnp.pad(key_valid, ((0, 0), (0, length % 2)))  # False: the added token is never a key
+    mask = jnp.broadcast_to(key_valid[:, None, None, :], (q.shape[0], 1, q.shape[1], q.shape[1]))
+    return q, k, v, mask
 
 
 def _row_max(s):

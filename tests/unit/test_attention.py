@@ -37,6 +37,46 @@ def test_explicit_matches_xla_forward_and_gradients(seed):
     np.testing.assert_allclose(attention.dot_product_attention(q, k2, v2, valid, "explicit"), out_e, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [37, 36])
+def test_cudnn_operands_are_the_same_function(length):
+    """The padding that cuDNN's flash attention needs (head to a multiple of 8, length to even, the mask
+    to [B, 1, L, L]) changes nothing: XLA's attention on the padded operands, cut back, is the unpadded
+    one, gradients included. (The cuDNN call itself needs an NVIDIA GPU: the next test.)"""
+    q, k, v, g, valid = (x[:, :, :length] if x.ndim == 4 else x[:, :length] for x in _inputs(2))
+    swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    q, k, v, g = map(swap, (q, k, v, g))
+
+    def padded(q, k, v):
+        qp, kp, vp, mask = attention.cudnn_operands(q, k, v, valid)
+        assert qp.shape[1] % 2 == 0 and qp.shape[-1] % 8 == 0 and mask.shape == (3, 1, qp.shape[1], qp.shape[1])
+        out = jax.nn.dot_product_attention(qp, kp, vp, mask=mask, scale=q.shape[-1] ** -0.5, implementation="xla")
+        return out[:, :length, :, :q.shape[-1]]
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=valid[:, None, None, :], implementation="xla")
+
+    out_p, vjp_p = jax.vjp(padded, q, k, v)
+    out, vjp = jax.vjp(plain, q, k, v)
+    np.testing.assert_allclose(out_p, out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(vjp_p(g), vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's flash attention runs on NVIDIA GPUs only")
+@pytest.mark.parametrize("length", [37, 36])
+def test_cudnn_matches_xla_on_a_gpu(length):
+    q, k, v, g, valid = (x[:, :, :length].astype(jnp.bfloat16) if x.ndim == 4 else x[:, :length]
+                         for x in _inputs(4))
+
+    def run(impl):
+        f = lambda q, k, v: attention.dot_product_attention(q, k, v, valid, impl)  # noqa: E731
+        out, vjp = jax.vjp(jax.jit(f), q, k, v)
+        return [np.asarray(x, np.float32) for x in (out, *vjp(g))]
+
+    for a, b in zip(run("cudnn"), run("xla")):
+        np.testing.assert_allclose(a, b, rtol=0.05, atol=0.03)
+
+
 def test_unknown_implementation_is_refused():
     q, k, v, _, valid = _inputs(0)
     with pytest.raises(ValueError, match="choose one of"):
