@@ -235,7 +235,11 @@ def fit_curve(tokens: list[dict], batches: list[dict]) -> dict:
     tokens per sample, step time against batch. The FLOP fit's crossover is where attention's
     arithmetic equals the rest; the time fit's is where its time does (they differ when the
     attention runs at a lower FLOP rate than the matrix products, as on XLA:CPU). The token fits
-    need 3 points and the batch fit 2; a sweep stopped before that (a time limit) has none."""
+    need 3 points and the batch fit 2; a sweep stopped before that (a time limit) has none. The
+    points are kept in order of tokens and of batch, whatever order they were measured in (the
+    tables' "fewest" and "most" columns read the ends)."""
+    tokens = sorted(tokens, key=lambda r: r["tokens_per_sample"])
+    batches = sorted(batches, key=lambda r: r["batch"])
     curve = {"tokens": tokens, "batch": batches}
     if len(tokens) >= 3:
         x = [r["tokens_per_sample"] for r in tokens]

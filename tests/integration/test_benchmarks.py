@@ -415,12 +415,16 @@ def test_cost_curves_fit_and_plot(tmp_path, capsys):
     refit = cost_curves.main(["--refit", str(tmp_path / "cost_curves_cpu_t.json")])  # measures nothing
     assert refit["curves"]["finetune tiny"]["flop_fit"] == flops and refit["inference"] == result["inference"]
     assert "FLOP crossover" in capsys.readouterr().out
-    scanned = cost_curves.main(["--stages", "finetune", "--sizes", "tiny", "--grids", "4x2", "8x4", "16x8",
+    scanned = cost_curves.main(["--stages", "finetune", "--sizes", "tiny", "--grids", "16x8", "4x2", "8x4",
                                 "--batches", "2", "--batch", "2", "--batch-grid", "4x2", "--steps", "2", "--warmup", "1",
                                 "--inference-sizes", "--scan-blocks", "--attention", "explicit", "--out", str(tmp_path),
                                 "--tag", "scan"])
     rows = scanned["curves"]["finetune tiny"]["tokens"]
     assert scanned["scan_blocks"] and all(r["scan_blocks"] and r["attention"] == "explicit" for r in rows)
+    # measured largest first, kept and tabled from the fewest tokens up
+    assert [r["tokens_per_sample"] for r in rows] == [8, 32, 128]
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| finetune tiny"))
+    assert row.split(" | ")[1] == f"{1e3 * rows[0]['step_s_per_sample']:.2f}"
     alone = cost_curves.main(["--stages", "--inference-sizes", "tiny", "--inference-hours", "0.01",
                               "--out", str(tmp_path), "--tag", "inference"])
     assert alone["curves"] == {} and [r["windows"] for r in alone["inference"]] == [9]
@@ -575,7 +579,7 @@ def test_the_accelerator_script_keeps_to_its_time_and_archives_each_part(tmp_pat
     assert "=== versions: exit 0" in proc.stdout and "jax " in proc.stdout
     skipped = [line for line in proc.stdout.splitlines() if ": skipped, " in line]
     assert [line.split()[1].rstrip(":") for line in skipped] == [
-        "curves_finetune_cudnn", "curves_pretrain_cudnn", "curves_tokenizer", "inference", "train_bfloat16",
-        "train_float32"]
+        "gpu_tests", "attention_ab", "train_bfloat16", "train_float32", "curves_tokenizer_cudnn", "inference",
+        "curves_finetune_cudnn", "curves_pretrain_cudnn"]
     with tarfile.open(tmp_path / "out.tgz") as archive:  # no reference checkout: its parts are not even listed
         assert sorted(m.name for m in archive.getmembers() if m.isfile()) == ["./versions.log"]
