@@ -158,7 +158,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result['machine']['cpu']} ({result['machine']['xla_isa']}), {result['backend']}, {result['dtype']}",
+    where = (f"{result['machine']['cpu']} ({result['machine']['xla_isa']})" if result["backend"] == "cpu"
+             else f"{result['device_kind']} (host: {result['machine']['cpu']})")
+    fig.suptitle(f"{where}, {result['backend']}, {result['dtype']}, attention {result.get('attention', 'auto')}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
