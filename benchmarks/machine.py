@@ -100,6 +100,29 @@ def isa_cap_warning(machine: dict, matmul_tflops: float) -> str | None:
             f"run is not an {cap}-machine measurement: run on a CPU without wider instructions to measure that class")
 
 
+def cpu_ticks(stat_path: str = "/proc/stat") -> dict | None:
+    """All CPUs' time so far in clock ticks, from the first line of /proc/stat: ``total`` and
+    ``steal`` (time the hypervisor ran something else while this VM's vCPUs wanted to run); None
+    where there is no such file (not Linux) or it has no steal column."""
+    try:
+        fields = pathlib.Path(stat_path).read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return {"total": sum(ticks), "steal": ticks[7]}
+
+
+def steal_share(before: dict | None, after: dict | None) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two :func:`cpu_ticks` readings (0-1),
+    or None where either is missing or no tick passed. A shared cloud VM's "slow phases" show here
+    when a neighbour takes the physical cores; they do not when it takes memory bandwidth or cache."""
+    if not before or not after or after["total"] <= before["total"]:
+        return None
+    return (after["steal"] - before["steal"]) / (after["total"] - before["total"])
+
+
 def summary(machine: dict) -> str:
     """One line for a benchmark's output."""
     cpu = f"{machine['cpu']} ({machine['cpu_id']})" if machine.get("cpu_id") else machine["cpu"]

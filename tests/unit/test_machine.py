@@ -112,3 +112,16 @@ def test_the_fma_peak_bounds_a_matmul_and_is_stated(tmp_path):
     widest = m["cpu_widest_isa"].replace("-", "")
     ceiling = machine.FP32_FLOP_PER_CYCLE.get(widest, 64) * machine.BOOST * (m["cpu_mhz"] or 5000) * 1e6 / 1e12
     assert 0.02 * ceiling < one <= ceiling, (one, ceiling)
+
+
+def test_the_cpu_time_the_hypervisor_stole_is_a_share_of_all_cpu_time(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 20 800 5 0 5 70 0 0\ncpu0 50 0 10 400 2 0 2 35 0 0\n")
+    before = machine.cpu_ticks(str(stat))
+    assert before == {"total": 1000, "steal": 70}
+    stat.write_text("cpu  400 0 40 1300 5 0 5 250 0 0\n")  # 1,000 more ticks, 180 of them stolen
+    assert machine.steal_share(before, machine.cpu_ticks(str(stat))) == pytest.approx(0.18)
+    assert machine.steal_share(before, before) is None  # no tick passed
+    assert machine.cpu_ticks(str(tmp_path / "missing")) is None and machine.steal_share(None, before) is None
+    stat.write_text("cpu  1 2 3 4\n")  # a kernel too old to count steal
+    assert machine.cpu_ticks(str(stat)) is None

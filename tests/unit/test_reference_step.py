@@ -6,6 +6,7 @@ environment, the JSON and the ratio.
 """
 
 import gc
+import pathlib
 import sys
 import textwrap
 
@@ -181,6 +182,8 @@ def test_train_step_times_the_reference_next_to_ours_in_alternating_rounds(fake_
         assert ref["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and ref["timm"]
         assert r["step_s_median"] == pytest.approx(mine)
         assert r["ratio"] == pytest.approx(ref["rows"][0]["step_s_median"] / mine)
+        if pathlib.Path("/proc/stat").exists():  # what the hypervisor took while each side ran, a share
+            assert 0 <= r["reference_steal"] <= 1 and (r["steal"] is None or 0 <= r["steal"] <= 1)
     row = {"stage": "finetune", "size": "base", "batch": 2}
     train_step.add_reference(row, rounds)
     ratios = sorted(r["ratio"] for r in rounds)
