@@ -10,8 +10,10 @@ import os
 import pathlib
 import platform
 import re
+import time
 
 import jax
+import numpy as np
 
 from labram_jax import preprocess
 from labram_jax.models import cpu_kernels
@@ -121,6 +123,22 @@ def steal_share(before: dict | None, after: dict | None) -> float | None:
     if not before or not after or after["total"] <= before["total"]:
         return None
     return (after["steal"] - before["steal"]) / (after["total"] - before["total"])
+
+
+def conditions(threads: int, mib: int = 256) -> dict:
+    """How fast this machine is right now, for a shared VM whose speed drifts over minutes: the
+    float32 FMA rate of ``threads`` threads (:func:`cpu_kernels.fma_rate_tflops`, best of 10 runs
+    of ~10 ms; None where the kernels cannot load) and the memory bandwidth of one core copying
+    ``mib`` MiB (GB/s counting bytes read and written, best of 3: larger than the caches a 2-vCPU
+    slice gets), ~0.3 s in all."""
+    src = np.ones(mib * 2 ** 18, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return {"fma_tflops": cpu_kernels.fma_rate_tflops(threads), "copy_gbs": 2 * src.nbytes / best / 1e9}
 
 
 def summary(machine: dict) -> str:

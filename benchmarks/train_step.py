@@ -326,32 +326,43 @@ def rounds_with_reference(stage: str, run_ours, args, machine: dict) -> tuple[li
     """``args.rounds`` rounds of ``run_ours()`` (a list of step seconds) and the reference's step of
     ``stage`` (:func:`run_reference`, a fresh subprocess each), ours first in even rounds and second in
     odd ones. Returns all our step seconds and one dict per round: its order, both medians, the
-    ratio (reference median / ours), the share of CPU time the hypervisor stole while each side ran
-    (``steal``, ``reference_steal``: :func:`machine.steal_share`; the reference's includes its
-    subprocess's start) and the reference's record."""
-    def metered(fn):  # fn's result and the share of CPU time the hypervisor stole while it ran
+    ratio (reference median / ours), the machine's speed just before each side ran and the share of
+    CPU time the hypervisor stole while it did (``conditions``, ``reference_conditions``:
+    :func:`machine.conditions` plus ``steal``, :func:`machine.steal_share`; the reference's includes
+    its subprocess's start) and the reference's record."""
+    threads = machine.get("threads") or 1
+
+    def metered(fn):  # fn's result, and the machine's speed just before it and CPU time stolen while it ran
+        now = machine_lib.conditions(threads)
         before = machine_lib.cpu_ticks()
         result = fn()
-        return result, machine_lib.steal_share(before, machine_lib.cpu_ticks())
+        return result, {"steal": machine_lib.steal_share(before, machine_lib.cpu_ticks()), **now}
 
     times, rounds = [], []
     for r in range(args.rounds):
         ours_first = r % 2 == 0
-        mine, steal = metered(run_ours) if ours_first else (None, None)
-        reference, ref_steal = metered(lambda: run_reference(args.reference, [stage], args, machine))
+        mine, ours_at = metered(run_ours) if ours_first else (None, None)
+        reference, reference_at = metered(lambda: run_reference(args.reference, [stage], args, machine))
         if not ours_first:
-            mine, steal = metered(run_ours)
+            mine, ours_at = metered(run_ours)
         ref_row = reference["rows"][0]
         times += mine
         rounds.append({"order": "ours first" if ours_first else "reference first",
                        "step_s_median": statistics.median(mine), "reference_step_s_median": ref_row["step_s_median"],
-                       "ratio": ref_row["step_s_median"] / statistics.median(mine), "steal": steal,
-                       "reference_steal": ref_steal, "reference": reference})
-        stolen = (f" (CPU time stolen: ours {100 * steal:.1f} %, reference {100 * ref_steal:.1f} %)"
-                  if steal is not None and ref_steal is not None else "")
+                       "ratio": ref_row["step_s_median"] / statistics.median(mine), "conditions": ours_at,
+                       "reference_conditions": reference_at, "reference": reference})
         print(f"    round {r + 1}/{args.rounds} ({rounds[-1]['order']}): ours {1e3 * rounds[-1]['step_s_median']:.0f} "
-              f"ms, reference {1e3 * ref_row['step_s_median']:.0f} ms: {rounds[-1]['ratio']:.2f}x{stolen}", flush=True)
+              f"ms, reference {1e3 * ref_row['step_s_median']:.0f} ms: {rounds[-1]['ratio']:.2f}x "
+              f"(machine before ours / the reference: {describe_conditions(ours_at)} / "
+              f"{describe_conditions(reference_at)})", flush=True)
     return times, rounds
+
+
+def describe_conditions(at: dict) -> str:
+    """:func:`machine.conditions` plus the stolen share, in a few words."""
+    fma = f"FMA {at['fma_tflops']:.3f} TFLOP/s, " if at.get("fma_tflops") else ""
+    steal = f", {100 * at['steal']:.1f} % stolen" if at.get("steal") is not None else ""
+    return f"{fma}copy {at['copy_gbs']:.1f} GB/s{steal}"
 
 
 def add_reference(row: dict, rounds: list[dict]) -> None:

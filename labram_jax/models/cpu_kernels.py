@@ -116,6 +116,11 @@ def avx512_rate_ratio() -> float | None:
 
 @functools.cache
 def fma_peak_tflops(threads: int) -> float | None:
+    """:func:`fma_rate_tflops`, measured once per process (the figure a benchmark states)."""
+    return fma_rate_tflops(threads)
+
+
+def fma_rate_tflops(threads: int) -> float | None:
     """float32 TFLOP/s of ``threads`` threads multiplying-and-adding at once, each on independent
     accumulators at the CPU's widest vector width (``cpu_vector_rate.cc``, ~0.1 s): what the vector
     units can do, the ceiling of any matrix product (a matmul's measured rate also pays for packing

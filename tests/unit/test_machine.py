@@ -106,6 +106,10 @@ def test_the_fma_peak_bounds_a_matmul_and_is_stated(tmp_path):
     # No matmul on the same cores beats their FMA peak (it also packs, loads and stores); a peak that
     # forgot FLOP per FMA or lanes per vector would sit below XLA's matmul here.
     matmul = train_step.measured_matmul_tflops(jnp.float32, n=1024, repeats=5)
+    # (a shared VM's speed drifts between the two measurements: the peak measured again right after
+    # the matmul bounds it too; against the first alone this failed once on the Intel host of s36-39,
+    # whose FMA rate read 0.324 and 0.365 TFLOP/s a minute apart)
+    peak = max(peak, cpu_kernels.fma_rate_tflops(m["threads"]))
     assert matmul <= 1.1 * peak, (matmul, peak)
     # One core: no more than its widest FMA units can do at the highest boost clock.
     one = cpu_kernels.fma_peak_tflops(1)
@@ -125,3 +129,9 @@ def test_the_cpu_time_the_hypervisor_stole_is_a_share_of_all_cpu_time(tmp_path):
     assert machine.cpu_ticks(str(tmp_path / "missing")) is None and machine.steal_share(None, before) is None
     stat.write_text("cpu  1 2 3 4\n")  # a kernel too old to count steal
     assert machine.cpu_ticks(str(stat)) is None
+
+
+def test_the_machines_speed_now_is_measured():
+    now = machine.conditions(1, mib=16)
+    assert 0.5 < now["copy_gbs"] < 1000  # GB/s of one core copying 16 MiB
+    assert now["fma_tflops"] is None or 0.001 < now["fma_tflops"] < 10

@@ -182,8 +182,11 @@ def test_train_step_times_the_reference_next_to_ours_in_alternating_rounds(fake_
         assert ref["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and ref["timm"]
         assert r["step_s_median"] == pytest.approx(mine)
         assert r["ratio"] == pytest.approx(ref["rows"][0]["step_s_median"] / mine)
-        if pathlib.Path("/proc/stat").exists():  # what the hypervisor took while each side ran, a share
-            assert 0 <= r["reference_steal"] <= 1 and (r["steal"] is None or 0 <= r["steal"] <= 1)
+        for at in (r["conditions"], r["reference_conditions"]):  # the machine's speed before each side ran
+            assert at["copy_gbs"] > 0.1 and (at["fma_tflops"] is None or at["fma_tflops"] > 0.001)
+        if pathlib.Path("/proc/stat").exists():  # and what the hypervisor took while it ran, a share
+            assert 0 <= r["reference_conditions"]["steal"] <= 1
+            assert r["conditions"]["steal"] is None or 0 <= r["conditions"]["steal"] <= 1
     row = {"stage": "finetune", "size": "base", "batch": 2}
     train_step.add_reference(row, rounds)
     ratios = sorted(r["ratio"] for r in rounds)
