@@ -2,7 +2,7 @@
 
     python -m benchmarks.reference_step --reference PATH [--stages tokenizer pretrain finetune] \
         [--batch 8] [--steps 20] [--warmup 15] [--device cpu|cuda] [--amp] [--json OUT.json] \
-        [--profile [--top 25]]
+        [--profile [--top 25]] [--serve]
 
 ``PATH`` is a checkout of the original code (https://github.com/935963004/LaBraM: its
 ``modeling_vqnsp.py``, ``modeling_pretrain.py``, ``modeling_finetune.py``,
@@ -29,6 +29,11 @@ instruction set XLA was held to, and divides.
 ``torch.cuda.synchronize()``); ``--amp`` adds what the original's scripts do there: the forward
 pass and loss under ``torch.autocast`` in float16, the backward pass through a ``GradScaler``
 (scale, unscale before the clip or norm, step, update), as their ``NativeScalerWithGradNormCount``.
+
+``--serve`` (one stage) builds the step, runs the warm-up, then waits on stdin: each line ``N``
+runs N more steps and answers one JSON line ``{"step_s": [...]}`` on stdout; an empty line or end
+of input ends it. ``benchmarks.train_step --interleave`` alternates blocks of its steps with ours
+this way, so both codes meet the same minutes of a machine whose speed drifts.
 
 ``--profile`` runs the same steps under ``torch.profiler`` instead and prints where the
 reference's time goes, operator by operator (self CPU ms per step, calls per step): the
@@ -214,6 +219,33 @@ def bench(stage: str, modules: dict, batch: int, steps: int, warmup: int, device
             "samples_per_s": batch / median, "loss": loss, "device": device, "amp": amp}
 
 
+def serve(stage: str, modules: dict, batch: int, warmup: int, lines, out, about: dict) -> int:
+    """Warm-up steps, then ``{"ready": stage, **about}`` on ``out``; then for each line ``N`` of
+    ``lines`` N timed steps, answered as one JSON line ``{"step_s": [...]}``, until an empty line or
+    the end. Returns the steps timed."""
+    import torch
+    step, batches = build_step(stage, modules, batch, torch)
+    done = 0
+    gc.freeze()  # as bench
+    try:
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+        print(json.dumps({"ready": stage, **about}), file=out, flush=True)
+        for line in lines:
+            if not line.strip():
+                break
+            times = []
+            for _ in range(int(line)):
+                t0 = time.perf_counter()
+                step(batches[done % len(batches)])
+                times.append(time.perf_counter() - t0)
+                done += 1
+            print(json.dumps({"step_s": times}), file=out, flush=True)
+    finally:
+        gc.unfreeze()
+    return done
+
+
 def profile(stage: str, modules: dict, batch: int, steps: int, warmup: int) -> dict:
     """``steps`` steps of ``stage`` under ``torch.profiler`` (after ``warmup`` unprofiled ones):
     every operator's self CPU time and calls, per step, slowest first. Self times do not nest, so
@@ -263,7 +295,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true",
                         help="profile the steps with torch.profiler instead of timing them: where the time goes")
     parser.add_argument("--top", type=int, default=25, help="with --profile: how many operators to print")
+    parser.add_argument("--serve", action="store_true",
+                        help="one stage, on the CPU: after the warm-up, run N steps for each line N read "
+                             "from stdin, answering their times as a JSON line (benchmarks.train_step --interleave)")
     args = parser.parse_args(argv)
+    if args.serve and (len(args.stages) != 1 or args.device != "cpu" or args.profile):
+        parser.error("--serve takes one stage, on the CPU, without --profile")
     if args.steps < 1 or args.top < 1:
         parser.error("--steps and --top must be at least 1")
     if args.amp and args.device != "cuda":
@@ -284,6 +321,10 @@ def main(argv=None) -> dict:
               "torch_threads": torch.get_num_threads(), "timm": timm_source, "reference": args.reference,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "amp": args.amp,
               "rows": []}
+    if args.serve:
+        serve(args.stages[0], modules, args.batch, args.warmup, sys.stdin, sys.stdout,
+              {k: v for k, v in result.items() if k != "rows"})
+        return result
     for stage in args.stages:
         print(f"... reference {stage} base", file=sys.stderr, flush=True)
         if args.profile:

@@ -4,7 +4,7 @@
         [--batch 8] [--steps 20] [--warmup 15] [--dtype float32|bfloat16] [--peak-tflops auto|N] \
         [--mesh -1 1 1] [--remat none|block] [--attention auto|xla|cudnn|explicit|cpu_kernel] [--scan-blocks] \
         [--layer-norm auto|xla|cpu_kernel] [--linear auto|xla|cpu_kernel] [--loss-chunks N] \
-        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N]] [--vs-xla-defaults] \
+        [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N | --interleave K]] [--vs-xla-defaults] \
         [--vs-attention IMPL] [--vs-layer-norm IMPL] [--vs-linear IMPL] [--vs-optimizer IMPL] [--vs-loss-chunks N]
 
 For each (stage, size): compile time, median step time over ``--steps`` steps after
@@ -24,7 +24,10 @@ right after ours on this machine (a subprocess per stage), held to the same inst
 (``benchmarks.reference_step``), and the ratio. ``--rounds N`` repeats each stage's pair N times,
 the order swapped every round (ours first, then the reference first, ...), and reports the median
 of the N ratios with their range: a machine whose speed drifts over minutes moves one round's
-ratio, not the median. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
+ratio, not the median. ``--interleave K`` instead keeps the original's step warm in one served
+subprocess and alternates K of its steps with K of ours, ``--steps // K`` blocks each, the
+median of the blocks' ratios reported: a drift of the machine's speed (the Intel host of sessions
+36-39 moved the same step by 35 % within minutes) meets both codes alike. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
 (``labram_jax.compile_options``), steps alternated, and the paired speed-up; ``--vs-attention IMPL``
 the same with the step compiled with attention ``IMPL`` instead of ``--attention`` (``--vs-layer-norm``,
 ``--vs-linear``, ``--vs-mlp``, ``--vs-qkv``, ``--vs-optimizer``, ``--vs-loss-chunks``: likewise; the last for
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -243,6 +247,8 @@ def bench_one(stage: str, size: str, args, peak: float | None, machine: dict | N
         baseline = prepare_baseline(stage, size, args)
         times, base_times = interleaved(bench, baseline, args.warmup + args.steps)
         times, base_times = times[args.warmup:], base_times[args.warmup:]
+    elif args.reference and not args.compile_only and comparable(stage, size, args) and args.interleave:
+        times, rounds = blocks_with_reference(stage, bench.run, args, machine or {})
     elif args.reference and not args.compile_only and comparable(stage, size, args):
         times, rounds = rounds_with_reference(stage, lambda: bench.run(args.warmup + args.steps)[args.warmup:],
                                               args, machine or {})
@@ -330,14 +336,7 @@ def rounds_with_reference(stage: str, run_ours, args, machine: dict) -> tuple[li
     CPU time the hypervisor stole while it did (``conditions``, ``reference_conditions``:
     :func:`machine.conditions` plus ``steal``, :func:`machine.steal_share`; the reference's includes
     its subprocess's start) and the reference's record."""
-    threads = machine.get("threads") or 1
-
-    def metered(fn):  # fn's result, and the machine's speed just before it and CPU time stolen while it ran
-        now = machine_lib.conditions(threads)
-        before = machine_lib.cpu_ticks()
-        result = fn()
-        return result, {"steal": machine_lib.steal_share(before, machine_lib.cpu_ticks()), **now}
-
+    metered = functools.partial(run_metered, threads=machine.get("threads") or 1)
     times, rounds = [], []
     for r in range(args.rounds):
         ours_first = r % 2 == 0
@@ -356,6 +355,77 @@ def rounds_with_reference(stage: str, run_ours, args, machine: dict) -> tuple[li
               f"(machine before ours / the reference: {describe_conditions(ours_at)} / "
               f"{describe_conditions(reference_at)})", flush=True)
     return times, rounds
+
+
+def run_metered(fn, threads: int):
+    """fn()'s result, and the machine's speed just before it (:func:`machine.conditions`) with the
+    share of CPU time the hypervisor stole while it ran (``steal``)."""
+    now = machine_lib.conditions(threads)
+    before = machine_lib.cpu_ticks()
+    result = fn()
+    return result, {"steal": machine_lib.steal_share(before, machine_lib.cpu_ticks()), **now}
+
+
+def blocks_with_reference(stage: str, run_ours, args, machine: dict) -> tuple[list[float], list[dict]]:
+    """``--interleave K``: ours and the original's step (one ``reference_step --serve`` subprocess,
+    warmed up once) alternate every K steps, ``args.steps // K`` blocks each, the first side swapped
+    every block, a 0.2-s pause between sides (the other library's threads go idle); ``run_ours(n)``
+    runs n of our steps, the first ``args.warmup`` untimed. Returns all our step seconds and one dict
+    per block as :func:`rounds_with_reference`'s rounds: each ratio pairs two blocks seconds apart, so a
+    machine whose speed drifts over minutes moves few of them."""
+    cmd = [sys.executable, "-m", "benchmarks.reference_step", "--reference", args.reference, "--stages", stage,
+           "--batch", str(args.batch), "--warmup", str(args.warmup), "--serve"]
+    env = reference_env(machine)
+    metered = functools.partial(run_metered, threads=machine.get("threads") or 1)
+    print(f"... the reference ({stage}) served, torch ISA {env.get('ATEN_CPU_CAPABILITY', 'default')}", flush=True)
+    with subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          cwd=pathlib.Path(__file__).parent.parent) as server:
+        about = _served(server, "ready", cmd)
+        about["env"] = {k: env[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                        if k in env}
+        run_ours(args.warmup)
+
+        def run_reference_block():
+            server.stdin.write(f"{args.interleave}\n")
+            server.stdin.flush()
+            return _served(server, "step_s", cmd)["step_s"]
+
+        times, blocks = [], []
+        count = max(1, args.steps // args.interleave)
+        for b in range(count):
+            ours_first = b % 2 == 0
+            sides = [lambda: run_ours(args.interleave), run_reference_block]
+            done = []
+            for side in (sides if ours_first else sides[::-1]):
+                time.sleep(0.2)
+                done.append(metered(side))
+            (mine, ours_at), (theirs, reference_at) = done if ours_first else done[::-1]
+            times += mine
+            reference = {**about, "rows": [{"stage": stage, "step_s_median": statistics.median(theirs),
+                                            "step_s": theirs}]}
+            blocks.append({"order": "ours first" if ours_first else "reference first",
+                           "step_s_median": statistics.median(mine),
+                           "reference_step_s_median": statistics.median(theirs),
+                           "ratio": statistics.median(theirs) / statistics.median(mine), "conditions": ours_at,
+                           "reference_conditions": reference_at, "reference": reference})
+            print(f"    block {b + 1}/{count} ({blocks[-1]['order']}): ours {1e3 * blocks[-1]['step_s_median']:.0f} "
+                  f"ms, reference {1e3 * blocks[-1]['reference_step_s_median']:.0f} ms: {blocks[-1]['ratio']:.2f}x "
+                  f"({describe_conditions(ours_at)} / {describe_conditions(reference_at)})", flush=True)
+        server.stdin.write("\n")
+        server.stdin.flush()
+    return times, blocks
+
+
+def _served(server, key: str, cmd: list[str]) -> dict:
+    """The next JSON line holding ``key`` that the reference server writes (other output skipped)."""
+    for line in server.stdout:
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(answer, dict) and key in answer:
+            return answer
+    raise SystemExit(f"the reference server ended before answering (exit {server.wait()}): {' '.join(cmd)}")
 
 
 def describe_conditions(at: dict) -> str:
@@ -519,6 +589,10 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument("--reference", default="",
                         help="checkout of the original LaBraM code: time its steps right after ours on this machine "
                              "(benchmarks.reference_step, held to XLA's instruction set) and report the ratio")
+    parser.add_argument("--interleave", type=int, default=0, metavar="K",
+                        help="with --reference: alternate K of our steps with K of the original's (a served "
+                             "subprocess), --steps // K blocks each, and report the median of the blocks' ratios: "
+                             "pairs seconds apart where --rounds pairs minutes apart")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --reference: time each stage's pair this many times, the order swapped every "
                              "round, and report the median ratio and its range")
@@ -527,6 +601,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
         parser.error("--rounds must be at least 1")
     if args.rounds > 1 and not args.reference:
         parser.error("--rounds repeats the side-by-side with the original: give --reference PATH")
+    if args.interleave and (not args.reference or args.rounds > 1 or not 1 <= args.interleave <= args.steps):
+        parser.error("--interleave K alternates K steps of ours with K of the original's: give --reference PATH, "
+                     "no --rounds, and 1 <= K <= --steps")
     vs_fields = [getattr(args, f"vs_{f}") not in ("", None) for f in COMPARED_FIELDS]
     if sum(map(bool, [args.reference, args.vs_xla_defaults, *vs_fields])) > 1:
         flags = ", ".join("--vs-" + f.replace("_", "-") for f in COMPARED_FIELDS)
@@ -582,7 +659,7 @@ def main(argv=None):
               f"{reference['torch']} on {reference['torch_isa']}, {reference['torch_threads']} threads")
         for r in rows:
             if len(r.get("reference_rounds", [])) > 1:
-                print(f"{r['stage']:<9} {r['size']:<5} vs ref per round: "
+                print(f"{r['stage']:<9} {r['size']:<5} vs ref per {'block' if args.interleave else 'round'}: "
                       f"{', '.join(f'{x:.2f}x' for x in (q['ratio'] for q in r['reference_rounds']))} "
                       f"(median {r['vs_reference']:.2f}x, orders alternated)")
     device = jax.devices()[0]

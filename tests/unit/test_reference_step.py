@@ -7,6 +7,7 @@ environment, the JSON and the ratio.
 
 import gc
 import pathlib
+import statistics
 import sys
 import textwrap
 
@@ -287,3 +288,34 @@ def test_amp_runs_the_scaled_step_and_needs_a_gpu_run(fake_reference, monkeypatc
     calls.clear()
     step(batches[0])
     assert calls == []
+
+
+def test_train_step_interleaves_blocks_of_steps_with_a_served_reference(fake_reference, monkeypatch, capsys):
+    pytest.importorskip("torch", reason="the reference harness needs torch")
+    pytest.importorskip("einops", reason="the reference's model files import einops")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    args = cli("--reference", str(fake_reference), "--interleave", "2", "--batch", "2", "--steps", "5",
+               "--warmup", "1")
+    calls = []
+
+    def run_ours(n):
+        calls.append(n)
+        return [0.01 * (len(calls) + i) for i in range(n)]
+    times, blocks = train_step.blocks_with_reference("finetune", run_ours, args, {"threads": 1})
+    assert calls == [1, 2, 2]  # the warm-up once, then 5 // 2 blocks of 2 steps
+    assert times == pytest.approx([0.02, 0.03, 0.03, 0.04])
+    assert [b["order"] for b in blocks] == ["ours first", "reference first"]
+    for b, mine in zip(blocks, (0.025, 0.035)):
+        ref = b["reference"]
+        assert len(ref["rows"][0]["step_s"]) == 2 and ref["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and ref["timm"]
+        assert b["step_s_median"] == pytest.approx(mine)
+        assert b["ratio"] == pytest.approx(ref["rows"][0]["step_s_median"] / mine)
+        assert b["conditions"]["copy_gbs"] > 0 and b["reference_conditions"]["copy_gbs"] > 0
+    row = {"stage": "finetune", "size": "base", "batch": 2}
+    train_step.add_reference(row, blocks)  # the same record as rounds give
+    assert row["vs_reference"] == pytest.approx(statistics.median(b["ratio"] for b in blocks))
+    assert "block 2/2 (reference first)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # --interleave needs the reference, no --rounds, and K <= --steps
+        cli("--interleave", "2")
+    with pytest.raises(SystemExit):
+        cli("--reference", str(fake_reference), "--interleave", "30", "--steps", "20")
