@@ -1,6 +1,7 @@
 """benchmarks.machine: what a benchmark ran on, read from /proc/cpuinfo and XLA_FLAGS."""
 
 import pathlib
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -106,11 +107,13 @@ def test_the_fma_peak_bounds_a_matmul_and_is_stated(tmp_path):
     # No matmul on the same cores beats their FMA peak (it also packs, loads and stores); a peak that
     # forgot FLOP per FMA or lanes per vector would sit below XLA's matmul here.
     matmul = train_step.measured_matmul_tflops(jnp.float32, n=1024, repeats=5)
-    # (a shared VM's speed drifts between the two measurements: the peak measured again right after
-    # the matmul bounds it too; against the first alone this failed once on the Intel host of s36-39,
-    # whose FMA rate read 0.324 and 0.365 TFLOP/s a minute apart)
+    # A shared VM's speed drifts between the two measurements (the Intel host of sessions 36-39 read its
+    # FMA rate at 0.25-0.45 TFLOP/s within minutes), so the better of the peak read before and a peak read
+    # again just after (once XLA's threads have gone idle) bounds the matmul, with room for that drift: a
+    # peak missing a factor of 2 would put XLA's matmul (72-85 % of the true peak here) at 1.4-1.7x it.
+    time.sleep(0.2)
     peak = max(peak, cpu_kernels.fma_rate_tflops(m["threads"]))
-    assert matmul <= 1.1 * peak, (matmul, peak)
+    assert matmul <= 1.3 * peak, (matmul, peak)
     # One core: no more than its widest FMA units can do at the highest boost clock.
     one = cpu_kernels.fma_peak_tflops(1)
     widest = m["cpu_widest_isa"].replace("-", "")
