@@ -27,9 +27,10 @@ of the N ratios with their range: a machine whose speed drifts over minutes move
 ratio, not the median. ``--interleave K`` instead keeps the original's step warm in one served
 subprocess and alternates K of its steps with K of ours, ``--steps // K`` blocks each, the
 median of the blocks' ratios reported: a drift of the machine's speed (the Intel host of sessions
-36-39 moved the same step by 35 % within minutes) meets both codes alike. ``--vs-xla-defaults``: the same step also compiled without this project's XLA options
-(``labram_jax.compile_options``), steps alternated, and the paired speed-up; ``--vs-attention IMPL``
-the same with the step compiled with attention ``IMPL`` instead of ``--attention`` (``--vs-layer-norm``,
+36-39 moved the same step by 35 % within minutes) meets both codes alike. ``--vs-xla-defaults``:
+the same step also compiled without this project's XLA options (``labram_jax.compile_options``),
+steps alternated, and the paired speed-up; ``--vs-attention IMPL`` the same with the step compiled
+with attention ``IMPL`` instead of ``--attention`` (``--vs-layer-norm``,
 ``--vs-linear``, ``--vs-mlp``, ``--vs-qkv``, ``--vs-optimizer``, ``--vs-loss-chunks``: likewise; the last for
 pretraining, whose lm_head loss it sets). The tokenizer has one size (the Base-width VQ-NSP; ``tiny`` for tests), so ``large``/``huge`` skip it. Results go to
 ``<out>/train_step_<backend>.json``.
@@ -344,17 +345,23 @@ def rounds_with_reference(stage: str, run_ours, args, machine: dict) -> tuple[li
         reference, reference_at = metered(lambda: run_reference(args.reference, [stage], args, machine))
         if not ours_first:
             mine, ours_at = metered(run_ours)
-        ref_row = reference["rows"][0]
         times += mine
-        rounds.append({"order": "ours first" if ours_first else "reference first",
-                       "step_s_median": statistics.median(mine), "reference_step_s_median": ref_row["step_s_median"],
-                       "ratio": ref_row["step_s_median"] / statistics.median(mine), "conditions": ours_at,
-                       "reference_conditions": reference_at, "reference": reference})
-        print(f"    round {r + 1}/{args.rounds} ({rounds[-1]['order']}): ours {1e3 * rounds[-1]['step_s_median']:.0f} "
-              f"ms, reference {1e3 * ref_row['step_s_median']:.0f} ms: {rounds[-1]['ratio']:.2f}x "
-              f"(machine before ours / the reference: {describe_conditions(ours_at)} / "
-              f"{describe_conditions(reference_at)})", flush=True)
+        rounds.append(paired(f"round {r + 1}/{args.rounds}", ours_first, mine, reference["rows"][0]["step_s_median"],
+                             ours_at, reference_at, reference))
     return times, rounds
+
+
+def paired(label: str, ours_first: bool, mine: list[float], reference_s: float, ours_at: dict, reference_at: dict,
+           reference: dict) -> dict:
+    """One round's or block's record (its order, both medians, the ratio reference / ours, the machine's
+    state before each side, the reference's record), printed as a line headed ``label``."""
+    record = {"order": "ours first" if ours_first else "reference first", "step_s_median": statistics.median(mine),
+              "reference_step_s_median": reference_s, "ratio": reference_s / statistics.median(mine),
+              "conditions": ours_at, "reference_conditions": reference_at, "reference": reference}
+    print(f"    {label} ({record['order']}): ours {1e3 * record['step_s_median']:.0f} ms, reference "
+          f"{1e3 * reference_s:.0f} ms: {record['ratio']:.2f}x (machine before ours / the reference: "
+          f"{describe_conditions(ours_at)} / {describe_conditions(reference_at)})", flush=True)
+    return record
 
 
 def run_metered(fn, threads: int):
@@ -403,14 +410,8 @@ def blocks_with_reference(stage: str, run_ours, args, machine: dict) -> tuple[li
             times += mine
             reference = {**about, "rows": [{"stage": stage, "step_s_median": statistics.median(theirs),
                                             "step_s": theirs}]}
-            blocks.append({"order": "ours first" if ours_first else "reference first",
-                           "step_s_median": statistics.median(mine),
-                           "reference_step_s_median": statistics.median(theirs),
-                           "ratio": statistics.median(theirs) / statistics.median(mine), "conditions": ours_at,
-                           "reference_conditions": reference_at, "reference": reference})
-            print(f"    block {b + 1}/{count} ({blocks[-1]['order']}): ours {1e3 * blocks[-1]['step_s_median']:.0f} "
-                  f"ms, reference {1e3 * blocks[-1]['reference_step_s_median']:.0f} ms: {blocks[-1]['ratio']:.2f}x "
-                  f"({describe_conditions(ours_at)} / {describe_conditions(reference_at)})", flush=True)
+            blocks.append(paired(f"block {b + 1}/{count}", ours_first, mine, statistics.median(theirs), ours_at,
+                                 reference_at, reference))
         server.stdin.write("\n")
         server.stdin.flush()
     return times, blocks
@@ -425,7 +426,8 @@ def _served(server, key: str, cmd: list[str]) -> dict:
             continue
         if isinstance(answer, dict) and key in answer:
             return answer
-    raise SystemExit(f"the reference server ended before answering (exit {server.wait()}): {' '.join(cmd)}")
+    raise SystemExit(f"the reference server ended before answering (exit {server.wait()}): run {' '.join(cmd)} "
+                     "by hand to see its error (its output above, if any, says why)")
 
 
 def describe_conditions(at: dict) -> str:
