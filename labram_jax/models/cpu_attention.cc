@@ -195,9 +195,10 @@ void ProductNT(const Sizes& z, const float* a, const float* bt, const float* ini
 }
 
 // ProductNN's AVX-512 form for NV >= 2: a row of b's NV * 8 lanes as NV / 2 AVX-512 vectors and, for odd
-// NV, one AVX2 vector (K = 20: 16 + 8 lanes), by MR rows of a (MR divides Lr's 12), 12 accumulators:
-// 1.5x the lanes per instruction of ProductNN's tiles at NV = 3. Each element the same chain of FMAs
-// over m (the same bits).
+// NV, the last 8 lanes in the low half of one more (K = 20: 16 + 8 lanes), by MR rows of a (MR divides Lr's
+// 12), 12 accumulators: 1.5x the lanes per instruction of ProductNN's tiles at NV = 3. Each element the
+// same chain of FMAs over m (the same bits). (The last 8 lanes as AVX2 vectors, which avx512f alone keeps
+// to the 16 registers ymm0-15, left too few: GCC kept b's tail on the stack and read a's values twice.)
 template <int NV>
 __attribute__((target("avx512f"))) void WideProductNN(const Sizes& z, const float* a, const float* b,
                                                       float scale, float* out, int64_t ld) {
@@ -206,26 +207,26 @@ __attribute__((target("avx512f"))) void WideProductNN(const Sizes& z, const floa
   for (int l0 = 0; l0 < z.Lr; l0 += MR) {
     PrefetchRows(out, ld, std::min(l0 + MR, z.L), std::min(l0 + 2 * MR, z.L), z.K);
     __m512 acc[MR][Z];
-    __m256 tail[MR];
+    __m512 tail[MR];  // lanes 0-7: the last 8 of b's row; 8-15: zero
     for (int r = 0; r < MR; ++r) {
       for (int j = 0; j < Z; ++j) acc[r][j] = _mm512_setzero_ps();
-      tail[r] = _mm256_setzero_ps();
+      tail[r] = _mm512_setzero_ps();
     }
     const float* ar = a + (size_t)l0 * Lp;
     for (int m = 0; m < z.L; ++m) {
       __m512 bm[Z];
       for (int j = 0; j < Z; ++j) bm[j] = _mm512_loadu_ps(b + (size_t)m * Kp + 16 * j);
-      const __m256 bt = Y ? _mm256_loadu_ps(b + (size_t)m * Kp + 16 * Z) : _mm256_setzero_ps();
+      const __m512 bt = Y ? _mm512_maskz_loadu_ps(0xFF, b + (size_t)m * Kp + 16 * Z) : _mm512_setzero_ps();
       for (int r = 0; r < MR; ++r) {
-        const float x = ar[(size_t)r * Lp + m];
-        for (int j = 0; j < Z; ++j) acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(x), bm[j], acc[r][j]);
-        if constexpr (Y == 1) tail[r] = _mm256_fmadd_ps(_mm256_set1_ps(x), bt, tail[r]);
+        const __m512 x = _mm512_set1_ps(ar[(size_t)r * Lp + m]);
+        for (int j = 0; j < Z; ++j) acc[r][j] = _mm512_fmadd_ps(x, bm[j], acc[r][j]);
+        if constexpr (Y == 1) tail[r] = _mm512_fmadd_ps(x, bt, tail[r]);
       }
     }
     alignas(64) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r) {
       for (int j = 0; j < Z; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
-      if constexpr (Y == 1) _mm256_store_ps(tile[r] + 16 * Z, _mm256_mul_ps(tail[r], _mm256_set1_ps(scale)));
+      if constexpr (Y == 1) _mm256_store_ps(tile[r] + 16 * Z, _mm512_castps512_ps256(_mm512_mul_ps(tail[r], _mm512_set1_ps(scale))));
     }
     for (int r = 0; r < MR && l0 + r < z.L; ++r) StoreRow(out + (size_t)(l0 + r) * ld, tile[r], z.K);
   }
@@ -305,7 +306,7 @@ __attribute__((target("avx512f"))) inline void Transpose16x16(__m512* v) {
 // kept its accumulators on the stack: 0.92x.)
 __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const float* a, const float* b, float scale,
                                                       const float* row_scale, float* out, int64_t ld) {
-  constexpr int KR = 10, MV = 2;
+  constexpr int KR = 10, MV = 2;  // MV = 2: the tile's two vectors are lo and hi below
   for (int m0 = 0; m0 < z.L; m0 += 16 * MV) {
     PrefetchRows(out, ld, std::min(m0 + 16 * MV, z.L), std::min(m0 + 32 * MV, z.L), z.K);
     __mmask16 mask[MV];
@@ -316,17 +317,18 @@ __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const floa
       if (row_scale) by[j] = _mm512_mul_ps(by[j], _mm512_loadu_ps(row_scale + m0 + 16 * j));
     }
     for (int k0 = 0; k0 < z.K; k0 += KR) {
-      __m512 acc[KR][MV];
-      for (int r = 0; r < KR; ++r)
-        for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_setzero_ps();
+      // out^T's tile: rows k0 + r, columns m0.. (lo) and m0 + 16.. (hi). (As one array acc[KR][MV], GCC
+      // stored all 20 accumulators to the stack at every step of the loop over l: 20 stores for 20 FMAs.)
+      __m512 lo[KR], hi[KR];
+      for (int r = 0; r < KR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
       const float* al = a + m0;
       const float* bl = b + k0;
       for (int l = 0; l < z.L; ++l, al += z.Lp, bl += z.Kp) {
-        __m512 av[MV];
-        for (int j = 0; j < MV; ++j) av[j] = _mm512_maskz_loadu_ps(mask[j], al + 16 * j);
+        const __m512 a0 = _mm512_maskz_loadu_ps(mask[0], al), a1 = _mm512_maskz_loadu_ps(mask[1], al + 16);
         for (int r = 0; r < KR; ++r) {
           const __m512 x = _mm512_set1_ps(bl[r]);
-          for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_fmadd_ps(x, av[j], acc[r][j]);
+          lo[r] = _mm512_fmadd_ps(x, a0, lo[r]);
+          hi[r] = _mm512_fmadd_ps(x, a1, hi[r]);
         }
       }
       // out^T's tile [KR, 32] -> out's rows m0.. (KR floats each): per 16 rows, a 16 x 16 transpose in registers
@@ -334,7 +336,7 @@ __attribute__((target("avx512f"))) void WideProductTN(const Sizes& z, const floa
       const __mmask16 columns = (__mmask16)((1u << std::min(KR, z.K - k0)) - 1);
       for (int j = 0; j < MV; ++j) {
         __m512 v[16];
-        for (int r = 0; r < 16; ++r) v[r] = r < KR ? _mm512_mul_ps(acc[r][j], by[j]) : _mm512_setzero_ps();
+        for (int r = 0; r < 16; ++r) v[r] = r < KR ? _mm512_mul_ps(j ? hi[r] : lo[r], by[j]) : _mm512_setzero_ps();
         Transpose16x16(v);
         const int rows = std::min(16, z.L - (m0 + 16 * j));
         float* o = out + (size_t)(m0 + 16 * j) * ld + k0;
