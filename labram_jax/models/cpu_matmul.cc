@@ -385,7 +385,7 @@ constexpr size_t WorkFloats() { return (size_t)kMc * kKc + (size_t)kKc * kNc<Nr>
 // chunk reads in full (b when splitting rows, a when splitting columns) packed once beforehand, in
 // chunks too; or, when the contraction is the longest side (a weight gradient: K = tokens), the
 // contraction, each part packing its own slices of both and summing into its own [M, N] buffer, the
-// buffers added at the end.
+// buffers added at the end (by all threads, a chunk of rows each).
 template <int Nr>
 void Run(const Problem& p, ffi::ThreadPool& pool) {
   if (p.b_sums) std::fill(p.b_sums, p.b_sums + p.n, 0.f);
@@ -413,12 +413,17 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
       }
       Part<Nr>(q, 0, p.m, 0, p.n, p.k * t / parts, p.k * (t + 1) / parts, q.b_sums != nullptr, work);
     });
-    for (int64_t t = 1; t < parts; ++t) {
-      const float* part = scratch + (t - 1) * size;
-      for (size_t i = 0; i < (size_t)p.m * p.n; ++i) p.c[i] += part[i];
-      if (p.b_sums)
-        for (int64_t j = 0; j < p.n; ++j) p.b_sums[j] += part[(size_t)p.m * p.n + j];
-    }
+    // The parts' sums added to c on all threads, by chunks of rows, each element in the order of the parts
+    // (the same bits as one thread adding them; weight gradients 0.98-0.99x the time, session 40).
+    labram_cpu::ForEachChunk(pool, p.m, 8, 0, /*zeroed=*/false, [&](int64_t i0, int64_t i1, float*) {
+      for (int64_t t = 1; t < parts; ++t) {
+        const float* part = scratch + (t - 1) * size;
+        for (size_t i = (size_t)i0 * p.n; i < (size_t)i1 * p.n; ++i) p.c[i] += part[i];
+      }
+    });
+    if (p.b_sums)
+      for (int64_t t = 1; t < parts; ++t)
+        for (int64_t j = 0; j < p.n; ++j) p.b_sums[j] += scratch[(t - 1) * size + (size_t)p.m * p.n + j];
     return;
   }
   const bool by_rows = p.m >= p.n;
