@@ -226,7 +226,8 @@ __attribute__((target("avx512f"))) void WideProductNN(const Sizes& z, const floa
     alignas(64) float tile[MR][NV * 8];
     for (int r = 0; r < MR; ++r) {
       for (int j = 0; j < Z; ++j) _mm512_store_ps(tile[r] + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
-      if constexpr (Y == 1) _mm256_store_ps(tile[r] + 16 * Z, _mm512_castps512_ps256(_mm512_mul_ps(tail[r], _mm512_set1_ps(scale))));
+      if constexpr (Y == 1)
+        _mm256_store_ps(tile[r] + 16 * Z, _mm512_castps512_ps256(_mm512_mul_ps(tail[r], _mm512_set1_ps(scale))));
     }
     for (int r = 0; r < MR && l0 + r < z.L; ++r) StoreRow(out + (size_t)(l0 + r) * ld, tile[r], z.K);
   }
