@@ -1,0 +1,61 @@
+"""benchmarks.pooled_blocks: interleaved runs' blocks pooled per stage, only under the same conditions."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import pooled_blocks
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
+
+
+def run(ratios: dict[str, list[float]], xla_isa: str = "AVX512 (no limit set)") -> dict:
+    rows = []
+    for stage, values in ratios.items():
+        rounds = [{"ratio": r, "step_s_median": 0.4, "reference_step_s_median": 0.4 * r} for r in values]
+        rows.append({"stage": stage, "size": "base", "batch": 8, "channels": 23, "windows": 8,
+                     "reference_rounds": rounds, "reference_about": {"torch_isa": "default"}})
+    rows.append({"stage": "finetune", "size": "base", "batch": 8, "channels": 23, "windows": 10})  # not interleaved
+    return {"machine_detail": {"cpu_id": "family 6 model 207 stepping 2", "xla_isa": xla_isa,
+                               "cpu_kernel_code": "AVX-512"}, "rows": rows}
+
+
+def test_blocks_of_runs_are_pooled_per_stage():
+    first, second = run({"tokenizer": [1.0, 1.2, 1.4]}), run({"tokenizer": [1.3, 1.5], "pretrain": [1.1]})
+    pooled = pooled_blocks.pool({"a": first, "b": second}, threshold=1.3)
+    assert set(pooled) == {"tokenizer", "pretrain"}  # the row without blocks is left out
+    tokenizer = pooled["tokenizer"]
+    assert tokenizer["blocks"] == 5 and tokenizer["at_threshold"] == 3
+    assert tokenizer["median"] == pytest.approx(1.3)
+    assert tokenizer["quartiles"] == pytest.approx(tuple(np.percentile([1.0, 1.2, 1.4, 1.3, 1.5], [25, 75])))
+    assert tokenizer["range"] == (1.0, 1.5)
+    assert pooled["pretrain"]["blocks"] == 1 and pooled["pretrain"]["at_threshold"] == 0
+
+
+def test_runs_under_different_conditions_are_not_pooled():
+    held = run({"tokenizer": [1.2]}, xla_isa="AVX2 (XLA_FLAGS)")
+    with pytest.raises(ValueError, match="xla_isa"):
+        pooled_blocks.pool({"a": run({"tokenizer": [1.4]}), "b": held})
+    other_batch = copy.deepcopy(run({"tokenizer": [1.4]}))
+    other_batch["rows"][0]["batch"] = 16
+    with pytest.raises(ValueError, match="batch"):
+        pooled_blocks.pool({"a": run({"tokenizer": [1.4]}), "b": other_batch})
+
+
+def test_session_40s_documented_figures_come_from_its_runs(capsys):
+    # BENCHMARKS.md, "Session 40": the tokenizer's 40 blocks at AVX-512 on the Intel host, median 1.38x,
+    # 30 of them at 1.3x or more; held to AVX2 the three stages' medians 1.29x / 1.29x / 1.30x.
+    name = "train_step_cpu_{}_intel_interleaved_{}.json"
+    avx512 = [os.path.join(RESULTS, name.format("avx512", t)) for t in ("s40a", "s40b", "s40c_tokenizer")]
+    pooled_blocks.main(avx512)
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.38x (quartiles 1.31-1.45), 40 blocks, 30 at 1.3x or more" in out
+    avx2 = [os.path.join(RESULTS, name.format("avx2cap", t)) for t in ("s40", "s40b_tokenizer", "s40c")]
+    pooled_blocks.main(avx2)
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.29x" in out and "all blocks: pretrain: median 1.29x" in out
+    assert "all blocks: finetune: median 1.30x" in out
+    with pytest.raises(SystemExit, match="different conditions"):
+        pooled_blocks.main(avx512[:1] + avx2[:1])
