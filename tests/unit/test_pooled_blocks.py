@@ -60,3 +60,19 @@ def test_session_40s_documented_figures_come_from_its_runs(capsys):
     assert "all blocks: finetune: median 1.30x" in out
     with pytest.raises(SystemExit, match="different conditions"):
         pooled_blocks.main(avx512[:1] + avx2[:1])
+
+
+def test_session_41s_documented_avx2_figures_come_from_its_runs(capsys):
+    # BENCHMARKS.md, "Session 41": held to AVX2 on the Intel host, session 41's two runs 1.25x / 1.29x / 1.27x
+    # over 20 blocks each; with session 40's three, 1.27x / 1.29x / 1.29x over 50 / 45 / 45 blocks.
+    name = "train_step_cpu_avx2cap_intel_interleaved_{}.json"
+    runs = [os.path.join(RESULTS, name.format(t)) for t in ("s40", "s40b_tokenizer", "s40c", "s41", "s41b")]
+    pooled_blocks.main(runs[3:])
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.25x (quartiles 1.23-1.29), 20 blocks, 2 at 1.3x or more" in out
+    assert "all blocks: pretrain: median 1.29x" in out and "all blocks: finetune: median 1.27x" in out
+    pooled_blocks.main(runs)
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.27x (quartiles 1.21-1.32), 50 blocks, 16 at 1.3x or more" in out
+    assert "all blocks: pretrain: median 1.29x (quartiles 1.23-1.36), 45 blocks, 20 at 1.3x or more" in out
+    assert "all blocks: finetune: median 1.29x (quartiles 1.24-1.35), 45 blocks, 17 at 1.3x or more" in out
