@@ -373,7 +373,8 @@ bool WideTN(const Sizes& z) { return (z.K + 9) / 10 * 10 <= z.Kp; }
 // down l, each step one row of a (3 vectors, along m) and 4 values of b's row, so the vectors' lanes
 // are m (L of every 24 used) rather than K (20 of 24); the tile is written transposed (a whole tile from
 // registers, 4 floats per row of out: the product 1.02-1.09x as fast as through one float at a time, the
-// attention's call 1.007-1.017x, paired; session 41). A row of a is read up to 16 floats past Lp: the next row, or the last row's slack.
+// attention's call 1.007-1.017x, paired; session 41). A row of a is read up to 16 floats past Lp: the
+// next row, or the last row's slack.
 void ProductTN(const Sizes& z, const float* a, const float* b, float scale, const float* row_scale, float* out,
                int64_t ld) {
   if (z.wide && WideTN(z)) return WideProductTN(z, a, b, scale, row_scale, out, ld);
@@ -404,7 +405,8 @@ void ProductTN(const Sizes& z, const float* a, const float* b, float scale, cons
         for (int j = 0; j < MV; ++j) acc[r][j] = _mm256_mul_ps(acc[r][j], by[j]);
       float* o = out + (size_t)m0 * ld + k0;
       if (k0 + KR <= z.K && m0 + 8 * MV <= z.L) {  // a whole tile: its columns stored 4 floats at a time
-        for (int j = 0; j < MV; ++j) StoreTransposed4x8(acc[0][j], acc[1][j], acc[2][j], acc[3][j], o + (size_t)8 * j * ld, ld);
+        for (int j = 0; j < MV; ++j)
+          StoreTransposed4x8(acc[0][j], acc[1][j], acc[2][j], acc[3][j], o + (size_t)8 * j * ld, ld);
         continue;
       }
       alignas(32) float tile[KR][8 * MV];
