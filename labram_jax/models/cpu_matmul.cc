@@ -174,12 +174,11 @@ inline void Write(const float* t, int stride, int whole, float* c, int64_t ldc, 
   }
 }
 
-// c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc, a
-// 16-column panel in V = 2 AVX2 vectors of 8 columns, or V = 1 for a last panel of at most 8 columns
-// (N = 200: 12 panels and a half one, whose zero half would otherwise cost as much as a full panel).
+// t [kMr, 16] (32-byte aligned) = a_panel . b_panel over kc, a 16-column panel in V = 2 AVX2 vectors
+// of 8 columns, or V = 1 for a last panel of at most 8 columns (N = 200: 12 panels and a half one,
+// whose zero half would otherwise cost as much as a full panel; t's columns 8-15 are then 0).
 template <int V>
-inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, int rows, int cols,
-                 bool accumulate, const float* bias) {
+inline void Sums(int kc, const float* a, const float* b, float* t) {
   // Twelve named accumulators: with arrays of them GCC kept a copy on the stack, stored at every
   // step of the loop (3-5x slower).
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
@@ -205,19 +204,25 @@ inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, 
     c50 = _mm256_fmadd_ps(x, b0, c50);
     if constexpr (V == 2) c51 = _mm256_fmadd_ps(x, b1, c51);
   }
+  _mm256_store_ps(t, c00), _mm256_store_ps(t + 8, c01), _mm256_store_ps(t + 16, c10);
+  _mm256_store_ps(t + 24, c11), _mm256_store_ps(t + 32, c20), _mm256_store_ps(t + 40, c21);
+  _mm256_store_ps(t + 48, c30), _mm256_store_ps(t + 56, c31), _mm256_store_ps(t + 64, c40);
+  _mm256_store_ps(t + 72, c41), _mm256_store_ps(t + 80, c50), _mm256_store_ps(t + 88, c51);
+}
+
+// c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc (Sums).
+template <int V>
+inline void Tile(int kc, const float* a, const float* b, float* c, int64_t ldc, int rows, int cols,
+                 bool accumulate, const float* bias) {
   alignas(32) float t[kMr][16];
-  _mm256_store_ps(t[0], c00), _mm256_store_ps(t[0] + 8, c01), _mm256_store_ps(t[1], c10);
-  _mm256_store_ps(t[1] + 8, c11), _mm256_store_ps(t[2], c20), _mm256_store_ps(t[2] + 8, c21);
-  _mm256_store_ps(t[3], c30), _mm256_store_ps(t[3] + 8, c31), _mm256_store_ps(t[4], c40);
-  _mm256_store_ps(t[4] + 8, c41), _mm256_store_ps(t[5], c50), _mm256_store_ps(t[5] + 8, c51);
+  Sums<V>(kc, a, b, t[0]);
   Write(t[0], 16, 8 * V, c, ldc, rows, cols, accumulate, bias);
 }
 
-// Tile's AVX-512 twin for 32-column panels: V = 2 vectors of 16 columns, or V = 1 for a last panel
-// of at most 16 columns. Only for CPUs with avx512f (the handler checks).
+// Sums' AVX-512 twin for 32-column panels, t [kMr, 32] (64-byte aligned): V = 2 vectors of 16 columns,
+// or V = 1 for a last panel of at most 16 columns. Only for CPUs with avx512f (the handler checks).
 template <int V>
-__attribute__((target("avx512f"))) void WideTile(int kc, const float* a, const float* b, float* c, int64_t ldc,
-                                                 int rows, int cols, bool accumulate, const float* bias) {
+__attribute__((target("avx512f"))) inline void WideSums(int kc, const float* a, const float* b, float* t) {
   __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int k = 0; k < kc; ++k, a += kMr, b += 32) {
@@ -241,11 +246,18 @@ __attribute__((target("avx512f"))) void WideTile(int kc, const float* a, const f
     c50 = _mm512_fmadd_ps(x, b0, c50);
     if constexpr (V == 2) c51 = _mm512_fmadd_ps(x, b1, c51);
   }
+  _mm512_store_ps(t, c00), _mm512_store_ps(t + 16, c01), _mm512_store_ps(t + 32, c10);
+  _mm512_store_ps(t + 48, c11), _mm512_store_ps(t + 64, c20), _mm512_store_ps(t + 80, c21);
+  _mm512_store_ps(t + 96, c30), _mm512_store_ps(t + 112, c31), _mm512_store_ps(t + 128, c40);
+  _mm512_store_ps(t + 144, c41), _mm512_store_ps(t + 160, c50), _mm512_store_ps(t + 176, c51);
+}
+
+// Tile's AVX-512 twin for 32-column panels (WideSums). Only for CPUs with avx512f (the handler checks).
+template <int V>
+__attribute__((target("avx512f"))) void WideTile(int kc, const float* a, const float* b, float* c, int64_t ldc,
+                                                 int rows, int cols, bool accumulate, const float* bias) {
   alignas(64) float t[kMr][32];
-  _mm512_store_ps(t[0], c00), _mm512_store_ps(t[0] + 16, c01), _mm512_store_ps(t[1], c10);
-  _mm512_store_ps(t[1] + 16, c11), _mm512_store_ps(t[2], c20), _mm512_store_ps(t[2] + 16, c21);
-  _mm512_store_ps(t[3], c30), _mm512_store_ps(t[3] + 16, c31), _mm512_store_ps(t[4], c40);
-  _mm512_store_ps(t[4] + 16, c41), _mm512_store_ps(t[5], c50), _mm512_store_ps(t[5] + 16, c51);
+  WideSums<V>(kc, a, b, t[0]);
   Write(t[0], 32, 16 * V, c, ldc, rows, cols, accumulate, bias);
 }
 
@@ -514,10 +526,12 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
 
 // The nearest code of each row: codes[i] = argmin_j (|z_i|^2 + |w_j|^2) - 2 z_i . w_j (the first j
 // on ties, the first NaN if any, as jnp.argmin) and that value, z [M, d], codebook w [N, d]. The
-// [M, N] distances are never written out: each part takes a range of rows and walks the codebook
-// in blocks of kNearestBlock codes, their products (6 x Nr tiles, as Matmul's: 32 columns with the attribute
-// `wide`) in a cache-sized scratch scanned right away (written to memory and read back by XLA, they took ~5x
-// the product's time).
+// [M, N] distances are never written out: each part takes a range of rows (packed once) and walks the
+// codebook in blocks of kNearestBlock codes (packed in turn), each 6 x Nr tile of products (Sums, as
+// Matmul's: 32 columns with the attribute `wide`) turned into distances and offered to its rows' running
+// minima as soon as it is summed. (Written to memory and read back by XLA, the distances took ~5x the
+// product's time; scanned from a block-sized scratch after the block's products, one row's dependent
+// chain of compares and blends at a time, the scan was 37 % of the kernel's samples.)
 constexpr int kNearestBlock = 256;
 
 // Lane-wise: whether (v, at j) beats (best, at its index), NaNs winning, earlier indices on ties.
@@ -526,58 +540,72 @@ inline __m256 Beats(__m256 v, __m256 best) {
   return _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_LT_OQ), _mm256_andnot_ps(best_nan, v_nan));
 }
 
+// Codes j .. j + cols - 1 (cols <= Nr) against a panel of kMr rows: their products over d (a packed panel
+// of each), then the distances (zz[r] + ww[c]) - 2 dot offered to each row's running minimum, 8 lanes of
+// codes at a time (lane l of row r: best[r] and its code at[r] over the codes l mod 8 seen so far, in
+// order). zz and ww are read for all kMr rows and 8-lane groups (padded by the caller).
 template <int Nr>
-void NearestRows(const float* z, const float* w, const float* zz, const float* ww, int64_t m0, int64_t m1, int64_t n,
-                 int64_t d, int32_t* codes, float* values, float* work, float* scratch) {
-  const int64_t rows = m1 - m0;
-  alignas(32) float best_value[8];
-  alignas(32) int32_t best_index[8];
-  std::vector<__m256> lane_value(rows);
-  std::vector<__m256i> lane_index(rows);
-  for (int64_t r = 0; r < rows; ++r) lane_value[r] = _mm256_set1_ps(INFINITY), lane_index[r] = _mm256_set1_epi32(n);
-  for (int64_t j0 = 0; j0 < n; j0 += kNearestBlock) {
-    const int64_t cols = std::min<int64_t>(kNearestBlock, n - j0);
-    Problem sub;
-    sub.a = {z + m0 * d, d, false};
-    sub.b = {w + j0 * d, d, true};
-    sub.m = rows, sub.n = cols, sub.k = d;
-    sub.bias = nullptr, sub.c = scratch, sub.b_sums = nullptr;
-    Part<Nr>(sub, 0, rows, 0, cols, 0, d, false, work);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* dot = scratch + r * cols;
-      __m256 bv = lane_value[r];
-      __m256i bi = lane_index[r];
-      auto offer = [&](__m256 v, int64_t j) {  // codes j0 + j .. j0 + j + 7, lane by lane
-        const __m256 take = Beats(v, bv);
-        const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j0 + j)),
-                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        bv = _mm256_blendv_ps(bv, v, take);
-        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(index), take));
-      };
-      const __m256 zr = _mm256_set1_ps(zz[m0 + r]), two = _mm256_set1_ps(2.0f);
-      int64_t j = 0;
-      for (; j + 8 <= cols; j += 8)
-        offer(_mm256_fnmadd_ps(two, _mm256_loadu_ps(dot + j), _mm256_add_ps(zr, _mm256_loadu_ps(ww + j0 + j))), j);
-      if (j < cols) {  // the last few codes, the lanes past them at +inf (never taken)
-        alignas(32) float tail[8];
-        for (int l = 0; l < 8; ++l) tail[l] = j + l < cols ? (zz[m0 + r] + ww[j0 + j + l]) - 2.0f * dot[j + l] : INFINITY;
-        offer(_mm256_load_ps(tail), j);
-      }
-      lane_value[r] = bv, lane_index[r] = bi;
+inline void NearestTile(int d, const float* a, const float* b, const float* zz, const float* ww, int64_t j, int cols,
+                        __m256* best, __m256i* at) {
+  alignas(64) float t[kMr][Nr];
+  if constexpr (Nr == 32) {
+    cols > 16 ? WideSums<2>(d, a, b, t[0]) : WideSums<1>(d, a, b, t[0]);
+  } else {
+    cols > 8 ? Sums<2>(d, a, b, t[0]) : Sums<1>(d, a, b, t[0]);
+  }
+  const __m256 two = _mm256_set1_ps(2.0f), inf = _mm256_set1_ps(INFINITY);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int h = 0; h < cols; h += 8) {
+    const __m256 w_norm = _mm256_loadu_ps(ww + h);
+    const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j + h)), lane);
+    // the lanes past the last code at +inf (never taken)
+    const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(cols - h), lane));
+    for (int r = 0; r < kMr; ++r) {
+      __m256 v = _mm256_fnmadd_ps(two, _mm256_load_ps(t[r] + h), _mm256_add_ps(_mm256_set1_ps(zz[r]), w_norm));
+      if (cols - h < 8) v = _mm256_blendv_ps(inf, v, real);
+      const __m256 take = Beats(v, best[r]);
+      best[r] = _mm256_blendv_ps(best[r], v, take);
+      at[r] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at[r]), _mm256_castsi256_ps(index), take));
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {  // the lanes' winners: the smallest value, then the smallest index
-    _mm256_store_ps(best_value, lane_value[r]);
-    _mm256_store_si256((__m256i*)best_index, lane_index[r]);
+}
+
+// Floats of workspace NearestRows needs for `rows` rows of d values.
+size_t NearestWorkFloats(int64_t rows, int64_t d) { return (size_t)(RoundUp(rows, kMr) + kNearestBlock) * d; }
+
+template <int Nr>
+void NearestRows(const float* z, const float* w, const float* zz, const float* ww, int64_t m0, int64_t m1, int64_t n,
+                 int64_t d, int32_t* codes, float* values, float* work) {
+  const int rows = (int)(m1 - m0);
+  float* const a_pack = work;  // the rows' panels [RoundUp(rows, kMr) / kMr][d][kMr]
+  float* const b_pack = work + RoundUp(rows, kMr) * d;  // a block's panels [kNearestBlock / Nr][d][Nr]
+  std::vector<__m256> best(RoundUp(rows, kMr), _mm256_set1_ps(INFINITY));
+  std::vector<__m256i> at(RoundUp(rows, kMr), _mm256_set1_epi32((int32_t)n));
+  PackA({z, d, false}, m0, rows, 0, (int)d, a_pack);
+  for (int64_t j0 = 0; j0 < n; j0 += kNearestBlock) {
+    const int cols = (int)std::min<int64_t>(kNearestBlock, n - j0);
+    PackB<Nr>({w, d, true}, 0, (int)d, j0, cols, b_pack, nullptr);
+    for (int i = 0; i < rows; i += kMr) {
+      for (int jr = 0; jr < cols; jr += Nr) {
+        NearestTile<Nr>((int)d, a_pack + (size_t)i * d, b_pack + (size_t)jr * d, zz + m0 + i, ww + j0 + jr, j0 + jr,
+                        std::min(Nr, cols - jr), &best[i], &at[i]);
+      }
+    }
+  }
+  alignas(32) float best_value[8];
+  alignas(32) int32_t best_index[8];
+  for (int r = 0; r < rows; ++r) {  // the lanes' winners: the smallest value, then the smallest index
+    _mm256_store_ps(best_value, best[r]);
+    _mm256_store_si256((__m256i*)best_index, at[r]);
     float v = best_value[0];
-    int32_t at = best_index[0];
+    int32_t code = best_index[0];
     for (int l = 1; l < 8; ++l) {
       const float u = best_value[l];
       const bool u_nan = u != u, v_nan = v != v;
-      if ((u_nan && !v_nan) || (u < v) || (u_nan == v_nan && !(v < u) && !(u < v) && best_index[l] < at))
-        v = u, at = best_index[l];
+      if ((u_nan && !v_nan) || (u < v) || (u_nan == v_nan && !(v < u) && !(u < v) && best_index[l] < code))
+        v = u, code = best_index[l];
     }
-    codes[m0 + r] = at, values[m0 + r] = v;
+    codes[m0 + r] = code, values[m0 + r] = v;
   }
 }
 
@@ -587,10 +615,10 @@ void NearestParts(const float* z, const float* w, const float* zz, const float* 
                   int32_t* codes, float* values, ffi::ThreadPool& pool) {
   const int64_t units = (m + kMr - 1) / kMr;
   const int64_t parts = std::min<int64_t>(2 * labram_cpu::UsableCpus(), units);
-  const size_t scratch_floats = (size_t)((units + parts - 1) / parts) * kMr * kNearestBlock;
-  labram_cpu::ForEachPart(pool, parts, WorkFloats<Nr>() + scratch_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
+  const size_t work_floats = NearestWorkFloats((units + parts - 1) / parts * kMr, d);
+  labram_cpu::ForEachPart(pool, parts, work_floats, /*zeroed=*/false, [&](int64_t t, float* work) {
     const int64_t m0 = std::min(m, units * t / parts * kMr), m1 = std::min(m, units * (t + 1) / parts * kMr);
-    if (m1 > m0) NearestRows<Nr>(z, w, zz, ww, m0, m1, n, d, codes, values, work, work + WorkFloats<Nr>());
+    if (m1 > m0) NearestRows<Nr>(z, w, zz, ww, m0, m1, n, d, codes, values, work);
   });
 }
 
@@ -610,7 +638,8 @@ ffi::Error Nearest(ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> codebook, ffi:
     return ffi::Error::Success();
   }
   if (n > INT32_MAX) return ffi::Error::InvalidArgument("nearest: more codes than int32 indexes");
-  std::vector<float> zz(m), ww(n);  // squared norms
+  // squared norms, zero past m and n (NearestTile reads whole panels of rows and 8-lane groups of codes)
+  std::vector<float> zz(RoundUp(m, kMr)), ww(RoundUp(n, 32));
   for (int64_t i = 0; i < m; ++i) {
     float s = 0.f;
     for (int64_t k = 0; k < d; ++k) s += z.typed_data()[i * d + k] * z.typed_data()[i * d + k];
