@@ -76,3 +76,21 @@ def test_session_41s_documented_avx2_figures_come_from_its_runs(capsys):
     assert "all blocks: tokenizer: median 1.27x (quartiles 1.21-1.32), 50 blocks, 16 at 1.3x or more" in out
     assert "all blocks: pretrain: median 1.29x (quartiles 1.23-1.36), 45 blocks, 20 at 1.3x or more" in out
     assert "all blocks: finetune: median 1.29x (quartiles 1.24-1.35), 45 blocks, 17 at 1.3x or more" in out
+
+
+def test_session_42s_documented_avx2_figures_come_from_its_runs(capsys):
+    # BENCHMARKS.md, "Session 42": held to AVX2 on the Intel host, session 42's two runs 1.30x / 1.33x / 1.26x
+    # over 20 blocks each; with sessions 40 and 41, 1.27x / 1.31x / 1.28x over 70 / 65 / 65 blocks.
+    name = "train_step_cpu_avx2cap_intel_interleaved_{}.json"
+    tags = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b")
+    runs = [os.path.join(RESULTS, name.format(t)) for t in tags]
+    pooled_blocks.main(runs[5:])
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.30x (quartiles 1.16-1.39), 20 blocks, 10 at 1.3x or more" in out
+    assert "all blocks: pretrain: median 1.33x (quartiles 1.28-1.42), 20 blocks, 14 at 1.3x or more" in out
+    assert "all blocks: finetune: median 1.26x (quartiles 1.17-1.34), 20 blocks, 5 at 1.3x or more" in out
+    pooled_blocks.main(runs)
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.27x (quartiles 1.21-1.34), 70 blocks, 26 at 1.3x or more" in out
+    assert "all blocks: pretrain: median 1.31x (quartiles 1.23-1.38), 65 blocks, 34 at 1.3x or more" in out
+    assert "all blocks: finetune: median 1.28x (quartiles 1.23-1.35), 65 blocks, 22 at 1.3x or more" in out
