@@ -103,13 +103,13 @@ def full_width_avx512() -> bool:
 @functools.cache
 def avx512_rate_ratio() -> float | None:
     """float32 FMA throughput of AVX-512 over AVX2 on one core of this CPU, measured once per process
-    (``cpu_vector_rate.cc``, ~10 ms): ~2 on full-width AVX-512 units, ~1 where each AVX-512
+    (``cpu_vector_rate.cc``, the median of 15 paired runs, ~20 ms): ~2 on full-width AVX-512 units, ~1 where each AVX-512
     instruction is split over 256-bit units. None without AVX-512 or where the kernels cannot load."""
     if "avx512f" not in cpu_flags() or unavailable_reason() is not None:
         return None
     measure = _load()[0].LabramAvx512RateRatio
     measure.restype, measure.argtypes = ctypes.c_double, (ctypes.c_long, ctypes.c_int)
-    ratio = measure(200_000, 5)
+    ratio = measure(200_000, 15)
     logging.info("AVX-512 does %.2fx the float32 FMA work of AVX2 per cycle here", ratio)
     return ratio
 
