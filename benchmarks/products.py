@@ -10,7 +10,10 @@ fc2 800 -> 200, and pretraining's lm_head 200 -> 8,192) at the rows each stage's
 compiles it with ``model.linear=xla`` (``labram_jax.compile_options``: YNNPACK on CPU), by the
 C++ product kernel of ``model.linear=cpu_kernel`` (:mod:`labram_jax.models.cpu_matmul`, where it
 builds) and, when PyTorch is installed, as ``torch.matmul`` (MKL on x86), one after the other
-(:func:`time_in_turn`); medians in ms and GFLOP/s. Per stage, the sum over one block's products in
+(:func:`time_in_turn`); medians in ms and GFLOP/s. With ``--operand-sets N`` each call takes the next of N
+copies of its operands, so that (N large enough) they come from the last-level cache or memory rather
+than from the core's own cache, as inside a training step, whose products take 1.3-1.6x their time
+with hot operands (BENCHMARKS.md, "Session 43"). Per stage, the sum over one block's products in
 all three layouts says how much of the two codes' step gap the products alone make. PyTorch runs with as many threads as XLA and the same instruction-set limit
 as ``benchmarks.train_step --reference`` gives the original code (``reference_env``).
 """
@@ -68,18 +71,21 @@ def torch_product(torch, layout: str):
 
 
 def time_in_turn(fns: list, args: list, repeats: int, rounds: int) -> list[float]:
-    """Seconds of each fns[i](*args[i]): in each of ``rounds`` rounds every function in turn is
-    called ``repeats`` times after a warm-up call, and the median of its calls is kept; returns each
-    function's median over the rounds. Not alternated call by call: PyTorch's OpenMP threads keep
+    """Seconds of each fns[i] on args[i], a list of argument tuples (operand sets) taken in turn, one
+    per call: in each of ``rounds`` rounds every function in turn is called ``repeats`` times after
+    a warm-up call on each set, and the median of its calls is kept; returns each function's median
+    over the rounds. Not alternated call by call: PyTorch's OpenMP threads keep
     spinning for a while after each call and would take the cores from the XLA call right after it
     (measured: XLA's products at half their rate when alternated)."""
     per_round = [[] for _ in fns]
     for _ in range(rounds):
-        for f, a, kept in zip(fns, args, per_round):
+        for f, sets, kept in zip(fns, args, per_round):
             time.sleep(0.2)  # let the other library's threads go idle
-            f(*a)
+            for a in sets:
+                f(*a)
             times = []
-            for _ in range(repeats):
+            for i in range(repeats):
+                a = sets[i % len(sets)]
                 t0 = time.perf_counter()
                 f(*a)
                 times.append(time.perf_counter() - t0)
@@ -105,8 +111,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10, help="calls per round (their median is the round's)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the libraries in turn (median of rounds)")
     parser.add_argument("--stages", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--operand-sets", type=int, default=1,
+                        help="copies of each product's operands, one per call in turn: 1 times them hot in the "
+                             "core's cache; ~16 (several MB each) from the last-level cache or memory, as in a step")
     parser.add_argument("--json", default="", help="write the results here")
     args = parser.parse_args(argv)
+    if args.operand_sets < 1:
+        parser.error(f"--operand-sets {args.operand_sets}: give at least 1")
     machine = machine_lib.describe()
     print(machine_lib.summary(machine), flush=True)
     torch = load_torch(machine)
@@ -122,16 +133,16 @@ def main(argv=None) -> dict:
           + "".join(f" {lib + ' ms':>9} {'GFLOP/s':>7}" for lib in libraries))
     for stage, name, m, k, n in cases(args.stages):
         for layout, (spec, _, _) in LAYOUTS.items():
-            a, b = operands(layout, m, k, n, rng)
+            sets = [operands(layout, m, k, n, rng) for _ in range(args.operand_sets)]
             xla = compile_options.jit(lambda x, y, s=spec: jnp.einsum(s, x, y))
-            ja, jb = jax.device_put(a), jax.device_put(b)
-            fns, fargs = [lambda x, y, f=xla: jax.block_until_ready(f(x, y))], [(ja, jb)]
+            on_device = [(jax.device_put(a), jax.device_put(b)) for a, b in sets]
+            fns, fargs = [lambda x, y, f=xla: jax.block_until_ready(f(x, y))], [on_device]
             if not kernel_missing:
                 fns.append(kernel_product(layout))
-                fargs.append((ja, jb))
+                fargs.append(on_device)
             if torch is not None:
                 fns.append(torch_product(torch, layout))
-                fargs.append((torch.from_numpy(a), torch.from_numpy(b)))
+                fargs.append([(torch.from_numpy(a), torch.from_numpy(b)) for a, b in sets])
             seconds = time_in_turn(fns, fargs, args.repeats, args.rounds)
             flop = 2.0 * m * k * n
             row = {"stage": stage, "product": name, "layout": layout, "m": m, "k": k, "n": n}
@@ -147,7 +158,7 @@ def main(argv=None) -> dict:
         times = ", ".join(f"{lib} {summary[stage][f'block_products_{lib}_ms']:.1f} ms" for lib in libraries)
         print(f"{stage}: one block's products, forward and both gradients: {times}")
     result = {"machine": machine, "torch": getattr(torch, "__version__", None), "repeats": args.repeats,
-              "rounds": args.rounds, "rows": rows, "summary": summary,
+              "rounds": args.rounds, "operand_sets": args.operand_sets, "rows": rows, "summary": summary,
               "command": "python -m benchmarks.products " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:
         with open(args.json, "w") as f:

@@ -121,6 +121,17 @@ def test_products_times_a_blocks_products_in_three_layouts(tmp_path, capsys):
     assert "one block's products, forward and both gradients: xla" in capsys.readouterr().out
 
 
+def test_products_take_their_operand_sets_in_turn():
+    from benchmarks import products
+
+    seen = []
+    seconds = products.time_in_turn([seen.append], [[(1,), (2,), (3,)]], repeats=4, rounds=1)
+    assert seen == [1, 2, 3, 1, 2, 3, 1]  # a warm-up call on each set, then one set per call in turn
+    assert len(seconds) == 1 and seconds[0] >= 0
+    with pytest.raises(SystemExit):
+        products.main(["--operand-sets", "0"])
+
+
 def test_profile_step_attributes_the_step_time_to_model_parts(tmp_path, capsys):
     out = tmp_path / "profile.json"
     result = profile_step.main(["--stage", "finetune", "--size", "tiny", "--steps", "2", "--warmup", "1",
