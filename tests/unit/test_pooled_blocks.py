@@ -94,3 +94,21 @@ def test_session_42s_documented_avx2_figures_come_from_its_runs(capsys):
     assert "all blocks: tokenizer: median 1.27x (quartiles 1.21-1.34), 70 blocks, 26 at 1.3x or more" in out
     assert "all blocks: pretrain: median 1.31x (quartiles 1.23-1.38), 65 blocks, 34 at 1.3x or more" in out
     assert "all blocks: finetune: median 1.28x (quartiles 1.23-1.35), 65 blocks, 22 at 1.3x or more" in out
+
+
+def test_session_43s_documented_avx2_figures_come_from_its_run(capsys):
+    # BENCHMARKS.md, "Session 43": held to AVX2 on the Intel host in a steady phase, 1.27x / 1.31x / 1.27x over
+    # 10 blocks each; with sessions 40-42, 1.27x / 1.31x / 1.27x over 80 / 75 / 75 blocks.
+    name = "train_step_cpu_avx2cap_intel_interleaved_{}.json"
+    tags = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b", "s43")
+    runs = [os.path.join(RESULTS, name.format(t)) for t in tags]
+    pooled_blocks.main(runs[7:])
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.27x (quartiles 1.24-1.29), 10 blocks, 2 at 1.3x or more" in out
+    assert "all blocks: pretrain: median 1.31x (quartiles 1.27-1.33), 10 blocks, 6 at 1.3x or more" in out
+    assert "all blocks: finetune: median 1.27x (quartiles 1.27-1.29), 10 blocks, 1 at 1.3x or more" in out
+    pooled_blocks.main(runs)
+    out = capsys.readouterr().out
+    assert "all blocks: tokenizer: median 1.27x (quartiles 1.22-1.33), 80 blocks, 28 at 1.3x or more" in out
+    assert "all blocks: pretrain: median 1.31x (quartiles 1.23-1.38), 75 blocks, 40 at 1.3x or more" in out
+    assert "all blocks: finetune: median 1.27x (quartiles 1.24-1.32), 75 blocks, 23 at 1.3x or more" in out
