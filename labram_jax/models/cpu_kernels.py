@@ -103,8 +103,9 @@ def full_width_avx512() -> bool:
 @functools.cache
 def avx512_rate_ratio() -> float | None:
     """float32 FMA throughput of AVX-512 over AVX2 on one core of this CPU, measured once per process
-    (``cpu_vector_rate.cc``, the median of 15 paired runs, ~20 ms): ~2 on full-width AVX-512 units, ~1 where each AVX-512
-    instruction is split over 256-bit units. None without AVX-512 or where the kernels cannot load."""
+    (``cpu_vector_rate.cc``, the median of 15 paired runs, ~15 ms): ~2 on full-width AVX-512 units, ~1
+    where each AVX-512 instruction is split over 256-bit units. None without AVX-512 or where the kernels
+    cannot load."""
     if "avx512f" not in cpu_flags() or unavailable_reason() is not None:
         return None
     measure = _load()[0].LabramAvx512RateRatio
