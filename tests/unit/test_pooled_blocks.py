@@ -78,37 +78,33 @@ def test_session_41s_documented_avx2_figures_come_from_its_runs(capsys):
     assert "all blocks: finetune: median 1.29x (quartiles 1.24-1.35), 45 blocks, 17 at 1.3x or more" in out
 
 
-def test_session_42s_documented_avx2_figures_come_from_its_runs(capsys):
-    # BENCHMARKS.md, "Session 42": held to AVX2 on the Intel host, session 42's two runs 1.30x / 1.33x / 1.26x
-    # over 20 blocks each; with sessions 40 and 41, 1.27x / 1.31x / 1.28x over 70 / 65 / 65 blocks.
-    name = "train_step_cpu_avx2cap_intel_interleaved_{}.json"
-    tags = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b")
-    runs = [os.path.join(RESULTS, name.format(t)) for t in tags]
-    pooled_blocks.main(runs[5:])
-    out = capsys.readouterr().out
-    assert "all blocks: tokenizer: median 1.30x (quartiles 1.16-1.39), 20 blocks, 10 at 1.3x or more" in out
-    assert "all blocks: pretrain: median 1.33x (quartiles 1.28-1.42), 20 blocks, 14 at 1.3x or more" in out
-    assert "all blocks: finetune: median 1.26x (quartiles 1.17-1.34), 20 blocks, 5 at 1.3x or more" in out
-    pooled_blocks.main(runs)
-    out = capsys.readouterr().out
-    assert "all blocks: tokenizer: median 1.27x (quartiles 1.21-1.34), 70 blocks, 26 at 1.3x or more" in out
-    assert "all blocks: pretrain: median 1.31x (quartiles 1.23-1.38), 65 blocks, 34 at 1.3x or more" in out
-    assert "all blocks: finetune: median 1.28x (quartiles 1.23-1.35), 65 blocks, 22 at 1.3x or more" in out
+# Held to AVX2 on the Intel host, every interleaved run of sessions 40-43, in order.
+AVX2_RUNS = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b", "s43")
 
 
-def test_session_43s_documented_avx2_figures_come_from_its_run(capsys):
-    # BENCHMARKS.md, "Session 43": held to AVX2 on the Intel host in a steady phase, 1.27x / 1.31x / 1.27x over
-    # 10 blocks each; with sessions 40-42, 1.27x / 1.31x / 1.27x over 80 / 75 / 75 blocks.
+@pytest.mark.parametrize("session, own, pooled", [
+    # BENCHMARKS.md, "Session 42": its two runs 1.30x / 1.33x / 1.26x over 20 blocks each; with sessions 40 and
+    # 41, 1.27x / 1.31x / 1.28x over 70 / 65 / 65 blocks.
+    ("s42", ("tokenizer: median 1.30x (quartiles 1.16-1.39), 20 blocks, 10",
+             "pretrain: median 1.33x (quartiles 1.28-1.42), 20 blocks, 14",
+             "finetune: median 1.26x (quartiles 1.17-1.34), 20 blocks, 5"),
+     ("tokenizer: median 1.27x (quartiles 1.21-1.34), 70 blocks, 26",
+      "pretrain: median 1.31x (quartiles 1.23-1.38), 65 blocks, 34",
+      "finetune: median 1.28x (quartiles 1.23-1.35), 65 blocks, 22")),
+    # "Session 43": its run, in a steady phase, 1.27x / 1.31x / 1.27x over 10 blocks each; with sessions 40-42
+    # 1.27x / 1.31x / 1.27x over 80 / 75 / 75 blocks.
+    ("s43", ("tokenizer: median 1.27x (quartiles 1.24-1.29), 10 blocks, 2",
+             "pretrain: median 1.31x (quartiles 1.27-1.33), 10 blocks, 6",
+             "finetune: median 1.27x (quartiles 1.27-1.29), 10 blocks, 1"),
+     ("tokenizer: median 1.27x (quartiles 1.22-1.33), 80 blocks, 28",
+      "pretrain: median 1.31x (quartiles 1.23-1.38), 75 blocks, 40",
+      "finetune: median 1.27x (quartiles 1.24-1.32), 75 blocks, 23")),
+])
+def test_a_sessions_documented_avx2_figures_come_from_its_runs(session, own, pooled, capsys):
     name = "train_step_cpu_avx2cap_intel_interleaved_{}.json"
-    tags = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b", "s43")
-    runs = [os.path.join(RESULTS, name.format(t)) for t in tags]
-    pooled_blocks.main(runs[7:])
-    out = capsys.readouterr().out
-    assert "all blocks: tokenizer: median 1.27x (quartiles 1.24-1.29), 10 blocks, 2 at 1.3x or more" in out
-    assert "all blocks: pretrain: median 1.31x (quartiles 1.27-1.33), 10 blocks, 6 at 1.3x or more" in out
-    assert "all blocks: finetune: median 1.27x (quartiles 1.27-1.29), 10 blocks, 1 at 1.3x or more" in out
-    pooled_blocks.main(runs)
-    out = capsys.readouterr().out
-    assert "all blocks: tokenizer: median 1.27x (quartiles 1.22-1.33), 80 blocks, 28 at 1.3x or more" in out
-    assert "all blocks: pretrain: median 1.31x (quartiles 1.23-1.38), 75 blocks, 40 at 1.3x or more" in out
-    assert "all blocks: finetune: median 1.27x (quartiles 1.24-1.32), 75 blocks, 23 at 1.3x or more" in out
+    tags = AVX2_RUNS[:max(i for i, t in enumerate(AVX2_RUNS) if t.startswith(session)) + 1]
+    for runs, expected in (([t for t in tags if t.startswith(session)], own), (tags, pooled)):
+        pooled_blocks.main([os.path.join(RESULTS, name.format(t)) for t in runs])
+        out = capsys.readouterr().out
+        for line in expected:
+            assert f"all blocks: {line} at 1.3x or more" in out
