@@ -2,8 +2,9 @@
 //
 // c = op(a) op(b) (+ bias), where op(a) is [M, K] (a stored [M, K], or [K, M] when transposed)
 // and op(b) is [K, N] (b stored [K, N], or [N, K] when transposed), then optionally multiplied
-// element by element by a factor [M, N] or put through exact GELU (its derivative written too where
-// wanted: an MLP's first layer forward, its gradient backward); optionally also the column
+// element by element by a factor [M, N], or put through exact GELU (the sums before it written too where
+// wanted: an MLP's first layer forward), or multiplied by GELU'(u) for a factor u of pre-activations
+// (GELU(u) written too where wanted: that layer's gradient backward); optionally also the column
 // sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
 // is BLIS's: op(b) is packed in blocks of up to kKc rows into panels Nr columns wide, op(a) in
 // blocks of up to kMc rows into panels 6 rows high, and a 6 x Nr register tile (12 accumulators)
@@ -13,8 +14,8 @@
 // loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
-// c [M, N]; b_sums [N] or [0] (not wanted); gelu_derivative [M, N] with the attribute gelu, or [0] (not
-// wanted). All float32,
+// c [M, N]; b_sums [N] or [0] (not wanted); side [M, N] with the attribute gelu or gelu_gradient, or [0]
+// (not wanted). All float32,
 // row-major.
 
 #include <immintrin.h>
@@ -273,26 +274,33 @@ __attribute__((target("avx512f"))) void WideTile(int kc, const float* a, const f
   Write(t[0], 32, 16 * V, c, ldc, rows, cols, accumulate, bias);
 }
 
-// What is done to the finished sums (bias included), element by element: multiplied by a factor,
-// or put through exact GELU, its derivative kept where wanted. Neither: nothing.
+// What is done to the finished sums (bias included), element by element: multiplied by a factor, or
+// put through exact GELU (the sums before it kept where wanted: an MLP's first layer forward), or, with
+// `gelu_gradient`, multiplied by GELU'(u) for a factor u of pre-activations (GELU(u) kept where wanted: that
+// layer's gradient backward, which so needs neither GELU's derivative nor its output saved). Neither: nothing.
 struct Epilogue {
-  const float* factor = nullptr;     // [m, n] as c, or null
-  bool gelu = false;                 // c = GELU(sums)
-  float* gelu_derivative = nullptr;  // [m, n] as c, or null; with gelu: GELU'(sums)
+  const float* factor = nullptr;  // [m, n] as c, or null
+  bool gelu = false;              // c = GELU(sums)
+  bool gelu_gradient = false;     // with a factor u: c = sums * GELU'(u)
+  float* side = nullptr;          // [m, n] as c, or null: with gelu the sums, with gelu_gradient GELU(u)
   bool any() const { return factor || gelu; }
 };
 
 // The epilogue over a row's columns [j, j1) 16 at a time, while 16 are left (AVX-512: the same operations
 // lane by lane as the 8-float form, so the same bits); j is left at the first column not done. (The
-// product with GELU and its derivative 0.94-0.96x the time at [1848, 200] x [200, 800]; session 38.)
+// product with GELU and its derivative, as the forward pass then wrote both, 0.94-0.96x the time at [1848, 200] x [200, 800]; session 38.)
 __attribute__((target("avx512f"))) void WideFinishRow(const Epilogue& e, float* row, const float* factor,
-                                                      float* derivative, int64_t& j, int64_t j1) {
+                                                      float* side, int64_t& j, int64_t j1) {
   for (; j + 16 <= j1; j += 16) {
     __m512 v = _mm512_loadu_ps(row + j);
     if (e.gelu) {
+      if (side) _mm512_storeu_ps(side + j, v);
+      v = labram_cpu::Gelu16(v, nullptr);
+    } else if (e.gelu_gradient) {
       __m512 g;
-      v = labram_cpu::Gelu16(v, derivative ? &g : nullptr);
-      if (derivative) _mm512_storeu_ps(derivative + j, g);
+      const __m512 h = labram_cpu::Gelu16(_mm512_loadu_ps(factor + j), &g);
+      if (side) _mm512_storeu_ps(side + j, h);
+      v = _mm512_mul_ps(v, g);
     } else {
       v = _mm512_mul_ps(v, _mm512_loadu_ps(factor + j));
     }
@@ -308,29 +316,33 @@ void Finish(const Epilogue& e, float* c, int64_t ld, int64_t i0, int64_t i1, int
   for (int64_t i = i0; i < i1; ++i) {
     float* row = c + i * ld;
     const float* factor = e.factor ? e.factor + i * ld : nullptr;
-    float* derivative = e.gelu_derivative ? e.gelu_derivative + i * ld : nullptr;
+    float* side = e.side ? e.side + i * ld : nullptr;
     int64_t j = j0;
-    if (wide) WideFinishRow(e, row, factor, derivative, j, j1);
-    auto eight = [&](const float* in, const float* f, float* out, float* d) {
+    if (wide) WideFinishRow(e, row, factor, side, j, j1);
+    auto eight = [&](const float* in, const float* f, float* out, float* s) {
       __m256 v = _mm256_loadu_ps(in);
       if (e.gelu) {
+        if (s) _mm256_storeu_ps(s, v);
+        v = labram_cpu::Gelu8(v, nullptr);
+      } else if (e.gelu_gradient) {
         __m256 g;
-        v = labram_cpu::Gelu8(v, d ? &g : nullptr);
-        if (d) _mm256_storeu_ps(d, g);
+        const __m256 h = labram_cpu::Gelu8(_mm256_loadu_ps(f), &g);
+        if (s) _mm256_storeu_ps(s, h);
+        v = _mm256_mul_ps(v, g);
       } else {
         v = _mm256_mul_ps(v, _mm256_loadu_ps(f));
       }
       _mm256_storeu_ps(out, v);
     };
-    for (; j + 8 <= j1; j += 8) eight(row + j, factor ? factor + j : nullptr, row + j, derivative ? derivative + j : nullptr);
+    for (; j + 8 <= j1; j += 8) eight(row + j, factor ? factor + j : nullptr, row + j, side ? side + j : nullptr);
     if (j < j1) {  // the last few columns through zero-padded copies, so they round as the rest
       const int w = (int)(j1 - j);
       alignas(32) float in[8] = {}, f[8] = {}, out[8], d[8];
       std::copy(row + j, row + j1, in);
       if (factor) std::copy(factor + j, factor + j1, f);
-      eight(in, f, out, derivative ? d : nullptr);
+      eight(in, f, out, side ? d : nullptr);
       std::copy(out, out + w, row + j);
-      if (derivative) std::copy(d, d + w, derivative + j);
+      if (side) std::copy(d, d + w, side + j);
     }
   }
 }
@@ -487,8 +499,8 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
 
 ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bias,
                   ffi::Buffer<ffi::F32> factor, ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums,
-                  ffi::ResultBuffer<ffi::F32> gelu_derivative, bool transpose_a, bool transpose_b, bool gelu,
-                  bool wide, ffi::ThreadPool pool) {
+                  ffi::ResultBuffer<ffi::F32> side, bool transpose_a, bool transpose_b, bool gelu,
+                  bool gelu_gradient, bool wide, ffi::ThreadPool pool) {
   if (const std::string bad = labram_cpu::WideRefusal(wide, "matmul"); !bad.empty())
     return ffi::Error::InvalidArgument(bad);
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
@@ -507,19 +519,21 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
     return ffi::Error::InvalidArgument("matmul: b_sums must have N or no elements");
   const size_t mn = (size_t)p.m * p.n;
   if ((factor.element_count() != 0 && factor.element_count() != mn) ||
-      (gelu_derivative->element_count() != 0 && gelu_derivative->element_count() != mn))
-    return ffi::Error::InvalidArgument("matmul: factor and gelu_derivative must have M x N or no elements");
-  if (mn != 0 && gelu_derivative->element_count() != 0 && !gelu)
-    return ffi::Error::InvalidArgument("matmul: a gelu_derivative result needs the attribute gelu=true "
-                                       "(cpu_matmul.matmul(..., gelu=True) sets both)");
+      (side->element_count() != 0 && side->element_count() != mn))
+    return ffi::Error::InvalidArgument("matmul: factor and the side result must have M x N or no elements");
+  if (mn != 0 && side->element_count() != 0 && !gelu && !gelu_gradient)
+    return ffi::Error::InvalidArgument("matmul: a side result needs the attribute gelu or gelu_gradient");
   if (mn != 0 && factor.element_count() != 0 && gelu)
     return ffi::Error::InvalidArgument("matmul: a factor or GELU, not both");
+  if (mn != 0 && gelu_gradient && factor.element_count() == 0)
+    return ffi::Error::InvalidArgument("matmul: gelu_gradient needs a factor (the pre-activations)");
   p.a = {a.typed_data(), da[1], transpose_a};
   p.b = {b.typed_data(), db[1], transpose_b};
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.epilogue.factor = factor.element_count() ? factor.typed_data() : nullptr;
   p.epilogue.gelu = gelu && mn != 0;
-  p.epilogue.gelu_derivative = gelu_derivative->element_count() ? gelu_derivative->typed_data() : nullptr;
+  p.epilogue.gelu_gradient = gelu_gradient && mn != 0;
+  p.epilogue.side = side->element_count() ? side->typed_data() : nullptr;
   p.c = c->typed_data();
   p.b_sums = b_sums->element_count() ? b_sums->typed_data() : nullptr;
   if (p.m == 0 || p.n == 0) {  // no product; op(b) may still have rows to sum
@@ -678,10 +692,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // factor [M, N] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c
                                   .Ret<ffi::Buffer<ffi::F32>>()  // column sums of op(b) [N] or [0]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // GELU's derivative [M, N] or [0] (not wanted)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // side result [M, N] or [0] (not wanted)
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
                                   .Attr<bool>("gelu")            // c through exact GELU
+                                  .Attr<bool>("gelu_gradient")   // c times GELU'(factor)
                                   .Attr<bool>("wide")            // 32-column tiles of AVX-512 vectors
                                   .Ctx<ffi::ThreadPool>());
 

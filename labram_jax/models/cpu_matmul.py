@@ -22,38 +22,48 @@ INSTEAD = "linear='xla'"
 
 def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpose_a: bool = False,
            transpose_b: bool = False, b_sums: bool = False, factor: jax.Array | None = None,
-           gelu: bool = False, gelu_derivative: bool = True, wide: bool | None = None) -> jax.Array | tuple[jax.Array, ...]:
+           gelu: bool = False, pre_activation: bool = False, gelu_gradient_of: jax.Array | None = None,
+           wide: bool | None = None) -> jax.Array | tuple[jax.Array, ...]:
     """``op(a) @ op(b) (+ bias)`` by the kernel, op transposing where asked, then optionally
-    ``* factor`` or exact GELU, applied as the result is written.
+    ``* factor``, exact GELU, or ``* GELU'(u)``, applied as the result is written.
 
     Args:
       a: [M, K] float32, or [K, M] with ``transpose_a``; b: [K, N], or [N, K] with ``transpose_b``;
       bias: [N] float32 added to every row, or None; b_sums: also return op(b)'s column sums;
       factor: [M, N] float32 multiplying the result element by element, or None;
-      gelu: put the result through exact GELU (not with ``factor``);
-      gelu_derivative: with ``gelu``, also return GELU's derivative there (False: not computed, for a
-        forward pass nothing differentiates; the GELU is the same to the bit).
+      gelu: put the result through exact GELU; pre_activation: with ``gelu``, also return the sums
+        before it (the GELU is the same to the bit);
+      gelu_gradient_of: u [M, N] float32, pre-activations: multiply the result by GELU'(u) and also
+        return GELU(u) (a GELU layer's input gradient and output from u alone, the same bits as
+        ``gelu`` gives for sums u). At most one of factor, gelu and gelu_gradient_of.
       wide: 6 x 32 register tiles of AVX-512 vectors instead of 6 x 16 ones of AVX2 vectors (a CPU
         with AVX-512 only; the sums are added in the same order either way); None: where this CPU's
         AVX-512 units are full width (:func:`labram_jax.models.cpu_kernels.full_width_avx512`).
     Returns:
-      c [M, N]; then, as asked, [N] ``op(b).sum(0)`` and [M, N] ``GELU'(op(a) @ op(b) + bias)``.
+      c [M, N]; then, as asked, [N] ``op(b).sum(0)``, [M, N] the sums before GELU
+      (``pre_activation``), [M, N] GELU(u) (``gelu_gradient_of``).
     """
     m = a.shape[1] if transpose_a else a.shape[0]
     n = b.shape[0] if transpose_b else b.shape[1]
-    if gelu and factor is not None:
-        raise ValueError("matmul: pass a factor or gelu=True, not both")
+    if (factor is not None) + gelu + (gelu_gradient_of is not None) > 1:
+        raise ValueError("matmul: pass one of a factor, gelu=True and gelu_gradient_of, not several")
+    if pre_activation and not gelu:
+        raise ValueError("matmul: pre_activation=True returns the sums before GELU: it needs gelu=True")
     if wide is None:
         wide = cpu_kernels.full_width_avx512()
+    gradient = gelu_gradient_of is not None
+    if gradient:
+        factor = gelu_gradient_of
+    side = pre_activation or gradient
     none = jnp.zeros((0,), jnp.float32)
     result = jax.ShapeDtypeStruct
-    c, sums, derivative = cpu_kernels.call(
+    c, sums, side_result = cpu_kernels.call(
         "labram_cpu_matmul", (result((m, n), jnp.float32), result((n if b_sums else 0,), jnp.float32),
-                              result((m, n) if gelu and gelu_derivative else (0,), jnp.float32)),
+                              result((m, n) if side else (0,), jnp.float32)),
         a, b, none if bias is None else bias, none if factor is None else factor, what="matmul", instead=INSTEAD,
         vmap_method="sequential", transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b),
-        gelu=np.bool_(gelu), wide=np.bool_(wide))
-    extras = (sums,) * b_sums + (derivative,) * (gelu and gelu_derivative)
+        gelu=np.bool_(gelu), gelu_gradient=np.bool_(gradient), wide=np.bool_(wide))
+    extras = (sums,) * b_sums + (side_result,) * side
     return (c, *extras) if extras else c
 
 

@@ -86,11 +86,12 @@ def gelu_mlp(x: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, kernel_2: jax
              bias_2: jax.Array) -> jax.Array:
     """``GELU(x kernel_1 + bias_1) kernel_2 + bias_2`` (exact GELU) by the C++ product kernel.
 
-    GELU and its derivative are computed as the first product is written (XLA:CPU took two
-    passes over the [rows, hidden] activations for them); in the backward pass that derivative
-    multiplies the hidden gradient as ``d_y kernel_2^T`` is written. The same function as two
-    ``linear`` calls around ``layers.gelu`` to float32 rounding (erf by the same rational
-    approximation XLA:CPU uses).
+    GELU is computed as the first product is written (XLA:CPU took two passes over the [rows, hidden]
+    activations for it). Differentiated, only the pre-activations [rows, F] are kept for the backward
+    pass, which computes GELU's derivative and output again from them as ``d_y kernel_2^T`` is
+    written: one [rows, F] array kept per block, not two (BENCHMARKS.md, "Session 44"). The same
+    function as two ``linear`` calls around ``layers.gelu`` to float32 rounding (erf by the same
+    rational approximation XLA:CPU uses).
 
     Args:
       x: [..., D] float32; kernel_1: [D, F]; bias_1: [F]; kernel_2: [F, E]; bias_2: [E]
@@ -104,20 +105,20 @@ def gelu_mlp(x: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, kernel_2: jax
 
 @jax.custom_vjp
 def _gelu_mlp(x, kernel_1, bias_1, kernel_2, bias_2):
-    # not differentiated (a frozen tokenizer, inference): GELU's derivative is not computed
-    hidden = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True, gelu_derivative=False)
+    hidden = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True)  # not differentiated: nothing kept
     return cpu_matmul.matmul(hidden, kernel_2, bias_2)
 
 
 def _gelu_mlp_fwd(x, kernel_1, bias_1, kernel_2, bias_2):
-    hidden, derivative = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True)  # [R, F] each
-    return cpu_matmul.matmul(hidden, kernel_2, bias_2), (x, kernel_1, kernel_2, hidden, derivative)
+    hidden, pre = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True, pre_activation=True)  # [R, F] each
+    return cpu_matmul.matmul(hidden, kernel_2, bias_2), (x, kernel_1, kernel_2, pre)
 
 
 def _gelu_mlp_bwd(residuals, d_y):
-    x, kernel_1, kernel_2, hidden, derivative = residuals
+    x, kernel_1, kernel_2, pre = residuals
     d_y = d_y.astype(jnp.float32)
-    d_pre = cpu_matmul.matmul(d_y, kernel_2, transpose_b=True, factor=derivative)  # gradient before GELU
+    # the gradient before GELU, and GELU's output again (the same bits as the forward pass's)
+    d_pre, hidden = cpu_matmul.matmul(d_y, kernel_2, transpose_b=True, gelu_gradient_of=pre)
     d_kernel_2, d_bias_2 = kernel_gradient(hidden, d_y, "cpu_kernel")
     d_x = matmul_transposed(d_pre, kernel_1, "cpu_kernel")
     d_kernel_1, d_bias_1 = kernel_gradient(x, d_pre, "cpu_kernel")

@@ -71,8 +71,9 @@ def test_wide_tiles_add_in_the_same_order_as_avx2_ones(m, k, n, transpose_a):
     # the epilogues 16 floats at a time where wide (the last columns 8 at a time and one by one): the same bits
     factor = _normal(m + n, m, n)
     epilogues = jax.jit(lambda x, y, z, f, wide: (
+        cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, gelu=True, pre_activation=True, wide=wide),
         cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, gelu=True, wide=wide),
-        cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, gelu=True, gelu_derivative=False, wide=wide),
+        cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, gelu_gradient_of=f, wide=wide),
         cpu_matmul.matmul(x, y, z, transpose_a=transpose_a, factor=f, wide=wide)), static_argnames="wide")
     for narrow, wide in zip(jax.tree.leaves(epilogues(a, b, bias, factor, wide=False)),
                             jax.tree.leaves(epilogues(a, b, bias, factor, wide=True))):
@@ -252,30 +253,50 @@ def test_kernel_epilogues_match_float64(m, k, n, transpose_b, wide):
     stored_b = b.T.copy() if transpose_b else b
     h = a.astype(np.float64) @ b + bias
     scale = np.sqrt(max(k, 1)) * 0.3
-    gelu, derivative = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, gelu=True,
-                                                                 wide=wide))(a, stored_b, bias)
+    gelu, pre = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, gelu=True,
+                                                          pre_activation=True, wide=wide))(a, stored_b, bias)
     want_gelu, want_derivative = _gelu64(h)
     np.testing.assert_allclose(gelu, want_gelu, rtol=1e-5, atol=3e-6 * scale)
-    # GELU' has slope at most ~0.5: the float32 sums' error, plus erf's and exp's few ulps
-    np.testing.assert_allclose(derivative, want_derivative, rtol=1e-5, atol=3e-6 * scale)
-    gelu_only = cpu_matmul.matmul(a, stored_b, bias, transpose_b=transpose_b, gelu=True, gelu_derivative=False,
-                                  wide=wide)
+    np.testing.assert_allclose(pre, h, rtol=1e-5, atol=2e-6 * scale)
+    # the sums before GELU to the bit: the product times ones (an epilogue too, so never split along K)
+    ones = np.ones((m, n), np.float32)
+    np.testing.assert_array_equal(cpu_matmul.matmul(a, stored_b, bias, transpose_b=transpose_b, factor=ones, wide=wide),
+                                  pre)
+    gelu_only = cpu_matmul.matmul(a, stored_b, bias, transpose_b=transpose_b, gelu=True, wide=wide)
     np.testing.assert_array_equal(gelu_only, gelu)  # one array; the same GELU to the bit
     multiplied = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, factor=f,
                                                               wide=wide))(a, stored_b, bias, factor)
     np.testing.assert_allclose(multiplied, h * factor, rtol=1e-5, atol=3e-6 * scale * np.abs(factor).max())
-    with pytest.raises(ValueError, match="not both"):
-        cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, gelu=True, factor=factor)
+    # times GELU'(u) of a factor u of pre-activations, and GELU(u): u = the sums above gives the GELU above
+    product = a.astype(np.float64) @ b + bias
+    for u in (factor, pre):
+        through, again = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b,
+                                                                      gelu_gradient_of=f, wide=wide))(a, stored_b, bias, u)
+        want_again, want_slope = _gelu64(np.asarray(u, np.float64))
+        # GELU' lies in [-0.17, 1.13]: the float32 sums' error, plus erf's and exp's few ulps
+        np.testing.assert_allclose(through, product * want_slope, rtol=1e-5, atol=4e-6 * scale * np.abs(product).max())
+        np.testing.assert_allclose(again, want_again, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(again, gelu)  # from the kept pre-activations, the forward's GELU to the bit
+    for mix in (dict(gelu=True, factor=factor), dict(gelu=True, gelu_gradient_of=factor),
+                dict(factor=factor, gelu_gradient_of=factor)):
+        with pytest.raises(ValueError, match="not several"):
+            cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, **mix)
+    with pytest.raises(ValueError, match="needs gelu=True"):
+        cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, pre_activation=True)
 
 
 @needs_kernel
 def test_kernel_gelu_is_xla_gelu_over_its_range_and_keeps_nan():
     # one row of values from -10 to 10 (erf saturates at |x / sqrt 2| >= 3.83) through an identity product
     x = np.concatenate([np.linspace(-10, 10, 4001, dtype=np.float32), [np.nan, 0.0, -0.0]])[None]
-    gelu, derivative = cpu_matmul.matmul(x.reshape(-1, 1), np.ones((1, 1), np.float32), gelu=True)
+    gelu = cpu_matmul.matmul(x.reshape(-1, 1), np.ones((1, 1), np.float32), gelu=True)
+    # an identity product times GELU'(x): the derivative itself
+    derivative, again = cpu_matmul.matmul(np.ones_like(x).reshape(-1, 1), np.ones((1, 1), np.float32),
+                                          gelu_gradient_of=x.reshape(-1, 1))
     want, want_derivative = jax.vmap(jax.value_and_grad(layers.gelu))(jnp.asarray(x[0]))
     np.testing.assert_allclose(gelu[:, 0], want, rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(derivative[:, 0], want_derivative, rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(again, gelu)
     assert np.isnan(gelu[-3, 0]) and np.isnan(derivative[-3, 0])
 
 
@@ -297,6 +318,11 @@ def test_gelu_mlp_matches_two_layers_with_gradients(shape):
     rows = int(np.prod(shape[:-1]))
     assert hlo.count(f"-> (tensor<{rows}x{f}xf32>, tensor<0xf32>, tensor<0xf32>)") == 1, hlo
     np.testing.assert_array_equal(jax.jit(linear.gelu_mlp)(*operands), results[0][0])
+    # differentiated, one [R, F] array is kept for the backward pass: the pre-activations (BENCHMARKS.md,
+    # "Session 44"); GELU's output and derivative are computed from them again
+    kept = [leaf for leaf in jax.tree.leaves(results[0][1]) if getattr(leaf, "shape", None) == (rows, f)]
+    assert len(kept) == 1, [getattr(leaf, "shape", None) for leaf in jax.tree.leaves(results[0][1])]
+    np.testing.assert_array_equal(kept[0], cpu_matmul.matmul(operands[0].reshape(rows, d), *operands[1:3]))
     for got, want in zip(results[0][1](d_y), results[1][1](d_y)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
