@@ -78,8 +78,8 @@ def test_session_41s_documented_avx2_figures_come_from_its_runs(capsys):
     assert "all blocks: finetune: median 1.29x (quartiles 1.24-1.35), 45 blocks, 17 at 1.3x or more" in out
 
 
-# Held to AVX2 on the Intel host, every interleaved run of sessions 40-43, in order.
-AVX2_RUNS = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b", "s43", "s43b")
+# Held to AVX2 on the Intel host, every interleaved run of sessions 40-44, in order.
+AVX2_RUNS = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b", "s43", "s43b", "s44", "s44b")
 
 
 @pytest.mark.parametrize("session, own, pooled", [
@@ -99,6 +99,14 @@ AVX2_RUNS = ("s40", "s40b_tokenizer", "s40c", "s41", "s41b", "s42", "s42b", "s43
      ("tokenizer: median 1.28x (quartiles 1.23-1.32), 90 blocks, 32",
       "pretrain: median 1.31x (quartiles 1.24-1.36), 85 blocks, 49",
       "finetune: median 1.28x (quartiles 1.24-1.31), 85 blocks, 25")),
+    # "Session 44": its two runs (the MLP keeping its pre-activations alone) 1.28x / 1.33x / 1.29x over 20 blocks
+    # each; with sessions 40-43 1.28x / 1.31x / 1.28x over 110 / 105 / 105 blocks.
+    ("s44", ("tokenizer: median 1.28x (quartiles 1.26-1.29), 20 blocks, 3",
+             "pretrain: median 1.33x (quartiles 1.30-1.34), 20 blocks, 15",
+             "finetune: median 1.29x (quartiles 1.27-1.31), 20 blocks, 8"),
+     ("tokenizer: median 1.28x (quartiles 1.23-1.32), 110 blocks, 35",
+      "pretrain: median 1.31x (quartiles 1.27-1.35), 105 blocks, 64",
+      "finetune: median 1.28x (quartiles 1.25-1.31), 105 blocks, 33")),
 ])
 def test_a_sessions_documented_avx2_figures_come_from_its_runs(session, own, pooled, capsys):
     name = "train_step_cpu_avx2cap_intel_interleaved_{}.json"
@@ -108,3 +116,12 @@ def test_a_sessions_documented_avx2_figures_come_from_its_runs(session, own, poo
         out = capsys.readouterr().out
         for line in expected:
             assert f"all blocks: {line} at 1.3x or more" in out
+
+
+def test_session_44s_documented_avx512_figures_come_from_its_run(capsys):
+    # BENCHMARKS.md, "Session 44": at AVX-512 on the Intel host 1.42x / 1.48x / 1.45x, every block at 1.3x or more.
+    pooled_blocks.main([os.path.join(RESULTS, "train_step_cpu_avx512_intel_interleaved_s44.json")])
+    out = capsys.readouterr().out
+    for line in ("tokenizer: median 1.42x (quartiles 1.41-1.42), 10 blocks, 10", "pretrain: median 1.48x (quartiles "
+                 "1.47-1.49), 10 blocks, 10", "finetune: median 1.45x (quartiles 1.44-1.46), 10 blocks, 10"):
+        assert f"all blocks: {line} at 1.3x or more" in out
