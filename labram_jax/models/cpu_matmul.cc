@@ -288,7 +288,8 @@ struct Epilogue {
 
 // The epilogue over a row's columns [j, j1) 16 at a time, while 16 are left (AVX-512: the same operations
 // lane by lane as the 8-float form, so the same bits); j is left at the first column not done. (The
-// product with GELU and its derivative, as the forward pass then wrote both, 0.94-0.96x the time at [1848, 200] x [200, 800]; session 38.)
+// product with GELU and its derivative, as the forward pass then wrote both, 0.94-0.96x the time at
+// [1848, 200] x [200, 800]; session 38.)
 __attribute__((target("avx512f"))) void WideFinishRow(const Epilogue& e, float* row, const float* factor,
                                                       float* side, int64_t& j, int64_t j1) {
   for (; j + 16 <= j1; j += 16) {

@@ -270,8 +270,8 @@ def test_kernel_epilogues_match_float64(m, k, n, transpose_b, wide):
     # times GELU'(u) of a factor u of pre-activations, and GELU(u): u = the sums above gives the GELU above
     product = a.astype(np.float64) @ b + bias
     for u in (factor, pre):
-        through, again = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b,
-                                                                      gelu_gradient_of=f, wide=wide))(a, stored_b, bias, u)
+        through, again = jax.jit(lambda x, y, z, f: cpu_matmul.matmul(
+            x, y, z, transpose_b=transpose_b, gelu_gradient_of=f, wide=wide))(a, stored_b, bias, u)
         want_again, want_slope = _gelu64(np.asarray(u, np.float64))
         # GELU' lies in [-0.17, 1.13]: the float32 sums' error, plus erf's and exp's few ulps
         np.testing.assert_allclose(through, product * want_slope, rtol=1e-5, atol=4e-6 * scale * np.abs(product).max())
