@@ -58,19 +58,13 @@ constexpr float kLog2e = 1.44269504088896341f;  // the scores are kept in base 2
 // ahead: the backward kernel 1.05-1.07x as fast, the forward the same (session 34).
 constexpr int kPrefetchRows = 16;
 
-// Asks for the cache lines of floats [p, p + n) ahead of their use.
-inline void Prefetch(const float* p, int n) {
-  for (int i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + n - 1), _MM_HINT_T0);
-}
-
 // An output's rows (dq, dk, dv, out; the gradient with respect to qkv) lie z.ld or more floats apart in
 // XLA's buffer and are rarely in cache: each store to a row waited for its lines. Asked for ahead of
 // the stores (reads, as Prefetch's), and stored as vectors rather than by std::memcpy's call per
 // 80-byte row, the fused projection's forward + backward took 0.92-0.95x the time; steps 0.97-0.99x
 // (session 38).
 inline void PrefetchRows(const float* x, int64_t ld, int r0, int r1, int n) {
-  for (int r = r0; r < r1; ++r) Prefetch(x + (size_t)r * ld, n);
+  for (int r = r0; r < r1; ++r) labram_cpu::Prefetch(x + (size_t)r * ld, n);
 }
 
 // dst[0:K] = src[0:K], src 32-byte aligned: 8 at a time, then 4, then one by one, so nothing past K is
@@ -103,7 +97,7 @@ struct Sizes {
 void PackRows(const Sizes& z, const float* x, int64_t ld, float* dst, float scale = 1.0f) {
   std::memset(dst, 0, sizeof(float) * z.Narrow());
   for (int l = 0; l < z.L; ++l) {
-    if (l + kPrefetchRows < z.L) Prefetch(x + (size_t)(l + kPrefetchRows) * ld, z.K);
+    if (l + kPrefetchRows < z.L) labram_cpu::Prefetch(x + (size_t)(l + kPrefetchRows) * ld, z.K);
     for (int c = 0; c < z.K; ++c) dst[(size_t)l * z.Kp + c] = scale * x[(size_t)l * ld + c];
   }
 }
@@ -611,7 +605,7 @@ void PackTransformed(const Sizes& z, const Transform& t, int s, const float* x, 
     const int n = std::min(8, z.L - l0);
     __m256 sums[8];
     for (int r = 0; r < 8; ++r) {
-      if (l0 + r + kPrefetchRows < z.L) Prefetch(x + (size_t)(l0 + r + kPrefetchRows) * z.ld, z.K);
+      if (l0 + r + kPrefetchRows < z.L) labram_cpu::Prefetch(x + (size_t)(l0 + r + kPrefetchRows) * z.ld, z.K);
       sums[r] = _mm256_setzero_ps();
       for (int j = 0; r < n && j < NV; ++j) {
         const __m256 v = m.Load(x + (size_t)(l0 + r) * z.ld + 8 * j, j);

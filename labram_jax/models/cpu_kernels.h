@@ -161,6 +161,12 @@ inline float* CacheLineAligned(std::vector<float>& storage, size_t floats) {
   return (float*)(((uintptr_t)storage.data() + 63) & ~(uintptr_t)63);
 }
 
+// Asks for the cache lines of floats [p, p + n) ahead of their use (n >= 1).
+inline void Prefetch(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + n - 1), _MM_HINT_T0);
+}
+
 // A 64-byte aligned workspace of `floats` floats owned by the calling thread, kept between calls.
 inline float* ThreadWorkspace(size_t floats) {
   thread_local std::vector<float> workspace;  // XLA's pool threads persist: allocated once each

@@ -10,7 +10,7 @@
 // blocks of up to kMc rows into panels 6 rows high, and a 6 x Nr register tile (12 accumulators)
 // runs down each pair of panels: Nr = 16 with AVX2 vectors, or Nr = 32 with AVX-512 ones (the
 // attribute `wide`, for CPUs whose AVX-512 units are full width and so do twice AVX2's FMA work per
-// cycle). The work is split into parts run on XLA's intra-op thread pool (Run says how). Built and
+// cycle); with AVX2 a last panel of at most 8 columns (N = 200) takes 12 x 8 tiles. The work is split into parts run on XLA's intra-op thread pool (Run says how). Built and
 // loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
@@ -37,6 +37,13 @@ constexpr int kMr = 6;  // the register tile's rows; its columns, Nr, are 16 (AV
 constexpr int kMc = 168, kKc = 256;  // block sizes (BLIS's for Haswell-class cores)
 template <int Nr>
 constexpr int kNc = 4080 / Nr * Nr;  // op(b)'s columns packed at once
+
+// op(a)'s and op(b)'s stored rows are asked for this far ahead of their packing: rows of 200-800 floats
+// (a few cache lines each, too short for the hardware's prefetchers to follow) of activations that are
+// rarely still in cache when a product starts. Asked ahead (op(a)'s rows a panel of kMr rows at a time),
+// the block's products with operands from memory took 0.96-0.98x the time, a tokenizer step 0.989x
+// (BENCHMARKS.md, "Session 45").
+constexpr int kAheadRows = 8, kAheadPanels = 2;
 
 struct Operand {
   const float* p;
@@ -94,6 +101,7 @@ void PackA(const Operand& a, int64_t i0, int rows, int64_t k0, int kc, float* ds
     // start to end and dealt into the panels (a panel at a time walked kc rows for 6 floats of each).
     for (int k = 0; k < kc; ++k) {
       const float* s = a.p + (k0 + k) * a.ld + i0;
+      if (k + kAheadRows < kc) labram_cpu::Prefetch(s + kAheadRows * a.ld, rows);
       float* d = dst + (size_t)k * kMr;
       int i = 0;
       for (; i + kMr <= rows; i += kMr, d += (size_t)kc * kMr) std::memcpy(d, s + i, kMr * sizeof(float));
@@ -101,8 +109,11 @@ void PackA(const Operand& a, int64_t i0, int rows, int64_t k0, int kc, float* ds
     }
     return;
   }
+  for (int r = 0; r < std::min(rows, kAheadPanels * kMr); ++r) labram_cpu::Prefetch(a.p + (i0 + r) * a.ld + k0, kc);
   for (int i = 0; i < rows; i += kMr) {
     const int h = std::min(kMr, rows - i);
+    for (int r = i + kAheadPanels * kMr; r < std::min(rows, i + (kAheadPanels + 1) * kMr); ++r)
+      labram_cpu::Prefetch(a.p + (i0 + r) * a.ld + k0, kc);
     float* d = dst + (size_t)(i / kMr) * kc * kMr;
     const float* row[kMr];
     for (int r = 0; r < kMr; ++r) row[r] = a.p + (i0 + i + std::min(r, h - 1)) * a.ld + k0;
@@ -122,7 +133,21 @@ void PackB(const Operand& b, int64_t k0, int kc, int64_t j0, int cols, float* ds
     for (int j = 0; j < cols; j += Nr) {
       const int w = std::min(Nr, cols - j);
       float* d = dst + (size_t)(j / Nr) * kc * Nr;
-      for (int c = 0; c < Nr; ++c) {
+      int c0 = 0;
+      for (; c0 + 8 <= w; c0 += 8) {  // 8 stored rows at a time, transposed 8 x 8 in registers
+        const float* s[8];
+        for (int r = 0; r < 8; ++r) s[r] = b.p + (j0 + j + c0 + r) * b.ld + k0;
+        int k = 0;
+        for (; k + 8 <= kc; k += 8) {
+          __m256 v[8];
+          for (int r = 0; r < 8; ++r) v[r] = _mm256_loadu_ps(s[r] + k);
+          Transpose8x8(v);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(d + (size_t)(k + i) * Nr + c0, v[i]);
+        }
+        for (; k < kc; ++k)
+          for (int r = 0; r < 8; ++r) d[(size_t)k * Nr + c0 + r] = s[r][k];
+      }
+      for (int c = c0; c < Nr; ++c) {
         const float* s = b.p + (j0 + j + std::min(c, w - 1)) * b.ld + k0;
         for (int k = 0; k < kc; ++k) d[(size_t)k * Nr + c] = c < w ? s[k] : 0.f;
       }
@@ -130,6 +155,7 @@ void PackB(const Operand& b, int64_t k0, int kc, int64_t j0, int cols, float* ds
   } else {  // row by row, each read once from start to end (a panel at a time crawled: 1.8 GB/s)
     for (int k = 0; k < kc; ++k) {
       const float* s = b.p + (k0 + k) * b.ld + j0;
+      if (k + kAheadRows < kc) labram_cpu::Prefetch(s + kAheadRows * b.ld, cols);
       float* d = dst + (size_t)k * Nr;
       int j = 0;
       for (; j + Nr <= cols; j += Nr, d += (size_t)kc * Nr) {
@@ -216,6 +242,48 @@ inline void Sums(int kc, const float* a, const float* b, float* t) {
   _mm256_store_ps(t + 24, c11), _mm256_store_ps(t + 32, c20), _mm256_store_ps(t + 40, c21);
   _mm256_store_ps(t + 48, c30), _mm256_store_ps(t + 56, c31), _mm256_store_ps(t + 64, c40);
   _mm256_store_ps(t + 72, c41), _mm256_store_ps(t + 80, c50), _mm256_store_ps(t + 88, c51);
+}
+
+// t [12, 8] (32-byte aligned) = two consecutive a panels (12 rows) . the first 8 columns of a b panel
+// over kc: a last panel of at most 8 columns (N = 200) with 12 accumulators, as Sums<2> has, rather
+// than Sums<1>'s 6 (one FMA chain per accumulator: 6 chains left the FMA units idle for their latency).
+// Each element the same chain of FMAs over k as Sums<1>'s (the same bits).
+inline void TallSums(int kc, const float* a0, const float* a1, const float* b, float* t) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,
+         c9 = c0, c10 = c0, c11 = c0;
+  auto step = [&](const float* ak, const float* bk, const float* ck) __attribute__((always_inline)) {
+    const __m256 b0 = _mm256_loadu_ps(bk);
+    c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak), b0, c0);
+    c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 1), b0, c1);
+    c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 2), b0, c2);
+    c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 3), b0, c3);
+    c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 4), b0, c4);
+    c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 5), b0, c5);
+    c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck), b0, c6);
+    c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 1), b0, c7);
+    c8 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 2), b0, c8);
+    c9 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 3), b0, c9);
+    c10 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 4), b0, c10);
+    c11 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 5), b0, c11);
+  };
+  int k = 0;
+  for (; k + 4 <= kc; k += 4, a0 += 4 * kMr, a1 += 4 * kMr, b += 64) {
+    step(a0, b, a1), step(a0 + kMr, b + 16, a1 + kMr), step(a0 + 2 * kMr, b + 32, a1 + 2 * kMr);
+    step(a0 + 3 * kMr, b + 48, a1 + 3 * kMr);
+  }
+  for (; k < kc; ++k, a0 += kMr, a1 += kMr, b += 16) step(a0, b, a1);
+  _mm256_store_ps(t, c0), _mm256_store_ps(t + 8, c1), _mm256_store_ps(t + 16, c2), _mm256_store_ps(t + 24, c3);
+  _mm256_store_ps(t + 32, c4), _mm256_store_ps(t + 40, c5), _mm256_store_ps(t + 48, c6), _mm256_store_ps(t + 56, c7);
+  _mm256_store_ps(t + 64, c8), _mm256_store_ps(t + 72, c9), _mm256_store_ps(t + 80, c10), _mm256_store_ps(t + 88, c11);
+}
+
+// Two 6-row tiles of a last panel of at most 8 columns, c[0:12, 0:cols], by TallSums (a panels a, a + 6 kc).
+inline void TallTile(int kc, const float* a, const float* b, float* c, int64_t ldc, int cols, bool accumulate,
+                     const float* bias) {
+  alignas(32) float t[2 * kMr][8];
+  TallSums(kc, a, a + (size_t)kMr * kc, b, t[0]);
+  Write(t[0], 8, 8, c, ldc, kMr, cols, accumulate, bias);
+  Write(t[kMr], 8, 8, c + kMr * ldc, ldc, kMr, cols, accumulate, bias);
 }
 
 // c[0:rows, 0:cols] (row stride ldc) = (accumulate ? c : bias or 0) + a_panel . b_panel over kc (Sums).
@@ -403,7 +471,13 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
           const float* bias = (p.bias && pc == k0) ? p.bias + jc + jr : nullptr;
           const bool half = nc - jr <= Nr / 2;  // a last panel's columns fit in one vector
           const auto tile = Nr == 32 ? (half ? WideTile<1> : WideTile<2>) : (half ? Tile<1> : Tile<2>);
-          for (int ir = 0; ir < mc; ir += kMr) {
+          int ir = 0;
+          if (Nr == 16 && half) {  // AVX2: 12 rows of the last few columns at a time
+            for (; ir + 2 * kMr <= mc; ir += 2 * kMr)
+              TallTile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
+                       nc - jr, pc > k0, bias);
+          }
+          for (; ir < mc; ir += kMr) {
             tile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
                  std::min(kMr, mc - ir), std::min(Nr, nc - jr), pc > k0, bias);
           }

@@ -59,7 +59,7 @@ def test_kernel_product_matches_float64(m, k, n, transpose_a, transpose_b, wide)
 @pytest.mark.skipif(not HAS_AVX512, reason="the CPU has no AVX-512")
 @pytest.mark.parametrize("m, k, n, transpose_a", [(1848, 200, 600, False), (37, 300, 45, False),
                                                  (200, 1848, 800, True), (40, 200, 520, False),
-                                                 (25, 13, 40, True)])
+                                                 (25, 13, 40, True), (1480, 800, 200, False)])
 def test_wide_tiles_add_in_the_same_order_as_avx2_ones(m, k, n, transpose_a):
     # Each output element is the same chain of FMAs over the contraction in both widths (the blocks of
     # the contraction and its split between parts do not depend on the tile): the same bits.
@@ -78,6 +78,22 @@ def test_wide_tiles_add_in_the_same_order_as_avx2_ones(m, k, n, transpose_a):
     for narrow, wide in zip(jax.tree.leaves(epilogues(a, b, bias, factor, wide=False)),
                             jax.tree.leaves(epilogues(a, b, bias, factor, wide=True))):
         np.testing.assert_array_equal(wide, narrow)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_a_rows_products_do_not_depend_on_the_tile_that_computes_them(transpose_b):
+    # AVX2: the last 8 of N = 200 columns are summed in 12 x 8 tiles (two 6-row panels) where 12 rows of a
+    # block are left, in 6 x 8 tiles after them, and for a lone row in a tile of one: each element the same
+    # chain of FMAs over the contraction (blocked alike: K = 800 is not split at either size), so the same bits.
+    m, k, n = 1480, 800, 200
+    a, b, bias = _normal(1, m, k), _normal(2, k, n), _normal(3, n)
+    stored_b = b.T.copy() if transpose_b else b  # transposed: op(b) packed 8 stored rows at a time
+    run = jax.jit(lambda x, y, z: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, wide=False))
+    whole = np.asarray(run(a, stored_b, bias))
+    np.testing.assert_allclose(whole, a.astype(np.float64) @ b + bias, rtol=1e-5, atol=2e-6 * np.sqrt(k))
+    for r in (0, 5, 6, 11, 12, 167, 168, 1343, 1344, 1475, 1479):  # first, inner and last rows of tiles and blocks
+        np.testing.assert_array_equal(np.asarray(run(a[r:r + 1], stored_b, bias))[0], whole[r])
 
 
 @needs_kernel
