@@ -251,20 +251,20 @@ inline void Sums(int kc, const float* a, const float* b, float* t) {
 inline void TallSums(int kc, const float* a0, const float* a1, const float* b, float* t) {
   __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,
          c9 = c0, c10 = c0, c11 = c0;
+  // one panel's 6 rows against b's 8 columns at one step of k
+  auto six = [](const float* ak, __m256 b0, __m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5)
+      __attribute__((always_inline)) {
+    r0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak), b0, r0);
+    r1 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 1), b0, r1);
+    r2 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 2), b0, r2);
+    r3 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 3), b0, r3);
+    r4 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 4), b0, r4);
+    r5 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 5), b0, r5);
+  };
   auto step = [&](const float* ak, const float* bk, const float* ck) __attribute__((always_inline)) {
     const __m256 b0 = _mm256_loadu_ps(bk);
-    c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak), b0, c0);
-    c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 1), b0, c1);
-    c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 2), b0, c2);
-    c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 3), b0, c3);
-    c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 4), b0, c4);
-    c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 5), b0, c5);
-    c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck), b0, c6);
-    c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 1), b0, c7);
-    c8 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 2), b0, c8);
-    c9 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 3), b0, c9);
-    c10 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 4), b0, c10);
-    c11 = _mm256_fmadd_ps(_mm256_broadcast_ss(ck + 5), b0, c11);
+    six(ak, b0, c0, c1, c2, c3, c4, c5);
+    six(ck, b0, c6, c7, c8, c9, c10, c11);
   };
   int k = 0;
   for (; k + 4 <= kc; k += 4, a0 += 4 * kMr, a1 += 4 * kMr, b += 64) {
