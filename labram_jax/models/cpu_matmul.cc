@@ -10,8 +10,8 @@
 // blocks of up to kMc rows into panels 6 rows high, and a 6 x Nr register tile (12 accumulators)
 // runs down each pair of panels: Nr = 16 with AVX2 vectors, or Nr = 32 with AVX-512 ones (the
 // attribute `wide`, for CPUs whose AVX-512 units are full width and so do twice AVX2's FMA work per
-// cycle); with AVX2 a last panel of at most 8 columns (N = 200) takes 12 x 8 tiles. The work is split into parts run on XLA's intra-op thread pool (Run says how). Built and
-// loaded by cpu_kernels.py.
+// cycle); with AVX2 a last panel of at most 8 columns (N = 200) takes 12 x 8 tiles. The work is split
+// into parts run on XLA's intra-op thread pool (Run says how). Built and loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
 // c [M, N]; b_sums [N] or [0] (not wanted); side [M, N] with the attribute gelu or gelu_gradient, or [0]
@@ -272,9 +272,8 @@ inline void TallSums(int kc, const float* a0, const float* a1, const float* b, f
     step(a0 + 3 * kMr, b + 48, a1 + 3 * kMr);
   }
   for (; k < kc; ++k, a0 += kMr, a1 += kMr, b += 16) step(a0, b, a1);
-  _mm256_store_ps(t, c0), _mm256_store_ps(t + 8, c1), _mm256_store_ps(t + 16, c2), _mm256_store_ps(t + 24, c3);
-  _mm256_store_ps(t + 32, c4), _mm256_store_ps(t + 40, c5), _mm256_store_ps(t + 48, c6), _mm256_store_ps(t + 56, c7);
-  _mm256_store_ps(t + 64, c8), _mm256_store_ps(t + 72, c9), _mm256_store_ps(t + 80, c10), _mm256_store_ps(t + 88, c11);
+  const __m256 rows[2 * kMr] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
+  for (int r = 0; r < 2 * kMr; ++r) _mm256_store_ps(t + 8 * r, rows[r]);
 }
 
 // Two 6-row tiles of a last panel of at most 8 columns, c[0:12, 0:cols], by TallSums (a panels a, a + 6 kc).
@@ -474,8 +473,8 @@ void Part(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int6
           int ir = 0;
           if (Nr == 16 && half) {  // AVX2: 12 rows of the last few columns at a time
             for (; ir + 2 * kMr <= mc; ir += 2 * kMr)
-              TallTile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
-                       nc - jr, pc > k0, bias);
+              TallTile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr,
+                       p.n, nc - jr, pc > k0, bias);
           }
           for (; ir < mc; ir += kMr) {
             tile(kc, a_panels + (size_t)ir * kc, b_panels + (size_t)jr * kc, p.c + (ic + ir) * p.n + jc + jr, p.n,
@@ -595,13 +594,19 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
   const size_t mn = (size_t)p.m * p.n;
   if ((factor.element_count() != 0 && factor.element_count() != mn) ||
       (side->element_count() != 0 && side->element_count() != mn))
-    return ffi::Error::InvalidArgument("matmul: factor and the side result must have M x N or no elements");
+    return ffi::Error::InvalidArgument(
+        "matmul: factor and the side result must have M x N or no elements (cpu_matmul.matmul sizes them: "
+        "pass factor or gelu_gradient_of of the product's shape)");
   if (mn != 0 && side->element_count() != 0 && !gelu && !gelu_gradient)
-    return ffi::Error::InvalidArgument("matmul: a side result needs the attribute gelu or gelu_gradient");
+    return ffi::Error::InvalidArgument(
+        "matmul: a side result needs the attribute gelu or gelu_gradient (cpu_matmul.matmul(..., gelu=True, "
+        "pre_activation=True) or gelu_gradient_of=u sets both)");
   if (mn != 0 && factor.element_count() != 0 && gelu)
     return ffi::Error::InvalidArgument("matmul: a factor or GELU, not both");
   if (mn != 0 && gelu_gradient && factor.element_count() == 0)
-    return ffi::Error::InvalidArgument("matmul: gelu_gradient needs a factor (the pre-activations)");
+    return ffi::Error::InvalidArgument(
+        "matmul: gelu_gradient needs a factor, the pre-activations u (cpu_matmul.matmul(..., gelu_gradient_of=u) "
+        "passes it)");
   p.a = {a.typed_data(), da[1], transpose_a};
   p.b = {b.typed_data(), db[1], transpose_b};
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;

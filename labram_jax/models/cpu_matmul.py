@@ -54,6 +54,10 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
     gradient = gelu_gradient_of is not None
     if gradient:
         factor = gelu_gradient_of
+    if factor is not None and tuple(factor.shape) != (m, n):
+        name = "gelu_gradient_of" if gradient else "factor"
+        raise ValueError(f"matmul: {name} must have the product's shape [M, N] = {[m, n]} (op(a) [M, K], op(b) "
+                         f"[K, N]); got {list(factor.shape)}")
     side = pre_activation or gradient
     none = jnp.zeros((0,), jnp.float32)
     result = jax.ShapeDtypeStruct

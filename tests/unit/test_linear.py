@@ -298,6 +298,9 @@ def test_kernel_epilogues_match_float64(m, k, n, transpose_b, wide):
             cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, **mix)
     with pytest.raises(ValueError, match="needs gelu=True"):
         cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, pre_activation=True)
+    for wrong in (dict(factor=factor[:-1]), dict(gelu_gradient_of=factor.T)):  # not [M, N]
+        with pytest.raises(ValueError, match=rf"{next(iter(wrong))} must have the product's shape \[M, N\]"):
+            cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, **wrong)
 
 
 @needs_kernel
