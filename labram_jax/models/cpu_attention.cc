@@ -859,6 +859,19 @@ std::string CheckShapes(ffi::Span<const int64_t> d, std::initializer_list<ffi::S
   return "";
 }
 
+// Runs fn(i, work) for the (batch, head) pairs i in [0, pairs) on XLA's thread pool, in contiguous chunks
+// (labram_cpu::ForEachChunk: large first, small last), so a thread's consecutive pairs are neighbouring
+// heads of one sample. In the token-major buffers those share cache lines (a head's K = 20 floats are 80
+// bytes of a row, so most lines hold two heads' floats): pairs claimed one at a time sent neighbouring
+// heads to both cores, each fetching the lines they share and both writing the lines of out (or d_qkv)
+// they share. In chunks, fine-tuning steps 1.013x as fast, tokenizer steps 1.004x (session 46).
+template <typename Fn>
+void ForEachPair(ffi::ThreadPool& pool, int64_t pairs, size_t work_floats, Fn fn) {
+  labram_cpu::ForEachChunk(pool, pairs, 1, work_floats, /*zeroed=*/true, [&](int64_t i0, int64_t i1, float* work) {
+    for (int64_t i = i0; i < i1; ++i) fn(i, work);
+  });
+}
+
 // Where (batch, head) pair i starts in q, k, v, out and their gradients.
 int64_t PairOffset(const Sizes& z, int64_t i, int64_t heads, bool token_major) {
   return token_major ? (i / heads) * z.L * z.ld + (i % heads) * z.K : i * z.L * z.K;
@@ -892,7 +905,7 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
   z.wide = wide;
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<ForwardHead>(z.Kp);
-  labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
+  ForEachPair(pool, pairs, Forward::WorkFloats(z), [&](int64_t i, float* work) {
     const int64_t at = PairOffset(z, i, heads, token_major);
     head(z, scale, q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
          bias.typed_data() + (i / heads) * z.L, out->typed_data() + at, z.ld, row_max->typed_data() + i * z.L,
@@ -917,7 +930,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
   z.wide = wide;
   if (pairs == 0 || z.L == 0) return ffi::Error::Success();
   const auto head = ByVectors<BackwardHead>(z.Kp);
-  labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
+  ForEachPair(pool, pairs, Backward::WorkFloats(z), [&](int64_t i, float* work) {
     const int64_t at = PairOffset(z, i, heads, token_major);
     head(z, scale, q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
          bias.typed_data() + (i / heads) * z.L, d_out.typed_data() + at, z.ld,
@@ -991,7 +1004,7 @@ ffi::Error QkvAttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> 
   const auto head = ByVectors<QkvForwardHead>(z.Kp);
   const auto plain = ByVectors<ForwardHead>(z.Kp);  // no transform: q, k, v packed as they are
   const int64_t out_ld = heads * z.K;
-  labram_cpu::ForEachPart(pool, pairs, Forward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
+  ForEachPair(pool, pairs, Forward::WorkFloats(z), [&](int64_t i, float* work) {
     const QkvPair at(z, i, heads, affine ? gamma.typed_data() : nullptr, affine ? beta.typed_data() : nullptr,
                      normalize_q, normalize_k, eps);
     const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
@@ -1028,7 +1041,7 @@ ffi::Error QkvAttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32>
   const auto head = ByVectors<QkvBackwardHead>(z.Kp);
   const auto plain = ByVectors<BackwardHead>(z.Kp);  // no transform: the gradients written straight into d_qkv
   const int64_t out_ld = heads * z.K;
-  labram_cpu::ForEachPart(pool, pairs, Backward::WorkFloats(z), /*zeroed=*/true, [&](int64_t i, float* work) {
+  ForEachPair(pool, pairs, Backward::WorkFloats(z), [&](int64_t i, float* work) {
     const QkvPair at(z, i, heads, affine ? gamma.typed_data() : nullptr, affine ? beta.typed_data() : nullptr,
                      normalize_q, normalize_k, eps);
     const float* x[3] = {qkv.typed_data() + at.slot[0], qkv.typed_data() + at.slot[1], qkv.typed_data() + at.slot[2]};
