@@ -4,7 +4,8 @@
 // and op(b) is [K, N] (b stored [K, N], or [N, K] when transposed), then optionally multiplied
 // element by element by a factor [M, N], or put through exact GELU (the sums before it written too where
 // wanted: an MLP's first layer forward), or multiplied by GELU'(u) for a factor u of pre-activations
-// (GELU(u) written too where wanted: that layer's gradient backward); optionally also the column
+// (GELU(u) written too where wanted: that layer's gradient backward), or added to a residual [M, N]
+// (a transformer branch's last layer writing the residual stream itself); optionally also the column
 // sums of op(b) (the bias gradient, when op(b) is a linear layer's output gradient). The layout
 // is BLIS's: op(b) is packed in blocks of up to kKc rows into panels Nr columns wide, op(a) in
 // blocks of up to kMc rows into panels 6 rows high, and a 6 x Nr register tile (12 accumulators)
@@ -14,7 +15,7 @@
 // into parts run on XLA's intra-op thread pool (Run says how). Built and loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
-// c [M, N]; b_sums [N] or [0] (not wanted); side [M, N] with the attribute gelu or gelu_gradient, or [0]
+// residual [M, N] or [0]; c [M, N]; b_sums [N] or [0] (not wanted); side [M, N] with the attribute gelu or gelu_gradient, or [0]
 // (not wanted). All float32,
 // row-major.
 
@@ -344,13 +345,16 @@ __attribute__((target("avx512f"))) void WideTile(int kc, const float* a, const f
 // What is done to the finished sums (bias included), element by element: multiplied by a factor, or
 // put through exact GELU (the sums before it kept where wanted: an MLP's first layer forward), or, with
 // `gelu_gradient`, multiplied by GELU'(u) for a factor u of pre-activations (GELU(u) kept where wanted: that
-// layer's gradient backward, which so needs neither GELU's derivative nor its output saved). Neither: nothing.
+// layer's gradient backward, which so needs neither GELU's derivative nor its output saved), or added to a
+// residual stream (a transformer branch's last layer: c = residual + sums, the sum XLA's add would give).
+// None: nothing.
 struct Epilogue {
-  const float* factor = nullptr;  // [m, n] as c, or null
-  bool gelu = false;              // c = GELU(sums)
-  bool gelu_gradient = false;     // with a factor u: c = sums * GELU'(u)
-  float* side = nullptr;          // [m, n] as c, or null: with gelu the sums, with gelu_gradient GELU(u)
-  bool any() const { return factor || gelu; }
+  const float* factor = nullptr;    // [m, n] as c, or null
+  bool gelu = false;                // c = GELU(sums)
+  bool gelu_gradient = false;       // with a factor u: c = sums * GELU'(u)
+  float* side = nullptr;            // [m, n] as c, or null: with gelu the sums, with gelu_gradient GELU(u)
+  const float* residual = nullptr;  // [m, n] as c, or null: c = residual + sums
+  bool any() const { return factor || gelu || residual; }
 };
 
 // The epilogue over a row's columns [j, j1) 16 at a time, while 16 are left (AVX-512: the same operations
@@ -381,6 +385,17 @@ __attribute__((target("avx512f"))) void WideFinishRow(const Epilogue& e, float* 
 // to each 6 x 16 tile as it was written, one dependent chain of erf and exp at a time, it cost more than
 // XLA's own pass.)
 void Finish(const Epilogue& e, float* c, int64_t ld, int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool wide) {
+  if (e.residual) {  // one addition per element: the same in any vector width
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = c + i * ld;
+      const float* add = e.residual + i * ld;
+      int64_t j = j0;
+      for (; j + 8 <= j1; j += 8)
+        _mm256_storeu_ps(row + j, _mm256_add_ps(_mm256_loadu_ps(add + j), _mm256_loadu_ps(row + j)));
+      for (; j < j1; ++j) row[j] = add[j] + row[j];
+    }
+    return;
+  }
   for (int64_t i = i0; i < i1; ++i) {
     float* row = c + i * ld;
     const float* factor = e.factor ? e.factor + i * ld : nullptr;
@@ -572,9 +587,9 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
 }
 
 ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bias,
-                  ffi::Buffer<ffi::F32> factor, ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> b_sums,
-                  ffi::ResultBuffer<ffi::F32> side, bool transpose_a, bool transpose_b, bool gelu,
-                  bool gelu_gradient, bool wide, ffi::ThreadPool pool) {
+                  ffi::Buffer<ffi::F32> factor, ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> c,
+                  ffi::ResultBuffer<ffi::F32> b_sums, ffi::ResultBuffer<ffi::F32> side, bool transpose_a,
+                  bool transpose_b, bool gelu, bool gelu_gradient, bool wide, ffi::ThreadPool pool) {
   if (const std::string bad = labram_cpu::WideRefusal(wide, "matmul"); !bad.empty())
     return ffi::Error::InvalidArgument(bad);
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
@@ -603,6 +618,12 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
         "pre_activation=True) or gelu_gradient_of=u sets both)");
   if (mn != 0 && factor.element_count() != 0 && gelu)
     return ffi::Error::InvalidArgument("matmul: a factor or GELU, not both");
+  if (residual.element_count() != 0 && residual.element_count() != mn)
+    return ffi::Error::InvalidArgument(
+        "matmul: the residual must have M x N or no elements (pass cpu_matmul.matmul(..., residual=) of the "
+        "product's shape)");
+  if (mn != 0 && residual.element_count() != 0 && (factor.element_count() != 0 || gelu || gelu_gradient))
+    return ffi::Error::InvalidArgument("matmul: a residual alone, not with a factor, gelu or gelu_gradient");
   if (mn != 0 && gelu_gradient && factor.element_count() == 0)
     return ffi::Error::InvalidArgument(
         "matmul: gelu_gradient needs a factor, the pre-activations u (cpu_matmul.matmul(..., gelu_gradient_of=u) "
@@ -614,6 +635,7 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
   p.epilogue.gelu = gelu && mn != 0;
   p.epilogue.gelu_gradient = gelu_gradient && mn != 0;
   p.epilogue.side = side->element_count() ? side->typed_data() : nullptr;
+  p.epilogue.residual = mn != 0 && residual.element_count() ? residual.typed_data() : nullptr;
   p.c = c->typed_data();
   p.b_sums = b_sums->element_count() ? b_sums->typed_data() : nullptr;
   if (p.m == 0 || p.n == 0) {  // no product; op(b) may still have rows to sum
@@ -770,6 +792,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LabramMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [N] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // factor [M, N] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual [M, N] or [0]: c = residual + sums
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c
                                   .Ret<ffi::Buffer<ffi::F32>>()  // column sums of op(b) [N] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // side result [M, N] or [0] (not wanted)

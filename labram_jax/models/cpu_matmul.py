@@ -23,9 +23,9 @@ INSTEAD = "linear='xla'"
 def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpose_a: bool = False,
            transpose_b: bool = False, b_sums: bool = False, factor: jax.Array | None = None,
            gelu: bool = False, pre_activation: bool = False, gelu_gradient_of: jax.Array | None = None,
-           wide: bool | None = None) -> jax.Array | tuple[jax.Array, ...]:
+           residual: jax.Array | None = None, wide: bool | None = None) -> jax.Array | tuple[jax.Array, ...]:
     """``op(a) @ op(b) (+ bias)`` by the kernel, op transposing where asked, then optionally
-    ``* factor``, exact GELU, or ``* GELU'(u)``, applied as the result is written.
+    ``* factor``, exact GELU, ``* GELU'(u)``, or ``residual +``, applied as the result is written.
 
     Args:
       a: [M, K] float32, or [K, M] with ``transpose_a``; b: [K, N], or [N, K] with ``transpose_b``;
@@ -35,7 +35,10 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
         before it (the GELU is the same to the bit);
       gelu_gradient_of: u [M, N] float32, pre-activations: multiply the result by GELU'(u) and also
         return GELU(u) (a GELU layer's input gradient and output from u alone, the same bits as
-        ``gelu`` gives for sums u). At most one of factor, gelu and gelu_gradient_of.
+        ``gelu`` gives for sums u);
+      residual: [M, N] float32 the result is added to (a transformer branch's last layer writing the
+        residual stream itself: the same bits as ``residual + c``, without c written and read back).
+        At most one of factor, gelu, gelu_gradient_of and residual.
       wide: 6 x 32 register tiles of AVX-512 vectors instead of 6 x 16 ones of AVX2 vectors (a CPU
         with AVX-512 only; the sums are added in the same order either way); None: where this CPU's
         AVX-512 units are full width (:func:`labram_jax.models.cpu_kernels.full_width_avx512`).
@@ -45,8 +48,8 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
     """
     m = a.shape[1] if transpose_a else a.shape[0]
     n = b.shape[0] if transpose_b else b.shape[1]
-    if (factor is not None) + gelu + (gelu_gradient_of is not None) > 1:
-        raise ValueError("matmul: pass one of a factor, gelu=True and gelu_gradient_of, not several")
+    if (factor is not None) + gelu + (gelu_gradient_of is not None) + (residual is not None) > 1:
+        raise ValueError("matmul: pass one of a factor, gelu=True, gelu_gradient_of and a residual, not several")
     if pre_activation and not gelu:
         raise ValueError("matmul: pre_activation=True returns the sums before GELU: it needs gelu=True")
     if wide is None:
@@ -58,13 +61,17 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
         name = "gelu_gradient_of" if gradient else "factor"
         raise ValueError(f"matmul: {name} must have the product's shape [M, N] = {[m, n]} (op(a) [M, K], op(b) "
                          f"[K, N]); got {list(factor.shape)}")
+    if residual is not None and tuple(residual.shape) != (m, n):
+        raise ValueError(f"matmul: residual must have the product's shape [M, N] = {[m, n]}; got "
+                         f"{list(residual.shape)}")
     side = pre_activation or gradient
     none = jnp.zeros((0,), jnp.float32)
     result = jax.ShapeDtypeStruct
     c, sums, side_result = cpu_kernels.call(
         "labram_cpu_matmul", (result((m, n), jnp.float32), result((n if b_sums else 0,), jnp.float32),
                               result((m, n) if side else (0,), jnp.float32)),
-        a, b, none if bias is None else bias, none if factor is None else factor, what="matmul", instead=INSTEAD,
+        a, b, none if bias is None else bias, none if factor is None else factor,
+        none if residual is None else residual, what="matmul", instead=INSTEAD,
         vmap_method="sequential", transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b),
         gelu=np.bool_(gelu), gelu_gradient=np.bool_(gradient), wide=np.bool_(wide))
     extras = (sums,) * b_sums + (side_result,) * side

@@ -276,9 +276,10 @@ class Attention(nn.Module):
     block_index: int | jax.Array  # 1-based, for the output-projection init scaling (traced under nn.scan)
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_valid: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, key_valid: jax.Array, scale: jax.Array | None = None,
+                 residual: jax.Array | None = None) -> jax.Array:
         """x: [B, L, D]; key_valid: [B, L] bool (padding keys are ignored); scale [D] or None (the block's
-        layer scale) -> [B, L, D] (times scale)."""
+        layer scale); residual [B, L, D] or None -> [B, L, D] (times scale, added to residual)."""
         cfg = self.cfg
         h, hd, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
         w_qkv = self.param("qkv", logical(trunc_normal(), ("embed", "qkv", "heads", "kv")), (d, 3, h, hd))
@@ -298,7 +299,7 @@ class Attention(nn.Module):
         token_major = attention.resolve(cfg.attention, qkv.reshape(*qkv.shape[:2], 3, h, hd)) == "cpu_kernel"
         if qkv_in_kernel(cfg, token_major):
             merged = self._on_projection(qkv.reshape(*qkv.shape[:2], 3, h, hd), key_valid).reshape(*x.shape[:2], d)
-            return self._project(merged, scale)
+            return self._project(merged, scale, residual)
         q, k, v = split_heads(qkv, h, token_major)
         if cfg.qk_norm:
             q = layer_norm("kv", name="q_norm", dtype=cfg.dtype, implementation=cfg.layer_norm)(q)
@@ -309,7 +310,7 @@ class Attention(nn.Module):
             q = nn.with_logical_constraint(q, ("act_batch", "act_heads", "act_length", "act_kv"))
             out = attention.dot_product_attention(q, k, v, key_valid, cfg.attention)
             merged = out.transpose(0, 2, 1, 3).reshape(*x.shape[:2], d)  # [B, L, H*hd]
-        return self._project(merged, scale)
+        return self._project(merged, scale, residual)
 
     def _on_projection(self, qkv: jax.Array, key_valid: jax.Array) -> jax.Array:
         """The attention on qkv [B, L, 3, H, hd] itself (``attention.on_projection``: the q/k norms applied
@@ -327,8 +328,9 @@ class Attention(nn.Module):
         return attention.on_projection(qkv, key_valid, jnp.stack(gamma), jnp.stack(beta).astype(jnp.float32),
                                        normalize_q=True, normalize_k=True, eps=LN_EPS)
 
-    def _project(self, merged: jax.Array, scale: jax.Array | None) -> jax.Array:
-        """The output projection: merged heads [B, L, H * hd] -> [B, L, D] (times scale [D], if any)."""
+    def _project(self, merged: jax.Array, scale: jax.Array | None, residual: jax.Array | None) -> jax.Array:
+        """The output projection: merged heads [B, L, H * hd] -> [B, L, D] (times scale [D], if any;
+        added to residual [B, L, D], if any: by the product itself where it is the branch's last step)."""
         cfg = self.cfg
         d = cfg.embed_dim
         std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
@@ -338,10 +340,14 @@ class Attention(nn.Module):
         folded = scale is not None and not cfg.lora_rank
         if folded:
             kernel, bias = scaled_output(kernel, bias, scale)
-        y = linear.linear(merged, kernel.astype(cfg.dtype), bias.astype(cfg.dtype), cfg.linear)
-        if cfg.lora_rank:
-            y = y + LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged)
-        return y if scale is None or folded else y * scale.astype(y.dtype)
+        last = not cfg.lora_rank  # the product is the branch's last step (the layer scale folded into it)
+        y = linear.linear(merged, kernel.astype(cfg.dtype), bias.astype(cfg.dtype), cfg.linear,
+                          residual if last else None)
+        if last:
+            return y
+        y = y + LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged)
+        y = y if scale is None else y * scale.astype(y.dtype)
+        return y if residual is None else residual + y
 
 
 class Mlp(nn.Module):
@@ -352,8 +358,9 @@ class Mlp(nn.Module):
     block_index: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-        """x [B, L, D], scale [D] or None (the block's layer scale) -> [B, L, D] (times scale)."""
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None, residual: jax.Array | None = None) -> jax.Array:
+        """x [B, L, D], scale [D] or None (the block's layer scale), residual [B, L, D] or None -> [B, L, D]
+        (times scale, added to residual: by fc2's product itself where it is the branch's last step)."""
         cfg = self.cfg
         std = INIT_STD / jnp.sqrt(2.0 * self.block_index)
         kernel_1, bias_1 = dense_weights(cfg.mlp_dim, ("embed", "mlp"), "fc1")(x.shape[-1])
@@ -362,16 +369,19 @@ class Mlp(nn.Module):
         if folded:
             kernel_2, bias_2 = scaled_output(kernel_2, bias_2, scale)
         operands = tuple(a.astype(cfg.dtype) for a in (x, kernel_1, bias_1, kernel_2, bias_2))
-        if mlp_fused(cfg, *operands):
-            return linear.gelu_mlp(*operands)
+        if mlp_fused(cfg, *operands, *([] if residual is None else [residual])):
+            return linear.gelu_mlp(*operands, residual)
         h = linear.linear(*operands[:3], cfg.linear)
         if cfg.lora_rank:
             h = h + LoRA(cfg.mlp_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc1_lora")(x)
         h = nn.with_logical_constraint(gelu(h), ("act_batch", "act_length", "act_mlp"))
-        y = linear.linear(h, *operands[3:], cfg.linear)
-        if cfg.lora_rank:
-            y = y + LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h)
-        return y if scale is None or folded else y * scale.astype(y.dtype)
+        last = not cfg.lora_rank  # fc2 is the branch's last step (the layer scale folded into it)
+        y = linear.linear(h, *operands[3:], cfg.linear, residual if last else None)
+        if last:
+            return y
+        y = y + LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h)
+        y = y if scale is None else y * scale.astype(y.dtype)
+        return y if residual is None else residual + y
 
 
 def mlp_fused(cfg: config_lib.TransformerConfig, *operands: jax.Array) -> bool:
@@ -422,18 +432,20 @@ class Block(nn.Module):
             index, rate = layer + 1, drop_path_rate(cfg, layer)
         norm = functools.partial(layer_norm, dtype=cfg.dtype, implementation=cfg.layer_norm)
         branches = (
-            lambda y, scale: Attention(cfg, index, name="attn")(norm(name="norm1")(y), key_valid, scale),
-            lambda y, scale: Mlp(cfg, index, name="mlp")(norm(name="norm2")(y), scale),
+            lambda y, scale, add: Attention(cfg, index, name="attn")(norm(name="norm1")(y), key_valid, scale, add),
+            lambda y, scale, add: Mlp(cfg, index, name="mlp")(norm(name="norm2")(y), scale, add),
         )
+        dropping = not deterministic and cfg.drop_path_rate > 0.0  # the block's own rate may be 0 (the first)
         for i, branch in enumerate(branches, start=1):
             gamma = None  # the layer scale, applied by the branch's last linear layer (scaled_output)
             if cfg.layer_scale_init is not None:
                 gamma = self.param(f"gamma_{i}", logical(nn.initializers.constant(cfg.layer_scale_init), ("norm",)),
                                    (cfg.embed_dim,))
-            y = branch(x, gamma)
-            if not deterministic and cfg.drop_path_rate > 0.0:  # the block's own rate may be 0 (the first)
-                y = drop_path(y, rate, self.make_rng("dropout"))
-            x = nn.with_logical_constraint(x + y, ("act_batch", "act_length", "act_embed"))
+            if dropping:
+                x = x + drop_path(branch(x, gamma, None), rate, self.make_rng("dropout"))
+            else:  # x + branch(x), the addition made by the branch's last product as it writes its output
+                x = branch(x, gamma, x)
+            x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         return x
 
 

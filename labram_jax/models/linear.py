@@ -31,20 +31,29 @@ from labram_jax.models import cpu_kernels, cpu_matmul
 IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel")
 
 
-def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
-    """``x @ kernel (+ bias)`` over x's last axis.
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, implementation: str = "auto",
+           residual: jax.Array | None = None) -> jax.Array:
+    """``x @ kernel (+ bias)`` over x's last axis, added to ``residual`` where given.
 
     Args:
       x: [..., Din]; kernel: [Din, Dout]; bias: [Dout] or None;
-      implementation: one of :data:`IMPLEMENTATIONS`.
+      implementation: one of :data:`IMPLEMENTATIONS`;
+      residual: [..., Dout] or None: ``residual + (x @ kernel + bias)`` (a transformer branch's last
+        layer adding itself to the residual stream; on the kernel as the product is written, not as
+        another pass over [..., Dout]: the same bits).
     Returns:
-      [..., Dout] in the dtype x, kernel and bias promote to.
+      [..., Dout] in the dtype x, kernel, bias (and residual) promote to.
     """
-    if resolve(implementation, x, kernel, *([] if bias is None else [bias])) == "cpu_kernel":
-        y = _kernel(x.reshape(-1, x.shape[-1]), kernel, jnp.zeros((0,), jnp.float32) if bias is None else bias)
+    operands = [x, kernel] + ([] if bias is None else [bias]) + ([] if residual is None else [residual])
+    if resolve(implementation, *operands) == "cpu_kernel":
+        none = jnp.zeros((0,), jnp.float32)
+        rows = x.reshape(-1, x.shape[-1])
+        y = _kernel(rows, kernel, none if bias is None else bias,
+                    none if residual is None else residual.reshape(rows.shape[0], kernel.shape[-1]))
         return y.reshape(*x.shape[:-1], kernel.shape[-1])
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+    y = y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+    return y if residual is None else residual + y
 
 
 def resolve(implementation: str, *operands: jax.Array) -> str:
@@ -83,8 +92,9 @@ def kernel_gradient(x: jax.Array, d_y: jax.Array, implementation: str) -> tuple[
 
 
 def gelu_mlp(x: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, kernel_2: jax.Array,
-             bias_2: jax.Array) -> jax.Array:
-    """``GELU(x kernel_1 + bias_1) kernel_2 + bias_2`` (exact GELU) by the C++ product kernel.
+             bias_2: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+    """``GELU(x kernel_1 + bias_1) kernel_2 + bias_2`` (exact GELU) by the C++ product kernel, added
+    to ``residual`` where given (as :func:`linear`'s).
 
     GELU is computed as the first product is written (XLA:CPU took two passes over the [rows, hidden]
     activations for it). Differentiated, only the pre-activations [rows, F] are kept for the backward
@@ -95,58 +105,68 @@ def gelu_mlp(x: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, kernel_2: jax
 
     Args:
       x: [..., D] float32; kernel_1: [D, F]; bias_1: [F]; kernel_2: [F, E]; bias_2: [E]
-        (float32 on one CPU device: :func:`resolve` says where ``cpu_kernel`` runs).
+        (float32 on one CPU device: :func:`resolve` says where ``cpu_kernel`` runs);
+      residual: [..., E] float32 or None.
     Returns:
       [..., E] float32.
     """
-    y = _gelu_mlp(x.reshape(-1, x.shape[-1]), kernel_1, bias_1, kernel_2, bias_2)
+    rows = x.reshape(-1, x.shape[-1])
+    added = jnp.zeros((0,), jnp.float32) if residual is None else residual.reshape(rows.shape[0], kernel_2.shape[-1])
+    y = _gelu_mlp(rows, kernel_1, bias_1, kernel_2, bias_2, added)
     return y.reshape(*x.shape[:-1], kernel_2.shape[-1])
 
 
+def _added(residual: jax.Array) -> jax.Array | None:
+    """A residual operand of the custom-VJP functions ([0]: none) as :func:`cpu_matmul.matmul` takes it."""
+    return residual if residual.size else None
+
+
 @jax.custom_vjp
-def _gelu_mlp(x, kernel_1, bias_1, kernel_2, bias_2):
+def _gelu_mlp(x, kernel_1, bias_1, kernel_2, bias_2, residual):
     hidden = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True)  # not differentiated: nothing kept
-    return cpu_matmul.matmul(hidden, kernel_2, bias_2)
+    return cpu_matmul.matmul(hidden, kernel_2, bias_2, residual=_added(residual))
 
 
-def _gelu_mlp_fwd(x, kernel_1, bias_1, kernel_2, bias_2):
+def _gelu_mlp_fwd(x, kernel_1, bias_1, kernel_2, bias_2, residual):
     hidden, pre = cpu_matmul.matmul(x, kernel_1, bias_1, gelu=True, pre_activation=True)  # [R, F] each
-    return cpu_matmul.matmul(hidden, kernel_2, bias_2), (x, kernel_1, kernel_2, pre)
+    y = cpu_matmul.matmul(hidden, kernel_2, bias_2, residual=_added(residual))
+    return y, (x, kernel_1, kernel_2, pre, residual.size)
 
 
 def _gelu_mlp_bwd(residuals, d_y):
-    x, kernel_1, kernel_2, pre = residuals
+    x, kernel_1, kernel_2, pre, added = residuals
     d_y = d_y.astype(jnp.float32)
     # the gradient before GELU, and GELU's output again (the same bits as the forward pass's)
     d_pre, hidden = cpu_matmul.matmul(d_y, kernel_2, transpose_b=True, gelu_gradient_of=pre)
     d_kernel_2, d_bias_2 = kernel_gradient(hidden, d_y, "cpu_kernel")
     d_x = matmul_transposed(d_pre, kernel_1, "cpu_kernel")
     d_kernel_1, d_bias_1 = kernel_gradient(x, d_pre, "cpu_kernel")
-    return d_x, d_kernel_1, d_bias_1, d_kernel_2, d_bias_2
+    return d_x, d_kernel_1, d_bias_1, d_kernel_2, d_bias_2, d_y if added else jnp.zeros((0,), jnp.float32)
 
 
 _gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
 
 
 @jax.custom_vjp
-def _kernel(x, kernel, bias):
-    """x [R, Din] @ kernel [Din, Dout] + bias ([Dout], or [0] for none) by the C++ kernel."""
-    return cpu_matmul.matmul(x, kernel, bias if bias.size else None)
+def _kernel(x, kernel, bias, residual):
+    """residual ([R, Dout], or [0] for none) + x [R, Din] @ kernel [Din, Dout] + bias ([Dout], or [0]
+    for none) by the C++ kernel."""
+    return cpu_matmul.matmul(x, kernel, bias if bias.size else None, residual=_added(residual))
 
 
-def _kernel_fwd(x, kernel, bias):
-    return _kernel(x, kernel, bias), (x, kernel, bias.size)
+def _kernel_fwd(x, kernel, bias, residual):
+    return _kernel(x, kernel, bias, residual), (x, kernel, bias.size, residual.size)
 
 
 def _kernel_bwd(residuals, d_y):
-    x, kernel, bias_size = residuals
+    x, kernel, bias_size, added = residuals
     d_y = d_y.astype(jnp.float32)
     d_x = matmul_transposed(d_y, kernel, "cpu_kernel")
     if bias_size:
         d_kernel, d_bias = kernel_gradient(x, d_y, "cpu_kernel")
     else:
         d_kernel, d_bias = cpu_matmul.matmul(x, d_y, transpose_a=True), jnp.zeros((0,), jnp.float32)
-    return d_x, d_kernel, d_bias
+    return d_x, d_kernel, d_bias, d_y if added else jnp.zeros((0,), jnp.float32)
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)

@@ -3,6 +3,7 @@ computes the same products (every transpose, the bias, the bias gradient, the co
 between threads) and gradients; where each is used."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -292,15 +293,45 @@ def test_kernel_epilogues_match_float64(m, k, n, transpose_b, wide):
         np.testing.assert_allclose(through, h * want_slope, rtol=1e-5, atol=4e-6 * scale * np.abs(h).max())
         np.testing.assert_allclose(again, want_again, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(again, gelu)  # from the kept pre-activations, the forward's GELU to the bit
+    # added to a residual: the sums above plus it, to the bit (float32's one rounding of the addition)
+    residual = _normal(2 * m + n, m, n)
+    added = jax.jit(lambda x, y, z, r: cpu_matmul.matmul(x, y, z, transpose_b=transpose_b, residual=r,
+                                                         wide=wide))(a, stored_b, bias, residual)
+    np.testing.assert_array_equal(added, residual + np.asarray(pre))
     for mix in (dict(gelu=True, factor=factor), dict(gelu=True, gelu_gradient_of=factor),
-                dict(factor=factor, gelu_gradient_of=factor)):
+                dict(factor=factor, gelu_gradient_of=factor), dict(residual=factor, gelu=True),
+                dict(residual=factor, factor=factor)):
         with pytest.raises(ValueError, match="not several"):
             cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, **mix)
     with pytest.raises(ValueError, match="needs gelu=True"):
         cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, pre_activation=True)
-    for wrong in (dict(factor=factor[:-1]), dict(gelu_gradient_of=factor.T)):  # not [M, N]
+    for wrong in (dict(factor=factor[:-1]), dict(gelu_gradient_of=factor.T), dict(residual=factor[:, :-1])):
         with pytest.raises(ValueError, match=rf"{next(iter(wrong))} must have the product's shape \[M, N\]"):
             cpu_matmul.matmul(a, stored_b, transpose_b=transpose_b, **wrong)
+
+
+@needs_kernel
+@pytest.mark.parametrize("impl", ["cpu_kernel", "xla"])
+def test_a_residual_is_added_as_the_last_product_is_written_to_the_bit(impl):
+    # a branch's last layer adding itself to the residual stream (Block, outside drop path): the same bits and
+    # gradients as the addition after it, for linear and for the fused MLP
+    x, residual, g = (jnp.asarray(_normal(s, 2, 185, 200)) for s in (20, 21, 22))
+    w, b = jnp.asarray(_normal(23, 200, 200) * 0.05), jnp.asarray(_normal(24, 200))
+    mlp = (jnp.asarray(_normal(25, 200, 800) * 0.05), jnp.asarray(_normal(26, 800)),
+           jnp.asarray(_normal(27, 800, 200) * 0.05), jnp.asarray(_normal(28, 200)))
+    layers_ = {"linear": (lambda x, w, b, residual=None: linear.linear(x, w, b, impl, residual=residual), (w, b))}
+    if impl == "cpu_kernel":
+        layers_["gelu_mlp"] = (lambda x, *w, residual=None: linear.gelu_mlp(x, *w, residual=residual), mlp)
+    for name, (layer, weights) in layers_.items():
+        folded = jax.vjp(jax.jit(lambda x, r, *w: layer(x, *w, residual=r)), x, residual, *weights)
+        after = jax.vjp(jax.jit(lambda x, r, *w: r + layer(x, *w)), x, residual, *weights)
+        np.testing.assert_array_equal(folded[0], after[0], err_msg=name)
+        for got, want in zip(folded[1](g), after[1](g)):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    if impl == "cpu_kernel":  # the addition made by the product: no [2, 185, 200] add left in the program
+        hlo = jax.jit(lambda x, r: linear.linear(x, w, b, impl, residual=r)).lower(x, residual).compile().as_text()
+        assert "labram_cpu_matmul" in hlo
+        assert not re.search(r"f32\[(2,185|370),200\]\{[0-9,]*\} add\(", hlo)
 
 
 @needs_kernel
@@ -351,9 +382,8 @@ def test_mlp_runs_fused_where_it_can_and_says_why_not(monkeypatch):
     x = jnp.asarray(_normal(7, 2, 9, cfg.embed_dim))
     variables = layers.Mlp(cfg.replace(mlp="layers"), 1).init(jax.random.key(0), x)
     assert set(variables["params"]) == {"fc1", "fc2"}  # flax Dense's names: files and converted weights unchanged
-    fused_calls = []
-    monkeypatch.setattr(linear, "gelu_mlp", lambda *a: fused_calls.append(1) or linear._gelu_mlp(
-        a[0].reshape(-1, a[0].shape[-1]), *a[1:]).reshape(*a[0].shape[:-1], -1))
+    fused_calls, fused = [], linear.gelu_mlp
+    monkeypatch.setattr(linear, "gelu_mlp", lambda *a: fused_calls.append(1) or fused(*a))
     outs = {m: layers.Mlp(cfg.replace(mlp=m), 1).apply(variables, x) for m in ("layers", "auto", "fused")}
     assert len(fused_calls) == 2  # auto and fused
     np.testing.assert_allclose(outs["auto"], outs["layers"], rtol=1e-5, atol=1e-6)
