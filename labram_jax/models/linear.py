@@ -15,7 +15,9 @@ Implementations (``TransformerConfig.linear``):
 
 :func:`gelu_mlp` is a transformer block's MLP, ``GELU(x kernel_1 + bias_1) kernel_2 + bias_2``, by
 the kernel alone, with GELU applied as the first product is written (BENCHMARKS.md, "Session 24");
-:class:`DenseWeights` creates a layer's parameters for it.
+:class:`DenseWeights` creates a layer's parameters for it. Both take a ``residual`` the output is
+added to, on the kernel as the product is written (a block's branch writing the residual stream
+itself: "Session 46").
 """
 
 from __future__ import annotations
