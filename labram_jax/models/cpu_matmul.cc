@@ -15,9 +15,8 @@
 // into parts run on XLA's intra-op thread pool (Run says how). Built and loaded by cpu_kernels.py.
 //
 // Shapes: a [M, K] or [K, M]; b [K, N] or [N, K]; bias [N] or [0] (none); factor [M, N] or [0];
-// residual [M, N] or [0]; c [M, N]; b_sums [N] or [0] (not wanted); side [M, N] with the attribute gelu or gelu_gradient, or [0]
-// (not wanted). All float32,
-// row-major.
+// residual [M, N] or [0]; c [M, N]; b_sums [N] or [0] (not wanted); side [M, N] with the attribute gelu or
+// gelu_gradient, or [0] (not wanted). All float32, row-major.
 
 #include <immintrin.h>
 
