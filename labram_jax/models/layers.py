@@ -345,9 +345,8 @@ class Attention(nn.Module):
                           residual if last else None)
         if last:
             return y
-        y = y + LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged)
-        y = y if scale is None else y * scale.astype(y.dtype)
-        return y if residual is None else residual + y
+        return _after_adapter(y, LoRA(d, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="proj_lora")(merged), scale,
+                              residual)
 
 
 class Mlp(nn.Module):
@@ -379,9 +378,16 @@ class Mlp(nn.Module):
         y = linear.linear(h, *operands[3:], cfg.linear, residual if last else None)
         if last:
             return y
-        y = y + LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h)
-        y = y if scale is None else y * scale.astype(y.dtype)
-        return y if residual is None else residual + y
+        return _after_adapter(y, LoRA(cfg.embed_dim, cfg.lora_rank, cfg.lora_alpha, cfg.dtype, name="fc2_lora")(h),
+                              scale, residual)
+
+
+def _after_adapter(y: jax.Array, adapted: jax.Array, scale: jax.Array | None, residual: jax.Array | None) -> jax.Array:
+    """A branch's output where a LoRA adapter follows its last product y [B, L, D]: (y + adapted) times the layer
+    scale [D] (if any), added to residual [B, L, D] (if any)."""
+    y = y + adapted
+    y = y if scale is None else y * scale.astype(y.dtype)
+    return y if residual is None else residual + y
 
 
 def mlp_fused(cfg: config_lib.TransformerConfig, *operands: jax.Array) -> bool:
