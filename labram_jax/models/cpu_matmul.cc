@@ -622,7 +622,9 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<
         "matmul: the residual must have M x N or no elements (pass cpu_matmul.matmul(..., residual=) of the "
         "product's shape)");
   if (mn != 0 && residual.element_count() != 0 && (factor.element_count() != 0 || gelu || gelu_gradient))
-    return ffi::Error::InvalidArgument("matmul: a residual alone, not with a factor, gelu or gelu_gradient");
+    return ffi::Error::InvalidArgument(
+        "matmul: a residual alone, not with a factor, gelu or gelu_gradient (add it after such a product: "
+        "residual + cpu_matmul.matmul(...))");
   if (mn != 0 && gelu_gradient && factor.element_count() == 0)
     return ffi::Error::InvalidArgument(
         "matmul: gelu_gradient needs a factor, the pre-activations u (cpu_matmul.matmul(..., gelu_gradient_of=u) "
