@@ -483,6 +483,23 @@ def test_cost_curves_pure_fits_recover_known_coefficients():
         cost_curves.main(["--grids", "23x8", "64x4"])  # fewer grids than coefficients
 
 
+def test_cost_curves_fit_every_point_to_a_share_of_itself():
+    from benchmarks import cost_curves
+
+    # Base tokenizer, ms per sample at 95-2,048 tokens (session 47, cost_curves_cpu_base_s47.json). Fitted
+    # by plain least squares the two largest points took the whole fit (b = 0, 95 tokens 31 % off).
+    tokens = [95, 184, 256, 256, 512, 1024, 2048]
+    ms = [38.0, 77.0, 124.4, 128.9, 243.3, 724.0, 3259.1]
+    fit = cost_curves.fit_quadratic(tokens, ms)
+    assert fit["b"] > 0.1 and 300 < fit["crossover"] < 800
+    assert fit["max_rel_residual"] < 0.2
+    # one step 10x too slow (the host stalled) leaves the other points fitted within 5 %
+    line = cost_curves.fit_linear([1, 2, 4, 8], [1.0, 2.0, 4.0, 80.0])
+    assert all(abs(line["t0"] + line["t1"] * b - b) < 0.05 * b for b in (1, 2, 4))
+    with pytest.raises(ValueError, match="positive"):
+        cost_curves.fit_quadratic([1, 2, 3], [1.0, 0.0, 2.0])
+
+
 def test_transfer_stops_on_a_run_stopped_early_and_resumes_it(eegmat_shards, tmp_path):
     from benchmarks import transfer
 
