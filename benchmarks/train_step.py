@@ -12,7 +12,7 @@ For each (stage, size): compile time, median step time over ``--steps`` steps af
 step (benchmarks/flops.py) and XLA's own count, MFU against ``--peak-tflops`` (``auto``:
 the datasheet table for GPUs/TPUs; on a CPU a measured float32 matmul rate, said so in
 the table; for float32 on a CPU also MFU against the cores' FMA peak, ``cpu_vector_rate.cc``,
-which no matmul reaches), and memory (the compiled step's analysis; the runtime peak where the backend
+which no matmul reaches; both CPU peaks the best of the run's probes, :func:`best_peaks`), and memory (the compiled step's analysis; the runtime peak where the backend
 reports one). It runs the very step ``labram_jax.train`` runs (``steps.build``)
 on random EEG-like batches, and asserts the step was traced once; as in the trainer, Python's
 garbage collector skips the set-up's objects while steps run (``train.set_up_frozen``; the
@@ -110,6 +110,26 @@ def measured_matmul_tflops(dtype, n: int = 2048, repeats: int = 10) -> float:
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def best_peaks(rows: list[dict], fma_peak: float | None, peak: float | None) -> tuple[float | None, float | None]:
+    """The run's float32 FMA peak and matmul peak as the best of its probes, and every row's MFU against them.
+
+    A probe that meets the host in a slow second reads low (session 47: the start's FMA 0.155 TFLOP/s and matmul
+    0.117 against 0.23 and 0.19-0.21 in every other run, putting a run's MFU at 0.82-1.30). A side-by-side run
+    probes the FMA rate again before every block (``reference_rounds[i]["conditions"]``, and the original's);
+    the best of all those readings is the rate the cores can reach. rows' ``mfu`` / ``mfu_vs_fma_peak`` are
+    recomputed in place where they were given. Returns (fma_peak, peak)."""
+    readings = [fma_peak] + [probe.get("fma_tflops") for r in rows for q in r.get("reference_rounds", [])
+                             for probe in (q.get("conditions") or {}, q.get("reference_conditions") or {})]
+    readings = [x for x in readings if x]
+    fma_peak = max(readings) if fma_peak and readings else fma_peak
+    for r in rows:
+        if r.get("mfu") is not None and peak:
+            r["mfu"] = r["achieved_tflops"] / peak
+        if r.get("mfu_vs_fma_peak") is not None and fma_peak:
+            r["mfu_vs_fma_peak"] = r["achieved_tflops"] / fma_peak
+    return fma_peak, peak
 
 
 def peak_tflops(arg: str, dtype_name: str) -> tuple[float | None, str]:
@@ -647,6 +667,9 @@ def main(argv=None):
     reference = reference_summary(rows) if args.reference else None
     if args.reference and reference is None:
         print("--reference: no Base float32 row at the reference's shapes to compare", flush=True)
+    if rows and peak is not None and peak_note.startswith("measured"):  # measured again, the better of the two
+        peak, peak_note = max(peak, measured_matmul_tflops(steps.compute_dtype(args.dtype))), peak_note + ", best of 2"
+    machine["fma_peak_tflops"], peak = best_peaks(rows, machine.get("fma_peak_tflops"), peak)
     print_table(rows, f"{peak:.3f} TFLOP/s ({peak_note})" if peak else peak_note)
     fma_peak = machine.get("fma_peak_tflops")
     if fma_peak and rows and all(r["mfu_vs_fma_peak"] is not None for r in rows) and args.peak_tflops == "auto":
@@ -654,8 +677,8 @@ def main(argv=None):
         print(f"MFU against the cores' float32 FMA peak ({fma_peak:.3f} TFLOP/s"
               f"{f', the matmul above reaches {peak / fma_peak:.0%} of it' if peak else ''}): {against}")
         if peak and peak > fma_peak:
-            print("warning: a matmul faster than the FMA peak: something else ran on these cores while the peak "
-                  "was measured (at the start); rerun on an idle machine for MFU against it")
+            print("warning: a matmul faster than the FMA peak: something else ran on these cores while the peaks "
+                  "were measured; rerun on an idle machine for MFU against it")
     if reference:
         print(f"vs ref: the original PyTorch code in this run (each stage's steps right next to ours), torch "
               f"{reference['torch']} on {reference['torch_isa']}, {reference['torch_threads']} threads")

@@ -65,6 +65,19 @@ def test_train_step_warns_when_the_fma_peak_was_measured_on_busy_cores(tmp_path,
     assert result["rows"][0]["mfu_vs_fma_peak"] > 1  # the figure stays, with the warning beside it
 
 
+def test_a_runs_peaks_are_the_best_of_its_probes():
+    # Session 47: the start's probe met a slow second (0.155 TFLOP/s); the blocks' probes read 0.23.
+    block = lambda ours, theirs: {"conditions": {"fma_tflops": ours}, "reference_conditions": {"fma_tflops": theirs}}
+    rows = [{"achieved_tflops": 0.115, "mfu": 0.115 / 0.117, "mfu_vs_fma_peak": 0.115 / 0.155,
+             "reference_rounds": [block(0.23, 0.117), block(0.182, None)]},
+            {"achieved_tflops": 0.1, "mfu": None, "mfu_vs_fma_peak": None}]
+    fma_peak, peak = train_step.best_peaks(rows, 0.155, 0.2)
+    assert fma_peak == 0.23 and peak == 0.2
+    assert rows[0]["mfu_vs_fma_peak"] == pytest.approx(0.5) and rows[0]["mfu"] == pytest.approx(0.575)
+    assert rows[1]["mfu"] is None and rows[1]["mfu_vs_fma_peak"] is None  # not a float32 CPU figure: left out
+    assert train_step.best_peaks([], None, None) == (None, None)
+
+
 @pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                     reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
 @pytest.mark.parametrize("field, ours, theirs, extra", [
