@@ -17,7 +17,7 @@ For each (stage, size) two sweeps: tokens per sample at ``--batch`` (``--grids``
 Fits (least squares of the relative residuals, ``(fit - y) / y``, with non-negative coefficients,
 ``scipy.optimize.nnls``; the points span two orders of magnitude and their noise is a share of each,
 so plain least squares fitted the largest points alone: at Base the 1,024- and 2,048-token points
-took the whole fit into ``a + c L^2`` and left the smaller ones 30-50 % off, session 47):
+took the whole fit into ``a + c L^2`` and left the worst points 26-51 % off, session 47):
 
 - time per sample ``t(L) = a + b L + c L^2`` over tokens per sample ``L``: ``b L`` is the
   part that grows linearly (patch embedding, projections, MLPs, heads), ``c L^2`` the
