@@ -70,7 +70,8 @@ def parse_grid(text: str) -> tuple[int, int]:
 def _relative_nnls(terms: np.ndarray, y: np.ndarray) -> list[float]:
     """Non-negative coefficients w minimising sum(((terms @ w - y) / y)^2): terms [P, K], y [P] > 0."""
     if np.any(y <= 0):
-        raise ValueError(f"a relative fit needs positive values; got {y.tolist()}")
+        raise ValueError(f"a relative fit needs positive values (step times, memory); got {y.tolist()}: a point "
+                         "at 0 or below did not measure, so rerun it (or drop it from the JSON and --refit)")
     coef, _ = optimize.nnls(terms / y[:, None], np.ones_like(y))
     return [float(v) for v in coef]
 
