@@ -162,19 +162,23 @@ def test_a_sessions_documented_avx512_figures_come_from_its_run(session, lines, 
         assert f"all blocks: {line} at 1.3x or more" in out
 
 
-@pytest.mark.parametrize("isa, runs, lines", [
+@pytest.mark.parametrize("isa, host, runs, lines", [
     # BENCHMARKS.md, "Session 47", the AMD Zen 4 host (AVX-512 on 256-bit units): held to AVX2, three runs
     # 1.53x / 1.46x / 1.51x over 30 blocks each.
-    ("avx2cap", ("s47", "s47b", "s47c"), ("tokenizer: median 1.53x (quartiles 1.47-1.61), 30 blocks, 28",
-                                          "pretrain: median 1.46x (quartiles 1.43-1.55), 30 blocks, 26",
-                                          "finetune: median 1.51x (quartiles 1.46-1.57), 30 blocks, 28")),
+    ("avx2cap", "zen4", ("s47", "s47b", "s47c"), ("tokenizer: median 1.53x (quartiles 1.47-1.61), 30 blocks, 28",
+                                                  "pretrain: median 1.46x (quartiles 1.43-1.55), 30 blocks, 26",
+                                                  "finetune: median 1.51x (quartiles 1.46-1.57), 30 blocks, 28")),
     # unheld (our kernels run AVX2 code there, the original AVX-512), two runs: 1.42x / 1.44x / 1.49x.
-    ("avx512", ("s47", "s47b"), ("tokenizer: median 1.42x (quartiles 1.37-1.48), 20 blocks, 16",
-                                 "pretrain: median 1.44x (quartiles 1.38-1.60), 20 blocks, 18",
-                                 "finetune: median 1.49x (quartiles 1.45-1.55), 20 blocks, 19")),
+    ("avx512", "zen4", ("s47", "s47b"), ("tokenizer: median 1.42x (quartiles 1.37-1.48), 20 blocks, 16",
+                                         "pretrain: median 1.44x (quartiles 1.38-1.60), 20 blocks, 18",
+                                         "finetune: median 1.49x (quartiles 1.45-1.55), 20 blocks, 19")),
+    # "Where it stands": the Intel host's two AVX-512 runs of session 46 pooled, 1.51x / 1.53x / 1.57x.
+    ("avx512", "intel", ("s46", "s46b"), ("tokenizer: median 1.51x (quartiles 1.47-1.56), 20 blocks, 20",
+                                          "pretrain: median 1.53x (quartiles 1.48-1.59), 20 blocks, 20",
+                                          "finetune: median 1.57x (quartiles 1.55-1.59), 20 blocks, 20")),
 ])
-def test_session_47s_documented_zen4_figures_come_from_its_runs(isa, runs, lines, capsys):
-    pooled_blocks.main([os.path.join(RESULTS, f"train_step_cpu_{isa}_zen4_interleaved_{run}.json") for run in runs])
+def test_the_documented_pooled_figures_per_host_come_from_its_runs(isa, host, runs, lines, capsys):
+    pooled_blocks.main([os.path.join(RESULTS, f"train_step_cpu_{isa}_{host}_interleaved_{run}.json") for run in runs])
     out = capsys.readouterr().out
     for line in lines:
         assert f"all blocks: {line} at 1.3x or more" in out
