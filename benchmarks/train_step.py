@@ -7,16 +7,16 @@
         [--out benchmarks/results] [--reference PATH/TO/LaBraM [--rounds N | --interleave K]] [--vs-xla-defaults] \
         [--vs-attention IMPL] [--vs-layer-norm IMPL] [--vs-linear IMPL] [--vs-optimizer IMPL] [--vs-loss-chunks N]
 
-For each (stage, size): compile time, median step time over ``--steps`` steps after
-``--warmup`` (each step waited for), samples/s, patch tokens/s, analytic model FLOPs per
-step (benchmarks/flops.py) and XLA's own count, MFU against ``--peak-tflops`` (``auto``:
-the datasheet table for GPUs/TPUs; on a CPU a measured float32 matmul rate, said so in
-the table; for float32 on a CPU also MFU against the cores' FMA peak, ``cpu_vector_rate.cc``,
-which no matmul reaches; both CPU peaks the best of the run's probes, :func:`best_peaks`), and memory (the compiled step's analysis; the runtime peak where the backend
-reports one). It runs the very step ``labram_jax.train`` runs (``steps.build``)
-on random EEG-like batches, and asserts the step was traced once; as in the trainer, Python's
-garbage collector skips the set-up's objects while steps run (``train.set_up_frozen``; the
-reference's steps alike).
+For each (stage, size): compile time, median step time over ``--steps`` steps after ``--warmup``
+(each step waited for), samples/s, patch tokens/s, analytic model FLOPs per step
+(benchmarks/flops.py) and XLA's own count, MFU against ``--peak-tflops`` (``auto``: the datasheet
+table for GPUs/TPUs; on a CPU a measured float32 matmul rate, said so in the table; for float32 on
+a CPU also MFU against the cores' FMA peak, ``cpu_vector_rate.cc``, which no matmul reaches; both
+CPU peaks the best of the run's probes, :func:`best_peaks`), and memory (the compiled step's
+analysis; the runtime peak where the backend reports one). It runs the very step
+``labram_jax.train`` runs (``steps.build``) on random EEG-like batches, and asserts the step was
+traced once; as in the trainer, Python's garbage collector skips the set-up's objects while steps
+run (``train.set_up_frozen``; the reference's steps alike).
 
 Shapes default to the reference's: fine-tuning 23 channels x 10 s, pretraining and the
 tokenizer 23 channels x 8 s. ``--reference``: the original PyTorch code's steps of each stage timed
@@ -122,8 +122,8 @@ def best_peaks(rows: list[dict], fma_peak: float | None, peak: float | None) -> 
     recomputed in place where they were given. Returns (fma_peak, peak)."""
     readings = [fma_peak] + [probe.get("fma_tflops") for r in rows for q in r.get("reference_rounds", [])
                              for probe in (q.get("conditions") or {}, q.get("reference_conditions") or {})]
-    readings = [x for x in readings if x]
-    fma_peak = max(readings) if fma_peak and readings else fma_peak
+    if fma_peak:  # the start's probe is one of the readings
+        fma_peak = max(x for x in readings if x)
     for r in rows:
         if r.get("mfu") is not None and peak:
             r["mfu"] = r["achieved_tflops"] / peak

@@ -48,10 +48,9 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, imple
     """
     operands = [x, kernel] + ([] if bias is None else [bias]) + ([] if residual is None else [residual])
     if resolve(implementation, *operands) == "cpu_kernel":
-        none = jnp.zeros((0,), jnp.float32)
         rows = x.reshape(-1, x.shape[-1])
-        y = _kernel(rows, kernel, none if bias is None else bias,
-                    none if residual is None else residual.reshape(rows.shape[0], kernel.shape[-1]))
+        y = _kernel(rows, kernel, jnp.zeros((0,), jnp.float32) if bias is None else bias,
+                    _residual_rows(residual, rows.shape[0], kernel.shape[-1]))
         return y.reshape(*x.shape[:-1], kernel.shape[-1])
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     y = y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
@@ -113,9 +112,13 @@ def gelu_mlp(x: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, kernel_2: jax
       [..., E] float32.
     """
     rows = x.reshape(-1, x.shape[-1])
-    added = jnp.zeros((0,), jnp.float32) if residual is None else residual.reshape(rows.shape[0], kernel_2.shape[-1])
-    y = _gelu_mlp(rows, kernel_1, bias_1, kernel_2, bias_2, added)
+    y = _gelu_mlp(rows, kernel_1, bias_1, kernel_2, bias_2, _residual_rows(residual, rows.shape[0], kernel_2.shape[-1]))
     return y.reshape(*x.shape[:-1], kernel_2.shape[-1])
+
+
+def _residual_rows(residual: jax.Array | None, rows: int, n: int) -> jax.Array:
+    """A residual [..., n] as the custom-VJP functions take it: [rows, n], or [0] for none (see :func:`_added`)."""
+    return jnp.zeros((0,), jnp.float32) if residual is None else residual.reshape(rows, n)
 
 
 def _added(residual: jax.Array) -> jax.Array | None:
